@@ -1,0 +1,137 @@
+"""The `tl-ray` command. The only module that parses arguments or prints."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from tl_ray import __version__
+from tl_ray.config import ARCHS, NUM_STAGES, OPTIMIZERS, TrainConfig, merge
+from tl_ray.errors import TlRayError
+
+TRAIN_HELP: dict[str, tuple[Any, str]] = {
+    # key: (argparse type, help). Defaults come from TrainConfig so they are stated once.
+    "data": (str, "dataset root: ROOT/train/<class>/*.jpg (+ optional ROOT/val/); a path or s3://, gs:// URI"),
+    "arch": (str, f"backbone: {', '.join(ARCHS)}"),
+    "weights": (
+        str,
+        "imagenet | a torchvision weights name (IMAGENET1K_V1) | none | a .pth state dict | a tl-ray checkpoint dir",
+    ),
+    "freeze_depth": (
+        int,
+        f"freeze the first N of the {NUM_STAGES} backbone stages: {NUM_STAGES} = feature extraction, 0 = full"
+        f" fine-tuning (default: {NUM_STAGES}; 0 with --weights none)",
+    ),
+    "epochs": (int, "number of epochs"),
+    "lr": (float, "peak learning rate (after warm-up, then cosine decay)"),
+    "optimizer": (str, f"{' | '.join(OPTIMIZERS)}"),
+    "momentum": (float, "SGD momentum (with --optimizer sgd)"),
+    "weight_decay": (float, "weight decay"),
+    "warmup_epochs": (float, "linear LR warm-up length, in epochs"),
+    "label_smoothing": (float, "label smoothing of the cross-entropy loss"),
+    "batch_size": (int, "global batch size, split evenly over the workers"),
+    "image_size": (int, "training crop size in pixels"),
+    "val_fraction": (float, "share of train/ held out for validation when there is no val/ folder"),
+    "color_jitter": (float, "colour jitter strength for training augmentation (0 = off)"),
+    "num_workers": (int, "data-parallel training workers (one GPU each on a GPU cluster)"),
+    "cpus_per_worker": (float, "CPUs reserved per worker (default: leave at least one CPU to the data pipeline)"),
+    "storage": (
+        str,
+        "where runs are written: a local folder, or shared storage (s3://, gs://, NFS) on a multi-node cluster",
+    ),
+    "name": (str, "run name: its folder under --storage; rerunning a name resumes it (default: train-<timestamp>)"),
+    "keep_checkpoints": (int, "keep the best N checkpoints by val_acc (the latest is always kept too)"),
+    "max_failures": (int, "restart failed training workers from the last checkpoint up to N times (-1: forever)"),
+    "seed": (int, "random seed for the new head's initialisation and the workers"),
+}
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig()
+    for key, (kind, text) in TRAIN_HELP.items():
+        default = getattr(defaults, key)
+        suffix = f" (default: {default})" if default is not None and key not in ("name",) else ""
+        parser.add_argument("--" + key.replace("_", "-"), type=kind, default=argparse.SUPPRESS, help=text + suffix)
+    device = parser.add_mutually_exclusive_group()
+    device.add_argument("--gpu", dest="gpu", action="store_true", default=argparse.SUPPRESS, help="train on GPUs")
+    device.add_argument("--cpu", dest="gpu", action="store_false", default=argparse.SUPPRESS, help="train on CPUs")
+    parser.add_argument("--config", default=None, help="YAML file of the same options (underscores); flags override it")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tl-ray", description="Transfer learning of ResNet image classifiers on Ray (Data, Train, Tune)."
+    )
+    parser.add_argument("--version", action="version", version=f"tl-ray {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sample = commands.add_parser("sample-data", help="write synthetic source/ and target/ datasets")
+    sample.add_argument("out", help="folder to write OUT/source/ and OUT/target/ into")
+    sample.add_argument(
+        "--per-class", type=int, default=200, help="source images per class; target gets a third (default: 200)"
+    )
+    sample.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+    train = commands.add_parser("train", help="fine-tune a pretrained ResNet on a folder of images")
+    _add_train_options(train)
+    return parser
+
+
+def _options(namespace: argparse.Namespace, skip: Sequence[str]) -> dict[str, Any]:
+    return {key: value for key, value in vars(namespace).items() if key not in skip}
+
+
+def _print_train_result(result) -> None:
+    print()
+    print(
+        f"{'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'val_loss':>9} {'val_acc':>8} {'img/s':>8} {'seconds':>8}"
+    )
+    for row in result.history:
+        print(
+            f"{row['epoch']:>5} {row['train_loss']:>10.4f} {row['train_acc']:>9.3f} {row['val_loss']:>9.4f}"
+            f" {row['val_acc']:>8.3f} {row['images_per_s']:>8.1f} {row['epoch_s']:>8.1f}"
+        )
+    print()
+    print(f"best val_acc     {result.metrics['val_acc']:.3f} (epoch {result.metrics['epoch']})")
+    print(f"best checkpoint  {result.best_checkpoint}")
+    print(f"run folder       {result.run_dir} (result.json)")
+    print(f"skipped files    {len(result.skipped_files)}")
+    for item in result.skipped_files[:20]:
+        print(f"  {item['path']}: {item['reason']}")
+    if len(result.skipped_files) > 20:
+        print(f"  ... and {len(result.skipped_files) - 20} more, listed in result.json")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "sample-data":
+            import tl_ray
+
+            counts = tl_ray.write_sample_data(args.out, args.per_class, args.seed)
+            for task, count in counts.items():
+                print(f"wrote {count} images to {args.out}/{task}")
+            return 0
+        if args.command == "train":
+            import tl_ray
+
+            config = merge(TrainConfig, args.config, _options(args, ("command", "config"))).validate()
+            _print_train_result(tl_ray.train(dataclasses.replace(config)))
+            return 0
+    except TlRayError as error:
+        print(f"tl-ray: error: {error}", file=sys.stderr)
+        return 2
+    except ValueError as error:  # argument values the library rejects (e.g. --per-class 1)
+        print(f"tl-ray: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tl-ray: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

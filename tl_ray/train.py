@@ -1,0 +1,366 @@
+"""`tl-ray train`: the Ray Train loop and the driver that sets it up and collects its result.
+
+The driver (``run``) finds the data, resolves the starting weights once, builds the
+Ray Data pipelines and hands everything to a ``TorchTrainer``. Each worker
+(``train_loop_per_worker``) trains data-parallel, evaluates its share of the
+validation set, and rank 0 writes one checkpoint per epoch. Rerunning with the same
+``--storage``/``--name`` resumes: Ray Train hands the loop its latest checkpoint,
+which carries the optimizer, the LR schedule and the metric history.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.fs as pafs
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch import nn
+
+from tl_ray import __version__, checkpoint, data, model
+from tl_ray.config import TrainConfig
+from tl_ray.errors import TlRayError
+
+RESULT_FILE = "result.json"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished run leaves, as returned to Python callers (and written to result.json)."""
+
+    run_dir: str
+    best_checkpoint: str
+    last_checkpoint: str
+    metrics: dict[str, Any]  # of the best epoch
+    history: list[dict[str, Any]]  # one entry per epoch, all epochs including resumed ones
+    skipped_files: list[dict[str, str]]  # {"path", "reason"} for every file the pipeline dropped
+    class_names: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class _ShardConfig(DataConfig):
+    """Equal train shards (DDP steps in lockstep), unequal val shards.
+
+    Ray's default splits every dataset equally by dropping up to ``world_size - 1``
+    rows; for validation that would make val_acc depend on the worker count.
+    """
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        shards = super().configure(
+            {name: ds for name, ds in datasets.items() if name != "val"},
+            world_size,
+            worker_handles,
+            worker_node_ids,
+            **kwargs,
+        )
+        if "val" in datasets:
+            val = datasets["val"].copy(datasets["val"])
+            val.set_name("val")
+            val.context.execution_options = self._resolve_execution_options("val")
+            splits = val.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)
+            for shard, split in zip(shards, splits, strict=True):
+                shard["val"] = split
+        return shards
+
+
+def ensure_ray() -> bool:
+    """Connect to the cluster in RAY_ADDRESS or start a local one; True if this call started it."""
+    if ray.is_initialized():
+        return False
+    # Token authentication stays as Ray 2.60 sets it; the dashboard answers on loopback only.
+    ray.init(dashboard_host="127.0.0.1")
+    return True
+
+
+def _resources(config: TrainConfig, started_locally: bool) -> tuple[bool, float]:
+    """(use_gpu, CPUs per worker), leaving CPUs for Ray Data so a small machine never deadlocks."""
+    cluster = ray.cluster_resources()
+    gpus, cpus = cluster.get("GPU", 0), cluster.get("CPU", 1)
+    use_gpu = gpus > 0 if config.gpu is None else config.gpu
+    if use_gpu and gpus == 0 and started_locally:
+        raise TlRayError("--gpu: this machine has no GPU visible to Ray; drop --gpu (or pass --cpu) to train on CPU")
+    if config.cpus_per_worker is not None:
+        return use_gpu, config.cpus_per_worker
+    if use_gpu:
+        return use_gpu, 1.0
+    spare = max(cpus - 1.0, cpus / 2.0)  # at least one CPU (or half the machine) stays with Ray Data
+    return use_gpu, max(0.1, min(8.0, round(spare / config.num_workers, 2)))
+
+
+def run(config: TrainConfig) -> TrainResult:
+    """Train one model as `tl-ray train` does; raises TlRayError for anything the user can fix."""
+    config = config.validate().with_run_name()
+    layout = data.discover(config.data, config.val_fraction)
+    weights = model.initial_weights(config.arch, config.weights, len(layout.class_names), config.seed)
+    started_locally = ensure_ray()
+    use_gpu, cpus_per_worker = _resources(config, started_locally)
+    storage = config.storage if "://" in config.storage else os.path.abspath(os.path.expanduser(config.storage))
+
+    skipped = data.SkippedFiles.remote()
+    datasets = {
+        "train": data.image_dataset(layout.train, layout, config.image_size, True, skipped, config.color_jitter),
+        "val": data.image_dataset(layout.val, layout, config.image_size, False, skipped),
+    }
+    loop_config = {
+        "options": dataclasses.asdict(config),
+        "class_names": layout.class_names,
+        "num_train": len(layout.train),
+        "weights_ref": ray.put(weights.state_dict),
+        "weights_source": weights.source,
+        "mean": list(weights.mean),
+        "std": list(weights.std),
+        "cpus_per_worker": cpus_per_worker,
+        "skipped": skipped,
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=config.name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=config.keep_checkpoints, checkpoint_score_attribute="val_acc", checkpoint_score_order="max"
+            ),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=_ShardConfig(),
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        raise TlRayError(f"training failed: {_root_cause(error)}") from error
+    return _collect(result, storage, layout.class_names, ray.get(skipped.get.remote()))
+
+
+def _root_cause(error: BaseException) -> str:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+
+
+def _collect(result: ray.train.Result, storage: str, class_names: list[str], skipped: dict[str, str]) -> TrainResult:
+    if not result.best_checkpoints or result.checkpoint is None:
+        raise TlRayError(f"training finished without a checkpoint in {result.path}")
+    best, best_metrics = max(result.best_checkpoints, key=lambda item: item[1].get("val_acc", -1.0))
+    prefix = storage.split("://", 1)[0] + "://" if "://" in storage else ""
+    with result.checkpoint.as_directory() as last_dir:
+        train_state = checkpoint.read_train_state(last_dir) or {}
+    previous = _read_previous_skips(result.filesystem, f"{result.path}/{RESULT_FILE}")
+    skips = {**previous, **skipped}
+    outcome = TrainResult(
+        run_dir=prefix + result.path,
+        best_checkpoint=prefix + best.path,
+        last_checkpoint=prefix + result.checkpoint.path,
+        metrics={key: value for key, value in best_metrics.items() if not key.startswith("_")},
+        history=train_state.get("history", []),
+        skipped_files=[{"path": path, "reason": reason} for path, reason in sorted(skips.items())],
+        class_names=class_names,
+    )
+    with result.filesystem.open_output_stream(f"{result.path}/{RESULT_FILE}") as stream:
+        stream.write((json.dumps(outcome.to_json(), indent=2) + "\n").encode())
+    return outcome
+
+
+def _read_previous_skips(filesystem: pafs.FileSystem, path: str) -> dict[str, str]:
+    """Skips found by an earlier, interrupted attempt at this run: a resumed run may not decode those files again."""
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            previous = json.loads(stream.read())
+        return {item["path"]: item["reason"] for item in previous.get("skipped_files", [])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+# ---------------------------------------------------------------- worker side
+
+
+def _lr_factor(step: int, steps_per_epoch: int, epochs: int, warmup_epochs: float) -> float:
+    """Linear warm-up, then cosine decay to zero at the last step; per optimizer step, so short runs still decay."""
+    warmup = warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return (step + 1) / warmup
+    total = epochs * steps_per_epoch
+    progress = min(1.0, (step - warmup) / max(1.0, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(params: list[nn.Parameter], options: TrainConfig) -> torch.optim.Optimizer:
+    if options.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+    return torch.optim.SGD(params, lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay)
+
+
+def _sum_across_workers(values: list[float], device: torch.device) -> list[float]:
+    totals = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    return totals.tolist()
+
+
+def _amp_dtype(device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    options = TrainConfig(**loop_config["options"])
+    class_names: list[str] = loop_config["class_names"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, int(loop_config["cpus_per_worker"])))
+    torch.manual_seed(options.seed + rank)
+    device = ray.train.torch.get_device()
+
+    net = model.create_resnet(options.arch, len(class_names))
+    net.load_state_dict(ray.get(loop_config["weights_ref"]))
+    transfer = model.TransferResNet(net, options.freeze_depth)
+    if device.type == "cuda":
+        transfer = transfer.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(transfer.trainable_parameters(), options)
+    worker_batch = options.batch_size // world  # --batch-size is global: same optimisation on 1 or 8 workers
+    steps_per_epoch = max(1, math.ceil(loop_config["num_train"] / options.batch_size))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _lr_factor(step, steps_per_epoch, options.epochs, options.warmup_epochs)
+    )
+    amp_dtype = _amp_dtype(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    start_epoch, history = 0, []
+
+    resume_from = ray.train.get_checkpoint()
+    if resume_from is not None:
+        with resume_from.as_directory() as directory:
+            meta = checkpoint.read_meta(directory)
+            _check_resumable(meta, options, class_names)
+            transfer.net.load_state_dict(checkpoint.read_model_state(directory))
+            state = checkpoint.read_train_state(directory)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, history = state["epoch"], state["history"]
+
+    wrapped = ray.train.torch.prepare_model(transfer)
+    criterion = nn.CrossEntropyLoss(label_smoothing=options.label_smoothing)
+    mean = torch.tensor(loop_config["mean"], device=device)
+    std = torch.tensor(loop_config["std"], device=device)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+
+    for epoch in range(start_epoch + 1, options.epochs + 1):
+        started = time.perf_counter()
+        wrapped.train()
+        loss_sum = correct = seen = 0.0
+        for batch in train_shard.iter_torch_batches(batch_size=worker_batch, prefetch_batches=2):
+            labels = batch["label"]
+            if len(labels) < 2:  # BatchNorm cannot train on one sample; equal shards make every worker skip it
+                continue
+            images = data.normalize(batch["image"], mean, std)
+            if device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = wrapped(images)
+                loss = criterion(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            loss_sum += loss.item() * len(labels)
+            correct += (logits.argmax(1) == labels).sum().item()
+            seen += len(labels)
+        train_seconds = time.perf_counter() - started
+        val_loss, val_correct, val_seen = _evaluate(
+            transfer, val_shard, 2 * worker_batch, mean, std, criterion, device, amp_dtype
+        )
+        totals = _sum_across_workers([loss_sum, correct, seen, val_loss, val_correct, val_seen], device)
+        metrics = {
+            "epoch": epoch,
+            "train_loss": totals[0] / max(totals[2], 1),
+            "train_acc": totals[1] / max(totals[2], 1),
+            "val_loss": totals[3] / max(totals[5], 1),
+            "val_acc": totals[4] / max(totals[5], 1),
+            "images_per_s": totals[2] / max(train_seconds, 1e-9),
+            "epoch_s": time.perf_counter() - started,
+            "lr": scheduler.get_last_lr()[0],
+            "train_images": int(totals[2]),
+            "val_images": int(totals[5]),
+        }
+        history.append(metrics)
+        _report(epoch, metrics, history, transfer, optimizer, scheduler, scaler, loop_config, options, rank)
+
+
+def _check_resumable(meta: dict[str, Any], options: TrainConfig, class_names: list[str]) -> None:
+    """A resumed run must be the same model; otherwise its optimizer state would be silently wrong."""
+    for key, now in (("arch", options.arch), ("freeze_depth", options.freeze_depth), ("class_names", class_names)):
+        if meta.get(key) != now:
+            raise TlRayError(
+                f"run {options.name} was started with {key}={meta.get(key)!r}, now {now!r}: "
+                "pass the same options to resume it, or a new --name to start over"
+            )
+
+
+def _evaluate(transfer, shard, batch_size, mean, std, criterion, device, amp_dtype) -> tuple[float, float, float]:
+    """Validate this worker's shard on the unwrapped model: DDP would add collectives workers do not share."""
+    transfer.eval()
+    loss_sum = correct = seen = 0.0
+    with torch.no_grad():
+        for batch in shard.iter_torch_batches(batch_size=batch_size, prefetch_batches=2):
+            images = data.normalize(batch["image"], mean, std)
+            if device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            labels = batch["label"]
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = transfer(images)
+            loss_sum += criterion(logits.float(), labels).item() * len(labels)
+            correct += (logits.argmax(1) == labels).sum().item()
+            seen += len(labels)
+    return loss_sum, correct, seen
+
+
+def _report(epoch, metrics, history, transfer, optimizer, scheduler, scaler, loop_config, options, rank) -> None:
+    """Every worker reports (it is a barrier); only rank 0 writes the checkpoint."""
+    with tempfile.TemporaryDirectory() as directory:
+        saved = None
+        if rank == 0:
+            meta = {
+                "arch": options.arch,
+                "num_classes": len(loop_config["class_names"]),
+                "class_names": loop_config["class_names"],
+                "freeze_depth": options.freeze_depth,
+                "image_size": options.image_size,
+                "resize_size": data.resize_size(options.image_size),
+                "mean": loop_config["mean"],
+                "std": loop_config["std"],
+                "weights": loop_config["weights_source"],
+                "epoch": epoch,
+                "metrics": metrics,
+                "tl_ray_version": __version__,
+            }
+            train_state = {
+                "epoch": epoch,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "history": history,
+            }
+            checkpoint.save_checkpoint(directory, transfer.net.state_dict(), meta, train_state)
+            saved = Checkpoint.from_directory(directory)
+            metrics = {**metrics, "skipped_files": len(ray.get(loop_config["skipped"].get.remote()))}
+        ray.train.report(metrics, checkpoint=saved, checkpoint_dir_name=f"checkpoint_epoch{epoch:03d}")
