@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import ray
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2
 
 from tl_ray.errors import TlRayError
@@ -228,6 +228,12 @@ class SkippedFiles:
         return dict(self._reasons)
 
 
+def _describe(error: Exception) -> str:
+    if isinstance(error, UnidentifiedImageError):  # its message only names an in-memory buffer
+        return "not an image file PIL can identify"
+    return f"{type(error).__name__}: {error}".splitlines()[0]
+
+
 def _decode_batch(
     batch: dict[str, np.ndarray],
     filesystem: pafs.FileSystem,
@@ -246,7 +252,7 @@ def _decode_batch(
             images.append(transform(load_rgb(data)).numpy())
             labels.append(label)
         except Exception as error:  # every way a file can be bad: skip it, keep the batch
-            reason = f"{type(error).__name__}: {error}".splitlines()[0]
+            reason = _describe(error)
             bad.append((uri_prefix + path, reason))
             logger.warning("skipping %s%s: %s", uri_prefix, path, reason)
     if bad:

@@ -1,0 +1,178 @@
+"""Layout discovery, class mapping, the split, decoding every image mode, and bad files."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.datasets import ImageFolder
+
+from tl_ray import data
+from tl_ray.errors import TlRayError
+
+
+def _image(path: Path, size=(40, 30), colour=(200, 30, 30), fmt=None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path, format=fmt)
+    return path
+
+
+def _tree(root: Path, layout: dict[str, int], split: str = "train") -> Path:
+    for name, count in layout.items():
+        for index in range(count):
+            _image(root / split / name / f"img_{index}.jpg")
+    return root
+
+
+def test_class_mapping_equals_imagefolder(tmp_path):
+    root = _tree(tmp_path, {"Zebra": 2, "apple": 2, "10": 1, "9": 1, "cat dog": 1, "émile": 1})
+    layout = data.discover(str(root))
+    assert layout.class_to_idx == ImageFolder(str(root / "train")).class_to_idx
+
+
+def test_hash_split_is_deterministic_disjoint_and_complete(tmp_path):
+    root = _tree(tmp_path, {"a": 60, "b": 60, "c": 1})
+    first, second = data.discover(str(root), 0.25), data.discover(str(root), 0.25)
+    assert (first.train, first.val) == (second.train, second.val)
+    train_paths, val_paths = {p for p, _ in first.train}, {p for p, _ in first.val}
+    assert not train_paths & val_paths
+    assert train_paths | val_paths == {str(p) for p in (root / "train").rglob("*.jpg")}
+    assert 0.1 < len(val_paths) / 121 < 0.4
+    assert {label for _, label in first.train} == {0, 1, 2}  # the one-image class keeps its image for training
+    for path, label in first.train + first.val:
+        assert Path(path).parent.name == first.class_names[label]
+    assert data.discover(str(root), 0.5).val != first.val
+
+
+def test_val_folder_uses_train_mapping_by_name(tmp_path):
+    root = _tree(tmp_path, {"a": 2, "b": 2, "c": 2})
+    _tree(root, {"c": 1, "b": 1}, split="val")
+    layout = data.discover(str(root))
+    assert layout.val_source == "folder"
+    assert sorted((Path(p).parent.name, label) for p, label in layout.val) == [("b", 1), ("c", 2)]
+    assert len(layout.train) == 6
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda root: None, "does not exist"),
+        (lambda root: _image(root, fmt="PNG"), "is a file; expected a folder"),
+        (lambda root: _tree(root, {"a": 1}, split="val"), "has no train/ folder"),
+        (lambda root: _tree(root, {"only": 3}), r"has 1 class folder\(s\) \['only'\]; need at least 2"),
+        (lambda root: (_tree(root, {"a": 2, "b": 1}), (root / "train" / "empty").mkdir()), "empty has no images"),
+        (lambda root: (_tree(root, {"a": 2, "b": 2}), _tree(root, {"a": 1, "z": 1}, "val")), "lacks: z"),
+        (lambda root: (_tree(root, {"a": 2, "b": 2}), (root / "val").mkdir()), "val has no images"),
+    ],
+)
+def test_layout_errors_are_clear(tmp_path, build, message):
+    root = tmp_path / "ds"
+    build(root)
+    with pytest.raises(TlRayError, match=message):
+        data.discover(str(root))
+
+
+def test_non_images_and_hidden_files_are_ignored(tmp_path):
+    root = _tree(tmp_path, {"a": 2, "b": 2})
+    (root / "train" / "a" / "notes.txt").write_text("not an image")
+    (root / "train" / "a" / "._img_0.jpg").write_bytes(b"macOS resource fork")
+    _image(root / "train" / "a" / "nested" / "deep.png", fmt="PNG")
+    files = {Path(p).name for p, _ in data.discover(str(root)).train + data.discover(str(root)).val}
+    assert files == {"img_0.jpg", "img_1.jpg", "deep.png"}
+
+
+def _encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+GRADIENT = np.tile(np.linspace(0, 255, 64), (48, 1))
+
+
+@pytest.mark.parametrize(
+    ("encoded", "expected_mean"),
+    [
+        (_encode(Image.fromarray(GRADIENT.astype(np.uint8), "L"), "PNG"), 127.5),
+        (_encode(Image.fromarray(GRADIENT.astype(np.uint8), "L").convert("P"), "PNG"), 127.5),
+        (_encode(Image.fromarray((GRADIENT * 257).astype(np.uint16)), "PNG"), 127.5),  # 16-bit: not clipped to white
+        (_encode(Image.fromarray(GRADIENT.astype(np.float32) / 255.0, "F"), "TIFF"), 127.5),
+        (_encode(Image.new("RGBA", (64, 48), (100, 100, 100, 0)), "PNG"), 100),
+        (_encode(Image.new("LA", (64, 48), (100, 255)), "PNG"), 100),
+        (_encode(Image.new("CMYK", (64, 48), (0, 0, 0, 155)), "JPEG"), 100),
+        (_encode(Image.new("1", (64, 48), 1), "BMP"), 255),
+        (_encode(Image.new("RGB", (64, 48), (100, 100, 100)), "WEBP", lossless=True), 100),
+        (_encode(Image.new("P", (64, 48), 3), "GIF"), None),
+    ],
+    ids=["L", "P", "I;16", "F", "RGBA", "LA", "CMYK", "1-bit", "webp", "gif"],
+)
+def test_every_image_mode_decodes_to_rgb(encoded, expected_mean):
+    image = data.load_rgb(encoded)
+    assert image.mode == "RGB" and image.size == (64, 48)
+    if expected_mean is not None:
+        assert abs(np.asarray(image, dtype=np.float64).mean() - expected_mean) < 3
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (40, 20), (10, 200, 10))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    assert data.load_rgb(_encode(image, "JPEG", exif=exif)).size == (20, 40)
+
+
+def test_transforms_give_uint8_crops_and_eval_is_deterministic():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8))
+    train_out = data.train_transform(32, color_jitter=0.3)(image)
+    assert train_out.shape == (3, 32, 32) and train_out.dtype == torch.uint8
+    evaluate = data.eval_transform(32)
+    assert torch.equal(evaluate(image), evaluate(image))
+    normalised = data.normalize(evaluate(image)[None], torch.tensor([0.5] * 3), torch.tensor([0.25] * 3))
+    assert normalised.dtype == torch.float32 and normalised.min() >= -2.01 and normalised.max() <= 2.01
+
+
+def _bad_files(folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    good_jpeg = _encode(Image.new("RGB", (50, 50), (1, 2, 3)), "JPEG")
+    bad = {
+        "truncated": folder / "truncated.jpg",
+        "zero-byte": folder / "zero.jpg",
+        "text": folder / "text.jpg",
+    }
+    bad["truncated"].write_bytes(good_jpeg[: len(good_jpeg) // 2])
+    bad["zero-byte"].write_bytes(b"")
+    bad["text"].write_text("hello, I am not a picture")
+    return bad
+
+
+def test_bad_files_are_skipped_and_reported_while_good_ones_survive(tmp_path, ray_cluster):
+    root = _tree(tmp_path / "ds", {"a": 3, "b": 3})
+    bad = _bad_files(root / "train" / "a")
+    _image(root / "train" / "b" / "png_named.jpg", fmt="PNG")  # wrong extension, still a good image
+    _image(root / "train" / "b" / "tiny.png", size=(1, 1), fmt="PNG")
+    layout = data.discover(str(root), val_fraction=0.01)
+    files = layout.train + layout.val
+    skipped = data.SkippedFiles.remote()
+    rows = data.image_dataset(files, layout, 24, augment=False, skipped=skipped).take_all()
+
+    assert len(rows) == len(files) - len(bad) == 8
+    assert all(row["image"].shape == (3, 24, 24) and row["image"].dtype == np.uint8 for row in rows)
+    labels = sorted(int(row["label"]) for row in rows)
+    assert labels == [0, 0, 0, 1, 1, 1, 1, 1]
+    reasons = ray_cluster.get(skipped.get.remote())
+    assert set(reasons) == {str(path) for path in bad.values()}
+    assert "truncated" in reasons[str(bad["truncated"])].lower() or "OSError" in reasons[str(bad["truncated"])]
+    assert reasons[str(bad["text"])] == "not an image file PIL can identify"
+
+
+def test_training_pipeline_augments_and_shuffles(tmp_path, ray_cluster):
+    root = _tree(tmp_path / "ds", {"a": 10, "b": 10})
+    layout = data.discover(str(root), val_fraction=0.01)
+    dataset = data.image_dataset(layout.train, layout, 16, augment=True, skipped=data.SkippedFiles.remote())
+    first = [int(row["label"]) for row in dataset.take_all()]
+    orders = {tuple(int(row["label"]) for row in dataset.take_all()) for _ in range(3)}
+    assert sorted(first) == sorted(label for _, label in layout.train)
+    assert len(orders | {tuple(first)}) > 1  # a new order every epoch
