@@ -83,7 +83,10 @@ def _load(path: Path) -> Any:
 
 
 def read_model_state(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    return _load(Path(directory) / MODEL_FILE)
+    state = _load(Path(directory) / MODEL_FILE)
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise TlRayError(f"checkpoint {directory}: {MODEL_FILE} holds {type(state).__name__}, not a state dict")
+    return state
 
 
 def read_train_state(directory: str | os.PathLike) -> dict[str, Any] | None:

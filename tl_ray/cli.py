@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tl_ray import __version__
-from tl_ray.config import ARCHS, NUM_STAGES, OPTIMIZERS, TrainConfig, merge
+from tl_ray.config import ARCHS, NUM_STAGES, OPTIMIZERS, TrainConfig, TuneConfig, merge
 from tl_ray.errors import TlRayError
 
 TRAIN_HELP: dict[str, tuple[Any, str]] = {
@@ -49,9 +49,22 @@ TRAIN_HELP: dict[str, tuple[Any, str]] = {
 }
 
 
-def _add_train_options(parser: argparse.ArgumentParser) -> None:
+TUNE_HELP: dict[str, tuple[Any, str]] = {
+    "freeze_depths": (str, "comma-separated freeze depths to compare, each a grid point"),
+    "lr_min": (float, "lowest learning rate drawn (log-uniform)"),
+    "lr_max": (float, "highest learning rate drawn (log-uniform)"),
+    "num_samples": (int, "learning rates drawn per freeze depth"),
+    "max_epochs": (int, "epochs per trial (ASHA may stop a trial sooner)"),
+    "scheduler": (str, "asha: stop weak trials early on val_acc | fifo: run every trial to the end"),
+    "max_concurrent": (int, "trials at once (default: GPUs / --num-workers on a GPU cluster, else 1)"),
+}
+
+
+def _add_train_options(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
     defaults = TrainConfig()
     for key, (kind, text) in TRAIN_HELP.items():
+        if key in skip:
+            continue
         default = getattr(defaults, key)
         suffix = f" (default: {default})" if default is not None and key not in ("name",) else ""
         parser.add_argument("--" + key.replace("_", "-"), type=kind, default=argparse.SUPPRESS, help=text + suffix)
@@ -77,6 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="fine-tune a pretrained ResNet on a folder of images")
     _add_train_options(train)
+
+    sweep = commands.add_parser("tune", help="compare freeze depths x learning rates with Ray Tune; report the best")
+    defaults = TuneConfig()
+    for key, (kind, text) in TUNE_HELP.items():
+        sweep.add_argument(
+            "--" + key.replace("_", "-"),
+            type=kind,
+            default=argparse.SUPPRESS,
+            help=f"{text} (default: {getattr(defaults, key)})" if getattr(defaults, key) is not None else text,
+        )
+    _add_train_options(sweep, skip=("freeze_depth", "lr", "epochs"))
+
+    report = commands.add_parser("report", help="(re)write the report of a finished or interrupted sweep")
+    report.add_argument("run_dir", help="the sweep's folder: STORAGE/NAME")
     return parser
 
 
@@ -105,6 +132,21 @@ def _print_train_result(result) -> None:
         print(f"  ... and {len(result.skipped_files) - 20} more, listed in result.json")
 
 
+def _print_sweep(summary, written: dict[str, str]) -> None:
+    from tl_ray.report import table
+
+    print()
+    print(table(summary))
+    print()
+    best = summary.best
+    if best is not None:
+        print(f"best             freeze depth {best.freeze_depth}, lr {best.lr:.2e}: val_acc {best.val_acc:.3f}")
+        print(f"best checkpoint  {summary.best_checkpoint or best.checkpoint}")
+    print(f"report           {written['markdown']}")
+    print(f"plot             {written['plot']}")
+    print(f"results          {written['csv']}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -120,6 +162,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             config = merge(TrainConfig, args.config, _options(args, ("command", "config"))).validate()
             _print_train_result(tl_ray.train(dataclasses.replace(config)))
+            return 0
+        if args.command == "tune":
+            from tl_ray import tune
+
+            config = merge(TuneConfig, args.config, _options(args, ("command", "config"))).validate()
+            summary = tune.sweep(config)
+            _print_sweep(summary, tune.write_report(summary))
+            return 0
+        if args.command == "report":
+            from tl_ray import tune
+
+            summary = tune.load_summary(args.run_dir)
+            _print_sweep(summary, tune.write_report(summary))
             return 0
     except TlRayError as error:
         print(f"tl-ray: error: {error}", file=sys.stderr)

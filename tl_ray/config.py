@@ -167,3 +167,65 @@ def _read_yaml(path: str, known: set[str]) -> dict[str, Any]:
     if unknown:
         raise TlRayError(f"--config: {path} has unknown keys: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     return normalised
+
+
+SCHEDULERS = ("asha", "fifo")
+
+
+@dataclass
+class TuneConfig(TrainConfig):
+    """`tl-ray tune`: the train options plus the search space and how to search it.
+
+    ``epochs`` is ignored: every trial's budget is ``max_epochs``. ``freeze_depth``
+    and ``lr`` are searched, so their train values are ignored too.
+    """
+
+    freeze_depths: str = "0,1,2,3,4,5"
+    lr_min: float = 1e-4
+    lr_max: float = 1e-2
+    num_samples: int = 1
+    max_epochs: int = 5
+    scheduler: str = "asha"
+    max_concurrent: int | None = None
+
+    def depths(self) -> list[int]:
+        try:
+            depths = sorted({int(part) for part in self.freeze_depths.split(",") if part.strip()})
+        except ValueError:
+            raise TlRayError(
+                f"{flag('freeze_depths')} must be comma-separated integers like 0,3,5; got {self.freeze_depths!r}"
+            ) from None
+        if not depths or not all(0 <= depth <= NUM_STAGES for depth in depths):
+            raise TlRayError(
+                f"{flag('freeze_depths')} must list depths between 0 and {NUM_STAGES}; got {self.freeze_depths!r}"
+            )
+        return depths
+
+    def validate(self) -> TuneConfig:
+        self.depths()
+        _check_positive("lr_min", self.lr_min)
+        _check_positive("lr_max", self.lr_max)
+        if self.lr_min > self.lr_max:
+            raise TlRayError(f"{flag('lr_min')} ({self.lr_min}) must not exceed {flag('lr_max')} ({self.lr_max})")
+        _check_positive("num_samples", self.num_samples)
+        _check_positive("max_epochs", self.max_epochs)
+        if self.scheduler not in SCHEDULERS:
+            raise TlRayError(f"{flag('scheduler')} must be one of {', '.join(SCHEDULERS)}; got {self.scheduler!r}")
+        if self.max_concurrent is not None:
+            _check_positive("max_concurrent", self.max_concurrent)
+        trial = dataclasses.replace(self, epochs=self.max_epochs, freeze_depth=NUM_STAGES, lr=self.lr_max)
+        TrainConfig.validate(trial)
+        return dataclasses.replace(self, epochs=self.max_epochs)
+
+    def with_run_name(self) -> TuneConfig:
+        if self.name:
+            return self
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        return dataclasses.replace(self, name=f"tune-{stamp}")
+
+    def trial_config(self, freeze_depth: int, lr: float, storage: str, name: str) -> TrainConfig:
+        """The TrainConfig of one trial: this sweep's train options with one point of the search space."""
+        train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        options = {key: value for key, value in dataclasses.asdict(self).items() if key in train_fields}
+        options.update(freeze_depth=freeze_depth, lr=lr, epochs=self.max_epochs, storage=storage, name=name)
+        return TrainConfig(**options)

@@ -13,6 +13,7 @@ import io
 import logging
 import math
 import os
+import random
 import warnings
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ import pyarrow.fs as pafs
 import ray
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from ray.data import RandomSeedConfig
 from torchvision.transforms import v2
 
 from tl_ray.errors import TlRayError
@@ -35,6 +37,7 @@ CENTRE_CROP_FRACTION = 0.875
 # datasets people fine-tune on, crops that small often miss the object (fastai's
 # fine-tuning default is 0.35).
 CROP_SCALE = (0.25, 1.0)
+BLOCK_ROWS = 32  # files per Ray Data block: small blocks keep epochs well mixed and decode tasks short
 
 
 @dataclass(frozen=True)
@@ -270,19 +273,28 @@ def image_dataset(
     augment: bool,
     skipped: ray.actor.ActorHandle,
     color_jitter: float = 0.0,
+    seed: int = 0,
 ) -> ray.data.Dataset:
     """A lazily decoded dataset of {"image": uint8 (3, S, S), "label": int64}.
 
-    Training data (``augment=True``) is reshuffled every epoch; shuffling the file
-    list before decoding costs almost nothing, unlike shuffling decoded pixels.
+    Training data (``augment=True``) comes in a new order every epoch without an
+    all-to-all shuffle (whose 1-CPU tasks would stall on a machine whose training
+    workers hold all but a fraction of a CPU): the file list is shuffled once here,
+    so every block mixes classes, and the block order is redrawn each epoch. The
+    training loop's local shuffle buffer mixes rows across blocks.
     """
     rows = [{"path": path, "label": label} for path, label in files]
-    dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(1000, math.ceil(len(rows) / 32))))
     if augment:
-        dataset = dataset.random_shuffle()
+        random.Random(seed).shuffle(rows)
+    dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(1000, math.ceil(len(rows) / BLOCK_ROWS))))
+    if augment:
+        dataset = dataset.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
     return dataset.map_batches(
         _decode_batch,
-        batch_size=32,
+        batch_size=BLOCK_ROWS,
+        # Half a CPU per decode task: a machine whose training workers hold all but one CPU (and a
+        # sweep's trial driver a sliver of that) must still fit one, or ingest never starts.
+        num_cpus=0.5,
         batch_format="numpy",
         fn_kwargs={
             "filesystem": layout.filesystem,

@@ -63,6 +63,8 @@ def _torchvision_weights(arch: str, name: str) -> torchvision.models.WeightsEnum
 def _download(weights: torchvision.models.WeightsEnum) -> dict[str, torch.Tensor]:
     filename = os.path.basename(weights.url)
     cache = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if cache.exists():  # already staged: a bad file there is a bad file, not a download problem
+        return _read_state_dict(cache)
     try:
         return torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=True, weights_only=True)
     except (urllib.error.URLError, OSError, RuntimeError) as error:
@@ -90,6 +92,12 @@ def _fit_to_model(model: ResNet, weights: dict[str, torch.Tensor], source: str) 
     head_reset = weights.get("fc.weight") is None or weights["fc.weight"].shape != model.fc.weight.shape
     if head_reset:
         weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}
+    expected = model.state_dict()
+    mismatched = [k for k, v in weights.items() if k in expected and v.shape != expected[k].shape]
+    if mismatched:
+        raise TlRayError(
+            f"--weights: {source} does not fit this architecture (shape of {mismatched[0]} differs); check --arch"
+        )
     result = model.load_state_dict(weights, strict=False)
     missing = [k for k in result.missing_keys if not (head_reset and k.startswith("fc."))]
     if missing or result.unexpected_keys:

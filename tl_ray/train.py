@@ -100,8 +100,11 @@ def _resources(config: TrainConfig, started_locally: bool) -> tuple[bool, float]
     return use_gpu, max(0.1, min(8.0, round(spare / config.num_workers, 2)))
 
 
-def run(config: TrainConfig) -> TrainResult:
-    """Train one model as `tl-ray train` does; raises TlRayError for anything the user can fix."""
+def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = None) -> TrainResult:
+    """Train one model as `tl-ray train` does; raises TlRayError for anything the user can fix.
+
+    ``callbacks`` are Ray Train callbacks (a sweep passes the one that reports to Tune).
+    """
     config = config.validate().with_run_name()
     layout = data.discover(config.data, config.val_fraction)
     weights = model.initial_weights(config.arch, config.weights, len(layout.class_names), config.seed)
@@ -111,7 +114,9 @@ def run(config: TrainConfig) -> TrainResult:
 
     skipped = data.SkippedFiles.remote()
     datasets = {
-        "train": data.image_dataset(layout.train, layout, config.image_size, True, skipped, config.color_jitter),
+        "train": data.image_dataset(
+            layout.train, layout, config.image_size, True, skipped, config.color_jitter, config.seed
+        ),
         "val": data.image_dataset(layout.val, layout, config.image_size, False, skipped),
     }
     loop_config = {
@@ -138,6 +143,7 @@ def run(config: TrainConfig) -> TrainResult:
                 num_to_keep=config.keep_checkpoints, checkpoint_score_attribute="val_acc", checkpoint_score_order="max"
             ),
             failure_config=FailureConfig(max_failures=config.max_failures),
+            callbacks=callbacks,
         ),
         datasets=datasets,
         dataset_config=_ShardConfig(),
@@ -267,7 +273,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         started = time.perf_counter()
         wrapped.train()
         loss_sum = correct = seen = 0.0
-        for batch in train_shard.iter_torch_batches(batch_size=worker_batch, prefetch_batches=2):
+        for batch in train_shard.iter_torch_batches(
+            batch_size=worker_batch, prefetch_batches=2, local_shuffle_buffer_size=4 * worker_batch
+        ):
             labels = batch["label"]
             if len(labels) < 2:  # BatchNorm cannot train on one sample; equal shards make every worker skip it
                 continue

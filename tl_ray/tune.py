@@ -1,0 +1,212 @@
+"""`tl-ray tune`: a Ray Tune sweep over freeze depth x learning rate.
+
+Each trial is a Tune function trainable that runs the ordinary Ray Train loop
+(``train.run``) with Ray's Train-to-Tune callback, so a trial is exactly a
+`tl-ray train` run and resumes like one. Freeze depths are a grid (every depth is
+compared); learning rates are drawn log-uniformly, ``num_samples`` per depth. ASHA
+stops weak trials after each epoch. The Train-to-Tune callback hands Tune a
+``checkpoint_path`` per epoch, not a Tune checkpoint: the best one is found in the
+reported rows and copied to ``STORAGE/NAME/best``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.fs as pafs
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from tl_ray import data, report
+from tl_ray.config import TuneConfig
+from tl_ray.errors import TlRayError
+from tl_ray.train import ensure_ray
+from tl_ray.train import run as run_training
+
+BEST_DIR = "best"
+TRIALS_DIR = "trials"
+TRIAL_DRIVER_CPU = 0.01
+
+
+@dataclass(frozen=True)
+class TrialSummary:
+    trial_id: str
+    freeze_depth: int
+    lr: float
+    status: str  # "finished", "stopped early", "error", "incomplete"
+    epochs: int
+    val_acc: float
+    val_loss: float
+    best_epoch: int
+    seconds: float
+    images_per_s: float
+    checkpoint: str
+    history: list[dict[str, float]]  # epoch, val_acc, val_loss per reported epoch
+
+
+@dataclass(frozen=True)
+class SweepSummary:
+    run_dir: str
+    max_epochs: int
+    trials: list[TrialSummary]
+    wall_seconds: float
+    best_checkpoint: str | None  # the copy under run_dir/best, once made
+
+    @property
+    def best(self) -> TrialSummary | None:
+        scored = [t for t in self.trials if t.checkpoint and not math.isnan(t.val_acc)]
+        return max(scored, key=lambda t: (t.val_acc, -t.val_loss)) if scored else None
+
+
+def _run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
+    """One trial: a full Train run whose epochs Tune sees through the callback."""
+    config = TuneConfig(**sweep["options"])
+    context = tune.get_context()
+    trial_config = config.trial_config(
+        params["freeze_depth"], params["lr"], sweep["trials_storage"], context.get_trial_id()
+    )
+    run_training(trial_config, callbacks=[TuneReportCallback()])
+
+
+def _max_concurrent(config: TuneConfig) -> int:
+    if config.max_concurrent:
+        return config.max_concurrent
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if config.gpu is not False and gpus > 0:
+        return max(1, int(gpus // config.num_workers))
+    return 1  # CPU trials share the machine's cores: one at a time finishes soonest
+
+
+def sweep(config: TuneConfig) -> SweepSummary:
+    """Run (or resume) the sweep named ``config.name`` under ``config.storage``."""
+    config = config.validate().with_run_name()
+    if "://" not in config.data:
+        config = dataclasses.replace(config, data=os.path.abspath(os.path.expanduser(config.data)))
+    data.discover(config.data, config.val_fraction)  # fail here, once, not in every trial
+    storage = config.storage if "://" in config.storage else os.path.abspath(os.path.expanduser(config.storage))
+    run_dir = f"{storage.rstrip('/')}/{config.name}"
+    ensure_ray()
+
+    trainable = tune.with_parameters(
+        _run_trial,
+        sweep={"options": dataclasses.asdict(config), "trials_storage": f"{run_dir}/{TRIALS_DIR}"},
+    )
+    # The trial's own process only waits on its TorchTrainer: CPUs belong to the workers and Ray Data
+    # (Tune refuses an empty request, hence a token share).
+    trainable = tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPU})
+    if tune.Tuner.can_restore(run_dir):
+        tuner = tune.Tuner.restore(run_dir, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        scheduler = (
+            tune.schedulers.ASHAScheduler(
+                time_attr="epoch", max_t=config.max_epochs, grace_period=1, reduction_factor=2
+            )
+            if config.scheduler == "asha"
+            else tune.schedulers.FIFOScheduler()
+        )
+        tuner = tune.Tuner(
+            trainable,
+            param_space={
+                "freeze_depth": tune.grid_search(config.depths()),
+                "lr": tune.loguniform(config.lr_min, config.lr_max),
+                "max_epochs": config.max_epochs,  # constant; recorded so reports know the budget
+            },
+            tune_config=tune.TuneConfig(
+                metric="val_acc",
+                mode="max",
+                scheduler=scheduler,
+                num_samples=config.num_samples,
+                max_concurrent_trials=_max_concurrent(config),
+            ),
+            run_config=tune.RunConfig(name=config.name, storage_path=storage, verbose=1),
+        )
+    tuner.fit()
+    summary = load_summary(run_dir)
+    if summary.best is None:
+        raise TlRayError(f"no trial of sweep {run_dir} reported a checkpoint; see the trial errors above")
+    return _copy_best(summary)
+
+
+def _filesystem(run_dir: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in run_dir:
+        return pafs.FileSystem.from_uri(run_dir)
+    return pafs.LocalFileSystem(), run_dir
+
+
+def write_report(summary: SweepSummary) -> dict[str, str]:
+    """results.csv, report.md and report.png into the sweep's folder, local or remote."""
+    filesystem, run_path = _filesystem(summary.run_dir)
+    with tempfile.TemporaryDirectory() as scratch:
+        written = report.write_report(summary, scratch)
+        for path in written.values():
+            pafs.copy_files(str(path), f"{run_path}/{path.name}", destination_filesystem=filesystem)
+    return {kind: f"{summary.run_dir}/{path.name}" for kind, path in written.items()}
+
+
+def _copy_best(summary: SweepSummary) -> SweepSummary:
+    """Copy the best epoch's checkpoint to run_dir/best, so it outlives the trials' folders."""
+    filesystem, run_path = _filesystem(summary.run_dir)
+    source = summary.best.checkpoint.split("://", 1)[-1]
+    target = f"{run_path}/{BEST_DIR}"
+    filesystem.delete_dir_contents(target, missing_dir_ok=True)
+    filesystem.create_dir(target)
+    pafs.copy_files(source, target, source_filesystem=filesystem, destination_filesystem=filesystem)
+    return dataclasses.replace(summary, best_checkpoint=f"{summary.run_dir}/{BEST_DIR}")
+
+
+def _status(trial: Any, epochs_done: int, max_epochs: int) -> str:
+    if trial.status == "ERROR":
+        return "error"
+    if trial.status != "TERMINATED":
+        return "incomplete"
+    return "finished" if epochs_done >= max_epochs else "stopped early"
+
+
+def load_summary(run_dir: str) -> SweepSummary:
+    """Summarise a sweep from what Tune stored: works on finished and interrupted sweeps alike."""
+    try:
+        analysis = tune.ExperimentAnalysis(run_dir)
+    except Exception as error:  # Tune raises ValueError/FileNotFoundError/TuneError for non-sweeps
+        raise TlRayError(f"{run_dir} is not a tl-ray tune run folder ({error})") from error
+    frames = analysis.trial_dataframes
+    trials, starts, ends = [], [], []
+    max_epochs = 0
+    for trial in analysis.trials:
+        max_epochs = max(max_epochs, int(trial.config["max_epochs"]))
+        frame = frames.get(trial.trial_id)
+        rows = [] if frame is None or frame.empty or "val_acc" not in frame else frame.to_dict("records")
+        rows = [row for row in rows if not math.isnan(row.get("val_acc", math.nan))]
+        history = [{"epoch": int(r["epoch"]), "val_acc": r["val_acc"], "val_loss": r["val_loss"]} for r in rows]
+        with_checkpoint = [r for r in rows if isinstance(r.get("checkpoint_path"), str)]
+        best = max(with_checkpoint, key=lambda r: (r["val_acc"], -r["val_loss"])) if with_checkpoint else None
+        for row in rows:
+            ends.append(row["timestamp"])
+            starts.append(row["timestamp"] - row.get("epoch_s", 0.0))
+        trials.append(
+            TrialSummary(
+                trial_id=trial.trial_id,
+                freeze_depth=int(trial.config["freeze_depth"]),
+                lr=float(trial.config["lr"]),
+                status="",  # filled below, once the sweep's budget is known
+                epochs=max((h["epoch"] for h in history), default=0),
+                val_acc=best["val_acc"] if best else math.nan,
+                val_loss=best["val_loss"] if best else math.nan,
+                best_epoch=int(best["epoch"]) if best else 0,
+                seconds=sum(r.get("epoch_s", 0.0) for r in rows),
+                images_per_s=sum(r["images_per_s"] for r in rows) / len(rows) if rows else math.nan,
+                checkpoint=best["checkpoint_path"] if best else "",
+                history=history,
+            )
+        )
+    trials = [
+        dataclasses.replace(t, status=_status(trial, t.epochs, max_epochs))
+        for t, trial in zip(trials, analysis.trials, strict=True)
+    ]
+    wall = (max(ends) - min(starts)) if ends else 0.0
+    return SweepSummary(run_dir.rstrip("/"), max_epochs, trials, wall, None)
