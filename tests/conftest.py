@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,3 +33,31 @@ def sample_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sample")
     write_sample_data(root, per_class=200, seed=0)
     return root
+
+
+COMMON = ["--arch", "resnet18", "--image-size", "64", "--num-workers", "2"]
+
+
+@pytest.fixture(scope="session")
+def source_data(sample_root, tmp_path_factory) -> Path:
+    """The sample source task plus files that cannot be decoded, which must be skipped, not fatal."""
+    root = tmp_path_factory.mktemp("source") / "source"
+    shutil.copytree(sample_root / "source", root)
+    (root / "train" / "circle" / "broken.jpg").write_bytes((root / "val" / "star" / "star_0000.jpg").read_bytes()[:500])
+    (root / "train" / "square" / "readme.jpg").write_text("this is not an image")
+    return root
+
+
+@pytest.fixture(scope="session")
+def source_run(source_data, tmp_path_factory, ray_cluster):
+    """`tl-ray train` from scratch on the source task: (argv, storage, result.json, printed output)."""
+    storage = tmp_path_factory.mktemp("runs")
+    argv = ["train", "--data", str(source_data), "--weights", "none", "--epochs", "3", *COMMON]
+    with pytest.MonkeyPatch.context() as patch:
+        printed = io.StringIO()
+        patch.setattr(sys, "stdout", printed)
+        from tl_ray import cli
+
+        assert cli.main([*argv, "--storage", str(storage), "--name", "src"]) == 0
+    result = json.loads((storage / "src" / "result.json").read_text())
+    return argv, storage, result, printed.getvalue()

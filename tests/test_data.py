@@ -169,10 +169,11 @@ def test_bad_files_are_skipped_and_reported_while_good_ones_survive(tmp_path, ra
 
 
 def test_training_pipeline_augments_and_shuffles(tmp_path, ray_cluster):
-    root = _tree(tmp_path / "ds", {"a": 10, "b": 10})
+    root = _tree(tmp_path / "ds", {"a": 50, "b": 50})
     layout = data.discover(str(root), val_fraction=0.01)
     dataset = data.image_dataset(layout.train, layout, 16, augment=True, skipped=data.SkippedFiles.remote())
-    first = [int(row["label"]) for row in dataset.take_all()]
-    orders = {tuple(int(row["label"]) for row in dataset.take_all()) for _ in range(3)}
-    assert sorted(first) == sorted(label for _, label in layout.train)
-    assert len(orders | {tuple(first)}) > 1  # a new order every epoch
+    epochs = [[int(row["label"]) for row in dataset.take_all()] for _ in range(3)]
+    assert all(sorted(labels) == sorted(label for _, label in layout.train) for labels in epochs)
+    assert len({tuple(labels) for labels in epochs}) > 1, "a new order every epoch"
+    first_block = epochs[0][: data.BLOCK_ROWS]
+    assert 0 < sum(first_block) < len(first_block), "every block mixes classes"

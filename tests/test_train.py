@@ -6,10 +6,7 @@ the module costs three small training runs in all.
 
 from __future__ import annotations
 
-import io
 import json
-import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,29 +17,6 @@ from tl_ray import cli, data
 from tl_ray.checkpoint import read_meta, read_model_state
 
 pytestmark = pytest.mark.timeout(900)
-COMMON = ["--arch", "resnet18", "--image-size", "64", "--num-workers", "2"]
-
-
-@pytest.fixture(scope="module")
-def source_data(sample_root, tmp_path_factory) -> Path:
-    """The sample source task plus files that cannot be decoded, which must be skipped, not fatal."""
-    root = tmp_path_factory.mktemp("source") / "source"
-    shutil.copytree(sample_root / "source", root)
-    (root / "train" / "circle" / "broken.jpg").write_bytes((root / "val" / "star" / "star_0000.jpg").read_bytes()[:500])
-    (root / "train" / "square" / "readme.jpg").write_text("this is not an image")
-    return root
-
-
-@pytest.fixture(scope="module")
-def first_run(source_data, tmp_path_factory, ray_cluster):
-    storage = tmp_path_factory.mktemp("runs")
-    argv = ["train", "--data", str(source_data), "--weights", "none", "--epochs", "3", *COMMON]
-    with pytest.MonkeyPatch.context() as patch:
-        printed = io.StringIO()
-        patch.setattr(sys, "stdout", printed)
-        assert cli.main([*argv, "--storage", str(storage), "--name", "src"]) == 0
-    result = json.loads((storage / "src" / "result.json").read_text())
-    return argv, storage, result, printed.getvalue()
 
 
 def _predict(model: torch.nn.Module, meta: dict, files: list[tuple[str, int]]) -> float:
@@ -54,8 +28,8 @@ def _predict(model: torch.nn.Module, meta: dict, files: list[tuple[str, int]]) -
     return (predicted == torch.tensor([label for _, label in files])).float().mean().item()
 
 
-def test_train_learns_and_leaves_a_loadable_checkpoint(first_run, source_data):
-    _, _, result, printed = first_run
+def test_train_learns_and_leaves_a_loadable_checkpoint(source_run, source_data):
+    _, _, result, printed = source_run
     assert "best val_acc" in printed and "skipped files    2" in printed and "broken.jpg: " in printed
 
     assert [row["epoch"] for row in result["history"]] == [1, 2, 3]
@@ -76,9 +50,10 @@ def test_train_learns_and_leaves_a_loadable_checkpoint(first_run, source_data):
     assert abs(_predict(model, meta, layout.val) - result["metrics"]["val_acc"]) <= 0.02
 
 
-def test_rerun_with_same_name_resumes(first_run):
-    argv, storage, before, _ = first_run
-    assert cli.main([*argv[:-8], "--epochs", "4", *COMMON, "--storage", str(storage), "--name", "src"]) == 0
+def test_rerun_with_same_name_resumes(source_run):
+    argv, storage, before, _ = source_run
+    more_epochs = [("4" if previous == "--epochs" else arg) for previous, arg in zip(["", *argv], argv, strict=True)]
+    assert cli.main([*more_epochs, "--storage", str(storage), "--name", "src"]) == 0
     after = json.loads((storage / "src" / "result.json").read_text())
     assert [row["epoch"] for row in after["history"]] == [1, 2, 3, 4]
     # Epochs 1-3 were not trained again: their recorded timings and metrics are the originals.
@@ -88,8 +63,8 @@ def test_rerun_with_same_name_resumes(first_run):
     assert len(kept) <= 3  # --keep-checkpoints 2 best, plus the latest
 
 
-def test_transfer_from_own_checkpoint_to_new_classes(first_run, sample_root, tmp_path):
-    _, _, source, _ = first_run
+def test_transfer_from_own_checkpoint_to_new_classes(source_run, sample_root, tmp_path):
+    _, _, source, _ = source_run
     source_checkpoint = source["best_checkpoint"]
     result = tl_ray.train(
         data=str(sample_root / "target"),

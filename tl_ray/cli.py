@@ -167,14 +167,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             from tl_ray import tune
 
             config = merge(TuneConfig, args.config, _options(args, ("command", "config"))).validate()
-            summary = tune.sweep(config)
-            _print_sweep(summary, tune.write_report(summary))
+            summary, written = tune.sweep(config)
+            _print_sweep(summary, written)
+            if summary.best is None:
+                raise TlRayError(f"no trial of sweep {summary.run_dir} finished an epoch; see the trial errors above")
             return 0
         if args.command == "report":
             from tl_ray import tune
 
-            summary = tune.load_summary(args.run_dir)
-            _print_sweep(summary, tune.write_report(summary))
+            _print_sweep(*tune.finalize(args.run_dir))
             return 0
     except TlRayError as error:
         print(f"tl-ray: error: {error}", file=sys.stderr)

@@ -22,6 +22,7 @@ import pyarrow.fs as pafs
 import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from tl_ray import data, report
 from tl_ray.config import TuneConfig
@@ -83,8 +84,11 @@ def _max_concurrent(config: TuneConfig) -> int:
     return 1  # CPU trials share the machine's cores: one at a time finishes soonest
 
 
-def sweep(config: TuneConfig) -> SweepSummary:
-    """Run (or resume) the sweep named ``config.name`` under ``config.storage``."""
+def sweep(config: TuneConfig) -> tuple[SweepSummary, dict[str, str]]:
+    """Run (or resume) the sweep named ``config.name`` under ``config.storage``; report on it.
+
+    Returns the summary and the paths of the report files.
+    """
     config = config.validate().with_run_name()
     if "://" not in config.data:
         config = dataclasses.replace(config, data=os.path.abspath(os.path.expanduser(config.data)))
@@ -121,16 +125,28 @@ def sweep(config: TuneConfig) -> SweepSummary:
                 metric="val_acc",
                 mode="max",
                 scheduler=scheduler,
+                # Seeded draws: the same --seed gives the same learning rates, so sweeps can be compared.
+                search_alg=BasicVariantGenerator(random_state=config.seed),
                 num_samples=config.num_samples,
                 max_concurrent_trials=_max_concurrent(config),
             ),
             run_config=tune.RunConfig(name=config.name, storage_path=storage, verbose=1),
         )
     tuner.fit()
+    return finalize(run_dir)
+
+
+def finalize(run_dir: str) -> tuple[SweepSummary, dict[str, str]]:
+    """Summarise the sweep as stored, copy its best checkpoint to run_dir/best, write the report.
+
+    Also what `tl-ray report` runs, so an interrupted sweep can be reported on.
+    """
+    if "://" not in run_dir:
+        run_dir = os.path.abspath(os.path.expanduser(run_dir))
     summary = load_summary(run_dir)
-    if summary.best is None:
-        raise TlRayError(f"no trial of sweep {run_dir} reported a checkpoint; see the trial errors above")
-    return _copy_best(summary)
+    if summary.best is not None:
+        summary = _copy_best(summary)
+    return summary, write_report(summary)
 
 
 def _filesystem(run_dir: str) -> tuple[pafs.FileSystem, str]:
