@@ -61,3 +61,22 @@ def source_run(source_data, tmp_path_factory, ray_cluster):
         assert cli.main([*argv, "--storage", str(storage), "--name", "src"]) == 0
     result = json.loads((storage / "src" / "result.json").read_text())
     return argv, storage, result, printed.getvalue()
+
+
+@pytest.fixture(scope="session")
+def checkpoint_accuracy():
+    """Accuracy of a checkpoint on (path, label) files, by plain torch on the checkpoint's own preprocessing."""
+    import torch
+
+    import tl_ray
+    from tl_ray import data
+
+    def accuracy(checkpoint: str, files: list[tuple[str, int]]) -> float:
+        model, meta = tl_ray.load_checkpoint(checkpoint)
+        transform = data.eval_transform(meta["image_size"])
+        images = torch.stack([transform(data.load_rgb(Path(path).read_bytes())) for path, _ in files])
+        with torch.no_grad():
+            logits = model(data.normalize(images, torch.tensor(meta["mean"]), torch.tensor(meta["std"])))
+        return (logits.argmax(1) == torch.tensor([label for _, label in files])).float().mean().item()
+
+    return accuracy

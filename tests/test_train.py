@@ -19,16 +19,7 @@ from tl_ray.checkpoint import read_meta, read_model_state
 pytestmark = pytest.mark.timeout(900)
 
 
-def _predict(model: torch.nn.Module, meta: dict, files: list[tuple[str, int]]) -> float:
-    transform = data.eval_transform(meta["image_size"])
-    images = torch.stack([transform(data.load_rgb(Path(path).read_bytes())) for path, _ in files])
-    inputs = data.normalize(images, torch.tensor(meta["mean"]), torch.tensor(meta["std"]))
-    with torch.no_grad():
-        predicted = model(inputs).argmax(1)
-    return (predicted == torch.tensor([label for _, label in files])).float().mean().item()
-
-
-def test_train_learns_and_leaves_a_loadable_checkpoint(source_run, source_data):
+def test_train_learns_and_leaves_a_loadable_checkpoint(source_run, source_data, checkpoint_accuracy):
     _, _, result, printed = source_run
     assert "best val_acc" in printed and "skipped files    2" in printed and "broken.jpg: " in printed
 
@@ -41,13 +32,15 @@ def test_train_learns_and_leaves_a_loadable_checkpoint(source_run, source_data):
     assert set(skipped) == {"broken.jpg", "readme.jpg"}
     assert skipped["readme.jpg"] == "not an image file PIL can identify"
 
-    model, meta = tl_ray.load_checkpoint(result["best_checkpoint"])
+    _, meta = tl_ray.load_checkpoint(result["best_checkpoint"])
     assert meta["class_names"] == ["circle", "square", "star", "triangle"]
     assert (meta["arch"], meta["freeze_depth"], meta["image_size"], meta["weights"]) == ("resnet18", 0, 64, "none")
     assert meta["epoch"] == result["metrics"]["epoch"]
     layout = data.discover(str(source_data))
     # The checkpoint alone reproduces the run's validation accuracy: same classes, same preprocessing.
-    assert abs(_predict(model, meta, layout.val) - result["metrics"]["val_acc"]) <= 0.02
+    assert checkpoint_accuracy(result["best_checkpoint"], layout.val) == pytest.approx(
+        result["metrics"]["val_acc"], abs=0.02
+    )
 
 
 def test_rerun_with_same_name_resumes(source_run):

@@ -2,7 +2,7 @@
 
 One sweep covers it all, to keep the suite small: two trials (freeze depth 0 and 5)
 starting from the source model trained in conftest, on the source task. The seeded
-learning-rate draws give trial 0 a sane rate and trial 1 an absurd one (4.5 for
+learning-rate draws give trial 0 (full fine-tuning) a gentle rate and trial 1 an absurd one (4.2 for
 AdamW), so ASHA is expected to stop trial 1 after its first epoch.
 """
 
@@ -18,9 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-import tl_ray
 from tl_ray import cli, data
 
 pytestmark = pytest.mark.timeout(900)
@@ -47,17 +45,18 @@ def sweep(source_run, source_data, tmp_path_factory, ray_cluster):
         "--weights", source["best_checkpoint"],
         "--arch", "resnet18", "--image-size", "64", "--num-workers", "2",
         "--freeze-depths", "0,5", "--num-samples", "1", "--max-epochs", "2",
-        "--lr-min", "1e-6", "--lr-max", "10", "--seed", "1",
+        "--lr-min", "1e-6", "--lr-max", "10", "--seed", "12",
         "--storage", str(storage), "--name", "s1",
     ]  # fmt: skip
     # Run the sweep as its own driver process on this test session's Ray cluster, and SIGKILL
     # it as soon as the first trial has finished all its epochs.
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
+    log = storage / "interrupted-driver.log"
     driver = subprocess.Popen(
         [sys.executable, "-m", "tl_ray.cli", *argv],
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     deadline = time.monotonic() + 600
@@ -66,10 +65,11 @@ def sweep(source_run, source_data, tmp_path_factory, ray_cluster):
             if any(len(rows) == 2 for rows in _trial_rows(run_dir).values()):
                 break
             time.sleep(1)
-        assert driver.poll() is None, "the sweep ended before it could be interrupted"
+        assert driver.poll() is None, f"the sweep ended before it could be interrupted: {log.read_text()[-3000:]}"
         time.sleep(3)  # let Tune write its experiment state once more, as it would before a real crash
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     before = _trial_rows(run_dir)
     assert any(len(rows) == 2 for rows in before.values()), "no trial finished before the deadline"
@@ -92,7 +92,7 @@ def test_results_csv_has_one_row_per_trial_and_the_best_is_the_argmax(sweep):
     rows = list(csv.DictReader((run_dir / "results.csv").open()))
     assert sorted(int(row["freeze_depth"]) for row in rows) == [0, 5]
     lrs = {int(row["freeze_depth"]): float(row["lr"]) for row in rows}
-    assert 1e-6 <= lrs[0] <= 0.01 and lrs[5] > 1.0, f"seeded lr draws changed: {lrs}"
+    assert 1e-6 <= lrs[0] <= 1e-4 and lrs[5] > 1.0, f"seeded lr draws changed: {lrs}"
     best = max(rows, key=lambda row: float(row["val_acc"]))
     assert rows[0] == best, "results.csv is sorted best first"
     meta = json.loads((run_dir / "best" / "meta.json").read_text())
@@ -111,15 +111,10 @@ def test_asha_stopped_the_absurd_learning_rate_early(sweep):
     assert "trial-epochs run: 3 (of 4 without early stopping)" in report
 
 
-def test_best_checkpoint_loads_and_predicts_on_its_own(sweep, source_data):
+def test_best_checkpoint_loads_and_predicts_on_its_own(sweep, source_data, checkpoint_accuracy):
     run_dir, _ = sweep
-    model, meta = tl_ray.load_checkpoint(str(run_dir / "best"))
-    layout = data.discover(str(source_data))
-    transform = data.eval_transform(meta["image_size"])
-    images = torch.stack([transform(data.load_rgb(Path(path).read_bytes())) for path, _ in layout.val])
-    with torch.no_grad():
-        predicted = model(data.normalize(images, torch.tensor(meta["mean"]), torch.tensor(meta["std"]))).argmax(1)
-    accuracy = (predicted == torch.tensor([label for _, label in layout.val])).float().mean().item()
+    meta = json.loads((run_dir / "best" / "meta.json").read_text())
+    accuracy = checkpoint_accuracy(str(run_dir / "best"), data.discover(str(source_data)).val)
     assert accuracy == pytest.approx(meta["metrics"]["val_acc"], abs=0.02)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -40,7 +39,8 @@ TRAIN_HELP: dict[str, tuple[Any, str]] = {
     "cpus_per_worker": (float, "CPUs reserved per worker (default: leave at least one CPU to the data pipeline)"),
     "storage": (
         str,
-        "where runs are written: a local folder, or shared storage (s3://, gs://, NFS) on a multi-node cluster",
+        "where runs are written: a local folder; on a multi-node cluster it must be shared storage"
+        " (s3://bucket/path, gs://bucket/path, or an NFS folder)",
     ),
     "name": (str, "run name: its folder under --storage; rerunning a name resumes it (default: train-<timestamp>)"),
     "keep_checkpoints": (int, "keep the best N checkpoints by val_acc (the latest is always kept too)"),
@@ -102,6 +102,22 @@ def build_parser() -> argparse.ArgumentParser:
         )
     _add_train_options(sweep, skip=("freeze_depth", "lr", "epochs"))
 
+    predict = commands.add_parser("predict", help="classify images with a checkpoint (Ray Data batch inference)")
+    predict.add_argument("--checkpoint", required=True, help="a tl-ray checkpoint folder (e.g. a sweep's best/)")
+    predict.add_argument("--data", required=True, help="an image, a folder of images (recursive), or a URI")
+    predict.add_argument("--out", required=True, help="predictions file: .csv or .parquet")
+    predict.add_argument("--top-k", type=int, default=3, help="classes listed per image (default: 3)")
+    predict.add_argument("--batch-size", type=int, default=64, help="images per model call (default: 64)")
+    predict.add_argument(
+        "--concurrency", type=int, default=None, help="model actors (default: one per GPU, or 1 on CPU)"
+    )
+
+    evaluate = commands.add_parser("evaluate", help="accuracy, per-class metrics and confusion matrix on DIR/<class>/")
+    evaluate.add_argument("--checkpoint", required=True, help="a tl-ray checkpoint folder")
+    evaluate.add_argument("--data", required=True, help="a folder of <class>/ image folders, named as in training")
+    evaluate.add_argument("--out", default=None, help="folder for metrics.json, confusion.png, misclassified.csv")
+    evaluate.add_argument("--batch-size", type=int, default=64, help="images per model call (default: 64)")
+
     report = commands.add_parser("report", help="(re)write the report of a finished or interrupted sweep")
     report.add_argument("run_dir", help="the sweep's folder: STORAGE/NAME")
     return parser
@@ -147,6 +163,24 @@ def _print_sweep(summary, written: dict[str, str]) -> None:
     print(f"results          {written['csv']}")
 
 
+def _print_evaluation(evaluation, out: str | None) -> None:
+    metrics = evaluation.metrics
+    print(f"{'class':<20} {'precision':>9} {'recall':>7} {'f1':>6} {'support':>8}")
+    for name, row in metrics["per_class"].items():
+        print(f"{name:<20} {row['precision']:>9.3f} {row['recall']:>7.3f} {row['f1']:>6.3f} {row['support']:>8}")
+    macro = metrics["macro"]
+    print(
+        f"{'macro':<20} {macro['precision']:>9.3f} {macro['recall']:>7.3f} {macro['f1']:>6.3f} {metrics['images']:>8}"
+    )
+    print()
+    print(f"accuracy         {metrics['accuracy']:.4f} on {metrics['images']} images")
+    print(f"misclassified    {len(evaluation.misclassified)}")
+    if metrics["undecodable"]:
+        print(f"undecodable      {len(metrics['undecodable'])}")
+    if out:
+        print(f"written to       {out}/metrics.json, confusion.png, misclassified.csv")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -161,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             import tl_ray
 
             config = merge(TrainConfig, args.config, _options(args, ("command", "config"))).validate()
-            _print_train_result(tl_ray.train(dataclasses.replace(config)))
+            _print_train_result(tl_ray.train(config))
             return 0
         if args.command == "tune":
             from tl_ray import tune
@@ -171,6 +205,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_sweep(summary, written)
             if summary.best is None:
                 raise TlRayError(f"no trial of sweep {summary.run_dir} finished an epoch; see the trial errors above")
+            return 0
+        if args.command == "predict":
+            from tl_ray.predict import predict
+
+            rows = predict(args.checkpoint, args.data, args.out, args.top_k, args.batch_size, args.concurrency)
+            errors = int((rows["error"] != "").sum())
+            print(f"wrote {len(rows)} predictions to {args.out} ({errors} files could not be decoded)")
+            return 0
+        if args.command == "evaluate":
+            from tl_ray.predict import evaluate
+
+            _print_evaluation(evaluate(args.checkpoint, args.data, args.out, args.batch_size), args.out)
             return 0
         if args.command == "report":
             from tl_ray import tune

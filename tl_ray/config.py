@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 import types
 import typing
 from dataclasses import dataclass
@@ -22,6 +23,11 @@ from tl_ray.errors import TlRayError
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 OPTIMIZERS = ("sgd", "adamw")
 NUM_STAGES = 5  # stem, layer1..layer4: see DESIGN.md "freeze depth"
+
+
+def absolute(location: str) -> str:
+    """A local path made absolute (Ray and pyarrow want that); URIs (s3://, gs://) unchanged."""
+    return location if "://" in location else os.path.abspath(os.path.expanduser(location))
 
 
 def flag(key: str) -> str:

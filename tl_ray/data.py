@@ -89,7 +89,7 @@ def find_classes(filesystem: pafs.FileSystem, folder: str) -> list[str]:
     )
 
 
-def _images_under(filesystem: pafs.FileSystem, folder: str) -> list[str]:
+def list_images(filesystem: pafs.FileSystem, folder: str) -> list[str]:
     return sorted(
         entry.path
         for entry in _list(filesystem, folder, True)
@@ -124,7 +124,7 @@ def discover(root: str, val_fraction: float = 0.2) -> Layout:
     train: list[tuple[str, int]] = []
     per_class: dict[int, list[str]] = {}
     for label, name in enumerate(class_names):
-        files = _images_under(filesystem, f"{train_dir}/{name}")
+        files = list_images(filesystem, f"{train_dir}/{name}")
         if not files:
             raise TlRayError(
                 f"--data: class folder {prefix}{train_dir}/{name} has no images ({', '.join(IMAGE_EXTENSIONS)});"
@@ -148,7 +148,7 @@ def _folder_val(filesystem: pafs.FileSystem, val_dir: str, class_names: list[str
     if unknown:
         raise TlRayError(f"--data: {root}/val has classes that train/ lacks: {', '.join(unknown)}")
     index = {name: label for label, name in enumerate(class_names)}
-    val = [(path, index[name]) for name in val_classes for path in _images_under(filesystem, f"{val_dir}/{name}")]
+    val = [(path, index[name]) for name in val_classes for path in list_images(filesystem, f"{val_dir}/{name}")]
     if not val:
         raise TlRayError(f"--data: {root}/val has no images; add some, or remove it to split train/ by --val-fraction")
     return val
@@ -231,7 +231,24 @@ class SkippedFiles:
         return dict(self._reasons)
 
 
-def _describe(error: Exception) -> str:
+def ensure_ray() -> bool:
+    """Connect to the cluster in RAY_ADDRESS or start a local one; True if this call started it."""
+    if ray.is_initialized():
+        return False
+    # Token authentication stays as Ray 2.60 sets it; the dashboard answers on loopback only.
+    ray.init(dashboard_host="127.0.0.1")
+    return True
+
+
+def decode_file(filesystem: pafs.FileSystem, path: str, transform: v2.Compose) -> np.ndarray:
+    """One file to a uint8 CHW array; raises on any way the file can be bad."""
+    with filesystem.open_input_file(path) as stream:
+        data = stream.read()
+    return transform(load_rgb(data)).numpy()
+
+
+def describe_error(error: Exception) -> str:
+    """The reason a file was skipped, in one line."""
     if isinstance(error, UnidentifiedImageError):  # its message only names an in-memory buffer
         return "not an image file PIL can identify"
     return f"{type(error).__name__}: {error}".splitlines()[0]
@@ -250,12 +267,10 @@ def _decode_batch(
     images, labels, bad = [], [], []
     for path, label in zip(batch["path"], batch["label"], strict=True):
         try:
-            with filesystem.open_input_file(path) as stream:
-                data = stream.read()
-            images.append(transform(load_rgb(data)).numpy())
+            images.append(decode_file(filesystem, path, transform))
             labels.append(label)
         except Exception as error:  # every way a file can be bad: skip it, keep the batch
-            reason = _describe(error)
+            reason = describe_error(error)
             bad.append((uri_prefix + path, reason))
             logger.warning("skipping %s%s: %s", uri_prefix, path, reason)
     if bad:

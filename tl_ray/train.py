@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from tl_ray import __version__, checkpoint, data, model
-from tl_ray.config import TrainConfig
+from tl_ray.config import TrainConfig, absolute
 from tl_ray.errors import TlRayError
 
 RESULT_FILE = "result.json"
@@ -76,13 +75,31 @@ class _ShardConfig(DataConfig):
         return shards
 
 
-def ensure_ray() -> bool:
-    """Connect to the cluster in RAY_ADDRESS or start a local one; True if this call started it."""
-    if ray.is_initialized():
-        return False
-    # Token authentication stays as Ray 2.60 sets it; the dashboard answers on loopback only.
-    ray.init(dashboard_host="127.0.0.1")
-    return True
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "ceph", "glusterfs", "beegfs", "fuse")
+
+
+def _mount_type(path: str) -> str:
+    """The filesystem type of the mount holding ``path`` (Linux /proc/mounts), or "" when unknown."""
+    try:
+        with open("/proc/mounts", encoding="utf-8") as table:
+            mounts = [line.split()[1:3] for line in table]
+    except OSError:
+        return ""
+    best = max((m for m in mounts if path == m[0] or path.startswith(m[0].rstrip("/") + "/")), key=len, default=None)
+    return best[1] if best else ""
+
+
+def check_shared_storage(storage: str) -> None:
+    """On a multi-node cluster, refuse a node-local --storage: other nodes could not see its checkpoints."""
+    alive = [node for node in ray.nodes() if node.get("Alive")]
+    if len(alive) < 2 or "://" in storage:
+        return
+    if _mount_type(storage).split(".")[0] in NETWORK_FILESYSTEMS:
+        return
+    raise TlRayError(
+        f"--storage: {storage} is a node-local folder, but this Ray cluster has {len(alive)} nodes; "
+        "pass shared storage: s3://bucket/path, gs://bucket/path or a folder on an NFS mount"
+    )
 
 
 def _resources(config: TrainConfig, started_locally: bool) -> tuple[bool, float]:
@@ -108,9 +125,10 @@ def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = No
     config = config.validate().with_run_name()
     layout = data.discover(config.data, config.val_fraction)
     weights = model.initial_weights(config.arch, config.weights, len(layout.class_names), config.seed)
-    started_locally = ensure_ray()
+    started_locally = data.ensure_ray()
     use_gpu, cpus_per_worker = _resources(config, started_locally)
-    storage = config.storage if "://" in config.storage else os.path.abspath(os.path.expanduser(config.storage))
+    storage = absolute(config.storage)
+    check_shared_storage(storage)
 
     skipped = data.SkippedFiles.remote()
     datasets = {
@@ -150,9 +168,12 @@ def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = No
     )
     try:
         result = trainer.fit()
+        skipped_files = ray.get(skipped.get.remote())
     except ray.train.TrainingFailedError as error:
         raise TlRayError(f"training failed: {_root_cause(error)}") from error
-    return _collect(result, storage, layout.class_names, ray.get(skipped.get.remote()))
+    finally:
+        ray.kill(skipped)
+    return _collect(result, storage, layout.class_names, skipped_files)
 
 
 def _root_cause(error: BaseException) -> str:

@@ -12,8 +12,8 @@ reported rows and copied to ``STORAGE/NAME/best``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-import os
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -21,13 +21,14 @@ from typing import Any
 import pyarrow.fs as pafs
 import ray
 from ray import tune
+from ray.air.constants import EXPR_RESULT_FILE
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from tl_ray import data, report
-from tl_ray.config import TuneConfig
+from tl_ray.config import TuneConfig, absolute
 from tl_ray.errors import TlRayError
-from tl_ray.train import ensure_ray
+from tl_ray.train import check_shared_storage
 from tl_ray.train import run as run_training
 
 BEST_DIR = "best"
@@ -65,6 +66,33 @@ class SweepSummary:
         return max(scored, key=lambda t: (t.val_acc, -t.val_loss)) if scored else None
 
 
+class ResumableASHA(tune.schedulers.ASHAScheduler):
+    """ASHA that relearns its rungs when a sweep is restored.
+
+    Tune re-adds restored trials to the scheduler but does not restore the scheduler's
+    state, so a plain ASHA forgets every result from before the interruption and lets
+    any later trial run to the end. Replaying each restored trial's reported results
+    (Tune's own per-trial ``result.json``) rebuilds the rungs exactly.
+    """
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        super().on_trial_add(tune_controller, trial)
+        bracket = self._trial_info[trial.trial_id]
+        for result in _reported_results(trial):
+            if self._time_attr in result and self._metric in result:
+                bracket.on_result(trial, result[self._time_attr], self._metric_op * result[self._metric])
+
+
+def _reported_results(trial: Any) -> list[dict[str, Any]]:
+    storage = trial.storage
+    try:
+        with storage.storage_filesystem.open_input_stream(f"{storage.trial_fs_path}/{EXPR_RESULT_FILE}") as stream:
+            text = stream.read().decode()
+    except (FileNotFoundError, OSError):  # a new trial has reported nothing yet
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def _run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     """One trial: a full Train run whose epochs Tune sees through the callback."""
     config = TuneConfig(**sweep["options"])
@@ -90,12 +118,12 @@ def sweep(config: TuneConfig) -> tuple[SweepSummary, dict[str, str]]:
     Returns the summary and the paths of the report files.
     """
     config = config.validate().with_run_name()
-    if "://" not in config.data:
-        config = dataclasses.replace(config, data=os.path.abspath(os.path.expanduser(config.data)))
+    config = dataclasses.replace(config, data=absolute(config.data))  # trials run in other processes
     data.discover(config.data, config.val_fraction)  # fail here, once, not in every trial
-    storage = config.storage if "://" in config.storage else os.path.abspath(os.path.expanduser(config.storage))
+    storage = absolute(config.storage)
     run_dir = f"{storage.rstrip('/')}/{config.name}"
-    ensure_ray()
+    data.ensure_ray()
+    check_shared_storage(storage)
 
     trainable = tune.with_parameters(
         _run_trial,
@@ -108,9 +136,7 @@ def sweep(config: TuneConfig) -> tuple[SweepSummary, dict[str, str]]:
         tuner = tune.Tuner.restore(run_dir, trainable, resume_unfinished=True, resume_errored=True)
     else:
         scheduler = (
-            tune.schedulers.ASHAScheduler(
-                time_attr="epoch", max_t=config.max_epochs, grace_period=1, reduction_factor=2
-            )
+            ResumableASHA(time_attr="epoch", max_t=config.max_epochs, grace_period=1, reduction_factor=2)
             if config.scheduler == "asha"
             else tune.schedulers.FIFOScheduler()
         )
@@ -141,8 +167,7 @@ def finalize(run_dir: str) -> tuple[SweepSummary, dict[str, str]]:
 
     Also what `tl-ray report` runs, so an interrupted sweep can be reported on.
     """
-    if "://" not in run_dir:
-        run_dir = os.path.abspath(os.path.expanduser(run_dir))
+    run_dir = absolute(run_dir)
     summary = load_summary(run_dir)
     if summary.best is not None:
         summary = _copy_best(summary)

@@ -1,0 +1,12 @@
+"""`ray job submit ... -- python jobs/sweep.py --data s3://... --storage s3://...`
+
+The same options as `tl-ray tune` (this is that command, run as a Ray job on the
+cluster it was submitted to); exits non-zero when the sweep fails.
+"""
+
+import sys
+
+from tl_ray.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["tune", *sys.argv[1:]]))

@@ -1,0 +1,92 @@
+"""`tl-ray predict` / `evaluate` on real Ray, against the model called directly in torch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import tl_ray
+from tl_ray import cli, data
+from tl_ray.errors import TlRayError
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(source_run) -> str:
+    return source_run[2]["best_checkpoint"]
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(source_data, tmp_path_factory) -> Path:
+    """A few val images in nested folders, with spaces and unicode in names, plus two bad files."""
+    folder = tmp_path_factory.mktemp("mixed") / "to classify"
+    for index, path in enumerate(sorted((source_data / "val").rglob("*.jpg"))[::10]):
+        target = folder / ("sub dir" if index % 2 else "ünïcode") / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (folder / "empty.png").write_bytes(b"")
+    return folder
+
+
+def test_predictions_equal_the_model_called_directly(checkpoint, mixed_folder, tmp_path, ray_cluster):
+    out = tmp_path / "preds.csv"
+    assert cli.main(["predict", "--checkpoint", checkpoint, "--data", str(mixed_folder), "--out", str(out)]) == 0
+    rows = pd.read_csv(out, keep_default_na=False)
+    images = sorted(str(p) for p in mixed_folder.rglob("*") if p.is_file())
+    assert rows["path"].tolist() == images, "one row per file, sorted by path"
+
+    bad = rows[rows["error"] != ""]
+    assert sorted(Path(p).name for p in bad["path"]) == ["broken.jpg", "empty.png"]
+    assert (bad["predicted"] == "").all()
+    good = rows[rows["error"] == ""]
+    assert len(good) == len(images) - 2
+
+    model, meta = tl_ray.load_checkpoint(checkpoint)
+    transform = data.eval_transform(meta["image_size"])
+    batch = torch.stack([transform(data.load_rgb(Path(p).read_bytes())) for p in good["path"]])
+    with torch.no_grad():
+        expected = torch.softmax(model(data.normalize(batch, torch.tensor(meta["mean"]), torch.tensor(meta["std"]))), 1)
+    names = meta["class_names"]
+    assert good["predicted"].tolist() == [names[i] for i in expected.argmax(1).tolist()]
+    assert good["probability"].to_numpy() == pytest.approx(expected.max(1).values.numpy(), abs=1e-4)
+    top2 = expected.topk(2, dim=1)
+    assert good["top2_class"].tolist() == [names[i] for i in top2.indices[:, 1].tolist()]
+    assert good["top2_prob"].to_numpy() == pytest.approx(top2.values[:, 1].numpy(), abs=1e-4)
+    assert {"top3_class", "top3_prob"} <= set(rows.columns) and "top4_class" not in rows.columns
+
+
+def test_single_image_and_parquet_output(checkpoint, source_data, tmp_path, ray_cluster):
+    image = next((source_data / "val" / "star").glob("*.jpg"))
+    rows = tl_ray.predict(checkpoint, str(image), str(tmp_path / "one.parquet"), top_k=1)
+    assert rows["path"].tolist() == [str(image)] and rows["error"].tolist() == [""]
+    assert pd.read_parquet(tmp_path / "one.parquet").equals(rows)
+
+
+def test_evaluate_matches_predict_and_the_training_run(checkpoint, source_run, source_data, tmp_path, ray_cluster):
+    out = tmp_path / "eval"
+    val = source_data / "val"
+    assert cli.main(["evaluate", "--checkpoint", checkpoint, "--data", str(val), "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = tl_ray.predict(checkpoint, str(val))
+    truth = rows["path"].map(lambda p: Path(p).parent.name)
+    assert metrics["accuracy"] == pytest.approx((rows["predicted"] == truth).mean(), abs=1e-9)
+    assert metrics["accuracy"] == pytest.approx(source_run[2]["metrics"]["val_acc"], abs=0.01)
+    assert metrics["images"] == 200 and sum(c["support"] for c in metrics["per_class"].values()) == 200
+    matrix = metrics["confusion"]["matrix"]
+    assert sum(matrix[i][i] for i in range(4)) == round(metrics["accuracy"] * 200)
+    misclassified = pd.read_csv(out / "misclassified.csv")
+    assert len(misclassified) == 200 - round(metrics["accuracy"] * 200)
+    assert (misclassified["true"] != misclassified["predicted"]).all()
+    assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_refuses_classes_the_checkpoint_does_not_know(checkpoint, sample_root, ray_cluster):
+    with pytest.raises(TlRayError, match=r"classes cross, diamond, hexagon .* not among the checkpoint's classes"):
+        tl_ray.evaluate(checkpoint, str(sample_root / "target" / "val"))

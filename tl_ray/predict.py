@@ -1,0 +1,222 @@
+"""`tl-ray predict` and `tl-ray evaluate`: batch inference with Ray Data from any checkpoint.
+
+The checkpoint carries its own preprocessing (image size, mean, std), so there is
+nothing to get wrong. Files are decoded by Ray Data tasks and classified by a pool of
+model actors (one GPU each when the cluster has GPUs); a file that cannot be decoded
+gets a row with an ``error`` instead of stopping the run. Output rows are sorted by
+path, so two runs over the same files give the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from tl_ray import checkpoint as checkpoints
+from tl_ray import data
+from tl_ray.errors import TlRayError
+
+ERROR_COLUMN = "error"
+
+
+def _input_files(location: str) -> tuple[pafs.FileSystem, str, list[str]]:
+    """A single image, or every image under a folder (recursively)."""
+    filesystem, path, prefix = data.resolve_filesystem(location)
+    info = filesystem.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise TlRayError(f"--data: {location} does not exist")
+    if info.type == pafs.FileType.File:
+        return filesystem, prefix, [path]
+    files = data.list_images(filesystem, path)
+    if not files:
+        raise TlRayError(f"--data: {location} holds no images ({', '.join(data.IMAGE_EXTENSIONS)})")
+    return filesystem, prefix, files
+
+
+def _decode_for_inference(
+    batch: dict[str, np.ndarray], filesystem: pafs.FileSystem, uri_prefix: str, image_size: int
+) -> dict[str, np.ndarray]:
+    transform = data.eval_transform(image_size)
+    images, errors = [], []
+    for path in batch["path"]:
+        try:
+            images.append(data.decode_file(filesystem, path, transform))
+            errors.append("")
+        except Exception as error:  # a bad file becomes a row that says why
+            images.append(np.zeros((3, image_size, image_size), np.uint8))
+            errors.append(data.describe_error(error))
+    return {
+        "path": np.asarray([uri_prefix + p for p in batch["path"]], dtype=object),
+        "image": np.stack(images),
+        ERROR_COLUMN: np.asarray(errors, dtype=object),
+    }
+
+
+class _Classifier:
+    """One model per actor, loaded once; a Ray Data callable class."""
+
+    def __init__(self, checkpoint_dir: str, top_k: int) -> None:
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, meta = checkpoints.load_checkpoint(checkpoint_dir, self.device)
+        self.class_names = np.asarray(meta["class_names"], dtype=object)
+        self.mean = torch.tensor(meta["mean"], device=self.device)
+        self.std = torch.tensor(meta["std"], device=self.device)
+        self.top_k = min(top_k, len(self.class_names))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = torch.as_tensor(batch["image"], device=self.device)
+        with torch.no_grad():
+            probabilities = torch.softmax(self.model(data.normalize(images, self.mean, self.std)).float(), dim=1)
+        top_probs, top_index = probabilities.topk(self.top_k, dim=1)
+        top_probs, top_index = top_probs.cpu().numpy(), top_index.cpu().numpy()
+        bad = batch[ERROR_COLUMN] != ""
+        output: dict[str, np.ndarray] = {"path": batch["path"]}
+        output["predicted"] = np.where(bad, "", self.class_names[top_index[:, 0]]).astype(object)
+        output["probability"] = np.where(bad, np.nan, top_probs[:, 0])
+        for k in range(self.top_k):
+            output[f"top{k + 1}_class"] = np.where(bad, "", self.class_names[top_index[:, k]]).astype(object)
+            output[f"top{k + 1}_prob"] = np.where(bad, np.nan, top_probs[:, k])
+        output[ERROR_COLUMN] = batch[ERROR_COLUMN]
+        return output
+
+
+def _write(batches: list[pa.Table], out: str) -> None:
+    table = pa.concat_tables(batches)
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if out.endswith(".parquet"):
+        pq.write_table(table, target)
+    else:
+        pacsv.write_csv(table, target)
+
+
+def predict(
+    checkpoint: str,
+    data_path: str,
+    out: str | None = None,
+    top_k: int = 3,
+    batch_size: int = 64,
+    concurrency: int | None = None,
+) -> pd.DataFrame:
+    """Classify every image under ``data_path``: one row per file, sorted by path; written to ``out`` if given."""
+    if out is not None and not out.endswith((".csv", ".parquet")):
+        raise TlRayError(f"--out must end in .csv or .parquet; got {out}")
+    if top_k < 1 or batch_size < 1:
+        raise TlRayError("--top-k and --batch-size must be positive")
+    meta = checkpoints.read_meta(checkpoint)
+    filesystem, prefix, files = _input_files(data_path)
+    data.ensure_ray()
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    workers = concurrency or (int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 1)
+    dataset = ray.data.from_items(
+        [{"path": path} for path in files], override_num_blocks=max(1, min(1000, math.ceil(len(files) / 32)))
+    )
+    dataset = dataset.map_batches(
+        _decode_for_inference,
+        batch_size=32,
+        num_cpus=0.5,
+        fn_kwargs={"filesystem": filesystem, "uri_prefix": prefix, "image_size": meta["image_size"]},
+    )
+    dataset = dataset.map_batches(
+        _Classifier,
+        fn_constructor_kwargs={"checkpoint_dir": str(Path(checkpoint).resolve()), "top_k": top_k},
+        batch_size=batch_size,
+        concurrency=max(1, workers),
+        num_gpus=1 if use_gpu else 0,
+        num_cpus=0.5 if not use_gpu else 1,
+    )
+    batches = list(dataset.sort("path").iter_batches(batch_format="pyarrow", batch_size=4096))
+    if out is not None:
+        _write(batches, out)
+    return pa.concat_tables(batches).to_pandas() if batches else pd.DataFrame()
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    metrics: dict[str, Any]
+    predictions: pd.DataFrame  # predict's rows plus the true class
+    misclassified: pd.DataFrame
+
+
+def evaluate(checkpoint: str, data_dir: str, out_dir: str | None = None, batch_size: int = 64) -> Evaluation:
+    """Accuracy, per-class precision/recall/F1 and a confusion matrix on DIR/<class>/ images."""
+    meta = checkpoints.read_meta(checkpoint)
+    filesystem, base, prefix = data.resolve_filesystem(data_dir)
+    if filesystem.get_file_info(base).type != pafs.FileType.Directory:
+        raise TlRayError(f"--data: {data_dir} is not a folder of <class>/ image folders")
+    folders = data.find_classes(filesystem, base)
+    unknown = sorted(set(folders) - set(meta["class_names"]))
+    if unknown:
+        raise TlRayError(
+            f"--data: classes {', '.join(unknown)} in {data_dir} are not among the checkpoint's classes "
+            f"({', '.join(meta['class_names'])})"
+        )
+    truth = {prefix + path: name for name in folders for path in data.list_images(filesystem, f"{base}/{name}")}
+    if not truth:
+        raise TlRayError(f"--data: {data_dir} holds no images in class folders")
+    rows = predict(checkpoint, data_dir, batch_size=batch_size)
+    rows = rows[rows["path"].isin(truth)].copy()
+    rows["true"] = rows["path"].map(truth)
+    scored = rows[rows[ERROR_COLUMN] == ""]
+    classes = meta["class_names"]
+    confusion = pd.crosstab(scored["true"], scored["predicted"]).reindex(index=classes, columns=classes, fill_value=0)
+    per_class = {}
+    for name in classes:
+        tp = int(confusion.loc[name, name])
+        predicted, actual = int(confusion[name].sum()), int(confusion.loc[name].sum())
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
+    present = [name for name in classes if per_class[name]["support"] > 0]
+    metrics = {
+        "accuracy": float((scored["true"] == scored["predicted"]).mean()) if len(scored) else 0.0,
+        "images": len(scored),
+        "undecodable": rows.loc[rows[ERROR_COLUMN] != "", ["path", ERROR_COLUMN]].to_dict("records"),
+        "per_class": per_class,
+        "macro": {
+            key: float(np.mean([per_class[name][key] for name in present])) if present else 0.0
+            for key in ("precision", "recall", "f1")
+        },
+        "confusion": {"classes": classes, "matrix": confusion.to_numpy().tolist()},
+        "checkpoint": str(checkpoint),
+    }
+    misclassified = scored.loc[scored["true"] != scored["predicted"], ["path", "true", "predicted", "probability"]]
+    if out_dir is not None:
+        _write_evaluation(Path(out_dir), metrics, misclassified, confusion)
+    return Evaluation(metrics, rows, misclassified.reset_index(drop=True))
+
+
+def _write_evaluation(out: Path, metrics: dict, misclassified: pd.DataFrame, confusion: pd.DataFrame) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    misclassified.to_csv(out / "misclassified.csv", index=False)
+    size = max(4.0, 0.6 * len(confusion) + 2)
+    figure, axes = plt.subplots(figsize=(size, size))
+    axes.imshow(confusion.to_numpy(), cmap="Blues")
+    axes.set_xticks(range(len(confusion)), confusion.columns, rotation=45, ha="right")
+    axes.set_yticks(range(len(confusion)), confusion.index)
+    axes.set(xlabel="predicted", ylabel="true", title=f"accuracy {metrics['accuracy']:.3f}")
+    peak = confusion.to_numpy().max(initial=0)
+    for (i, j), count in np.ndenumerate(confusion.to_numpy()):
+        axes.text(j, i, str(count), ha="center", va="center", color="white" if count > peak / 2 else "black")
+    figure.tight_layout()
+    figure.savefig(out / "confusion.png", dpi=100)
+    plt.close(figure)
