@@ -45,7 +45,8 @@ def test_train_learns_and_leaves_a_loadable_checkpoint(source_run, source_data, 
 
 def test_rerun_with_same_name_resumes(source_run):
     argv, storage, before, _ = source_run
-    more_epochs = [("4" if previous == "--epochs" else arg) for previous, arg in zip(["", *argv], argv, strict=True)]
+    more_epochs = list(argv)
+    more_epochs[more_epochs.index("--epochs") + 1] = "4"
     assert cli.main([*more_epochs, "--storage", str(storage), "--name", "src"]) == 0
     after = json.loads((storage / "src" / "result.json").read_text())
     assert [row["epoch"] for row in after["history"]] == [1, 2, 3, 4]

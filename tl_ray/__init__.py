@@ -9,9 +9,9 @@ Ray); each API function imports what it needs when called.
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -24,25 +24,6 @@ if TYPE_CHECKING:
     from tl_ray.train import TrainResult
     from tl_ray.tune import SweepSummary
 
-Function = TypeVar("Function", bound=Callable[..., Any])
-
-
-def _api(function: Function) -> Function:
-    """Keep ``tl_ray.<name>`` the API function even after its namesake submodule is imported.
-
-    Importing ``tl_ray.train`` (the module) rebinds the package attribute ``train`` to
-    that module; the wrapper puts the function back after every call.
-    """
-
-    @functools.wraps(function)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return function(*args, **kwargs)
-        finally:
-            globals()[function.__name__] = wrapper
-
-    return wrapper  # type: ignore[return-value]
-
 
 def _config(config_class: type, config: Any, options: dict[str, Any]) -> Any:
     from tl_ray.config import merge
@@ -52,7 +33,6 @@ def _config(config_class: type, config: Any, options: dict[str, Any]) -> Any:
     return dataclasses.replace(config, **options) if options else config
 
 
-@_api
 def train(config: TrainConfig | None = None, /, **options: Any) -> TrainResult:
     """Run `tl-ray train` from Python; keyword options are the CLI flags with underscores."""
     from tl_ray.config import TrainConfig
@@ -61,7 +41,6 @@ def train(config: TrainConfig | None = None, /, **options: Any) -> TrainResult:
     return run(_config(TrainConfig, config, options).validate())
 
 
-@_api
 def tune(config: TuneConfig | None = None, /, **options: Any) -> tuple[SweepSummary, dict[str, str]]:
     """Run `tl-ray tune` from Python: (sweep summary, paths of the report files)."""
     from tl_ray.config import TuneConfig
@@ -70,7 +49,6 @@ def tune(config: TuneConfig | None = None, /, **options: Any) -> tuple[SweepSumm
     return sweep(_config(TuneConfig, config, options))
 
 
-@_api
 def predict(checkpoint: str, data: str, out: str | None = None, top_k: int = 3, batch_size: int = 64) -> pd.DataFrame:
     """`tl-ray predict` from Python: one row per image, sorted by path (and written to ``out``)."""
     from tl_ray.predict import predict as run_predict
@@ -97,3 +75,20 @@ def write_sample_data(out: str, per_class: int = 200, seed: int = 0) -> dict[str
     from tl_ray.sample import write_sample_data as write
 
     return write(out, per_class, seed)
+
+
+class _Package(types.ModuleType):
+    """Keeps ``tl_ray.train``/``tune``/``predict`` the API functions of DESIGN.md.
+
+    Importing a submodule binds it as an attribute of its package, which would replace
+    the function of the same name. This package refuses that one rebinding; the
+    modules stay importable as ``from tl_ray.train import ...``.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("train", "tune", "predict") and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -198,10 +198,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_train_result(tl_ray.train(config))
             return 0
         if args.command == "tune":
-            from tl_ray import tune
+            from tl_ray.tune import sweep
 
             config = merge(TuneConfig, args.config, _options(args, ("command", "config"))).validate()
-            summary, written = tune.sweep(config)
+            summary, written = sweep(config)
             _print_sweep(summary, written)
             if summary.best is None:
                 raise TlRayError(f"no trial of sweep {summary.run_dir} finished an epoch; see the trial errors above")
@@ -219,9 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_evaluation(evaluate(args.checkpoint, args.data, args.out, args.batch_size), args.out)
             return 0
         if args.command == "report":
-            from tl_ray import tune
+            from tl_ray.tune import finalize
 
-            _print_sweep(*tune.finalize(args.run_dir))
+            _print_sweep(*finalize(args.run_dir))
             return 0
     except TlRayError as error:
         print(f"tl-ray: error: {error}", file=sys.stderr)
