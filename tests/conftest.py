@@ -14,6 +14,17 @@ import pytest
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for torch-level unit tests: on a small shared CPU, OpenMP spin-waits cost 10x."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A 2-CPU local Ray, shared: starting one costs ~7 s, so tests must not each start their own."""

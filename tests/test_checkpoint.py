@@ -6,14 +6,13 @@ Real torch (resnet18, 32x32 inputs); no Ray.
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import shlex
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from helpers import assert_same_tensors, payload
 from torch import nn
 
 from tl_ray import checkpoint
@@ -35,13 +34,7 @@ from tl_ray.model import TransferResNet
 NUM_CLASSES = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a small, shared CPU, OpenMP threads spin-waiting cost 10x; restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_meta(arch: str = "resnet18", num_classes: int = NUM_CLASSES) -> dict:
@@ -71,27 +64,6 @@ def trained_resnet18(num_classes: int = NUM_CLASSES, seed: int = 0) -> nn.Module
         nn.functional.cross_entropy(model(images(seed=10 + step)), labels).backward()
         optimizer.step()
     return net
-
-
-def assert_same_tensors(actual: dict, expected: dict) -> None:
-    assert list(actual.keys()) == list(expected.keys())
-    for key, value in expected.items():
-        assert actual[key].dtype == value.dtype, key
-        assert torch.equal(actual[key], value), key
-
-
-class RunsShellCommand:
-    """Unpickling this object (without weights_only) runs a shell command."""
-
-    def __init__(self, command: str) -> None:
-        self.command = command
-
-    def __reduce__(self):
-        return (os.system, (self.command,))
-
-
-def payload(sentinel: Path) -> RunsShellCommand:
-    return RunsShellCommand(f"touch {shlex.quote(str(sentinel))}")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import os
 import pickle
-import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from helpers import assert_same_tensors
+from helpers import payload as make_payload
 from torch import nn
 from torchvision.models import ResNet
 
@@ -35,13 +36,7 @@ STEPS = 3
 # ----------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a small, shared CPU, OpenMP threads spin-waiting cost 10x; restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def stage_of(name: str) -> int:
@@ -87,25 +82,8 @@ def resnet18_state(num_classes: int = 1000, seed: int = 0) -> dict[str, torch.Te
     return torchvision.models.resnet18(weights=None, num_classes=num_classes).state_dict()
 
 
-def assert_same_tensors(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    assert actual.keys() == expected.keys()
-    for key, value in expected.items():
-        assert actual[key].dtype == value.dtype, key
-        assert torch.equal(actual[key], value), key
-
-
-class RunsShellCommand:
-    """Unpickling this object (without weights_only) runs a shell command."""
-
-    def __init__(self, command: str) -> None:
-        self.command = command
-
-    def __reduce__(self):
-        return (os.system, (self.command,))
-
-
 def write_malicious_pth(path: Path, sentinel: Path, how: str) -> None:
-    payload = RunsShellCommand(f"touch {shlex.quote(str(sentinel))}")
+    payload = make_payload(sentinel)
     if how == "torch.save":
         torch.save({"conv1.weight": payload}, path)
     else:
