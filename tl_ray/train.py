@@ -315,6 +315,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             correct += (logits.argmax(1) == labels).sum().item()
             seen += len(labels)
         train_seconds = time.perf_counter() - started
+        _sync_buffers_from_rank0(transfer)
         val_loss, val_correct, val_seen = _evaluate(
             transfer, val_shard, 2 * worker_batch, mean, std, criterion, device, amp_dtype
         )
@@ -333,6 +334,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         }
         history.append(metrics)
         _report(epoch, metrics, history, transfer, optimizer, scheduler, scaler, loop_config, options, rank)
+
+
+def _sync_buffers_from_rank0(module: nn.Module) -> None:
+    """Give every worker rank 0's BatchNorm statistics before validating.
+
+    Each worker's last training step updated its own running statistics; rank 0's are
+    the ones the checkpoint keeps, so val_acc must be measured with those.
+    """
+    if dist.is_available() and dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def _check_resumable(meta: dict[str, Any], options: TrainConfig, class_names: list[str]) -> None:

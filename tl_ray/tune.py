@@ -85,6 +85,8 @@ class ResumableASHA(tune.schedulers.ASHAScheduler):
 
 def _reported_results(trial: Any) -> list[dict[str, Any]]:
     storage = trial.storage
+    if not storage.trial_dir_name:  # a new trial: no folder, nothing reported yet
+        return []
     try:
         with storage.storage_filesystem.open_input_stream(f"{storage.trial_fs_path}/{EXPR_RESULT_FILE}") as stream:
             text = stream.read().decode()
