@@ -31,7 +31,8 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, dashboard_host="127.0.0.1")  # the dashboard serves the state API Ray Train polls
+        # A new local cluster even if another runs here; its dashboard serves the state API Ray Train polls.
+        ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1")
     yield ray
     ray.shutdown()
 

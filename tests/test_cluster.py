@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -120,6 +121,7 @@ def _submit(address: str, env: dict, script: str, *options: str) -> tuple[str, s
     status = subprocess.run(
         [RAY, "job", "status", "--address", address, job_id], env=env, capture_output=True, text=True
     ).stdout
+    status = re.sub(r"\x1b\[[0-9;]*m", "", status).lower()  # "Job 'x' succeeded", coloured
     logs = subprocess.run(
         [RAY, "job", "logs", "--address", address, job_id], env=env, capture_output=True, text=True
     ).stdout
@@ -139,11 +141,11 @@ TINY = ["--arch", "resnet18", "--weights", "none", "--image-size", "32", "--batc
 @pytest.mark.timeout(900)
 def test_train_job_succeeds_and_writes_its_result(ray_head, job_data, tmp_path):
     address, env = ray_head
-    status, logs, _ = _submit(
+    status, logs, job_id = _submit(
         address, env, "jobs/train.py", "--data", str(job_data / "source"), *TINY, "--epochs", "1",
         "--storage", str(tmp_path), "--name", "j1",
     )  # fmt: skip
-    assert "SUCCEEDED" in status, logs[-3000:]
+    assert f"'{job_id}' succeeded" in status, logs[-3000:]
     result = json.loads((tmp_path / "j1" / "result.json").read_text())
     assert Path(result["best_checkpoint"], "model.pt").exists()
     assert "best checkpoint" in logs and str(tmp_path / "j1") in logs
@@ -152,11 +154,11 @@ def test_train_job_succeeds_and_writes_its_result(ray_head, job_data, tmp_path):
 @pytest.mark.timeout(900)
 def test_sweep_job_succeeds_and_writes_its_report(ray_head, job_data, tmp_path):
     address, env = ray_head
-    status, logs, _ = _submit(
+    status, logs, job_id = _submit(
         address, env, "jobs/sweep.py", "--data", str(job_data / "target"), *TINY, "--freeze-depths", "0,5",
         "--max-epochs", "1", "--scheduler", "fifo", "--storage", str(tmp_path), "--name", "s1",
     )  # fmt: skip
-    assert "SUCCEEDED" in status, logs[-3000:]
+    assert f"'{job_id}' succeeded" in status, logs[-3000:]
     assert len((tmp_path / "s1" / "results.csv").read_text().splitlines()) == 3
     assert (tmp_path / "s1" / "best" / "meta.json").exists()
 
@@ -165,7 +167,7 @@ def test_sweep_job_succeeds_and_writes_its_report(ray_head, job_data, tmp_path):
 def test_job_with_a_bad_data_path_fails_with_the_clear_error(ray_head, tmp_path):
     address, env = ray_head
     missing = tmp_path / "no-such-dataset"
-    status, logs, _ = _submit(address, env, "jobs/train.py", "--data", str(missing), *TINY)
-    assert "FAILED" in status
+    status, logs, job_id = _submit(address, env, "jobs/train.py", "--data", str(missing), *TINY)
+    assert f"'{job_id}' failed" in status, status
     assert f"tl-ray: error: --data: {missing} does not exist" in logs
     assert "Traceback" not in logs
