@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+import tl_ray
 from tl_ray import cli, data
 
 pytestmark = pytest.mark.timeout(900)
@@ -115,7 +116,9 @@ def test_best_checkpoint_loads_and_predicts_on_its_own(sweep, source_data, check
     run_dir, _ = sweep
     meta = json.loads((run_dir / "best" / "meta.json").read_text())
     accuracy = checkpoint_accuracy(str(run_dir / "best"), data.discover(str(source_data)).val)
-    assert accuracy == pytest.approx(meta["metrics"]["val_acc"], abs=0.02)
+    assert accuracy == pytest.approx(meta["metrics"]["val_acc"], abs=0.01)
+    evaluation = tl_ray.evaluate(str(run_dir / "best"), str(source_data / "val"))
+    assert evaluation.metrics["accuracy"] == pytest.approx(accuracy, abs=1e-9)
 
 
 def test_report_png_is_a_picture_and_report_command_regenerates(sweep, capsys):
