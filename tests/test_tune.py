@@ -1,9 +1,9 @@
 """`tl-ray tune` on real Ray: a sweep that is killed mid-way, resumed, early-stopped and reported.
 
-One sweep covers it all, to keep the suite small: two trials (freeze depth 0 and 5)
-starting from the source model trained in conftest, on the source task. The seeded
-learning-rate draws give trial 0 (full fine-tuning) a gentle rate and trial 1 an absurd one (4.2 for
-AdamW), so ASHA is expected to stop trial 1 after its first epoch.
+Two small sweeps: two trials (freeze depth 0 and 5) starting from the source model
+trained in conftest, on the source task; one is killed and resumed, one runs through.
+The seeded learning-rate draws give trial 0 (full fine-tuning) a gentle rate and trial 1
+an absurd one (4.2 for AdamW), so ASHA is expected to stop trial 1 after its first epoch.
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ def sweep(source_run, source_data, tmp_path_factory, ray_cluster):
     assert any(len(rows) == 2 for rows in before.values()), "no trial finished before the deadline"
 
     assert cli.main(argv) == 0  # the same command again: Tune restores, Train resumes
+    (run_dir / "argv.json").write_text(json.dumps(argv))
     return run_dir, before
 
 
@@ -102,8 +103,18 @@ def test_results_csv_has_one_row_per_trial_and_the_best_is_the_argmax(sweep):
     assert Path(best["checkpoint"]).name == f"checkpoint_epoch{int(best['best_epoch']):03d}"
 
 
-def test_asha_stopped_the_absurd_learning_rate_early(sweep):
-    run_dir, _ = sweep
+@pytest.fixture(scope="module")
+def asha_sweep(sweep, tmp_path_factory):
+    """The same sweep again, uninterrupted (Tune does not carry ASHA's rungs across a restore)."""
+    argv = json.loads((sweep[0] / "argv.json").read_text())
+    storage = tmp_path_factory.mktemp("asha")
+    argv[argv.index("--storage") + 1] = str(storage)
+    assert cli.main(argv) == 0
+    return storage / "s1"
+
+
+def test_asha_stopped_the_absurd_learning_rate_early(asha_sweep):
+    run_dir = asha_sweep
     rows = {int(row["freeze_depth"]): row for row in csv.DictReader((run_dir / "results.csv").open())}
     assert (rows[5]["status"], rows[5]["epochs"]) == ("stopped early", "1")
     assert (rows[0]["status"], rows[0]["epochs"]) == ("finished", "2")

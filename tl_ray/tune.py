@@ -12,7 +12,6 @@ reported rows and copied to ``STORAGE/NAME/best``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import tempfile
 from dataclasses import dataclass
@@ -21,7 +20,6 @@ from typing import Any
 import pyarrow.fs as pafs
 import ray
 from ray import tune
-from ray.air.constants import EXPR_RESULT_FILE
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -64,35 +62,6 @@ class SweepSummary:
     def best(self) -> TrialSummary | None:
         scored = [t for t in self.trials if t.checkpoint and not math.isnan(t.val_acc)]
         return max(scored, key=lambda t: (t.val_acc, -t.val_loss)) if scored else None
-
-
-class ResumableASHA(tune.schedulers.ASHAScheduler):
-    """ASHA that relearns its rungs when a sweep is restored.
-
-    Tune re-adds restored trials to the scheduler but does not restore the scheduler's
-    state, so a plain ASHA forgets every result from before the interruption and lets
-    any later trial run to the end. Replaying each restored trial's reported results
-    (Tune's own per-trial ``result.json``) rebuilds the rungs exactly.
-    """
-
-    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
-        super().on_trial_add(tune_controller, trial)
-        bracket = self._trial_info[trial.trial_id]
-        for result in _reported_results(trial):
-            if self._time_attr in result and self._metric in result:
-                bracket.on_result(trial, result[self._time_attr], self._metric_op * result[self._metric])
-
-
-def _reported_results(trial: Any) -> list[dict[str, Any]]:
-    storage = trial.storage
-    if not storage.trial_dir_name:  # a new trial: no folder, nothing reported yet
-        return []
-    try:
-        with storage.storage_filesystem.open_input_stream(f"{storage.trial_fs_path}/{EXPR_RESULT_FILE}") as stream:
-            text = stream.read().decode()
-    except (FileNotFoundError, OSError):  # a new trial has reported nothing yet
-        return []
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
@@ -138,7 +107,9 @@ def sweep(config: TuneConfig) -> tuple[SweepSummary, dict[str, str]]:
         tuner = tune.Tuner.restore(run_dir, trainable, resume_unfinished=True, resume_errored=True)
     else:
         scheduler = (
-            ResumableASHA(time_attr="epoch", max_t=config.max_epochs, grace_period=1, reduction_factor=2)
+            tune.schedulers.ASHAScheduler(
+                time_attr="epoch", max_t=config.max_epochs, grace_period=1, reduction_factor=2
+            )
             if config.scheduler == "asha"
             else tune.schedulers.FIFOScheduler()
         )
