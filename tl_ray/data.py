@@ -232,11 +232,20 @@ class SkippedFiles:
 
 
 def ensure_ray() -> bool:
-    """Connect to the cluster in RAY_ADDRESS or start a local one; True if this call started it."""
+    """Connect to the cluster in RAY_ADDRESS, else start a new local one; True if this call started it.
+
+    Without RAY_ADDRESS, a new local instance rather than Ray's default of joining whatever
+    cluster this machine last started: a stale or unrelated one would hang or mix runs.
+    (``RAY_ADDRESS=auto`` joins a `ray start` cluster on this machine.)
+    """
     if ray.is_initialized():
         return False
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return False
     # Token authentication stays as Ray 2.60 sets it; the dashboard answers on loopback only.
-    ray.init(dashboard_host="127.0.0.1")
+    ray.init(address="local", dashboard_host="127.0.0.1")
     return True
 
 
