@@ -125,9 +125,10 @@ def sweep(config: TuneConfig) -> tuple[SweepSummary, dict[str, str]]:
                 mode="max",
                 scheduler=scheduler,
                 # Seeded draws: the same --seed gives the same learning rates, so sweeps can be compared.
-                search_alg=BasicVariantGenerator(random_state=config.seed),
+                # A searcher of our own must carry the concurrency limit itself: Tune applies
+                # max_concurrent_trials only to the searcher it builds.
+                search_alg=BasicVariantGenerator(random_state=config.seed, max_concurrent=_max_concurrent(config)),
                 num_samples=config.num_samples,
-                max_concurrent_trials=_max_concurrent(config),
             ),
             run_config=tune.RunConfig(name=config.name, storage_path=storage, verbose=1),
         )
