@@ -436,18 +436,11 @@ def test_initial_weights_rejects_a_state_dict_with_missing_blocks(tmp_path):
     assert str(path) in str(info.value)
 
 
-def test_initial_weights_rejects_a_state_dict_with_extra_keys(tmp_path):
-    path = tmp_path / "r34.pth"
+@pytest.mark.parametrize("other_arch", ["resnet34", "resnet50"], ids=["extra keys", "bottleneck arch"])
+def test_initial_weights_rejects_a_state_dict_of_another_arch(tmp_path, other_arch):
+    path = tmp_path / f"{other_arch}.pth"
     torch.manual_seed(0)
-    torch.save(torchvision.models.resnet34(weights=None).state_dict(), path)
-    with pytest.raises(TlRayError, match="--arch"):
-        initial_weights("resnet18", str(path), NUM_CLASSES)
-
-
-def test_initial_weights_rejects_a_state_dict_of_a_bottleneck_arch(tmp_path):
-    path = tmp_path / "r50.pth"
-    torch.manual_seed(0)
-    torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
+    torch.save(torchvision.models.get_model(other_arch, weights=None).state_dict(), path)
     with pytest.raises(TlRayError, match="--arch"):
         initial_weights("resnet18", str(path), NUM_CLASSES)
 

@@ -199,6 +199,7 @@ def load_summary(run_dir: str) -> SweepSummary:
         rows = [row for row in rows if not math.isnan(row.get("val_acc", math.nan))]
         history = [{"epoch": int(r["epoch"]), "val_acc": r["val_acc"], "val_loss": r["val_loss"]} for r in rows]
         with_checkpoint = [r for r in rows if isinstance(r.get("checkpoint_path"), str)]
+        epochs_done = max((h["epoch"] for h in history), default=0)
         best = max(with_checkpoint, key=lambda r: (r["val_acc"], -r["val_loss"])) if with_checkpoint else None
         for row in rows:
             ends.append(row["timestamp"])
@@ -208,8 +209,8 @@ def load_summary(run_dir: str) -> SweepSummary:
                 trial_id=trial.trial_id,
                 freeze_depth=int(trial.config["freeze_depth"]),
                 lr=float(trial.config["lr"]),
-                status="",  # filled below, once the sweep's budget is known
-                epochs=max((h["epoch"] for h in history), default=0),
+                status=_status(trial, epochs_done, int(trial.config["max_epochs"])),
+                epochs=epochs_done,
                 val_acc=best["val_acc"] if best else math.nan,
                 val_loss=best["val_loss"] if best else math.nan,
                 best_epoch=int(best["epoch"]) if best else 0,
@@ -219,9 +220,5 @@ def load_summary(run_dir: str) -> SweepSummary:
                 history=history,
             )
         )
-    trials = [
-        dataclasses.replace(t, status=_status(trial, t.epochs, max_epochs))
-        for t, trial in zip(trials, analysis.trials, strict=True)
-    ]
     wall = (max(ends) - min(starts)) if ends else 0.0
     return SweepSummary(run_dir.rstrip("/"), max_epochs, trials, wall, None)
