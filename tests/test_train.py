@@ -7,10 +7,18 @@ the module costs three small training runs in all.
 from __future__ import annotations
 
 import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from ray.util.state import list_actors
 
 import tl_ray
 from tl_ray import cli, data
@@ -43,38 +51,77 @@ def test_train_learns_and_leaves_a_loadable_checkpoint(source_run, source_data, 
     )
 
 
-def test_rerun_with_same_name_resumes(source_run):
+def _kill_a_worker_once(checkpoint_dir: Path, killed: list[int]) -> None:
+    """SIGKILL one Ray Train worker process a few seconds after ``checkpoint_dir`` appears (mid-epoch)."""
+    deadline = time.monotonic() + 600
+    while not (checkpoint_dir / "meta.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(3)
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    if workers:
+        os.kill(workers[0].pid, signal.SIGKILL)
+        killed.append(workers[0].pid)
+
+
+def test_rerun_resumes_and_a_killed_worker_restarts_from_the_last_checkpoint(source_run):
     argv, storage, before, _ = source_run
     more_epochs = list(argv)
-    more_epochs[more_epochs.index("--epochs") + 1] = "4"
-    assert cli.main([*more_epochs, "--storage", str(storage), "--name", "src"]) == 0
+    more_epochs[more_epochs.index("--epochs") + 1] = "5"
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_a_worker_once, args=(storage / "src" / "checkpoint_epoch004", killed))
+    killer.start()
+    try:
+        assert cli.main([*more_epochs, "--storage", str(storage), "--name", "src"]) == 0
+    finally:
+        killer.join()
+    assert killed, "no training worker was found to kill"
     after = json.loads((storage / "src" / "result.json").read_text())
-    assert [row["epoch"] for row in after["history"]] == [1, 2, 3, 4]
+    assert [row["epoch"] for row in after["history"]] == [1, 2, 3, 4, 5]
     # Epochs 1-3 were not trained again: their recorded timings and metrics are the originals.
     assert after["history"][:3] == before["history"]
-    assert (storage / "src" / "checkpoint_epoch004" / "model.pt").exists()
+    # The rerun started after epoch 3; the worker group that replaced the killed one, after epoch 4.
+    assert [row["resumed_after_epoch"] for row in after["history"][3:]] == [3, 4]
+    state = torch.load(Path(after["last_checkpoint"]) / "train_state.pt", weights_only=True)
+    steps = 5 * math.ceil(after["history"][-1]["train_images"] / 32)
+    assert state["scheduler"]["last_epoch"] == steps, "the LR schedule continued instead of starting over"
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {steps}, "AdamW's step count continued"
+    assert (storage / "src" / "checkpoint_epoch005" / "model.pt").exists()
     kept = sorted(p.name for p in (storage / "src").glob("checkpoint_epoch*"))
     assert len(kept) <= 3  # --keep-checkpoints 2 best, plus the latest
 
 
-def test_transfer_from_own_checkpoint_to_new_classes(source_run, sample_root, tmp_path):
+def test_transfer_to_new_classes_survives_a_killed_driver(source_run, sample_root, tmp_path, ray_cluster):
+    """`tl-ray train` from the source checkpoint is SIGKILLed after its first epoch, then run again."""
     _, _, source, _ = source_run
     source_checkpoint = source["best_checkpoint"]
-    result = tl_ray.train(
-        data=str(sample_root / "target"),
-        weights=source_checkpoint,
-        freeze_depth=4,
-        epochs=2,
-        arch="resnet18",
-        image_size=64,
-        num_workers=2,
-        storage=str(tmp_path),
-        name="target",
+    argv = [
+        "train", "--data", str(sample_root / "target"), "--weights", source_checkpoint, "--freeze-depth", "4",
+        "--epochs", "2", "--arch", "resnet18", "--image-size", "64", "--num-workers", "2",
+        "--storage", str(tmp_path), "--name", "target",
+    ]  # fmt: skip
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
+    log = tmp_path / "driver.log"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "tl_ray.cli", *argv], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
     )
-    meta = read_meta(result.best_checkpoint)
+    first = tmp_path / "target" / "checkpoint_epoch001"
+    deadline = time.monotonic() + 600
+    while not (first / "meta.json").exists() and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    driver.kill()
+    driver.wait()
+    assert not (tmp_path / "target" / "result.json").exists(), f"the run ended before the kill: {log.read_text()}"
+    epoch_one = read_meta(first)["metrics"]
+
+    assert cli.main(argv) == 0  # the same command again
+    result = json.loads((tmp_path / "target" / "result.json").read_text())
+    assert [row["epoch"] for row in result["history"]] == [1, 2]
+    assert result["history"][0] == epoch_one, "epoch 1 was not trained again"
+    assert result["history"][1]["resumed_after_epoch"] == 1
+    meta = read_meta(result["best_checkpoint"])
     assert meta["class_names"] == ["cross", "diamond", "hexagon"]
     assert meta["weights"].startswith("checkpoint:") and meta["freeze_depth"] == 4
-    before, after = read_model_state(source_checkpoint), read_model_state(result.best_checkpoint)
+    before, after = read_model_state(source_checkpoint), read_model_state(result["last_checkpoint"])
     assert after["fc.weight"].shape == (3, 512)
     frozen = [key for key in after if key.startswith(("conv1.", "bn1.", "layer1.", "layer2.", "layer3."))]
     assert frozen and all(torch.equal(before[key], after[key]) for key in frozen), "frozen stages must not change"

@@ -1,9 +1,11 @@
-"""`tl-ray tune` on real Ray: a sweep that is killed mid-way, resumed, early-stopped and reported.
+"""`tl-ray tune` on real Ray: one sweep that is early-stopped, killed, resumed and reported.
 
-Two small sweeps: two trials (freeze depth 0 and 5) starting from the source model
-trained in conftest, on the source task; one is killed and resumed, one runs through.
-The seeded learning-rate draws give trial 0 (full fine-tuning) a gentle rate and trial 1
-an absurd one (4.2 for AdamW), so ASHA is expected to stop trial 1 after its first epoch.
+Three trials (freeze depths 0, 4 and 5) start from the source model trained in conftest,
+on a small subset of the source task. The seeded learning-rate draws give trial 0 (full
+fine-tuning) a gentle rate and trial 1 an absurd one (4.2 for AdamW), so ASHA stops
+trial 1 after its first epoch; then trial 2 must still get the CPUs (a stopped trial
+that kept its workers' placement group would make it wait forever). The sweep's driver
+is SIGKILLed once the first two trials have ended, and the same command run again.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,22 +38,44 @@ def _trial_rows(run_dir: Path) -> dict[str, list[dict]]:
     return rows
 
 
+def _ended_trials(run_dir: Path) -> set[str]:
+    """Trials that Tune's last saved experiment state records as ended."""
+    states = sorted(run_dir.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    try:
+        trials = [json.loads(item[0]) for item in json.loads(states[-1].read_text())["trial_data"]]
+    except (IndexError, ValueError, KeyError):  # not written yet, or caught mid-write
+        return set()
+    return {trial["trial_id"] for trial in trials if trial["status"] == "TERMINATED"}
+
+
 @pytest.fixture(scope="module")
-def sweep(source_run, source_data, tmp_path_factory, ray_cluster):
+def sweep_data(source_data, tmp_path_factory) -> Path:
+    """40 training and 20 validation images per class of the source task: a trial-epoch takes seconds."""
+    root = tmp_path_factory.mktemp("sweepdata")
+    for split, count in (("train", 40), ("val", 20)):
+        for folder in sorted((source_data / split).iterdir()):
+            (root / split / folder.name).mkdir(parents=True)
+            for image in sorted(folder.glob("*_*.jpg"))[:count]:
+                shutil.copy(image, root / split / folder.name / image.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def sweep(source_run, sweep_data, tmp_path_factory, ray_cluster):
     _, _, source, _ = source_run
     storage = tmp_path_factory.mktemp("sweeps")
     run_dir = storage / "s1"
     argv = [
         "tune",
-        "--data", str(source_data),
+        "--data", str(sweep_data),
         "--weights", source["best_checkpoint"],
-        "--arch", "resnet18", "--image-size", "64", "--num-workers", "2",
-        "--freeze-depths", "0,5", "--num-samples", "1", "--max-epochs", "2",
+        "--arch", "resnet18", "--image-size", "64", "--num-workers", "1",
+        "--freeze-depths", "0,4,5", "--num-samples", "1", "--max-epochs", "2",
         "--lr-min", "1e-6", "--lr-max", "10", "--seed", "12",
         "--storage", str(storage), "--name", "s1",
     ]  # fmt: skip
-    # Run the sweep as its own driver process on this test session's Ray cluster, and SIGKILL
-    # it as soon as the first trial has finished all its epochs.
+    # The sweep runs as its own driver process on this test session's Ray cluster, and is SIGKILLed as
+    # soon as Tune has recorded the first two trials as ended.
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
     log = storage / "interrupted-driver.log"
     driver = subprocess.Popen(
@@ -62,39 +87,51 @@ def sweep(source_run, source_data, tmp_path_factory, ray_cluster):
     )
     deadline = time.monotonic() + 600
     try:
-        while time.monotonic() < deadline and driver.poll() is None:
-            if any(len(rows) == 2 for rows in _trial_rows(run_dir).values()):
-                break
+        while time.monotonic() < deadline and driver.poll() is None and len(_ended_trials(run_dir)) < 2:
             time.sleep(1)
         assert driver.poll() is None, f"the sweep ended before it could be interrupted: {log.read_text()[-3000:]}"
-        time.sleep(3)  # let Tune write its experiment state once more, as it would before a real crash
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     before = _trial_rows(run_dir)
-    assert any(len(rows) == 2 for rows in before.values()), "no trial finished before the deadline"
+    assert len(_ended_trials(run_dir)) == 2, f"two trials did not end in time: {log.read_text()[-3000:]}"
 
     assert cli.main(argv) == 0  # the same command again: Tune restores, Train resumes
-    (run_dir / "argv.json").write_text(json.dumps(argv))
     return run_dir, before
 
 
-def test_sweep_resumes_without_rerunning_finished_trials(sweep):
+def _results(run_dir: Path) -> dict[int, dict]:
+    return {int(row["freeze_depth"]): row for row in csv.DictReader((run_dir / "results.csv").open())}
+
+
+def test_sweep_resumes_without_rerunning_ended_trials(sweep):
     run_dir, before = sweep
     after = _trial_rows(run_dir)
-    finished = next(trial for trial, rows in before.items() if len(rows) == 2)
-    assert [row["epoch"] for row in after[finished]] == [1, 2], "a finished trial's epochs must not run again"
-    assert after[finished] == before[finished]
-    assert len(after) == 2
+    assert len(after) == 3
+    ended = sorted(before, key=lambda trial: before[trial][0]["config"]["freeze_depth"])[:2]
+    for trial in ended:
+        assert after[trial] == before[trial], "an ended trial's epochs must not run again"
+    assert [row["epoch"] for row in after[ended[0]]] == [1, 2]
 
 
-def test_results_csv_has_one_row_per_trial_and_the_best_is_the_argmax(sweep):
+def test_asha_stopped_the_absurd_learning_rate_early(sweep):
+    run_dir, _ = sweep
+    rows = _results(run_dir)
+    assert sorted(rows) == [0, 4, 5]
+    assert 1e-6 <= float(rows[0]["lr"]) <= 1e-4 and float(rows[4]["lr"]) > 1.0, "seeded lr draws changed"
+    assert (rows[4]["status"], rows[4]["epochs"]) == ("stopped early", "1")
+    assert (rows[0]["status"], rows[0]["epochs"]) == ("finished", "2")
+    assert rows[5]["status"] in ("finished", "stopped early")
+    report = (run_dir / "report.md").read_text()
+    assert "## Stopped early by ASHA" in report and f"{rows[4]['trial_id']} (depth 4" in report
+    trial_epochs = sum(int(row["epochs"]) for row in rows.values())
+    assert f"trial-epochs run: {trial_epochs} (of 6 without early stopping)" in report
+
+
+def test_results_csv_is_sorted_and_best_is_the_argmax(sweep):
     run_dir, _ = sweep
     rows = list(csv.DictReader((run_dir / "results.csv").open()))
-    assert sorted(int(row["freeze_depth"]) for row in rows) == [0, 5]
-    lrs = {int(row["freeze_depth"]): float(row["lr"]) for row in rows}
-    assert 1e-6 <= lrs[0] <= 1e-4 and lrs[5] > 1.0, f"seeded lr draws changed: {lrs}"
     best = max(rows, key=lambda row: float(row["val_acc"]))
     assert rows[0] == best, "results.csv is sorted best first"
     meta = json.loads((run_dir / "best" / "meta.json").read_text())
@@ -103,32 +140,12 @@ def test_results_csv_has_one_row_per_trial_and_the_best_is_the_argmax(sweep):
     assert Path(best["checkpoint"]).name == f"checkpoint_epoch{int(best['best_epoch']):03d}"
 
 
-@pytest.fixture(scope="module")
-def asha_sweep(sweep, tmp_path_factory):
-    """The same sweep again, uninterrupted (Tune does not carry ASHA's rungs across a restore)."""
-    argv = json.loads((sweep[0] / "argv.json").read_text())
-    storage = tmp_path_factory.mktemp("asha")
-    argv[argv.index("--storage") + 1] = str(storage)
-    assert cli.main(argv) == 0
-    return storage / "s1"
-
-
-def test_asha_stopped_the_absurd_learning_rate_early(asha_sweep):
-    run_dir = asha_sweep
-    rows = {int(row["freeze_depth"]): row for row in csv.DictReader((run_dir / "results.csv").open())}
-    assert (rows[5]["status"], rows[5]["epochs"]) == ("stopped early", "1")
-    assert (rows[0]["status"], rows[0]["epochs"]) == ("finished", "2")
-    report = (run_dir / "report.md").read_text()
-    assert "## Stopped early by ASHA" in report and f"{rows[5]['trial_id']} (depth 5" in report
-    assert "trial-epochs run: 3 (of 4 without early stopping)" in report
-
-
-def test_best_checkpoint_loads_and_predicts_on_its_own(sweep, source_data, checkpoint_accuracy):
+def test_best_checkpoint_loads_and_predicts_on_its_own(sweep, sweep_data, checkpoint_accuracy):
     run_dir, _ = sweep
     meta = json.loads((run_dir / "best" / "meta.json").read_text())
-    accuracy = checkpoint_accuracy(str(run_dir / "best"), data.discover(str(source_data)).val)
+    accuracy = checkpoint_accuracy(str(run_dir / "best"), data.discover(str(sweep_data)).val)
     assert accuracy == pytest.approx(meta["metrics"]["val_acc"], abs=0.01)
-    evaluation = tl_ray.evaluate(str(run_dir / "best"), str(source_data / "val"))
+    evaluation = tl_ray.evaluate(str(run_dir / "best"), str(sweep_data / "val"))
     assert evaluation.metrics["accuracy"] == pytest.approx(accuracy, abs=1e-9)
 
 

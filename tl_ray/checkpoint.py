@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -73,13 +74,20 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def load_failure(error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in a few words rather than torch's paragraph."""
+    if isinstance(error, pickle.UnpicklingError):
+        return "it holds objects other than tensors, and tl-ray never unpickles those (weights_only=True)"
+    return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+
+
 def _load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise TlRayError(f"checkpoint {path.parent} has no {path.name}") from None
     except Exception as error:  # refused pickles, truncated files
-        raise TlRayError(f"checkpoint file {path} does not load safely: {str(error).splitlines()[0][:200]}") from error
+        raise TlRayError(f"checkpoint file {path} does not load safely: {load_failure(error)}") from error
 
 
 def read_model_state(directory: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ JPEG never stops a long run and never takes good images down with it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -51,6 +52,7 @@ class Layout:
     train: list[tuple[str, int]]
     val: list[tuple[str, int]]
     val_source: str  # "folder" or "split"
+    rejected: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, reason) never read
 
     @property
     def class_to_idx(self) -> dict[str, int]:
@@ -78,25 +80,87 @@ def _info(filesystem: pafs.FileSystem, path: str) -> pafs.FileInfo:
 def _list(filesystem: pafs.FileSystem, path: str, recursive: bool) -> list[pafs.FileInfo]:
     try:
         return filesystem.get_file_info(pafs.FileSelector(path, recursive=recursive))
-    except OSError as error:
+    except (OSError, UnicodeDecodeError) as error:
         raise TlRayError(f"--data: cannot list {path}: {error}") from error
 
 
+def _is_local(filesystem: pafs.FileSystem) -> bool:
+    return isinstance(filesystem, pafs.LocalFileSystem)
+
+
+def display_path(path: str) -> str:
+    """The path as it can be printed and stored: bytes of a non-UTF-8 file name shown as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def find_classes(filesystem: pafs.FileSystem, folder: str) -> list[str]:
-    """Sorted sub-folder names: the same classes and order as torchvision's ImageFolder."""
-    return sorted(
-        entry.base_name for entry in _list(filesystem, folder, False) if entry.type == pafs.FileType.Directory
-    )
+    """Sorted sub-folder names (symlinks to folders count): the same classes and order as ImageFolder."""
+    if not _is_local(filesystem):
+        entries = _list(filesystem, folder, False)
+        return sorted(entry.base_name for entry in entries if entry.type == pafs.FileType.Directory)
+    try:
+        with os.scandir(folder) as entries:
+            names = sorted(entry.name for entry in entries if entry.is_dir())
+    except OSError as error:
+        raise TlRayError(f"--data: cannot list {folder}: {error.strerror}") from error
+    for name in names:
+        if not _utf8(name):
+            where = display_path(os.path.join(folder, name))
+            raise TlRayError(f"--data: folder name {where} is not valid UTF-8; rename it")
+    return names
+
+
+def _walk_local(folder: str) -> list[str]:
+    """Every file under ``folder``, following folder symlinks (as ImageFolder does) but never round a loop."""
+    files: list[str] = []
+
+    def refuse(error: OSError) -> None:
+        raise TlRayError(f"--data: cannot list {display_path(error.filename or folder)}: {error.strerror}")
+
+    visited = {os.path.realpath(folder)}
+    for current, subfolders, names in os.walk(folder, onerror=refuse, followlinks=True):
+        here = os.path.realpath(current)
+        keep = []
+        for name in sorted(subfolders):
+            target = os.path.realpath(os.path.join(current, name))
+            # A link to this folder or one above it is a loop; one to a folder already listed, a duplicate.
+            if target not in visited and not (here + os.sep).startswith(target + os.sep):
+                visited.add(target)
+                keep.append(name)
+        subfolders[:] = keep
+        files += [os.path.join(current, name) for name in names]
+    return files
 
 
 def list_images(filesystem: pafs.FileSystem, folder: str) -> list[str]:
+    """Image files under ``folder``, recursively, sorted; hidden files (e.g. macOS ``._x.jpg``) left out."""
+    if _is_local(filesystem):
+        paths = _walk_local(folder)
+    else:
+        paths = [entry.path for entry in _list(filesystem, folder, True) if entry.type == pafs.FileType.File]
     return sorted(
-        entry.path
-        for entry in _list(filesystem, folder, True)
-        if entry.type == pafs.FileType.File
-        and entry.base_name.lower().endswith(IMAGE_EXTENSIONS)
-        and not entry.base_name.startswith(".")
+        path
+        for path in paths
+        if os.path.basename(path).lower().endswith(IMAGE_EXTENSIONS) and not os.path.basename(path).startswith(".")
     )
+
+
+NOT_UTF8 = "file name is not valid UTF-8; rename the file"
+
+
+def readable_names(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """(paths Ray Data and Arrow can carry, (display path, reason) for those they cannot)."""
+    good = [path for path in paths if _utf8(path)]
+    rejected = [(display_path(path), NOT_UTF8) for path in paths if not _utf8(path)]
+    return good, rejected
 
 
 def _split_score(relative_path: str) -> float:
@@ -123,8 +187,12 @@ def discover(root: str, val_fraction: float = 0.2) -> Layout:
         )
     train: list[tuple[str, int]] = []
     per_class: dict[int, list[str]] = {}
+    rejected: list[tuple[str, str]] = []
     for label, name in enumerate(class_names):
-        files = list_images(filesystem, f"{train_dir}/{name}")
+        files, unreadable = readable_names(list_images(filesystem, f"{train_dir}/{name}"))
+        rejected += unreadable
+        if not files and unreadable:
+            raise TlRayError(f"--data: {display_path(unreadable[0][0])}: {NOT_UTF8} (no other image in its class)")
         if not files:
             raise TlRayError(
                 f"--data: class folder {prefix}{train_dir}/{name} has no images ({', '.join(IMAGE_EXTENSIONS)});"
@@ -133,22 +201,28 @@ def discover(root: str, val_fraction: float = 0.2) -> Layout:
         per_class[label] = files
     val_dir = f"{base}/val"
     if _info(filesystem, val_dir).type == pafs.FileType.Directory:
-        val = _folder_val(filesystem, val_dir, class_names, root)
+        val = _folder_val(filesystem, val_dir, class_names, root, rejected)
         train = [(path, label) for label, files in per_class.items() for path in files]
         source = "folder"
     else:
         train, val = _hash_split(per_class, train_dir, val_fraction)
         source = "split"
-    return Layout(root, filesystem, prefix, class_names, train, val, source)
+    return Layout(root, filesystem, prefix, class_names, train, val, source, [(prefix + p, r) for p, r in rejected])
 
 
-def _folder_val(filesystem: pafs.FileSystem, val_dir: str, class_names: list[str], root: str) -> list[tuple[str, int]]:
+def _folder_val(
+    filesystem: pafs.FileSystem, val_dir: str, class_names: list[str], root: str, rejected: list[tuple[str, str]]
+) -> list[tuple[str, int]]:
     val_classes = find_classes(filesystem, val_dir)
     unknown = sorted(set(val_classes) - set(class_names))
     if unknown:
         raise TlRayError(f"--data: {root}/val has classes that train/ lacks: {', '.join(unknown)}")
     index = {name: label for label, name in enumerate(class_names)}
-    val = [(path, index[name]) for name in val_classes for path in list_images(filesystem, f"{val_dir}/{name}")]
+    val = []
+    for name in val_classes:
+        files, unreadable = readable_names(list_images(filesystem, f"{val_dir}/{name}"))
+        rejected += unreadable
+        val += [(path, index[name]) for path in files]
     if not val:
         raise TlRayError(f"--data: {root}/val has no images; add some, or remove it to split train/ by --val-fraction")
     return val
@@ -222,13 +296,24 @@ class SkippedFiles:
 
     def __init__(self) -> None:
         self._reasons: dict[str, str] = {}
+        self._train_labels: dict[str, int] = {}
 
-    def add(self, items: list[tuple[str, str]]) -> None:
-        for path, reason in items:
+    def add(self, items: list[tuple[str, str]], train_labels: list[int] | None = None) -> None:
+        """``train_labels``, given for training files, lets the run notice a class with nothing left to learn."""
+        for index, (path, reason) in enumerate(items):
             self._reasons.setdefault(path, reason)
+            if train_labels is not None:
+                self._train_labels[path] = int(train_labels[index])
 
     def get(self) -> dict[str, str]:
         return dict(self._reasons)
+
+    def train_counts(self) -> dict[int, int]:
+        """Skipped training files per class label."""
+        counts: dict[int, int] = {}
+        for label in self._train_labels.values():
+            counts[label] = counts.get(label, 0) + 1
+        return counts
 
 
 def ensure_ray() -> bool:
@@ -251,8 +336,12 @@ def ensure_ray() -> bool:
 
 def decode_file(filesystem: pafs.FileSystem, path: str, transform: v2.Compose) -> np.ndarray:
     """One file to a uint8 CHW array; raises on any way the file can be bad."""
-    with filesystem.open_input_file(path) as stream:
-        data = stream.read()
+    if _is_local(filesystem):
+        with open(path, "rb") as stream:
+            data = stream.read()
+    else:
+        with filesystem.open_input_file(path) as stream:
+            data = stream.read()
     return transform(load_rgb(data)).numpy()
 
 
@@ -271,9 +360,10 @@ def _decode_batch(
     augment: bool,
     color_jitter: float,
     skipped: ray.actor.ActorHandle,
+    training: bool,
 ) -> dict[str, np.ndarray]:
     transform = train_transform(image_size, color_jitter) if augment else eval_transform(image_size)
-    images, labels, bad = [], [], []
+    images, labels, bad, bad_labels = [], [], [], []
     for path, label in zip(batch["path"], batch["label"], strict=True):
         try:
             images.append(decode_file(filesystem, path, transform))
@@ -281,9 +371,10 @@ def _decode_batch(
         except Exception as error:  # every way a file can be bad: skip it, keep the batch
             reason = describe_error(error)
             bad.append((uri_prefix + path, reason))
+            bad_labels.append(int(label))
             logger.warning("skipping %s%s: %s", uri_prefix, path, reason)
     if bad:
-        ray.get(skipped.add.remote(bad))
+        ray.get(skipped.add.remote(bad, bad_labels if training else None))
     return {
         "image": np.stack(images) if images else np.zeros((0, 3, image_size, image_size), np.uint8),
         "label": np.asarray(labels, dtype=np.int64),
@@ -298,6 +389,7 @@ def image_dataset(
     skipped: ray.actor.ActorHandle,
     color_jitter: float = 0.0,
     seed: int = 0,
+    training: bool | None = None,
 ) -> ray.data.Dataset:
     """A lazily decoded dataset of {"image": uint8 (3, S, S), "label": int64}.
 
@@ -305,7 +397,8 @@ def image_dataset(
     all-to-all shuffle (whose 1-CPU tasks would stall on a machine whose training
     workers hold all but a fraction of a CPU): the file list is shuffled once here,
     so every block mixes classes, and the block order is redrawn each epoch. The
-    training loop's local shuffle buffer mixes rows across blocks.
+    training loop's local shuffle buffer mixes rows across blocks. Skipped files of a
+    ``training`` dataset (by default, an augmented one) are counted per class.
     """
     rows = [{"path": path, "label": label} for path, label in files]
     if augment:
@@ -327,5 +420,6 @@ def image_dataset(
             "augment": augment,
             "color_jitter": color_jitter,
             "skipped": skipped,
+            "training": augment if training is None else training,
         },
     )

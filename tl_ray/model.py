@@ -78,8 +78,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle errors, refused globals, truncated zips all land here
-        reason = str(error).splitlines()[0][:200]
-        raise TlRayError(f"--weights: {path} is not a loadable state dict ({reason})") from error
+        raise TlRayError(f"--weights: {path} is not a loadable state dict: {checkpoint.load_failure(error)}") from error
     if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(loaded["state_dict"], Mapping):
         loaded = loaded["state_dict"]  # the common {"state_dict": ...} wrapper
     if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):

@@ -45,6 +45,20 @@ def _input_files(location: str) -> tuple[pafs.FileSystem, str, list[str]]:
     return filesystem, prefix, files
 
 
+def _columns(top_k: int) -> list[str]:
+    ranked = [f"top{k + 1}_{what}" for k in range(top_k) for what in ("class", "prob")]
+    return ["path", "predicted", "probability", *ranked, ERROR_COLUMN]
+
+
+def _error_rows(rejected: list[tuple[str, str]], columns: list[str]) -> pd.DataFrame:
+    """Rows for files the pipeline cannot even carry (names that are not UTF-8): path and reason only."""
+    frame = pd.DataFrame({"path": [path for path, _ in rejected], ERROR_COLUMN: [reason for _, reason in rejected]})
+    for column in columns:
+        if column not in frame:
+            frame[column] = np.nan if column.endswith(("prob", "probability")) else ""
+    return frame[columns]
+
+
 def _decode_for_inference(
     batch: dict[str, np.ndarray], filesystem: pafs.FileSystem, uri_prefix: str, image_size: int
 ) -> dict[str, np.ndarray]:
@@ -92,8 +106,7 @@ class _Classifier:
         return output
 
 
-def _write(batches: list[pa.Table], out: str) -> None:
-    table = pa.concat_tables(batches)
+def _write(table: pa.Table, out: str) -> None:
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     if out.endswith(".parquet"):
@@ -117,6 +130,21 @@ def predict(
         raise TlRayError("--top-k and --batch-size must be positive")
     meta = checkpoints.read_meta(checkpoint)
     filesystem, prefix, files = _input_files(data_path)
+    files, rejected = data.readable_names(files)
+    columns = _columns(min(top_k, len(meta["class_names"])))
+    frame = _run_pipeline(checkpoint, meta, filesystem, prefix, files, top_k, batch_size, concurrency, columns)
+    if rejected:
+        rejected = [(prefix + path, reason) for path, reason in rejected]
+        frame = pd.concat([frame, _error_rows(rejected, columns)], ignore_index=True)
+        frame = frame.sort_values("path", kind="stable", ignore_index=True)
+    if out is not None:
+        _write(pa.Table.from_pandas(frame, preserve_index=False), out)
+    return frame
+
+
+def _run_pipeline(checkpoint, meta, filesystem, prefix, files, top_k, batch_size, concurrency, columns) -> pd.DataFrame:
+    if not files:
+        return pd.DataFrame({column: [] for column in columns})
     data.ensure_ray()
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     workers = concurrency or (int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 1)
@@ -138,9 +166,7 @@ def predict(
         num_cpus=0.5 if not use_gpu else 1,
     )
     batches = list(dataset.sort("path").iter_batches(batch_format="pyarrow", batch_size=4096))
-    if out is not None:
-        _write(batches, out)
-    return pa.concat_tables(batches).to_pandas() if batches else pd.DataFrame()
+    return pa.concat_tables(batches).to_pandas()[columns]
 
 
 @dataclass(frozen=True)
@@ -163,7 +189,11 @@ def evaluate(checkpoint: str, data_dir: str, out_dir: str | None = None, batch_s
             f"--data: classes {', '.join(unknown)} in {data_dir} are not among the checkpoint's classes "
             f"({', '.join(meta['class_names'])})"
         )
-    truth = {prefix + path: name for name in folders for path in data.list_images(filesystem, f"{base}/{name}")}
+    truth = {
+        prefix + data.display_path(path): name
+        for name in folders
+        for path in data.list_images(filesystem, f"{base}/{name}")
+    }
     if not truth:
         raise TlRayError(f"--data: {data_dir} holds no images in class folders")
     rows = predict(checkpoint, data_dir, batch_size=batch_size)

@@ -131,6 +131,8 @@ def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = No
     check_shared_storage(storage)
 
     skipped = data.SkippedFiles.remote()
+    if layout.rejected:
+        skipped.add.remote(layout.rejected)
     datasets = {
         "train": data.image_dataset(
             layout.train, layout, config.image_size, True, skipped, config.color_jitter, config.seed
@@ -141,6 +143,7 @@ def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = No
         "options": dataclasses.asdict(config),
         "class_names": layout.class_names,
         "num_train": len(layout.train),
+        "train_per_class": _per_class(layout.train, len(layout.class_names)),
         "weights_ref": ray.put(weights.state_dict),
         "weights_source": weights.source,
         "mean": list(weights.mean),
@@ -169,11 +172,37 @@ def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = No
     try:
         result = trainer.fit()
         skipped_files = ray.get(skipped.get.remote())
+        lost = _classes_without_images(layout, ray.get(skipped.train_counts.remote()))
     except ray.train.TrainingFailedError as error:
         raise TlRayError(f"training failed: {_root_cause(error)}") from error
     finally:
         ray.kill(skipped)
+    if lost:
+        raise TlRayError(_describe_lost_classes(layout, lost, skipped_files))
     return _collect(result, storage, layout.class_names, skipped_files)
+
+
+def _per_class(files: list[tuple[str, int]], num_classes: int) -> list[int]:
+    counts = [0] * num_classes
+    for _, label in files:
+        counts[label] += 1
+    return counts
+
+
+def _classes_without_images(layout: data.Layout, skipped_per_class: dict[int, int]) -> list[int]:
+    """Labels all of whose training files failed to decode: the model could never learn them."""
+    totals = _per_class(layout.train, len(layout.class_names))
+    return [label for label, total in enumerate(totals) if skipped_per_class.get(label, 0) >= total]
+
+
+def _describe_lost_classes(layout: data.Layout, lost: list[int], skipped: dict[str, str]) -> str:
+    example_path, example_reason = next(iter(sorted(skipped.items())))
+    if len(lost) == len(layout.class_names):
+        what = f"none of the {len(layout.train)} training images could be decoded"
+    else:
+        names = ", ".join(layout.class_names[label] for label in lost)
+        what = f"no training image of class {names} could be decoded, so the model could not learn it"
+    return f"--data: {what} (e.g. {example_path}: {example_reason}); fix or remove those files"
 
 
 def _root_cause(error: BaseException) -> str:
@@ -282,6 +311,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, history = state["epoch"], state["history"]
+    resumed_after_epoch = start_epoch
 
     wrapped = ray.train.torch.prepare_model(transfer)
     criterion = nn.CrossEntropyLoss(label_smoothing=options.label_smoothing)
@@ -315,6 +345,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             correct += (logits.argmax(1) == labels).sum().item()
             seen += len(labels)
         train_seconds = time.perf_counter() - started
+        if _some_class_has_no_images(loop_config, rank, device):
+            # Every file of a class failed to decode: stop now, the driver says which (no checkpoint of a
+            # model that cannot know the class).
+            ray.train.report({"epoch": epoch, "stopped": "a class has no decodable training image"})
+            return
         _sync_buffers_from_rank0(transfer)
         val_loss, val_correct, val_seen = _evaluate(
             transfer, val_shard, 2 * worker_batch, mean, std, criterion, device, amp_dtype
@@ -331,9 +366,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "lr": scheduler.get_last_lr()[0],
             "train_images": int(totals[2]),
             "val_images": int(totals[5]),
+            # The epoch this worker group started from: > 0 after a resume or a worker-failure restart.
+            "resumed_after_epoch": resumed_after_epoch,
         }
         history.append(metrics)
         _report(epoch, metrics, history, transfer, optimizer, scheduler, scaler, loop_config, options, rank)
+
+
+def _some_class_has_no_images(loop_config: dict[str, Any], rank: int, device: torch.device) -> bool:
+    """Rank 0 asks the skip log after an epoch (every training file has been tried); all workers agree."""
+    lost = 0.0
+    if rank == 0:
+        skipped = ray.get(loop_config["skipped"].train_counts.remote())
+        lost = float(any(skipped.get(label, 0) >= total for label, total in enumerate(loop_config["train_per_class"])))
+    return _sum_across_workers([lost], device)[0] > 0
 
 
 def _sync_buffers_from_rank0(module: nn.Module) -> None:

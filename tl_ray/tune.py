@@ -107,8 +107,12 @@ def sweep(config: TuneConfig) -> tuple[SweepSummary, dict[str, str]]:
         tuner = tune.Tuner.restore(run_dir, trainable, resume_unfinished=True, resume_errored=True)
     else:
         scheduler = (
+            # stop_last_trials=False: a trial that reached the budget ends on its own. Stopping it there
+            # kills its Train controller while it shuts down, after it has released its placement-group
+            # cleaner and before it has freed its workers' placement group: the CPUs leak and the next
+            # trial waits for them forever.
             tune.schedulers.ASHAScheduler(
-                time_attr="epoch", max_t=config.max_epochs, grace_period=1, reduction_factor=2
+                time_attr="epoch", max_t=config.max_epochs, grace_period=1, reduction_factor=2, stop_last_trials=False
             )
             if config.scheduler == "asha"
             else tune.schedulers.FIFOScheduler()
