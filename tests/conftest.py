@@ -76,6 +76,14 @@ def source_run(source_data, tmp_path_factory, ray_cluster):
 
 
 @pytest.fixture(scope="session")
+def source_model(source_run, tmp_path_factory) -> str:
+    """A copy of the source run's best checkpoint: resuming that run may prune the original."""
+    copy = tmp_path_factory.mktemp("model") / "source"
+    shutil.copytree(source_run[2]["best_checkpoint"], copy)
+    return str(copy)
+
+
+@pytest.fixture(scope="session")
 def checkpoint_accuracy():
     """Accuracy of a checkpoint on (path, label) files, by plain torch on the checkpoint's own preprocessing."""
     import torch

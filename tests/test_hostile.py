@@ -20,7 +20,8 @@ import torch
 from helpers import payload
 from PIL import Image
 
-from tl_ray import checkpoint, cli, data, model, train
+from tl_ray import checkpoint, cli, data, model
+from tl_ray.train import _classes_without_images, _describe_lost_classes
 
 SIZE = 32
 
@@ -216,6 +217,8 @@ def test_hostile_option_or_file_is_one_clear_line(case, tmp_path, capsys):
     assert not (tmp_path / "pwned").exists(), "unpickling ran code"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_class_whose_files_are_all_bad_stops_training_with_a_clear_error(tmp_path, capsys, ray_cluster):
     root = tmp_path / "ds"
     for split, name, count in (("train", "a", 4), ("val", "a", 2), ("val", "b", 1)):
@@ -239,10 +242,10 @@ def test_a_dataset_of_only_bad_files_is_one_clear_error():
     files = [("ds/a/0.jpg", 0), ("ds/b/0.jpg", 1)]
     layout = data.Layout("ds", pafs.LocalFileSystem(), "", ["a", "b"], files, [], "split")
     skipped = {"ds/a/0.jpg": "not an image file PIL can identify", "ds/b/0.jpg": "OSError: image file is truncated"}
-    lost = train._classes_without_images(layout, {0: 1, 1: 1})
+    lost = _classes_without_images(layout, {0: 1, 1: 1})
     assert lost == [0, 1]
-    assert train._describe_lost_classes(layout, lost, skipped) == (
+    assert _describe_lost_classes(layout, lost, skipped) == (
         "--data: none of the 2 training images could be decoded "
         "(e.g. ds/a/0.jpg: not an image file PIL can identify); fix or remove those files"
     )
-    assert train._classes_without_images(layout, {0: 1}) == [0]
+    assert _classes_without_images(layout, {0: 1}) == [0]

@@ -18,8 +18,8 @@ pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(source_run) -> str:
-    return source_run[2]["best_checkpoint"]
+def checkpoint(source_model) -> str:
+    return source_model
 
 
 @pytest.fixture(scope="module")

@@ -51,24 +51,29 @@ def test_train_learns_and_leaves_a_loadable_checkpoint(source_run, source_data, 
     )
 
 
-def _kill_a_worker_once(checkpoint_dir: Path, killed: list[int]) -> None:
+def _kill_a_worker_once(checkpoint_dir: Path, gcs_address: str, killed: list[int]) -> None:
     """SIGKILL one Ray Train worker process a few seconds after ``checkpoint_dir`` appears (mid-epoch)."""
     deadline = time.monotonic() + 600
     while not (checkpoint_dir / "meta.json").exists() and time.monotonic() < deadline:
         time.sleep(0.5)
     time.sleep(3)
-    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+    workers = list_actors(address=gcs_address, filters=alive)
     if workers:
         os.kill(workers[0].pid, signal.SIGKILL)
         killed.append(workers[0].pid)
 
 
-def test_rerun_resumes_and_a_killed_worker_restarts_from_the_last_checkpoint(source_run):
+@pytest.mark.slow
+def test_rerun_resumes_and_a_killed_worker_restarts_from_the_last_checkpoint(source_run, source_model, ray_cluster):
     argv, storage, before, _ = source_run
     more_epochs = list(argv)
     more_epochs[more_epochs.index("--epochs") + 1] = "5"
     killed: list[int] = []
-    killer = threading.Thread(target=_kill_a_worker_once, args=(storage / "src" / "checkpoint_epoch004", killed))
+    watched = storage / "src" / "checkpoint_epoch004"
+    killer = threading.Thread(
+        target=_kill_a_worker_once, args=(watched, ray_cluster.get_runtime_context().gcs_address, killed)
+    )
     killer.start()
     try:
         assert cli.main([*more_epochs, "--storage", str(storage), "--name", "src"]) == 0
@@ -90,10 +95,9 @@ def test_rerun_resumes_and_a_killed_worker_restarts_from_the_last_checkpoint(sou
     assert len(kept) <= 3  # --keep-checkpoints 2 best, plus the latest
 
 
-def test_transfer_to_new_classes_survives_a_killed_driver(source_run, sample_root, tmp_path, ray_cluster):
+def test_transfer_to_new_classes_survives_a_killed_driver(source_model, sample_root, tmp_path, ray_cluster):
     """`tl-ray train` from the source checkpoint is SIGKILLed after its first epoch, then run again."""
-    _, _, source, _ = source_run
-    source_checkpoint = source["best_checkpoint"]
+    source_checkpoint = source_model
     argv = [
         "train", "--data", str(sample_root / "target"), "--weights", source_checkpoint, "--freeze-depth", "4",
         "--epochs", "2", "--arch", "resnet18", "--image-size", "64", "--num-workers", "2",

@@ -61,14 +61,13 @@ def sweep_data(source_data, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sweep(source_run, sweep_data, tmp_path_factory, ray_cluster):
-    _, _, source, _ = source_run
+def sweep(source_model, sweep_data, tmp_path_factory, ray_cluster):
     storage = tmp_path_factory.mktemp("sweeps")
     run_dir = storage / "s1"
     argv = [
         "tune",
         "--data", str(sweep_data),
-        "--weights", source["best_checkpoint"],
+        "--weights", source_model,
         "--arch", "resnet18", "--image-size", "64", "--num-workers", "1",
         "--freeze-depths", "0,4,5", "--num-samples", "1", "--max-epochs", "2",
         "--lr-min", "1e-6", "--lr-max", "10", "--seed", "12",

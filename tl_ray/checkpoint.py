@@ -30,9 +30,11 @@ REQUIRED_META = ("arch", "num_classes", "class_names", "image_size", "mean", "st
 
 
 def _write_atomically(path: Path, write) -> None:
-    """Write to a temporary name, then rename: a crash leaves the old file or none, never half a file."""
+    """Write to a temporary name, flush it to disk, then rename: a crash leaves the old file or none."""
     temporary = path.with_name(f".{path.name}.tmp")
     write(temporary)
+    with open(temporary, "rb") as written:
+        os.fsync(written.fileno())
     os.replace(temporary, path)
 
 

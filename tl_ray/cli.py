@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tl_ray import __version__
-from tl_ray.config import ARCHS, NUM_STAGES, OPTIMIZERS, TrainConfig, TuneConfig, merge
+from tl_ray.config import ARCHS, NUM_STAGES, OPTIMIZERS, TrainConfig, TuneConfig, forbid_world_writable_files, merge
 from tl_ray.errors import TlRayError
 
 TRAIN_HELP: dict[str, tuple[Any, str]] = {
@@ -183,6 +183,7 @@ def _print_evaluation(evaluation, out: str | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    forbid_world_writable_files()
     try:
         if args.command == "sample-data":
             import tl_ray

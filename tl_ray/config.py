@@ -235,3 +235,12 @@ class TuneConfig(TrainConfig):
         options = {key: value for key, value in dataclasses.asdict(self).items() if key in train_fields}
         options.update(freeze_depth=freeze_depth, lr=lr, epochs=self.max_epochs, storage=storage, name=name)
         return TrainConfig(**options)
+
+
+def forbid_world_writable_files() -> None:
+    """Clear the umask's "others may write" bit in this process, whatever the shell set.
+
+    A world-writable checkpoint or report is one anybody on the machine can replace.
+    Called by every process tl-ray runs code in: the CLI, training workers, sweep trials.
+    """
+    os.umask(os.umask(0o022) | 0o002)

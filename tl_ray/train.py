@@ -28,7 +28,7 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from tl_ray import __version__, checkpoint, data, model
-from tl_ray.config import TrainConfig, absolute
+from tl_ray.config import TrainConfig, absolute, forbid_world_writable_files
 from tl_ray.errors import TlRayError
 
 RESULT_FILE = "result.json"
@@ -277,6 +277,7 @@ def _amp_dtype(device: torch.device) -> torch.dtype | None:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    forbid_world_writable_files()
     options = TrainConfig(**loop_config["options"])
     class_names: list[str] = loop_config["class_names"]
     context = ray.train.get_context()

@@ -24,7 +24,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from tl_ray import data, report
-from tl_ray.config import TuneConfig, absolute
+from tl_ray.config import TuneConfig, absolute, forbid_world_writable_files
 from tl_ray.errors import TlRayError
 from tl_ray.train import check_shared_storage
 from tl_ray.train import run as run_training
@@ -66,6 +66,7 @@ class SweepSummary:
 
 def _run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     """One trial: a full Train run whose epochs Tune sees through the callback."""
+    forbid_world_writable_files()
     config = TuneConfig(**sweep["options"])
     context = tune.get_context()
     trial_config = config.trial_config(
