@@ -145,7 +145,7 @@ def test_best_checkpoint_loads_and_predicts_on_its_own(sweep, sweep_data, checkp
     accuracy = checkpoint_accuracy(str(run_dir / "best"), data.discover(str(sweep_data)).val)
     assert accuracy == pytest.approx(meta["metrics"]["val_acc"], abs=0.01)
     evaluation = tl_ray.evaluate(str(run_dir / "best"), str(sweep_data / "val"))
-    assert evaluation.metrics["accuracy"] == pytest.approx(accuracy, abs=1e-9)
+    assert evaluation.metrics["accuracy"] == pytest.approx(accuracy, abs=1e-6)  # torch's float32 mean
 
 
 def test_report_png_is_a_picture_and_report_command_regenerates(sweep, capsys):
