@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
+import signal
 from pathlib import Path
 
 import torch
@@ -29,3 +31,25 @@ class RunsShellCommand:
 def payload(sentinel: Path) -> RunsShellCommand:
     """A pickle payload that, if it ever runs, creates ``sentinel``."""
     return RunsShellCommand(f"touch {shlex.quote(str(sentinel))}")
+
+
+def recorded(checkpoint_dir: Path) -> bool:
+    """Whether Ray Train has recorded this checkpoint as reported (only those are resumed from)."""
+    snapshot = checkpoint_dir.parent / "checkpoint_manager_snapshot.json"
+    try:
+        results = json.loads(snapshot.read_text())["checkpoint_results"]
+    except (OSError, ValueError, KeyError):  # not written yet, or caught mid-write
+        return False
+    return any(item["checkpoint_dir_name"] == checkpoint_dir.name for item in results)
+
+
+def kill_a_training_worker(gcs_address: str) -> int | None:
+    """SIGKILL one live Ray Train worker process of the cluster at ``gcs_address``; its pid, or None."""
+    from ray.util.state import list_actors
+
+    alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+    workers = list_actors(address=gcs_address, filters=alive)
+    if not workers:
+        return None
+    os.kill(workers[0].pid, signal.SIGKILL)
+    return workers[0].pid

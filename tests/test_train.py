@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ray.util.state import list_actors
+from helpers import kill_a_training_worker, recorded
 
 import tl_ray
 from tl_ray import cli, data
@@ -52,16 +51,14 @@ def test_train_learns_and_leaves_a_loadable_checkpoint(source_run, source_data, 
 
 
 def _kill_a_worker_once(checkpoint_dir: Path, gcs_address: str, killed: list[int]) -> None:
-    """SIGKILL one Ray Train worker process a few seconds after ``checkpoint_dir`` appears (mid-epoch)."""
+    """SIGKILL one Ray Train worker process soon after ``checkpoint_dir`` is recorded (mid-epoch)."""
     deadline = time.monotonic() + 600
-    while not _recorded(checkpoint_dir) and time.monotonic() < deadline:
+    while not recorded(checkpoint_dir) and time.monotonic() < deadline:
         time.sleep(0.5)
     time.sleep(2)
-    alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
-    workers = list_actors(address=gcs_address, filters=alive)
-    if workers:
-        os.kill(workers[0].pid, signal.SIGKILL)
-        killed.append(workers[0].pid)
+    pid = kill_a_training_worker(gcs_address)
+    if pid is not None:
+        killed.append(pid)
 
 
 @pytest.mark.slow
@@ -95,16 +92,6 @@ def test_rerun_resumes_and_a_killed_worker_restarts_from_the_last_checkpoint(sou
     assert len(kept) <= 3  # --keep-checkpoints 2 best, plus the latest
 
 
-def _recorded(checkpoint_dir: Path) -> bool:
-    """Whether Ray Train has recorded this checkpoint as reported (only those are resumed from)."""
-    snapshot = checkpoint_dir.parent / "checkpoint_manager_snapshot.json"
-    try:
-        recorded = json.loads(snapshot.read_text())["checkpoint_results"]
-    except (OSError, ValueError, KeyError):  # not written yet, or caught mid-write
-        return False
-    return any(item["checkpoint_dir_name"] == checkpoint_dir.name for item in recorded)
-
-
 def test_transfer_to_new_classes_survives_a_killed_driver(source_model, sample_root, tmp_path, ray_cluster):
     """`tl-ray train` from the source checkpoint is SIGKILLed after its first epoch, then run again."""
     source_checkpoint = source_model
@@ -120,7 +107,7 @@ def test_transfer_to_new_classes_survives_a_killed_driver(source_model, sample_r
     )
     first = tmp_path / "target" / "checkpoint_epoch001"
     deadline = time.monotonic() + 600
-    while not _recorded(first) and driver.poll() is None and time.monotonic() < deadline:
+    while not recorded(first) and driver.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
     driver.kill()
     driver.wait()

@@ -5,7 +5,8 @@ on a small subset of the source task. The seeded learning-rate draws give trial 
 fine-tuning) a gentle rate and trial 1 an absurd one (4.2 for AdamW), so ASHA stops
 trial 1 after its first epoch; then trial 2 must still get the CPUs (a stopped trial
 that kept its workers' placement group would make it wait forever). The sweep's driver
-is SIGKILLed once the first two trials have ended, and the same command run again.
+is SIGKILLed once the first two trials have ended, and the same command run again; before
+that, a training worker of the first trial is SIGKILLed in its second epoch.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import kill_a_training_worker, recorded
 
 import tl_ray
 from tl_ray import cli, data
@@ -85,8 +87,13 @@ def sweep(source_model, sweep_data, tmp_path_factory, ray_cluster):
         start_new_session=True,
     )
     deadline = time.monotonic() + 600
+    killed = None
     try:
         while time.monotonic() < deadline and driver.poll() is None and len(_ended_trials(run_dir)) < 2:
+            first_trial = next(iter(sorted((run_dir / "trials").glob("*_00000"))), None)
+            if killed is None and first_trial and recorded(first_trial / "checkpoint_epoch001"):
+                time.sleep(1)  # into the trial's second epoch
+                killed = kill_a_training_worker(env["RAY_ADDRESS"])
             time.sleep(1)
         assert driver.poll() is None, f"the sweep ended before it could be interrupted: {log.read_text()[-3000:]}"
     finally:
@@ -95,6 +102,8 @@ def sweep(source_model, sweep_data, tmp_path_factory, ray_cluster):
         driver.wait()
     before = _trial_rows(run_dir)
     assert len(_ended_trials(run_dir)) == 2, f"two trials did not end in time: {log.read_text()[-3000:]}"
+
+    assert killed is not None, "no training worker of the first trial was found to kill"
 
     assert cli.main(argv) == 0  # the same command again: Tune restores, Train resumes
     return run_dir, before
@@ -112,6 +121,9 @@ def test_sweep_resumes_without_rerunning_ended_trials(sweep):
     for trial in ended:
         assert after[trial] == before[trial], "an ended trial's epochs must not run again"
     assert [row["epoch"] for row in after[ended[0]]] == [1, 2]
+    # A training worker of that trial was killed in its second epoch: Ray Train restarted the trial's
+    # workers from its first checkpoint, and the trial went on.
+    assert [row["resumed_after_epoch"] for row in after[ended[0]]] == [0, 1]
 
 
 def test_asha_stopped_the_absurd_learning_rate_early(sweep):
