@@ -92,6 +92,7 @@ def test_rerun_resumes_and_a_killed_worker_restarts_from_the_last_checkpoint(sou
     assert len(kept) <= 3  # --keep-checkpoints 2 best, plus the latest
 
 
+@pytest.mark.slow
 def test_transfer_to_new_classes_survives_a_killed_driver(source_model, sample_root, tmp_path, ray_cluster):
     """`tl-ray train` from the source checkpoint is SIGKILLed after its first epoch, then run again."""
     source_checkpoint = source_model
