@@ -1,0 +1,139 @@
+"""Ingest benchmark: images/s that tl-ray's Ray Data pipeline delivers vs ImageFolder + DataLoader.
+
+Both sides read the same folder of photo-like JPEGs and produce the same thing: uint8
+(3, S, S) crops after RandomResizedCrop(scale 0.25-1) and a horizontal flip, in batches,
+normalised to float on arrival (tl-ray normalises on the training device). The first
+epoch is reported as "cold" (process/worker start-up included), the rest as "warm".
+
+    python bench/ingest.py                      # 2000 images of ~500x375, 3 epochs, 224 px
+    python bench/ingest.py --images 64 --epochs 2 --image-size 32   # smoke test
+
+Prints a table and writes JSON (``--out``, default bench/results/ingest.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+
+def write_photos(root: Path, count: int, seed: int = 0) -> int:
+    """~500x375 JPEGs with texture, gradients and noise (40-100 KB), in 4 class folders; bytes written."""
+    rng = np.random.default_rng(seed)
+    total = 0
+    for index in range(count):
+        folder = root / "train" / f"class{index % 4}"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{index:05d}.jpg"
+        if not path.exists():
+            height, width = int(rng.integers(340, 410)), int(rng.integers(460, 540))
+            x = np.arange(width)[None, :, None]
+            base = rng.uniform(0, 255, 3) * (0.5 + 0.5 * np.sin(x / rng.uniform(8, 40) + rng.uniform(0, 6)))
+            texture = rng.normal(0, 28, (-(-height // 4), -(-width // 4), 3)).repeat(4, 0).repeat(4, 1)
+            pixels = np.clip(base + texture[:height, :width] + rng.normal(0, 10, (height, width, 3)), 0, 255)
+            image = Image.fromarray(pixels.astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.6))
+            image.save(path, quality=85)
+        total += path.stat().st_size
+    return total
+
+
+def _rate(images: int, seconds: float) -> float:
+    return images / seconds if seconds > 0 else float("nan")
+
+
+def bench_tl_ray(root: Path, image_size: int, batch_size: int, epochs: int) -> list[dict]:
+    import ray
+    import torch
+
+    from tl_ray import data
+
+    data.ensure_ray()
+    layout = data.discover(str(root), val_fraction=0.0)
+    skipped = data.SkippedFiles.remote()
+    dataset = data.image_dataset(layout.train, layout, image_size, augment=True, skipped=skipped)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    rows = []
+    for epoch in range(1, epochs + 1):
+        started, seen = time.perf_counter(), 0
+        for batch in dataset.iter_torch_batches(batch_size=batch_size, prefetch_batches=2):
+            seen += len(data.normalize(batch["image"], mean, std))
+        rows.append({"epoch": epoch, "images": seen, "seconds": time.perf_counter() - started})
+    ray.kill(skipped)
+    return rows
+
+
+def bench_dataloader(root: Path, image_size: int, batch_size: int, epochs: int) -> list[dict]:
+    import torch
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
+
+    crop = v2.RandomResizedCrop(image_size, scale=(0.25, 1.0), antialias=True)
+    transform = v2.Compose([crop, v2.RandomHorizontalFlip(), v2.PILToTensor()])
+    dataset = ImageFolder(str(root / "train"), transform=transform)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=os.cpu_count() or 1)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225])
+    rows = []
+    for epoch in range(1, epochs + 1):
+        started, seen = time.perf_counter(), 0
+        for images, _ in loader:
+            seen += len((images.float() / 255 - mean) / std.view(1, 3, 1, 1))
+        rows.append({"epoch": epoch, "images": seen, "seconds": time.perf_counter() - started})
+    return rows
+
+
+def summarise(rows: list[dict]) -> dict:
+    warm = rows[1:] or rows
+    return {
+        "cold_images_per_s": _rate(rows[0]["images"], rows[0]["seconds"]),
+        "warm_images_per_s": _rate(sum(r["images"] for r in warm), sum(r["seconds"] for r in warm)),
+        "epochs": rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default="bench/.data/photos", help="folder for the generated JPEGs (reused)")
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--out", default="bench/results/ingest.json")
+    args = parser.parse_args(argv)
+
+    root = Path(args.data) / f"n{args.images}"
+    data_bytes = write_photos(root, args.images)
+    results = {
+        "benchmark": "ingest",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "images": args.images,
+        "mean_kb": data_bytes / args.images / 1024,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "baseline": summarise(bench_dataloader(root, args.image_size, args.batch_size, args.epochs)),
+        "tl_ray": summarise(bench_tl_ray(root, args.image_size, args.batch_size, args.epochs)),
+    }
+    base, ours = results["baseline"], results["tl_ray"]
+    results["ratio_cold"] = ours["cold_images_per_s"] / base["cold_images_per_s"]
+    results["ratio_warm"] = ours["warm_images_per_s"] / base["warm_images_per_s"]
+    print(f"ingest: {args.images} JPEGs (~{results['mean_kb']:.0f} KB), {args.image_size} px, {results['machine']}")
+    print(f"{'':28} {'cold img/s':>11} {'warm img/s':>11}")
+    print(f"{'ImageFolder + DataLoader':28} {base['cold_images_per_s']:>11.1f} {base['warm_images_per_s']:>11.1f}")
+    print(f"{'tl-ray (Ray Data)':28} {ours['cold_images_per_s']:>11.1f} {ours['warm_images_per_s']:>11.1f}")
+    print(f"{'ratio tl-ray / baseline':28} {results['ratio_cold']:>11.2f} {results['ratio_warm']:>11.2f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
