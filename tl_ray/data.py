@@ -52,7 +52,7 @@ class Layout:
     train: list[tuple[str, int]]
     val: list[tuple[str, int]]
     val_source: str  # "folder" or "split"
-    rejected: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, reason) never read
+    rejected: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, reason): left out unread
 
     @property
     def class_to_idx(self) -> dict[str, int]:
