@@ -21,7 +21,7 @@ from helpers import payload
 from PIL import Image
 
 from tl_ray import checkpoint, cli, data, model
-from tl_ray.train import _classes_without_images, _describe_lost_classes
+from tl_ray.train import _describe_lost_classes, labels_without_images
 
 SIZE = 32
 
@@ -242,10 +242,10 @@ def test_a_dataset_of_only_bad_files_is_one_clear_error():
     files = [("ds/a/0.jpg", 0), ("ds/b/0.jpg", 1)]
     layout = data.Layout("ds", pafs.LocalFileSystem(), "", ["a", "b"], files, [], "split")
     skipped = {"ds/a/0.jpg": "not an image file PIL can identify", "ds/b/0.jpg": "OSError: image file is truncated"}
-    lost = _classes_without_images(layout, {0: 1, 1: 1})
+    lost = labels_without_images([1, 1], {0: 1, 1: 1})
     assert lost == [0, 1]
     assert _describe_lost_classes(layout, lost, skipped) == (
         "--data: none of the 2 training images could be decoded "
         "(e.g. ds/a/0.jpg: not an image file PIL can identify); fix or remove those files"
     )
-    assert _classes_without_images(layout, {0: 1}) == [0]
+    assert labels_without_images([1, 1], {0: 1}) == [0]

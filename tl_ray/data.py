@@ -8,6 +8,7 @@ JPEG never stops a long run and never takes good images down with it.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import io
@@ -300,20 +301,17 @@ class SkippedFiles:
 
     def add(self, items: list[tuple[str, str]], train_labels: list[int] | None = None) -> None:
         """``train_labels``, given for training files, lets the run notice a class with nothing left to learn."""
-        for index, (path, reason) in enumerate(items):
+        for path, reason in items:
             self._reasons.setdefault(path, reason)
-            if train_labels is not None:
-                self._train_labels[path] = int(train_labels[index])
+        if train_labels is not None:
+            self._train_labels.update((path, int(label)) for (path, _), label in zip(items, train_labels, strict=True))
 
     def get(self) -> dict[str, str]:
         return dict(self._reasons)
 
     def train_counts(self) -> dict[int, int]:
         """Skipped training files per class label."""
-        counts: dict[int, int] = {}
-        for label in self._train_labels.values():
-            counts[label] = counts.get(label, 0) + 1
-        return counts
+        return dict(collections.Counter(self._train_labels.values()))
 
 
 def ensure_ray() -> bool:
@@ -360,7 +358,6 @@ def _decode_batch(
     augment: bool,
     color_jitter: float,
     skipped: ray.actor.ActorHandle,
-    training: bool,
 ) -> dict[str, np.ndarray]:
     transform = train_transform(image_size, color_jitter) if augment else eval_transform(image_size)
     images, labels, bad, bad_labels = [], [], [], []
@@ -374,7 +371,7 @@ def _decode_batch(
             bad_labels.append(int(label))
             logger.warning("skipping %s%s: %s", uri_prefix, path, reason)
     if bad:
-        ray.get(skipped.add.remote(bad, bad_labels if training else None))
+        ray.get(skipped.add.remote(bad, bad_labels if augment else None))
     return {
         "image": np.stack(images) if images else np.zeros((0, 3, image_size, image_size), np.uint8),
         "label": np.asarray(labels, dtype=np.int64),
@@ -389,7 +386,6 @@ def image_dataset(
     skipped: ray.actor.ActorHandle,
     color_jitter: float = 0.0,
     seed: int = 0,
-    training: bool | None = None,
 ) -> ray.data.Dataset:
     """A lazily decoded dataset of {"image": uint8 (3, S, S), "label": int64}.
 
@@ -397,8 +393,8 @@ def image_dataset(
     all-to-all shuffle (whose 1-CPU tasks would stall on a machine whose training
     workers hold all but a fraction of a CPU): the file list is shuffled once here,
     so every block mixes classes, and the block order is redrawn each epoch. The
-    training loop's local shuffle buffer mixes rows across blocks. Skipped files of a
-    ``training`` dataset (by default, an augmented one) are counted per class.
+    training loop's local shuffle buffer mixes rows across blocks. Skipped files of the
+    training (augmented) dataset are also counted per class.
     """
     rows = [{"path": path, "label": label} for path, label in files]
     if augment:
@@ -420,6 +416,5 @@ def image_dataset(
             "augment": augment,
             "color_jitter": color_jitter,
             "skipped": skipped,
-            "training": augment if training is None else training,
         },
     )

@@ -139,11 +139,12 @@ def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = No
         ),
         "val": data.image_dataset(layout.val, layout, config.image_size, False, skipped),
     }
+    train_per_class = _per_class(layout.train, len(layout.class_names))
     loop_config = {
         "options": dataclasses.asdict(config),
         "class_names": layout.class_names,
         "num_train": len(layout.train),
-        "train_per_class": _per_class(layout.train, len(layout.class_names)),
+        "train_per_class": train_per_class,
         "weights_ref": ray.put(weights.state_dict),
         "weights_source": weights.source,
         "mean": list(weights.mean),
@@ -172,7 +173,7 @@ def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = No
     try:
         result = trainer.fit()
         skipped_files = ray.get(skipped.get.remote())
-        lost = _classes_without_images(layout, ray.get(skipped.train_counts.remote()))
+        lost = labels_without_images(train_per_class, ray.get(skipped.train_counts.remote()))
     except ray.train.TrainingFailedError as error:
         raise TlRayError(f"training failed: {_root_cause(error)}") from error
     finally:
@@ -189,10 +190,9 @@ def _per_class(files: list[tuple[str, int]], num_classes: int) -> list[int]:
     return counts
 
 
-def _classes_without_images(layout: data.Layout, skipped_per_class: dict[int, int]) -> list[int]:
+def labels_without_images(train_per_class: list[int], skipped_per_class: dict[int, int]) -> list[int]:
     """Labels all of whose training files failed to decode: the model could never learn them."""
-    totals = _per_class(layout.train, len(layout.class_names))
-    return [label for label, total in enumerate(totals) if skipped_per_class.get(label, 0) >= total]
+    return [label for label, total in enumerate(train_per_class) if skipped_per_class.get(label, 0) >= total]
 
 
 def _describe_lost_classes(layout: data.Layout, lost: list[int], skipped: dict[str, str]) -> str:
@@ -379,7 +379,7 @@ def _some_class_has_no_images(loop_config: dict[str, Any], rank: int, device: to
     lost = 0.0
     if rank == 0:
         skipped = ray.get(loop_config["skipped"].train_counts.remote())
-        lost = float(any(skipped.get(label, 0) >= total for label, total in enumerate(loop_config["train_per_class"])))
+        lost = float(bool(labels_without_images(loop_config["train_per_class"], skipped)))
     return _sum_across_workers([lost], device)[0] > 0
 
 
