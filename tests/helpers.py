@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shlex
@@ -9,6 +10,7 @@ import signal
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 
 def assert_same_tensors(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -53,3 +55,10 @@ def kill_a_training_worker(gcs_address: str) -> int | None:
         return None
     os.kill(workers[0].pid, signal.SIGKILL)
     return workers[0].pid
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    """The bytes of ``image`` saved as ``fmt``, as a file of that format would hold them."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()

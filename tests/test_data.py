@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import encode
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
@@ -85,28 +85,22 @@ def test_non_images_and_hidden_files_are_ignored(tmp_path):
     assert files == {"img_0.jpg", "img_1.jpg", "deep.png"}
 
 
-def _encode(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
-
-
 GRADIENT = np.tile(np.linspace(0, 255, 64), (48, 1))
 
 
 @pytest.mark.parametrize(
     ("encoded", "expected_mean"),
     [
-        (_encode(Image.fromarray(GRADIENT.astype(np.uint8), "L"), "PNG"), 127.5),
-        (_encode(Image.fromarray(GRADIENT.astype(np.uint8), "L").convert("P"), "PNG"), 127.5),
-        (_encode(Image.fromarray((GRADIENT * 257).astype(np.uint16)), "PNG"), 127.5),  # 16-bit: not clipped to white
-        (_encode(Image.fromarray(GRADIENT.astype(np.float32) / 255.0, "F"), "TIFF"), 127.5),
-        (_encode(Image.new("RGBA", (64, 48), (100, 100, 100, 0)), "PNG"), 100),
-        (_encode(Image.new("LA", (64, 48), (100, 255)), "PNG"), 100),
-        (_encode(Image.new("CMYK", (64, 48), (0, 0, 0, 155)), "JPEG"), 100),
-        (_encode(Image.new("1", (64, 48), 1), "BMP"), 255),
-        (_encode(Image.new("RGB", (64, 48), (100, 100, 100)), "WEBP", lossless=True), 100),
-        (_encode(Image.new("P", (64, 48), 3), "GIF"), None),
+        (encode(Image.fromarray(GRADIENT.astype(np.uint8), "L"), "PNG"), 127.5),
+        (encode(Image.fromarray(GRADIENT.astype(np.uint8), "L").convert("P"), "PNG"), 127.5),
+        (encode(Image.fromarray((GRADIENT * 257).astype(np.uint16)), "PNG"), 127.5),  # 16-bit: not clipped to white
+        (encode(Image.fromarray(GRADIENT.astype(np.float32) / 255.0, "F"), "TIFF"), 127.5),
+        (encode(Image.new("RGBA", (64, 48), (100, 100, 100, 0)), "PNG"), 100),
+        (encode(Image.new("LA", (64, 48), (100, 255)), "PNG"), 100),
+        (encode(Image.new("CMYK", (64, 48), (0, 0, 0, 155)), "JPEG"), 100),
+        (encode(Image.new("1", (64, 48), 1), "BMP"), 255),
+        (encode(Image.new("RGB", (64, 48), (100, 100, 100)), "WEBP", lossless=True), 100),
+        (encode(Image.new("P", (64, 48), 3), "GIF"), None),
     ],
     ids=["L", "P", "I;16", "F", "RGBA", "LA", "CMYK", "1-bit", "webp", "gif"],
 )
@@ -121,7 +115,7 @@ def test_exif_orientation_is_applied():
     image = Image.new("RGB", (40, 20), (10, 200, 10))
     exif = image.getexif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    assert data.load_rgb(_encode(image, "JPEG", exif=exif)).size == (20, 40)
+    assert data.load_rgb(encode(image, "JPEG", exif=exif)).size == (20, 40)
 
 
 def test_transforms_give_uint8_crops_and_eval_is_deterministic():
@@ -136,7 +130,7 @@ def test_transforms_give_uint8_crops_and_eval_is_deterministic():
 
 def _bad_files(folder: Path) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
-    good_jpeg = _encode(Image.new("RGB", (50, 50), (1, 2, 3)), "JPEG")
+    good_jpeg = encode(Image.new("RGB", (50, 50), (1, 2, 3)), "JPEG")
     bad = {
         "truncated": folder / "truncated.jpg",
         "zero-byte": folder / "zero.jpg",

@@ -17,19 +17,13 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 import torch
-from helpers import payload
+from helpers import encode, payload
 from PIL import Image
 
 from tl_ray import checkpoint, cli, data, model
 from tl_ray.train import _describe_lost_classes, labels_without_images
 
 SIZE = 32
-
-
-def _encode(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
 
 
 def _photo(size=(64, 48)) -> Image.Image:
@@ -63,22 +57,22 @@ def _unreadable(folder: Path, name: str, content: bytes) -> Path:
     return path
 
 
-JPEG = _encode(_photo(), "JPEG")
+JPEG = encode(_photo(), "JPEG")
 # (file name, how to create it, content, expected reason, or None where the image must decode)
 FILES = {
     "truncated JPEG": ("cut.jpg", _write, JPEG[: len(JPEG) // 2], "OSError: image file is truncated"),
     "zero-byte file": ("empty.jpg", _write, b"", "not an image file PIL can identify"),
     "text named .jpg": ("notes.jpg", _write, b"these are my notes", "not an image file PIL can identify"),
-    "wrong extension": ("really_a_png.jpg", _write, _encode(_photo(), "PNG"), None),
+    "wrong extension": ("really_a_png.jpg", _write, encode(_photo(), "PNG"), None),
     "decompression bomb": (
         "bomb.png",
         _write,
-        _encode(Image.new("1", (20000, 20000)), "PNG"),  # 48 KB on disk, 400 megapixels declared
+        encode(Image.new("1", (20000, 20000)), "PNG"),  # 48 KB on disk, 400 megapixels declared
         "DecompressionBombError: Image size (400000000 pixels) exceeds limit",
     ),
-    "1x1 image": ("dot.png", _write, _encode(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"), None),
-    "16-bit PNG": ("deep.png", _write, _encode(Image.fromarray(np.full((8, 8), 40000, np.uint16)), "PNG"), None),
-    "CMYK JPEG": ("print.jpg", _write, _encode(Image.new("CMYK", (16, 16), (0, 0, 0, 100)), "JPEG"), None),
+    "1x1 image": ("dot.png", _write, encode(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"), None),
+    "16-bit PNG": ("deep.png", _write, encode(Image.fromarray(np.full((8, 8), 40000, np.uint16)), "PNG"), None),
+    "CMYK JPEG": ("print.jpg", _write, encode(Image.new("CMYK", (16, 16), (0, 0, 0, 100)), "JPEG"), None),
     "animated GIF": ("moving.gif", _write, _animated_gif(), None),
     "unreadable permissions": ("locked.jpg", _unreadable, JPEG, "PermissionError: [Errno 13] Permission denied"),
     "symlink loop": ("self.jpg", _self_link, b"", "OSError: [Errno 40] Too many levels of symbolic links"),
@@ -224,7 +218,7 @@ def test_class_whose_files_are_all_bad_stops_training_with_a_clear_error(tmp_pat
     for split, name, count in (("train", "a", 4), ("val", "a", 2), ("val", "b", 1)):
         (root / split / name).mkdir(parents=True)
         for index in range(count):
-            (root / split / name / f"{index}.jpg").write_bytes(_encode(_photo((40, 40)), "JPEG"))
+            (root / split / name / f"{index}.jpg").write_bytes(encode(_photo((40, 40)), "JPEG"))
     (root / "train" / "b").mkdir()
     (root / "train" / "b" / "0.jpg").write_bytes(b"")
     (root / "train" / "b" / "1.jpg").write_text("not a picture")
