@@ -94,7 +94,9 @@ def checkpoint_accuracy():
     def accuracy(checkpoint: str, files: list[tuple[str, int]]) -> float:
         model, meta = tl_ray.load_checkpoint(checkpoint)
         transform = data.eval_transform(meta["image_size"])
-        images = torch.stack([transform(data.load_rgb(Path(path).read_bytes())) for path, _ in files])
+        images = torch.stack(
+            [transform(data.load_rgb(Path(path).read_bytes(), meta["resize_size"])) for path, _ in files]
+        )
         with torch.no_grad():
             logits = model(data.normalize(images, torch.tensor(meta["mean"]), torch.tensor(meta["std"])))
         return (logits.argmax(1) == torch.tensor([label for _, label in files])).float().mean().item()

@@ -88,13 +88,13 @@ def test_hostile_file_is_decoded_or_skipped_with_its_reason(case, tmp_path):
     path = create(folder, name, content)
     transform = data.eval_transform(SIZE)
     if reason is None:
-        image = data.decode_file(pafs.LocalFileSystem(), str(path), transform)
+        image = data.decode_file(pafs.LocalFileSystem(), str(path), transform, data.resize_size(SIZE))
         assert image.shape == (3, SIZE, SIZE) and image.dtype == np.uint8
         if case == "animated GIF":
             assert image.reshape(3, -1).mean(1).tolist() == [255.0, 0.0, 0.0], "the first frame"
         return
     with pytest.raises(Exception) as raised:  # every way a file can be bad
-        data.decode_file(pafs.LocalFileSystem(), str(path), transform)
+        data.decode_file(pafs.LocalFileSystem(), str(path), transform, data.resize_size(SIZE))
     assert data.describe_error(raised.value).startswith(reason)
 
 
@@ -188,7 +188,7 @@ CLI_CASES: dict[str, tuple[Callable[[Path, Path], list[str]], str]] = {
     ),
     "YAML config with an unknown key": (
         lambda tmp, ds: _yaml(tmp / "c.yaml", "learning_rate: 0.1\n"),
-        "tl-ray: error: --config: {tmp}/c.yaml has unknown keys: learning_rate; known: arch, batch_size, color_jitter, "
+        "tl-ray: error: --config: {tmp}/c.yaml has unknown keys: learning_rate; known: arch, batch_size, cache, color_jitter, "
         "cpus_per_worker, data, epochs, freeze_depth, gpu, image_size, keep_checkpoints, label_smoothing, lr, "
         "max_failures, momentum, name, num_workers, optimizer, seed, storage, val_fraction, warmup_epochs, "
         "weight_decay, weights",

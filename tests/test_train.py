@@ -38,6 +38,10 @@ def test_train_learns_and_leaves_a_loadable_checkpoint(source_run, source_data, 
     skipped = {Path(item["path"]).name: item["reason"] for item in result["skipped_files"]}
     assert set(skipped) == {"broken.jpg", "readme.jpg"}
     assert skipped["readme.jpg"] == "not an image file PIL can identify"
+    # Decoded once into the cache under --storage (train and val), which recorded the same skips.
+    manifests = [json.loads(p.read_text()) for p in (source_run[1] / ".tl-ray-cache").glob("*/manifest.json")]
+    assert sorted(m["rows"] for m in manifests) == [200, 600]
+    assert sorted(Path(path).name for m in manifests for path, _, _ in m["skipped"]) == ["broken.jpg", "readme.jpg"]
 
     _, meta = tl_ray.load_checkpoint(result["best_checkpoint"])
     assert meta["class_names"] == ["circle", "square", "star", "triangle"]

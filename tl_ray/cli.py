@@ -42,6 +42,11 @@ TRAIN_HELP: dict[str, tuple[Any, str]] = {
         "where runs are written: a local folder; on a multi-node cluster it must be shared storage"
         " (s3://bucket/path, gs://bucket/path, or an NFS folder)",
     ),
+    "cache": (
+        str,
+        "decoded-image cache: auto (under --storage/.tl-ray-cache) | a folder or URI | none (decode every epoch);"
+        " images are decoded and resized once, and reused by later epochs, runs and sweep trials",
+    ),
     "name": (str, "run name: its folder under --storage; rerunning a name resumes it (default: train-<timestamp>)"),
     "keep_checkpoints": (int, "keep the best N checkpoints by val_acc (the latest is always kept too)"),
     "max_failures": (int, "restart failed training workers from the last checkpoint up to N times (-1: forever)"),

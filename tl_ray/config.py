@@ -58,6 +58,7 @@ class TrainConfig:
     gpu: bool | None = None
     cpus_per_worker: float | None = None
     storage: str = "./runs"
+    cache: str = "auto"  # "auto": STORAGE/.tl-ray-cache; "none": no cache; else a folder or URI
     name: str | None = None
     keep_checkpoints: int = 2
     max_failures: int = 3
@@ -99,6 +100,8 @@ class TrainConfig:
             raise TlRayError(f"{flag('val_fraction')} must be between 0 and 1 (exclusive); got {self.val_fraction}")
         if self.cpus_per_worker is not None:
             _check_positive("cpus_per_worker", self.cpus_per_worker)
+        if not self.cache:
+            raise TlRayError(f"{flag('cache')} must be auto, none, or a folder or URI for the decoded-image cache")
         if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
             raise TlRayError(f"{flag('name')} must be a plain folder name (no '/', not hidden); got {self.name!r}")
         return self

@@ -244,16 +244,22 @@ def _hash_split(
     return train, val
 
 
-def load_rgb(data: bytes) -> Image.Image:
+def load_rgb(data: bytes, min_short_side: int | None = None) -> Image.Image:
     """Decode any image PIL reads into upright 8-bit RGB.
 
     16-bit and float greyscale are rescaled rather than clipped (PIL's own
     ``convert("RGB")`` would turn most 16-bit images white); EXIF orientation is
-    applied so phone photos are the right way up.
+    applied so phone photos are the right way up. With ``min_short_side``, a JPEG
+    much larger than that is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain
+    (PIL's draft mode), never below ``min_short_side``: a 4000x3000 phone photo
+    bound for a 256-pixel resize decodes about 10x faster.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         image = Image.open(io.BytesIO(data))
+        if min_short_side and image.format == "JPEG" and min(image.size) >= 2 * min_short_side:
+            factor = min_short_side / min(image.size)
+            image.draft(None, (math.ceil(image.width * factor), math.ceil(image.height * factor)))
         image.load()
     try:
         image = ImageOps.exif_transpose(image)
@@ -271,6 +277,11 @@ def load_rgb(data: bytes) -> Image.Image:
 
 def resize_size(image_size: int) -> int:
     return math.ceil(image_size / CENTRE_CROP_FRACTION)
+
+
+def resize_short_side(image: Image.Image, short_side: int) -> Image.Image:
+    """The first step of ``eval_transform``, alone: the decoded-image cache stores its output."""
+    return v2.Resize(short_side, antialias=True)(image)
 
 
 def train_transform(image_size: int, color_jitter: float = 0.0) -> v2.Compose:
@@ -332,15 +343,20 @@ def ensure_ray() -> bool:
     return True
 
 
-def decode_file(filesystem: pafs.FileSystem, path: str, transform: v2.Compose) -> np.ndarray:
-    """One file to a uint8 CHW array; raises on any way the file can be bad."""
+def read_bytes(filesystem: pafs.FileSystem, path: str) -> bytes:
     if _is_local(filesystem):
         with open(path, "rb") as stream:
-            data = stream.read()
-    else:
-        with filesystem.open_input_file(path) as stream:
-            data = stream.read()
-    return transform(load_rgb(data)).numpy()
+            return stream.read()
+    with filesystem.open_input_file(path) as stream:
+        return stream.read()
+
+
+def decode_file(filesystem: pafs.FileSystem, path: str, transform: v2.Compose, min_short_side: int) -> np.ndarray:
+    """One file to a uint8 CHW array; raises on any way the file can be bad.
+
+    ``min_short_side``: the transform's first resize target, which lets large JPEGs decode at a reduced scale.
+    """
+    return transform(load_rgb(read_bytes(filesystem, path), min_short_side)).numpy()
 
 
 def describe_error(error: Exception) -> str:
@@ -363,7 +379,7 @@ def _decode_batch(
     images, labels, bad, bad_labels = [], [], [], []
     for path, label in zip(batch["path"], batch["label"], strict=True):
         try:
-            images.append(decode_file(filesystem, path, transform))
+            images.append(decode_file(filesystem, path, transform, resize_size(image_size)))
             labels.append(label)
         except Exception as error:  # every way a file can be bad: skip it, keep the batch
             reason = describe_error(error)

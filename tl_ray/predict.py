@@ -66,7 +66,7 @@ def _decode_for_inference(
     images, errors = [], []
     for path in batch["path"]:
         try:
-            images.append(data.decode_file(filesystem, path, transform))
+            images.append(data.decode_file(filesystem, path, transform, data.resize_size(image_size)))
             errors.append("")
         except Exception as error:  # a bad file becomes a row that says why
             images.append(np.zeros((3, image_size, image_size), np.uint8))

@@ -27,7 +27,7 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.torch import TorchTrainer
 from torch import nn
 
-from tl_ray import __version__, checkpoint, data, model
+from tl_ray import __version__, cache, checkpoint, data, model
 from tl_ray.config import TrainConfig, absolute, forbid_world_writable_files
 from tl_ray.errors import TlRayError
 
@@ -133,13 +133,16 @@ def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = No
     skipped = data.SkippedFiles.remote()
     if layout.rejected:
         skipped.add.remote(layout.rejected)
-    datasets = {
-        "train": data.image_dataset(
-            layout.train, layout, config.image_size, True, skipped, config.color_jitter, config.seed
-        ),
-        "val": data.image_dataset(layout.val, layout, config.image_size, False, skipped),
-    }
     train_per_class = _per_class(layout.train, len(layout.class_names))
+    try:
+        cache_root = cache.resolve_root(config.cache, storage)
+        datasets = cache.run_datasets(layout, config.image_size, cache_root, skipped, config.color_jitter, config.seed)
+        lost = labels_without_images(train_per_class, ray.get(skipped.train_counts.remote()))
+        if lost:  # known before training when the cache has decoded every file
+            raise TlRayError(_describe_lost_classes(layout, lost, ray.get(skipped.get.remote())))
+    except BaseException:
+        ray.kill(skipped)
+        raise
     loop_config = {
         "options": dataclasses.asdict(config),
         "class_names": layout.class_names,

@@ -23,7 +23,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from tl_ray import data, report
+from tl_ray import cache, data, report
 from tl_ray.config import TuneConfig, absolute, forbid_world_writable_files
 from tl_ray.errors import TlRayError
 from tl_ray.train import check_shared_storage
@@ -91,11 +91,18 @@ def sweep(config: TuneConfig) -> tuple[SweepSummary, dict[str, str]]:
     """
     config = config.validate().with_run_name()
     config = dataclasses.replace(config, data=absolute(config.data))  # trials run in other processes
-    data.discover(config.data, config.val_fraction)  # fail here, once, not in every trial
+    layout = data.discover(config.data, config.val_fraction)  # fail here, once, not in every trial
     storage = absolute(config.storage)
     run_dir = f"{storage.rstrip('/')}/{config.name}"
     data.ensure_ray()
     check_shared_storage(storage)
+    cache_root = cache.resolve_root(config.cache, storage)
+    if cache_root is not None:
+        # Decode once, here, before any trial: every trial then finds the cache (trials store elsewhere).
+        config = dataclasses.replace(config, cache=cache_root)
+        for files in (layout.train, layout.val):
+            if files:
+                cache.prepare(files, layout, config.image_size, cache_root)
 
     trainable = tune.with_parameters(
         _run_trial,

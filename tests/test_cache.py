@@ -1,0 +1,119 @@
+"""The decoded-image cache: same pixels as decoding the file, reused until a file changes, bad files kept out.
+
+Also JPEG draft-mode decoding, which the cache and the uncached pipelines share.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+from PIL import Image
+
+from tl_ray import cache, data
+
+pytestmark = pytest.mark.timeout(300)
+SIZE = 32
+
+
+def _photo(path: Path, seed: int, size=(90, 70)) -> None:
+    """Noisy colour JPEG: resizing and cropping it gives distinct, comparable pixels."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+
+
+@pytest.fixture()
+def dataset_root(tmp_path) -> Path:
+    root = tmp_path / "data"
+    for index in range(50):
+        split = "train" if index < 40 else "val"
+        _photo(root / split / ("ab"[index % 2]) / f"{index:02d}.jpg", index, size=(90 + index, 70))
+    (root / "train" / "b" / "broken.jpg").write_bytes(b"not a jpeg")
+    return root
+
+
+def _digests(images) -> list[str]:
+    return sorted(hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest() for image in images)
+
+
+def test_cached_images_equal_decoding_the_files(dataset_root, tmp_path, ray_cluster):
+    layout = data.discover(str(dataset_root))
+    root = str(tmp_path / "cache")
+    skipped = data.SkippedFiles.remote()
+    pipelines = cache.run_datasets(layout, SIZE, root, skipped, seed=3)
+
+    # Validation from the cache is a centre crop of the cached pixels: exactly what predict computes from the file.
+    transform = data.eval_transform(SIZE)
+    expected = [
+        transform(data.load_rgb(Path(path).read_bytes(), data.resize_size(SIZE))).numpy() for path, _ in layout.val
+    ]
+    rows = pipelines["val"].take_all()
+    assert _digests(row["image"] for row in rows) == _digests(expected)
+    uncached = data.image_dataset(layout.val, layout, SIZE, False, skipped).take_all()
+    assert _digests(row["image"] for row in uncached) == _digests(expected)
+
+    # Training: every decodable file once per epoch, uint8 crops, the bad one left out and counted for its class.
+    good_labels = sorted(label for path, label in layout.train if not path.endswith("broken.jpg"))
+    for _ in range(2):
+        batches = list(pipelines["train"].iter_batches(batch_size=8, batch_format="numpy"))
+        assert sorted(np.concatenate([b["label"] for b in batches]).tolist()) == good_labels
+        assert {(str(b["image"].dtype), b["image"].shape[1:]) for b in batches} == {("uint8", (3, SIZE, SIZE))}
+    broken = str(dataset_root / "train" / "b" / "broken.jpg")
+    assert ray.get(skipped.get.remote()) == {broken: "not an image file PIL can identify"}
+    assert ray.get(skipped.train_counts.remote()) == {1: 1}
+    ray.kill(skipped)
+
+
+def test_cache_is_reused_until_a_file_changes(dataset_root, tmp_path, ray_cluster):
+    layout = data.discover(str(dataset_root))
+    root = str(tmp_path / "cache")
+    first = cache.prepare(layout.train, layout, SIZE, root)
+    assert first.built and first.rows == len(layout.train) - 1
+    manifest = json.loads((Path(first.folder) / cache.MANIFEST).read_text())
+    assert manifest["skipped"] == [[str(dataset_root / "train/b/broken.jpg"), "not an image file PIL can identify", 1]]
+    assert all(Path(path).is_file() for path in first.parquet_files)
+
+    again = cache.prepare(layout.train, layout, SIZE, root)
+    assert (again.built, again.folder, again.parquet_files) == (False, first.folder, first.parquet_files)
+    assert cache.prepare(layout.train, layout, SIZE + 16, root).folder != first.folder  # another resolution
+
+    changed, _ = layout.train[0]
+    before = os.stat(changed)
+    _photo(Path(changed), seed=999)
+    os.utime(changed, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000))
+    rebuilt = cache.prepare(layout.train, layout, SIZE, root)
+    assert rebuilt.built and rebuilt.folder != first.folder
+
+    # A half-written cache (no manifest: the build was killed) is never read; it is built again.
+    (Path(rebuilt.folder) / cache.MANIFEST).unlink()
+    assert cache.prepare(layout.train, layout, SIZE, root).built
+
+
+def test_cache_none_and_auto_roots():
+    assert cache.resolve_root("none", "/runs") is None
+    assert cache.resolve_root("auto", "/runs/") == "/runs/.tl-ray-cache"
+    assert cache.resolve_root("s3://bucket/cache", "/runs") == "s3://bucket/cache"
+    assert cache.resolve_root("rel/dir", "/runs") == os.path.abspath("rel/dir")
+
+
+def test_jpeg_draft_decodes_large_photos_at_reduced_scale(tmp_path):
+    big = tmp_path / "big.jpg"
+    _photo(big, seed=1, size=(800, 600))
+    encoded = big.read_bytes()
+    assert data.load_rgb(encoded).size == (800, 600)
+    drafted = data.load_rgb(encoded, min_short_side=100)
+    assert drafted.size == (200, 150)  # 1/4 scale: the largest DCT reduction that keeps the short side >= 100
+    assert data.load_rgb(encoded, min_short_side=301).size == (800, 600)  # 1/2 would fall below 301
+    full = np.asarray(data.resize_short_side(data.load_rgb(encoded), 100), dtype=float)
+    reduced = np.asarray(data.resize_short_side(drafted, 100), dtype=float)
+    assert full.shape == reduced.shape and np.abs(full - reduced).mean() < 12  # noise image: the worst case
+
+    png = tmp_path / "big.png"
+    Image.open(big).save(png)
+    assert data.load_rgb(png.read_bytes(), min_short_side=100).size == (800, 600)  # only JPEG has draft mode

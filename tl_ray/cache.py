@@ -1,0 +1,293 @@
+"""The decoded-image cache: each image decoded and resized once, then reused by every epoch, run and sweep trial.
+
+Decoding a JPEG costs more than everything else the pipeline does to it, and without
+a cache a run decodes every file once per epoch (a sweep, once per epoch per trial).
+The cache holds each file decoded (upright RGB) and resized so that its short side is
+the validation resize size, ``ceil(image_size / 0.875)``: validation is then a centre
+crop of the cached pixels, exactly what predict computes from the file, and training's
+random crops and flips run on the same uint8 pixels.
+
+A split's cache lives in ``ROOT/<key>/``, where the key covers every file's path,
+label, size and modification time and the resolution: a changed, added or removed
+file gives a new key (a rebuild), never a stale cache. ``manifest.json``, written
+last, names the Parquet files of the build that completed and the files that could
+not be decoded, so a later run reports them without trying them again. Concurrent
+builders (two sweep trials, two runs) each write their own files; the last manifest
+wins, and every manifest is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+from PIL import Image
+from ray.data import RandomSeedConfig
+
+from tl_ray import data
+from tl_ray.errors import TlRayError
+
+CACHE_VERSION = 1
+MANIFEST = "manifest.json"
+DEFAULT_FOLDER = ".tl-ray-cache"  # under --storage: shared storage on a cluster, so every node sees it
+CACHE_SCHEMA = pa.schema(
+    [("label", pa.int64()), ("height", pa.int32()), ("width", pa.int32()), ("pixels", pa.binary())]
+)  # pixels: height x width x 3 uint8, row-major RGB
+
+
+@dataclass(frozen=True)
+class CachedSplit:
+    """A built cache of one split: where its Parquet files are and what could not be decoded."""
+
+    filesystem: pafs.FileSystem
+    folder: str
+    parquet_files: list[str]
+    rows: int
+    skipped: list[tuple[str, str, int]]  # (path as the user sees it, reason, label)
+    built: bool  # True when this call decoded the images, False when an earlier build was reused
+
+
+def resolve_root(cache: str, storage: str) -> str | None:
+    """Where caches go: ``--cache auto`` puts them under --storage, ``none`` turns caching off."""
+    if cache == "none":
+        return None
+    if cache == "auto":
+        return f"{storage.rstrip('/')}/{DEFAULT_FOLDER}"
+    return cache if "://" in cache else os.path.abspath(os.path.expanduser(cache))
+
+
+def _filesystem(root: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in root:
+        try:
+            filesystem, path = pafs.FileSystem.from_uri(root)
+        except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... for unusable URIs
+            raise TlRayError(f"--cache: cannot open {root}: {error}") from error
+        return filesystem, path.rstrip("/")
+    return pafs.LocalFileSystem(), root
+
+
+def _file_stats(layout: data.Layout, paths: list[str]) -> list[tuple[int, int]]:
+    """(size, mtime in ns) per file; (-1, -1) for one that vanished (it will be skipped when decoded)."""
+    if isinstance(layout.filesystem, pafs.LocalFileSystem):
+        stats = []
+        for path in paths:
+            try:
+                status = os.stat(path)
+                stats.append((status.st_size, status.st_mtime_ns))
+            except OSError:
+                stats.append((-1, -1))
+        return stats
+    infos = layout.filesystem.get_file_info(paths)
+    return [(info.size or -1, info.mtime_ns or -1) if info.is_file else (-1, -1) for info in infos]
+
+
+def split_key(files: list[tuple[str, int]], layout: data.Layout, short_side: int) -> str:
+    """A fingerprint of the split's files (path, label, size, mtime) and the cached resolution."""
+    paths = [path for path, _ in files]
+    digest = hashlib.sha256(json.dumps([CACHE_VERSION, short_side, layout.uri_prefix]).encode())
+    for (path, label), (size, mtime) in zip(files, _file_stats(layout, paths), strict=True):
+        digest.update(f"\0{path}\0{label}\0{size}\0{mtime}".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()[:32]
+
+
+def _read_manifest(filesystem: pafs.FileSystem, folder: str) -> dict | None:
+    try:
+        with filesystem.open_input_stream(f"{folder}/{MANIFEST}") as stream:
+            manifest = json.loads(stream.read())
+    except (OSError, ValueError):
+        return None
+    return manifest if manifest.get("version") == CACHE_VERSION else None
+
+
+def _write_manifest(filesystem: pafs.FileSystem, folder: str, manifest: dict) -> None:
+    """Atomically where the filesystem allows (local rename; an object store PUT is atomic by itself)."""
+    payload = (json.dumps(manifest, indent=1) + "\n").encode()
+    final = f"{folder}/{MANIFEST}"
+    if not isinstance(filesystem, pafs.LocalFileSystem):
+        with filesystem.open_output_stream(final) as stream:
+            stream.write(payload)
+        return
+    temporary = f"{final}.{uuid.uuid4().hex}.tmp"
+    with open(temporary, "wb") as stream:
+        stream.write(payload)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temporary, final)
+
+
+def _decode_to_file(
+    batch: dict[str, np.ndarray],
+    filesystem: pafs.FileSystem,
+    uri_prefix: str,
+    short_side: int,
+    cache_filesystem: pafs.FileSystem,
+    folder: str,
+) -> dict[str, np.ndarray]:
+    """Decode a block of files and write the good ones as one Parquet file; return what happened to each file.
+
+    The task writes its own file (rather than handing pixels on to a Ray Data write) so a cache file is exactly
+    one block of images, and only this small per-file table travels back to the driver.
+    """
+    decoded: dict[str, list] = {"label": [], "height": [], "width": [], "pixels": []}
+    errors = []
+    for path, label in zip(batch["path"], batch["label"], strict=True):
+        try:
+            image = data.load_rgb(data.read_bytes(filesystem, path), short_side)
+            image = data.resize_short_side(image, short_side)
+        except Exception as error:  # every way a file can be bad: record it, keep the block
+            errors.append(data.describe_error(error))
+            continue
+        errors.append("")
+        decoded["label"].append(int(label))
+        decoded["height"].append(image.height)
+        decoded["width"].append(image.width)
+        decoded["pixels"].append(image.tobytes())
+    name = ""
+    if decoded["pixels"]:
+        name = f"{uuid.uuid4().hex}.parquet"
+        table = pa.table(decoded, schema=CACHE_SCHEMA)
+        # Raw pixels barely compress: snappy would only cost CPU on every read.
+        pq.write_table(table, f"{folder}/{name}", filesystem=cache_filesystem, compression="none")
+    return {
+        "path": np.asarray([uri_prefix + path for path in batch["path"]], dtype=object),
+        "label": np.asarray(batch["label"], dtype=np.int64),
+        "error": np.asarray(errors, dtype=object),
+        "file": np.asarray([name] * len(errors), dtype=object),
+    }
+
+
+def prepare(files: list[tuple[str, int]], layout: data.Layout, image_size: int, root: str) -> CachedSplit:
+    """The cache of one split at ``image_size``: reused when one exists for exactly these files, else built."""
+    short_side = data.resize_size(image_size)
+    filesystem, base = _filesystem(root)
+    folder = f"{base}/{split_key(files, layout, short_side)}"
+    manifest = _read_manifest(filesystem, folder)
+    built = manifest is None
+    if manifest is None:
+        manifest = _build(files, layout, short_side, filesystem, folder)
+    return CachedSplit(
+        filesystem=filesystem,
+        folder=folder,
+        parquet_files=[f"{folder}/{name}" for name in manifest["files"]],
+        rows=manifest["rows"],
+        skipped=[(path, reason, label) for path, reason, label in manifest["skipped"]],
+        built=built,
+    )
+
+
+def _build(
+    files: list[tuple[str, int]], layout: data.Layout, short_side: int, filesystem: pafs.FileSystem, folder: str
+) -> dict:
+    # Shuffled once, so every cached file mixes classes and an epoch's block order is all that must vary.
+    rows = [{"path": path, "label": label} for path, label in files]
+    random.Random(0).shuffle(rows)
+    attempt = uuid.uuid4().hex[:12]
+    attempt_folder = f"{folder}/{attempt}"
+    try:
+        filesystem.create_dir(attempt_folder, recursive=True)
+    except OSError as error:
+        raise TlRayError(f"--cache: cannot create {attempt_folder}: {error}") from error
+    outcome = ray.data.from_items(rows, override_num_blocks=max(1, min(1000, math.ceil(len(rows) / data.BLOCK_ROWS))))
+    outcome = outcome.map_batches(
+        _decode_to_file,
+        batch_size=data.BLOCK_ROWS,
+        num_cpus=0.5,  # fits beside a sweep's token-CPU trial drivers, as the uncached pipeline does
+        batch_format="numpy",
+        fn_kwargs={
+            "filesystem": layout.filesystem,
+            "uri_prefix": layout.uri_prefix,
+            "short_side": short_side,
+            "cache_filesystem": filesystem,
+            "folder": attempt_folder,
+        },
+    ).take_all()
+    failures = [row for row in outcome if row["error"]]
+    manifest = {
+        "version": CACHE_VERSION,
+        "short_side": short_side,
+        "files": sorted({f"{attempt}/{row['file']}" for row in outcome if row["file"]}),
+        "rows": len(rows) - len(failures),
+        "skipped": sorted([row["path"], row["error"], int(row["label"])] for row in failures),
+    }
+    _write_manifest(filesystem, folder, manifest)
+    return manifest
+
+
+def _read_and_crop(
+    batch: dict[str, np.ndarray], filesystem: pafs.FileSystem, image_size: int, augment: bool, color_jitter: float
+) -> dict[str, np.ndarray]:
+    transform = data.train_transform(image_size, color_jitter) if augment else data.eval_transform(image_size)
+    images, labels = [], []
+    for path in batch["file"]:
+        cached = pq.read_table(path, filesystem=filesystem).to_pydict()
+        for pixels, height, width, label in zip(
+            cached["pixels"], cached["height"], cached["width"], cached["label"], strict=True
+        ):
+            image = Image.frombuffer("RGB", (width, height), pixels, "raw", "RGB", 0, 1)
+            images.append(transform(image).numpy())
+            labels.append(label)
+    return {
+        "image": np.stack(images) if images else np.zeros((0, 3, image_size, image_size), np.uint8),
+        "label": np.asarray(labels, dtype=np.int64),
+    }
+
+
+def cached_dataset(
+    split: CachedSplit, image_size: int, augment: bool, color_jitter: float = 0.0, seed: int = 0
+) -> ray.data.Dataset:
+    """{"image": uint8 (3, S, S), "label": int64} from a built cache, as ``data.image_dataset`` yields from files.
+
+    One block per cache file, read by our own task: Ray Data's Parquet reader would add a listing step that
+    claims a whole CPU (which a sweep on a small machine does not have free) and merge small files into one
+    block (which leaves an epoch's order nothing to vary).
+    """
+    files = [{"file": path} for path in split.parquet_files]
+    dataset = ray.data.from_items(files, override_num_blocks=len(files))
+    if augment:
+        dataset = dataset.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    return dataset.map_batches(
+        _read_and_crop,
+        batch_size=1,
+        num_cpus=0.5,
+        batch_format="numpy",
+        fn_kwargs={
+            "filesystem": split.filesystem,
+            "image_size": image_size,
+            "augment": augment,
+            "color_jitter": color_jitter,
+        },
+    )
+
+
+def run_datasets(
+    layout: data.Layout,
+    image_size: int,
+    root: str | None,
+    skipped: ray.actor.ActorHandle,
+    color_jitter: float = 0.0,
+    seed: int = 0,
+) -> dict[str, ray.data.Dataset]:
+    """A run's "train" and "val" pipelines: from the cache under ``root`` (built first if need be), or, with
+    ``root`` None, decoding every file every epoch. Files the cache could not decode go into ``skipped``."""
+    datasets = {}
+    for name, files, augment in (("train", layout.train, True), ("val", layout.val, False)):
+        split = prepare(files, layout, image_size, root) if root is not None and files else None
+        if split is None or not split.parquet_files:
+            datasets[name] = data.image_dataset(files, layout, image_size, augment, skipped, color_jitter, seed)
+            continue
+        if split.skipped:
+            items = [(path, reason) for path, reason, _ in split.skipped]
+            labels = [label for _, _, label in split.skipped] if augment else None
+            ray.get(skipped.add.remote(items, labels))
+        datasets[name] = cached_dataset(split, image_size, augment, color_jitter, seed)
+    return datasets
