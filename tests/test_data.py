@@ -150,7 +150,7 @@ def test_bad_files_are_skipped_and_reported_while_good_ones_survive(tmp_path, ra
     layout = data.discover(str(root), val_fraction=0.01)
     files = layout.train + layout.val
     skipped = data.SkippedFiles.remote()
-    rows = data.image_dataset(files, layout, 24, augment=False, skipped=skipped).take_all()
+    rows = data.image_dataset(files, layout, 24, training=False, skipped=skipped).take_all()
 
     assert len(rows) == len(files) - len(bad) == 8
     assert all(row["image"].shape == (3, 24, 24) and row["image"].dtype == np.uint8 for row in rows)
@@ -165,7 +165,7 @@ def test_bad_files_are_skipped_and_reported_while_good_ones_survive(tmp_path, ra
 def test_training_pipeline_augments_and_shuffles(tmp_path, ray_cluster):
     root = _tree(tmp_path / "ds", {"a": 50, "b": 50})
     layout = data.discover(str(root), val_fraction=0.01)
-    dataset = data.image_dataset(layout.train, layout, 16, augment=True, skipped=data.SkippedFiles.remote())
+    dataset = data.image_dataset(layout.train, layout, 16, training=True, skipped=data.SkippedFiles.remote())
     epochs = [[int(row["label"]) for row in dataset.take_all()] for _ in range(3)]
     assert all(sorted(labels) == sorted(label for _, label in layout.train) for labels in epochs)
     assert len({tuple(labels) for labels in epochs}) > 1, "a new order every epoch"

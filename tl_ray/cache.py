@@ -100,16 +100,17 @@ def split_key(files: list[tuple[str, int]], layout: data.Layout, short_side: int
     return digest.hexdigest()[:32]
 
 
-def _read_manifest(filesystem: pafs.FileSystem, folder: str) -> dict | None:
+def read_manifest(filesystem: pafs.FileSystem, folder: str, version: int = CACHE_VERSION) -> dict | None:
+    """The manifest of a complete build in ``folder``, or None (never built, interrupted, or an older format)."""
     try:
         with filesystem.open_input_stream(f"{folder}/{MANIFEST}") as stream:
             manifest = json.loads(stream.read())
     except (OSError, ValueError):
         return None
-    return manifest if manifest.get("version") == CACHE_VERSION else None
+    return manifest if isinstance(manifest, dict) and manifest.get("version") == version else None
 
 
-def _write_manifest(filesystem: pafs.FileSystem, folder: str, manifest: dict) -> None:
+def write_manifest(filesystem: pafs.FileSystem, folder: str, manifest: dict) -> None:
     """Atomically where the filesystem allows (local rename; an object store PUT is atomic by itself)."""
     payload = (json.dumps(manifest, indent=1) + "\n").encode()
     final = f"{folder}/{MANIFEST}"
@@ -171,7 +172,7 @@ def prepare(files: list[tuple[str, int]], layout: data.Layout, image_size: int, 
     short_side = data.resize_size(image_size)
     filesystem, base = _filesystem(root)
     folder = f"{base}/{split_key(files, layout, short_side)}"
-    manifest = _read_manifest(filesystem, folder)
+    manifest = read_manifest(filesystem, folder)
     built = manifest is None
     if manifest is None:
         manifest = _build(files, layout, short_side, filesystem, folder)
@@ -219,7 +220,7 @@ def _build(
         "rows": len(rows) - len(failures),
         "skipped": sorted([row["path"], row["error"], int(row["label"])] for row in failures),
     }
-    _write_manifest(filesystem, folder, manifest)
+    write_manifest(filesystem, folder, manifest)
     return manifest
 
 
@@ -243,7 +244,7 @@ def _read_and_crop(
 
 
 def cached_dataset(
-    split: CachedSplit, image_size: int, augment: bool, color_jitter: float = 0.0, seed: int = 0
+    split: CachedSplit, image_size: int, training: bool, color_jitter: float = 0.0, seed: int = 0, augment: bool = True
 ) -> ray.data.Dataset:
     """{"image": uint8 (3, S, S), "label": int64} from a built cache, as ``data.image_dataset`` yields from files.
 
@@ -253,7 +254,7 @@ def cached_dataset(
     """
     files = [{"file": path} for path in split.parquet_files]
     dataset = ray.data.from_items(files, override_num_blocks=len(files))
-    if augment:
+    if training:
         dataset = dataset.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
     return dataset.map_batches(
         _read_and_crop,
@@ -263,7 +264,7 @@ def cached_dataset(
         fn_kwargs={
             "filesystem": split.filesystem,
             "image_size": image_size,
-            "augment": augment,
+            "augment": training and augment,
             "color_jitter": color_jitter,
         },
     )
@@ -276,18 +277,34 @@ def run_datasets(
     skipped: ray.actor.ActorHandle,
     color_jitter: float = 0.0,
     seed: int = 0,
+    augment: bool = True,
 ) -> dict[str, ray.data.Dataset]:
     """A run's "train" and "val" pipelines: from the cache under ``root`` (built first if need be), or, with
     ``root`` None, decoding every file every epoch. Files the cache could not decode go into ``skipped``."""
     datasets = {}
-    for name, files, augment in (("train", layout.train, True), ("val", layout.val, False)):
-        split = prepare(files, layout, image_size, root) if root is not None and files else None
-        if split is None or not split.parquet_files:
-            datasets[name] = data.image_dataset(files, layout, image_size, augment, skipped, color_jitter, seed)
-            continue
-        if split.skipped:
-            items = [(path, reason) for path, reason, _ in split.skipped]
-            labels = [label for _, _, label in split.skipped] if augment else None
-            ray.get(skipped.add.remote(items, labels))
-        datasets[name] = cached_dataset(split, image_size, augment, color_jitter, seed)
+    for name, split in prepare_splits(layout, image_size, root, skipped).items():
+        training = name == "train"
+        files = layout.train if training else layout.val
+        if split is None:
+            datasets[name] = data.image_dataset(
+                files, layout, image_size, training, skipped, color_jitter, seed, augment
+            )
+        else:
+            datasets[name] = cached_dataset(split, image_size, training, color_jitter, seed, augment)
     return datasets
+
+
+def prepare_splits(
+    layout: data.Layout, image_size: int, root: str | None, skipped: ray.actor.ActorHandle
+) -> dict[str, CachedSplit | None]:
+    """The built cache of "train" and "val" (None for a split with nothing cached, or with ``root`` None);
+    the files they could not decode are added to ``skipped``, training ones with their labels."""
+    splits = {}
+    for name, files in (("train", layout.train), ("val", layout.val)):
+        split = prepare(files, layout, image_size, root) if root is not None and files else None
+        if split is not None and split.skipped:
+            items = [(path, reason) for path, reason, _ in split.skipped]
+            labels = [label for _, _, label in split.skipped] if name == "train" else None
+            ray.get(skipped.add.remote(items, labels))
+        splits[name] = split if split is not None and split.parquet_files else None
+    return splits

@@ -35,6 +35,12 @@ TRAIN_HELP: dict[str, tuple[Any, str]] = {
     "image_size": (int, "training crop size in pixels"),
     "val_fraction": (float, "share of train/ held out for validation when there is no val/ folder"),
     "color_jitter": (float, "colour jitter strength for training augmentation (0 = off)"),
+    "augment": (
+        str,
+        "standard: random resized crops and flips | none: training images centre-cropped like validation ones;"
+        " at --freeze-depth 5 with the cache on, the backbone's features are then computed once and only the head"
+        " trains",
+    ),
     "num_workers": (int, "data-parallel training workers (one GPU each on a GPU cluster)"),
     "cpus_per_worker": (float, "CPUs reserved per worker (default: leave at least one CPU to the data pipeline)"),
     "storage": (

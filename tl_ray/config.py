@@ -22,6 +22,7 @@ from tl_ray.errors import TlRayError
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 OPTIMIZERS = ("sgd", "adamw")
+AUGMENTS = ("standard", "none")
 NUM_STAGES = 5  # stem, layer1..layer4: see DESIGN.md "freeze depth"
 
 
@@ -54,6 +55,7 @@ class TrainConfig:
     image_size: int = 224
     val_fraction: float = 0.2
     color_jitter: float = 0.0
+    augment: str = "standard"  # "none": training images are centre-cropped like validation ones
     num_workers: int = 1
     gpu: bool | None = None
     cpus_per_worker: float | None = None
@@ -77,6 +79,8 @@ class TrainConfig:
             raise TlRayError(f"{flag('data')} is required: a folder with train/<class>/ image sub-folders")
         if self.arch not in ARCHS:
             raise TlRayError(f"{flag('arch')} must be one of {', '.join(ARCHS)}; got {self.arch!r}")
+        if self.augment not in AUGMENTS:
+            raise TlRayError(f"{flag('augment')} must be one of {', '.join(AUGMENTS)}; got {self.augment!r}")
         if self.optimizer not in OPTIMIZERS:
             raise TlRayError(f"{flag('optimizer')} must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
         _check_range("freeze_depth", self.freeze_depth, 0, NUM_STAGES)

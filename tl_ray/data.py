@@ -371,11 +371,12 @@ def _decode_batch(
     filesystem: pafs.FileSystem,
     uri_prefix: str,
     image_size: int,
+    training: bool,
     augment: bool,
     color_jitter: float,
     skipped: ray.actor.ActorHandle,
 ) -> dict[str, np.ndarray]:
-    transform = train_transform(image_size, color_jitter) if augment else eval_transform(image_size)
+    transform = train_transform(image_size, color_jitter) if training and augment else eval_transform(image_size)
     images, labels, bad, bad_labels = [], [], [], []
     for path, label in zip(batch["path"], batch["label"], strict=True):
         try:
@@ -387,7 +388,7 @@ def _decode_batch(
             bad_labels.append(int(label))
             logger.warning("skipping %s%s: %s", uri_prefix, path, reason)
     if bad:
-        ray.get(skipped.add.remote(bad, bad_labels if augment else None))
+        ray.get(skipped.add.remote(bad, bad_labels if training else None))
     return {
         "image": np.stack(images) if images else np.zeros((0, 3, image_size, image_size), np.uint8),
         "label": np.asarray(labels, dtype=np.int64),
@@ -398,25 +399,27 @@ def image_dataset(
     files: list[tuple[str, int]],
     layout: Layout,
     image_size: int,
-    augment: bool,
+    training: bool,
     skipped: ray.actor.ActorHandle,
     color_jitter: float = 0.0,
     seed: int = 0,
+    augment: bool = True,
 ) -> ray.data.Dataset:
     """A lazily decoded dataset of {"image": uint8 (3, S, S), "label": int64}.
 
-    Training data (``augment=True``) comes in a new order every epoch without an
+    Training data (``training=True``) comes in a new order every epoch without an
     all-to-all shuffle (whose 1-CPU tasks would stall on a machine whose training
     workers hold all but a fraction of a CPU): the file list is shuffled once here,
     so every block mixes classes, and the block order is redrawn each epoch. The
     training loop's local shuffle buffer mixes rows across blocks. Skipped files of the
-    training (augmented) dataset are also counted per class.
+    training dataset are also counted per class. Training images are randomly cropped and
+    flipped unless ``augment`` is off; validation images are centre-cropped.
     """
     rows = [{"path": path, "label": label} for path, label in files]
-    if augment:
+    if training:
         random.Random(seed).shuffle(rows)
     dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(1000, math.ceil(len(rows) / BLOCK_ROWS))))
-    if augment:
+    if training:
         dataset = dataset.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
     return dataset.map_batches(
         _decode_batch,
@@ -429,6 +432,7 @@ def image_dataset(
             "filesystem": layout.filesystem,
             "uri_prefix": layout.uri_prefix,
             "image_size": image_size,
+            "training": training,
             "augment": augment,
             "color_jitter": color_jitter,
             "skipped": skipped,

@@ -173,10 +173,14 @@ class TransferResNet(nn.Module):
             return net.maxpool(net.relu(net.bn1(net.conv1(x))))
         return getattr(net, f"layer{index}")(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled backbone output the head sees: at depth 5 a fixed function of the image, so cacheable."""
         with torch.no_grad():
             for index in range(self.freeze_depth):
                 x = self._stage(index, x)
         for index in range(self.freeze_depth, NUM_STAGES):
             x = self._stage(index, x)
-        return self.net.fc(torch.flatten(self.net.avgpool(x), 1))
+        return torch.flatten(self.net.avgpool(x), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.fc(self.features(x))

@@ -27,7 +27,7 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.torch import TorchTrainer
 from torch import nn
 
-from tl_ray import __version__, cache, checkpoint, data, model
+from tl_ray import __version__, cache, checkpoint, data, features, model
 from tl_ray.config import TrainConfig, absolute, forbid_world_writable_files
 from tl_ray.errors import TlRayError
 
@@ -136,7 +136,21 @@ def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = No
     train_per_class = _per_class(layout.train, len(layout.class_names))
     try:
         cache_root = cache.resolve_root(config.cache, storage)
-        datasets = cache.run_datasets(layout, config.image_size, cache_root, skipped, config.color_jitter, config.seed)
+        use_features = features.applies(config.freeze_depth, config.augment, cache_root)
+        if use_features:
+            datasets = features.run_datasets(
+                layout, config.image_size, cache_root, skipped, config.arch, weights, use_gpu, config.seed
+            )
+        else:
+            datasets = cache.run_datasets(
+                layout,
+                config.image_size,
+                cache_root,
+                skipped,
+                config.color_jitter,
+                config.seed,
+                augment=config.augment != "none",
+            )
         lost = labels_without_images(train_per_class, ray.get(skipped.train_counts.remote()))
         if lost:  # known before training when the cache has decoded every file
             raise TlRayError(_describe_lost_classes(layout, lost, ray.get(skipped.get.remote())))
@@ -154,6 +168,7 @@ def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = No
         "std": list(weights.std),
         "cpus_per_worker": cpus_per_worker,
         "skipped": skipped,
+        "inputs": "features" if use_features else "images",
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -317,12 +332,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         start_epoch, history = state["epoch"], state["history"]
     resumed_after_epoch = start_epoch
 
-    wrapped = ray.train.torch.prepare_model(transfer)
+    # On cached backbone features only the head runs (and DDP syncs only its gradients).
+    on_features = loop_config["inputs"] == "features"
+    trained = transfer.net.fc if on_features else transfer
+    wrapped = ray.train.torch.prepare_model(trained)
     criterion = nn.CrossEntropyLoss(label_smoothing=options.label_smoothing)
     mean = torch.tensor(loop_config["mean"], device=device)
     std = torch.tensor(loop_config["std"], device=device)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
+
+    def model_input(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if on_features:
+            return batch["features"]
+        images = data.normalize(batch["image"], mean, std)
+        return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
 
     for epoch in range(start_epoch + 1, options.epochs + 1):
         started = time.perf_counter()
@@ -334,11 +358,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             labels = batch["label"]
             if len(labels) < 2:  # BatchNorm cannot train on one sample; equal shards make every worker skip it
                 continue
-            images = data.normalize(batch["image"], mean, std)
-            if device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = wrapped(images)
+                logits = wrapped(model_input(batch))
                 loss = criterion(logits, labels)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -356,7 +377,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             return
         _sync_buffers_from_rank0(transfer)
         val_loss, val_correct, val_seen = _evaluate(
-            transfer, val_shard, 2 * worker_batch, mean, std, criterion, device, amp_dtype
+            trained, val_shard, 2 * worker_batch, model_input, criterion, device, amp_dtype
         )
         totals = _sum_across_workers([loss_sum, correct, seen, val_loss, val_correct, val_seen], device)
         metrics = {
@@ -407,18 +428,15 @@ def _check_resumable(meta: dict[str, Any], options: TrainConfig, class_names: li
             )
 
 
-def _evaluate(transfer, shard, batch_size, mean, std, criterion, device, amp_dtype) -> tuple[float, float, float]:
+def _evaluate(net, shard, batch_size, model_input, criterion, device, amp_dtype) -> tuple[float, float, float]:
     """Validate this worker's shard on the unwrapped model: DDP would add collectives workers do not share."""
-    transfer.eval()
+    net.eval()
     loss_sum = correct = seen = 0.0
     with torch.no_grad():
         for batch in shard.iter_torch_batches(batch_size=batch_size, prefetch_batches=2):
-            images = data.normalize(batch["image"], mean, std)
-            if device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
             labels = batch["label"]
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = transfer(images)
+                logits = net(model_input(batch))
             loss_sum += criterion(logits.float(), labels).item() * len(labels)
             correct += (logits.argmax(1) == labels).sum().item()
             seen += len(labels)

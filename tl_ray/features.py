@@ -1,0 +1,168 @@
+"""Frozen-backbone features, computed once: feature extraction without a backbone pass every epoch.
+
+At freeze depth 5 the backbone is a fixed function, and with ``--augment none`` its
+input (the centre crop of each cached image) is fixed too, so its output is fixed.
+Computing those features once, with Ray Data, and training only the head on them
+gives the model an image-by-image run would train (BatchNorm is in eval mode either
+way), at the cost of one backbone pass instead of one per epoch, and every depth-5
+trial of a sweep reuses it. Features are stored inside the image cache they came
+from, keyed by the arch, the crop size and a digest of the backbone weights and
+normalisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+import torch
+from ray.data import RandomSeedConfig
+
+from tl_ray import cache, data, model
+from tl_ray.config import NUM_STAGES
+
+FEATURES_VERSION = 1
+EXTRACT_BATCH = 64
+
+
+@dataclass(frozen=True)
+class FeatureSplit:
+    filesystem: pafs.FileSystem
+    parquet_files: list[str]
+    rows: int
+    built: bool  # True when this call ran the backbone, False when earlier features were reused
+
+
+def applies(freeze_depth: int, augment: str, cache_root: str | None) -> bool:
+    """Only then are a run's backbone outputs the same every epoch (and there is a cache to keep them in)."""
+    return freeze_depth == NUM_STAGES and augment == "none" and cache_root is not None
+
+
+def backbone_digest(weights: model.InitialWeights) -> str:
+    """Changes whenever the features would: any backbone tensor, or the normalisation."""
+    digest = hashlib.sha256(json.dumps([FEATURES_VERSION, list(weights.mean), list(weights.std)]).encode())
+    for key in sorted(weights.state_dict):
+        if not key.startswith("fc."):
+            digest.update(key.encode())
+            digest.update(weights.state_dict[key].detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+class _Backbone:
+    """A Ray Data callable class: the frozen backbone, loaded once per actor; writes one Parquet file per batch."""
+
+    def __init__(
+        self,
+        arch: str,
+        num_classes: int,
+        weights: list[ray.ObjectRef],  # in a list: Ray Data passes it on unresolved
+        mean: list[float],
+        std: list[float],
+        filesystem: pafs.FileSystem,
+        folder: str,
+    ) -> None:
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        net = model.create_resnet(arch, num_classes)
+        net.load_state_dict(ray.get(weights[0]))
+        self.backbone = model.TransferResNet(net, NUM_STAGES).eval().to(self.device)
+        self.mean = torch.tensor(mean, device=self.device)
+        self.std = torch.tensor(std, device=self.device)
+        self.filesystem, self.folder = filesystem, folder
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = torch.as_tensor(batch["image"], device=self.device)
+        with torch.no_grad():
+            features = self.backbone.features(data.normalize(images, self.mean, self.std)).float().cpu().numpy()
+        name = f"{uuid.uuid4().hex}.parquet"
+        table = pa.table(
+            {
+                "label": pa.array(batch["label"], pa.int64()),
+                "features": pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), features.shape[1]),
+            }
+        )
+        pq.write_table(table, f"{self.folder}/{name}", filesystem=self.filesystem)
+        return {"file": np.asarray([name], dtype=object), "rows": np.asarray([len(features)])}
+
+
+def prepare(
+    split: cache.CachedSplit, image_size: int, arch: str, num_classes: int, weights: model.InitialWeights, use_gpu: bool
+) -> FeatureSplit:
+    """The backbone features of a cached split: reused when computed before with the same backbone, else built."""
+    filesystem = split.filesystem
+    folder = f"{split.folder}/features-{arch}-{image_size}-{backbone_digest(weights)}"
+    manifest = cache.read_manifest(filesystem, folder, FEATURES_VERSION)
+    built = manifest is None
+    if manifest is None:
+        attempt = uuid.uuid4().hex[:12]
+        filesystem.create_dir(f"{folder}/{attempt}", recursive=True)
+        images = cache.cached_dataset(split, image_size, training=False)
+        outcome = images.map_batches(
+            _Backbone,
+            fn_constructor_kwargs={
+                "arch": arch,
+                "num_classes": num_classes,
+                "weights": [ray.put(weights.state_dict)],
+                "mean": list(weights.mean),
+                "std": list(weights.std),
+                "filesystem": filesystem,
+                "folder": f"{folder}/{attempt}",
+            },
+            batch_size=EXTRACT_BATCH,
+            concurrency=max(1, int(ray.cluster_resources().get("GPU", 0))) if use_gpu else 1,
+            num_gpus=1 if use_gpu else 0,
+            num_cpus=1 if use_gpu else 0.5,
+        ).take_all()
+        manifest = {
+            "version": FEATURES_VERSION,
+            "files": sorted(f"{attempt}/{row['file']}" for row in outcome),
+            "rows": int(sum(row["rows"] for row in outcome)),
+        }
+        cache.write_manifest(filesystem, folder, manifest)
+    return FeatureSplit(filesystem, [f"{folder}/{name}" for name in manifest["files"]], manifest["rows"], built)
+
+
+def _read_features(batch: dict[str, np.ndarray], filesystem: pafs.FileSystem) -> dict[str, np.ndarray]:
+    tables = [pq.read_table(path, filesystem=filesystem) for path in batch["file"]]
+    table = pa.concat_tables(tables)
+    width = table.schema.field("features").type.list_size
+    features = table.column("features").combine_chunks().flatten().to_numpy().reshape(-1, width)
+    return {"features": features.astype(np.float32, copy=False), "label": table.column("label").to_numpy()}
+
+
+def feature_dataset(split: FeatureSplit, training: bool, seed: int = 0) -> ray.data.Dataset:
+    """{"features": float32 (D,), "label": int64}, one block per feature file, in a new block order each epoch."""
+    files = [{"file": path} for path in split.parquet_files]
+    dataset = ray.data.from_items(files, override_num_blocks=max(1, len(files)))
+    if training:
+        dataset = dataset.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    return dataset.map_batches(
+        _read_features, batch_size=1, num_cpus=0.5, batch_format="numpy", fn_kwargs={"filesystem": split.filesystem}
+    )
+
+
+def run_datasets(
+    layout: data.Layout,
+    image_size: int,
+    cache_root: str,
+    skipped: ray.actor.ActorHandle,
+    arch: str,
+    weights: model.InitialWeights,
+    use_gpu: bool,
+    seed: int = 0,
+) -> dict[str, ray.data.Dataset]:
+    """A run's "train" and "val" datasets of backbone features (built from the image cache if need be)."""
+    datasets = {}
+    for name, split in cache.prepare_splits(layout, image_size, cache_root, skipped).items():
+        if split is None:  # nothing decodable in this split: a dataset without rows
+            datasets[name] = ray.data.from_items([])
+            continue
+        features = prepare(split, image_size, arch, len(layout.class_names), weights, use_gpu)
+        datasets[name] = feature_dataset(features, name == "train", seed)
+    return datasets
