@@ -19,18 +19,74 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(300)
 
 
-def test_ingest_benchmark_runs_and_writes_both_sides(tmp_path):
+def _run_bench(command: list[str], timeout: int) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env["PYTHON"] = sys.executable
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_ingest_benchmark_runs_and_writes_every_side(tmp_path):
     out = tmp_path / "ingest.json"
     argv = ["--images", "24", "--epochs", "2", "--image-size", "32", "--data", str(tmp_path / "data")]
-    argv += ["--out", str(out)]
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    done = subprocess.run(
-        [sys.executable, "bench/ingest.py", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=280
-    )
+    done = _run_bench([sys.executable, "bench/ingest.py", *argv, "--out", str(out)], timeout=280)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "ratio tl-ray / baseline" in done.stdout
+    assert "tl-ray (decoded cache)" in done.stdout
     results = json.loads(out.read_text())
-    for side in ("baseline", "tl_ray"):
+    for side in ("baseline", "tl_ray_no_cache", "tl_ray", "tl_ray_cache_built"):
         assert [row["images"] for row in results[side]["epochs"]] == [24, 24]
         assert results[side]["warm_images_per_s"] > 0
     assert math.isfinite(results["ratio_warm"]) and 40 < results["mean_kb"] < 100
+    assert len(list((tmp_path / "data" / "cache").glob("*/manifest.json"))) == 1  # built once, then reused
+
+
+def test_train_loop_benchmark_runs_both_loops(tmp_path):
+    out = tmp_path / "train_loop.json"
+    argv = ["--images", "48", "--epochs", "2", "--image-size", "32", "--batch-size", "8", "--depths", "5"]
+    argv += ["--data", str(tmp_path / "data"), "--out", str(out)]
+    done = _run_bench([sys.executable, "bench/train_loop.py", *argv], timeout=280)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [row] = json.loads(out.read_text())["rows"]
+    assert row["freeze_depth"] == 5
+    assert len(row["plain_epochs_images_per_s"]) == len(row["tl_ray_epochs_images_per_s"]) == 2
+    assert row["plain_steady_images_per_s"] > 0 and row["tl_ray_steady_images_per_s"] > 0
+
+
+def test_sweep_cost_benchmark_runs_both_schedulers(tmp_path):
+    out = tmp_path / "sweep_cost.json"
+    argv = ["--per-class", "6", "--source-epochs", "0", "--depths", "5", "--max-epochs", "1", "--image-size", "32"]
+    done = _run_bench([sys.executable, "bench/sweep_cost.py", *argv, "--batch-size", "8", "--out", str(out)], 280)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    for scheduler in ("fifo", "asha"):
+        assert results[scheduler]["trial_epochs"] == 1 and results[scheduler]["best_freeze_depth"] == 5
+    assert results["same_best_depth"] and results["trial_epoch_ratio"] == 1.0
+
+
+def test_freeze_depth_benchmark_times_every_depth_and_the_naive_freeze(tmp_path):
+    out = tmp_path / "freeze_depth.json"
+    argv = ["--archs", "resnet18", "--image-size", "32", "--batch-size", "4", "--steps", "2", "--warmup", "1"]
+    done = _run_bench([sys.executable, "bench/freeze_depth.py", *argv, "--out", str(out)], timeout=280)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "depth 5 / depth 0" in done.stdout
+    rows = json.loads(out.read_text())["rows"]
+    expected = [("tl-ray", depth) for depth in range(6)] + [("naive", 5)]
+    assert [(row["freezing"], row["freeze_depth"]) for row in rows] == expected
+    assert all(math.isfinite(row["images_per_s"]) and row["images_per_s"] > 0 for row in rows)
+
+
+@pytest.mark.timeout(400)
+def test_gpu_benchmark_script_runs_on_cpu_tiny(tmp_path):
+    out = tmp_path / "gpu.json"
+    done = _run_bench(["bash", "bench/gpu.sh", "--tiny", "--data", str(tmp_path / "data"), "--out", str(out)], 380)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    steps = results["steps"]
+    expected = {(depth, variant) for depth in (0, 5) for variant in ("fp32", "bf16+cl")}
+    assert {(row["freeze_depth"], row["variant"]) for row in steps} >= expected
+    for row in steps:
+        if "compile" in row["variant"] and row["images_per_s"] is None:
+            assert row["error"]
+        else:
+            assert row["images_per_s"] > 0, row
+    [e2e] = results["end_to_end"]
+    assert e2e["images_per_s"] > 0 and len(e2e["history"]) == 1 and e2e["fed_ratio"] > 0

@@ -203,6 +203,7 @@ def _build(
         _decode_to_file,
         batch_size=data.BLOCK_ROWS,
         num_cpus=0.5,  # fits beside a sweep's token-CPU trial drivers, as the uncached pipeline does
+        concurrency=data.task_concurrency(),
         batch_format="numpy",
         fn_kwargs={
             "filesystem": layout.filesystem,
@@ -260,6 +261,7 @@ def cached_dataset(
         _read_and_crop,
         batch_size=1,
         num_cpus=0.5,
+        concurrency=data.task_concurrency(),
         batch_format="numpy",
         fn_kwargs={
             "filesystem": split.filesystem,

@@ -143,7 +143,12 @@ def feature_dataset(split: FeatureSplit, training: bool, seed: int = 0) -> ray.d
     if training:
         dataset = dataset.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
     return dataset.map_batches(
-        _read_features, batch_size=1, num_cpus=0.5, batch_format="numpy", fn_kwargs={"filesystem": split.filesystem}
+        _read_features,
+        batch_size=1,
+        num_cpus=0.5,
+        concurrency=data.task_concurrency(),
+        batch_format="numpy",
+        fn_kwargs={"filesystem": split.filesystem},
     )
 
 

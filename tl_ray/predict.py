@@ -155,6 +155,7 @@ def _run_pipeline(checkpoint, meta, filesystem, prefix, files, top_k, batch_size
         _decode_for_inference,
         batch_size=32,
         num_cpus=0.5,
+        concurrency=data.task_concurrency(),
         fn_kwargs={"filesystem": filesystem, "uri_prefix": prefix, "image_size": meta["image_size"]},
     )
     dataset = dataset.map_batches(
