@@ -4,9 +4,12 @@ The transfer story of `make demo`: a ResNet-18 learns the sample source shapes f
 scratch, then `tl-ray tune` compares freeze depths for transferring it to the target
 shapes, once with ASHA (weak trials stopped at rungs of 1, 2, 4... epochs) and once
 with FIFO (every trial runs every epoch), with the same seeded learning rates. It
-reports each scheduler's total trial-epochs, wall time, and best freeze depth.
+reports each scheduler's total trial-epochs, wall time, and best freeze depth. With
+``--feature-cache`` it also times depth-5 trials on centre crops (``--augment none``)
+with the frozen-backbone feature cache against the same trials decoding every epoch.
 
     python bench/sweep_cost.py                       # ~15 min on 2 CPUs
+    python bench/sweep_cost.py --feature-cache       # + depth-5 trials with and without the feature cache
     python bench/sweep_cost.py --per-class 6 --source-epochs 0 --depths 5 --max-epochs 1   # smoke test
 """
 
@@ -25,7 +28,9 @@ from pathlib import Path
 import tl_ray
 
 
-def run_sweep(target: Path, weights: str, args: argparse.Namespace, scheduler: str, storage: str) -> dict:
+def run_sweep(
+    target: Path, weights: str, args: argparse.Namespace, scheduler: str, storage: str, name: str, **options
+) -> dict:
     started = time.perf_counter()
     summary, _ = tl_ray.tune(
         data=str(target),
@@ -33,19 +38,21 @@ def run_sweep(target: Path, weights: str, args: argparse.Namespace, scheduler: s
         weights=weights,
         image_size=args.image_size,
         batch_size=args.batch_size,
-        freeze_depths=args.depths,
+        freeze_depths=options.pop("freeze_depths", args.depths),
         lr_min=args.lr_min,
         lr_max=args.lr_max,
         max_epochs=args.max_epochs,
         scheduler=scheduler,
         storage=storage,
-        name=scheduler,
+        name=name,
         seed=args.seed,
+        **options,
     )
     best = summary.best
     return {
         "scheduler": scheduler,
         "wall_s": time.perf_counter() - started,
+        "trial_seconds": sum(trial.seconds for trial in summary.trials),
         "trial_epochs": sum(trial.epochs for trial in summary.trials),
         "best_freeze_depth": best.freeze_depth if best else None,
         "best_val_acc": best.val_acc if best else None,
@@ -67,6 +74,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr-min", type=float, default=3e-4)
     parser.add_argument("--lr-max", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--feature-cache", action="store_true", help="also time depth-5 --augment none trials with and without it"
+    )
+    parser.add_argument("--feature-trials", type=int, default=3, help="depth-5 trials per --feature-cache sweep")
     parser.add_argument("--out", default="bench/results/sweep_cost.json")
     args = parser.parse_args(argv)
 
@@ -98,7 +109,17 @@ def main(argv: list[str] | None = None) -> dict:
         target = Path(workdir) / "data" / "target"
         # Both sweeps share one decoded-image cache (the default, under their storage): neither pays for decoding
         # more than the other. FIFO first, so ASHA is not the one that builds it.
-        runs = {name: run_sweep(target, weights, args, name, f"{workdir}/runs") for name in ("fifo", "asha")}
+        runs = {name: run_sweep(target, weights, args, name, f"{workdir}/runs", name) for name in ("fifo", "asha")}
+        if args.feature_cache:
+            # Depth-5 trials on centre crops (--augment none): backbone features computed once and shared, vs
+            # decoding and running the backbone every epoch of every trial (--cache none).
+            depth5 = {"freeze_depths": "5", "augment": "none", "num_samples": args.feature_trials}
+            results["feature_cache"] = {
+                "cached": run_sweep(target, weights, args, "fifo", f"{workdir}/runs", "features", **depth5),
+                "uncached": run_sweep(
+                    target, weights, args, "fifo", f"{workdir}/runs", "no-cache", cache="none", **depth5
+                ),
+            }
     results.update(runs)
     fifo, asha = runs["fifo"], runs["asha"]
     results["trial_epoch_ratio"] = asha["trial_epochs"] / fifo["trial_epochs"]
@@ -118,6 +139,18 @@ def main(argv: list[str] | None = None) -> dict:
         f"ASHA / FIFO: {results['trial_epoch_ratio']:.2f} of the trial-epochs, {results['wall_ratio']:.2f} of the"
         f" wall time; same best depth: {results['same_best_depth']}"
     )
+    if args.feature_cache:
+        cached, uncached = results["feature_cache"]["cached"], results["feature_cache"]["uncached"]
+        results["feature_cache"]["trial_seconds_ratio"] = cached["trial_seconds"] / uncached["trial_seconds"]
+        results["feature_cache"]["wall_ratio"] = cached["wall_s"] / uncached["wall_s"]
+        print(f"depth-5 trials (--augment none, {args.feature_trials} trials, {args.max_epochs} epochs each):")
+        print(f"{'':22} {'trial s':>9} {'wall s':>8}")
+        for label, row in (("feature cache", cached), ("--cache none", uncached)):
+            print(f"{label:22} {row['trial_seconds']:>9.1f} {row['wall_s']:>8.0f}")
+        print(
+            f"feature cache / uncached: {results['feature_cache']['trial_seconds_ratio']:.3f} of the trial seconds,"
+            f" {results['feature_cache']['wall_ratio']:.2f} of the wall time"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     return results

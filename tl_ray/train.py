@@ -89,15 +89,15 @@ def _mount_type(path: str) -> str:
     return best[1] if best else ""
 
 
-def check_shared_storage(storage: str) -> None:
-    """On a multi-node cluster, refuse a node-local --storage: other nodes could not see its checkpoints."""
+def check_shared_storage(storage: str, option: str = "--storage") -> None:
+    """On a multi-node cluster, refuse a node-local folder: other nodes could not see its checkpoints (or cache)."""
     alive = [node for node in ray.nodes() if node.get("Alive")]
     if len(alive) < 2 or "://" in storage:
         return
     if _mount_type(storage).split(".")[0] in NETWORK_FILESYSTEMS:
         return
     raise TlRayError(
-        f"--storage: {storage} is a node-local folder, but this Ray cluster has {len(alive)} nodes; "
+        f"{option}: {storage} is a node-local folder, but this Ray cluster has {len(alive)} nodes; "
         "pass shared storage: s3://bucket/path, gs://bucket/path or a folder on an NFS mount"
     )
 
@@ -136,6 +136,8 @@ def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = No
     train_per_class = _per_class(layout.train, len(layout.class_names))
     try:
         cache_root = cache.resolve_root(config.cache, storage)
+        if cache_root is not None and config.cache != "auto":
+            check_shared_storage(cache_root, "--cache")
         use_features = features.applies(config.freeze_depth, config.augment, cache_root)
         if use_features:
             datasets = features.run_datasets(
