@@ -49,6 +49,8 @@ def test_missing_yaml_names_the_file(tmp_path):
         ({"lr": -0.1}, "--lr must be positive; got -0.1"),
         ({"arch": "vgg16"}, "--arch must be one of resnet18"),
         ({"optimizer": "lion"}, "--optimizer must be one of sgd, adamw"),
+        ({"augment": "heavy"}, "--augment must be one of standard, none; got 'heavy'"),
+        ({"cache": ""}, "--cache must be auto, none, or a folder or URI"),
         ({"val_fraction": 1.0}, "--val-fraction must be between 0 and 1"),
         ({"batch_size": 3, "num_workers": 2}, "--batch-size is the global batch"),
         ({"name": "a/b"}, "--name must be a plain folder name"),
