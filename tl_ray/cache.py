@@ -24,7 +24,9 @@ import math
 import os
 import random
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -244,31 +246,48 @@ def _read_and_crop(
     }
 
 
-def cached_dataset(
-    split: CachedSplit, image_size: int, training: bool, color_jitter: float = 0.0, seed: int = 0, augment: bool = True
+def per_file_dataset(
+    paths: list[str],
+    filesystem: pafs.FileSystem,
+    read: Callable[..., dict[str, np.ndarray]],
+    training: bool,
+    seed: int = 0,
+    **options: Any,
 ) -> ray.data.Dataset:
-    """{"image": uint8 (3, S, S), "label": int64} from a built cache, as ``data.image_dataset`` yields from files.
+    """One block per cache file, each read by ``read(batch, filesystem, **options)`` in our own task; for
+    training, in a new order every epoch.
 
-    One block per cache file, read by our own task: Ray Data's Parquet reader would add a listing step that
-    claims a whole CPU (which a sweep on a small machine does not have free) and merge small files into one
-    block (which leaves an epoch's order nothing to vary).
+    Not Ray Data's Parquet reader: it adds a listing step that claims a whole CPU (which a sweep on a small
+    machine does not have free) and merges small files into one block (which leaves an epoch's order nothing
+    to vary).
     """
-    files = [{"file": path} for path in split.parquet_files]
-    dataset = ray.data.from_items(files, override_num_blocks=len(files))
+    files = [{"file": path} for path in paths]
+    dataset = ray.data.from_items(files, override_num_blocks=max(1, len(files)))
     if training:
         dataset = dataset.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
     return dataset.map_batches(
-        _read_and_crop,
+        read,
         batch_size=1,
         num_cpus=0.5,
         concurrency=data.task_concurrency(),
         batch_format="numpy",
-        fn_kwargs={
-            "filesystem": split.filesystem,
-            "image_size": image_size,
-            "augment": training and augment,
-            "color_jitter": color_jitter,
-        },
+        fn_kwargs={"filesystem": filesystem, **options},
+    )
+
+
+def cached_dataset(
+    split: CachedSplit, image_size: int, training: bool, color_jitter: float = 0.0, seed: int = 0, augment: bool = True
+) -> ray.data.Dataset:
+    """{"image": uint8 (3, S, S), "label": int64} from a built cache, as ``data.image_dataset`` yields from files."""
+    return per_file_dataset(
+        split.parquet_files,
+        split.filesystem,
+        _read_and_crop,
+        training,
+        seed,
+        image_size=image_size,
+        augment=training and augment,
+        color_jitter=color_jitter,
     )
 
 

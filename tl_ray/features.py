@@ -23,7 +23,6 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 import torch
-from ray.data import RandomSeedConfig
 
 from tl_ray import cache, data, model
 from tl_ray.config import NUM_STAGES
@@ -138,18 +137,7 @@ def _read_features(batch: dict[str, np.ndarray], filesystem: pafs.FileSystem) ->
 
 def feature_dataset(split: FeatureSplit, training: bool, seed: int = 0) -> ray.data.Dataset:
     """{"features": float32 (D,), "label": int64}, one block per feature file, in a new block order each epoch."""
-    files = [{"file": path} for path in split.parquet_files]
-    dataset = ray.data.from_items(files, override_num_blocks=max(1, len(files)))
-    if training:
-        dataset = dataset.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
-    return dataset.map_batches(
-        _read_features,
-        batch_size=1,
-        num_cpus=0.5,
-        concurrency=data.task_concurrency(),
-        batch_format="numpy",
-        fn_kwargs={"filesystem": split.filesystem},
-    )
+    return cache.per_file_dataset(split.parquet_files, split.filesystem, _read_features, training, seed)
 
 
 def run_datasets(
