@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import uuid
@@ -66,16 +65,6 @@ def resolve_root(cache: str, storage: str) -> str | None:
     if cache == "auto":
         return f"{storage.rstrip('/')}/{DEFAULT_FOLDER}"
     return cache if "://" in cache else os.path.abspath(os.path.expanduser(cache))
-
-
-def _filesystem(root: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in root:
-        try:
-            filesystem, path = pafs.FileSystem.from_uri(root)
-        except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... for unusable URIs
-            raise TlRayError(f"--cache: cannot open {root}: {error}") from error
-        return filesystem, path.rstrip("/")
-    return pafs.LocalFileSystem(), root
 
 
 def _file_stats(layout: data.Layout, paths: list[str]) -> list[tuple[int, int]]:
@@ -172,7 +161,7 @@ def _decode_to_file(
 def prepare(files: list[tuple[str, int]], layout: data.Layout, image_size: int, root: str) -> CachedSplit:
     """The cache of one split at ``image_size``: reused when one exists for exactly these files, else built."""
     short_side = data.resize_size(image_size)
-    filesystem, base = _filesystem(root)
+    filesystem, base, _ = data.resolve_filesystem(root, "--cache")
     folder = f"{base}/{split_key(files, layout, short_side)}"
     manifest = read_manifest(filesystem, folder)
     built = manifest is None
@@ -200,7 +189,7 @@ def _build(
         filesystem.create_dir(attempt_folder, recursive=True)
     except OSError as error:
         raise TlRayError(f"--cache: cannot create {attempt_folder}: {error}") from error
-    outcome = ray.data.from_items(rows, override_num_blocks=max(1, min(1000, math.ceil(len(rows) / data.BLOCK_ROWS))))
+    outcome = data.file_rows(rows)
     outcome = outcome.map_batches(
         _decode_to_file,
         batch_size=data.BLOCK_ROWS,

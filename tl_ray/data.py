@@ -60,13 +60,13 @@ class Layout:
         return {name: index for index, name in enumerate(self.class_names)}
 
 
-def resolve_filesystem(root: str) -> tuple[pafs.FileSystem, str, str]:
+def resolve_filesystem(root: str, option: str = "--data") -> tuple[pafs.FileSystem, str, str]:
     """(filesystem, path inside it, prefix that turns such a path back into what the user wrote)."""
     if "://" in root:
         try:
             filesystem, path = pafs.FileSystem.from_uri(root)
         except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... for unusable URIs
-            raise TlRayError(f"--data: cannot open {root}: {error}") from error
+            raise TlRayError(f"{option}: cannot open {root}: {error}") from error
         return filesystem, path.rstrip("/"), root.split("://", 1)[0] + "://"
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(root)), ""
 
@@ -405,6 +405,11 @@ def _decode_batch(
     }
 
 
+def file_rows(rows: list[dict]) -> ray.data.Dataset:
+    """One row per file, ``BLOCK_ROWS`` files to a block (at most 1000 blocks): what every decode pass reads."""
+    return ray.data.from_items(rows, override_num_blocks=max(1, min(1000, math.ceil(len(rows) / BLOCK_ROWS))))
+
+
 def image_dataset(
     files: list[tuple[str, int]],
     layout: Layout,
@@ -428,7 +433,7 @@ def image_dataset(
     rows = [{"path": path, "label": label} for path, label in files]
     if training:
         random.Random(seed).shuffle(rows)
-    dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(1000, math.ceil(len(rows) / BLOCK_ROWS))))
+    dataset = file_rows(rows)
     if training:
         dataset = dataset.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
     return dataset.map_batches(

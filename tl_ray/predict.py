@@ -10,7 +10,6 @@ path, so two runs over the same files give the same file.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,12 +147,10 @@ def _run_pipeline(checkpoint, meta, filesystem, prefix, files, top_k, batch_size
     data.ensure_ray()
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     workers = concurrency or (int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 1)
-    dataset = ray.data.from_items(
-        [{"path": path} for path in files], override_num_blocks=max(1, min(1000, math.ceil(len(files) / 32)))
-    )
+    dataset = data.file_rows([{"path": path} for path in files])
     dataset = dataset.map_batches(
         _decode_for_inference,
-        batch_size=32,
+        batch_size=data.BLOCK_ROWS,
         num_cpus=0.5,
         concurrency=data.task_concurrency(),
         fn_kwargs={"filesystem": filesystem, "uri_prefix": prefix, "image_size": meta["image_size"]},
