@@ -89,7 +89,8 @@ def make_step(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     forward = torch.compile(model) if compile else model
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], TrainConfig())
+    recipe = TrainConfig(data="-", weights="none").validate()  # the default recipe's optimizer and learning rate
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], recipe)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     criterion = nn.CrossEntropyLoss()
     mean = torch.tensor(IMAGENET_MEAN, device=device)

@@ -45,7 +45,8 @@ def plain_loop(root: Path, arch: str, depth: int, image_size: int, batch_size: i
     loader_processes = max(1, (os.cpu_count() or 1) - threads)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=loader_processes, drop_last=True)
     net = model.TransferResNet(model.create_resnet(arch, len(dataset.classes)), depth)
-    optimizer = make_optimizer(net.trainable_parameters(), TrainConfig(lr=1e-3))
+    recipe = TrainConfig(data=str(root), weights="none", freeze_depth=depth).validate()
+    optimizer = make_optimizer(net.parameter_groups(recipe.lr, recipe.weight_decay), recipe)
     criterion = torch.nn.CrossEntropyLoss()
     mean, std = torch.tensor(model.IMAGENET_MEAN), torch.tensor(model.IMAGENET_STD)
     rates = []

@@ -23,7 +23,7 @@ def test_yaml_values_apply_and_flags_override(tmp_path):
     [
         ("epochs: three\n", "epochs must be int; got 'three'"),
         ("freeze_depth: 2.5\n", "freeze_depth must be int or null; got 2.5"),
-        ("lr: true\n", "lr must be float; got True"),
+        ("lr: true\n", "lr must be float or null; got True"),
         ("learning_rate: 0.1\n", "unknown keys: learning_rate"),
         ("- a\n- b\n", "must hold a mapping"),
         ("epochs: [1\n", "is not valid YAML"),
@@ -49,7 +49,7 @@ def test_missing_yaml_names_the_file(tmp_path):
         ({"lr": -0.1}, "--lr must be positive; got -0.1"),
         ({"arch": "vgg16"}, "--arch must be one of resnet18"),
         ({"optimizer": "lion"}, "--optimizer must be one of sgd, adamw"),
-        ({"augment": "heavy"}, "--augment must be one of standard, none; got 'heavy'"),
+        ({"augment": "heavy"}, "--augment must be one of auto, standard, light, none; got 'heavy'"),
         ({"cache": ""}, "--cache must be auto, none, or a folder or URI"),
         ({"val_fraction": 1.0}, "--val-fraction must be between 0 and 1"),
         ({"batch_size": 3, "num_workers": 2}, "--batch-size is the global batch"),

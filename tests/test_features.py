@@ -30,7 +30,7 @@ def _dataset(root: Path) -> Path:
 def test_cached_features_are_the_backbone_outputs_and_follow_the_weights(tmp_path, ray_cluster):
     layout = data.discover(str(_dataset(tmp_path / "data")))
     split = cache.prepare(layout.train, layout, SIZE, str(tmp_path / "cache"))
-    weights = model.initial_weights("resnet18", "none", 3, seed=1)
+    weights = model.initial_weights("resnet18", "none", ["a", "b", "c"], seed=1)
     built = features.prepare(split, SIZE, "resnet18", 3, weights, use_gpu=False)
     assert built.built and built.rows == len(layout.train)
     rows = features.feature_dataset(built, training=True).take_all()
@@ -51,7 +51,7 @@ def test_cached_features_are_the_backbone_outputs_and_follow_the_weights(tmp_pat
     assert sorted(row["label"] for row in rows) == sorted(label for _, label in layout.train)
 
     assert not features.prepare(split, SIZE, "resnet18", 3, weights, use_gpu=False).built
-    other = model.initial_weights("resnet18", "none", 3, seed=2)  # another backbone: other features
+    other = model.initial_weights("resnet18", "none", ["a", "b", "c"], seed=2)  # another backbone: other features
     assert features.prepare(split, SIZE, "resnet18", 3, other, use_gpu=False).built
 
 

@@ -102,11 +102,16 @@ def prove_payload_is_live(path: Path, sentinel: Path, how: str) -> None:
     assert sentinel.exists()
 
 
+def classes(count: int) -> list[str]:
+    """Class names as save_tl_checkpoint writes them."""
+    return [f"c{i}" for i in range(count)]
+
+
 def save_tl_checkpoint(directory: Path, state: dict[str, torch.Tensor], arch: str, num_classes: int) -> None:
     meta = {
         "arch": arch,
         "num_classes": num_classes,
-        "class_names": [f"c{i}" for i in range(num_classes)],
+        "class_names": classes(num_classes),
         "image_size": SIZE,
         "mean": [0.5, 0.4, 0.3],
         "std": [0.2, 0.25, 0.3],
@@ -133,7 +138,7 @@ def test_head_size_equals_num_classes(num_classes):
     for depth in (0, NUM_STAGES):
         model = build(depth, num_classes).eval()
         assert model(images).shape == (BATCH, num_classes)
-    weights = initial_weights("resnet18", "none", num_classes)
+    weights = initial_weights("resnet18", "none", classes(num_classes))
     assert weights.state_dict["fc.weight"].shape == (num_classes, 512)
     assert weights.state_dict["fc.bias"].shape == (num_classes,)
 
@@ -143,7 +148,7 @@ def test_invalid_arch_is_rejected(arch):
     with pytest.raises(TlRayError, match="--arch"):
         create_resnet(arch, 3)
     with pytest.raises(TlRayError, match="--arch"):
-        initial_weights(arch, "none", 3)
+        initial_weights(arch, "none", classes(3))
 
 
 @pytest.mark.parametrize("depth", [-1, 6, 7])
@@ -341,9 +346,9 @@ def test_frozen_prefix_builds_no_autograd_graph(depth):
 
 
 def test_initial_weights_none_is_seeded_random_init():
-    first = initial_weights("resnet18", "none", 7, seed=0)
-    again = initial_weights("resnet18", "none", 7, seed=0)
-    other = initial_weights("resnet18", "none", 7, seed=1)
+    first = initial_weights("resnet18", "none", classes(7), seed=0)
+    again = initial_weights("resnet18", "none", classes(7), seed=0)
+    other = initial_weights("resnet18", "none", classes(7), seed=1)
     assert first.source == "none"
     assert first.head_reset is True
     assert first.mean == IMAGENET_MEAN and first.std == IMAGENET_STD
@@ -355,15 +360,20 @@ def test_initial_weights_none_is_seeded_random_init():
     net.load_state_dict(first.state_dict)  # strict: the result fits the architecture exactly
 
 
-def test_initial_weights_from_state_dict_with_matching_head(tmp_path):
+def test_initial_weights_from_state_dict_replaces_even_a_head_of_the_right_size(tmp_path):
+    """A bare state dict does not say what its outputs mean: a head of the same size is no evidence."""
     state = resnet18_state(1000, seed=5)
     path = tmp_path / "r18.pth"
     torch.save(state, path)
-    weights = initial_weights("resnet18", str(path), 1000)
-    assert weights.head_reset is False
+    weights = initial_weights("resnet18", str(path), classes(1000), seed=0)
+    assert weights.head_reset is True
     assert weights.source == str(path.resolve())
     assert weights.mean == IMAGENET_MEAN and weights.std == IMAGENET_STD
-    assert_same_tensors(weights.state_dict, state)
+    assert not torch.equal(weights.state_dict["fc.weight"], state["fc.weight"])
+    assert_same_tensors(
+        {k: v for k, v in weights.state_dict.items() if not k.startswith("fc.")},
+        {k: v for k, v in state.items() if not k.startswith("fc.")},
+    )
 
 
 @pytest.mark.parametrize("num_classes", [3, 7])
@@ -371,12 +381,12 @@ def test_initial_weights_from_state_dict_replaces_the_head(tmp_path, num_classes
     state = resnet18_state(1000, seed=5)
     path = tmp_path / "r18.pth"
     torch.save(state, path)
-    weights = initial_weights("resnet18", str(path), num_classes, seed=0)
+    weights = initial_weights("resnet18", str(path), classes(num_classes), seed=0)
     assert weights.head_reset is True
     assert weights.state_dict["fc.weight"].shape == (num_classes, 512)
     backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
     assert_same_tensors({k: v for k, v in weights.state_dict.items() if not k.startswith("fc.")}, backbone)
-    again = initial_weights("resnet18", str(path), num_classes, seed=0)
+    again = initial_weights("resnet18", str(path), classes(num_classes), seed=0)
     assert torch.equal(again.state_dict["fc.weight"], weights.state_dict["fc.weight"])  # the new head is seeded
 
 
@@ -384,9 +394,9 @@ def test_initial_weights_unwraps_state_dict_wrapper_and_ddp_prefix(tmp_path):
     state = resnet18_state(NUM_CLASSES, seed=6)
     path = tmp_path / "wrapped.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, path)
-    weights = initial_weights("resnet18", str(path), NUM_CLASSES)
-    assert weights.head_reset is False
-    assert_same_tensors(weights.state_dict, state)
+    weights = initial_weights("resnet18", str(path), classes(NUM_CLASSES))
+    backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    assert_same_tensors({k: v for k, v in weights.state_dict.items() if not k.startswith("fc.")}, backbone)
 
 
 @pytest.mark.parametrize("how", ["torch.save", "pickle.dump"])
@@ -395,7 +405,7 @@ def test_initial_weights_refuses_a_malicious_pickle(tmp_path, how):
     path = tmp_path / "evil.pth"
     write_malicious_pth(path, sentinel, how)
     with pytest.raises(TlRayError, match=r"evil\.pth"):
-        initial_weights("resnet18", str(path), NUM_CLASSES)
+        initial_weights("resnet18", str(path), classes(NUM_CLASSES))
     assert not sentinel.exists(), "loading --weights ran code from the pickle"
     prove_payload_is_live(path, sentinel, how)
 
@@ -423,7 +433,7 @@ def test_initial_weights_rejects_a_file_that_is_not_a_state_dict(tmp_path, write
     path = tmp_path / "weights.pth"
     write(path)
     with pytest.raises(TlRayError) as info:
-        initial_weights("resnet18", str(path), NUM_CLASSES)
+        initial_weights("resnet18", str(path), classes(NUM_CLASSES))
     assert str(path) in str(info.value)
     assert "--weights" in str(info.value)
 
@@ -432,7 +442,7 @@ def test_initial_weights_rejects_a_state_dict_with_missing_blocks(tmp_path):
     path = tmp_path / "r18.pth"
     torch.save(resnet18_state(1000), path)  # resnet34 has more blocks per layer
     with pytest.raises(TlRayError, match="--arch") as info:
-        initial_weights("resnet34", str(path), NUM_CLASSES)
+        initial_weights("resnet34", str(path), classes(NUM_CLASSES))
     assert str(path) in str(info.value)
 
 
@@ -442,20 +452,20 @@ def test_initial_weights_rejects_a_state_dict_of_another_arch(tmp_path, other_ar
     torch.manual_seed(0)
     torch.save(torchvision.models.get_model(other_arch, weights=None).state_dict(), path)
     with pytest.raises(TlRayError, match="--arch"):
-        initial_weights("resnet18", str(path), NUM_CLASSES)
+        initial_weights("resnet18", str(path), classes(NUM_CLASSES))
 
 
 @pytest.mark.parametrize("weights", ["missing.pth", "no/such/dir/w.pt", "/no/such/weights"])
 def test_initial_weights_missing_file_is_an_error(tmp_path, monkeypatch, weights):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(TlRayError, match="does not exist"):
-        initial_weights("resnet18", weights, NUM_CLASSES)
+        initial_weights("resnet18", weights, classes(NUM_CLASSES))
 
 
 def test_initial_weights_unknown_weights_name_lists_the_choices(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(TlRayError, match="IMAGENET1K_V1") as info:
-        initial_weights("resnet18", "IMAGENET9K_V9", NUM_CLASSES)
+        initial_weights("resnet18", "IMAGENET9K_V9", classes(NUM_CLASSES))
     assert "--weights" in str(info.value)
 
 
@@ -465,7 +475,7 @@ def test_initial_weights_unknown_weights_name_lists_the_choices(tmp_path, monkey
 def test_initial_weights_from_a_checkpoint_with_the_same_classes(tmp_path):
     state = resnet18_state(NUM_CLASSES, seed=7)
     save_tl_checkpoint(tmp_path / "ckpt", state, "resnet18", NUM_CLASSES)
-    weights = initial_weights("resnet18", str(tmp_path / "ckpt"), NUM_CLASSES)
+    weights = initial_weights("resnet18", str(tmp_path / "ckpt"), classes(NUM_CLASSES))
     assert weights.head_reset is False
     assert weights.source == f"checkpoint:{(tmp_path / 'ckpt').resolve()}"
     assert weights.mean == (0.5, 0.4, 0.3) and weights.std == (0.2, 0.25, 0.3)  # preprocessing from meta.json
@@ -475,7 +485,7 @@ def test_initial_weights_from_a_checkpoint_with_the_same_classes(tmp_path):
 def test_initial_weights_from_a_checkpoint_with_other_classes_resets_the_head(tmp_path):
     state = resnet18_state(NUM_CLASSES, seed=7)
     save_tl_checkpoint(tmp_path / "ckpt", state, "resnet18", NUM_CLASSES)
-    weights = initial_weights("resnet18", str(tmp_path / "ckpt"), 7)
+    weights = initial_weights("resnet18", str(tmp_path / "ckpt"), classes(7))
     assert weights.head_reset is True
     assert weights.state_dict["fc.weight"].shape == (7, 512)
     for key, value in state.items():
@@ -483,12 +493,24 @@ def test_initial_weights_from_a_checkpoint_with_other_classes_resets_the_head(tm
             assert torch.equal(weights.state_dict[key], value), key
 
 
+def test_initial_weights_from_a_checkpoint_with_as_many_but_other_classes_resets_the_head(tmp_path):
+    """Same class count, other task: keeping the head would start every output on the wrong class."""
+    state = resnet18_state(NUM_CLASSES, seed=7)
+    save_tl_checkpoint(tmp_path / "ckpt", state, "resnet18", NUM_CLASSES)
+    for names in (["cross", "diamond", "hexagon"], list(reversed(classes(NUM_CLASSES)))):
+        weights = initial_weights("resnet18", str(tmp_path / "ckpt"), names, seed=0)
+        assert weights.head_reset is True
+        assert weights.state_dict["fc.weight"].shape == state["fc.weight"].shape
+        assert not torch.equal(weights.state_dict["fc.weight"], state["fc.weight"])
+        assert torch.equal(weights.state_dict["layer4.1.bn2.running_var"], state["layer4.1.bn2.running_var"])
+
+
 def test_initial_weights_from_a_checkpoint_of_another_arch_says_which(tmp_path):
     torch.manual_seed(0)
     state = torchvision.models.resnet34(weights=None, num_classes=NUM_CLASSES).state_dict()
     save_tl_checkpoint(tmp_path / "ckpt", state, "resnet34", NUM_CLASSES)
     with pytest.raises(TlRayError, match="--arch resnet34"):
-        initial_weights("resnet18", str(tmp_path / "ckpt"), NUM_CLASSES)
+        initial_weights("resnet18", str(tmp_path / "ckpt"), classes(NUM_CLASSES))
 
 
 def test_initial_weights_from_a_folder_without_meta_is_an_error(tmp_path):
@@ -496,7 +518,7 @@ def test_initial_weights_from_a_folder_without_meta_is_an_error(tmp_path):
     folder.mkdir()
     torch.save(resnet18_state(NUM_CLASSES), folder / "model.pt")
     with pytest.raises(TlRayError, match=r"meta\.json"):
-        initial_weights("resnet18", str(folder), NUM_CLASSES)
+        initial_weights("resnet18", str(folder), classes(NUM_CLASSES))
 
 
 def test_initial_weights_refuses_a_malicious_checkpoint(tmp_path):
@@ -504,7 +526,7 @@ def test_initial_weights_refuses_a_malicious_checkpoint(tmp_path):
     save_tl_checkpoint(tmp_path / "ckpt", resnet18_state(NUM_CLASSES), "resnet18", NUM_CLASSES)
     write_malicious_pth(tmp_path / "ckpt" / "model.pt", sentinel, "torch.save")
     with pytest.raises(TlRayError, match=r"model\.pt"):
-        initial_weights("resnet18", str(tmp_path / "ckpt"), NUM_CLASSES)
+        initial_weights("resnet18", str(tmp_path / "ckpt"), classes(NUM_CLASSES))
     assert not sentinel.exists()
 
 
@@ -512,7 +534,7 @@ def test_initial_weights_from_a_checkpoint_whose_model_file_is_not_a_state_dict(
     save_tl_checkpoint(tmp_path / "ckpt", resnet18_state(NUM_CLASSES), "resnet18", NUM_CLASSES)
     torch.save([1, 2, 3], tmp_path / "ckpt" / "model.pt")
     with pytest.raises(TlRayError, match=r"model\.pt"):
-        initial_weights("resnet18", str(tmp_path / "ckpt"), NUM_CLASSES)
+        initial_weights("resnet18", str(tmp_path / "ckpt"), classes(NUM_CLASSES))
 
 
 # ----------------------------------------------------------------------------- initial_weights: downloads
@@ -535,7 +557,7 @@ def test_imagenet_weights_offline_fail_fast_then_a_staged_file_is_used(offline):
     cache = offline / "hub" / "checkpoints" / os.path.basename(enum.url)
     start = time.monotonic()
     with pytest.raises(TlRayError) as info:
-        initial_weights("resnet18", "imagenet", NUM_CLASSES)
+        initial_weights("resnet18", "imagenet", classes(NUM_CLASSES))
     assert time.monotonic() - start < 60
     message = str(info.value)
     assert "--weights" in message
@@ -546,7 +568,7 @@ def test_imagenet_weights_offline_fail_fast_then_a_staged_file_is_used(offline):
     # Follow the message's advice: copy the file into the cache, and no download is attempted.
     staged = resnet18_state(1000, seed=9)
     torch.save(staged, cache)
-    weights = initial_weights("resnet18", "imagenet", NUM_CLASSES)
+    weights = initial_weights("resnet18", "imagenet", classes(NUM_CLASSES))
     assert weights.source == f"imagenet:{enum.name}"
     assert weights.head_reset is True
     assert weights.mean == tuple(enum.transforms().mean) and weights.std == tuple(enum.transforms().std)
@@ -554,8 +576,12 @@ def test_imagenet_weights_offline_fail_fast_then_a_staged_file_is_used(offline):
         if not key.startswith("fc."):
             assert torch.equal(weights.state_dict[key], value), key
     assert weights.state_dict["fc.weight"].shape == (NUM_CLASSES, 512)
-    by_name = initial_weights("resnet18", enum.name, NUM_CLASSES)  # the enum name resolves to the same file
+    by_name = initial_weights("resnet18", enum.name, classes(NUM_CLASSES))  # the enum name resolves to the same file
     assert_same_tensors(by_name.state_dict, weights.state_dict)
+    # ImageNet's own 1000 categories keep ImageNet's head; 1000 other classes do not.
+    same = initial_weights("resnet18", "imagenet", enum.meta["categories"])
+    assert same.head_reset is False and torch.equal(same.state_dict["fc.weight"], staged["fc.weight"])
+    assert initial_weights("resnet18", "imagenet", classes(1000)).head_reset is True
 
 
 def test_imagenet_cache_file_with_a_malicious_pickle_runs_no_code(offline):
@@ -565,7 +591,7 @@ def test_imagenet_cache_file_with_a_malicious_pickle_runs_no_code(offline):
     sentinel = offline / "SENTINEL"
     write_malicious_pth(cache, sentinel, "torch.save")
     with pytest.raises(Exception):  # noqa: B017 - the type is the subject of the next test
-        initial_weights("resnet18", "imagenet", NUM_CLASSES)
+        initial_weights("resnet18", "imagenet", classes(NUM_CLASSES))
     assert not sentinel.exists()
 
 
@@ -575,4 +601,4 @@ def test_imagenet_cache_file_with_a_malicious_pickle_is_a_tl_ray_error(offline):
     cache.parent.mkdir(parents=True)
     write_malicious_pth(cache, offline / "SENTINEL", "torch.save")
     with pytest.raises(TlRayError):
-        initial_weights("resnet18", "imagenet", NUM_CLASSES)
+        initial_weights("resnet18", "imagenet", classes(NUM_CLASSES))

@@ -47,6 +47,9 @@ def test_train_learns_and_leaves_a_loadable_checkpoint(source_run, source_data, 
     assert meta["class_names"] == ["circle", "square", "star", "triangle"]
     assert (meta["arch"], meta["freeze_depth"], meta["image_size"], meta["weights"]) == ("resnet18", 0, 64, "none")
     assert meta["epoch"] == result["metrics"]["epoch"]
+    # The recipe from random weights: one learning rate everywhere, recorded with the model.
+    assert meta["strategy"]["name"] == "plain" and meta["strategy"]["backbone_lr_mult"] == 1.0
+    assert meta["strategy"]["head_epochs"] == 0 and meta["strategy"]["optimizer"] == "adamw"
     layout = data.discover(str(source_data))
     # The checkpoint alone reproduces the run's validation accuracy: same classes, same preprocessing.
     assert checkpoint_accuracy(result["best_checkpoint"], layout.val) == pytest.approx(
@@ -98,11 +101,15 @@ def test_rerun_resumes_and_a_killed_worker_restarts_from_the_last_checkpoint(sou
 
 @pytest.mark.slow
 def test_transfer_to_new_classes_survives_a_killed_driver(source_model, sample_root, tmp_path, ray_cluster):
-    """`tl-ray train` from the source checkpoint is SIGKILLed after its first epoch, then run again."""
+    """`tl-ray train` from the source checkpoint is SIGKILLed after its first epoch, then run again.
+
+    With ``--strategy probe`` epoch 1 trains the head alone and epoch 2 unfreezes layer4: the
+    resumed run must switch phases where the killed one would have.
+    """
     source_checkpoint = source_model
     argv = [
         "train", "--data", str(sample_root / "target"), "--weights", source_checkpoint, "--freeze-depth", "4",
-        "--epochs", "2", "--arch", "resnet18", "--image-size", "64", "--num-workers", "2",
+        "--strategy", "probe", "--epochs", "2", "--arch", "resnet18", "--image-size", "64", "--num-workers", "2",
         "--storage", str(tmp_path), "--name", "target",
     ]  # fmt: skip
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
@@ -124,7 +131,10 @@ def test_transfer_to_new_classes_survives_a_killed_driver(source_model, sample_r
     assert [row["epoch"] for row in result["history"]] == [1, 2]
     assert result["history"][0] == epoch_one, "epoch 1 was not trained again"
     assert result["history"][1]["resumed_after_epoch"] == 1
-    meta = read_meta(result["best_checkpoint"])
+    assert [row["frozen_stages"] for row in result["history"]] == [5, 4], "head alone, then layer4 unfrozen"
+    meta = read_meta(result["last_checkpoint"])
+    assert meta["strategy"]["name"] == "probe" and meta["strategy"]["head_epochs"] == 1
+    assert meta["strategy"]["backbone_lr_mult"] == 0.1
     assert meta["class_names"] == ["cross", "diamond", "hexagon"]
     assert meta["weights"].startswith("checkpoint:") and meta["freeze_depth"] == 4
     before, after = read_model_state(source_checkpoint), read_model_state(result["last_checkpoint"])

@@ -1,12 +1,13 @@
 """`tl-ray tune` on real Ray: one sweep that is early-stopped, killed, resumed and reported.
 
-Three trials (freeze depths 0, 4 and 5) start from the source model trained in conftest,
-on a small subset of the source task. The seeded learning-rate draws give trial 0 (full
-fine-tuning) a gentle rate and trial 1 an absurd one (4.2 for AdamW), so ASHA stops
-trial 1 after its first epoch; then trial 2 must still get the CPUs (a stopped trial
-that kept its workers' placement group would make it wait forever). The sweep's driver
-is SIGKILLed once the first two trials have ended, and the same command run again; before
-that, a training worker of the first trial is SIGKILLed in its second epoch.
+Three trials on a small subset of the source task: freeze depth 4 from the source model
+trained in conftest at two shared learning rates, a gentle one (3e-3) and an absurd one (40
+for AdamW), and the from-scratch baseline. ASHA stops the absurd trial after its first
+epoch; then the baseline must still get the CPUs (a stopped trial that kept its workers'
+placement group would make it wait forever), and ASHA must let it run its whole budget
+although it trails. The sweep's driver is SIGKILLed once the first two trials have ended,
+and the same command run again; before that, a training worker of the first trial is
+SIGKILLed in its second epoch.
 """
 
 from __future__ import annotations
@@ -71,8 +72,7 @@ def sweep(source_model, sweep_data, tmp_path_factory, ray_cluster):
         "--data", str(sweep_data),
         "--weights", source_model,
         "--arch", "resnet18", "--image-size", "64", "--num-workers", "1",
-        "--freeze-depths", "0,4,5", "--num-samples", "1", "--max-epochs", "2",
-        "--lr-min", "1e-6", "--lr-max", "10", "--seed", "12",
+        "--freeze-depths", "4", "--lrs", "3e-3,40", "--scratch-baseline", "--max-epochs", "2",
         "--storage", str(storage), "--name", "s1",
     ]  # fmt: skip
     # The sweep runs as its own driver process on this test session's Ray cluster, and is SIGKILLed as
@@ -109,35 +109,52 @@ def sweep(source_model, sweep_data, tmp_path_factory, ray_cluster):
     return run_dir, before
 
 
-def _results(run_dir: Path) -> dict[int, dict]:
-    return {int(row["freeze_depth"]): row for row in csv.DictReader((run_dir / "results.csv").open())}
+def _results(run_dir: Path) -> dict[str, dict]:
+    """results.csv rows by role: "gentle" and "absurd" learning rate at depth 4, and "scratch"."""
+    rows = {}
+    for row in csv.DictReader((run_dir / "results.csv").open()):
+        if row["strategy"] == "from scratch":
+            rows["scratch"] = row
+        else:
+            rows["gentle" if float(row["lr"]) < 1 else "absurd"] = row
+    return rows
 
 
 def test_sweep_resumes_without_rerunning_ended_trials(sweep):
     run_dir, before = sweep
     after = _trial_rows(run_dir)
     assert len(after) == 3
-    ended = sorted(before, key=lambda trial: before[trial][0]["config"]["freeze_depth"])[:2]
+    ended = sorted(trial for trial, rows in before.items() if "weights" not in rows[0]["config"]["point"])
+    assert len(ended) == 2
     for trial in ended:
         assert after[trial] == before[trial], "an ended trial's epochs must not run again"
-    assert [row["epoch"] for row in after[ended[0]]] == [1, 2]
+    gentle = next(trial for trial in ended if after[trial][0]["config"]["point"]["lr"] < 1)
+    assert [row["epoch"] for row in after[gentle]] == [1, 2]
     # A training worker of that trial was killed in its second epoch: Ray Train restarted the trial's
     # workers from its first checkpoint, and the trial went on.
-    assert [row["resumed_after_epoch"] for row in after[ended[0]]] == [0, 1]
+    assert [row["resumed_after_epoch"] for row in after[gentle]] == [0, 1]
 
 
-def test_asha_stopped_the_absurd_learning_rate_early(sweep):
+def test_asha_stopped_the_absurd_learning_rate_early_but_not_the_baseline(sweep):
     run_dir, _ = sweep
     rows = _results(run_dir)
-    assert sorted(rows) == [0, 4, 5]
-    assert 1e-6 <= float(rows[0]["lr"]) <= 1e-4 and float(rows[4]["lr"]) > 1.0, "seeded lr draws changed"
-    assert (rows[4]["status"], rows[4]["epochs"]) == ("stopped early", "1")
-    assert (rows[0]["status"], rows[0]["epochs"]) == ("finished", "2")
-    assert rows[5]["status"] in ("finished", "stopped early")
+    assert sorted(rows) == ["absurd", "gentle", "scratch"]
+    assert (rows["gentle"]["freeze_depth"], rows["absurd"]["freeze_depth"], rows["scratch"]["freeze_depth"]) == (
+        "4",
+        "4",
+        "0",
+    )
+    assert rows["gentle"]["strategy"] == rows["absurd"]["strategy"] == "discriminative"  # auto, from a checkpoint
+    assert (rows["absurd"]["status"], rows["absurd"]["epochs"]) == ("stopped early", "1")
+    assert (rows["gentle"]["status"], rows["gentle"]["epochs"]) == ("finished", "2")
+    assert (rows["scratch"]["status"], rows["scratch"]["epochs"]) == ("finished", "2"), "the yardstick runs in full"
     report = (run_dir / "report.md").read_text()
-    assert "## Stopped early by ASHA" in report and f"{rows[4]['trial_id']} (depth 4" in report
-    trial_epochs = sum(int(row["epochs"]) for row in rows.values())
-    assert f"trial-epochs run: {trial_epochs} (of 6 without early stopping)" in report
+    assert "## Stopped early by ASHA" in report and f"{rows['absurd']['trial_id']} (depth 4" in report
+    assert "trial-epochs run: 5 (of 6 without early stopping)" in report
+    assert "- validation set: 80 images; one image = 0.013 of val_acc; chance = 0.250" in report
+    gain = float(rows["gentle"]["val_acc"]) - float(rows["scratch"]["val_acc"])
+    assert f"transfer vs from scratch**: {float(rows['gentle']['val_acc']):.3f} vs" in report
+    assert f"({gain:+.3f}, {round(gain * 80):+d} images)" in report
 
 
 def test_results_csv_is_sorted_and_best_is_the_argmax(sweep):
@@ -149,6 +166,11 @@ def test_results_csv_is_sorted_and_best_is_the_argmax(sweep):
     assert meta["freeze_depth"] == int(best["freeze_depth"])
     assert meta["metrics"]["val_acc"] == pytest.approx(float(best["val_acc"]))
     assert Path(best["checkpoint"]).name == f"checkpoint_epoch{int(best['best_epoch']):03d}"
+    # Tune ranked trials on best_val_acc (its console's "current best"): the same number as results.csv's.
+    for trial_id, reported in _trial_rows(run_dir).items():
+        row = next(r for r in rows if r["trial_id"] == trial_id)
+        assert max(line["best_val_acc"] for line in reported) == pytest.approx(float(row["val_acc"]))
+        assert max(line["val_acc"] for line in reported) == pytest.approx(float(row["val_acc"]))
 
 
 def test_best_checkpoint_loads_and_predicts_on_its_own(sweep, sweep_data, checkpoint_accuracy):

@@ -78,7 +78,7 @@ def write_sample_data(out: str, per_class: int = 200, seed: int = 0) -> dict[str
 
 
 class _Package(types.ModuleType):
-    """Keeps ``tl_ray.train``/``tune``/``predict`` the API functions of DESIGN.md.
+    """Keeps ``tl_ray.train``/``tune``/``predict`` the API functions of docs/architecture.md.
 
     Importing a submodule binds it as an attribute of its package, which would replace
     the function of the same name. This package refuses that one rebinding; the

@@ -35,7 +35,7 @@ import ray
 from PIL import Image
 from ray.data import RandomSeedConfig
 
-from tl_ray import data
+from tl_ray import data, recipe
 from tl_ray.errors import TlRayError
 
 CACHE_VERSION = 1
@@ -217,9 +217,13 @@ def _build(
 
 
 def _read_and_crop(
-    batch: dict[str, np.ndarray], filesystem: pafs.FileSystem, image_size: int, augment: bool, color_jitter: float
+    batch: dict[str, np.ndarray],
+    filesystem: pafs.FileSystem,
+    image_size: int,
+    crop_scale: tuple[float, float] | None,
+    color_jitter: float,
 ) -> dict[str, np.ndarray]:
-    transform = data.train_transform(image_size, color_jitter) if augment else data.eval_transform(image_size)
+    transform = data.augmentation(image_size, crop_scale, color_jitter)
     images, labels = [], []
     for path in batch["file"]:
         cached = pq.read_table(path, filesystem=filesystem).to_pydict()
@@ -265,7 +269,12 @@ def per_file_dataset(
 
 
 def cached_dataset(
-    split: CachedSplit, image_size: int, training: bool, color_jitter: float = 0.0, seed: int = 0, augment: bool = True
+    split: CachedSplit,
+    image_size: int,
+    training: bool,
+    color_jitter: float = 0.0,
+    seed: int = 0,
+    crop_scale: tuple[float, float] | None = recipe.STANDARD_CROP_SCALE,
 ) -> ray.data.Dataset:
     """{"image": uint8 (3, S, S), "label": int64} from a built cache, as ``data.image_dataset`` yields from files."""
     return per_file_dataset(
@@ -275,7 +284,7 @@ def cached_dataset(
         training,
         seed,
         image_size=image_size,
-        augment=training and augment,
+        crop_scale=crop_scale if training else None,
         color_jitter=color_jitter,
     )
 
@@ -287,7 +296,7 @@ def run_datasets(
     skipped: ray.actor.ActorHandle,
     color_jitter: float = 0.0,
     seed: int = 0,
-    augment: bool = True,
+    crop_scale: tuple[float, float] | None = recipe.STANDARD_CROP_SCALE,
 ) -> dict[str, ray.data.Dataset]:
     """A run's "train" and "val" pipelines: from the cache under ``root`` (built first if need be), or, with
     ``root`` None, decoding every file every epoch. Files the cache could not decode go into ``skipped``."""
@@ -297,10 +306,10 @@ def run_datasets(
         files = layout.train if training else layout.val
         if split is None:
             datasets[name] = data.image_dataset(
-                files, layout, image_size, training, skipped, color_jitter, seed, augment
+                files, layout, image_size, training, skipped, color_jitter, seed, crop_scale
             )
         else:
-            datasets[name] = cached_dataset(split, image_size, training, color_jitter, seed, augment)
+            datasets[name] = cached_dataset(split, image_size, training, color_jitter, seed, crop_scale)
     return datasets
 
 

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from tl_ray import __version__
+from tl_ray import __version__, recipe
 from tl_ray.config import ARCHS, NUM_STAGES, OPTIMIZERS, TrainConfig, TuneConfig, forbid_world_writable_files, merge
 from tl_ray.errors import TlRayError
 
@@ -25,11 +25,33 @@ TRAIN_HELP: dict[str, tuple[Any, str]] = {
         f" fine-tuning (default: {NUM_STAGES}; 0 with --weights none)",
     ),
     "epochs": (int, "number of epochs"),
-    "lr": (float, "peak learning rate (after warm-up, then cosine decay)"),
+    "lr": (
+        float,
+        "the head's peak learning rate, after warm-up, then cosine decay (default: the recipe's for --optimizer:"
+        f" {recipe.LR['adamw']} for adamw, {recipe.LR['sgd']} for sgd)",
+    ),
     "optimizer": (str, f"{' | '.join(OPTIMIZERS)}"),
-    "momentum": (float, "SGD momentum (with --optimizer sgd)"),
-    "weight_decay": (float, "weight decay"),
-    "warmup_epochs": (float, "linear LR warm-up length, in epochs"),
+    "momentum": (float, "SGD momentum (with --optimizer sgd; Nesterov)"),
+    "weight_decay": (
+        float,
+        "weight decay, never on BatchNorm weights or biases (default: the recipe's for --optimizer:"
+        f" {recipe.WEIGHT_DECAY['adamw']} for adamw, {recipe.WEIGHT_DECAY['sgd']} for sgd)",
+    ),
+    "warmup_epochs": (float, "linear LR warm-up length, in epochs (default: 5%% of the run, at most 1 epoch)"),
+    "strategy": (
+        str,
+        "how the unfrozen backbone trains: plain (one learning rate) | discriminative (backbone at 0.1 x --lr) |"
+        " probe (the head alone for a fifth of the epochs, then discriminative) | auto (plain from --weights none,"
+        " else discriminative)",
+    ),
+    "backbone_lr_mult": (float, "the backbone's learning rate as a multiple of --lr (default: the strategy's)"),
+    "head_epochs": (int, "epochs of the head alone before unfreezing to --freeze-depth (default: the strategy's)"),
+    "train_bn": (
+        bool,
+        "BatchNorm of the fine-tuned stages updates its running statistics (--no-train-bn keeps the starting"
+        " ones: for small per-worker batches)",
+    ),
+    "sync_bn": (bool, "synchronise BatchNorm statistics across GPU workers (SyncBatchNorm)"),
     "label_smoothing": (float, "label smoothing of the cross-entropy loss"),
     "batch_size": (int, "global batch size, split evenly over the workers"),
     "image_size": (int, "training crop size in pixels"),
@@ -37,7 +59,8 @@ TRAIN_HELP: dict[str, tuple[Any, str]] = {
     "color_jitter": (float, "colour jitter strength for training augmentation (0 = off)"),
     "augment": (
         str,
-        "standard: random resized crops and flips | none: training images centre-cropped like validation ones;"
+        "auto: light below 128 px, else standard | standard: random crops of 25-100%% of the image and flips |"
+        " light: crops of 60-100%% and flips | none: training images centre-cropped like validation ones;"
         " at --freeze-depth 5 with the cache on, the backbone's features are then computed once and only the head"
         " trains",
     ),
@@ -62,13 +85,33 @@ TRAIN_HELP: dict[str, tuple[Any, str]] = {
 
 TUNE_HELP: dict[str, tuple[Any, str]] = {
     "freeze_depths": (str, "comma-separated freeze depths to compare, each a grid point"),
-    "lr_min": (float, "lowest learning rate drawn (log-uniform)"),
-    "lr_max": (float, "highest learning rate drawn (log-uniform)"),
-    "num_samples": (int, "learning rates drawn per freeze depth"),
+    "strategies": (str, "comma-separated fine-tuning strategies to compare (see --strategy); depth 5 runs once"),
+    "lrs": (str, "comma-separated learning rates, each tried at every depth and strategy"),
+    "lr_min": (float, "without --lrs: lowest learning rate of the grid (default: the recipe's / 3)"),
+    "lr_max": (float, "without --lrs: highest learning rate of the grid (default: the recipe's x 3)"),
+    "num_samples": (
+        int,
+        "without --lrs: learning rates, log-spaced from --lr-min to --lr-max, each tried at every depth and"
+        " strategy (1: the recipe's rate)",
+    ),
     "max_epochs": (int, "epochs per trial (ASHA may stop a trial sooner)"),
     "scheduler": (str, "asha: stop weak trials early on val_acc | fifo: run every trial to the end"),
     "max_concurrent": (int, "trials at once (default: GPUs / --num-workers on a GPU cluster, else 1)"),
+    "scratch_baseline": (
+        bool,
+        "also train from random weights (full fine-tuning, never stopped early): the report shows what transfer gains",
+    ),
 }
+
+
+def _add_option(parser: argparse.ArgumentParser, key: str, kind: Any, text: str, default: Any) -> None:
+    suffix = f" (default: {default})" if default is not None and key != "name" and "default:" not in text else ""
+    if kind is bool:
+        parser.add_argument(
+            "--" + key.replace("_", "-"), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text
+        )
+        return
+    parser.add_argument("--" + key.replace("_", "-"), type=kind, default=argparse.SUPPRESS, help=text + suffix)
 
 
 def _add_train_options(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
@@ -76,9 +119,7 @@ def _add_train_options(parser: argparse.ArgumentParser, skip: Sequence[str] = ()
     for key, (kind, text) in TRAIN_HELP.items():
         if key in skip:
             continue
-        default = getattr(defaults, key)
-        suffix = f" (default: {default})" if default is not None and key not in ("name",) else ""
-        parser.add_argument("--" + key.replace("_", "-"), type=kind, default=argparse.SUPPRESS, help=text + suffix)
+        _add_option(parser, key, kind, text, getattr(defaults, key))
     device = parser.add_mutually_exclusive_group()
     device.add_argument("--gpu", dest="gpu", action="store_true", default=argparse.SUPPRESS, help="train on GPUs")
     device.add_argument("--cpu", dest="gpu", action="store_false", default=argparse.SUPPRESS, help="train on CPUs")
@@ -105,13 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("tune", help="compare freeze depths x learning rates with Ray Tune; report the best")
     defaults = TuneConfig()
     for key, (kind, text) in TUNE_HELP.items():
-        sweep.add_argument(
-            "--" + key.replace("_", "-"),
-            type=kind,
-            default=argparse.SUPPRESS,
-            help=f"{text} (default: {getattr(defaults, key)})" if getattr(defaults, key) is not None else text,
-        )
-    _add_train_options(sweep, skip=("freeze_depth", "lr", "epochs"))
+        _add_option(sweep, key, kind, text, getattr(defaults, key))
+    _add_train_options(sweep, skip=("freeze_depth", "lr", "epochs", "strategy"))
 
     predict = commands.add_parser("predict", help="classify images with a checkpoint (Ray Data batch inference)")
     predict.add_argument("--checkpoint", required=True, help="a tl-ray checkpoint folder (e.g. a sweep's best/)")
@@ -160,14 +196,19 @@ def _print_train_result(result) -> None:
 
 
 def _print_sweep(summary, written: dict[str, str]) -> None:
-    from tl_ray.report import table
+    from tl_ray.report import table, verdict
 
     print()
     print(table(summary))
     print()
     best = summary.best
     if best is not None:
-        print(f"best             freeze depth {best.freeze_depth}, lr {best.lr:.2e}: val_acc {best.val_acc:.3f}")
+        print(
+            f"best             freeze depth {best.freeze_depth}, {best.strategy}, lr {best.lr:.2e}:"
+            f" val_acc {best.val_acc:.3f}"
+        )
+    for line in verdict(summary):
+        print(line.removeprefix("- ").replace("**", ""))
         print(f"best checkpoint  {summary.best_checkpoint or best.checkpoint}")
     print(f"report           {written['markdown']}")
     print(f"plot             {written['plot']}")

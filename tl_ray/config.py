@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import os
 import types
 import typing
@@ -18,12 +19,15 @@ from typing import Any
 
 import yaml
 
+from tl_ray import recipe
 from tl_ray.errors import TlRayError
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 OPTIMIZERS = ("sgd", "adamw")
-AUGMENTS = ("standard", "none")
-NUM_STAGES = 5  # stem, layer1..layer4: see DESIGN.md "freeze depth"
+# auto: light below 128 px, standard above; light/standard: random crops of at least 60%/25% of the
+# image, and flips; none: training images centre-cropped like validation ones.
+AUGMENTS = ("auto", "standard", "light", "none")
+NUM_STAGES = 5  # stem, layer1..layer4: see docs/architecture.md "freeze depth"
 
 
 def absolute(location: str) -> str:
@@ -45,17 +49,22 @@ class TrainConfig:
     weights: str = "imagenet"
     freeze_depth: int | None = None  # None: 5 (feature extraction), or 0 with --weights none
     epochs: int = 10
-    lr: float = 1e-3
+    lr: float | None = None  # None: the recipe's for the optimizer (tl_ray.recipe)
     optimizer: str = "adamw"
     momentum: float = 0.9
-    weight_decay: float = 0.01
-    warmup_epochs: float = 0.5
+    weight_decay: float | None = None  # None: the recipe's for the optimizer
+    warmup_epochs: float | None = None  # None: 5% of the run's steps, at most one epoch
+    strategy: str = "auto"  # see recipe.strategy_options
+    backbone_lr_mult: float | None = None  # None: the strategy's
+    head_epochs: int | None = None  # None: the strategy's
+    train_bn: bool = True  # False: BatchNorm of the fine-tuned stages keeps its running statistics
+    sync_bn: bool = False
     label_smoothing: float = 0.0
     batch_size: int = 32
     image_size: int = 224
     val_fraction: float = 0.2
     color_jitter: float = 0.0
-    augment: str = "standard"  # "none": training images are centre-cropped like validation ones
+    augment: str = "auto"
     num_workers: int = 1
     gpu: bool | None = None
     cpus_per_worker: float | None = None
@@ -75,14 +84,19 @@ class TrainConfig:
         if self.freeze_depth is None:
             default_depth = 0 if self.weights == "none" else NUM_STAGES
             return dataclasses.replace(self, freeze_depth=default_depth).validate()
+        if self.optimizer not in OPTIMIZERS:
+            raise TlRayError(f"{flag('optimizer')} must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
+        if self.strategy not in recipe.STRATEGIES:
+            raise TlRayError(f"{flag('strategy')} must be one of {', '.join(recipe.STRATEGIES)}; got {self.strategy!r}")
+        unresolved = (self.lr, self.weight_decay, self.warmup_epochs, self.backbone_lr_mult, self.head_epochs)
+        if None in unresolved or self.strategy == "auto":
+            return self.with_recipe().validate()
         if not self.data:
             raise TlRayError(f"{flag('data')} is required: a folder with train/<class>/ image sub-folders")
         if self.arch not in ARCHS:
             raise TlRayError(f"{flag('arch')} must be one of {', '.join(ARCHS)}; got {self.arch!r}")
         if self.augment not in AUGMENTS:
             raise TlRayError(f"{flag('augment')} must be one of {', '.join(AUGMENTS)}; got {self.augment!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise TlRayError(f"{flag('optimizer')} must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
         _check_range("freeze_depth", self.freeze_depth, 0, NUM_STAGES)
         _check_positive("epochs", self.epochs)
         _check_positive("lr", self.lr)
@@ -100,6 +114,13 @@ class TrainConfig:
         _check_range("color_jitter", self.color_jitter, 0.0, 1.0)
         _check_range("max_failures", self.max_failures, -1, 1_000_000)
         _check_range("warmup_epochs", self.warmup_epochs, 0.0, float(self.epochs))
+        _check_range("backbone_lr_mult", self.backbone_lr_mult, 0.0, 100.0)
+        _check_range("head_epochs", self.head_epochs, 0, self.epochs - 1)
+        if self.head_epochs and self.freeze_depth == NUM_STAGES:
+            raise TlRayError(
+                f"{flag('head_epochs')} trains the head alone before unfreezing to {flag('freeze_depth')}, "
+                f"which is {NUM_STAGES} (nothing to unfreeze): pass a smaller depth, or leave it out"
+            )
         if not 0.0 < self.val_fraction < 1.0:
             raise TlRayError(f"{flag('val_fraction')} must be between 0 and 1 (exclusive); got {self.val_fraction}")
         if self.cpus_per_worker is not None:
@@ -109,6 +130,30 @@ class TrainConfig:
         if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
             raise TlRayError(f"{flag('name')} must be a plain folder name (no '/', not hidden); got {self.name!r}")
         return self
+
+    def with_recipe(self) -> TrainConfig:
+        """Options left out (None) filled in from the recipe (tl_ray.recipe), for this start and optimizer."""
+        strategy, backbone_lr_mult, head_epochs = recipe.strategy_options(self.strategy, self.weights, self.epochs)
+        if self.freeze_depth == NUM_STAGES:
+            head_epochs = 0  # feature extraction: the head is all that ever trains
+        steps_share = recipe.WARMUP_SHARE * self.epochs
+        return dataclasses.replace(
+            self,
+            lr=recipe.LR[self.optimizer] if self.lr is None else self.lr,
+            weight_decay=recipe.WEIGHT_DECAY[self.optimizer] if self.weight_decay is None else self.weight_decay,
+            warmup_epochs=min(1.0, steps_share) if self.warmup_epochs is None else self.warmup_epochs,
+            strategy=strategy,
+            backbone_lr_mult=backbone_lr_mult if self.backbone_lr_mult is None else self.backbone_lr_mult,
+            head_epochs=head_epochs if self.head_epochs is None else self.head_epochs,
+        )
+
+    def crop_scale(self) -> tuple[float, float] | None:
+        """The training crops' smallest and largest share of the image; None: centre crops (no augmentation)."""
+        if self.augment == "none":
+            return None
+        if self.augment == "auto":
+            return recipe.crop_scale(self.image_size)
+        return recipe.LIGHT_CROP_SCALE if self.augment == "light" else recipe.STANDARD_CROP_SCALE
 
     def with_run_name(self) -> TrainConfig:
         """Fill in a timestamped name, so every run lands in its own folder unless told otherwise."""
@@ -189,45 +234,107 @@ SCHEDULERS = ("asha", "fifo")
 class TuneConfig(TrainConfig):
     """`tl-ray tune`: the train options plus the search space and how to search it.
 
-    ``epochs`` is ignored: every trial's budget is ``max_epochs``. ``freeze_depth``
-    and ``lr`` are searched, so their train values are ignored too.
+    ``epochs`` is ignored: every trial's budget is ``max_epochs``. ``freeze_depth``,
+    ``lr`` and ``strategy`` are searched, so their train values are ignored too.
+    Every depth and strategy is tried with the same learning rates: a comparison of depths
+    in which each had its own random rate would measure the draws, not the depths.
     """
 
     freeze_depths: str = "0,1,2,3,4,5"
-    lr_min: float = 1e-4
-    lr_max: float = 1e-2
+    strategies: str = "auto"
+    lrs: str | None = None
+    lr_min: float | None = None
+    lr_max: float | None = None
     num_samples: int = 1
     max_epochs: int = 5
     scheduler: str = "asha"
     max_concurrent: int | None = None
+    scratch_baseline: bool = False
 
     def depths(self) -> list[int]:
-        try:
-            depths = sorted({int(part) for part in self.freeze_depths.split(",") if part.strip()})
-        except ValueError:
-            raise TlRayError(
-                f"{flag('freeze_depths')} must be comma-separated integers like 0,3,5; got {self.freeze_depths!r}"
-            ) from None
+        depths = sorted(set(_int_list("freeze_depths", self.freeze_depths)))
         if not depths or not all(0 <= depth <= NUM_STAGES for depth in depths):
             raise TlRayError(
                 f"{flag('freeze_depths')} must list depths between 0 and {NUM_STAGES}; got {self.freeze_depths!r}"
             )
         return depths
 
+    def strategy_names(self) -> list[str]:
+        given = [part.strip() for part in self.strategies.split(",") if part.strip()]
+        unknown = [name for name in given if name not in recipe.STRATEGIES]
+        if not given or unknown:
+            known = ", ".join(recipe.STRATEGIES)
+            raise TlRayError(f"{flag('strategies')} must list strategies among {known}; got {self.strategies!r}")
+        # "auto" is named for what it is for this start (plain from random weights, else discriminative).
+        resolved = (recipe.strategy_options(name, self.weights, self.max_epochs)[0] for name in given)
+        return list(dict.fromkeys(resolved))
+
+    def learning_rates(self) -> list[float]:
+        """The learning rates every depth and strategy is tried with: ``lrs``, or ``num_samples`` rates spaced
+        evenly on a log scale from ``lr_min`` to ``lr_max`` (default: the recipe's rate / 3 to x 3; one sample:
+        the recipe's rate, or the middle of the range)."""
+        if self.lrs is not None:
+            try:
+                rates = sorted({float(part) for part in self.lrs.split(",") if part.strip()})
+            except ValueError:
+                raise TlRayError(
+                    f"{flag('lrs')} must be comma-separated numbers like 1e-3,3e-3; got {self.lrs!r}"
+                ) from None
+            if not rates or min(rates) <= 0:
+                raise TlRayError(f"{flag('lrs')} must list positive learning rates; got {self.lrs!r}")
+            return rates
+        centre = recipe.LR[self.optimizer]
+        low = centre / 3 if self.lr_min is None else self.lr_min
+        high = centre * 3 if self.lr_max is None else self.lr_max
+        if self.num_samples == 1:
+            both_default = self.lr_min is None and self.lr_max is None
+            return [centre if both_default else math.sqrt(low * high)]
+        step = math.log(high / low) / (self.num_samples - 1)
+        return [low * math.exp(step * index) for index in range(self.num_samples)]
+
+    def search_points(self) -> list[dict[str, Any]]:
+        """Every (freeze depth, strategy, lr) trial. At depth 5 only the head trains, so strategies (which
+        differ in how the backbone trains) would repeat one trial: it is run once, as "plain"."""
+        points = []
+        for depth in self.depths():
+            names = ["plain"] if depth == NUM_STAGES else self.strategy_names()
+            for strategy in names:
+                for lr in self.learning_rates():
+                    points.append({"freeze_depth": depth, "strategy": strategy, "lr": lr})
+        if self.scratch_baseline:
+            # The yardstick: the same task and budget from random weights, with the recipe's rate for that start.
+            points.append({"freeze_depth": 0, "strategy": "plain", "lr": recipe.LR[self.optimizer], "weights": "none"})
+        return points
+
+    def grace_epochs(self) -> int:
+        """The first epoch ASHA may stop a trial after: once warm-up (and a probe's head-alone phase) is over,
+        and the trial has trained at least as long after warm-up as in it."""
+        longest_head = 0
+        for strategy in self.strategy_names():
+            trial = dataclasses.replace(self, strategy=strategy, freeze_depth=0, epochs=self.max_epochs, lr=1.0)
+            resolved = TrainConfig.with_recipe(trial)
+            longest_head = max(longest_head, resolved.head_epochs)
+            warmup = resolved.warmup_epochs
+        return min(self.max_epochs, longest_head + max(1, math.ceil(2 * warmup)))
+
     def validate(self) -> TuneConfig:
         self.depths()
-        _check_positive("lr_min", self.lr_min)
-        _check_positive("lr_max", self.lr_max)
-        if self.lr_min > self.lr_max:
+        self.strategy_names()
+        if self.lr_min is not None:
+            _check_positive("lr_min", self.lr_min)
+        if self.lr_max is not None:
+            _check_positive("lr_max", self.lr_max)
+        if self.lr_min is not None and self.lr_max is not None and self.lr_min > self.lr_max:
             raise TlRayError(f"{flag('lr_min')} ({self.lr_min}) must not exceed {flag('lr_max')} ({self.lr_max})")
         _check_positive("num_samples", self.num_samples)
+        self.learning_rates()
         _check_positive("max_epochs", self.max_epochs)
         if self.scheduler not in SCHEDULERS:
             raise TlRayError(f"{flag('scheduler')} must be one of {', '.join(SCHEDULERS)}; got {self.scheduler!r}")
         if self.max_concurrent is not None:
             _check_positive("max_concurrent", self.max_concurrent)
-        trial = dataclasses.replace(self, epochs=self.max_epochs, freeze_depth=NUM_STAGES, lr=self.lr_max)
-        TrainConfig.validate(trial)
+        for point in self.search_points():
+            TrainConfig.validate(self.trial_config(point, self.storage, self.name or "check"))
         return dataclasses.replace(self, epochs=self.max_epochs)
 
     def with_run_name(self) -> TuneConfig:
@@ -236,12 +343,19 @@ class TuneConfig(TrainConfig):
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         return dataclasses.replace(self, name=f"tune-{stamp}")
 
-    def trial_config(self, freeze_depth: int, lr: float, storage: str, name: str) -> TrainConfig:
+    def trial_config(self, point: dict[str, Any], storage: str, name: str) -> TrainConfig:
         """The TrainConfig of one trial: this sweep's train options with one point of the search space."""
         train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
         options = {key: value for key, value in dataclasses.asdict(self).items() if key in train_fields}
-        options.update(freeze_depth=freeze_depth, lr=lr, epochs=self.max_epochs, storage=storage, name=name)
+        options.update(point, epochs=self.max_epochs, storage=storage, name=name)
         return TrainConfig(**options)
+
+
+def _int_list(key: str, text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise TlRayError(f"{flag(key)} must be comma-separated integers like 0,3,5; got {text!r}") from None
 
 
 def forbid_world_writable_files() -> None:

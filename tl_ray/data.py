@@ -27,6 +27,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ray.data import RandomSeedConfig
 from torchvision.transforms import v2
 
+from tl_ray import recipe
 from tl_ray.errors import TlRayError
 
 logger = logging.getLogger(__name__)
@@ -35,10 +36,6 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 # Validation resize follows the ImageNet convention (resize to 256 for a 224 crop).
 CENTRE_CROP_FRACTION = 0.875
-# Smallest crop, as a share of the image area. ImageNet recipes use 0.08; on the small
-# datasets people fine-tune on, crops that small often miss the object (fastai's
-# fine-tuning default is 0.35).
-CROP_SCALE = (0.25, 1.0)
 BLOCK_ROWS = 32  # files per Ray Data block: small blocks keep epochs well mixed and decode tasks short
 
 
@@ -284,12 +281,24 @@ def resize_short_side(image: Image.Image, short_side: int) -> Image.Image:
     return v2.Resize(short_side, antialias=True)(image)
 
 
-def train_transform(image_size: int, color_jitter: float = 0.0) -> v2.Compose:
-    """Augmentation on PIL images (PIL's resize is the fast one on CPU); uint8 CHW out."""
-    steps = [v2.RandomResizedCrop(image_size, scale=CROP_SCALE, antialias=True), v2.RandomHorizontalFlip()]
+def train_transform(
+    image_size: int, color_jitter: float = 0.0, crop_scale: tuple[float, float] = recipe.STANDARD_CROP_SCALE
+) -> v2.Compose:
+    """Augmentation on PIL images (PIL's resize is the fast one on CPU); uint8 CHW out.
+
+    ``crop_scale``: the random crop's share of the image area. ImageNet recipes use 0.08-1; on the
+    small datasets people fine-tune on, and on small images, crops that small often miss the object
+    (fastai's fine-tuning default is 0.35; tl_ray.recipe picks by image size).
+    """
+    steps = [v2.RandomResizedCrop(image_size, scale=crop_scale, antialias=True), v2.RandomHorizontalFlip()]
     if color_jitter > 0:
         steps.append(v2.ColorJitter(color_jitter, color_jitter, color_jitter))
     return v2.Compose([*steps, v2.PILToTensor()])
+
+
+def augmentation(image_size: int, crop_scale: tuple[float, float] | None, color_jitter: float = 0.0) -> v2.Compose:
+    """Random crops of ``crop_scale`` and flips, or, with ``crop_scale`` None, the validation centre crop."""
+    return eval_transform(image_size) if crop_scale is None else train_transform(image_size, color_jitter, crop_scale)
 
 
 def eval_transform(image_size: int) -> v2.Compose:
@@ -382,11 +391,11 @@ def _decode_batch(
     uri_prefix: str,
     image_size: int,
     training: bool,
-    augment: bool,
+    crop_scale: tuple[float, float] | None,
     color_jitter: float,
     skipped: ray.actor.ActorHandle,
 ) -> dict[str, np.ndarray]:
-    transform = train_transform(image_size, color_jitter) if training and augment else eval_transform(image_size)
+    transform = augmentation(image_size, crop_scale if training else None, color_jitter)
     images, labels, bad, bad_labels = [], [], [], []
     for path, label in zip(batch["path"], batch["label"], strict=True):
         try:
@@ -418,7 +427,7 @@ def image_dataset(
     skipped: ray.actor.ActorHandle,
     color_jitter: float = 0.0,
     seed: int = 0,
-    augment: bool = True,
+    crop_scale: tuple[float, float] | None = recipe.STANDARD_CROP_SCALE,
 ) -> ray.data.Dataset:
     """A lazily decoded dataset of {"image": uint8 (3, S, S), "label": int64}.
 
@@ -427,8 +436,9 @@ def image_dataset(
     workers hold all but a fraction of a CPU): the file list is shuffled once here,
     so every block mixes classes, and the block order is redrawn each epoch. The
     training loop's local shuffle buffer mixes rows across blocks. Skipped files of the
-    training dataset are also counted per class. Training images are randomly cropped and
-    flipped unless ``augment`` is off; validation images are centre-cropped.
+    training dataset are also counted per class. Training images are randomly cropped
+    (``crop_scale`` of the area) and flipped, or with ``crop_scale`` None centre-cropped like
+    validation images.
     """
     rows = [{"path": path, "label": label} for path, label in files]
     if training:
@@ -449,7 +459,7 @@ def image_dataset(
             "uri_prefix": layout.uri_prefix,
             "image_size": image_size,
             "training": training,
-            "augment": augment,
+            "crop_scale": crop_scale,
             "color_jitter": color_jitter,
             "skipped": skipped,
         },

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import urllib.error
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,9 +86,16 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {key.removeprefix("module."): value for key, value in loaded.items()}
 
 
-def _fit_to_model(model: ResNet, weights: dict[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], bool]:
-    """Drop the old head when its shape does not match ours; refuse anything else that does not fit."""
-    head_reset = weights.get("fc.weight") is None or weights["fc.weight"].shape != model.fc.weight.shape
+def _fit_to_model(
+    model: ResNet, weights: dict[str, torch.Tensor], source: str, keep_head: bool
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """Load ``weights`` into ``model``; the old head only when ``keep_head`` (its classes are ours) and it fits.
+
+    A head is kept for the same class *names*, never for the same count alone: a 4-class model's
+    head transferred to another 4-class task would start every output on the wrong class.
+    """
+    head = weights.get("fc.weight")
+    head_reset = not keep_head or head is None or head.shape != model.fc.weight.shape
     if head_reset:
         weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}
     expected = model.state_dict()
@@ -105,10 +112,16 @@ def _fit_to_model(model: ResNet, weights: dict[str, torch.Tensor], source: str) 
     return model.state_dict(), head_reset
 
 
-def initial_weights(arch: str, weights: str, num_classes: int, seed: int = 0) -> InitialWeights:
-    """Resolve a --weights source (see DESIGN.md) into a state dict for ``arch`` with a ``num_classes`` head."""
+def initial_weights(arch: str, weights: str, class_names: Sequence[str], seed: int = 0) -> InitialWeights:
+    """Resolve a --weights source (docs/architecture.md) into a state dict for ``arch`` with a head for ``class_names``.
+
+    The source's head is kept only when it is known to predict these very classes: a tl-ray
+    checkpoint with the same class names, or torchvision weights whose categories are ours.
+    A bare ``.pth`` state dict does not say what its outputs mean, so its head is replaced.
+    """
     torch.manual_seed(seed)  # the new head's initialisation is part of the run's reproducibility
-    model = create_resnet(arch, num_classes)
+    class_names = list(class_names)
+    model = create_resnet(arch, len(class_names))
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     path = Path(weights).expanduser()
     if weights == "none":
@@ -117,16 +130,18 @@ def initial_weights(arch: str, weights: str, num_classes: int, seed: int = 0) ->
         meta = checkpoint.read_meta(path)
         if meta["arch"] != arch:
             raise TlRayError(f"--weights: checkpoint {path} is a {meta['arch']}; pass --arch {meta['arch']}")
-        state, head_reset = _fit_to_model(model, checkpoint.read_model_state(path), str(path))
+        same_classes = meta["class_names"] == class_names
+        state, head_reset = _fit_to_model(model, checkpoint.read_model_state(path), str(path), same_classes)
         mean, std = tuple(meta["mean"]), tuple(meta["std"])
         return InitialWeights(state, mean, std, f"checkpoint:{path.resolve()}", head_reset)
     if path.is_file():
-        state, head_reset = _fit_to_model(model, _read_state_dict(path), str(path))
+        state, head_reset = _fit_to_model(model, _read_state_dict(path), str(path), keep_head=False)
         return InitialWeights(state, mean, std, str(path.resolve()), head_reset)
     if os.sep in weights or weights.endswith((".pth", ".pt")):
         raise TlRayError(f"--weights: {weights} does not exist")
     enum_value = _torchvision_weights(arch, weights)
-    state, head_reset = _fit_to_model(model, _download(enum_value), str(enum_value))
+    same_classes = list(enum_value.meta.get("categories", [])) == class_names
+    state, head_reset = _fit_to_model(model, _download(enum_value), str(enum_value), same_classes)
     transforms = enum_value.transforms()
     return InitialWeights(
         state, tuple(transforms.mean), tuple(transforms.std), f"imagenet:{enum_value.name}", head_reset
@@ -134,37 +149,81 @@ def initial_weights(arch: str, weights: str, num_classes: int, seed: int = 0) ->
 
 
 class TransferResNet(nn.Module):
-    """A torchvision ResNet with its first ``freeze_depth`` stages frozen, in the full sense of DESIGN.md.
+    """A torchvision ResNet with its first ``freeze_depth`` stages frozen, in the full sense of the architecture doc.
 
-    Frozen stages: no gradients, not in the optimizer (see ``trainable_parameters``),
+    Frozen stages: no gradients, not in the optimizer (see ``parameter_groups``),
     BatchNorm kept in eval mode whatever ``train()`` says, and run under
     ``torch.no_grad`` so no autograd graph (or its activation memory) is built.
+    With ``train_bn=False`` the BatchNorm layers of the fine-tuned stages stay in eval
+    mode too (their running statistics are kept; their scale and shift still learn):
+    the usual choice when each worker's batch is too small for good batch statistics.
     ``net`` keeps torchvision's module names, so ``net.state_dict()`` is a plain
     torchvision state dict.
     """
 
-    def __init__(self, net: ResNet, freeze_depth: int) -> None:
+    def __init__(self, net: ResNet, freeze_depth: int, train_bn: bool = True) -> None:
         super().__init__()
+        self.net = net
+        self.train_bn = train_bn
+        self.freeze_depth = NUM_STAGES
+        self.set_freeze_depth(freeze_depth)
+
+    def set_freeze_depth(self, freeze_depth: int) -> None:
+        """Freeze the first ``freeze_depth`` stages and unfreeze the rest (a probe-then-fine-tune run moves it)."""
         if not 0 <= freeze_depth <= NUM_STAGES:
             raise TlRayError(f"--freeze-depth must be between 0 and {NUM_STAGES}; got {freeze_depth}")
-        self.net = net
         self.freeze_depth = freeze_depth
-        for module in self.frozen_modules():
-            module.requires_grad_(False)
+        for index, names in enumerate(STAGE_MODULES):
+            for name in names:
+                getattr(self.net, name).requires_grad_(index >= freeze_depth)
         self.train(self.training)
 
-    def frozen_modules(self) -> Iterator[nn.Module]:
-        for names in STAGE_MODULES[: self.freeze_depth]:
+    def _stage_modules(self, stages: Sequence[tuple[str, ...]]) -> Iterator[nn.Module]:
+        for names in stages:
             for name in names:
                 yield getattr(self.net, name)
 
+    def frozen_modules(self) -> Iterator[nn.Module]:
+        return self._stage_modules(STAGE_MODULES[: self.freeze_depth])
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def parameter_groups(
+        self, lr: float, weight_decay: float, backbone_lr_mult: float = 1.0, from_depth: int | None = None
+    ) -> list[dict]:
+        """Optimizer parameter groups: head and backbone apart (the backbone at ``lr * backbone_lr_mult``),
+        each split into weights that decay and BatchNorm weights and biases that do not.
+
+        Decaying a BatchNorm scale or a bias pulls it towards zero for no gain in generalisation
+        (the torchvision reference recipes and timm leave them out too). ``from_depth`` (default: the
+        current depth) sets which stages are included: a probe-then-fine-tune run builds its optimizer
+        once, with the stages it will unfreeze later, so its state survives the switch and a resume.
+        """
+        from_depth = self.freeze_depth if from_depth is None else from_depth
+        parts = {"head": [self.net.fc]}
+        parts["backbone"] = list(self._stage_modules(STAGE_MODULES[from_depth:]))
+        groups = []
+        for part, modules in parts.items():
+            params = [p for module in modules for p in module.parameters()]
+            scale = backbone_lr_mult if part == "backbone" else 1.0
+            decay = [p for p in params if p.ndim > 1]
+            no_decay = [p for p in params if p.ndim <= 1]
+            for suffix, chosen, decay_value in (("", decay, weight_decay), ("_no_decay", no_decay, 0.0)):
+                if chosen:
+                    groups.append(
+                        {"name": part + suffix, "params": chosen, "lr": lr * scale, "weight_decay": decay_value}
+                    )
+        return groups
 
     def train(self, mode: bool = True) -> TransferResNet:
         super().train(mode)
         for module in self.frozen_modules():
             module.eval()
+        if not self.train_bn:
+            for module in self.net.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         return self
 
     def _stage(self, index: int, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,11 @@
-"""The freeze-depth comparison: results.csv, report.md and report.png from a sweep summary."""
+"""The freeze-depth comparison: results.csv, report.md and report.png from a sweep summary.
+
+A comparison is only as sharp as the validation set it is scored on: with ``n`` images, one
+image is worth ``1/n`` of val_acc, and an accuracy ``p`` has a standard error of
+``sqrt(p(1-p)/n)``. The report states both, and names a winner only when the best
+configuration leads the next by more than ``resolution`` (two standard errors, at least one
+image); otherwise it says the sweep cannot tell them apart.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +18,13 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 CSV_COLUMNS = (
     "trial_id",
     "freeze_depth",
+    "strategy",
     "lr",
     "val_acc",
     "val_loss",
@@ -26,10 +36,26 @@ CSV_COLUMNS = (
     "best_epoch",
 )
 DEPTH_NAMES = {0: "full fine-tuning", 5: "feature extraction"}
+SCRATCH = "from scratch"
+STRATEGY_STYLES = {"plain": "-", "discriminative": "--", "probe": ":", SCRATCH: "-."}
 
 
 def _depth_label(depth: int) -> str:
     return f"{depth} ({DEPTH_NAMES[depth]})" if depth in DEPTH_NAMES else str(depth)
+
+
+def _config_label(trial) -> str:
+    if trial.strategy == SCRATCH:
+        return SCRATCH
+    return f"depth {trial.freeze_depth}" + ("" if trial.freeze_depth == 5 else f", {trial.strategy}")
+
+
+def resolution(accuracy: float, val_images: int) -> float:
+    """The smallest val_acc difference this validation set resolves: two standard errors, at least one image."""
+    if val_images <= 0:
+        return 0.0
+    p = min(max(accuracy, 0.0), 1.0)
+    return max(1.0 / val_images, 2.0 * math.sqrt(p * (1.0 - p) / val_images))
 
 
 def ranked(summary) -> list:
@@ -49,23 +75,64 @@ def results_csv(summary) -> str:
 def table(summary) -> str:
     """The trial table, as markdown: also what `tl-ray tune` prints."""
     lines = [
-        "| trial | freeze depth | lr | val_acc | val_loss | epochs | status | seconds | images/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| trial | freeze depth | strategy | lr | val_acc | val_loss | epochs | status | seconds | images/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in ranked(summary):
         lines.append(
-            f"| {t.trial_id} | {_depth_label(t.freeze_depth)} | {t.lr:.2e} | {t.val_acc:.3f} | {t.val_loss:.4f} "
-            f"| {t.epochs}/{summary.max_epochs} | {t.status} | {t.seconds:.0f} | {t.images_per_s:.1f} |"
+            f"| {t.trial_id} | {_depth_label(t.freeze_depth)} | {t.strategy} | {t.lr:.2e} | {t.val_acc:.3f} "
+            f"| {t.val_loss:.4f} | {t.epochs}/{summary.max_epochs} | {t.status} | {t.seconds:.0f} "
+            f"| {t.images_per_s:.1f} |"
         )
     return "\n".join(lines)
 
 
-def best_per_depth(summary) -> dict[int, object]:
-    best: dict[int, object] = {}
+def best_per_config(summary) -> dict[str, object]:
+    """The best trial of each (freeze depth, strategy) and of the from-scratch baseline, best first."""
+    best: dict[str, object] = {}
     for trial in ranked(summary):
         if not math.isnan(trial.val_acc):
-            best.setdefault(trial.freeze_depth, trial)
-    return dict(sorted(best.items()))
+            best.setdefault(_config_label(trial), trial)
+    return best
+
+
+def verdict(summary) -> list[str]:
+    """What the sweep can and cannot say: the winner if it leads by more than the resolution, the transfer gain."""
+    configs = best_per_config(summary)
+    transfer = [t for t in configs.values() if t.strategy != SCRATCH]
+    n = summary.val_images
+    lines = []
+    if n:
+        lines.append(
+            f"- validation set: {n} images; one image = {1 / n:.3f} of val_acc"
+            + (f"; chance = {1 / summary.num_classes:.3f}" if summary.num_classes else "")
+        )
+    if len(transfer) >= 2:
+        first, second = transfer[0], transfer[1]
+        gap = first.val_acc - second.val_acc
+        noise = resolution((first.val_acc + second.val_acc) / 2, n)
+        images = f" ({round(gap * n)} images)" if n else ""
+        if n and gap <= noise:
+            tied = [_config_label(t) for t in transfer if first.val_acc - t.val_acc <= noise]
+            lines.append(
+                f"- **no clear winner**: {', '.join(tied)} are within {noise:.3f} of the best ({first.val_acc:.3f}), "
+                f"the resolution of {n} validation images (two standard errors); a larger validation set or more "
+                "seeds would tell them apart"
+            )
+        else:
+            lines.append(
+                f"- **best: {_config_label(first)}** at {first.val_acc:.3f}, ahead of {_config_label(second)} "
+                f"({second.val_acc:.3f}) by {gap:.3f}{images}"
+                + (f", more than the resolution of {noise:.3f}" if n else " (validation set size unknown)")
+            )
+    scratch = configs.get(SCRATCH)
+    if scratch is not None and transfer:
+        gain = transfer[0].val_acc - scratch.val_acc
+        lines.append(
+            f"- **transfer vs from scratch**: {transfer[0].val_acc:.3f} vs {scratch.val_acc:.3f} "
+            f"({gain:+.3f}" + (f", {round(gain * n):+d} images)" if n else ")")
+        )
+    return lines
 
 
 def markdown(summary) -> str:
@@ -80,45 +147,80 @@ def markdown(summary) -> str:
     ]
     if best is not None:
         parts.append(
-            f"- best: trial {best.trial_id}, freeze depth {_depth_label(best.freeze_depth)}, lr {best.lr:.2e}: "
-            f"val_acc {best.val_acc:.3f} at epoch {best.best_epoch}"
+            f"- best trial: {best.trial_id}, freeze depth {_depth_label(best.freeze_depth)}, {best.strategy}, "
+            f"lr {best.lr:.2e}: val_acc {best.val_acc:.3f} at epoch {best.best_epoch}"
         )
         parts.append(f"- best checkpoint: {summary.best_checkpoint or best.checkpoint}")
-    parts += ["", "## All trials (best val_acc first)", "", table(summary), "", "## Best per freeze depth", ""]
-    parts += ["| freeze depth | val_acc | lr | trial |", "|---|---|---|---|"]
-    for depth, trial in best_per_depth(summary).items():
-        parts.append(f"| {_depth_label(depth)} | {trial.val_acc:.3f} | {trial.lr:.2e} | {trial.trial_id} |")
+    parts += verdict(summary)
+    parts += ["", "## Best per freeze depth and strategy", ""]
+    parts += ["| configuration | val_acc | behind the best | lr | trial |", "|---|---|---|---|---|"]
+    configs = best_per_config(summary)
+    top = next(iter(configs.values()), None)
+    n = summary.val_images
+    for label, trial in configs.items():
+        behind = top.val_acc - trial.val_acc
+        behind_text = f"{behind:.3f}" + (f" ({round(behind * n)} images)" if n else "")
+        parts.append(f"| {label} | {trial.val_acc:.3f} | {behind_text} | {trial.lr:.2e} | {trial.trial_id} |")
+    parts += ["", "## All trials (best val_acc first)", "", table(summary)]
     stopped = [t for t in summary.trials if t.status == "stopped early"]
     parts += ["", "## Stopped early by ASHA", ""]
-    parts += [f"- {t.trial_id} (depth {t.freeze_depth}, lr {t.lr:.2e}) after epoch {t.epochs}" for t in stopped]
+    parts += [f"- {t.trial_id} ({_config_label(t)}, lr {t.lr:.2e}) after epoch {t.epochs}" for t in stopped]
     if not stopped:
         parts.append("- none")
     problems = [t for t in summary.trials if t.status in ("error", "incomplete")]
     if problems:
         parts += ["", "## Errored or incomplete", ""]
-        parts += [f"- {t.trial_id} (depth {t.freeze_depth}): {t.status} after {t.epochs} epochs" for t in problems]
-    parts += ["", "![val_acc per epoch and best per freeze depth](report.png)", ""]
+        parts += [f"- {t.trial_id} ({_config_label(t)}): {t.status} after {t.epochs} epochs" for t in problems]
+    parts += ["", "![val_acc per epoch and best per configuration](report.png)", ""]
     return "\n".join(parts)
 
 
+def _colour(trial):
+    return "0.45" if trial.strategy == SCRATCH else plt.get_cmap("viridis")(trial.freeze_depth / 5)
+
+
 def plot(summary, path: Path) -> None:
-    figure, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colours = plt.get_cmap("viridis")
+    figure, (curves, bars) = plt.subplots(1, 2, figsize=(13, 4.8))
+    chance = 1 / summary.num_classes if summary.num_classes else None
     for trial in summary.trials:
-        if trial.history:
-            colour = colours(trial.freeze_depth / 5)
-            epochs = [h["epoch"] for h in trial.history]
-            curves.plot(epochs, [h["val_acc"] for h in trial.history], marker="o", color=colour, alpha=0.8)
-    for depth in sorted({t.freeze_depth for t in summary.trials}):
-        curves.plot([], [], color=colours(depth / 5), label=f"depth {_depth_label(depth)}")
-    curves.set(xlabel="epoch", ylabel="val_acc", title="val_acc per epoch, every trial")
-    curves.legend(fontsize="small")
+        if not trial.history:
+            continue
+        epochs = [h["epoch"] for h in trial.history]
+        accuracies = [h["val_acc"] for h in trial.history]
+        style = STRATEGY_STYLES.get(trial.strategy, "-")
+        curves.plot(epochs, accuracies, style, marker="o", markersize=3, color=_colour(trial), alpha=0.85)
+        if trial.status == "stopped early":
+            curves.plot(epochs[-1], accuracies[-1], "x", color="crimson", markersize=9, markeredgewidth=2)
+    handles = [
+        Line2D([], [], color=plt.get_cmap("viridis")(d / 5), label=f"depth {_depth_label(d)}")
+        for d in sorted({t.freeze_depth for t in summary.trials if t.strategy != SCRATCH})
+    ]
+    handles += [
+        Line2D([], [], color="black" if s != SCRATCH else "0.45", linestyle=STRATEGY_STYLES.get(s, "-"), label=s)
+        for s in sorted({t.strategy for t in summary.trials})
+    ]
+    if any(t.status == "stopped early" for t in summary.trials):
+        handles.append(Line2D([], [], color="crimson", marker="x", linestyle="", label="stopped by ASHA"))
+    if chance is not None:
+        curves.axhline(chance, color="0.5", linestyle=":", linewidth=1)
+        handles.append(Line2D([], [], color="0.5", linestyle=":", label=f"chance ({chance:.2f})"))
+    curves.xaxis.set_major_locator(MaxNLocator(integer=True))
+    curves.set(xlabel="epoch", ylabel="val_acc", title="val_acc per epoch, every trial", ylim=(0, 1.02))
+    curves.legend(handles=handles, fontsize="small", loc="lower right")
     curves.grid(alpha=0.3)
-    best = best_per_depth(summary)
-    bars.bar([str(d) for d in best], [t.val_acc for t in best.values()], color=[colours(d / 5) for d in best])
-    bars.set(xlabel="freeze depth (0 = full fine-tuning, 5 = feature extraction)", ylabel="best val_acc")
-    bars.set_title("best val_acc per freeze depth")
-    bars.set_ylim(0, 1)
+
+    configs = best_per_config(summary)
+    labels = [label.replace(", ", "\n") for label in configs]
+    values = [t.val_acc for t in configs.values()]
+    drawn = bars.bar(labels, values, color=[_colour(t) for t in configs.values()])
+    bars.bar_label(drawn, labels=[f"{v:.3f}" for v in values], fontsize="small", padding=2)
+    if chance is not None:
+        bars.axhline(chance, color="0.5", linestyle=":", linewidth=1, label=f"chance ({chance:.2f})")
+        bars.legend(fontsize="small", loc="lower right")
+    n = summary.val_images
+    bars.set_title("best val_acc per configuration" + (f" ({n} validation images)" if n else ""))
+    bars.set(ylabel="best val_acc", ylim=(0, 1.08))
+    bars.tick_params(axis="x", labelsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -109,22 +109,29 @@ def render(shape: str, rng: random.Random) -> Image.Image:
     return image
 
 
-def _write_task(root: Path, classes: tuple[str, ...], per_class: int, rng: random.Random) -> int:
-    count = 0
+def _write_task(root: Path, classes: tuple[str, ...], train: int, val: int, rng: random.Random) -> int:
     for shape in classes:
-        n_val = max(1, round(per_class * VAL_SHARE))
-        for index in range(per_class):
-            split = "val" if index < n_val else "train"
-            folder = root / split / shape
+        for index in range(train + val):
+            folder = root / ("val" if index < val else "train") / shape
             folder.mkdir(parents=True, exist_ok=True)
             render(shape, rng).save(folder / f"{shape}_{index:04d}.jpg", quality=rng.randint(70, 95))
-            count += 1
-    return count
+    return len(classes) * (train + val)
+
+
+def sample_sizes(per_class: int) -> dict[str, tuple[int, int]]:
+    """(train, val) images per class of each task.
+
+    ``source`` holds ``per_class`` per class, a quarter for validation. ``target`` has few labels
+    to learn from (a tenth as many: transfer is meant to pay off where labels are scarce) but a
+    validation set as large as the source's, so that the freeze-depth comparison it scores is
+    finer than the differences it shows (one image is 1/150 of val_acc at the default 200).
+    """
+    val = max(1, round(per_class * VAL_SHARE))
+    return {"source": (per_class - val, val), "target": (max(2, per_class // 10), val)}
 
 
 def write_sample_data(out: str | Path, per_class: int = 200, seed: int = 0) -> dict[str, int]:
-    """Write ``out/source`` (4 shapes, ``per_class`` each) and ``out/target`` (3 other
-    shapes, a third as many: transfer is meant to pay off where labels are scarce).
+    """Write ``out/source`` (4 shapes) and ``out/target`` (3 other shapes, few training labels); see ``sample_sizes``.
 
     Returns the number of images written per task.
     """
@@ -132,7 +139,8 @@ def write_sample_data(out: str | Path, per_class: int = 200, seed: int = 0) -> d
         raise ValueError("per_class must be at least 4, so that every class has train and val images")
     out = Path(out)
     rng = random.Random(seed)
+    sizes = sample_sizes(per_class)
     return {
-        "source": _write_task(out / "source", SOURCE_CLASSES, per_class, rng),
-        "target": _write_task(out / "target", TARGET_CLASSES, max(4, per_class // 3), rng),
+        "source": _write_task(out / "source", SOURCE_CLASSES, *sizes["source"], rng),
+        "target": _write_task(out / "target", TARGET_CLASSES, *sizes["target"], rng),
     }

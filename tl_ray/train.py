@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import tempfile
 import time
@@ -32,6 +33,10 @@ from tl_ray.config import TrainConfig, absolute, forbid_world_writable_files
 from tl_ray.errors import TlRayError
 
 RESULT_FILE = "result.json"
+# Below this many images per worker, BatchNorm's batch statistics are noisy enough to hurt: say so.
+SMALL_WORKER_BATCH = 16
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -124,9 +129,10 @@ def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = No
     """
     config = config.validate().with_run_name()
     layout = data.discover(config.data, config.val_fraction)
-    weights = model.initial_weights(config.arch, config.weights, len(layout.class_names), config.seed)
+    weights = model.initial_weights(config.arch, config.weights, layout.class_names, config.seed)
     started_locally = data.ensure_ray()
     use_gpu, cpus_per_worker = _resources(config, started_locally)
+    _check_batch_norm(config, use_gpu)
     storage = absolute(config.storage)
     check_shared_storage(storage)
 
@@ -151,9 +157,10 @@ def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = No
                 skipped,
                 config.color_jitter,
                 config.seed,
-                augment=config.augment != "none",
+                crop_scale=config.crop_scale(),
             )
-        lost = labels_without_images(train_per_class, ray.get(skipped.train_counts.remote()))
+        skipped_per_class = ray.get(skipped.train_counts.remote())
+        lost = labels_without_images(train_per_class, skipped_per_class)
         if lost:  # known before training when the cache has decoded every file
             raise TlRayError(_describe_lost_classes(layout, lost, ray.get(skipped.get.remote())))
     except BaseException:
@@ -162,7 +169,8 @@ def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = No
     loop_config = {
         "options": dataclasses.asdict(config),
         "class_names": layout.class_names,
-        "num_train": len(layout.train),
+        # Known-bad files are left out of the schedule's step count (with --cache none they are found later).
+        "num_train": len(layout.train) - sum(skipped_per_class.values()),
         "train_per_class": train_per_class,
         "weights_ref": ray.put(weights.state_dict),
         "weights_source": weights.source,
@@ -201,6 +209,21 @@ def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = No
     if lost:
         raise TlRayError(_describe_lost_classes(layout, lost, skipped_files))
     return _collect(result, storage, layout.class_names, skipped_files)
+
+
+def _check_batch_norm(config: TrainConfig, use_gpu: bool) -> None:
+    """SyncBatchNorm needs GPUs (torch implements it for CUDA only); small per-worker batches deserve a warning."""
+    if config.sync_bn and not use_gpu:
+        raise TlRayError("--sync-bn: synchronised BatchNorm needs GPU workers; on CPU use --no-train-bn instead")
+    worker_batch = config.batch_size // config.num_workers
+    if config.num_workers > 1 and not config.sync_bn and config.train_bn and worker_batch < SMALL_WORKER_BATCH:
+        logger.warning(
+            "each of the %d workers normalises BatchNorm over %d images only (--batch-size %d split over "
+            "--num-workers): pass --sync-bn (GPUs), --no-train-bn, or a larger --batch-size",
+            config.num_workers,
+            worker_batch,
+            config.batch_size,
+        )
 
 
 def _per_class(files: list[tuple[str, int]], num_classes: int) -> list[int]:
@@ -267,20 +290,44 @@ def _read_previous_skips(filesystem: pafs.FileSystem, path: str) -> dict[str, st
 # ---------------------------------------------------------------- worker side
 
 
-def _lr_factor(step: int, steps_per_epoch: int, epochs: int, warmup_epochs: float) -> float:
-    """Linear warm-up, then cosine decay to zero at the last step; per optimizer step, so short runs still decay."""
-    warmup = warmup_epochs * steps_per_epoch
-    if step < warmup:
-        return (step + 1) / warmup
-    total = epochs * steps_per_epoch
-    progress = min(1.0, (step - warmup) / max(1.0, total - warmup))
+def steps_per_epoch(num_train: int, batch_size: int, world_size: int) -> int:
+    """Optimizer steps each worker takes per epoch, as the loop takes them.
+
+    Each worker gets ``num_train // world_size`` images (equal shards) in batches of
+    ``batch_size // world_size``, and skips a last batch of one image (BatchNorm cannot
+    train on it). Planning the schedule from anything else ends it early (the last steps at
+    learning rate 0) or late.
+    """
+    shard, worker_batch = num_train // world_size, batch_size // world_size
+    full, rest = divmod(shard, worker_batch)
+    return max(1, full + (rest >= 2))
+
+
+def lr_factor(step: int, steps_per_epoch: int, epochs: int, warmup_epochs: float, head_epochs: int = 0) -> float:
+    """Linear warm-up, then cosine decay towards zero at the last step; per optimizer step, so short runs decay too.
+
+    A run with ``head_epochs`` has two phases (the head alone, then the unfrozen backbone with
+    it), each with its own warm-up (the same share of the phase) and cosine decay: the newly
+    unfrozen stages start gently, as in fastai's ``fine_tune``.
+    """
+    head_steps = head_epochs * steps_per_epoch
+    if step < head_steps:
+        phase_step, phase_epochs = step, head_epochs
+    else:
+        phase_step, phase_epochs = step - head_steps, epochs - head_epochs
+    phase_steps = phase_epochs * steps_per_epoch
+    warmup = warmup_epochs * steps_per_epoch * phase_epochs / epochs
+    if phase_step < warmup:
+        return (phase_step + 1) / (warmup + 1)
+    progress = min(1.0, (phase_step - warmup) / max(1.0, phase_steps - warmup))
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_optimizer(params: list[nn.Parameter], options: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(groups: list[dict], options: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer over ``TransferResNet.parameter_groups`` (each group carries its own lr and weight decay)."""
     if options.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
-    return torch.optim.SGD(params, lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay)
+        return torch.optim.AdamW(groups, lr=options.lr)
+    return torch.optim.SGD(groups, lr=options.lr, momentum=options.momentum, nesterov=options.momentum > 0)
 
 
 def _sum_across_workers(values: list[float], device: torch.device) -> list[float]:
@@ -308,14 +355,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     net = model.create_resnet(options.arch, len(class_names))
     net.load_state_dict(ray.get(loop_config["weights_ref"]))
-    transfer = model.TransferResNet(net, options.freeze_depth)
+    if options.sync_bn and world > 1:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    transfer = model.TransferResNet(net, options.freeze_depth, train_bn=options.train_bn)
     if device.type == "cuda":
         transfer = transfer.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(transfer.trainable_parameters(), options)
+    optimizer = make_optimizer(
+        transfer.parameter_groups(options.lr, options.weight_decay, options.backbone_lr_mult), options
+    )
     worker_batch = options.batch_size // world  # --batch-size is global: same optimisation on 1 or 8 workers
-    steps_per_epoch = max(1, math.ceil(loop_config["num_train"] / options.batch_size))
+    steps = steps_per_epoch(loop_config["num_train"], options.batch_size, world)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: _lr_factor(step, steps_per_epoch, options.epochs, options.warmup_epochs)
+        optimizer,
+        lambda step: lr_factor(step, steps, options.epochs, options.warmup_epochs, options.head_epochs),
     )
     amp_dtype = _amp_dtype(device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -337,7 +389,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # On cached backbone features only the head runs (and DDP syncs only its gradients).
     on_features = loop_config["inputs"] == "features"
     trained = transfer.net.fc if on_features else transfer
-    wrapped = ray.train.torch.prepare_model(trained)
+    wrapped = None
     criterion = nn.CrossEntropyLoss(label_smoothing=options.label_smoothing)
     mean = torch.tensor(loop_config["mean"], device=device)
     std = torch.tensor(loop_config["std"], device=device)
@@ -350,8 +402,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         images = data.normalize(batch["image"], mean, std)
         return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
 
+    best_val_acc = max((row["val_acc"] for row in history), default=0.0)
     for epoch in range(start_epoch + 1, options.epochs + 1):
         started = time.perf_counter()
+        # A probe-then-fine-tune run trains the head alone first; DDP is (re)built for what trains now.
+        depth = model.NUM_STAGES if epoch <= options.head_epochs else options.freeze_depth
+        if wrapped is None or depth != transfer.freeze_depth:
+            transfer.set_freeze_depth(depth)
+            wrapped = ray.train.torch.prepare_model(trained)
         wrapped.train()
         loss_sum = correct = seen = 0.0
         for batch in train_shard.iter_torch_batches(
@@ -382,17 +440,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             trained, val_shard, 2 * worker_batch, model_input, criterion, device, amp_dtype
         )
         totals = _sum_across_workers([loss_sum, correct, seen, val_loss, val_correct, val_seen], device)
+        val_acc = totals[4] / max(totals[5], 1)
+        best_val_acc = max(best_val_acc, val_acc)
+        # Tune's live table shows the first four metrics: the ones a sweep is judged on come first.
         metrics = {
             "epoch": epoch,
+            # The best so far: what a sweep ranks and stops trials on, so Tune's table agrees with the report.
+            "best_val_acc": best_val_acc,
+            "val_acc": val_acc,
+            "val_loss": totals[3] / max(totals[5], 1),
             "train_loss": totals[0] / max(totals[2], 1),
             "train_acc": totals[1] / max(totals[2], 1),
-            "val_loss": totals[3] / max(totals[5], 1),
-            "val_acc": totals[4] / max(totals[5], 1),
             "images_per_s": totals[2] / max(train_seconds, 1e-9),
             "epoch_s": time.perf_counter() - started,
-            "lr": scheduler.get_last_lr()[0],
+            "head_lr_now": scheduler.get_last_lr()[0],  # the scheduled rate at the epoch's end, not the peak
+            "frozen_stages": depth,
             "train_images": int(totals[2]),
             "val_images": int(totals[5]),
+            "num_classes": len(class_names),
             # The epoch this worker group started from: > 0 after a resume or a worker-failure restart.
             "resumed_after_epoch": resumed_after_epoch,
         }
@@ -422,12 +487,32 @@ def _sync_buffers_from_rank0(module: nn.Module) -> None:
 
 def _check_resumable(meta: dict[str, Any], options: TrainConfig, class_names: list[str]) -> None:
     """A resumed run must be the same model; otherwise its optimizer state would be silently wrong."""
-    for key, now in (("arch", options.arch), ("freeze_depth", options.freeze_depth), ("class_names", class_names)):
+    checks = (
+        ("arch", options.arch),
+        ("freeze_depth", options.freeze_depth),
+        ("class_names", class_names),
+        ("strategy", strategy_meta(options)),
+    )
+    for key, now in checks:
         if meta.get(key) != now:
             raise TlRayError(
                 f"run {options.name} was started with {key}={meta.get(key)!r}, now {now!r}: "
                 "pass the same options to resume it, or a new --name to start over"
             )
+
+
+def strategy_meta(options: TrainConfig) -> dict[str, Any]:
+    """How the model was fine-tuned, as its checkpoint records it (and a resumed run must match)."""
+    return {
+        "name": options.strategy,
+        "backbone_lr_mult": options.backbone_lr_mult,
+        "head_epochs": options.head_epochs,
+        "train_bn": options.train_bn,
+        "sync_bn": options.sync_bn,
+        "lr": options.lr,
+        "optimizer": options.optimizer,
+        "weight_decay": options.weight_decay,
+    }
 
 
 def _evaluate(net, shard, batch_size, model_input, criterion, device, amp_dtype) -> tuple[float, float, float]:
@@ -455,6 +540,7 @@ def _report(epoch, metrics, history, transfer, optimizer, scheduler, scaler, loo
                 "num_classes": len(loop_config["class_names"]),
                 "class_names": loop_config["class_names"],
                 "freeze_depth": options.freeze_depth,
+                "strategy": strategy_meta(options),
                 "image_size": options.image_size,
                 "resize_size": data.resize_size(options.image_size),
                 "mean": loop_config["mean"],

@@ -1,10 +1,11 @@
-"""`tl-ray tune`: a Ray Tune sweep over freeze depth x learning rate.
+"""`tl-ray tune`: a Ray Tune sweep over freeze depth x fine-tuning strategy x learning rate.
 
 Each trial is a Tune function trainable that runs the ordinary Ray Train loop
 (``train.run``) with Ray's Train-to-Tune callback, so a trial is exactly a
-`tl-ray train` run and resumes like one. Freeze depths are a grid (every depth is
-compared); learning rates are drawn log-uniformly, ``num_samples`` per depth. ASHA
-stops weak trials after each epoch. The Train-to-Tune callback hands Tune a
+`tl-ray train` run and resumes like one. The search is a grid: every depth and
+strategy is tried with the same learning rates (``TuneConfig.search_points``), so
+the comparison is fair. ASHA stops weak trials on their best val_acc so far, from the
+first epoch after warm-up on. The Train-to-Tune callback hands Tune a
 ``checkpoint_path`` per epoch, not a Tune checkpoint: the best one is found in the
 reported rows and copied to ``STORAGE/NAME/best``.
 """
@@ -38,6 +39,7 @@ TRIAL_DRIVER_CPU = 0.01
 class TrialSummary:
     trial_id: str
     freeze_depth: int
+    strategy: str
     lr: float
     status: str  # "finished", "stopped early", "error", "incomplete"
     epochs: int
@@ -57,6 +59,8 @@ class SweepSummary:
     trials: list[TrialSummary]
     wall_seconds: float
     best_checkpoint: str | None  # the copy under run_dir/best, once made
+    val_images: int = 0  # validation images every trial is scored on (0: unknown)
+    num_classes: int = 0  # (0: unknown)
 
     @property
     def best(self) -> TrialSummary | None:
@@ -69,10 +73,31 @@ def _run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     forbid_world_writable_files()
     config = TuneConfig(**sweep["options"])
     context = tune.get_context()
-    trial_config = config.trial_config(
-        params["freeze_depth"], params["lr"], sweep["trials_storage"], context.get_trial_id()
-    )
+    trial_config = config.trial_config(params["point"], sweep["trials_storage"], context.get_trial_id())
     run_training(trial_config, callbacks=[TuneReportCallback()])
+
+
+def is_scratch_baseline(point: dict[str, Any]) -> bool:
+    return point.get("weights") == "none"
+
+
+class _BaselineKeepingASHA(tune.schedulers.ASHAScheduler):
+    """ASHA that lets the from-scratch baseline run its whole budget, and leaves it out of the rungs.
+
+    The baseline is the yardstick the transfer trials are measured against, not a contender:
+    cut short, it would make transfer look better than it is.
+    """
+
+    def on_trial_result(self, tune_controller, trial, result):
+        if is_scratch_baseline(trial.config["point"]):
+            return tune.schedulers.TrialScheduler.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        if is_scratch_baseline(trial.config["point"]):
+            self._trial_info.pop(trial.trial_id, None)
+            return
+        super().on_trial_complete(tune_controller, trial, result)
 
 
 def _max_concurrent(config: TuneConfig) -> int:
@@ -119,8 +144,12 @@ def sweep(config: TuneConfig) -> tuple[SweepSummary, dict[str, str]]:
             # kills its Train controller while it shuts down, after it has released its placement-group
             # cleaner and before it has freed its workers' placement group: the CPUs leak and the next
             # trial waits for them forever.
-            tune.schedulers.ASHAScheduler(
-                time_attr="epoch", max_t=config.max_epochs, grace_period=1, reduction_factor=2, stop_last_trials=False
+            _BaselineKeepingASHA(
+                time_attr="epoch",
+                max_t=config.max_epochs,
+                grace_period=config.grace_epochs(),
+                reduction_factor=2,
+                stop_last_trials=False,
             )
             if config.scheduler == "asha"
             else tune.schedulers.FIFOScheduler()
@@ -128,19 +157,18 @@ def sweep(config: TuneConfig) -> tuple[SweepSummary, dict[str, str]]:
         tuner = tune.Tuner(
             trainable,
             param_space={
-                "freeze_depth": tune.grid_search(config.depths()),
-                "lr": tune.loguniform(config.lr_min, config.lr_max),
+                "point": tune.grid_search(config.search_points()),
                 "max_epochs": config.max_epochs,  # constant; recorded so reports know the budget
             },
             tune_config=tune.TuneConfig(
-                metric="val_acc",
+                # The best epoch so far, not the last one: what the report ranks by, so Tune's "current
+                # best" line and ASHA agree with it.
+                metric="best_val_acc",
                 mode="max",
                 scheduler=scheduler,
-                # Seeded draws: the same --seed gives the same learning rates, so sweeps can be compared.
                 # A searcher of our own must carry the concurrency limit itself: Tune applies
                 # max_concurrent_trials only to the searcher it builds.
                 search_alg=BasicVariantGenerator(random_state=config.seed, max_concurrent=_max_concurrent(config)),
-                num_samples=config.num_samples,
             ),
             run_config=tune.RunConfig(name=config.name, storage_path=storage, verbose=1),
         )
@@ -203,9 +231,10 @@ def load_summary(run_dir: str) -> SweepSummary:
         raise TlRayError(f"{run_dir} is not a tl-ray tune run folder ({error})") from error
     frames = analysis.trial_dataframes
     trials, starts, ends = [], [], []
-    max_epochs = 0
+    max_epochs = val_images = num_classes = 0
     for trial in analysis.trials:
         max_epochs = max(max_epochs, int(trial.config["max_epochs"]))
+        point = trial.config["point"]
         frame = frames.get(trial.trial_id)
         rows = [] if frame is None or frame.empty or "val_acc" not in frame else frame.to_dict("records")
         rows = [row for row in rows if not math.isnan(row.get("val_acc", math.nan))]
@@ -214,13 +243,16 @@ def load_summary(run_dir: str) -> SweepSummary:
         epochs_done = max((h["epoch"] for h in history), default=0)
         best = max(with_checkpoint, key=lambda r: (r["val_acc"], -r["val_loss"])) if with_checkpoint else None
         for row in rows:
+            val_images = max(val_images, int(row.get("val_images", 0)))
+            num_classes = max(num_classes, int(row.get("num_classes", 0)))
             ends.append(row["timestamp"])
             starts.append(row["timestamp"] - row.get("epoch_s", 0.0))
         trials.append(
             TrialSummary(
                 trial_id=trial.trial_id,
-                freeze_depth=int(trial.config["freeze_depth"]),
-                lr=float(trial.config["lr"]),
+                freeze_depth=int(point["freeze_depth"]),
+                strategy=report.SCRATCH if is_scratch_baseline(point) else str(point["strategy"]),
+                lr=float(point["lr"]),
                 status=_status(trial, epochs_done, int(trial.config["max_epochs"])),
                 epochs=epochs_done,
                 val_acc=best["val_acc"] if best else math.nan,
@@ -233,4 +265,4 @@ def load_summary(run_dir: str) -> SweepSummary:
             )
         )
     wall = (max(ends) - min(starts)) if ends else 0.0
-    return SweepSummary(run_dir.rstrip("/"), max_epochs, trials, wall, None)
+    return SweepSummary(run_dir.rstrip("/"), max_epochs, trials, wall, None, val_images, num_classes)

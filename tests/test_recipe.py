@@ -1,0 +1,267 @@
+"""The training recipe: defaults per start and optimizer, the LR schedule, fine-tuning strategies
+(parameter groups, learning rates, probe-then-fine-tune, --no-train-bn) and the fair sweep grid.
+
+Real torch on resnet18 at 32 px; no Ray (the loop's own use of these is covered by test_train/test_tune).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from tl_ray import recipe
+from tl_ray.config import NUM_STAGES, TrainConfig, TuneConfig
+from tl_ray.errors import TlRayError
+from tl_ray.model import STAGE_MODULES, TransferResNet, create_resnet
+from tl_ray.train import lr_factor, make_optimizer, steps_per_epoch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def resolved(**options) -> TrainConfig:
+    return TrainConfig(data="d", **options).validate()
+
+
+# ----------------------------------------------------------------------------- defaults
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_defaults_follow_the_optimizer(optimizer):
+    config = resolved(optimizer=optimizer, weights="none")
+    assert config.lr == recipe.LR[optimizer]
+    assert config.weight_decay == recipe.WEIGHT_DECAY[optimizer]
+    assert recipe.WEIGHT_DECAY["sgd"] <= 1e-4 < recipe.WEIGHT_DECAY["adamw"]  # SGD's decay is L2: far smaller
+
+
+def test_defaults_follow_the_start():
+    scratch = resolved(weights="none")
+    assert (scratch.strategy, scratch.backbone_lr_mult, scratch.head_epochs, scratch.freeze_depth) == ("plain", 1, 0, 0)
+    pretrained = resolved(weights="imagenet", freeze_depth=2)
+    assert pretrained.strategy == "discriminative"
+    assert pretrained.backbone_lr_mult == recipe.PRETRAINED_BACKBONE_LR_MULT < 1
+
+
+def test_explicit_options_beat_the_recipe():
+    config = resolved(weights="imagenet", freeze_depth=0, lr=0.2, weight_decay=0.0, backbone_lr_mult=0.5, epochs=4)
+    assert (config.lr, config.weight_decay, config.backbone_lr_mult) == (0.2, 0.0, 0.5)
+    assert resolved(strategy="probe", freeze_depth=0, head_epochs=3, epochs=4).head_epochs == 3
+
+
+@pytest.mark.parametrize(("epochs", "head_epochs"), [(2, 1), (5, 1), (10, 2), (20, 4)])
+def test_probe_trains_the_head_alone_for_a_fifth_of_the_run(epochs, head_epochs):
+    config = resolved(strategy="probe", freeze_depth=0, epochs=epochs)
+    assert config.head_epochs == head_epochs and config.backbone_lr_mult == recipe.PRETRAINED_BACKBONE_LR_MULT
+
+
+def test_probe_at_depth_5_is_plain_feature_extraction_and_an_explicit_head_phase_there_is_an_error():
+    assert resolved(strategy="probe", freeze_depth=NUM_STAGES).head_epochs == 0
+    with pytest.raises(TlRayError, match="--head-epochs trains the head alone before unfreezing"):
+        resolved(freeze_depth=NUM_STAGES, head_epochs=1)
+    with pytest.raises(TlRayError, match="--head-epochs must be between 0 and 2"):
+        resolved(freeze_depth=0, head_epochs=3, epochs=3)
+
+
+def test_unknown_strategy_names_the_option():
+    with pytest.raises(TlRayError, match="--strategy must be one of auto, plain, discriminative, probe; got 'lpft'"):
+        resolved(strategy="lpft")
+
+
+@pytest.mark.parametrize(
+    ("size", "scale"), [(32, recipe.LIGHT_CROP_SCALE), (64, recipe.LIGHT_CROP_SCALE), (224, recipe.STANDARD_CROP_SCALE)]
+)
+def test_augmentation_strength_follows_the_image_size(size, scale):
+    assert resolved(image_size=size).crop_scale() == scale
+    assert resolved(image_size=size, augment="standard").crop_scale() == recipe.STANDARD_CROP_SCALE
+    assert resolved(image_size=size, augment="none").crop_scale() is None
+
+
+# ----------------------------------------------------------------------------- the LR schedule
+
+
+def schedule(steps: int, epochs: int, warmup_epochs: float, head_epochs: int = 0) -> list[float]:
+    return [lr_factor(step, steps, epochs, warmup_epochs, head_epochs) for step in range(steps * epochs)]
+
+
+def test_one_epoch_run_warms_up_for_its_first_twentieth_only():
+    config = resolved(epochs=1, weights="none")
+    assert config.warmup_epochs == pytest.approx(0.05)
+    factors = schedule(100, 1, config.warmup_epochs)
+    peak = max(range(100), key=factors.__getitem__)
+    assert peak == 5, "warm-up takes 5% of the steps, then the peak"
+    assert factors[0] < 0.2 and factors[peak] == pytest.approx(1.0)
+    assert all(a <= b for a, b in itertools.pairwise(factors[: peak + 1]))
+    assert all(a >= b for a, b in itertools.pairwise(factors[peak:]))
+    assert 0 < factors[-1] < 0.01, "decays towards zero at the last step, and not before"
+    assert sum(factors) / len(factors) > 0.45, "most of a one-epoch run trains near its peak rate, not in warm-up"
+
+
+def test_warm_up_never_exceeds_one_epoch():
+    assert resolved(epochs=50, weights="none").warmup_epochs == 1.0
+    assert resolved(epochs=10, weights="none").warmup_epochs == pytest.approx(0.5)
+
+
+def test_probe_schedule_warms_up_and_decays_in_each_phase():
+    factors = schedule(10, 5, 0.5, head_epochs=1)
+    head, rest = factors[:10], factors[10:]
+    assert head[-1] < 0.05 and max(head) == pytest.approx(1.0)
+    assert rest[0] < 0.5 and max(rest) == pytest.approx(1.0), "the unfrozen backbone starts gently again"
+    assert 0 < rest[-1] < 0.01
+
+
+@pytest.mark.parametrize(
+    ("num_train", "batch_size", "world", "steps"),
+    [(100, 32, 1, 4), (97, 32, 1, 3), (65, 32, 1, 2), (66, 32, 1, 3), (100, 32, 2, 4), (100, 32, 8, 3), (33, 32, 1, 1)],
+)
+def test_steps_per_epoch_is_what_each_worker_runs(num_train, batch_size, world, steps):
+    """Each worker gets num_train // world images in batches of batch_size // world, a last batch of one skipped."""
+    shard, worker_batch = num_train // world, batch_size // world
+    taken = sum(1 for start in range(0, shard, worker_batch) if min(worker_batch, shard - start) >= 2)
+    assert steps_per_epoch(num_train, batch_size, world) == taken == steps
+
+
+# ----------------------------------------------------------------------------- strategies: parameter groups
+
+
+def model(depth: int, train_bn: bool = True) -> TransferResNet:
+    torch.manual_seed(0)
+    return TransferResNet(create_resnet("resnet18", 3), depth, train_bn=train_bn)
+
+
+def groups_by_name(transfer: TransferResNet, config: TrainConfig) -> dict[str, dict]:
+    optimizer = make_optimizer(
+        transfer.parameter_groups(config.lr, config.weight_decay, config.backbone_lr_mult), config
+    )
+    return {group["name"]: group for group in optimizer.param_groups}
+
+
+@pytest.mark.parametrize("strategy", ["plain", "discriminative", "probe"])
+@pytest.mark.parametrize("depth", [0, 3])
+def test_each_strategy_gives_head_and_backbone_their_learning_rates(strategy, depth):
+    config = resolved(weights="imagenet", strategy=strategy, freeze_depth=depth, epochs=5)
+    transfer = model(depth)
+    groups = groups_by_name(transfer, config)
+    assert set(groups) == {"head", "head_no_decay", "backbone", "backbone_no_decay"}
+    mult = 1.0 if strategy == "plain" else recipe.PRETRAINED_BACKBONE_LR_MULT
+    assert groups["head"]["lr"] == groups["head_no_decay"]["lr"] == config.lr
+    assert groups["backbone"]["lr"] == groups["backbone_no_decay"]["lr"] == pytest.approx(config.lr * mult)
+    head = {id(p) for p in transfer.net.fc.parameters()}
+    assert {id(p) for g in ("head", "head_no_decay") for p in groups[g]["params"]} == head
+    trainable = {id(p) for p in transfer.parameters() if p.requires_grad}
+    assert {id(p) for g in groups.values() for p in g["params"]} == trainable, "exactly the unfrozen parameters"
+
+
+def test_batchnorm_weights_and_biases_get_no_weight_decay():
+    config = resolved(weights="none", weight_decay=0.05)
+    transfer = model(0)
+    groups = groups_by_name(transfer, config)
+    no_decay = {id(p) for g in ("head_no_decay", "backbone_no_decay") for p in groups[g]["params"]}
+    expected = {id(m.weight) for m in transfer.modules() if isinstance(m, nn.BatchNorm2d)}
+    expected |= {id(m.bias) for m in transfer.modules() if getattr(m, "bias", None) is not None}
+    assert no_decay == expected
+    assert groups["head_no_decay"]["weight_decay"] == groups["backbone_no_decay"]["weight_decay"] == 0.0
+    assert groups["head"]["weight_decay"] == groups["backbone"]["weight_decay"] == 0.05
+    assert all(p.ndim == 4 for p in groups["backbone"]["params"]), "only conv kernels decay in the backbone"
+
+
+def test_feature_extraction_has_only_head_groups():
+    assert set(groups_by_name(model(NUM_STAGES), resolved(weights="imagenet"))) == {"head", "head_no_decay"}
+
+
+def step(transfer: TransferResNet, optimizer: torch.optim.Optimizer) -> None:
+    generator = torch.Generator().manual_seed(3)
+    images, labels = torch.randn(8, 3, 32, 32, generator=generator), torch.arange(8) % 3
+    transfer.train()
+    optimizer.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(transfer(images), labels).backward()
+    optimizer.step()
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_probe_then_fine_tune_moves_only_the_head_first_then_the_unfrozen_stages():
+    """One optimizer over the stages unfrozen later: the head phase leaves them untouched, BatchNorm included."""
+    config = resolved(weights="imagenet", strategy="probe", freeze_depth=3, epochs=5)
+    transfer = model(config.freeze_depth)
+    optimizer = make_optimizer(
+        transfer.parameter_groups(config.lr, config.weight_decay, config.backbone_lr_mult), config
+    )
+    transfer.set_freeze_depth(NUM_STAGES)
+    before = snapshot(transfer.net)
+    step(transfer, optimizer)
+    after_head = snapshot(transfer.net)
+    changed = {k for k in before if not torch.equal(before[k], after_head[k])}
+    assert changed and all(k.startswith("fc.") for k in changed)
+    transfer.set_freeze_depth(config.freeze_depth)
+    step(transfer, optimizer)
+    after = snapshot(transfer.net)
+    changed = {k.split(".")[0] for k in before if not torch.equal(after_head[k], after[k])}
+    assert changed == {"layer3", "layer4", "fc"}
+
+
+def test_no_train_bn_keeps_the_fine_tuned_stages_statistics_but_trains_their_scale():
+    transfer = model(0, train_bn=False)
+    config = resolved(weights="none")
+    optimizer = make_optimizer(transfer.parameter_groups(config.lr, config.weight_decay), config)
+    before = snapshot(transfer.net)
+    step(transfer, optimizer)
+    after = snapshot(transfer.net)
+    for name, module in transfer.net.named_modules():
+        if isinstance(module, nn.BatchNorm2d):
+            assert not module.training
+            assert torch.equal(before[f"{name}.running_mean"], after[f"{name}.running_mean"])
+            assert not torch.equal(before[f"{name}.weight"], after[f"{name}.weight"])
+
+
+# ----------------------------------------------------------------------------- the sweep grid
+
+
+def sweep(**options) -> TuneConfig:
+    return TuneConfig(data="d", weights="imagenet", **options).validate()
+
+
+def test_every_depth_and_strategy_gets_the_same_learning_rates():
+    config = sweep(freeze_depths="0,2,5", strategies="plain,probe", num_samples=3, lr_min=1e-4, lr_max=1e-2)
+    points = config.search_points()
+    rates = {}
+    for point in points:
+        rates.setdefault((point["freeze_depth"], point["strategy"]), []).append(point["lr"])
+    assert set(rates) == {(0, "plain"), (0, "probe"), (2, "plain"), (2, "probe"), (5, "plain")}
+    assert all(r == pytest.approx([1e-4, 1e-3, 1e-2]) for r in rates.values())
+
+
+def test_one_sample_is_the_recipe_rate_and_explicit_rates_are_shared_too():
+    assert sweep(freeze_depths="0,5").learning_rates() == [recipe.LR["adamw"]]
+    assert sweep(optimizer="sgd").learning_rates() == [recipe.LR["sgd"]]
+    assert sweep(lr_min=1e-4, lr_max=1e-2).learning_rates() == [pytest.approx(1e-3)]
+    config = sweep(freeze_depths="1,4", lrs="3e-3, 1e-3")
+    assert [p["lr"] for p in config.search_points()] == [1e-3, 3e-3, 1e-3, 3e-3]
+    with pytest.raises(TlRayError, match="--lrs must be comma-separated numbers"):
+        sweep(lrs="fast")
+
+
+def test_auto_strategy_is_named_for_the_start_and_scratch_baseline_is_one_extra_trial():
+    assert sweep(freeze_depths="0").strategy_names() == ["discriminative"]
+    points = sweep(freeze_depths="0,5", strategies="auto,discriminative", scratch_baseline=True).search_points()
+    assert points[-1] == {"freeze_depth": 0, "strategy": "plain", "lr": recipe.LR["adamw"], "weights": "none"}
+    assert len(points) == 3
+
+
+@pytest.mark.parametrize(
+    ("options", "grace"),
+    [({"max_epochs": 3}, 1), ({"max_epochs": 10}, 1), ({"max_epochs": 20}, 2), ({"strategies": "probe"}, 2)],
+)
+def test_asha_judges_trials_only_after_warm_up_and_the_head_phase(options, grace):
+    config = sweep(**options)
+    assert config.grace_epochs() == grace
+    trial = TrainConfig.with_recipe(config.trial_config(config.search_points()[0], "/s", "t"))
+    assert grace >= trial.head_epochs + math.ceil(trial.warmup_epochs)
+
+
+def test_stage_modules_cover_the_backbone():
+    assert len(STAGE_MODULES) == NUM_STAGES
