@@ -16,16 +16,17 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-# The offline transfer story: a source model learns shapes from scratch, then a sweep
-# compares freeze depths for transferring it to other shapes with few labels.
+# The offline transfer story: a source model learns shapes from scratch, then a sweep compares
+# freeze depths for transferring it to other shapes with 20 labels each, against the same
+# task learnt from scratch (the yardstick). About 8 minutes on 2 CPU cores.
 demo: install
 	$(BIN)/tl-ray sample-data $(DEMO_DIR)/data
-	$(BIN)/tl-ray train --data $(DEMO_DIR)/data/source --arch resnet18 --weights none --image-size 64 \
-		--epochs 5 --num-workers 2 --storage $(DEMO_DIR)/runs --name source
-	$(BIN)/tl-ray tune --data $(DEMO_DIR)/data/target --arch resnet18 --image-size 64 \
+	$(BIN)/tl-ray train --data $(DEMO_DIR)/data/source --arch resnet18 --weights none --image-size 48 \
+		--epochs 10 --num-workers 2 --storage $(DEMO_DIR)/runs --name source
+	$(BIN)/tl-ray tune --data $(DEMO_DIR)/data/target --arch resnet18 --image-size 48 --batch-size 16 \
 		--weights "$$($(BIN)/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["best_checkpoint"])' \
 			$(DEMO_DIR)/runs/source/result.json)" \
-		--freeze-depths 0,3,5 --max-epochs 3 --storage $(DEMO_DIR)/runs --name sweep
+		--freeze-depths 0,3,5 --max-epochs 15 --scratch-baseline --storage $(DEMO_DIR)/runs --name sweep
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests

@@ -90,3 +90,20 @@ def test_gpu_benchmark_script_runs_on_cpu_tiny(tmp_path):
             assert row["images_per_s"] > 0, row
     [e2e] = results["end_to_end"]
     assert e2e["images_per_s"] > 0 and len(e2e["history"]) == 1 and e2e["fed_ratio"] > 0
+
+
+def test_learning_benchmark_trains_both_sides_on_real_digits(tmp_path):
+    """Source row (digits 0-4) and the head-only transfer row, one seed, one epoch each: both sides train."""
+    out = tmp_path / "learning.json"
+    argv = ["--datasets", "digits", "--seeds", "1", "--source-epochs", "1", "--target-epochs", "1", "--rows", "d5"]
+    argv += ["--image-size", "digits=16", "--data", str(tmp_path / "data"), "--out", str(out)]
+    done = _run_bench([sys.executable, "bench/learning.py", *argv], timeout=280)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["row"] for row in rows] == ["source, from scratch", "target, transfer d5 (head only)"]
+    for row in rows:
+        assert len(row["tl-ray"]) == len(row["reference"]) == 1
+        assert all(0.0 <= value <= 1.0 for value in row["tl-ray"] + row["reference"])
+    assert "| digits | target, transfer d5 (head only) | 1 |" in done.stdout
+    # Digits 5-9: 10 training images per class here (--per-class 200 / 20), the rest for validation.
+    assert len(list((tmp_path / "data" / "digits" / "target" / "train").glob("*/*.png"))) == 50

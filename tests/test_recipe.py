@@ -35,6 +35,8 @@ def test_defaults_follow_the_optimizer(optimizer):
     assert config.lr == recipe.LR[optimizer]
     assert config.weight_decay == recipe.WEIGHT_DECAY[optimizer]
     assert recipe.WEIGHT_DECAY["sgd"] <= 1e-4 < recipe.WEIGHT_DECAY["adamw"]  # SGD's decay is L2: far smaller
+    head_only = resolved(optimizer=optimizer, weights="imagenet", freeze_depth=NUM_STAGES)
+    assert head_only.lr == recipe.HEAD_ONLY_LR[optimizer] > config.lr, "a linear head alone takes a larger step"
 
 
 def test_defaults_follow_the_start():

@@ -28,7 +28,8 @@ TRAIN_HELP: dict[str, tuple[Any, str]] = {
     "lr": (
         float,
         "the head's peak learning rate, after warm-up, then cosine decay (default: the recipe's for --optimizer:"
-        f" {recipe.LR['adamw']} for adamw, {recipe.LR['sgd']} for sgd)",
+        f" {recipe.LR['adamw']} for adamw, {recipe.LR['sgd']} for sgd; at --freeze-depth 5"
+        f" {recipe.HEAD_ONLY_LR['adamw']} and {recipe.HEAD_ONLY_LR['sgd']})",
     ),
     "optimizer": (str, f"{' | '.join(OPTIMIZERS)}"),
     "momentum": (float, "SGD momentum (with --optimizer sgd; Nesterov)"),
@@ -202,13 +203,13 @@ def _print_sweep(summary, written: dict[str, str]) -> None:
     print(table(summary))
     print()
     best = summary.best
-    if best is not None:
-        print(
-            f"best             freeze depth {best.freeze_depth}, {best.strategy}, lr {best.lr:.2e}:"
-            f" val_acc {best.val_acc:.3f}"
-        )
     for line in verdict(summary):
         print(line.removeprefix("- ").replace("**", ""))
+    if best is not None:
+        print(
+            f"best trial       freeze depth {best.freeze_depth}, {best.strategy}, lr {best.lr:.2e}:"
+            f" val_acc {best.val_acc:.3f}"
+        )
         print(f"best checkpoint  {summary.best_checkpoint or best.checkpoint}")
     print(f"report           {written['markdown']}")
     print(f"plot             {written['plot']}")

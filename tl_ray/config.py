@@ -49,7 +49,7 @@ class TrainConfig:
     weights: str = "imagenet"
     freeze_depth: int | None = None  # None: 5 (feature extraction), or 0 with --weights none
     epochs: int = 10
-    lr: float | None = None  # None: the recipe's for the optimizer (tl_ray.recipe)
+    lr: float | None = None  # None: the recipe's for the optimizer and depth (tl_ray.recipe)
     optimizer: str = "adamw"
     momentum: float = 0.9
     weight_decay: float | None = None  # None: the recipe's for the optimizer
@@ -137,9 +137,10 @@ class TrainConfig:
         if self.freeze_depth == NUM_STAGES:
             head_epochs = 0  # feature extraction: the head is all that ever trains
         steps_share = recipe.WARMUP_SHARE * self.epochs
+        rates = recipe.HEAD_ONLY_LR if self.freeze_depth == NUM_STAGES else recipe.LR
         return dataclasses.replace(
             self,
-            lr=recipe.LR[self.optimizer] if self.lr is None else self.lr,
+            lr=rates[self.optimizer] if self.lr is None else self.lr,
             weight_decay=recipe.WEIGHT_DECAY[self.optimizer] if self.weight_decay is None else self.weight_decay,
             warmup_epochs=min(1.0, steps_share) if self.warmup_epochs is None else self.warmup_epochs,
             strategy=strategy,

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 # Peak learning rate of the head (and of the whole network from random weights), per optimizer.
 LR = {"adamw": 3e-3, "sgd": 0.05}
+# Feature extraction (freeze depth 5) trains a linear head alone: it takes (and needs, on a short
+# run with few steps) a larger step.
+HEAD_ONLY_LR = {"adamw": 1e-2, "sgd": 0.1}
 # Weight decay, never applied to BatchNorm weights or biases: decoupled (AdamW) or L2 (SGD).
 WEIGHT_DECAY = {"adamw": 0.05, "sgd": 5e-5}
 # The backbone's share of the head's learning rate when starting from pretrained weights.

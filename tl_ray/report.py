@@ -125,6 +125,15 @@ def verdict(summary) -> list[str]:
                 f"({second.val_acc:.3f}) by {gap:.3f}{images}"
                 + (f", more than the resolution of {noise:.3f}" if n else " (validation set size unknown)")
             )
+    if n and len(transfer) >= 2:
+        first = transfer[0]
+        behind = [t for t in transfer[1:] if first.val_acc - t.val_acc > resolution((first.val_acc + t.val_acc) / 2, n)]
+        if behind:
+            described = ", ".join(
+                f"{_config_label(t)} ({t.val_acc:.3f}, {round((first.val_acc - t.val_acc) * n)} images behind)"
+                for t in behind
+            )
+            lines.append(f"- clearly behind the best, by more than the resolution: {described}")
     scratch = configs.get(SCRATCH)
     if scratch is not None and transfer:
         gain = transfer[0].val_acc - scratch.val_acc
@@ -206,14 +215,18 @@ def plot(summary, path: Path) -> None:
         handles.append(Line2D([], [], color="0.5", linestyle=":", label=f"chance ({chance:.2f})"))
     curves.xaxis.set_major_locator(MaxNLocator(integer=True))
     curves.set(xlabel="epoch", ylabel="val_acc", title="val_acc per epoch, every trial", ylim=(0, 1.02))
-    curves.legend(handles=handles, fontsize="small", loc="lower right")
+    curves.legend(handles=handles, fontsize="small", loc="best")
     curves.grid(alpha=0.3)
 
     configs = best_per_config(summary)
     labels = [label.replace(", ", "\n") for label in configs]
     values = [t.val_acc for t in configs.values()]
     drawn = bars.bar(labels, values, color=[_colour(t) for t in configs.values()])
-    bars.bar_label(drawn, labels=[f"{v:.3f}" for v in values], fontsize="small", padding=2)
+    texts = [
+        f"{t.val_acc:.3f}" + (f"\nstopped after {t.epochs}" if t.status == "stopped early" else "")
+        for t in configs.values()
+    ]
+    bars.bar_label(drawn, labels=texts, fontsize="small", padding=2)
     if chance is not None:
         bars.axhline(chance, color="0.5", linestyle=":", linewidth=1, label=f"chance ({chance:.2f})")
         bars.legend(fontsize="small", loc="lower right")

@@ -29,7 +29,7 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from tl_ray import __version__, cache, checkpoint, data, features, model
-from tl_ray.config import TrainConfig, absolute, forbid_world_writable_files
+from tl_ray.config import NUM_STAGES, TrainConfig, absolute, forbid_world_writable_files
 from tl_ray.errors import TlRayError
 
 RESULT_FILE = "result.json"
@@ -216,7 +216,8 @@ def _check_batch_norm(config: TrainConfig, use_gpu: bool) -> None:
     if config.sync_bn and not use_gpu:
         raise TlRayError("--sync-bn: synchronised BatchNorm needs GPU workers; on CPU use --no-train-bn instead")
     worker_batch = config.batch_size // config.num_workers
-    if config.num_workers > 1 and not config.sync_bn and config.train_bn and worker_batch < SMALL_WORKER_BATCH:
+    trains_batch_norm = config.train_bn and config.freeze_depth < NUM_STAGES
+    if config.num_workers > 1 and not config.sync_bn and trains_batch_norm and worker_batch < SMALL_WORKER_BATCH:
         logger.warning(
             "each of the %d workers normalises BatchNorm over %d images only (--batch-size %d split over "
             "--num-workers): pass --sync-bn (GPUs), --no-train-bn, or a larger --batch-size",
@@ -406,7 +407,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for epoch in range(start_epoch + 1, options.epochs + 1):
         started = time.perf_counter()
         # A probe-then-fine-tune run trains the head alone first; DDP is (re)built for what trains now.
-        depth = model.NUM_STAGES if epoch <= options.head_epochs else options.freeze_depth
+        depth = NUM_STAGES if epoch <= options.head_epochs else options.freeze_depth
         if wrapped is None or depth != transfer.freeze_depth:
             transfer.set_freeze_depth(depth)
             wrapped = ray.train.torch.prepare_model(trained)
