@@ -301,13 +301,9 @@ def main(argv: list[str] | None = None) -> dict:
                 epochs = args.source_epochs if row.task == "source" else args.target_epochs
                 task_root = root / row.task
                 measured = {"tl-ray": [], "reference": []}
-                for seed in range(args.seeds):
-                    options = {
-                        "image_size": args.image_size,
-                        "batch_size": args.batch_size,
-                        "epochs": epochs,
-                        "seed": seed,
-                    }
+                for seed in range(args.source_seeds if row.task == "source" else args.seeds):
+                    batch_size = args.source_batch_size if row.task == "source" else args.batch_size
+                    options = {"image_size": image_size, "batch_size": batch_size, "epochs": epochs, "seed": seed}
                     run_name = f"{dataset}-{len(results)}-{seed}"
                     acc, checkpoint = tl_ray_train(row, task_root, source_checkpoint, storage, name=run_name, **options)
                     if row.task == "source" and seed == 0:
