@@ -89,12 +89,12 @@ class _BaselineKeepingASHA(tune.schedulers.ASHAScheduler):
     """
 
     def on_trial_result(self, tune_controller, trial, result):
-        if is_scratch_baseline(trial.config["point"]):
+        if is_scratch_baseline(trial.config.get("point", {})):
             return tune.schedulers.TrialScheduler.CONTINUE
         return super().on_trial_result(tune_controller, trial, result)
 
     def on_trial_complete(self, tune_controller, trial, result):
-        if is_scratch_baseline(trial.config["point"]):
+        if is_scratch_baseline(trial.config.get("point", {})):
             self._trial_info.pop(trial.trial_id, None)
             return
         super().on_trial_complete(tune_controller, trial, result)
@@ -234,7 +234,8 @@ def load_summary(run_dir: str) -> SweepSummary:
     max_epochs = val_images = num_classes = 0
     for trial in analysis.trials:
         max_epochs = max(max_epochs, int(trial.config["max_epochs"]))
-        point = trial.config["point"]
+        # Sweeps from before strategies kept freeze_depth and lr at the top of the config.
+        point = trial.config.get("point") or {"strategy": "plain", **trial.config}
         frame = frames.get(trial.trial_id)
         rows = [] if frame is None or frame.empty or "val_acc" not in frame else frame.to_dict("records")
         rows = [row for row in rows if not math.isnan(row.get("val_acc", math.nan))]
