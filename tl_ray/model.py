@@ -189,20 +189,17 @@ class TransferResNet(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def parameter_groups(
-        self, lr: float, weight_decay: float, backbone_lr_mult: float = 1.0, from_depth: int | None = None
-    ) -> list[dict]:
+    def parameter_groups(self, lr: float, weight_decay: float, backbone_lr_mult: float = 1.0) -> list[dict]:
         """Optimizer parameter groups: head and backbone apart (the backbone at ``lr * backbone_lr_mult``),
         each split into weights that decay and BatchNorm weights and biases that do not.
 
         Decaying a BatchNorm scale or a bias pulls it towards zero for no gain in generalisation
-        (the torchvision reference recipes and timm leave them out too). ``from_depth`` (default: the
-        current depth) sets which stages are included: a probe-then-fine-tune run builds its optimizer
-        once, with the stages it will unfreeze later, so its state survives the switch and a resume.
+        (the torchvision reference recipes and timm leave them out too). The groups hold the stages
+        unfrozen at the current depth: a probe-then-fine-tune run builds its optimizer once, at its
+        final depth, before freezing to the head phase, so its state survives the switch and a resume.
         """
-        from_depth = self.freeze_depth if from_depth is None else from_depth
         parts = {"head": [self.net.fc]}
-        parts["backbone"] = list(self._stage_modules(STAGE_MODULES[from_depth:]))
+        parts["backbone"] = list(self._stage_modules(STAGE_MODULES[self.freeze_depth :]))
         groups = []
         for part, modules in parts.items():
             params = [p for module in modules for p in module.parameters()]
