@@ -45,7 +45,7 @@ def test_train_learns_and_leaves_a_loadable_checkpoint(source_run, source_data, 
 
     _, meta = tl_ray.load_checkpoint(result["best_checkpoint"])
     assert meta["class_names"] == ["circle", "square", "star", "triangle"]
-    assert (meta["arch"], meta["freeze_depth"], meta["image_size"], meta["weights"]) == ("resnet18", 0, 64, "none")
+    assert (meta["arch"], meta["freeze_depth"], meta["image_size"], meta["weights"]) == ("resnet18", 0, 48, "none")
     assert meta["epoch"] == result["metrics"]["epoch"]
     # The recipe from random weights: one learning rate everywhere, recorded with the model.
     assert meta["strategy"]["name"] == "plain" and meta["strategy"]["backbone_lr_mult"] == 1.0
