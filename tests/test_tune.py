@@ -71,7 +71,7 @@ def sweep(source_model, sweep_data, tmp_path_factory, ray_cluster):
         "tune",
         "--data", str(sweep_data),
         "--weights", source_model,
-        "--arch", "resnet18", "--image-size", "64", "--num-workers", "1",
+        "--arch", "resnet18", "--image-size", "48", "--num-workers", "1",
         "--freeze-depths", "4", "--lrs", "3e-3,40", "--scratch-baseline", "--max-epochs", "2",
         "--storage", str(storage), "--name", "s1",
     ]  # fmt: skip
