@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import SOURCE_BATCH, SOURCE_EPOCHS
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
@@ -47,7 +48,7 @@ def sample_root(tmp_path_factory) -> Path:
     return root
 
 
-COMMON = ["--arch", "resnet18", "--image-size", "48", "--num-workers", "2"]  # 48 px: ~0.6 after 3 epochs
+COMMON = ["--arch", "resnet18", "--image-size", "48", "--num-workers", "2"]
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +65,8 @@ def source_data(sample_root, tmp_path_factory) -> Path:
 def source_run(source_data, tmp_path_factory, ray_cluster):
     """`tl-ray train` from scratch on the source task: (argv, storage, result.json, printed output)."""
     storage = tmp_path_factory.mktemp("runs")
-    argv = ["train", "--data", str(source_data), "--weights", "none", "--epochs", "3", *COMMON]
+    argv = ["train", "--data", str(source_data), "--weights", "none", *COMMON]
+    argv += ["--epochs", str(SOURCE_EPOCHS), "--batch-size", str(SOURCE_BATCH)]
     with pytest.MonkeyPatch.context() as patch:
         printed = io.StringIO()
         patch.setattr(sys, "stdout", printed)

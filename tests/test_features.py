@@ -65,7 +65,7 @@ def test_head_trained_on_cached_features_is_the_feature_extraction_model(
         weights=source_model,
         freeze_depth=5,
         augment="none",
-        image_size=64,
+        image_size=48,  # the source model's
         epochs=12,  # the sample target has 20 training images a class: cached-feature epochs are cheap
         lr=0.03,
         batch_size=16,
@@ -73,7 +73,7 @@ def test_head_trained_on_cached_features_is_the_feature_extraction_model(
         storage=str(tmp_path / "runs"),
         name="head",
     )
-    assert list((tmp_path / "runs" / ".tl-ray-cache").glob("*/features-resnet18-64-*/manifest.json"))
+    assert list((tmp_path / "runs" / ".tl-ray-cache").glob("*/features-resnet18-48-*/manifest.json"))
     # Trained on features, checked on images: the checkpoint alone reproduces the run's validation accuracy.
     layout = data.discover(str(target))
     assert checkpoint_accuracy(result.best_checkpoint, layout.val) == pytest.approx(result.metrics["val_acc"], abs=0.02)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import kill_a_training_worker, recorded
+from helpers import SOURCE_BATCH, SOURCE_EPOCHS, kill_a_training_worker, recorded
 
 import tl_ray
 from tl_ray import cli, data
@@ -30,7 +30,7 @@ def test_train_learns_and_leaves_a_loadable_checkpoint(source_run, source_data, 
     _, _, result, printed = source_run
     assert "best val_acc" in printed and "skipped files    2" in printed and "broken.jpg: " in printed
 
-    assert [row["epoch"] for row in result["history"]] == [1, 2, 3]
+    assert [row["epoch"] for row in result["history"]] == list(range(1, SOURCE_EPOCHS + 1))
     assert result["metrics"]["val_acc"] == max(row["val_acc"] for row in result["history"])
     assert result["metrics"]["val_acc"] >= 0.4, "4 classes: chance is 0.25"
     assert result["history"][-1]["val_images"] == 200 and result["history"][-1]["train_images"] == 600
@@ -72,9 +72,10 @@ def _kill_a_worker_once(checkpoint_dir: Path, gcs_address: str, killed: list[int
 def test_rerun_resumes_and_a_killed_worker_restarts_from_the_last_checkpoint(source_run, source_model, ray_cluster):
     argv, storage, before, _ = source_run
     more_epochs = list(argv)
-    more_epochs[more_epochs.index("--epochs") + 1] = "5"
+    total = SOURCE_EPOCHS + 2
+    more_epochs[more_epochs.index("--epochs") + 1] = str(total)
     killed: list[int] = []
-    watched = storage / "src" / "checkpoint_epoch004"
+    watched = storage / "src" / f"checkpoint_epoch{SOURCE_EPOCHS + 1:03d}"
     killer = threading.Thread(
         target=_kill_a_worker_once, args=(watched, ray_cluster.get_runtime_context().gcs_address, killed)
     )
@@ -85,16 +86,17 @@ def test_rerun_resumes_and_a_killed_worker_restarts_from_the_last_checkpoint(sou
         killer.join()
     assert killed, "no training worker was found to kill"
     after = json.loads((storage / "src" / "result.json").read_text())
-    assert [row["epoch"] for row in after["history"]] == [1, 2, 3, 4, 5]
-    # Epochs 1-3 were not trained again: their recorded timings and metrics are the originals.
-    assert after["history"][:3] == before["history"]
-    # The rerun started after epoch 3; the worker group that replaced the killed one, after epoch 4.
-    assert [row["resumed_after_epoch"] for row in after["history"][3:]] == [3, 4]
+    assert [row["epoch"] for row in after["history"]] == list(range(1, total + 1))
+    # The source run's epochs were not trained again: their recorded timings and metrics are the originals.
+    assert after["history"][:SOURCE_EPOCHS] == before["history"]
+    # The rerun started after the source run's last epoch; the group that replaced the killed worker, an epoch later.
+    resumed = [row["resumed_after_epoch"] for row in after["history"][SOURCE_EPOCHS:]]
+    assert resumed == [SOURCE_EPOCHS, SOURCE_EPOCHS + 1]
     state = torch.load(Path(after["last_checkpoint"]) / "train_state.pt", weights_only=True)
-    steps = 5 * math.ceil(after["history"][-1]["train_images"] / 32)
+    steps = total * math.ceil(after["history"][-1]["train_images"] / SOURCE_BATCH)
     assert state["scheduler"]["last_epoch"] == steps, "the LR schedule continued instead of starting over"
     assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {steps}, "AdamW's step count continued"
-    assert (storage / "src" / "checkpoint_epoch005" / "model.pt").exists()
+    assert (storage / "src" / f"checkpoint_epoch{total:03d}" / "model.pt").exists()
     kept = sorted(p.name for p in (storage / "src").glob("checkpoint_epoch*"))
     assert len(kept) <= 3  # --keep-checkpoints 2 best, plus the latest
 
