@@ -95,7 +95,7 @@ def checkpoint_accuracy():
 
     def accuracy(checkpoint: str, files: list[tuple[str, int]]) -> float:
         model, meta = tl_ray.load_checkpoint(checkpoint)
-        transform = data.eval_transform(meta["image_size"])
+        transform = data.eval_transform(meta["image_size"], meta["resize_size"])
         images = torch.stack(
             [transform(data.load_rgb(Path(path).read_bytes(), meta["resize_size"])) for path, _ in files]
         )

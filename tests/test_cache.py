@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import ray
 from PIL import Image
@@ -36,6 +37,11 @@ def dataset_root(tmp_path) -> Path:
         _photo(root / split / ("ab"[index % 2]) / f"{index:02d}.jpg", index, size=(90 + index, 70))
     (root / "train" / "b" / "broken.jpg").write_bytes(b"not a jpeg")
     return root
+
+
+def _sizes(parquet_file: str) -> tuple[list[int], list[int]]:
+    table = pq.read_table(parquet_file, columns=["height", "width"]).to_pydict()
+    return table["height"], table["width"]
 
 
 def _digests(images) -> list[str]:
@@ -82,6 +88,11 @@ def test_cache_is_reused_until_a_file_changes(dataset_root, tmp_path, ray_cluste
     again = cache.prepare(layout.train, layout, SIZE, root)
     assert (again.built, again.folder, again.parquet_files) == (False, first.folder, first.parquet_files)
     assert cache.prepare(layout.train, layout, SIZE + 16, root).folder != first.folder  # another resolution
+    # Weights evaluated at another crop fraction (IMAGENET1K_V2: 232 for 224) resize to another short side.
+    other = cache.prepare(layout.train, layout, SIZE, root, short_side=SIZE + 1)
+    assert other.folder != first.folder and other.short_side == SIZE + 1
+    smallest = min(min(h, w) for f in other.parquet_files for h, w in zip(*_sizes(f), strict=True))
+    assert smallest == SIZE + 1
 
     changed, _ = layout.train[0]
     before = os.stat(changed)

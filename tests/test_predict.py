@@ -50,7 +50,7 @@ def test_predictions_equal_the_model_called_directly(checkpoint, mixed_folder, t
     assert len(good) == len(images) - 2
 
     model, meta = tl_ray.load_checkpoint(checkpoint)
-    transform = data.eval_transform(meta["image_size"])
+    transform = data.eval_transform(meta["image_size"], meta["resize_size"])
     batch = torch.stack([transform(data.load_rgb(Path(p).read_bytes(), meta["resize_size"])) for p in good["path"]])
     with torch.no_grad():
         expected = torch.softmax(model(data.normalize(batch, torch.tensor(meta["mean"]), torch.tensor(meta["std"]))), 1)

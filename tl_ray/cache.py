@@ -3,7 +3,8 @@
 Decoding a JPEG costs more than everything else the pipeline does to it, and without
 a cache a run decodes every file once per epoch (a sweep, once per epoch per trial).
 The cache holds each file decoded (upright RGB) and resized so that its short side is
-the validation resize size, ``ceil(image_size / 0.875)``: validation is then a centre
+the validation resize size (``data.resize_size``: the weights' own crop fraction, by default
+``ceil(image_size / 0.875)``): validation is then a centre
 crop of the cached pixels, exactly what predict computes from the file, and training's
 random crops and flips run on the same uint8 pixels.
 
@@ -56,6 +57,7 @@ class CachedSplit:
     rows: int
     skipped: list[tuple[str, str, int]]  # (path as the user sees it, reason, label)
     built: bool  # True when this call decoded the images, False when an earlier build was reused
+    short_side: int  # the images' short side: validation's resize, done once
 
 
 def resolve_root(cache: str, storage: str) -> str | None:
@@ -158,9 +160,12 @@ def _decode_to_file(
     }
 
 
-def prepare(files: list[tuple[str, int]], layout: data.Layout, image_size: int, root: str) -> CachedSplit:
-    """The cache of one split at ``image_size``: reused when one exists for exactly these files, else built."""
-    short_side = data.resize_size(image_size)
+def prepare(
+    files: list[tuple[str, int]], layout: data.Layout, image_size: int, root: str, short_side: int | None = None
+) -> CachedSplit:
+    """The cache of one split for crops of ``image_size`` from images resized to ``short_side`` (by default
+    ``data.resize_size(image_size)``): reused when one exists for exactly these files, else built."""
+    short_side = short_side or data.resize_size(image_size)
     filesystem, base, _ = data.resolve_filesystem(root, "--cache")
     folder = f"{base}/{split_key(files, layout, short_side)}"
     manifest = read_manifest(filesystem, folder)
@@ -174,6 +179,7 @@ def prepare(files: list[tuple[str, int]], layout: data.Layout, image_size: int, 
         rows=manifest["rows"],
         skipped=[(path, reason, label) for path, reason, label in manifest["skipped"]],
         built=built,
+        short_side=short_side,
     )
 
 
@@ -222,8 +228,9 @@ def _read_and_crop(
     image_size: int,
     crop_scale: tuple[float, float] | None,
     color_jitter: float,
+    short_side: int,
 ) -> dict[str, np.ndarray]:
-    transform = data.augmentation(image_size, crop_scale, color_jitter)
+    transform = data.augmentation(image_size, crop_scale, color_jitter, short_side)
     images, labels = [], []
     for path in batch["file"]:
         cached = pq.read_table(path, filesystem=filesystem).to_pydict()
@@ -286,6 +293,7 @@ def cached_dataset(
         image_size=image_size,
         crop_scale=crop_scale if training else None,
         color_jitter=color_jitter,
+        short_side=split.short_side,
     )
 
 
@@ -297,16 +305,18 @@ def run_datasets(
     color_jitter: float = 0.0,
     seed: int = 0,
     crop_scale: tuple[float, float] | None = recipe.STANDARD_CROP_SCALE,
+    short_side: int | None = None,
 ) -> dict[str, ray.data.Dataset]:
     """A run's "train" and "val" pipelines: from the cache under ``root`` (built first if need be), or, with
-    ``root`` None, decoding every file every epoch. Files the cache could not decode go into ``skipped``."""
+    ``root`` None, decoding every file every epoch. Files the cache could not decode go into ``skipped``.
+    ``short_side``: validation's resize before its centre crop (``data.resize_size`` by default)."""
     datasets = {}
-    for name, split in prepare_splits(layout, image_size, root, skipped).items():
+    for name, split in prepare_splits(layout, image_size, root, skipped, short_side).items():
         training = name == "train"
         files = layout.train if training else layout.val
         if split is None:
             datasets[name] = data.image_dataset(
-                files, layout, image_size, training, skipped, color_jitter, seed, crop_scale
+                files, layout, image_size, training, skipped, color_jitter, seed, crop_scale, short_side
             )
         else:
             datasets[name] = cached_dataset(split, image_size, training, color_jitter, seed, crop_scale)
@@ -314,13 +324,17 @@ def run_datasets(
 
 
 def prepare_splits(
-    layout: data.Layout, image_size: int, root: str | None, skipped: ray.actor.ActorHandle
+    layout: data.Layout,
+    image_size: int,
+    root: str | None,
+    skipped: ray.actor.ActorHandle,
+    short_side: int | None = None,
 ) -> dict[str, CachedSplit | None]:
     """The built cache of "train" and "val" (None for a split with nothing cached, or with ``root`` None);
     the files they could not decode are added to ``skipped``, training ones with their labels."""
     splits = {}
     for name, files in (("train", layout.train), ("val", layout.val)):
-        split = prepare(files, layout, image_size, root) if root is not None and files else None
+        split = prepare(files, layout, image_size, root, short_side) if root is not None and files else None
         if split is not None and split.skipped:
             items = [(path, reason) for path, reason, _ in split.skipped]
             labels = [label for _, _, label in split.skipped] if name == "train" else None

@@ -34,8 +34,6 @@ logger = logging.getLogger(__name__)
 
 # torchvision's IMG_EXTENSIONS plus GIF (first frame).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-# Validation resize follows the ImageNet convention (resize to 256 for a 224 crop).
-CENTRE_CROP_FRACTION = 0.875
 BLOCK_ROWS = 32  # files per Ray Data block: small blocks keep epochs well mixed and decode tasks short
 
 
@@ -272,8 +270,9 @@ def load_rgb(data: bytes, min_short_side: int | None = None) -> Image.Image:
     return image.convert("RGB")
 
 
-def resize_size(image_size: int) -> int:
-    return math.ceil(image_size / CENTRE_CROP_FRACTION)
+def resize_size(image_size: int, crop_fraction: float = recipe.EVAL_CROP_FRACTION) -> int:
+    """The short side validation resizes to before its centre crop of ``image_size``."""
+    return math.ceil(image_size / crop_fraction - 1e-6)  # a fraction read back as 224 / 232 must give 232, not 233
 
 
 def resize_short_side(image: Image.Image, short_side: int) -> Image.Image:
@@ -296,14 +295,20 @@ def train_transform(
     return v2.Compose([*steps, v2.PILToTensor()])
 
 
-def augmentation(image_size: int, crop_scale: tuple[float, float] | None, color_jitter: float = 0.0) -> v2.Compose:
+def augmentation(
+    image_size: int, crop_scale: tuple[float, float] | None, color_jitter: float = 0.0, short_side: int | None = None
+) -> v2.Compose:
     """Random crops of ``crop_scale`` and flips, or, with ``crop_scale`` None, the validation centre crop."""
-    return eval_transform(image_size) if crop_scale is None else train_transform(image_size, color_jitter, crop_scale)
+    if crop_scale is None:
+        return eval_transform(image_size, short_side)
+    return train_transform(image_size, color_jitter, crop_scale)
 
 
-def eval_transform(image_size: int) -> v2.Compose:
-    """Deterministic resize + centre crop; predict and evaluate use exactly this."""
-    return v2.Compose([v2.Resize(resize_size(image_size), antialias=True), v2.CenterCrop(image_size), v2.PILToTensor()])
+def eval_transform(image_size: int, short_side: int | None = None) -> v2.Compose:
+    """Deterministic resize (to ``short_side``, by default ``resize_size(image_size)``) + centre crop; predict
+    and evaluate use exactly this, with the short side the checkpoint records."""
+    short_side = short_side or resize_size(image_size)
+    return v2.Compose([v2.Resize(short_side, antialias=True), v2.CenterCrop(image_size), v2.PILToTensor()])
 
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -394,12 +399,13 @@ def _decode_batch(
     crop_scale: tuple[float, float] | None,
     color_jitter: float,
     skipped: ray.actor.ActorHandle,
+    short_side: int,
 ) -> dict[str, np.ndarray]:
-    transform = augmentation(image_size, crop_scale if training else None, color_jitter)
+    transform = augmentation(image_size, crop_scale if training else None, color_jitter, short_side)
     images, labels, bad, bad_labels = [], [], [], []
     for path, label in zip(batch["path"], batch["label"], strict=True):
         try:
-            images.append(decode_file(filesystem, path, transform, resize_size(image_size)))
+            images.append(decode_file(filesystem, path, transform, short_side))
             labels.append(label)
         except Exception as error:  # every way a file can be bad: skip it, keep the batch
             reason = describe_error(error)
@@ -428,6 +434,7 @@ def image_dataset(
     color_jitter: float = 0.0,
     seed: int = 0,
     crop_scale: tuple[float, float] | None = recipe.STANDARD_CROP_SCALE,
+    short_side: int | None = None,
 ) -> ray.data.Dataset:
     """A lazily decoded dataset of {"image": uint8 (3, S, S), "label": int64}.
 
@@ -438,7 +445,7 @@ def image_dataset(
     training loop's local shuffle buffer mixes rows across blocks. Skipped files of the
     training dataset are also counted per class. Training images are randomly cropped
     (``crop_scale`` of the area) and flipped, or with ``crop_scale`` None centre-cropped like
-    validation images.
+    validation images (resized to ``short_side``, by default ``resize_size(image_size)``, first).
     """
     rows = [{"path": path, "label": label} for path, label in files]
     if training:
@@ -462,5 +469,6 @@ def image_dataset(
             "crop_scale": crop_scale,
             "color_jitter": color_jitter,
             "skipped": skipped,
+            "short_side": short_side or resize_size(image_size),
         },
     )

@@ -152,7 +152,8 @@ def run_datasets(
 ) -> dict[str, ray.data.Dataset]:
     """A run's "train" and "val" datasets of backbone features (built from the image cache if need be)."""
     datasets = {}
-    for name, split in cache.prepare_splits(layout, image_size, cache_root, skipped).items():
+    short_side = data.resize_size(image_size, weights.crop_fraction)
+    for name, split in cache.prepare_splits(layout, image_size, cache_root, skipped, short_side).items():
         if split is None:  # nothing decodable in this split: a dataset without rows
             datasets[name] = ray.data.from_items([])
             continue

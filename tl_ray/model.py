@@ -19,7 +19,7 @@ import torchvision
 from torch import nn
 from torchvision.models import ResNet
 
-from tl_ray import checkpoint
+from tl_ray import checkpoint, recipe
 from tl_ray.config import ARCHS, NUM_STAGES
 from tl_ray.errors import TlRayError
 
@@ -38,6 +38,7 @@ class InitialWeights:
     std: tuple[float, float, float]
     source: str  # human-readable: "imagenet:IMAGENET1K_V2", "none", a path
     head_reset: bool  # True when the head was freshly initialised for these classes
+    crop_fraction: float = recipe.EVAL_CROP_FRACTION  # validation's centre crop / resize the weights expect
 
 
 def create_resnet(arch: str, num_classes: int) -> ResNet:
@@ -133,7 +134,7 @@ def initial_weights(arch: str, weights: str, class_names: Sequence[str], seed: i
         same_classes = meta["class_names"] == class_names
         state, head_reset = _fit_to_model(model, checkpoint.read_model_state(path), str(path), same_classes)
         mean, std = tuple(meta["mean"]), tuple(meta["std"])
-        return InitialWeights(state, mean, std, f"checkpoint:{path.resolve()}", head_reset)
+        return InitialWeights(state, mean, std, f"checkpoint:{path.resolve()}", head_reset, _meta_crop_fraction(meta))
     if path.is_file():
         state, head_reset = _fit_to_model(model, _read_state_dict(path), str(path), keep_head=False)
         return InitialWeights(state, mean, std, str(path.resolve()), head_reset)
@@ -143,9 +144,33 @@ def initial_weights(arch: str, weights: str, class_names: Sequence[str], seed: i
     same_classes = list(enum_value.meta.get("categories", [])) == class_names
     state, head_reset = _fit_to_model(model, _download(enum_value), str(enum_value), same_classes)
     transforms = enum_value.transforms()
+    source = f"imagenet:{enum_value.name}"
     return InitialWeights(
-        state, tuple(transforms.mean), tuple(transforms.std), f"imagenet:{enum_value.name}", head_reset
+        state, tuple(transforms.mean), tuple(transforms.std), source, head_reset, _enum_crop_fraction(enum_value)
     )
+
+
+def eval_crop_fraction(arch: str, weights: str) -> float:
+    """The validation crop fraction ``initial_weights`` would give, without reading any weights (a sweep
+    decodes its cache at this resize before any trial starts)."""
+    path = Path(weights).expanduser()
+    if weights != "none" and path.is_dir():
+        return _meta_crop_fraction(checkpoint.read_meta(path))
+    if weights == "none" or path.is_file() or os.sep in weights or weights.endswith((".pth", ".pt")):
+        return recipe.EVAL_CROP_FRACTION
+    return _enum_crop_fraction(_torchvision_weights(arch, weights))
+
+
+def _meta_crop_fraction(meta: Mapping) -> float:
+    """A checkpoint evaluates as its source did: its recorded crop / resize."""
+    if not meta.get("resize_size"):
+        return recipe.EVAL_CROP_FRACTION
+    return meta["image_size"] / meta["resize_size"]
+
+
+def _enum_crop_fraction(enum_value: torchvision.models.WeightsEnum) -> float:
+    transforms = enum_value.transforms()
+    return transforms.crop_size[0] / transforms.resize_size[0]
 
 
 class TransferResNet(nn.Module):

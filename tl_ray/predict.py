@@ -59,13 +59,13 @@ def _error_rows(rejected: list[tuple[str, str]], columns: list[str]) -> pd.DataF
 
 
 def _decode_for_inference(
-    batch: dict[str, np.ndarray], filesystem: pafs.FileSystem, uri_prefix: str, image_size: int
+    batch: dict[str, np.ndarray], filesystem: pafs.FileSystem, uri_prefix: str, image_size: int, short_side: int
 ) -> dict[str, np.ndarray]:
-    transform = data.eval_transform(image_size)
+    transform = data.eval_transform(image_size, short_side)
     images, errors = [], []
     for path in batch["path"]:
         try:
-            images.append(data.decode_file(filesystem, path, transform, data.resize_size(image_size)))
+            images.append(data.decode_file(filesystem, path, transform, short_side))
             errors.append("")
         except Exception as error:  # a bad file becomes a row that says why
             images.append(np.zeros((3, image_size, image_size), np.uint8))
@@ -153,7 +153,12 @@ def _run_pipeline(checkpoint, meta, filesystem, prefix, files, top_k, batch_size
         batch_size=data.BLOCK_ROWS,
         num_cpus=0.5,
         concurrency=data.task_concurrency(),
-        fn_kwargs={"filesystem": filesystem, "uri_prefix": prefix, "image_size": meta["image_size"]},
+        fn_kwargs={
+            "filesystem": filesystem,
+            "uri_prefix": prefix,
+            "image_size": meta["image_size"],
+            "short_side": meta.get("resize_size") or data.resize_size(meta["image_size"]),
+        },
     )
     dataset = dataset.map_batches(
         _Classifier,

@@ -28,6 +28,9 @@ WARMUP_SHARE = 0.05
 SMALL_IMAGE = 128
 STANDARD_CROP_SCALE = (0.25, 1.0)
 LIGHT_CROP_SCALE = (0.6, 1.0)
+# Validation centre crop's share of the resized short side (256 for a 224 crop), unless the weights were trained
+# with their own (torchvision's IMAGENET1K_V2: 232 for 224); a checkpoint keeps its source's.
+EVAL_CROP_FRACTION = 0.875
 
 
 STRATEGIES = ("auto", "plain", "discriminative", "probe")

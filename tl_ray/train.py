@@ -130,6 +130,7 @@ def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = No
     config = config.validate().with_run_name()
     layout = data.discover(config.data, config.val_fraction)
     weights = model.initial_weights(config.arch, config.weights, layout.class_names, config.seed)
+    short_side = data.resize_size(config.image_size, weights.crop_fraction)  # validation's resize, as the weights'
     started_locally = data.ensure_ray()
     use_gpu, cpus_per_worker = _resources(config, started_locally)
     _check_batch_norm(config, use_gpu)
@@ -158,6 +159,7 @@ def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = No
                 config.color_jitter,
                 config.seed,
                 crop_scale=config.crop_scale(),
+                short_side=short_side,
             )
         skipped_per_class = ray.get(skipped.train_counts.remote())
         lost = labels_without_images(train_per_class, skipped_per_class)
@@ -176,6 +178,7 @@ def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = No
         "weights_source": weights.source,
         "mean": list(weights.mean),
         "std": list(weights.std),
+        "resize_size": short_side,
         "cpus_per_worker": cpus_per_worker,
         "skipped": skipped,
         "inputs": "features" if use_features else "images",
@@ -543,7 +546,7 @@ def _report(epoch, metrics, history, transfer, optimizer, scheduler, scaler, loo
                 "freeze_depth": options.freeze_depth,
                 "strategy": strategy_meta(options),
                 "image_size": options.image_size,
-                "resize_size": data.resize_size(options.image_size),
+                "resize_size": loop_config["resize_size"],
                 "mean": loop_config["mean"],
                 "std": loop_config["std"],
                 "weights": loop_config["weights_source"],

@@ -24,7 +24,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from tl_ray import cache, data, report
+from tl_ray import cache, data, model, report
 from tl_ray.config import TuneConfig, absolute, forbid_world_writable_files
 from tl_ray.errors import TlRayError
 from tl_ray.train import check_shared_storage
@@ -125,9 +125,10 @@ def sweep(config: TuneConfig) -> tuple[SweepSummary, dict[str, str]]:
     if cache_root is not None:
         # Decode once, here, before any trial: every trial then finds the cache (trials store elsewhere).
         config = dataclasses.replace(config, cache=cache_root)
+        short_side = data.resize_size(config.image_size, model.eval_crop_fraction(config.arch, config.weights))
         for files in (layout.train, layout.val):
             if files:
-                cache.prepare(files, layout, config.image_size, cache_root)
+                cache.prepare(files, layout, config.image_size, cache_root, short_side)
 
     trainable = tune.with_parameters(
         _run_trial,
