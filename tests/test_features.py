@@ -69,10 +69,12 @@ def test_head_trained_on_cached_features_is_the_feature_extraction_model(
         epochs=12,  # the sample target has 20 training images a class: cached-feature epochs are cheap
         lr=0.03,
         batch_size=16,
-        num_workers=2,
+        num_workers=1,
         storage=str(tmp_path / "runs"),
         name="head",
     )
+    # One CPU worker on a 2-CPU node uses both cores (the cached features leave the pipeline almost nothing to do).
+    assert (result.metrics["workers"], result.metrics["torch_threads"]) == (1, 2)
     assert list((tmp_path / "runs" / ".tl-ray-cache").glob("*/features-resnet18-48-*/manifest.json"))
     # Trained on features, checked on images: the checkpoint alone reproduces the run's validation accuracy.
     layout = data.discover(str(target))

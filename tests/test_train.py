@@ -34,6 +34,8 @@ def test_train_learns_and_leaves_a_loadable_checkpoint(source_run, source_data, 
     assert result["metrics"]["val_acc"] == max(row["val_acc"] for row in result["history"])
     assert result["metrics"]["val_acc"] >= 0.4, "4 classes: chance is 0.25"
     assert result["history"][-1]["val_images"] == 200 and result["history"][-1]["train_images"] == 600
+    # Two CPU workers on a 2-CPU node: one torch thread each, not two (which would oversubscribe the cores).
+    assert (result["metrics"]["workers"], result["metrics"]["torch_threads"]) == (2, 1)
 
     skipped = {Path(item["path"]).name: item["reason"] for item in result["skipped_files"]}
     assert set(skipped) == {"broken.jpg", "readme.jpg"}

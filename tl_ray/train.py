@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -107,6 +108,45 @@ def check_shared_storage(storage: str, option: str = "--storage") -> None:
     )
 
 
+# Ray Data's decode and crop tasks ask for half a CPU each: at least that must stay free beside the workers.
+PIPELINE_CPU = 0.5
+
+
+def cpus_per_worker(total_cpus: float, num_workers: int, concurrent_runs: int = 1) -> float:
+    """The CPUs Ray reserves for each CPU training worker: what is left after one CPU (or half the machine)
+    for Ray Data, shared by ``concurrent_runs`` runs' workers.
+
+    A logical reservation only: it keeps Ray from scheduling more than fits, while each worker's
+    torch threads are sized to the cores it can actually use (``torch_threads``).
+    """
+    spare = max(total_cpus - 1.0, total_cpus / 2.0)
+    return max(0.01, min(8.0, math.floor(100 * spare / (num_workers * concurrent_runs)) / 100))
+
+
+def check_pipeline_room(
+    total_cpus: float, num_workers: int, per_worker: float, concurrent_runs: int = 1, overhead: float = 0.0
+) -> None:
+    """Refuse before anything starts a CPU setting whose workers would leave Ray Data no CPU: the run would
+    wait forever for a decode task that never gets scheduled."""
+    reserved = num_workers * per_worker * concurrent_runs + overhead
+    if total_cpus - reserved >= PIPELINE_CPU:
+        return
+    runs = f" x {concurrent_runs} concurrent trials (--max-concurrent)" if concurrent_runs > 1 else ""
+    raise TlRayError(
+        f"--cpus-per-worker {per_worker:g} x --num-workers {num_workers}{runs} reserves {reserved:g} of this"
+        f" cluster's {total_cpus:g} CPUs, leaving less than {PIPELINE_CPU} for loading images, so training would"
+        " never start; lower them or leave --cpus-per-worker unset"
+    )
+
+
+def torch_threads(node_cpus: float, workers_on_node: int, decoding_every_epoch: bool) -> int:
+    """Intra-op threads for a CPU worker: the node's cores shared by its workers, less one core for JPEG
+    decoding when there is no cache (with the decoded-image cache or cached features the pipeline only
+    crops and flips, which costs a few percent of a core)."""
+    cores = node_cpus - (1 if decoding_every_epoch and node_cpus > 1 else 0)
+    return max(1, int(cores // max(1, workers_on_node)))
+
+
 def _resources(config: TrainConfig, started_locally: bool) -> tuple[bool, float]:
     """(use_gpu, CPUs per worker), leaving CPUs for Ray Data so a small machine never deadlocks."""
     cluster = ray.cluster_resources()
@@ -114,12 +154,21 @@ def _resources(config: TrainConfig, started_locally: bool) -> tuple[bool, float]
     use_gpu = gpus > 0 if config.gpu is None else config.gpu
     if use_gpu and gpus == 0 and started_locally:
         raise TlRayError("--gpu: this machine has no GPU visible to Ray; drop --gpu (or pass --cpu) to train on CPU")
-    if config.cpus_per_worker is not None:
-        return use_gpu, config.cpus_per_worker
     if use_gpu:
-        return use_gpu, 1.0
-    spare = max(cpus - 1.0, cpus / 2.0)  # at least one CPU (or half the machine) stays with Ray Data
-    return use_gpu, max(0.1, min(8.0, round(spare / config.num_workers, 2)))
+        return use_gpu, config.cpus_per_worker or 1.0
+    per_worker = config.cpus_per_worker or cpus_per_worker(cpus, config.num_workers)
+    if started_locally:  # a cluster that was already running may still be adding nodes
+        check_pipeline_room(cpus, config.num_workers, per_worker)
+    return use_gpu, per_worker
+
+
+def _node_cpus() -> float:
+    """The logical CPUs of the node this process runs on (`ray start --num-cpus`, else its cores)."""
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node.get("NodeID") == node_id:
+            return node.get("Resources", {}).get("CPU", 1.0)
+    return float(os.cpu_count() or 1)
 
 
 def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = None) -> TrainResult:
@@ -182,6 +231,7 @@ def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = No
         "cpus_per_worker": cpus_per_worker,
         "skipped": skipped,
         "inputs": "features" if use_features else "images",
+        "decoding_every_epoch": cache_root is None,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -353,7 +403,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     class_names: list[str] = loop_config["class_names"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(max(1, int(loop_config["cpus_per_worker"])))
+    if ray.train.torch.get_device().type == "cpu" and options.cpus_per_worker is None:
+        decoding = loop_config["decoding_every_epoch"]
+        torch.set_num_threads(torch_threads(_node_cpus(), context.get_local_world_size(), decoding))
+    else:  # the CPUs given (--cpus-per-worker, or a sweep running trials side by side) are the ones to use
+        torch.set_num_threads(max(1, round(loop_config["cpus_per_worker"])))
     torch.manual_seed(options.seed + rank)
     device = ray.train.torch.get_device()
 
@@ -462,6 +516,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "train_images": int(totals[2]),
             "val_images": int(totals[5]),
             "num_classes": len(class_names),
+            "workers": world,
+            "torch_threads": torch.get_num_threads(),  # per worker
             # The epoch this worker group started from: > 0 after a resume or a worker-failure restart.
             "resumed_after_epoch": resumed_after_epoch,
         }

@@ -27,7 +27,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from tl_ray import cache, data, model, report
 from tl_ray.config import TuneConfig, absolute, forbid_world_writable_files
 from tl_ray.errors import TlRayError
-from tl_ray.train import check_shared_storage
+from tl_ray.train import check_pipeline_room, check_shared_storage, cpus_per_worker
 from tl_ray.train import run as run_training
 
 BEST_DIR = "best"
@@ -100,6 +100,22 @@ class _BaselineKeepingASHA(tune.schedulers.ASHAScheduler):
         super().on_trial_complete(tune_controller, trial, result)
 
 
+def _share_cpus(config: TuneConfig, started_locally: bool) -> TuneConfig:
+    """On CPU, trials that run side by side split the workers' CPUs between them (each worker then uses that
+    many torch threads); settings that would leave Ray Data no CPU are refused before any trial starts."""
+    cluster = ray.cluster_resources()
+    if config.gpu is not False and cluster.get("GPU", 0) > 0:
+        return config
+    total, concurrent = cluster.get("CPU", 1), _max_concurrent(config)
+    per_worker = config.cpus_per_worker
+    if per_worker is None and concurrent > 1:
+        per_worker = cpus_per_worker(total, config.num_workers, concurrent)
+    if started_locally:  # a cluster that was already running may still be adding nodes
+        budget = per_worker or cpus_per_worker(total, config.num_workers)
+        check_pipeline_room(total, config.num_workers, budget, concurrent, overhead=concurrent * TRIAL_DRIVER_CPU)
+    return dataclasses.replace(config, cpus_per_worker=per_worker)
+
+
 def _max_concurrent(config: TuneConfig) -> int:
     if config.max_concurrent:
         return config.max_concurrent
@@ -119,7 +135,7 @@ def sweep(config: TuneConfig) -> tuple[SweepSummary, dict[str, str]]:
     layout = data.discover(config.data, config.val_fraction)  # fail here, once, not in every trial
     storage = absolute(config.storage)
     run_dir = f"{storage.rstrip('/')}/{config.name}"
-    data.ensure_ray()
+    config = _share_cpus(config, data.ensure_ray())
     check_shared_storage(storage)
     cache_root = cache.resolve_root(config.cache, storage)
     if cache_root is not None:
