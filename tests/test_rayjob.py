@@ -12,6 +12,7 @@ guard. A few checks KubeRay's controller makes (name, TTL, submission mode) are 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import importlib.metadata
 import json
@@ -184,12 +185,13 @@ def _entrypoint(rayjob: dict) -> tuple[Path, str, list[str]]:
 
 
 def _parse(command: str, options: list[str]):
-    """The config `tl-ray COMMAND OPTIONS` would run with: argparse, then the same merge and checks as cli.main."""
+    """The config `tl-ray COMMAND OPTIONS` runs with: the CLI's parser, then the merge and checks cli.main uses."""
     try:
         namespace = cli.build_parser().parse_args([command, *options])
     except SystemExit as error:
         raise AssertionError(f"tl-ray {command} rejects {options} (see stderr)") from error
-    values = {key: value for key, value in vars(namespace).items() if key not in ("command", "config")}
+    fields = {field.name for field in dataclasses.fields(CONFIGS[command])}  # not command, --config ...
+    values = {key: value for key, value in vars(namespace).items() if key in fields}
     return merge(CONFIGS[command], None, values).validate()
 
 
