@@ -86,3 +86,43 @@ def test_head_trained_on_cached_features_is_the_feature_extraction_model(
         {k: v for k, v in trained.items() if not k.startswith("fc.")},
         {k: v for k, v in source.items() if not k.startswith("fc.")},
     )
+
+
+def test_features_held_in_memory_are_dealt_like_an_equal_split():
+    features_, labels = torch.arange(23 * 4, dtype=torch.float32).reshape(23, 4), torch.arange(23) % 3
+    for world, batch in ((1, 8), (2, 4), (3, 2)):
+        epochs = []
+        for epoch in (1, 2):
+            shards = [
+                list(features.epoch_batches(features_, labels, batch, rank, world, True, seed=5, epoch=epoch))
+                for rank in range(world)
+            ]
+            rows = [torch.cat([b["features"][:, 0] for b in shard]) // 4 for shard in shards]
+            # Equal shards, no row twice, and as many steps as the schedule planned.
+            assert {len(r) for r in rows} == {23 // world}
+            assert len(set(torch.cat(rows).tolist())) == (23 // world) * world
+            assert {len(shard) for shard in shards} == {len(list(range(0, 23 // world, batch)))}
+            assert all(torch.equal(b["label"], (b["features"][:, 0] // 4).long() % 3) for s in shards for b in s)
+            epochs.append(torch.cat(rows).tolist())
+        assert epochs[0] != epochs[1], "a new order every epoch"
+        again = features.epoch_batches(features_, labels, batch, 0, world, True, seed=5, epoch=2)
+        assert torch.cat([b["features"][:, 0] for b in again]).div(4).tolist() == epochs[1][: 23 // world]
+        # Validation: every row exactly once over the workers.
+        val = [b for rank in range(world) for b in features.epoch_batches(features_, labels, batch, rank, world, False)]
+        assert sorted(torch.cat([b["features"][:, 0] for b in val]).div(4).long().tolist()) == list(range(23))
+
+
+def test_streaming_and_in_memory_features_hold_the_same_rows(tmp_path, ray_cluster):
+    layout = data.discover(str(_dataset(tmp_path / "data")))
+    split = cache.prepare(layout.train, layout, SIZE, str(tmp_path / "cache"))
+    weights = model.initial_weights("resnet18", "none", ["a", "b", "c"], seed=1)
+    built = features.prepare(split, SIZE, "resnet18", 3, weights, use_gpu=False)
+    assert features.fit_in_memory({"train": built, "val": None})
+    held, labels = features.load(built, torch.device("cpu"))
+    streamed = features.streaming_datasets({"train": built, "val": None})
+    rows = streamed["train"].take_all()
+    assert held.shape == (len(layout.train), 512) and streamed["val"].count() == 0
+    order = np.lexsort(held.numpy().T)
+    expected = np.stack([row["features"] for row in rows])
+    assert np.array_equal(held.numpy()[order], expected[np.lexsort(expected.T)])
+    assert sorted(labels.tolist()) == sorted(row["label"] for row in rows)

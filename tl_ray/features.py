@@ -8,6 +8,11 @@ way), at the cost of one backbone pass instead of one per epoch, and every depth
 trial of a sweep reuses it. Features are stored inside the image cache they came
 from, keyed by the arch, the crop size and a digest of the backbone weights and
 normalisation.
+
+When a run's features fit in memory (``IN_MEMORY_BYTES`` a worker: ~130,000 images of
+resnet50 features), each worker reads them once and deals itself a seeded share each
+epoch (``epoch_batches``): a head-only epoch then costs milliseconds, not a streaming
+execution. Larger runs stream them through Ray Data (``feature_dataset``).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +35,8 @@ from tl_ray.config import NUM_STAGES
 
 FEATURES_VERSION = 1
 EXTRACT_BATCH = 64
+IN_MEMORY_BYTES = 1 << 30  # a worker's copy of both splits' features, at most
+MAX_FEATURE_WIDTH = 2048  # resnet50 and up; resnet18/34 have 512
 
 
 @dataclass(frozen=True)
@@ -140,7 +148,7 @@ def feature_dataset(split: FeatureSplit, training: bool, seed: int = 0) -> ray.d
     return cache.per_file_dataset(split.parquet_files, split.filesystem, _read_features, training, seed)
 
 
-def run_datasets(
+def prepare_splits(
     layout: data.Layout,
     image_size: int,
     cache_root: str,
@@ -148,15 +156,62 @@ def run_datasets(
     arch: str,
     weights: model.InitialWeights,
     use_gpu: bool,
-    seed: int = 0,
-) -> dict[str, ray.data.Dataset]:
-    """A run's "train" and "val" datasets of backbone features (built from the image cache if need be)."""
-    datasets = {}
+) -> dict[str, FeatureSplit | None]:
+    """A run's "train" and "val" backbone features (built from the image cache if need be); None for a split
+    with nothing decodable."""
     short_side = data.resize_size(image_size, weights.crop_fraction)
+    splits: dict[str, FeatureSplit | None] = {}
     for name, split in cache.prepare_splits(layout, image_size, cache_root, skipped, short_side).items():
-        if split is None:  # nothing decodable in this split: a dataset without rows
-            datasets[name] = ray.data.from_items([])
-            continue
-        features = prepare(split, image_size, arch, len(layout.class_names), weights, use_gpu)
-        datasets[name] = feature_dataset(features, name == "train", seed)
-    return datasets
+        if split is not None:
+            splits[name] = prepare(split, image_size, arch, len(layout.class_names), weights, use_gpu)
+        else:
+            splits[name] = None
+    return splits
+
+
+def fit_in_memory(splits: dict[str, FeatureSplit | None]) -> bool:
+    rows = sum(split.rows for split in splits.values() if split is not None)
+    return rows * MAX_FEATURE_WIDTH * 4 <= IN_MEMORY_BYTES
+
+
+def streaming_datasets(splits: dict[str, FeatureSplit | None], seed: int = 0) -> dict[str, ray.data.Dataset]:
+    """The splits as Ray Data datasets, for features too large to hold in each worker's memory."""
+    return {
+        name: ray.data.from_items([]) if split is None else feature_dataset(split, name == "train", seed)
+        for name, split in splits.items()
+    }
+
+
+def load(split: FeatureSplit | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """All of a split's (features, labels), on ``device``."""
+    if split is None or not split.parquet_files:
+        return torch.zeros((0, 1)), torch.zeros(0, dtype=torch.int64)
+    rows = [_read_features({"file": [path]}, split.filesystem) for path in split.parquet_files]
+    features = torch.from_numpy(np.concatenate([row["features"] for row in rows]))
+    labels = torch.from_numpy(np.concatenate([row["label"] for row in rows]).astype(np.int64))
+    return features.to(device), labels.to(device)
+
+
+def epoch_batches(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    rank: int,
+    world: int,
+    training: bool,
+    seed: int = 0,
+    epoch: int = 0,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """This worker's batches of one epoch. Training: a new permutation each epoch (the same on every worker,
+    from ``seed`` and ``epoch``, so a resumed run sees the orders it would have), dealt in equal shards as
+    Ray Data's equal split does. Validation: every row once, on one worker or another."""
+    count = len(labels)
+    if training:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        shard = count // world
+        rows = torch.randperm(count, generator=generator)[rank * shard : (rank + 1) * shard].to(labels.device)
+    else:
+        rows = torch.arange(rank, count, world, device=labels.device)
+    for start in range(0, len(rows), batch_size):
+        chosen = rows[start : start + batch_size]
+        yield {"features": features[chosen], "label": labels[chosen]}

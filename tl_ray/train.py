@@ -17,6 +17,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,10 +196,15 @@ def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = No
         if cache_root is not None and config.cache != "auto":
             check_shared_storage(cache_root, "--cache")
         use_features = features.applies(config.freeze_depth, config.augment, cache_root)
+        held_features = None  # features each worker holds in memory, instead of datasets
         if use_features:
-            datasets = features.run_datasets(
-                layout, config.image_size, cache_root, skipped, config.arch, weights, use_gpu, config.seed
+            splits = features.prepare_splits(
+                layout, config.image_size, cache_root, skipped, config.arch, weights, use_gpu
             )
+            if features.fit_in_memory(splits):
+                datasets, held_features = {}, splits
+            else:
+                datasets = features.streaming_datasets(splits, config.seed)
         else:
             datasets = cache.run_datasets(
                 layout,
@@ -231,6 +237,7 @@ def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = No
         "cpus_per_worker": cpus_per_worker,
         "skipped": skipped,
         "inputs": "features" if use_features else "images",
+        "held_features": held_features,
         "decoding_every_epoch": cache_root is None,
     }
     trainer = TorchTrainer(
@@ -451,8 +458,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     criterion = nn.CrossEntropyLoss(label_smoothing=options.label_smoothing)
     mean = torch.tensor(loop_config["mean"], device=device)
     std = torch.tensor(loop_config["std"], device=device)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    held = loop_config["held_features"]
+    if held is not None:  # read once; each epoch is a new deal of rows already in memory
+        train_rows, val_rows = features.load(held["train"], device), features.load(held["val"], device)
+
+        def train_batches(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+            return features.epoch_batches(*train_rows, worker_batch, rank, world, True, options.seed, epoch)
+
+        def val_batches() -> Iterator[dict[str, torch.Tensor]]:
+            return features.epoch_batches(*val_rows, 2 * worker_batch, rank, world, False)
+    else:
+        train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+
+        def train_batches(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+            return train_shard.iter_torch_batches(
+                batch_size=worker_batch, prefetch_batches=2, local_shuffle_buffer_size=4 * worker_batch
+            )
+
+        def val_batches() -> Iterator[dict[str, torch.Tensor]]:
+            return val_shard.iter_torch_batches(batch_size=2 * worker_batch, prefetch_batches=2)
 
     def model_input(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if on_features:
@@ -470,9 +494,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             wrapped = ray.train.torch.prepare_model(trained)
         wrapped.train()
         loss_sum = correct = seen = 0.0
-        for batch in train_shard.iter_torch_batches(
-            batch_size=worker_batch, prefetch_batches=2, local_shuffle_buffer_size=4 * worker_batch
-        ):
+        for batch in train_batches(epoch):
             labels = batch["label"]
             if len(labels) < 2:  # BatchNorm cannot train on one sample; equal shards make every worker skip it
                 continue
@@ -494,9 +516,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report({"epoch": epoch, "stopped": "a class has no decodable training image"})
             return
         _sync_buffers_from_rank0(transfer)
-        val_loss, val_correct, val_seen = _evaluate(
-            trained, val_shard, 2 * worker_batch, model_input, criterion, device, amp_dtype
-        )
+        val_loss, val_correct, val_seen = _evaluate(trained, val_batches(), model_input, criterion, device, amp_dtype)
         totals = _sum_across_workers([loss_sum, correct, seen, val_loss, val_correct, val_seen], device)
         val_acc = totals[4] / max(totals[5], 1)
         best_val_acc = max(best_val_acc, val_acc)
@@ -575,12 +595,12 @@ def strategy_meta(options: TrainConfig) -> dict[str, Any]:
     }
 
 
-def _evaluate(net, shard, batch_size, model_input, criterion, device, amp_dtype) -> tuple[float, float, float]:
+def _evaluate(net, batches, model_input, criterion, device, amp_dtype) -> tuple[float, float, float]:
     """Validate this worker's shard on the unwrapped model: DDP would add collectives workers do not share."""
     net.eval()
     loss_sum = correct = seen = 0.0
     with torch.no_grad():
-        for batch in shard.iter_torch_batches(batch_size=batch_size, prefetch_batches=2):
+        for batch in batches:
             labels = batch["label"]
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits = net(model_input(batch))
