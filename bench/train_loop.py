@@ -1,17 +1,25 @@
-"""Training-loop benchmark: steady-state images/s of `tl-ray train` vs a plain single-process PyTorch loop.
+"""Training-loop benchmark: steady-state images/s of `tl-ray train` vs the plain PyTorch script a user writes.
 
 Both train the same model (resnet18 by default, no pretrained weights needed) at the same
-freeze depth, batch size, image size and number of torch threads, on the same generated
-photo-like JPEGs, with the same augmentation (RandomResizedCrop + flip, normalised). The
-plain loop is what a user would write: ImageFolder + DataLoader (one loader process per
-CPU left over from the model, as tl-ray leaves to Ray Data) + a hand-written step. tl-ray
-runs its real `train` (Ray Train worker, Ray Data pipeline, decoded-image cache,
-checkpoints, validation). Epoch 1 is start-up (and the cache build); the steady state is
-the mean over the later epochs of the images/s the training loop saw. The ratio
-tl-ray / plain is the cost (or gain) of running under Ray.
+freeze depth, batch size and image size, on the same generated photo-like JPEGs, with the
+same augmentation (RandomResizedCrop + flip, normalised). The plain script is ImageFolder
++ DataLoader + a hand-written step, in two settings:
 
-    python bench/train_loop.py                                   # 2x ~3-4 min on 2 CPUs
-    python bench/train_loop.py --images 48 --epochs 2 --image-size 32 --depths 5   # smoke test
+- defaults: what a user writes: DataLoader(num_workers=<cores>), torch's default threads;
+  compared with `tl-ray train` under its own defaults (its one worker sizes its threads
+  to the cores; the decoded-image cache leaves Ray Data little to do);
+- thread-matched: the plain script with the torch threads tl-ray's worker uses and one
+  loader process per core left over.
+
+tl-ray runs its real `train` (Ray Train worker, Ray Data pipeline, decoded-image cache,
+checkpoints, validation). Epoch 1 is start-up (and the cache build); the steady state is
+the mean over the later epochs of the images/s the training loop saw. The fixed cost of a
+warm epoch is the time its loop waited for the first batches (``data_wait_s``: the
+pipeline's start-up, plus any time it could not keep up). The ratio tl-ray / plain is the
+cost (or gain) of running under Ray.
+
+    python bench/train_loop.py                                   # ~10 min on 2 CPUs
+    python bench/train_loop.py --images 48 --epochs 2 --image-sizes 32 --depths 5   # smoke test
 """
 
 from __future__ import annotations
@@ -31,10 +39,21 @@ from ingest import write_photos
 
 from tl_ray import data, model
 from tl_ray.config import TrainConfig
-from tl_ray.train import make_optimizer
+from tl_ray.train import make_optimizer, torch_threads
+
+DEFAULT_THREADS = torch.get_num_threads()  # before anything changes it: what a user's script gets
 
 
-def plain_loop(root: Path, arch: str, depth: int, image_size: int, batch_size: int, epochs: int, threads: int):
+def plain_loop(
+    root: Path,
+    arch: str,
+    depth: int,
+    image_size: int,
+    batch_size: int,
+    epochs: int,
+    threads: int,
+    loader_processes: int,
+):
     """The hand-written baseline: images/s of each epoch."""
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
@@ -42,7 +61,6 @@ def plain_loop(root: Path, arch: str, depth: int, image_size: int, batch_size: i
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     dataset = ImageFolder(str(root / "train"), transform=data.train_transform(image_size))
-    loader_processes = max(1, (os.cpu_count() or 1) - threads)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=loader_processes, drop_last=True)
     net = model.TransferResNet(model.create_resnet(arch, len(dataset.classes)), depth)
     recipe = TrainConfig(data=str(root), weights="none", freeze_depth=depth).validate()
@@ -64,7 +82,7 @@ def plain_loop(root: Path, arch: str, depth: int, image_size: int, batch_size: i
 
 
 def tl_ray_train(root: Path, arch: str, depth: int, image_size: int, batch_size: int, epochs: int, storage: str):
-    """`tl-ray train` through its Python API: the per-epoch images/s its loop reported, and the worker's threads."""
+    """`tl-ray train` through its Python API, under its defaults: its per-epoch metrics."""
     from tl_ray.train import run
 
     config = TrainConfig(
@@ -77,11 +95,10 @@ def tl_ray_train(root: Path, arch: str, depth: int, image_size: int, batch_size:
         batch_size=batch_size,
         val_fraction=0.1,
         storage=storage,
-        name=f"depth{depth}",
+        name=f"depth{depth}-{image_size}px",
         keep_checkpoints=1,
     )
-    result = run(config)
-    return [row["images_per_s"] for row in result.history]
+    return run(config).history
 
 
 def steady(rates: list[float]) -> float:
@@ -96,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--depths", default="0,5")
-    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--image-sizes", default="64,112")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", default="bench/results/train_loop.json")
     args = parser.parse_args(argv)
@@ -104,39 +121,61 @@ def main(argv: list[str] | None = None) -> dict:
     root = Path(args.data) / f"n{args.images}"
     write_photos(root, args.images)
     cpus = os.cpu_count() or 1
-    # The threads tl-ray gives one worker on this machine (train._resources: all CPUs but one, at most 8).
-    threads = max(1, int(min(8.0, max(cpus - 1.0, cpus / 2.0))))
+    ours_threads = torch_threads(cpus, 1, decoding_every_epoch=False)  # what tl-ray's one worker uses here
+    settings = {
+        "defaults": (DEFAULT_THREADS, cpus),
+        "thread-matched": (ours_threads, max(1, cpus - ours_threads)),
+    }
     results = {
         "benchmark": "train_loop",
         "command": "python bench/train_loop.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {cpus} CPUs, {platform.platform()}, torch {torch.__version__}",
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "data")} | {"torch_threads": threads},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "data")}
+        | {"plain (torch threads, loader processes)": settings},
         "rows": [],
     }
     depths = [int(depth) for depth in args.depths.split(",")]
+    sizes = [int(size) for size in args.image_sizes.split(",")]
+    cases = [(size, depth) for size in sizes for depth in depths]
     # Every plain loop before Ray starts: DataLoader forks its workers, and a fork of a Ray driver is unsafe.
-    plain = {d: plain_loop(root, args.arch, d, args.image_size, args.batch_size, args.epochs, threads) for d in depths}
+    plain = {
+        (case, name): plain_loop(root, args.arch, case[1], case[0], args.batch_size, args.epochs, *setting)
+        for case in cases
+        for name, setting in settings.items()
+    }
     data.ensure_ray()
     with tempfile.TemporaryDirectory() as storage:
-        for depth in depths:
-            ours = tl_ray_train(root, args.arch, depth, args.image_size, args.batch_size, args.epochs, storage)
-            results["rows"].append(
-                {
-                    "freeze_depth": depth,
-                    "plain_epochs_images_per_s": plain[depth],
-                    "tl_ray_epochs_images_per_s": ours,
-                    "plain_steady_images_per_s": steady(plain[depth]),
-                    "tl_ray_steady_images_per_s": steady(ours),
-                    "ratio": steady(ours) / steady(plain[depth]),
-                }
-            )
-    print(f"training loop: {args.arch}, {args.image_size} px, batch {args.batch_size}, {results['machine']}")
-    print(f"{'freeze depth':>12} {'plain img/s':>12} {'tl-ray img/s':>13} {'tl-ray / plain':>15}")
+        for size, depth in cases:
+            history = tl_ray_train(root, args.arch, depth, size, args.batch_size, args.epochs, storage)
+            ours = [row["images_per_s"] for row in history]
+            warm = history[1:] or history
+            row = {
+                "image_size": size,
+                "freeze_depth": depth,
+                "tl_ray_epochs_images_per_s": ours,
+                "tl_ray_steady_images_per_s": steady(ours),
+                "tl_ray_torch_threads": history[-1]["torch_threads"],
+                "tl_ray_warm_epoch_s": [row["epoch_s"] for row in warm],
+                "tl_ray_warm_data_wait_s": [row["data_wait_s"] for row in warm],
+            }
+            for name in settings:
+                rates = plain[((size, depth), name)]
+                row[f"plain_{name}_epochs_images_per_s"] = rates
+                row[f"plain_{name}_steady_images_per_s"] = steady(rates)
+                row[f"ratio_vs_{name}"] = steady(ours) / steady(rates)
+            results["rows"].append(row)
+    print(f"training loop: {args.arch}, batch {args.batch_size}, {results['machine']}")
+    print(
+        f"{'px':>4} {'depth':>5} {'plain defaults':>15} {'plain matched':>14} {'tl-ray':>8}"
+        f" {'vs defaults':>12} {'vs matched':>11} {'warm-epoch wait s':>18}"
+    )
     for row in results["rows"]:
+        wait = sum(row["tl_ray_warm_data_wait_s"]) / len(row["tl_ray_warm_data_wait_s"])
         print(
-            f"{row['freeze_depth']:>12} {row['plain_steady_images_per_s']:>12.1f}"
-            f" {row['tl_ray_steady_images_per_s']:>13.1f} {row['ratio']:>15.2f}"
+            f"{row['image_size']:>4} {row['freeze_depth']:>5} {row['plain_defaults_steady_images_per_s']:>15.1f}"
+            f" {row['plain_thread-matched_steady_images_per_s']:>14.1f} {row['tl_ray_steady_images_per_s']:>8.1f}"
+            f" {row['ratio_vs_defaults']:>12.2f} {row['ratio_vs_thread-matched']:>11.2f} {wait:>18.2f}"
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -41,14 +41,17 @@ def test_ingest_benchmark_runs_and_writes_every_side(tmp_path):
 
 def test_train_loop_benchmark_runs_both_loops(tmp_path):
     out = tmp_path / "train_loop.json"
-    argv = ["--images", "32", "--epochs", "2", "--image-size", "32", "--batch-size", "8", "--depths", "5"]
+    argv = ["--images", "32", "--epochs", "2", "--image-sizes", "32", "--batch-size", "8", "--depths", "5"]
     argv += ["--data", str(tmp_path / "data"), "--out", str(out)]
     done = _run_bench([sys.executable, "bench/train_loop.py", *argv], timeout=280)
     assert done.returncode == 0, done.stderr[-3000:]
     [row] = json.loads(out.read_text())["rows"]
-    assert row["freeze_depth"] == 5
-    assert len(row["plain_epochs_images_per_s"]) == len(row["tl_ray_epochs_images_per_s"]) == 2
-    assert row["plain_steady_images_per_s"] > 0 and row["tl_ray_steady_images_per_s"] > 0
+    assert (row["freeze_depth"], row["image_size"]) == (5, 32)
+    for plain in ("defaults", "thread-matched"):
+        assert len(row[f"plain_{plain}_epochs_images_per_s"]) == len(row["tl_ray_epochs_images_per_s"]) == 2
+        assert row[f"plain_{plain}_steady_images_per_s"] > 0 and row[f"ratio_vs_{plain}"] > 0
+    assert row["tl_ray_torch_threads"] == (os.cpu_count() or 1)  # one worker, decoded cache: every core
+    assert len(row["tl_ray_warm_data_wait_s"]) == 1 and row["tl_ray_warm_data_wait_s"][0] >= 0
 
 
 def test_sweep_cost_benchmark_runs_a_sweep(tmp_path):

@@ -493,8 +493,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             transfer.set_freeze_depth(depth)
             wrapped = ray.train.torch.prepare_model(trained)
         wrapped.train()
-        loss_sum = correct = seen = 0.0
+        loss_sum = correct = seen = waited = 0.0
+        asked = time.perf_counter()
         for batch in train_batches(epoch):
+            waited += time.perf_counter() - asked
             labels = batch["label"]
             if len(labels) < 2:  # BatchNorm cannot train on one sample; equal shards make every worker skip it
                 continue
@@ -509,6 +511,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             loss_sum += loss.item() * len(labels)
             correct += (logits.argmax(1) == labels).sum().item()
             seen += len(labels)
+            asked = time.perf_counter()
         train_seconds = time.perf_counter() - started
         if _some_class_has_no_images(loop_config, rank, device):
             # Every file of a class failed to decode: stop now, the driver says which (no checkpoint of a
@@ -531,6 +534,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "train_acc": totals[1] / max(totals[2], 1),
             "images_per_s": totals[2] / max(train_seconds, 1e-9),
             "epoch_s": time.perf_counter() - started,
+            # Rank 0's time blocked on the next training batch: the pipeline's start-up each epoch, plus any
+            # time it could not keep up.
+            "data_wait_s": waited,
             "head_lr_now": scheduler.get_last_lr()[0],  # the scheduled rate at the epoch's end, not the peak
             "frozen_stages": depth,
             "train_images": int(totals[2]),
