@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from tl_ray import cli
-from tl_ray.config import TrainConfig, merge
-from tl_ray.errors import TlRayError
+from tl_ray.config import TrainConfig, TuneConfig, merge, to_yaml
+from tl_ray.errors import TlRayError, UsageError
 
 
 def test_yaml_values_apply_and_flags_override(tmp_path):
@@ -112,3 +114,164 @@ def test_every_train_option_has_help():
         if field != "gpu":
             assert "--" + field.replace("_", "-") in help_text
     assert "--gpu" in help_text and "--cpu" in help_text and "--config" in help_text
+
+
+# ----------------------------------------------------------------------------- values as engineers write them
+
+
+def _merged(tmp_path, text: str, config_class: type = TrainConfig, **overrides):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(text)
+    return merge(config_class, str(config_file), overrides)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "expected"),
+    [
+        ("lr: 3e-4", "lr", 3e-4),  # YAML 1.1 (PyYAML) reads this as the text '3e-4'
+        ("lr: 1e-3", "lr", 1e-3),
+        ("lr: 1E-3", "lr", 1e-3),
+        ("lr: 1.0e-3", "lr", 1e-3),  # a float to YAML 1.1 too
+        ("lr: +2.5e-4", "lr", 2.5e-4),
+        ("lr: '3e-4'", "lr", 3e-4),  # quoted: the same number
+        ("lr: 1", "lr", 1.0),  # an int for a float
+        ("val_fraction: .5", "val_fraction", 0.5),
+        ("label_smoothing: -.0", "label_smoothing", 0.0),
+        ("batch_size: 1_000", "batch_size", 1000),
+        ("weight_decay: 1_000.5", "weight_decay", 1000.5),
+        ("epochs: 1e1", "epochs", 10),  # an integral number for an int
+        ("epochs: 12.0", "epochs", 12),
+        ("warmup_epochs: 1", "warmup_epochs", 1.0),
+        ("train_bn: false", "train_bn", False),
+        ("sync_bn: yes", "sync_bn", True),  # YAML 1.1 booleans
+        ("gpu: off", "gpu", False),
+        ("gpu: null", "gpu", None),
+        ("name: 007", "name", "007"),  # a str option keeps the text YAML read as a number (octal 7)
+        ("name: 2024", "name", "2024"),
+        ("name: 1.10", "name", "1.10"),
+    ],
+)
+def test_numbers_and_booleans_in_any_yaml_spelling(tmp_path, text, key, expected):
+    value = getattr(_merged(tmp_path, text + "\n"), key)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("freeze_depths: [0, 3, 5]\nlrs: [1e-3, 3e-3]\nstrategies: [discriminative, probe]", None),
+        ("freeze_depths: 0,3,5\nlrs: 1e-3,3e-3\nstrategies: discriminative,probe", None),  # the flags' form
+        ("freeze_depths: '0, 3, 5'\nlrs: '0.001, 0.003'\nstrategies: discriminative, probe", None),
+        ("freeze_depths:\n  - 0\n  - 3\n  - 5\nlrs: [0.001, 3.0e-3]\nstrategies: [discriminative, probe]", None),
+        ("freeze_depths: 5\nlrs: 1e-3\nstrategies: probe", ("5", "0.001", "probe")),  # one value
+        ("freeze_depths: [5]\nlrs: [1]\nstrategies: [probe]", ("5", "1.0", "probe")),
+        ("lrs: null", ("0,1,2,3,4,5", None, "auto")),
+    ],
+)
+def test_list_options_take_yaml_lists_or_comma_separated_text(tmp_path, text, expected):
+    config = _merged(tmp_path, text + "\n", TuneConfig, data="/data")
+    expected = expected or ("0,3,5", "0.001,0.003", "discriminative,probe")
+    assert (config.freeze_depths, config.lrs, config.strategies) == expected
+    validated = config.validate()
+    assert validated.depths() == sorted(int(depth) for depth in expected[0].split(","))
+    if expected[1] is not None:
+        assert validated.learning_rates() == sorted(float(rate) for rate in expected[1].split(","))
+
+
+def test_list_options_as_flags_and_keywords():
+    from_flags = merge(TuneConfig, None, {"freeze_depths": " 0, 3,5", "lrs": "3e-3, 1e-3", "strategies": "probe"})
+    from_keywords = merge(TuneConfig, None, {"freeze_depths": [0, 3, 5], "lrs": [3e-3, 0.001], "strategies": ["probe"]})
+    assert from_flags == from_keywords
+    assert (from_flags.freeze_depths, from_flags.lrs) == ("0,3,5", "0.003,0.001")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("freeze_depths: [0, a]", "freeze_depths must be a list of integers like [0, 3, 5] (or the same"),
+        ("freeze_depths: [0, 2.5]", "freeze_depths must be a list of integers"),
+        ("freeze_depths: [true]", "freeze_depths must be a list of integers"),
+        ("lrs: [fast]", "lrs must be a list of numbers like [1e-3, 3e-3] (or the same comma-separated: 1e-3,3e-3)"),
+        ("lrs: 1e-3,fast", "lrs must be a list of numbers"),
+        ("strategies: [probe, 5]", "strategies must be a list of strategy names"),
+        ("freeze_depths: {a: 1}", "freeze_depths must be a list of integers"),
+    ],
+)
+def test_bad_list_items_name_the_key_and_the_file(tmp_path, text, message):
+    with pytest.raises(UsageError) as raised:
+        _merged(tmp_path, text + "\n", TuneConfig)
+    assert str(raised.value).startswith(f"{tmp_path / 'run.yaml'}: {message}")
+    assert "\n" not in str(raised.value)
+
+
+def test_bad_list_flag_names_the_flag():
+    with pytest.raises(UsageError, match=r"^--lrs must be comma-separated numbers like 1e-3,3e-3; got 'fast'$"):
+        merge(TuneConfig, None, {"lrs": "fast"})
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("lr: fast", "lr must be float or null; got 'fast'"),
+        ("lr: .inf", "lr must be float or null; got inf"),
+        ("lr: .nan", "lr must be float or null; got nan"),
+        ("epochs: 2.5", "epochs must be int; got 2.5"),
+        ("epochs: 1e-3", "epochs must be int; got '1e-3'"),
+        ("epochs: true", "epochs must be int; got True"),
+        ("epochs:", "epochs must be int; got None"),
+        ("train_bn: 1", "train_bn must be bool; got 1"),
+        ("train_bn: 'false'", "train_bn must be bool; got 'false'"),
+        ("batch_size: [32]", "batch_size must be int; got [32]"),
+        ("arch: [resnet18]", "arch must be str; got ['resnet18']"),
+        ("name: yes", "name must be str or null; got True (YAML reads yes, no, on, off as booleans: quote the text)"),
+    ],
+)
+def test_wrong_types_are_one_line_naming_key_file_and_expected_type(tmp_path, text, expected):
+    with pytest.raises(UsageError) as raised:
+        _merged(tmp_path, text + "\n")
+    assert str(raised.value) == f"{tmp_path / 'run.yaml'}: {expected}"
+
+
+def test_unknown_and_repeated_keys_name_the_key_and_the_file(tmp_path):
+    with pytest.raises(UsageError) as raised:
+        _merged(tmp_path, "lr: 1e-3\nfreeze_depths: [0, 5]\n")  # a tune option in a train config
+    assert str(raised.value).startswith(f"--config: {tmp_path / 'run.yaml'} has unknown keys: freeze_depths; known: ")
+    with pytest.raises(UsageError, match=r"run.yaml sets lr twice \(lines 1 and 3\); keep one$"):
+        _merged(tmp_path, "lr: 1e-3\nepochs: 3\nlr: 3e-3\n")
+    with pytest.raises(UsageError, match=r"sets freeze_depth twice"):
+        _merged(tmp_path, "freeze-depth: 1\nfreeze_depth: 2\n")
+
+
+def test_yaml_merge_keys_are_not_repeated_keys(tmp_path):
+    config = _merged(tmp_path, "<<: {lr: 1e-3, epochs: 3}\nlr: 3e-4\n")
+    assert (config.lr, config.epochs) == (3e-4, 3)
+
+
+def test_invalid_yaml_says_where(tmp_path):
+    with pytest.raises(UsageError, match=r"run.yaml is not valid YAML: line 2: expected ',' or '\]'"):
+        _merged(tmp_path, "epochs: [1\n")
+
+
+def test_every_config_mistake_is_a_usage_error(tmp_path):
+    assert issubclass(UsageError, TlRayError)
+    with pytest.raises(UsageError):
+        merge(TrainConfig, None, {"data": "/d", "epochs": 0}).validate()
+    with pytest.raises(UsageError):
+        merge(TuneConfig, None, {"data": "/d", "scheduler": "pbt"}).validate()
+    with pytest.raises(UsageError):
+        merge(TrainConfig, str(tmp_path / "missing.yaml"), {})
+
+
+@pytest.mark.parametrize("config_class", [TrainConfig, TuneConfig])
+def test_to_yaml_reads_back_into_an_equal_config(tmp_path, config_class):
+    text = "data: /data/dogs\nlr: 3e-4\nname: 007\nweight_decay: 1e-5\n"
+    if config_class is TuneConfig:
+        text += "freeze_depths: 5,0,3\nlrs: [1e-3, 3e-3]\nstrategies: probe\nscratch_baseline: yes\n"
+    config = _merged(tmp_path, text, config_class).validate()
+    written = to_yaml(config)
+    assert written.count("\n") == len(dataclasses.fields(config_class))  # one option a line
+    (tmp_path / "back.yaml").write_text(written)
+    assert merge(config_class, str(tmp_path / "back.yaml"), {}) == config
+    if config_class is TuneConfig:
+        assert "freeze_depths: [5, 0, 3]\n" in written and "lrs: [0.001, 0.003]\n" in written
+        assert "strategies: [probe]\n" in written

@@ -1,15 +1,45 @@
-"""The `tl-ray` command. The only module that parses arguments or prints."""
+"""The `tl-ray` command. The only module that parses arguments or prints.
+
+Exit codes (``EXIT_CODES``, also in ``tl-ray --help`` and README.md): 0 success, 1 the run failed,
+2 a usage error, 130 interrupted. ``exit_code`` says which an exception gets.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
 from tl_ray import __version__, recipe
-from tl_ray.config import ARCHS, NUM_STAGES, OPTIMIZERS, TrainConfig, TuneConfig, forbid_world_writable_files, merge
-from tl_ray.errors import TlRayError
+from tl_ray.config import (
+    ARCHS,
+    NUM_STAGES,
+    OPTIMIZERS,
+    TrainConfig,
+    TuneConfig,
+    forbid_world_writable_files,
+    merge,
+    to_yaml,
+)
+from tl_ray.errors import RunError, TlRayError, UsageError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+EXIT_CODES = """\
+exit codes:
+  0    success (also --help, --version and --print-config)
+  1    the run started and failed: a training worker, a sweep trial or Ray failed ("training failed: ..."),
+       no trial of a sweep finished an epoch, or an unexpected error (printed with its traceback)
+  2    usage error: a bad flag, a bad --config file (unknown key, wrong type) or option value, or an input
+       tl-ray refuses (a --data folder that does not exist, a --weights file that is not a state dict, a
+       checkpoint without meta.json, classes whose every file is unreadable); the same command fails the
+       same way until the command or the input is fixed
+  130  interrupted (Ctrl-C); rerun the same train or tune command to resume
+"""
 
 TRAIN_HELP: dict[str, tuple[Any, str]] = {
     # key: (argparse type, help). Defaults come from TrainConfig so they are stated once.
@@ -85,9 +115,13 @@ TRAIN_HELP: dict[str, tuple[Any, str]] = {
 
 
 TUNE_HELP: dict[str, tuple[Any, str]] = {
-    "freeze_depths": (str, "comma-separated freeze depths to compare, each a grid point"),
-    "strategies": (str, "comma-separated fine-tuning strategies to compare (see --strategy); depth 5 runs once"),
-    "lrs": (str, "comma-separated learning rates, each tried at every depth and strategy"),
+    # The list options take comma-separated text here; in --config, a YAML list too (freeze_depths: [0, 3, 5]).
+    "freeze_depths": (str, "comma-separated freeze depths to compare (0,3,5), each a grid point"),
+    "strategies": (
+        str,
+        "comma-separated fine-tuning strategies to compare (plain,probe; see --strategy); depth 5 runs once",
+    ),
+    "lrs": (str, "comma-separated learning rates (1e-3,3e-3), each tried at every depth and strategy"),
     "lr_min": (float, "without --lrs: lowest learning rate of the grid (default: the recipe's / 3)"),
     "lr_max": (float, "without --lrs: highest learning rate of the grid (default: the recipe's x 3)"),
     "num_samples": (
@@ -124,20 +158,53 @@ def _add_train_options(parser: argparse.ArgumentParser, skip: Sequence[str] = ()
     device = parser.add_mutually_exclusive_group()
     device.add_argument("--gpu", dest="gpu", action="store_true", default=argparse.SUPPRESS, help="train on GPUs")
     device.add_argument("--cpu", dest="gpu", action="store_false", default=argparse.SUPPRESS, help="train on CPUs")
-    parser.add_argument("--config", default=None, help="YAML file of the same options (underscores); flags override it")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="YAML file of the same options (underscores; lists for the list options); flags override it",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved configuration (--config, flags and the recipe's defaults) as YAML that --config"
+        " reads back, and exit without running",
+    )
+
+
+def _per_class(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 4:
+        raise argparse.ArgumentTypeError(f"must be at least 4 (every class needs train and val images); got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="tl-ray", description="Transfer learning of ResNet image classifiers on Ray (Data, Train, Tune)."
+        prog="tl-ray",
+        description="Transfer learning of ResNet image classifiers on Ray (Data, Train, Tune).",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"tl-ray {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="COMMAND",
+        parser_class=functools.partial(
+            argparse.ArgumentParser, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter
+        ),
+    )
 
     sample = commands.add_parser("sample-data", help="write synthetic source/ and target/ datasets")
     sample.add_argument("out", help="folder to write OUT/source/ and OUT/target/ into")
     sample.add_argument(
-        "--per-class", type=int, default=200, help="source images per class; target gets a third (default: 200)"
+        "--per-class",
+        type=_per_class,
+        default=200,
+        help="images per class of source/; target/ gets a tenth as many training images (default: 200)",
     )
     sample.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 
@@ -234,59 +301,136 @@ def _print_evaluation(evaluation, out: str | None) -> None:
         print(f"written to       {out}/metrics.json, confusion.png, misclassified.csv")
 
 
+def exit_code(error: BaseException) -> int:
+    """The exit code an exception ends `tl-ray` with (see EXIT_CODES).
+
+    A UsageError is a mistake in the command; a RunError a run that started and failed. A plain TlRayError is an
+    input tl-ray refused (a usage error: fixing the input is the only cure), unless it reports a failure inside Ray
+    (its cause is one of Ray's exceptions, as in "training failed: ..."). Anything else is unexpected: a failure.
+    """
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(error, UsageError):
+        return EXIT_USAGE
+    if isinstance(error, TlRayError) and not isinstance(error, RunError) and not _failed_in_ray(error):
+        return EXIT_USAGE
+    return EXIT_FAILED
+
+
+def _failed_in_ray(error: BaseException) -> bool:
+    """Whether ``error`` or what it was raised from (as a traceback would show) is one of Ray's exceptions."""
+    seen: set[int] = set()
+    link: BaseException | None = error
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        if type(link).__module__.split(".")[0] == "ray":
+            return True
+        link = link.__cause__ or (None if link.__suppress_context__ else link.__context__)
+    return False
+
+
+def _message(error: TlRayError) -> str:
+    """The error's one line. Ray re-raises a TlRayError from a task as a class derived from both, whose text is
+    Ray's whole traceback; its ``cause`` is the original."""
+    cause = getattr(error, "cause", None)
+    return str(cause if isinstance(cause, TlRayError) else error)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one `tl-ray` command; return its exit code (a bad flag: argparse prints the usage and exits 2)."""
     args = build_parser().parse_args(argv)
     forbid_world_writable_files()
+    resume = "; rerun the same command to resume" if args.command in ("train", "tune") else ""
     try:
-        if args.command == "sample-data":
-            import tl_ray
-
-            counts = tl_ray.write_sample_data(args.out, args.per_class, args.seed)
-            for task, count in counts.items():
-                print(f"wrote {count} images to {args.out}/{task}")
-            return 0
-        if args.command == "train":
-            import tl_ray
-
-            config = merge(TrainConfig, args.config, _options(args, ("command", "config"))).validate()
-            _print_train_result(tl_ray.train(config))
-            return 0
-        if args.command == "tune":
-            from tl_ray.tune import sweep
-
-            config = merge(TuneConfig, args.config, _options(args, ("command", "config"))).validate()
-            summary, written = sweep(config)
-            _print_sweep(summary, written)
-            if summary.best is None:
-                raise TlRayError(f"no trial of sweep {summary.run_dir} finished an epoch; see the trial errors above")
-            return 0
-        if args.command == "predict":
-            from tl_ray.predict import predict
-
-            rows = predict(args.checkpoint, args.data, args.out, args.top_k, args.batch_size, args.concurrency)
-            errors = int((rows["error"] != "").sum())
-            print(f"wrote {len(rows)} predictions to {args.out} ({errors} files could not be decoded)")
-            return 0
-        if args.command == "evaluate":
-            from tl_ray.predict import evaluate
-
-            _print_evaluation(evaluate(args.checkpoint, args.data, args.out, args.batch_size), args.out)
-            return 0
-        if args.command == "report":
-            from tl_ray.tune import finalize
-
-            _print_sweep(*finalize(args.run_dir))
-            return 0
+        return _run(args)
+    except KeyboardInterrupt as error:
+        print(f"tl-ray: interrupted{resume}", file=sys.stderr)
+        return exit_code(error)
+    except SystemExit as exiting:
+        # Ray Train's Ctrl-C handler ends a run with sys.exit(0) from inside fit(): an interruption, not a
+        # success. Any other exit (Ray's SIGTERM handler: sys.exit(15)) keeps its code.
+        if exiting.code not in (0, None):
+            raise
+        print(f"tl-ray: interrupted{resume}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except TlRayError as error:
-        print(f"tl-ray: error: {error}", file=sys.stderr)
-        return 2
-    except ValueError as error:  # argument values the library rejects (e.g. --per-class 1)
-        print(f"tl-ray: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("tl-ray: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        print(f"tl-ray: error: {_message(error)}", file=sys.stderr)
+        return exit_code(error)
+    except Exception as error:  # a bug, or a failure nothing above anticipated: the traceback says where
+        traceback.print_exc()
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        print(f"tl-ray: error: unexpected {type(error).__name__}: {first_line}", file=sys.stderr)
+        return exit_code(error)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "sample-data":
+        import tl_ray
+
+        counts = tl_ray.write_sample_data(args.out, args.per_class, args.seed)
+        for task, count in counts.items():
+            print(f"wrote {count} images to {args.out}/{task}")
+        return EXIT_OK
+    if args.command in ("train", "tune"):
+        import tl_ray
+
+        config_class = TrainConfig if args.command == "train" else TuneConfig
+        config = merge(config_class, args.config, _options(args, ("command", "config", "print_config")))
+        if args.print_config:
+            print(_resolved_yaml(args.command, config), end="")
+            return EXIT_OK
+        config = config.validate()  # before tl_ray.train/tune import torch and Ray
+        if args.command == "train":
+            _print_train_result(tl_ray.train(config))
+            return EXIT_OK
+        summary, written = tl_ray.tune(config)
+        _print_sweep(summary, written)
+        if summary.best is None:
+            raise RunError(f"no trial of sweep {summary.run_dir} finished an epoch; see the trial errors above")
+        return EXIT_OK
+    if args.command == "predict":
+        from tl_ray.predict import predict
+
+        rows = predict(args.checkpoint, args.data, args.out, args.top_k, args.batch_size, args.concurrency)
+        errors = int((rows["error"] != "").sum())
+        print(f"wrote {len(rows)} predictions to {args.out} ({errors} files could not be decoded)")
+        return EXIT_OK
+    if args.command == "evaluate":
+        from tl_ray.predict import evaluate
+
+        _print_evaluation(evaluate(args.checkpoint, args.data, args.out, args.batch_size), args.out)
+        return EXIT_OK
+    if args.command == "report":
+        from tl_ray.tune import finalize
+
+        _print_sweep(*finalize(args.run_dir))
+        return EXIT_OK
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def _resolved_yaml(command: str, config: TrainConfig) -> str:
+    """`--print-config`: the config validated, with what the config resolves by itself filled in (train: the
+    recipe's learning rate, weight decay, warm-up and strategy; tune: a trial's epochs), as YAML for --config.
+
+    Without --data the rest is still checked and resolved, and data is written as null: a template to fill in.
+    """
+    resolved = dataclasses.replace(config, data=config.data or "DATA").validate()
+    lines = [f"# tl-ray {command}: the resolved configuration (tl-ray {__version__}); run it with"]
+    lines.append(f"#   tl-ray {command} --config FILE")
+    if not config.data:
+        resolved = dataclasses.replace(resolved, data=None)
+        lines.append("# data is not set: fill it in, or pass --data, before running")
+    if isinstance(resolved, TuneConfig):
+        points = resolved.search_points()
+        rates = ", ".join(f"{rate:g}" for rate in resolved.learning_rates())
+        depths = ", ".join(str(depth) for depth in resolved.depths())
+        lines.append(
+            f"# the grid: {len(points)} trials: freeze depths {depths} x strategies"
+            f" {', '.join(resolved.strategy_names())} x learning rates {rates}"
+            + (f" (depth {NUM_STAGES} once)" if NUM_STAGES in resolved.depths() else "")
+            + (", and the scratch baseline" if resolved.scratch_baseline else "")
+        )
+    return "\n".join(lines) + "\n" + to_yaml(resolved)
 
 
 if __name__ == "__main__":

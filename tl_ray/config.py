@@ -2,7 +2,12 @@
 
 The YAML file holds the same keys as the command-line flags, with underscores
 (``freeze_depth: 3`` for ``--freeze-depth 3``), so a config file and a command line
-are interchangeable and one validation covers both.
+are interchangeable and one validation covers both. Values are taken as engineers write
+them: numbers in any spelling (``lr: 3e-4``, which YAML 1.1 reads as text, ``1_000``,
+``.5``, an int for a float), YAML booleans, and lists for the list options
+(``freeze_depths: [0, 3, 5]`` as well as ``freeze_depths: 0,3,5``). Every mistake is a
+``UsageError`` naming the key, the file and what was expected. ``to_yaml`` writes a config
+that ``merge`` reads back into an equal one (``tl-ray ... --print-config``).
 """
 
 from __future__ import annotations
@@ -10,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
+import numbers
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -20,7 +27,7 @@ from typing import Any
 import yaml
 
 from tl_ray import recipe
-from tl_ray.errors import TlRayError
+from tl_ray.errors import UsageError
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 OPTIMIZERS = ("sgd", "adamw")
@@ -76,7 +83,7 @@ class TrainConfig:
     seed: int = 0
 
     def validate(self) -> TrainConfig:
-        """Raise TlRayError naming the first bad option; return the config with defaults resolved.
+        """Raise UsageError naming the first bad option; return the config with defaults resolved.
 
         Freeze depth defaults to feature extraction, except from random weights
         (``--weights none``), where a frozen backbone would only compute noise.
@@ -85,24 +92,24 @@ class TrainConfig:
             default_depth = 0 if self.weights == "none" else NUM_STAGES
             return dataclasses.replace(self, freeze_depth=default_depth).validate()
         if self.optimizer not in OPTIMIZERS:
-            raise TlRayError(f"{flag('optimizer')} must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
+            raise UsageError(f"{flag('optimizer')} must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
         if self.strategy not in recipe.STRATEGIES:
-            raise TlRayError(f"{flag('strategy')} must be one of {', '.join(recipe.STRATEGIES)}; got {self.strategy!r}")
+            raise UsageError(f"{flag('strategy')} must be one of {', '.join(recipe.STRATEGIES)}; got {self.strategy!r}")
         unresolved = (self.lr, self.weight_decay, self.warmup_epochs, self.backbone_lr_mult, self.head_epochs)
         if None in unresolved or self.strategy == "auto":
             return self.with_recipe().validate()
         if not self.data:
-            raise TlRayError(f"{flag('data')} is required: a folder with train/<class>/ image sub-folders")
+            raise UsageError(f"{flag('data')} is required: a folder with train/<class>/ image sub-folders")
         if self.arch not in ARCHS:
-            raise TlRayError(f"{flag('arch')} must be one of {', '.join(ARCHS)}; got {self.arch!r}")
+            raise UsageError(f"{flag('arch')} must be one of {', '.join(ARCHS)}; got {self.arch!r}")
         if self.augment not in AUGMENTS:
-            raise TlRayError(f"{flag('augment')} must be one of {', '.join(AUGMENTS)}; got {self.augment!r}")
+            raise UsageError(f"{flag('augment')} must be one of {', '.join(AUGMENTS)}; got {self.augment!r}")
         _check_range("freeze_depth", self.freeze_depth, 0, NUM_STAGES)
         _check_positive("epochs", self.epochs)
         _check_positive("lr", self.lr)
         _check_positive("num_workers", self.num_workers)
         if self.batch_size < 2 * self.num_workers:
-            raise TlRayError(
+            raise UsageError(
                 f"{flag('batch_size')} is the global batch, split over {flag('num_workers')}: it must be at least "
                 f"2 per worker ({2 * self.num_workers}); got {self.batch_size}"
             )
@@ -117,18 +124,18 @@ class TrainConfig:
         _check_range("backbone_lr_mult", self.backbone_lr_mult, 0.0, 100.0)
         _check_range("head_epochs", self.head_epochs, 0, self.epochs - 1)
         if self.head_epochs and self.freeze_depth == NUM_STAGES:
-            raise TlRayError(
+            raise UsageError(
                 f"{flag('head_epochs')} trains the head alone before unfreezing to {flag('freeze_depth')}, "
                 f"which is {NUM_STAGES} (nothing to unfreeze): pass a smaller depth, or leave it out"
             )
         if not 0.0 < self.val_fraction < 1.0:
-            raise TlRayError(f"{flag('val_fraction')} must be between 0 and 1 (exclusive); got {self.val_fraction}")
+            raise UsageError(f"{flag('val_fraction')} must be between 0 and 1 (exclusive); got {self.val_fraction}")
         if self.cpus_per_worker is not None:
             _check_positive("cpus_per_worker", self.cpus_per_worker)
         if not self.cache:
-            raise TlRayError(f"{flag('cache')} must be auto, none, or a folder or URI for the decoded-image cache")
+            raise UsageError(f"{flag('cache')} must be auto, none, or a folder or URI for the decoded-image cache")
         if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
-            raise TlRayError(f"{flag('name')} must be a plain folder name (no '/', not hidden); got {self.name!r}")
+            raise UsageError(f"{flag('name')} must be a plain folder name (no '/', not hidden); got {self.name!r}")
         return self
 
     def with_recipe(self) -> TrainConfig:
@@ -166,66 +173,195 @@ class TrainConfig:
 
 def _check_positive(key: str, value: float) -> None:
     if value <= 0:
-        raise TlRayError(f"{flag(key)} must be positive; got {value}")
+        raise UsageError(f"{flag(key)} must be positive; got {value}")
 
 
 def _check_range(key: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:
-        raise TlRayError(f"{flag(key)} must be between {low} and {high}; got {value}")
+        raise UsageError(f"{flag(key)} must be between {low} and {high}; got {value}")
 
 
-def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
-    """Check one YAML/keyword value against its dataclass field type; ints may stand for floats."""
+# A list-valued option (TuneConfig's freeze_depths, strategies, lrs) holds its canonical comma-separated text,
+# "0,3,5", as its flag takes it; a config file or the Python API may give a list, or a single value, instead.
+LIST_ITEMS = "list_items"  # field metadata: the item type, and how the error messages describe the items
+_TYPE_NAMES = {bool: "bool", int: "int", float: "float", str: "str", type(None): "null"}
+# Numbers as YAML 1.1 (PyYAML) leaves them as text: 3e-4, 1e-3, 1.5e3, -.5 (and 1_000 wherever it is text).
+_NUMBER = re.compile(r"[-+]?(?=\.?\d)(\d[\d_]*)?(\.[\d_]*)?([eE][-+]?\d+)?", re.ASCII)
+_INVALID = object()
+
+
+def list_field(default: str | None, items: type, described: str, example: str) -> Any:
+    """A dataclass field for a list-valued option: ``items`` is the type of each item."""
+    return dataclasses.field(default=default, metadata={LIST_ITEMS: (items, described, example)})
+
+
+def _where(path: str | None, key: str) -> str:
+    """How an error names the option: ``FILE: key`` for a config file, the flag otherwise."""
+    return f"{path}: {key}" if path else flag(key)
+
+
+def _number(value: Any) -> int | float | None:
+    """A finite number from an int, a float or numeric text; None for anything else (booleans included)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        number = float(value)
+    elif isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        text = value.strip().replace("_", "")
+        if text.lstrip("+-").isdigit():
+            return int(text)
+        number = float(text)
+    else:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _convert(value: Any, kind: Any, text: str | None = None) -> Any:
+    """``value`` as ``kind`` where that loses nothing, else _INVALID. ``text``: the value as written in a config
+    file, which a str option takes when YAML read it as a number (``name: 007``)."""
+    if isinstance(value, bool) or kind is bool:  # YAML true/false, and only for bool options
+        return value if isinstance(value, bool) and kind is bool else _INVALID
+    if kind is str:
+        if isinstance(value, str | Path):
+            return str(value)
+        return text if text is not None and isinstance(value, int | float) else _INVALID
+    number = _number(value)
+    if number is None:
+        return _INVALID
+    if kind is float:
+        return float(number)
+    if kind is int and (isinstance(number, int) or number.is_integer()):
+        return int(number)
+    return _INVALID
+
+
+def _coerce(key: str, value: Any, hint: Any, path: str | None, items: Any = None, text: str | None = None) -> Any:
+    """One value from a config file (``path``), a flag or a keyword (``path`` None), checked against its field's
+    type and converted where that loses nothing: numbers in any YAML spelling (3e-4, 1_000, .5; an int for a
+    float, an integral float for an int), booleans only as booleans, list options as ``_coerce_list`` says."""
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if value is None and type(None) in allowed:
         return None
+    if items is not None:
+        return _coerce_list(key, value, path, *items)
     for kind in allowed:
-        if kind is bool and isinstance(value, bool):
-            return value
-        if kind is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if kind is str and isinstance(value, str | Path):
-            return str(value)
-    names = " or ".join("null" if k is type(None) else getattr(k, "__name__", str(k)) for k in allowed)
-    raise TlRayError(f"{source}: {key} must be {names}; got {value!r}")
+        converted = _convert(value, kind, text)
+        if converted is not _INVALID:
+            return converted
+    names = " or ".join(_TYPE_NAMES.get(kind, getattr(kind, "__name__", str(kind))) for kind in allowed)
+    hint = " (YAML reads yes, no, on, off as booleans: quote the text)" if isinstance(value, bool) else ""
+    raise UsageError(f"{_where(path, key)} must be {names}; got {value!r}{hint if str in allowed else ''}")
+
+
+def _coerce_list(key: str, value: Any, path: str | None, items: type, described: str, example: str) -> str:
+    """A list option's canonical text ("0,3,5"; numbers as Python writes them) from that text, a list or one value."""
+    if isinstance(value, str):
+        parts: list[Any] = [part.strip() for part in value.split(",") if part.strip()]
+    else:
+        parts = list(value) if isinstance(value, list | tuple) else [value]
+    converted = [_convert(part, items) for part in parts]
+    if any(item is _INVALID or (items is str and "," in item) for item in converted):
+        if path:
+            listed = "[" + example.replace(",", ", ") + "]"
+            expected = f"a list of {described} like {listed} (or the same comma-separated: {example})"
+        else:
+            expected = f"comma-separated {described} like {example}"
+        raise UsageError(f"{_where(path, key)} must be {expected}; got {value!r}")
+    return ",".join(repr(item) if items is float else str(item).strip() for item in converted)
+
+
+def list_items(config: Any, key: str) -> list[Any] | None:
+    """The items of a list option (from its canonical text), as ``to_yaml`` writes them."""
+    items = config.__dataclass_fields__[key].metadata[LIST_ITEMS][0]
+    text = getattr(config, key)
+    if text is None:
+        return None
+    return [_convert(part.strip(), items) for part in text.split(",") if part.strip()]
 
 
 def merge(config_class: type, yaml_path: str | None, overrides: dict[str, Any]):
-    """Build a config: dataclass defaults, then the YAML file, then explicit overrides (flags)."""
+    """Build a config: dataclass defaults, then the YAML file, then explicit overrides (flags, keywords)."""
     hints = typing.get_type_hints(config_class)
-    known = {f.name for f in dataclasses.fields(config_class)}
+    fields = {field.name: field for field in dataclasses.fields(config_class)}
     values: dict[str, Any] = {}
     if yaml_path:
-        values.update(_read_yaml(yaml_path, known))
-        for key, value in values.items():
-            values[key] = _coerce(key, value, hints[key], yaml_path)
+        loaded, texts = _read_yaml(yaml_path, set(fields))
+        for key, value in loaded.items():
+            items = fields[key].metadata.get(LIST_ITEMS)
+            values[key] = _coerce(key, value, hints[key], yaml_path, items, texts.get(key))
     for key, value in overrides.items():
-        if key not in known:
-            raise TlRayError(f"unknown option {key!r}; known: {', '.join(sorted(known))}")
-        values[key] = _coerce(key, value, hints[key], flag(key))
+        if key not in fields:
+            raise UsageError(f"unknown option {key!r}; known: {', '.join(sorted(fields))}")
+        values[key] = _coerce(key, value, hints[key], None, fields[key].metadata.get(LIST_ITEMS))
     return config_class(**values)
 
 
-def _read_yaml(path: str, known: set[str]) -> dict[str, Any]:
+def _read_yaml(path: str, known: set[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The file's mapping (keys with underscores), and the text of each plain scalar value as written."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as error:
-        raise TlRayError(f"--config: cannot read {path}: {error.strerror or error}") from error
+        raise UsageError(f"--config: cannot read {path}: {error.strerror or error}") from error
+    loader = yaml.SafeLoader(text)
     try:
-        loaded = yaml.safe_load(text)
+        node = loader.get_single_node()
+        texts = _plain_texts(path, node) if isinstance(node, yaml.MappingNode) else {}
+        loaded = None if node is None else loader.construct_document(node)
     except yaml.YAMLError as error:
-        raise TlRayError(f"--config: {path} is not valid YAML: {str(error).splitlines()[0]}") from error
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise UsageError(f"--config: {path} is not valid YAML: {where}{problem}") from error
+    finally:
+        loader.dispose()
     if loaded is None:
-        return {}
+        return {}, {}
     if not isinstance(loaded, dict):
-        raise TlRayError(f"--config: {path} must hold a mapping of option: value, got {type(loaded).__name__}")
+        raise UsageError(f"--config: {path} must hold a mapping of option: value, got {type(loaded).__name__}")
     normalised = {str(key).replace("-", "_"): value for key, value in loaded.items()}
     unknown = sorted(set(normalised) - known)
     if unknown:
-        raise TlRayError(f"--config: {path} has unknown keys: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return normalised
+        raise UsageError(f"--config: {path} has unknown keys: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return normalised, texts
+
+
+def _plain_texts(path: str, mapping: yaml.MappingNode) -> dict[str, str]:
+    """Each top-level key's value as written, where it is a plain scalar; refuses a key given twice (which YAML
+    would let the last one win). Read before construction, which folds merge keys (``<<: *base``) into the node."""
+    texts: dict[str, str] = {}
+    lines: dict[str, int] = {}
+    for key_node, value_node in mapping.value:
+        key = str(key_node.value).replace("-", "_")
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        line = key_node.start_mark.line + 1
+        if key in lines:
+            raise UsageError(f"--config: {path} sets {key} twice (lines {lines[key]} and {line}); keep one")
+        lines[key] = line
+        if isinstance(value_node, yaml.ScalarNode) and value_node.style is None:
+            texts[key] = value_node.value
+    return texts
+
+
+class _Dumper(yaml.SafeDumper):
+    """One option a line; lists inline, as engineers write them: ``freeze_depths: [0, 3, 5]``."""
+
+
+_Dumper.add_representer(list, lambda dumper, items: dumper.represent_sequence("tag:yaml.org,2002:seq", items, True))
+
+
+def to_yaml(config: Any) -> str:
+    """The config as YAML that ``merge`` reads back into an equal config (list options written as lists)."""
+    values = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if LIST_ITEMS in field.metadata and value is not None:
+            items = list_items(config, field.name)
+            value = value if _INVALID in items else items
+        values[field.name] = value
+    return yaml.dump(values, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=1_000_000)
 
 
 SCHEDULERS = ("asha", "fifo")
@@ -241,9 +377,9 @@ class TuneConfig(TrainConfig):
     in which each had its own random rate would measure the draws, not the depths.
     """
 
-    freeze_depths: str = "0,1,2,3,4,5"
-    strategies: str = "auto"
-    lrs: str | None = None
+    freeze_depths: str = list_field("0,1,2,3,4,5", int, "integers", "0,3,5")
+    strategies: str = list_field("auto", str, "strategy names", "discriminative,probe")
+    lrs: str | None = list_field(None, float, "numbers", "1e-3,3e-3")
     lr_min: float | None = None
     lr_max: float | None = None
     num_samples: int = 1
@@ -255,7 +391,7 @@ class TuneConfig(TrainConfig):
     def depths(self) -> list[int]:
         depths = sorted(set(_int_list("freeze_depths", self.freeze_depths)))
         if not depths or not all(0 <= depth <= NUM_STAGES for depth in depths):
-            raise TlRayError(
+            raise UsageError(
                 f"{flag('freeze_depths')} must list depths between 0 and {NUM_STAGES}; got {self.freeze_depths!r}"
             )
         return depths
@@ -265,7 +401,7 @@ class TuneConfig(TrainConfig):
         unknown = [name for name in given if name not in recipe.STRATEGIES]
         if not given or unknown:
             known = ", ".join(recipe.STRATEGIES)
-            raise TlRayError(f"{flag('strategies')} must list strategies among {known}; got {self.strategies!r}")
+            raise UsageError(f"{flag('strategies')} must list strategies among {known}; got {self.strategies!r}")
         # "auto" is named for what it is for this start (plain from random weights, else discriminative).
         resolved = (recipe.strategy_options(name, self.weights, self.max_epochs)[0] for name in given)
         return list(dict.fromkeys(resolved))
@@ -278,11 +414,11 @@ class TuneConfig(TrainConfig):
             try:
                 rates = sorted({float(part) for part in self.lrs.split(",") if part.strip()})
             except ValueError:
-                raise TlRayError(
+                raise UsageError(
                     f"{flag('lrs')} must be comma-separated numbers like 1e-3,3e-3; got {self.lrs!r}"
                 ) from None
             if not rates or min(rates) <= 0:
-                raise TlRayError(f"{flag('lrs')} must list positive learning rates; got {self.lrs!r}")
+                raise UsageError(f"{flag('lrs')} must list positive learning rates; got {self.lrs!r}")
             return rates
         centre = recipe.LR[self.optimizer]
         low = centre / 3 if self.lr_min is None else self.lr_min
@@ -326,12 +462,12 @@ class TuneConfig(TrainConfig):
         if self.lr_max is not None:
             _check_positive("lr_max", self.lr_max)
         if self.lr_min is not None and self.lr_max is not None and self.lr_min > self.lr_max:
-            raise TlRayError(f"{flag('lr_min')} ({self.lr_min}) must not exceed {flag('lr_max')} ({self.lr_max})")
+            raise UsageError(f"{flag('lr_min')} ({self.lr_min}) must not exceed {flag('lr_max')} ({self.lr_max})")
         _check_positive("num_samples", self.num_samples)
         self.learning_rates()
         _check_positive("max_epochs", self.max_epochs)
         if self.scheduler not in SCHEDULERS:
-            raise TlRayError(f"{flag('scheduler')} must be one of {', '.join(SCHEDULERS)}; got {self.scheduler!r}")
+            raise UsageError(f"{flag('scheduler')} must be one of {', '.join(SCHEDULERS)}; got {self.scheduler!r}")
         if self.max_concurrent is not None:
             _check_positive("max_concurrent", self.max_concurrent)
         for point in self.search_points():
@@ -356,7 +492,7 @@ def _int_list(key: str, text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise TlRayError(f"{flag(key)} must be comma-separated integers like 0,3,5; got {text!r}") from None
+        raise UsageError(f"{flag(key)} must be comma-separated integers like 0,3,5; got {text!r}") from None
 
 
 def forbid_world_writable_files() -> None:

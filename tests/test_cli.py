@@ -1,0 +1,262 @@
+"""The `tl-ray` command's contract without running anything: --print-config, and the exit codes.
+
+Exit codes: 2 for usage errors (bad flags, bad config, inputs tl-ray refuses), 1 for a run that started
+and failed, 130 for Ctrl-C. The run itself (tl_ray.train, tl_ray.tune) is replaced by a stand-in that
+raises, so no Ray cluster starts and nothing trains.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import yaml
+
+import tl_ray
+from tl_ray import cli
+from tl_ray.config import TrainConfig, TuneConfig, merge
+from tl_ray.errors import RunError, TlRayError, UsageError
+
+# What Ray raises when training fails (ray.train.TrainingFailedError), without importing Ray here.
+TrainingFailedError = type("TrainingFailedError", (Exception,), {"__module__": "ray.train"})
+
+
+@pytest.fixture
+def no_run(monkeypatch):
+    """tl_ray.train/tune replaced by stand-ins that record their config and raise ``outcome``, if any."""
+    calls: list[tuple[str, object]] = []
+    outcome: dict[str, BaseException] = {}
+
+    def stand_in(command):
+        def run(config):
+            calls.append((command, config))
+            if "error" in outcome:
+                raise outcome["error"]
+            raise AssertionError("the stand-in has no outcome")
+
+        return run
+
+    monkeypatch.setattr(tl_ray, "train", stand_in("train"))
+    monkeypatch.setattr(tl_ray, "tune", stand_in("tune"))
+    return types.SimpleNamespace(calls=calls, outcome=outcome)
+
+
+# ----------------------------------------------------------------------------- --print-config
+
+
+@pytest.mark.parametrize("command", ["train", "tune"])
+def test_print_config_round_trips_through_config(tmp_path, capsys, no_run, command):
+    config_file = tmp_path / "base.yaml"
+    lines = ["data: /data/dogs", "lr: 3e-4", "epochs: 7", "train_bn: no", "name: 007", "batch-size: 1_000"]
+    if command == "tune":
+        lines += ["freeze_depths: [0, 3, 5]", "lrs: [1e-3, 3e-3]", "strategies: discriminative,probe"]
+    config_file.write_text("\n".join(lines) + "\n")
+    flags = ["--arch", "resnet18", "--weights", "none", "--seed", "3"]
+    if command == "tune":
+        flags += ["--max-epochs", "4", "--scratch-baseline"]
+
+    assert cli.main([command, "--config", str(config_file), *flags, "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert not no_run.calls, "--print-config must not run anything"
+    assert isinstance(yaml.safe_load(printed), dict)
+
+    config_class = TrainConfig if command == "train" else TuneConfig
+    overrides = {"arch": "resnet18", "weights": "none", "seed": 3}
+    if command == "tune":
+        overrides.update(max_epochs=4, scratch_baseline=True)
+    expected = merge(config_class, str(config_file), overrides).validate()
+    printed_file = tmp_path / "printed.yaml"
+    printed_file.write_text(printed)
+    assert merge(config_class, str(printed_file), {}) == expected  # the file is the resolved config, as is
+    assert merge(config_class, str(printed_file), {}).validate() == expected
+
+    # ... and running it is running the same config.
+    no_run.outcome["error"] = KeyboardInterrupt()
+    assert cli.main([command, "--config", str(printed_file)]) == 130
+    assert no_run.calls == [(command, expected)]
+    assert cli.main([command, "--config", str(printed_file), "--print-config"]) == 0
+    assert capsys.readouterr().out == printed
+
+
+def test_print_config_resolves_the_recipe_and_keeps_flags_over_the_file(tmp_path, capsys, no_run):
+    config_file = tmp_path / "base.yaml"
+    config_file.write_text("data: /data/dogs\nepochs: 20\noptimizer: sgd\n")
+    assert (
+        cli.main(["train", "--config", str(config_file), "--epochs", "4", "--freeze-depth", "2", "--print-config"]) == 0
+    )
+    printed = yaml.safe_load(capsys.readouterr().out)
+    resolved = TrainConfig(data="/data/dogs", epochs=4, optimizer="sgd", freeze_depth=2).with_recipe()
+    assert printed["epochs"] == 4 and printed["freeze_depth"] == 2
+    assert printed["strategy"] == "discriminative"  # auto, from pretrained weights
+    for key in ("lr", "weight_decay", "warmup_epochs", "backbone_lr_mult", "head_epochs"):
+        assert printed[key] == getattr(resolved, key) is not None
+
+
+def test_print_config_of_a_sweep_states_its_grid(capsys, no_run):
+    argv = ["tune", "--data", "/d", "--freeze-depths", "0,5", "--lrs", "1e-3,3e-3", "--strategies", "plain,probe"]
+    assert cli.main([*argv, "--scratch-baseline", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "# the grid: 7 trials: freeze depths 0, 5 x strategies plain, probe x learning rates 0.001, 0.003" in printed
+    values = yaml.safe_load(printed)
+    assert (values["freeze_depths"], values["lrs"], values["strategies"]) == (
+        [0, 5],
+        [0.001, 0.003],
+        ["plain", "probe"],
+    )
+
+
+def test_print_config_without_data_is_a_template(tmp_path, capsys, no_run):
+    assert cli.main(["train", "--weights", "none", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "# data is not set: fill it in, or pass --data, before running\n" in printed
+    assert yaml.safe_load(printed)["data"] is None and yaml.safe_load(printed)["freeze_depth"] == 0
+    template = tmp_path / "template.yaml"
+    template.write_text(printed)
+    assert cli.main(["train", "--config", str(template)]) == 2  # not runnable as it is
+    assert capsys.readouterr().err.startswith("tl-ray: error: --data is required")
+
+
+def test_print_config_refuses_a_bad_config(tmp_path, capsys, no_run):
+    assert cli.main(["train", "--data", "/d", "--freeze-depth", "9", "--print-config"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "tl-ray: error: --freeze-depth must be between 0 and 5; got 9\n"
+
+
+# ----------------------------------------------------------------------------- exit codes
+
+
+def test_bad_flags_exit_2_through_argparse(capsys):
+    for argv in (
+        ["train", "--epochs", "three"],
+        ["train", "--no-such-flag"],
+        ["nope"],
+        ["sample-data", "x", "--per-class", "2"],
+    ):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(argv)
+        assert exited.value.code == 2
+    assert "--per-class: must be at least 4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("command", "text", "expected"),
+    [
+        ("train", "epochs: three\n", "{file}: epochs must be int; got 'three'"),
+        ("train", "learning_rate: 1e-3\n", "--config: {file} has unknown keys: learning_rate; known: "),
+        ("tune", "freeze_depths: [0, x]\n", "{file}: freeze_depths must be a list of integers like [0, 3, 5]"),
+        ("tune", "data: /d\nscheduler: pbt\n", "--scheduler must be one of asha, fifo; got 'pbt'"),
+    ],
+)
+def test_bad_config_exits_2_with_one_line(tmp_path, capsys, no_run, command, text, expected):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(text)
+    assert cli.main([command, "--config", str(config_file)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tl-ray: error: " + expected.format(file=config_file))
+    assert len(err.splitlines()) == 1
+    assert not no_run.calls, "a usage error is found before anything runs"
+
+
+@pytest.mark.parametrize("command", ["train", "tune"])
+@pytest.mark.parametrize(
+    ("error", "code", "line"),
+    [
+        # An input the run refuses before training (a module's plain TlRayError): a usage error.
+        (
+            TlRayError("--data: /x/a.jpg is a file; expected a folder"),
+            2,
+            "--data: /x/a.jpg is a file; expected a folder",
+        ),
+        (UsageError("--gpu: no GPU"), 2, "--gpu: no GPU"),
+        # Training started and failed: what train.run raises from Ray's TrainingFailedError.
+        (None, 1, "training failed: worker 0 died"),
+        (RunError("training finished without a checkpoint"), 1, "training finished without a checkpoint"),
+    ],
+)
+def test_errors_of_the_run_exit_1_or_2_with_one_line(capsys, no_run, command, error, code, line):
+    if error is None:
+        try:
+            raise TrainingFailedError("worker 0 died")
+        except TrainingFailedError as cause:
+            try:
+                raise TlRayError(f"training failed: {cause}") from cause
+            except TlRayError as wrapped:
+                error = wrapped
+    no_run.outcome["error"] = error
+    assert cli.main([command, "--data", "/d"]) == code
+    assert capsys.readouterr().err == f"tl-ray: error: {line}\n"
+    assert len(no_run.calls) == 1
+
+
+def test_an_unexpected_exception_exits_1_with_its_traceback(capsys, no_run):
+    no_run.outcome["error"] = RuntimeError("CUDA error: an illegal memory access\nmore detail")
+    assert cli.main(["train", "--data", "/d"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err
+    assert err.splitlines()[-1] == "tl-ray: error: unexpected RuntimeError: CUDA error: an illegal memory access"
+
+
+@pytest.mark.parametrize("command", ["train", "tune"])
+def test_ctrl_c_exits_130(capsys, no_run, command):
+    no_run.outcome["error"] = KeyboardInterrupt()
+    assert cli.main([command, "--data", "/d"]) == 130
+    assert capsys.readouterr().err == "tl-ray: interrupted; rerun the same command to resume\n"
+
+
+def test_ray_trains_ctrl_c_handler_exiting_0_is_an_interruption(capsys, no_run):
+    no_run.outcome["error"] = SystemExit(0)  # what Ray Train's SIGINT handler raises from inside fit()
+    assert cli.main(["train", "--data", "/d"]) == 130
+    assert capsys.readouterr().err == "tl-ray: interrupted; rerun the same command to resume\n"
+    no_run.outcome["error"] = SystemExit(15)  # Ray's SIGTERM handler: the code stands
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["train", "--data", "/d"])
+    assert exited.value.code == 15
+
+
+def test_a_sweep_in_which_no_trial_finished_exits_1(capsys, monkeypatch):
+    summary = types.SimpleNamespace(best=None, run_dir="/runs/sweep")
+    monkeypatch.setattr(tl_ray, "tune", lambda config: (summary, {}))
+    monkeypatch.setattr(cli, "_print_sweep", lambda summary, written: print("the table"))
+    assert cli.main(["tune", "--data", "/d"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "the table\n"
+    assert captured.err == (
+        "tl-ray: error: no trial of sweep /runs/sweep finished an epoch; see the trial errors above\n"
+    )
+
+
+def test_exit_code_rules():
+    ray_failure = TrainingFailedError("worker died")
+    wrapped = TlRayError("training failed: worker died")
+    wrapped.__cause__ = ray_failure
+    in_context = TlRayError("could not reach the cluster")
+    in_context.__context__ = ray_failure
+    suppressed = TlRayError("--data: missing")
+    suppressed.__context__, suppressed.__suppress_context__ = ray_failure, True
+    # Ray re-raises a TlRayError from a task as a class derived from both, in module ray.exceptions.
+    from_task = type("RayTaskError(TlRayError)", (TlRayError,), {"__module__": "ray.exceptions"})("traceback text")
+    from_task.cause = TlRayError("--data: unreadable")
+    assert cli.exit_code(UsageError("x")) == cli.EXIT_USAGE == 2
+    assert cli.exit_code(TlRayError("x")) == 2
+    assert cli.exit_code(suppressed) == 2
+    assert cli.exit_code(RunError("x")) == cli.EXIT_FAILED == 1
+    assert cli.exit_code(wrapped) == 1
+    assert cli.exit_code(in_context) == 1
+    assert cli.exit_code(from_task) == 1 and cli._message(from_task) == "--data: unreadable"
+    assert cli.exit_code(ValueError("a bug")) == 1
+    assert cli.exit_code(KeyboardInterrupt()) == cli.EXIT_INTERRUPTED == 130
+    assert issubclass(UsageError, TlRayError) and issubclass(RunError, TlRayError)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["tune", "--help"]])
+def test_help_documents_the_exit_codes_and_print_config(capsys, argv):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert "exit codes:\n  0    success" in out
+    for code in ("\n  1    the run started and failed", "\n  2    usage error", "\n  130  interrupted (Ctrl-C)"):
+        assert code in out
+    if argv != ["--help"]:
+        assert "--print-config" in out
