@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
+import torch
 from PIL import Image
 
 from tl_ray import cache, data
@@ -128,3 +129,36 @@ def test_jpeg_draft_decodes_large_photos_at_reduced_scale(tmp_path):
     png = tmp_path / "big.png"
     Image.open(big).save(png)
     assert data.load_rgb(png.read_bytes(), min_short_side=100).size == (800, 600)  # only JPEG has draft mode
+
+
+def test_images_held_in_memory_are_the_cached_pixels_dealt_like_an_equal_split(dataset_root, tmp_path, ray_cluster):
+    layout = data.discover(str(dataset_root))
+    root = str(tmp_path / "cache")
+    splits = cache.prepare_splits(layout, SIZE, root, data.SkippedFiles.remote())
+    assert cache.fit_in_memory(splits) and not cache.fit_in_memory({**splits, "val": None})
+
+    # Validation: the same centre crops the streaming pipeline and predict compute.
+    held_val = cache.HeldImages(splits["val"], SIZE, training=False, crop_scale=None)
+    streamed = cache.streaming_datasets(layout, splits, SIZE, data.SkippedFiles.remote())
+    val_batches = [b for rank in range(2) for b in held_val.batches(4, rank, 2)]
+    assert _digests(np.asarray(i) for b in val_batches for i in b["image"]) == _digests(
+        row["image"] for row in streamed["val"].take_all()
+    )
+
+    # Training: per epoch, equal shards of distinct rows, random uint8 crops, each with its own label.
+    held = cache.HeldImages(splits["train"], SIZE, training=True, crop_scale=(0.6, 1.0))
+    good = len(layout.train) - 1  # broken.jpg was skipped by the cache
+    orders = []
+    for epoch in (1, 2):
+        shards = [list(held.batches(8, rank, 2, seed=0, epoch=epoch)) for rank in range(2)]
+        labels = torch.cat([b["label"] for shard in shards for b in shard])
+        assert [sum(len(b["label"]) for b in shard) for shard in shards] == [good // 2] * 2
+        assert {(b["image"].dtype, tuple(b["image"].shape[1:])) for s in shards for b in s} == {
+            (torch.uint8, (3, SIZE, SIZE))
+        }
+        assert sorted(labels.tolist()) != [] and set(labels.tolist()) <= {0, 1}
+        orders.append(labels.tolist())
+    assert [len(order) for order in orders] == [2 * (good // 2)] * 2
+    first = [b["image"] for b in held.batches(8, 0, 2, seed=0, epoch=1)]
+    again = [b["image"] for b in held.batches(8, 0, 2, seed=0, epoch=1)]
+    assert not all(torch.equal(a, b) for a, b in zip(first, again, strict=True)), "crops are redrawn every pass"

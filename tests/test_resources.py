@@ -57,12 +57,12 @@ def test_cli_refuses_worker_cpus_that_would_hang_before_anything_starts(sample_r
     cpus = os.cpu_count() or 1
     common = ["--data", str(sample_root / "target"), "--weights", "none", "--arch", "resnet18"]
     run = _tl_ray("train", *common, "--cpus-per-worker", str(cpus), "--storage", str(tmp_path), "--name", "t")
-    assert run.returncode != 0
+    assert run.returncode == 2, "a usage error"
     assert f"--cpus-per-worker {cpus} x --num-workers 1" in run.stderr and "never start" in run.stderr
     assert not (tmp_path / "t").exists(), "nothing may start before the refusal"
 
     sweep = ["tune", *common, "--freeze-depths", "0", "--max-concurrent", str(2 * cpus), "--storage", str(tmp_path)]
     run = _tl_ray(*sweep, "--cpus-per-worker", "1", "--name", "s")
-    assert run.returncode != 0
+    assert run.returncode == 2
     assert f"{2 * cpus} concurrent trials (--max-concurrent)" in run.stderr and "never start" in run.stderr
     assert not (tmp_path / "s").exists()

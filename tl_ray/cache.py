@@ -24,7 +24,7 @@ import json
 import os
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
+import torch
 from PIL import Image
 from ray.data import RandomSeedConfig
 
@@ -246,6 +247,63 @@ def _read_and_crop(
     }
 
 
+# A worker's copy of both splits' cached pixels, at most: above it, epochs stream through Ray Data.
+IN_MEMORY_BYTES = 1 << 30
+
+
+def fit_in_memory(splits: dict[str, CachedSplit | None]) -> bool:
+    """Whether every split is cached and a worker can hold all of them (long side estimated at 4:3)."""
+    if any(split is None for split in splits.values()):
+        return False
+    return sum(split.rows * split.short_side**2 * 4 for split in splits.values()) <= IN_MEMORY_BYTES
+
+
+def load_images(split: CachedSplit) -> tuple[list[Image.Image], torch.Tensor]:
+    """All of a split's cached images (as PIL images over the Parquet buffers, no copy) and labels."""
+    images, labels = [], []
+    for path in split.parquet_files:
+        cached = pq.read_table(path, filesystem=split.filesystem).to_pydict()
+        for pixels, height, width, label in zip(
+            cached["pixels"], cached["height"], cached["width"], cached["label"], strict=True
+        ):
+            images.append(Image.frombuffer("RGB", (width, height), pixels, "raw", "RGB", 0, 1))
+            labels.append(label)
+    return images, torch.tensor(labels, dtype=torch.int64)
+
+
+class HeldImages:
+    """A split's cached images in a worker's memory: read once per run, then each epoch a new deal of rows
+    (``data.deal_rows``), cropped and flipped here, so an epoch starts no Ray Data execution.
+
+    Validation crops are the same every epoch: computed once.
+    """
+
+    def __init__(
+        self,
+        split: CachedSplit,
+        image_size: int,
+        training: bool,
+        crop_scale: tuple[float, float] | None,
+        color_jitter: float = 0.0,
+    ) -> None:
+        self.images, self.labels = load_images(split)
+        self.training = training
+        self.transform = data.augmentation(image_size, crop_scale if training else None, color_jitter, split.short_side)
+        self.crops = None if training else self._crop(range(len(self.images)))
+
+    def _crop(self, rows) -> torch.Tensor:
+        return torch.stack([self.transform(self.images[row]) for row in rows])
+
+    def batches(
+        self, batch_size: int, rank: int, world: int, seed: int = 0, epoch: int = 0
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        rows = data.deal_rows(len(self.labels), rank, world, self.training, seed, epoch)
+        for start in range(0, len(rows), batch_size):
+            chosen = rows[start : start + batch_size]
+            images = self.crops[chosen] if self.crops is not None else self._crop(chosen.tolist())
+            yield {"image": images, "label": self.labels[chosen]}
+
+
 def per_file_dataset(
     paths: list[str],
     filesystem: pafs.FileSystem,
@@ -310,8 +368,23 @@ def run_datasets(
     """A run's "train" and "val" pipelines: from the cache under ``root`` (built first if need be), or, with
     ``root`` None, decoding every file every epoch. Files the cache could not decode go into ``skipped``.
     ``short_side``: validation's resize before its centre crop (``data.resize_size`` by default)."""
+    splits = prepare_splits(layout, image_size, root, skipped, short_side)
+    return streaming_datasets(layout, splits, image_size, skipped, color_jitter, seed, crop_scale, short_side)
+
+
+def streaming_datasets(
+    layout: data.Layout,
+    splits: dict[str, CachedSplit | None],
+    image_size: int,
+    skipped: ray.actor.ActorHandle,
+    color_jitter: float = 0.0,
+    seed: int = 0,
+    crop_scale: tuple[float, float] | None = recipe.STANDARD_CROP_SCALE,
+    short_side: int | None = None,
+) -> dict[str, ray.data.Dataset]:
+    """Ray Data pipelines of prepared splits: from the cache, or from the files for a split without one."""
     datasets = {}
-    for name, split in prepare_splits(layout, image_size, root, skipped, short_side).items():
+    for name, split in splits.items():
         training = name == "train"
         files = layout.train if training else layout.val
         if split is None:

@@ -202,16 +202,8 @@ def epoch_batches(
     seed: int = 0,
     epoch: int = 0,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """This worker's batches of one epoch. Training: a new permutation each epoch (the same on every worker,
-    from ``seed`` and ``epoch``, so a resumed run sees the orders it would have), dealt in equal shards as
-    Ray Data's equal split does. Validation: every row once, on one worker or another."""
-    count = len(labels)
-    if training:
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        shard = count // world
-        rows = torch.randperm(count, generator=generator)[rank * shard : (rank + 1) * shard].to(labels.device)
-    else:
-        rows = torch.arange(rank, count, world, device=labels.device)
+    """This worker's batches of one epoch (``data.deal_rows``)."""
+    rows = data.deal_rows(len(labels), rank, world, training, seed, epoch).to(labels.device)
     for start in range(0, len(rows), batch_size):
         chosen = rows[start : start + batch_size]
         yield {"features": features[chosen], "label": labels[chosen]}

@@ -32,7 +32,7 @@ from torch import nn
 
 from tl_ray import __version__, cache, checkpoint, data, features, model
 from tl_ray.config import NUM_STAGES, TrainConfig, absolute, forbid_world_writable_files
-from tl_ray.errors import TlRayError
+from tl_ray.errors import RunError, TlRayError, UsageError
 
 RESULT_FILE = "result.json"
 # Below this many images per worker, BatchNorm's batch statistics are noisy enough to hurt: say so.
@@ -103,7 +103,7 @@ def check_shared_storage(storage: str, option: str = "--storage") -> None:
         return
     if _mount_type(storage).split(".")[0] in NETWORK_FILESYSTEMS:
         return
-    raise TlRayError(
+    raise UsageError(
         f"{option}: {storage} is a node-local folder, but this Ray cluster has {len(alive)} nodes; "
         "pass shared storage: s3://bucket/path, gs://bucket/path or a folder on an NFS mount"
     )
@@ -133,7 +133,7 @@ def check_pipeline_room(
     if total_cpus - reserved >= PIPELINE_CPU:
         return
     runs = f" x {concurrent_runs} concurrent trials (--max-concurrent)" if concurrent_runs > 1 else ""
-    raise TlRayError(
+    raise UsageError(
         f"--cpus-per-worker {per_worker:g} x --num-workers {num_workers}{runs} reserves {reserved:g} of this"
         f" cluster's {total_cpus:g} CPUs, leaving less than {PIPELINE_CPU} for loading images, so training would"
         " never start; lower them or leave --cpus-per-worker unset"
@@ -154,7 +154,7 @@ def _resources(config: TrainConfig, started_locally: bool) -> tuple[bool, float]
     gpus, cpus = cluster.get("GPU", 0), cluster.get("CPU", 1)
     use_gpu = gpus > 0 if config.gpu is None else config.gpu
     if use_gpu and gpus == 0 and started_locally:
-        raise TlRayError("--gpu: this machine has no GPU visible to Ray; drop --gpu (or pass --cpu) to train on CPU")
+        raise UsageError("--gpu: this machine has no GPU visible to Ray; drop --gpu (or pass --cpu) to train on CPU")
     if use_gpu:
         return use_gpu, config.cpus_per_worker or 1.0
     per_worker = config.cpus_per_worker or cpus_per_worker(cpus, config.num_workers)
@@ -196,7 +196,7 @@ def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = No
         if cache_root is not None and config.cache != "auto":
             check_shared_storage(cache_root, "--cache")
         use_features = features.applies(config.freeze_depth, config.augment, cache_root)
-        held_features = None  # features each worker holds in memory, instead of datasets
+        held_features = held_images = None  # what each worker holds in memory, instead of datasets
         if use_features:
             splits = features.prepare_splits(
                 layout, config.image_size, cache_root, skipped, config.arch, weights, use_gpu
@@ -206,16 +206,22 @@ def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = No
             else:
                 datasets = features.streaming_datasets(splits, config.seed)
         else:
-            datasets = cache.run_datasets(
-                layout,
-                config.image_size,
-                cache_root,
-                skipped,
-                config.color_jitter,
-                config.seed,
-                crop_scale=config.crop_scale(),
-                short_side=short_side,
-            )
+            splits = cache.prepare_splits(layout, config.image_size, cache_root, skipped, short_side)
+            # On CPU, cached images that fit are held by each worker, which crops them itself (cheap beside
+            # a CPU training step); GPUs are fed by Ray Data's parallel tasks.
+            if not use_gpu and cache.fit_in_memory(splits):
+                datasets, held_images = {}, splits
+            else:
+                datasets = cache.streaming_datasets(
+                    layout,
+                    splits,
+                    config.image_size,
+                    skipped,
+                    config.color_jitter,
+                    config.seed,
+                    config.crop_scale(),
+                    short_side,
+                )
         skipped_per_class = ray.get(skipped.train_counts.remote())
         lost = labels_without_images(train_per_class, skipped_per_class)
         if lost:  # known before training when the cache has decoded every file
@@ -238,6 +244,7 @@ def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = No
         "skipped": skipped,
         "inputs": "features" if use_features else "images",
         "held_features": held_features,
+        "held_images": held_images,
         "decoding_every_epoch": cache_root is None,
     }
     trainer = TorchTrainer(
@@ -263,7 +270,7 @@ def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = No
         skipped_files = ray.get(skipped.get.remote())
         lost = labels_without_images(train_per_class, ray.get(skipped.train_counts.remote()))
     except ray.train.TrainingFailedError as error:
-        raise TlRayError(f"training failed: {_root_cause(error)}") from error
+        raise RunError(f"training failed: {_root_cause(error)}") from error
     finally:
         ray.kill(skipped)
     if lost:
@@ -274,7 +281,7 @@ def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = No
 def _check_batch_norm(config: TrainConfig, use_gpu: bool) -> None:
     """SyncBatchNorm needs GPUs (torch implements it for CUDA only); small per-worker batches deserve a warning."""
     if config.sync_bn and not use_gpu:
-        raise TlRayError("--sync-bn: synchronised BatchNorm needs GPU workers; on CPU use --no-train-bn instead")
+        raise UsageError("--sync-bn: synchronised BatchNorm needs GPU workers; on CPU use --no-train-bn instead")
     worker_batch = config.batch_size // config.num_workers
     trains_batch_norm = config.train_bn and config.freeze_depth < NUM_STAGES
     if config.num_workers > 1 and not config.sync_bn and trains_batch_norm and worker_batch < SMALL_WORKER_BATCH:
@@ -317,7 +324,7 @@ def _root_cause(error: BaseException) -> str:
 
 def _collect(result: ray.train.Result, storage: str, class_names: list[str], skipped: dict[str, str]) -> TrainResult:
     if not result.best_checkpoints or result.checkpoint is None:
-        raise TlRayError(f"training finished without a checkpoint in {result.path}")
+        raise RunError(f"training finished without a checkpoint in {result.path}")
     best, best_metrics = max(result.best_checkpoints, key=lambda item: item[1].get("val_acc", -1.0))
     prefix = storage.split("://", 1)[0] + "://" if "://" in storage else ""
     with result.checkpoint.as_directory() as last_dir:
@@ -467,6 +474,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         def val_batches() -> Iterator[dict[str, torch.Tensor]]:
             return features.epoch_batches(*val_rows, 2 * worker_batch, rank, world, False)
+    elif loop_config["held_images"] is not None:
+        held_images = loop_config["held_images"]
+        crop_scale = options.crop_scale()
+        train_set = cache.HeldImages(held_images["train"], options.image_size, True, crop_scale, options.color_jitter)
+        val_set = cache.HeldImages(held_images["val"], options.image_size, False, None)
+
+        def train_batches(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+            return train_set.batches(worker_batch, rank, world, options.seed, epoch)
+
+        def val_batches() -> Iterator[dict[str, torch.Tensor]]:
+            return val_set.batches(2 * worker_batch, rank, world)
     else:
         train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
 
