@@ -96,7 +96,11 @@ TRAIN_HELP: dict[str, tuple[Any, str]] = {
         " trains",
     ),
     "num_workers": (int, "data-parallel training workers (one GPU each on a GPU cluster)"),
-    "cpus_per_worker": (float, "CPUs reserved per worker (default: leave at least one CPU to the data pipeline)"),
+    "cpus_per_worker": (
+        float,
+        "CPUs reserved per worker, and its torch threads on CPU (default: reserve all but one CPU (or half the"
+        " machine) for the data pipeline, and use the node's cores, shared by its workers)",
+    ),
     "storage": (
         str,
         "where runs are written: a local folder; on a multi-node cluster it must be shared storage"
