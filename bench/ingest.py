@@ -5,10 +5,11 @@ Both sides read the same folder of photo-like JPEGs and produce the same thing: 
 normalised to float on arrival (tl-ray normalises on the training device). The first
 epoch is reported as "cold" (process/worker start-up included), the rest as "warm".
 
-tl-ray is measured three ways: decoding every epoch (``--cache none``); with the
+tl-ray is measured four ways: decoding every epoch (``--cache none``); with the
 decoded-image cache as a first run meets it (epoch 1 builds the cache: decode and
-resize once, then crop from cached pixels); and as every later run or sweep trial on
-the same data meets it (the cache already built).
+resize once, then crop from cached pixels); as every later run or sweep trial on
+the same data meets it (the cache already built); and as a CPU worker meets a cache that
+fits in memory (read once, cropped in the worker's own process, one core).
 
     python bench/ingest.py                      # 2000 images of ~500x375, 3 epochs, 224 px
     python bench/ingest.py --images 64 --epochs 2 --image-size 32   # smoke test
@@ -82,6 +83,32 @@ def bench_tl_ray(root: Path, image_size: int, batch_size: int, epochs: int, cach
     return rows
 
 
+def bench_held(root: Path, image_size: int, batch_size: int, epochs: int, cache_root: str) -> list[dict]:
+    """Epochs as a CPU worker of `tl-ray train` meets them when the cache fits in memory: read once, then
+    crops and flips in the worker's own process (epoch 1 includes reading the built cache)."""
+    import ray
+    import torch
+
+    from tl_ray import cache, data, recipe
+
+    data.ensure_ray()
+    layout = data.discover(str(root), val_fraction=0.0)
+    skipped = data.SkippedFiles.remote()
+    [split] = [split for name, split in cache.prepare_splits(layout, image_size, cache_root, skipped).items() if split]
+    ray.kill(skipped)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    rows = []
+    started = time.perf_counter()
+    held = cache.HeldImages(split, image_size, True, recipe.STANDARD_CROP_SCALE)
+    for epoch in range(1, epochs + 1):
+        seen = 0
+        for batch in held.batches(batch_size, rank=0, world=1, epoch=epoch):
+            seen += len(data.normalize(batch["image"], mean, std))
+        rows.append({"epoch": epoch, "images": seen, "seconds": time.perf_counter() - started})
+        started = time.perf_counter()
+    return rows
+
+
 def bench_dataloader(root: Path, image_size: int, batch_size: int, epochs: int) -> list[dict]:
     import torch
     from torch.utils.data import DataLoader
@@ -131,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tl_ray_no_cache": ("tl-ray --cache none", lambda: bench_tl_ray(*settings, None)),
         "tl_ray": ("tl-ray (decoded cache)", lambda: bench_tl_ray(*settings, str(cache_root))),
         "tl_ray_cache_built": ("tl-ray, cache already built", lambda: bench_tl_ray(*settings, str(cache_root))),
+        "tl_ray_held": ("tl-ray held in memory (CPU)", lambda: bench_held(*settings, str(cache_root))),
     }
     results = {
         "benchmark": "ingest",

@@ -49,10 +49,14 @@ def run_sweep(
         **options,
     )
     best = summary.best
+    wall = time.perf_counter() - started
+    trial_seconds = sum(trial.seconds for trial in summary.trials)
     return {
         "scheduler": scheduler,
-        "wall_s": time.perf_counter() - started,
-        "trial_seconds": sum(trial.seconds for trial in summary.trials),
+        "wall_s": wall,
+        "trial_seconds": trial_seconds,
+        # Trials run one at a time on CPU: what a sweep costs beyond its epochs, per trial (start-up, checkpoints).
+        "per_trial_overhead_s": (wall - trial_seconds) / max(1, len(summary.trials)),
         "trial_epochs": sum(trial.epochs for trial in summary.trials),
         "best_freeze_depth": best.freeze_depth if best else None,
         "best_val_acc": best.val_acc if best else None,
@@ -126,11 +130,15 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"sweep cost: depths {args.depths}, {args.max_epochs} epochs max, {results['machine']}")
     if "source" in results:
         print(f"source model val_acc {results['source']['val_acc']:.3f}")
-    print(f"{'scheduler':>9} {'trial-epochs':>13} {'wall s':>8} {'best depth':>11} {'best val_acc':>13}")
+    print(
+        f"{'scheduler':>9} {'trial-epochs':>13} {'wall s':>8} {'overhead s/trial':>17} {'best depth':>11}"
+        f" {'best val_acc':>13}"
+    )
     for row in runs.values():
         print(
             f"{row['scheduler']:>9} {row['trial_epochs']:>13} {row['wall_s']:>8.0f}"
-            f" {row['best_freeze_depth']!s:>11} {row['best_val_acc'] or float('nan'):>13.3f}"
+            f" {row['per_trial_overhead_s']:>17.1f} {row['best_freeze_depth']!s:>11}"
+            f" {row['best_val_acc'] or float('nan'):>13.3f}"
         )
     if {"fifo", "asha"} <= set(runs):
         fifo, asha = runs["fifo"], runs["asha"]

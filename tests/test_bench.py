@@ -32,7 +32,7 @@ def test_ingest_benchmark_runs_and_writes_every_side(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "tl-ray (decoded cache)" in done.stdout
     results = json.loads(out.read_text())
-    for side in ("baseline", "tl_ray_no_cache", "tl_ray", "tl_ray_cache_built"):
+    for side in ("baseline", "tl_ray_no_cache", "tl_ray", "tl_ray_cache_built", "tl_ray_held"):
         assert [row["images"] for row in results[side]["epochs"]] == [24, 24]
         assert results[side]["warm_images_per_s"] > 0
     assert math.isfinite(results["ratio_warm"]) and 40 < results["mean_kb"] < 100
@@ -63,6 +63,7 @@ def test_sweep_cost_benchmark_runs_a_sweep(tmp_path):
     results = json.loads(out.read_text())
     assert results["asha"]["trial_epochs"] == 1 and results["asha"]["best_freeze_depth"] == 5
     assert results["asha"]["trials"][0]["status"] == "finished"
+    assert results["asha"]["per_trial_overhead_s"] > 0  # Ray Train start-up at least
 
 
 def test_freeze_depth_benchmark_times_every_depth_and_the_naive_freeze(tmp_path):
@@ -110,3 +111,15 @@ def test_learning_benchmark_trains_both_sides_on_real_digits(tmp_path):
     assert "| digits | target, transfer d5 (head only) | 1 |" in done.stdout
     # Digits 5-9: 10 training images per class here (--per-class 200 / 20), the rest for validation.
     assert len(list((tmp_path / "data" / "digits" / "target" / "train").glob("*/*.png"))) == 50
+
+
+def test_feature_cache_benchmark_runs_with_and_without(tmp_path):
+    out = tmp_path / "feature_cache.json"
+    argv = ["--images", "32", "--epochs", "2", "--arch", "resnet18", "--image-size", "32", "--batch-size", "8"]
+    argv += ["--data", str(tmp_path / "data"), "--out", str(out)]
+    done = _run_bench([sys.executable, "bench/feature_cache.py", *argv], timeout=280)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert len(results["with"]["epoch_s"]) == len(results["without"]["epoch_s"]) == 2
+    assert results["with"]["train_images"] == results["without"]["train_images"]
+    assert results["warm_epoch_speedup"] > 0 and "warm epochs" in done.stdout
