@@ -16,7 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.timeout(300)
+# Each benchmark runs as its own process with its own Ray: minutes in all, so out of `make test-fast`.
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 
 def _run_bench(command: list[str], timeout: int) -> subprocess.CompletedProcess:

@@ -22,6 +22,7 @@ from helpers import SOURCE_BATCH, SOURCE_EPOCHS, kill_a_training_worker, recorde
 import tl_ray
 from tl_ray import cli, data
 from tl_ray.checkpoint import read_meta, read_model_state
+from tl_ray.config import TrainConfig, merge
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -52,6 +53,10 @@ def test_train_learns_and_leaves_a_loadable_checkpoint(source_run, source_data, 
     # The recipe from random weights: one learning rate everywhere, recorded with the model.
     assert meta["strategy"]["name"] == "plain" and meta["strategy"]["backbone_lr_mult"] == 1.0
     assert meta["strategy"]["head_epochs"] == 0 and meta["strategy"]["optimizer"] == "adamw"
+    # The run's folder holds its resolved configuration, which --config reads back.
+    saved = merge(TrainConfig, str(source_run[1] / "src" / "config.yaml"), {})
+    assert (saved.epochs, saved.batch_size, saved.image_size) == (SOURCE_EPOCHS, SOURCE_BATCH, 48)
+    assert (saved.lr, saved.weight_decay, saved.strategy) == (meta["strategy"]["lr"], 0.05, "plain")
     layout = data.discover(str(source_data))
     # The checkpoint alone reproduces the run's validation accuracy: same classes, same preprocessing.
     assert checkpoint_accuracy(result["best_checkpoint"], layout.val) == pytest.approx(

@@ -27,6 +27,7 @@ from helpers import kill_a_training_worker, recorded
 
 import tl_ray
 from tl_ray import cli, data
+from tl_ray.config import TrainConfig, TuneConfig, merge
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -175,7 +176,12 @@ def test_results_csv_is_sorted_and_best_is_the_argmax(sweep):
 
 def test_best_checkpoint_loads_and_predicts_on_its_own(sweep, sweep_data, checkpoint_accuracy):
     run_dir, _ = sweep
+    # What a user deploys, with the configuration that trained it; the optimizer state stays with the trial.
+    assert sorted(p.name for p in (run_dir / "best").iterdir()) == ["config.yaml", "meta.json", "model.pt"]
     meta = json.loads((run_dir / "best" / "meta.json").read_text())
+    trained = merge(TrainConfig, str(run_dir / "best" / "config.yaml"), {})
+    assert (trained.freeze_depth, trained.strategy) == (meta["freeze_depth"], meta["strategy"]["name"])
+    assert merge(TuneConfig, str(run_dir / "config.yaml"), {}).freeze_depths == "4"  # the sweep's own
     accuracy = checkpoint_accuracy(str(run_dir / "best"), data.discover(str(sweep_data)).val)
     assert accuracy == pytest.approx(meta["metrics"]["val_acc"], abs=0.01)
     evaluation = tl_ray.evaluate(str(run_dir / "best"), str(sweep_data / "val"))

@@ -259,7 +259,7 @@ def fit_in_memory(splits: dict[str, CachedSplit | None]) -> bool:
 
 
 def load_images(split: CachedSplit) -> tuple[list[Image.Image], torch.Tensor]:
-    """All of a split's cached images (as PIL images over the Parquet buffers, no copy) and labels."""
+    """All of a split's cached images (PIL images over the pixel bytes read, not copied again) and labels."""
     images, labels = [], []
     for path in split.parquet_files:
         cached = pq.read_table(path, filesystem=split.filesystem).to_pydict()

@@ -31,10 +31,11 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from tl_ray import __version__, cache, checkpoint, data, features, model
-from tl_ray.config import NUM_STAGES, TrainConfig, absolute, forbid_world_writable_files
+from tl_ray.config import NUM_STAGES, TrainConfig, absolute, forbid_world_writable_files, to_yaml
 from tl_ray.errors import RunError, TlRayError, UsageError
 
 RESULT_FILE = "result.json"
+CONFIG_FILE = "config.yaml"
 # Below this many images per worker, BatchNorm's batch statistics are noisy enough to hurt: say so.
 SMALL_WORKER_BATCH = 16
 
@@ -172,6 +173,16 @@ def _node_cpus() -> float:
     return float(os.cpu_count() or 1)
 
 
+def write_config(config: Any, storage: str) -> None:
+    """The resolved configuration in the run's folder: what produced its checkpoints, in a form
+    `--config` reads back (the recipe's defaults written out, so a later recipe change cannot alter it)."""
+    filesystem, base, _ = data.resolve_filesystem(storage, "--storage")
+    folder = f"{base}/{config.name}"
+    filesystem.create_dir(folder, recursive=True)
+    with filesystem.open_output_stream(f"{folder}/{CONFIG_FILE}") as stream:
+        stream.write(to_yaml(config).encode())
+
+
 def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = None) -> TrainResult:
     """Train one model as `tl-ray train` does; raises TlRayError for anything the user can fix.
 
@@ -182,10 +193,11 @@ def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = No
     weights = model.initial_weights(config.arch, config.weights, layout.class_names, config.seed)
     short_side = data.resize_size(config.image_size, weights.crop_fraction)  # validation's resize, as the weights'
     started_locally = data.ensure_ray()
-    use_gpu, cpus_per_worker = _resources(config, started_locally)
+    use_gpu, worker_cpus = _resources(config, started_locally)
     _check_batch_norm(config, use_gpu)
     storage = absolute(config.storage)
     check_shared_storage(storage)
+    write_config(config, storage)
 
     skipped = data.SkippedFiles.remote()
     if layout.rejected:
@@ -240,7 +252,7 @@ def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = No
         "mean": list(weights.mean),
         "std": list(weights.std),
         "resize_size": short_side,
-        "cpus_per_worker": cpus_per_worker,
+        "cpus_per_worker": worker_cpus,
         "skipped": skipped,
         "inputs": "features" if use_features else "images",
         "held_features": held_features,
@@ -251,7 +263,7 @@ def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = No
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
-            num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
+            num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": worker_cpus}
         ),
         run_config=RunConfig(
             name=config.name,

@@ -25,9 +25,10 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from tl_ray import cache, data, model, report
+from tl_ray.checkpoint import META_FILE, MODEL_FILE
 from tl_ray.config import TuneConfig, absolute, forbid_world_writable_files
 from tl_ray.errors import TlRayError
-from tl_ray.train import check_pipeline_room, check_shared_storage, cpus_per_worker
+from tl_ray.train import CONFIG_FILE, check_pipeline_room, check_shared_storage, cpus_per_worker, write_config
 from tl_ray.train import run as run_training
 
 BEST_DIR = "best"
@@ -137,6 +138,7 @@ def sweep(config: TuneConfig) -> tuple[SweepSummary, dict[str, str]]:
     run_dir = f"{storage.rstrip('/')}/{config.name}"
     config = _share_cpus(config, data.ensure_ray())
     check_shared_storage(storage)
+    write_config(config, storage)
     cache_root = cache.resolve_root(config.cache, storage)
     if cache_root is not None:
         # Decode once, here, before any trial: every trial then finds the cache (trials store elsewhere).
@@ -222,13 +224,17 @@ def write_report(summary: SweepSummary) -> dict[str, str]:
 
 
 def _copy_best(summary: SweepSummary) -> SweepSummary:
-    """Copy the best epoch's checkpoint to run_dir/best, so it outlives the trials' folders."""
+    """Copy what a user deploys from the best epoch to run_dir/best, so it outlives the trials' folders: the
+    model and its meta.json, and the trial's config.yaml (not the optimizer state, which only resuming needs)."""
     filesystem, run_path = _filesystem(summary.run_dir)
     source = summary.best.checkpoint.split("://", 1)[-1]
     target = f"{run_path}/{BEST_DIR}"
     filesystem.delete_dir_contents(target, missing_dir_ok=True)
     filesystem.create_dir(target)
-    pafs.copy_files(source, target, source_filesystem=filesystem, destination_filesystem=filesystem)
+    files = [f"{source}/{MODEL_FILE}", f"{source}/{META_FILE}", f"{source.rstrip('/').rsplit('/', 1)[0]}/{CONFIG_FILE}"]
+    for path in files:
+        if filesystem.get_file_info(path).type == pafs.FileType.File:
+            filesystem.copy_file(path, f"{target}/{path.rsplit('/', 1)[-1]}")
     return dataclasses.replace(summary, best_checkpoint=f"{summary.run_dir}/{BEST_DIR}")
 
 
