@@ -72,7 +72,8 @@ def bench_tl_ray(root: Path, image_size: int, batch_size: int, epochs: int, cach
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
     rows = []
     started = time.perf_counter()
-    dataset = cache.run_datasets(layout, image_size, cache_root, skipped)["train"]
+    splits = cache.prepare_splits(layout, image_size, cache_root, skipped)
+    dataset = cache.streaming_datasets(layout, splits, image_size, skipped)["train"]
     for epoch in range(1, epochs + 1):
         seen = 0
         for batch in dataset.iter_torch_batches(batch_size=batch_size, prefetch_batches=2):

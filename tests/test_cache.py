@@ -53,7 +53,8 @@ def test_cached_images_equal_decoding_the_files(dataset_root, tmp_path, ray_clus
     layout = data.discover(str(dataset_root))
     root = str(tmp_path / "cache")
     skipped = data.SkippedFiles.remote()
-    pipelines = cache.run_datasets(layout, SIZE, root, skipped, seed=3)
+    splits = cache.prepare_splits(layout, SIZE, root, skipped)
+    pipelines = cache.streaming_datasets(layout, splits, SIZE, skipped, seed=3)
 
     # Validation from the cache is a centre crop of the cached pixels: exactly what predict computes from the file.
     transform = data.eval_transform(SIZE)

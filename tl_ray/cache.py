@@ -355,23 +355,6 @@ def cached_dataset(
     )
 
 
-def run_datasets(
-    layout: data.Layout,
-    image_size: int,
-    root: str | None,
-    skipped: ray.actor.ActorHandle,
-    color_jitter: float = 0.0,
-    seed: int = 0,
-    crop_scale: tuple[float, float] | None = recipe.STANDARD_CROP_SCALE,
-    short_side: int | None = None,
-) -> dict[str, ray.data.Dataset]:
-    """A run's "train" and "val" pipelines: from the cache under ``root`` (built first if need be), or, with
-    ``root`` None, decoding every file every epoch. Files the cache could not decode go into ``skipped``.
-    ``short_side``: validation's resize before its centre crop (``data.resize_size`` by default)."""
-    splits = prepare_splits(layout, image_size, root, skipped, short_side)
-    return streaming_datasets(layout, splits, image_size, skipped, color_jitter, seed, crop_scale, short_side)
-
-
 def streaming_datasets(
     layout: data.Layout,
     splits: dict[str, CachedSplit | None],
@@ -382,7 +365,9 @@ def streaming_datasets(
     crop_scale: tuple[float, float] | None = recipe.STANDARD_CROP_SCALE,
     short_side: int | None = None,
 ) -> dict[str, ray.data.Dataset]:
-    """Ray Data pipelines of prepared splits: from the cache, or from the files for a split without one."""
+    """A run's "train" and "val" Ray Data pipelines from ``prepare_splits``: from the cache, or, for a split
+    without one (``--cache none``), decoding every file every epoch (files that fail go into ``skipped``).
+    ``short_side``: validation's resize before its centre crop (``data.resize_size`` by default)."""
     datasets = {}
     for name, split in splits.items():
         training = name == "train"
