@@ -103,6 +103,13 @@ def test_cache_is_reused_until_a_file_changes(dataset_root, tmp_path, ray_cluste
     rebuilt = cache.prepare(layout.train, layout, SIZE, root)
     assert rebuilt.built and rebuilt.folder != first.folder
 
+    # Another build of the same files lists the same images in the same order (seeded runs deal the same images).
+    elsewhere = cache.prepare(layout.train, layout, SIZE, str(tmp_path / "other"))
+    images, labels = cache.load_images(elsewhere)
+    first_images, first_labels = cache.load_images(cache.prepare(layout.train, layout, SIZE, root))
+    assert torch.equal(labels, first_labels)
+    assert [image.tobytes() for image in images] == [image.tobytes() for image in first_images]
+
     # A half-written cache (no manifest: the build was killed) is never read; it is built again.
     (Path(rebuilt.folder) / cache.MANIFEST).unlink()
     assert cache.prepare(layout.train, layout, SIZE, root).built

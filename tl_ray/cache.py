@@ -149,7 +149,9 @@ def _decode_to_file(
         decoded["pixels"].append(image.tobytes())
     name = ""
     if decoded["pixels"]:
-        name = f"{uuid.uuid4().hex}.parquet"
+        # Named by its files (each attempt writes in a folder of its own): a rebuilt cache lists its images in
+        # the same order, so a seeded run that holds them in memory deals the same images.
+        name = hashlib.sha256("\n".join(batch["path"]).encode()).hexdigest()[:32] + ".parquet"
         table = pa.table(decoded, schema=CACHE_SCHEMA)
         # Raw pixels barely compress: snappy would only cost CPU on every read.
         pq.write_table(table, f"{folder}/{name}", filesystem=cache_filesystem, compression="none")
