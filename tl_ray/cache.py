@@ -277,7 +277,7 @@ class HeldImages:
     """A split's cached images in a worker's memory: read once per run, then each epoch a new deal of rows
     (``data.deal_rows``), cropped and flipped here, so an epoch starts no Ray Data execution.
 
-    Validation crops are the same every epoch: computed once.
+    Validation crops are the same every epoch: each worker computes its own share once.
     """
 
     def __init__(
@@ -291,18 +291,23 @@ class HeldImages:
         self.images, self.labels = load_images(split)
         self.training = training
         self.transform = data.augmentation(image_size, crop_scale if training else None, color_jitter, split.short_side)
-        self.crops = None if training else self._crop(range(len(self.images)))
+        self.val_crops: dict[tuple[int, int], torch.Tensor] = {}  # (rank, world): that worker's rows, cropped
 
-    def _crop(self, rows) -> torch.Tensor:
+    def _crop(self, rows: list[int]) -> torch.Tensor:
         return torch.stack([self.transform(self.images[row]) for row in rows])
 
     def batches(
         self, batch_size: int, rank: int, world: int, seed: int = 0, epoch: int = 0
     ) -> Iterator[dict[str, torch.Tensor]]:
         rows = data.deal_rows(len(self.labels), rank, world, self.training, seed, epoch)
+        if not self.training and (rank, world) not in self.val_crops and len(rows):
+            self.val_crops[rank, world] = self._crop(rows.tolist())
         for start in range(0, len(rows), batch_size):
             chosen = rows[start : start + batch_size]
-            images = self.crops[chosen] if self.crops is not None else self._crop(chosen.tolist())
+            if self.training:
+                images = self._crop(chosen.tolist())
+            else:
+                images = self.val_crops[rank, world][start : start + batch_size]
             yield {"image": images, "label": self.labels[chosen]}
 
 

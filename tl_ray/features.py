@@ -186,9 +186,8 @@ def load(split: FeatureSplit | None, device: torch.device) -> tuple[torch.Tensor
     """All of a split's (features, labels), on ``device``."""
     if split is None or not split.parquet_files:
         return torch.zeros((0, 1)), torch.zeros(0, dtype=torch.int64)
-    rows = [_read_features({"file": [path]}, split.filesystem) for path in split.parquet_files]
-    features = torch.from_numpy(np.concatenate([row["features"] for row in rows]))
-    labels = torch.from_numpy(np.concatenate([row["label"] for row in rows]).astype(np.int64))
+    rows = _read_features({"file": split.parquet_files}, split.filesystem)
+    features, labels = torch.from_numpy(rows["features"]), torch.from_numpy(rows["label"].astype(np.int64))
     return features.to(device), labels.to(device)
 
 

@@ -429,13 +429,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     class_names: list[str] = loop_config["class_names"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    if ray.train.torch.get_device().type == "cpu" and options.cpus_per_worker is None:
+    device = ray.train.torch.get_device()
+    if device.type == "cpu" and options.cpus_per_worker is None:
         decoding = loop_config["decoding_every_epoch"]
         torch.set_num_threads(torch_threads(_node_cpus(), context.get_local_world_size(), decoding))
     else:  # the CPUs given (--cpus-per-worker, or a sweep running trials side by side) are the ones to use
         torch.set_num_threads(max(1, round(loop_config["cpus_per_worker"])))
     torch.manual_seed(options.seed + rank)
-    device = ray.train.torch.get_device()
 
     net = model.create_resnet(options.arch, len(class_names))
     net.load_state_dict(ray.get(loop_config["weights_ref"]))
