@@ -7,12 +7,15 @@ raises, so no Ray cluster starts and nothing trains.
 
 from __future__ import annotations
 
+import sys
 import types
 
 import pytest
 import yaml
 
 import tl_ray
+import tl_ray.train
+import tl_ray.tune  # noqa: F401
 from tl_ray import cli
 from tl_ray.config import TrainConfig, TuneConfig, merge
 from tl_ray.errors import RunError, TlRayError, UsageError
@@ -28,7 +31,7 @@ def no_run(monkeypatch):
     outcome: dict[str, BaseException] = {}
 
     def stand_in(command):
-        def run(config):
+        def run(config, on_event=None):
             calls.append((command, config))
             if "error" in outcome:
                 raise outcome["error"]
@@ -36,8 +39,8 @@ def no_run(monkeypatch):
 
         return run
 
-    monkeypatch.setattr(tl_ray, "train", stand_in("train"))
-    monkeypatch.setattr(tl_ray, "tune", stand_in("tune"))
+    monkeypatch.setattr(sys.modules["tl_ray.train"], "run", stand_in("train"))
+    monkeypatch.setattr(sys.modules["tl_ray.tune"], "sweep", stand_in("tune"))
     return types.SimpleNamespace(calls=calls, outcome=outcome)
 
 
@@ -216,7 +219,7 @@ def test_ray_trains_ctrl_c_handler_exiting_0_is_an_interruption(capsys, no_run):
 
 def test_a_sweep_in_which_no_trial_finished_exits_1(capsys, monkeypatch):
     summary = types.SimpleNamespace(best=None, run_dir="/runs/sweep")
-    monkeypatch.setattr(tl_ray, "tune", lambda config: (summary, {}))
+    monkeypatch.setattr(sys.modules["tl_ray.tune"], "sweep", lambda config, on_event=None: (summary, {}))
     monkeypatch.setattr(cli, "_print_sweep", lambda summary, written: print("the table"))
     assert cli.main(["tune", "--data", "/d"]) == 1
     captured = capsys.readouterr()

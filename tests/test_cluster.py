@@ -27,6 +27,7 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from tl_ray.console import EPOCH_HEADER, TRIAL_HEADER
 from tl_ray.sample import write_sample_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,6 +136,13 @@ def _submit(address: str, env: dict, script: str, *options: str) -> tuple[str, s
     return status, logs, job_id
 
 
+def assert_quiet_console(logs: str, header: str) -> None:
+    """The console of a job: tl-ray's rows, none of Ray's per-worker dumps, execution plans, banners or warnings."""
+    assert logs.count(header) == 1, logs[-3000:]
+    for noise in ("Reporting training result", "Execution plan", "Configuration for experiment", "is deprecated"):
+        assert noise not in logs, noise
+
+
 @pytest.fixture(scope="module")
 def job_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("jobdata")
@@ -156,6 +164,7 @@ def test_train_job_succeeds_and_writes_its_result(ray_head, job_data, tmp_path):
     result = json.loads((tmp_path / "j1" / "result.json").read_text())
     assert Path(result["best_checkpoint"], "model.pt").exists()
     assert "best checkpoint" in logs and str(tmp_path / "j1") in logs
+    assert_quiet_console(logs, EPOCH_HEADER)
 
 
 @pytest.mark.timeout(900)
@@ -168,6 +177,7 @@ def test_sweep_job_succeeds_and_writes_its_report(ray_head, job_data, tmp_path):
     assert f"'{job_id}' succeeded" in status, logs[-3000:]
     assert len((tmp_path / "s1" / "results.csv").read_text().splitlines()) == 2  # header and the one trial
     assert (tmp_path / "s1" / "best" / "meta.json").exists()
+    assert_quiet_console(logs, TRIAL_HEADER)
 
 
 @pytest.mark.timeout(300)

@@ -23,6 +23,7 @@ import tl_ray
 from tl_ray import cli, data
 from tl_ray.checkpoint import read_meta, read_model_state
 from tl_ray.config import TrainConfig, merge
+from tl_ray.console import EPOCH_HEADER
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -30,6 +31,14 @@ pytestmark = pytest.mark.timeout(900)
 def test_train_learns_and_leaves_a_loadable_checkpoint(source_run, source_data, checkpoint_accuracy):
     _, _, result, printed = source_run
     assert "best val_acc" in printed and "skipped files    2" in printed and "broken.jpg: " in printed
+    # One row per epoch, printed as each ended (a header once, the rows in order, before the summary).
+    lines = printed.splitlines()
+    assert lines.count(EPOCH_HEADER) == 1
+    rows = lines[lines.index(EPOCH_HEADER) + 1 : lines.index(EPOCH_HEADER) + 1 + SOURCE_EPOCHS]
+    assert [int(row.split()[0]) for row in rows] == list(range(1, SOURCE_EPOCHS + 1))
+    assert [float(row.split()[4].rstrip("*")) for row in rows] == pytest.approx(
+        [row["val_acc"] for row in result["history"]], abs=5e-4
+    )
 
     assert [row["epoch"] for row in result["history"]] == list(range(1, SOURCE_EPOCHS + 1))
     assert result["metrics"]["val_acc"] == max(row["val_acc"] for row in result["history"])

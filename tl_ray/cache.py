@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 from ray.data import RandomSeedConfig
 
-from tl_ray import data, recipe
+from tl_ray import data, progress, recipe
 from tl_ray.errors import TlRayError
 
 CACHE_VERSION = 1
@@ -164,17 +164,23 @@ def _decode_to_file(
 
 
 def prepare(
-    files: list[tuple[str, int]], layout: data.Layout, image_size: int, root: str, short_side: int | None = None
+    files: list[tuple[str, int]],
+    layout: data.Layout,
+    image_size: int,
+    root: str,
+    short_side: int | None = None,
+    on_event: progress.OnEvent | None = None,
 ) -> CachedSplit:
     """The cache of one split for crops of ``image_size`` from images resized to ``short_side`` (by default
-    ``data.resize_size(image_size)``): reused when one exists for exactly these files, else built."""
+    ``data.resize_size(image_size)``): reused when one exists for exactly these files, else built (telling
+    ``on_event`` how many files are done as they are)."""
     short_side = short_side or data.resize_size(image_size)
     filesystem, base, _ = data.resolve_filesystem(root, "--cache")
     folder = f"{base}/{split_key(files, layout, short_side)}"
     manifest = read_manifest(filesystem, folder)
     built = manifest is None
     if manifest is None:
-        manifest = _build(files, layout, short_side, filesystem, folder)
+        manifest = _build(files, layout, short_side, filesystem, folder, on_event)
     return CachedSplit(
         filesystem=filesystem,
         folder=folder,
@@ -187,7 +193,12 @@ def prepare(
 
 
 def _build(
-    files: list[tuple[str, int]], layout: data.Layout, short_side: int, filesystem: pafs.FileSystem, folder: str
+    files: list[tuple[str, int]],
+    layout: data.Layout,
+    short_side: int,
+    filesystem: pafs.FileSystem,
+    folder: str,
+    on_event: progress.OnEvent | None,
 ) -> dict:
     # Shuffled once, so every cached file mixes classes and an epoch's block order is all that must vary.
     rows = [{"path": path, "label": label} for path, label in files]
@@ -198,12 +209,11 @@ def _build(
         filesystem.create_dir(attempt_folder, recursive=True)
     except OSError as error:
         raise TlRayError(f"--cache: cannot create {attempt_folder}: {error}") from error
-    outcome = data.file_rows(rows)
-    outcome = outcome.map_batches(
+    decoded = data.file_rows(rows).map_batches(
         _decode_to_file,
         batch_size=data.BLOCK_ROWS,
         num_cpus=0.5,  # fits beside a sweep's token-CPU trial drivers, as the uncached pipeline does
-        concurrency=data.task_concurrency(),
+        compute=data.task_pool(),
         batch_format="numpy",
         fn_kwargs={
             "filesystem": layout.filesystem,
@@ -212,7 +222,12 @@ def _build(
             "cache_filesystem": filesystem,
             "folder": attempt_folder,
         },
-    ).take_all()
+    )
+    outcome = []
+    for row in decoded.iter_rows():  # one per file
+        outcome.append(row)
+        if on_event is not None:
+            on_event(progress.Task("decoding images into the cache", len(outcome), len(rows)))
     failures = [row for row in outcome if row["error"]]
     manifest = {
         "version": CACHE_VERSION,
@@ -334,7 +349,7 @@ def per_file_dataset(
         read,
         batch_size=1,
         num_cpus=0.5,
-        concurrency=data.task_concurrency(),
+        compute=data.task_pool(),
         batch_format="numpy",
         fn_kwargs={"filesystem": filesystem, **options},
     )
@@ -394,12 +409,13 @@ def prepare_splits(
     root: str | None,
     skipped: ray.actor.ActorHandle,
     short_side: int | None = None,
+    on_event: progress.OnEvent | None = None,
 ) -> dict[str, CachedSplit | None]:
     """The built cache of "train" and "val" (None for a split with nothing cached, or with ``root`` None);
     the files they could not decode are added to ``skipped``, training ones with their labels."""
     splits = {}
     for name, files in (("train", layout.train), ("val", layout.val)):
-        split = prepare(files, layout, image_size, root, short_side) if root is not None and files else None
+        split = prepare(files, layout, image_size, root, short_side, on_event) if root is not None and files else None
         if split is not None and split.skipped:
             items = [(path, reason) for path, reason, _ in split.skipped]
             labels = [label for _, _, label in split.skipped] if name == "train" else None

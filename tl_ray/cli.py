@@ -7,6 +7,7 @@ Exit codes (``EXIT_CODES``, also in ``tl-ray --help`` and README.md): 0 success,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import sys
@@ -167,11 +168,21 @@ def _add_train_options(parser: argparse.ArgumentParser, skip: Sequence[str] = ()
         default=None,
         help="YAML file of the same options (underscores; lists for the list options); flags override it",
     )
+    _add_verbose(parser)
     parser.add_argument(
         "--print-config",
         action="store_true",
         help="print the resolved configuration (--config, flags and the recipe's defaults) as YAML that --config"
         " reads back, and exit without running",
+    )
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show Ray's own output: its workers' logs (per-worker reports, Ray Data's execution plans),"
+        " Ray Data's progress bars and Tune's status table",
     )
 
 
@@ -230,12 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--concurrency", type=int, default=None, help="model actors (default: one per GPU, or 1 on CPU)"
     )
+    _add_verbose(predict)
 
     evaluate = commands.add_parser("evaluate", help="accuracy, per-class metrics and confusion matrix on DIR/<class>/")
     evaluate.add_argument("--checkpoint", required=True, help="a tl-ray checkpoint folder")
     evaluate.add_argument("--data", required=True, help="a folder of <class>/ image folders, named as in training")
     evaluate.add_argument("--out", default=None, help="folder for metrics.json, confusion.png, misclassified.csv")
     evaluate.add_argument("--batch-size", type=int, default=64, help="images per model call (default: 64)")
+    _add_verbose(evaluate)
 
     report = commands.add_parser("report", help="(re)write the report of a finished or interrupted sweep")
     report.add_argument("run_dir", help="the sweep's folder: STORAGE/NAME")
@@ -246,16 +259,16 @@ def _options(namespace: argparse.Namespace, skip: Sequence[str]) -> dict[str, An
     return {key: value for key, value in vars(namespace).items() if key not in skip}
 
 
-def _print_train_result(result) -> None:
-    print()
-    print(
-        f"{'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'val_loss':>9} {'val_acc':>8} {'img/s':>8} {'seconds':>8}"
-    )
-    for row in result.history:
-        print(
-            f"{row['epoch']:>5} {row['train_loss']:>10.4f} {row['train_acc']:>9.3f} {row['val_loss']:>9.4f}"
-            f" {row['val_acc']:>8.3f} {row['images_per_s']:>8.1f} {row['epoch_s']:>8.1f}"
-        )
+def _print_train_result(result, rows_printed: int) -> None:
+    """The run's outcome; its epochs too when none were printed as they ended (a run resumed after its last)."""
+    from tl_ray.console import EPOCH_HEADER, epoch_row
+
+    if not rows_printed:
+        print(EPOCH_HEADER)
+        best = -1.0
+        for row in result.history:
+            print(epoch_row(row, len(result.history), 0.0, row["val_acc"] > best))
+            best = max(best, row["val_acc"])
     print()
     print(f"best val_acc     {result.metrics['val_acc']:.3f} (epoch {result.metrics['epoch']})")
     print(f"best checkpoint  {result.best_checkpoint}")
@@ -376,18 +389,24 @@ def _run(args: argparse.Namespace) -> int:
             print(f"wrote {count} images to {args.out}/{task}")
         return EXIT_OK
     if args.command in ("train", "tune"):
-        import tl_ray
-
         config_class = TrainConfig if args.command == "train" else TuneConfig
-        config = merge(config_class, args.config, _options(args, ("command", "config", "print_config")))
+        config = merge(config_class, args.config, _options(args, ("command", "config", "print_config", "verbose")))
         if args.print_config:
             print(_resolved_yaml(args.command, config), end="")
             return EXIT_OK
         config = config.validate()  # before tl_ray.train/tune import torch and Ray
+        _quiet_ray(args)
         if args.command == "train":
-            _print_train_result(tl_ray.train(config))
+            from tl_ray.train import run as run_training
+
+            with _console() as console:
+                result = run_training(config, on_event=console)
+            _print_train_result(result, console.rows)
             return EXIT_OK
-        summary, written = tl_ray.tune(config)
+        from tl_ray.tune import sweep
+
+        with _console(len(config.search_points()), config.max_epochs) as console:
+            summary, written = sweep(config, on_event=console)
         _print_sweep(summary, written)
         if summary.best is None:
             raise RunError(f"no trial of sweep {summary.run_dir} finished an epoch; see the trial errors above")
@@ -395,14 +414,19 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "predict":
         from tl_ray.predict import predict
 
-        rows = predict(args.checkpoint, args.data, args.out, args.top_k, args.batch_size, args.concurrency)
+        _quiet_ray(args)
+        with _console() as console:
+            rows = predict(args.checkpoint, args.data, args.out, args.top_k, args.batch_size, args.concurrency, console)
         errors = int((rows["error"] != "").sum())
         print(f"wrote {len(rows)} predictions to {args.out} ({errors} files could not be decoded)")
         return EXIT_OK
     if args.command == "evaluate":
         from tl_ray.predict import evaluate
 
-        _print_evaluation(evaluate(args.checkpoint, args.data, args.out, args.batch_size), args.out)
+        _quiet_ray(args)
+        with _console() as console:
+            evaluation = evaluate(args.checkpoint, args.data, args.out, args.batch_size, console)
+        _print_evaluation(evaluation, args.out)
         return EXIT_OK
     if args.command == "report":
         from tl_ray.tune import finalize
@@ -410,6 +434,24 @@ def _run(args: argparse.Namespace) -> int:
         _print_sweep(*finalize(args.run_dir))
         return EXIT_OK
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def _quiet_ray(args: argparse.Namespace) -> None:
+    """Ray's own output off unless --verbose: the console shows one row per epoch (or trial) instead."""
+    from tl_ray.data import quiet_ray
+
+    quiet_ray(args.verbose)
+
+
+@contextlib.contextmanager
+def _console(trials: int = 0, max_epochs: int = 0):
+    from tl_ray.console import Console
+
+    console = Console(trials, max_epochs)
+    try:
+        yield console
+    finally:
+        console.close()
 
 
 def _resolved_yaml(command: str, config: TrainConfig) -> str:

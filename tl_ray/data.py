@@ -354,31 +354,58 @@ class SkippedFiles:
         return dict(collections.Counter(self._train_labels.values()))
 
 
-def task_concurrency() -> int:
+def task_pool() -> ray.data.TaskPoolStrategy:
     """At most one pipeline task per CPU of the cluster.
 
     Our tasks ask for half a CPU so they fit beside training workers that hold all but a
     fraction of one; left to that alone, Ray runs two per core, and image decoding packed
     like that ran 3x slower on a 2-core machine (bench/ingest.py: 98 vs 300 images/s).
     """
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return ray.data.TaskPoolStrategy(size=max(1, int(ray.cluster_resources().get("CPU", 1))))
+
+
+_ray_output = {"verbose": True, "started_here": False}  # the Python API shows Ray's output as Ray prints it
+
+
+def quiet_ray(verbose: bool) -> None:
+    """Whether Ray's own output reaches this process's console: its workers' and actors' logs (Ray Train's
+    per-worker report dumps, Ray Data's execution plans), Ray Data's progress bars, Ray's INFO lines and
+    Tune's status table. The CLI turns them off unless --verbose (it prints its own progress); errors still
+    surface as exceptions. Call before Ray starts: its workers' output is chosen at ``ray.init``."""
+    _ray_output["verbose"] = verbose
+    level = logging.INFO if verbose else logging.WARNING
+    logging.getLogger("ray.data").setLevel(level)
+    logging.getLogger("ray.data._internal.progress").setLevel(level if verbose else logging.ERROR)  # "bars disabled"
+    # Ray 2.60 warns at every start that token authentication is on (its default, which we keep).
+    logging.getLogger("ray._private.authentication").setLevel(level if verbose else logging.ERROR)
+    ray.data.DataContext.get_current().enable_progress_bars = verbose
+    if not verbose:  # Tune's newer output engine prints its experiment banner even at verbose=0; the older is silent
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+
+
+def ray_is_verbose() -> bool:
+    return _ray_output["verbose"]
 
 
 def ensure_ray() -> bool:
-    """Connect to the cluster in RAY_ADDRESS, else start a new local one; True if this call started it.
+    """Connect to the cluster in RAY_ADDRESS, else start a new local one; True if tl-ray started Ray in this
+    process (a cluster of its own, which no other node joins).
 
     Without RAY_ADDRESS, a new local instance rather than Ray's default of joining whatever
     cluster this machine last started: a stale or unrelated one would hang or mix runs.
     (``RAY_ADDRESS=auto`` joins a `ray start` cluster on this machine.)
     """
     if ray.is_initialized():
-        return False
+        return _ray_output["started_here"]
+    verbose = _ray_output["verbose"]
+    output = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **output)
         return False
     # Token authentication stays as Ray 2.60 sets it; the dashboard answers on loopback only.
-    ray.init(address="local", dashboard_host="127.0.0.1")
+    ray.init(address="local", dashboard_host="127.0.0.1", **output)
+    _ray_output["started_here"] = True
     return True
 
 
@@ -474,7 +501,7 @@ def image_dataset(
         # Half a CPU per decode task: a machine whose training workers hold all but one CPU (and a
         # sweep's trial driver a sliver of that) must still fit one, or ingest never starts.
         num_cpus=0.5,
-        concurrency=task_concurrency(),
+        compute=task_pool(),
         batch_format="numpy",
         fn_kwargs={
             "filesystem": layout.filesystem,

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from tl_ray import cache, data, model
+from tl_ray import cache, data, model, progress
 from tl_ray.config import NUM_STAGES
 
 FEATURES_VERSION = 1
@@ -84,7 +84,7 @@ class _Backbone:
         self.filesystem, self.folder = filesystem, folder
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = torch.as_tensor(batch["image"], device=self.device)
+        images = torch.tensor(batch["image"], device=self.device)  # a copy: Ray hands over read-only arrays
         with torch.no_grad():
             features = self.backbone.features(data.normalize(images, self.mean, self.std)).float().cpu().numpy()
         name = f"{uuid.uuid4().hex}.parquet"
@@ -110,6 +110,7 @@ def prepare(
         attempt = uuid.uuid4().hex[:12]
         filesystem.create_dir(f"{folder}/{attempt}", recursive=True)
         images = cache.cached_dataset(split, image_size, training=False)
+        extractors = max(1, int(ray.cluster_resources().get("GPU", 0))) if use_gpu else 1
         outcome = images.map_batches(
             _Backbone,
             fn_constructor_kwargs={
@@ -122,7 +123,7 @@ def prepare(
                 "folder": f"{folder}/{attempt}",
             },
             batch_size=EXTRACT_BATCH,
-            concurrency=max(1, int(ray.cluster_resources().get("GPU", 0))) if use_gpu else 1,
+            compute=ray.data.ActorPoolStrategy(size=extractors),
             num_gpus=1 if use_gpu else 0,
             num_cpus=1 if use_gpu else 0.5,
         ).take_all()
@@ -156,12 +157,13 @@ def prepare_splits(
     arch: str,
     weights: model.InitialWeights,
     use_gpu: bool,
+    on_event: progress.OnEvent | None = None,
 ) -> dict[str, FeatureSplit | None]:
     """A run's "train" and "val" backbone features (built from the image cache if need be); None for a split
     with nothing decodable."""
     short_side = data.resize_size(image_size, weights.crop_fraction)
     splits: dict[str, FeatureSplit | None] = {}
-    for name, split in cache.prepare_splits(layout, image_size, cache_root, skipped, short_side).items():
+    for name, split in cache.prepare_splits(layout, image_size, cache_root, skipped, short_side, on_event).items():
         if split is not None:
             splits[name] = prepare(split, image_size, arch, len(layout.class_names), weights, use_gpu)
         else:

@@ -24,7 +24,7 @@ import ray
 import torch
 
 from tl_ray import checkpoint as checkpoints
-from tl_ray import data
+from tl_ray import data, progress
 from tl_ray.errors import TlRayError
 
 ERROR_COLUMN = "error"
@@ -89,7 +89,7 @@ class _Classifier:
         self.top_k = min(top_k, len(self.class_names))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = torch.as_tensor(batch["image"], device=self.device)
+        images = torch.tensor(batch["image"], device=self.device)  # a copy: Ray hands over read-only arrays
         with torch.no_grad():
             probabilities = torch.softmax(self.model(data.normalize(images, self.mean, self.std)).float(), dim=1)
         top_probs, top_index = probabilities.topk(self.top_k, dim=1)
@@ -121,8 +121,11 @@ def predict(
     top_k: int = 3,
     batch_size: int = 64,
     concurrency: int | None = None,
+    on_event: progress.OnEvent | None = None,
 ) -> pd.DataFrame:
-    """Classify every image under ``data_path``: one row per file, sorted by path; written to ``out`` if given."""
+    """Classify every image under ``data_path``: one row per file, sorted by path; written to ``out`` if given.
+
+    ``on_event`` hears how many images are classified as they are (``progress.Task``)."""
     if out is not None and not out.endswith((".csv", ".parquet")):
         raise TlRayError(f"--out must end in .csv or .parquet; got {out}")
     if top_k < 1 or batch_size < 1:
@@ -131,7 +134,9 @@ def predict(
     filesystem, prefix, files = _input_files(data_path)
     files, rejected = data.readable_names(files)
     columns = _columns(min(top_k, len(meta["class_names"])))
-    frame = _run_pipeline(checkpoint, meta, filesystem, prefix, files, top_k, batch_size, concurrency, columns)
+    frame = _run_pipeline(
+        checkpoint, meta, filesystem, prefix, files, top_k, batch_size, concurrency, columns, on_event
+    )
     if rejected:
         rejected = [(prefix + path, reason) for path, reason in rejected]
         frame = pd.concat([frame, _error_rows(rejected, columns)], ignore_index=True)
@@ -141,7 +146,9 @@ def predict(
     return frame
 
 
-def _run_pipeline(checkpoint, meta, filesystem, prefix, files, top_k, batch_size, concurrency, columns) -> pd.DataFrame:
+def _run_pipeline(
+    checkpoint, meta, filesystem, prefix, files, top_k, batch_size, concurrency, columns, on_event=None
+) -> pd.DataFrame:
     if not files:
         return pd.DataFrame({column: [] for column in columns})
     data.ensure_ray()
@@ -152,7 +159,7 @@ def _run_pipeline(checkpoint, meta, filesystem, prefix, files, top_k, batch_size
         _decode_for_inference,
         batch_size=data.BLOCK_ROWS,
         num_cpus=0.5,
-        concurrency=data.task_concurrency(),
+        compute=data.task_pool(),
         fn_kwargs={
             "filesystem": filesystem,
             "uri_prefix": prefix,
@@ -164,12 +171,18 @@ def _run_pipeline(checkpoint, meta, filesystem, prefix, files, top_k, batch_size
         _Classifier,
         fn_constructor_kwargs={"checkpoint_dir": str(Path(checkpoint).resolve()), "top_k": top_k},
         batch_size=batch_size,
-        concurrency=max(1, workers),
+        compute=ray.data.ActorPoolStrategy(size=max(1, workers)),
         num_gpus=1 if use_gpu else 0,
         num_cpus=0.5 if not use_gpu else 1,
     )
-    batches = list(dataset.sort("path").iter_batches(batch_format="pyarrow", batch_size=4096))
-    return pa.concat_tables(batches).to_pandas()[columns]
+    tables, done = [], 0
+    for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):  # as they come, for progress
+        tables.append(table)
+        done += table.num_rows
+        if on_event is not None:
+            on_event(progress.Task("classifying images", done, len(files)))
+    frame = pa.concat_tables(tables).to_pandas()[columns]
+    return frame.sort_values("path", kind="stable", ignore_index=True)
 
 
 @dataclass(frozen=True)
@@ -179,7 +192,13 @@ class Evaluation:
     misclassified: pd.DataFrame
 
 
-def evaluate(checkpoint: str, data_dir: str, out_dir: str | None = None, batch_size: int = 64) -> Evaluation:
+def evaluate(
+    checkpoint: str,
+    data_dir: str,
+    out_dir: str | None = None,
+    batch_size: int = 64,
+    on_event: progress.OnEvent | None = None,
+) -> Evaluation:
     """Accuracy, per-class precision/recall/F1 and a confusion matrix on DIR/<class>/ images."""
     meta = checkpoints.read_meta(checkpoint)
     filesystem, base, prefix = data.resolve_filesystem(data_dir)
@@ -199,7 +218,7 @@ def evaluate(checkpoint: str, data_dir: str, out_dir: str | None = None, batch_s
     }
     if not truth:
         raise TlRayError(f"--data: {data_dir} holds no images in class folders")
-    rows = predict(checkpoint, data_dir, batch_size=batch_size)
+    rows = predict(checkpoint, data_dir, batch_size=batch_size, on_event=on_event)
     rows = rows[rows["path"].isin(truth)].copy()
     rows["true"] = rows["path"].map(truth)
     scored = rows[rows[ERROR_COLUMN] == ""]

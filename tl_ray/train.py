@@ -30,7 +30,7 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.torch import TorchTrainer
 from torch import nn
 
-from tl_ray import __version__, cache, checkpoint, data, features, model
+from tl_ray import __version__, cache, checkpoint, data, features, model, progress
 from tl_ray.config import NUM_STAGES, TrainConfig, absolute, forbid_world_writable_files, to_yaml
 from tl_ray.errors import RunError, TlRayError, UsageError
 
@@ -183,10 +183,15 @@ def write_config(config: Any, storage: str) -> None:
         stream.write(to_yaml(config).encode())
 
 
-def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = None) -> TrainResult:
+def run(
+    config: TrainConfig,
+    callbacks: list[ray.train.UserCallback] | None = None,
+    on_event: progress.OnEvent | None = None,
+) -> TrainResult:
     """Train one model as `tl-ray train` does; raises TlRayError for anything the user can fix.
 
-    ``callbacks`` are Ray Train callbacks (a sweep passes the one that reports to Tune).
+    ``callbacks`` are Ray Train callbacks (a sweep passes the one that reports to Tune). ``on_event`` is
+    called in this process with each ``progress`` event (cache builds, steps, epochs) as the run goes.
     """
     config = config.validate().with_run_name()
     layout = data.discover(config.data, config.val_fraction)
@@ -211,14 +216,14 @@ def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = No
         held_features = held_images = None  # what each worker holds in memory, instead of datasets
         if use_features:
             splits = features.prepare_splits(
-                layout, config.image_size, cache_root, skipped, config.arch, weights, use_gpu
+                layout, config.image_size, cache_root, skipped, config.arch, weights, use_gpu, on_event
             )
             if features.fit_in_memory(splits):
                 datasets, held_features = {}, splits
             else:
                 datasets = features.streaming_datasets(splits, config.seed)
         else:
-            splits = cache.prepare_splits(layout, config.image_size, cache_root, skipped, short_side)
+            splits = cache.prepare_splits(layout, config.image_size, cache_root, skipped, short_side, on_event)
             # On CPU, cached images that fit are held by each worker, which crops them itself (cheap beside
             # a CPU training step); GPUs are fed by Ray Data's parallel tasks.
             if not use_gpu and cache.fit_in_memory(splits):
@@ -259,7 +264,34 @@ def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = No
         "held_images": held_images,
         "decoding_every_epoch": cache_root is None,
     }
-    trainer = TorchTrainer(
+    try:
+        with progress.relay(on_event) as events:
+            if on_event is not None:
+                noun = "worker" if config.num_workers == 1 else "workers"
+                on_event(progress.Stage(f"starting {config.num_workers} training {noun}"))
+            loop_config["progress"] = events
+            result = _trainer(config, loop_config, datasets, use_gpu, worker_cpus, storage, callbacks).fit()
+        skipped_files = ray.get(skipped.get.remote())
+        lost = labels_without_images(train_per_class, ray.get(skipped.train_counts.remote()))
+    except ray.train.TrainingFailedError as error:
+        raise RunError(f"training failed: {_root_cause(error)}") from error
+    finally:
+        ray.kill(skipped)
+    if lost:
+        raise TlRayError(_describe_lost_classes(layout, lost, skipped_files))
+    return _collect(result, storage, layout.class_names, skipped_files)
+
+
+def _trainer(
+    config: TrainConfig,
+    loop_config: dict[str, Any],
+    datasets: dict[str, ray.data.Dataset],
+    use_gpu: bool,
+    worker_cpus: float,
+    storage: str,
+    callbacks: list[ray.train.UserCallback] | None,
+) -> TorchTrainer:
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
@@ -277,17 +309,6 @@ def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = No
         datasets=datasets,
         dataset_config=_ShardConfig(),
     )
-    try:
-        result = trainer.fit()
-        skipped_files = ray.get(skipped.get.remote())
-        lost = labels_without_images(train_per_class, ray.get(skipped.train_counts.remote()))
-    except ray.train.TrainingFailedError as error:
-        raise RunError(f"training failed: {_root_cause(error)}") from error
-    finally:
-        ray.kill(skipped)
-    if lost:
-        raise TlRayError(_describe_lost_classes(layout, lost, skipped_files))
-    return _collect(result, storage, layout.class_names, skipped_files)
 
 
 def _check_batch_norm(config: TrainConfig, use_gpu: bool) -> None:
@@ -515,8 +536,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
 
     best_val_acc = max((row["val_acc"] for row in history), default=0.0)
+    events = loop_config["progress"] if rank == 0 else None
     for epoch in range(start_epoch + 1, options.epochs + 1):
         started = time.perf_counter()
+        pacer = progress.StepPacer(events, epoch, options.epochs, steps)
         # A probe-then-fine-tune run trains the head alone first; DDP is (re)built for what trains now.
         depth = NUM_STAGES if epoch <= options.head_epochs else options.freeze_depth
         if wrapped is None or depth != transfer.freeze_depth:
@@ -541,6 +564,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             loss_sum += loss.item() * len(labels)
             correct += (logits.argmax(1) == labels).sum().item()
             seen += len(labels)
+            pacer.step()
             asked = time.perf_counter()
         train_seconds = time.perf_counter() - started
         if _some_class_has_no_images(loop_config, rank, device):
@@ -579,6 +603,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         }
         history.append(metrics)
         _report(epoch, metrics, history, transfer, optimizer, scheduler, scaler, loop_config, options, rank)
+        progress.send(events, progress.Epoch(metrics, options.epochs))
 
 
 def _some_class_has_no_images(loop_config: dict[str, Any], rank: int, device: torch.device) -> bool:

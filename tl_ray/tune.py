@@ -24,7 +24,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from tl_ray import cache, data, model, report
+from tl_ray import cache, data, model, progress, report
 from tl_ray.checkpoint import META_FILE, MODEL_FILE
 from tl_ray.config import TuneConfig, absolute, forbid_world_writable_files
 from tl_ray.errors import TlRayError
@@ -101,6 +101,46 @@ class _BaselineKeepingASHA(tune.schedulers.ASHAScheduler):
         super().on_trial_complete(tune_controller, trial, result)
 
 
+class _Progress(tune.Callback):
+    """Tells the sweep's ``on_event`` (in the driver, where Tune calls its callbacks) each trial's epochs and
+    its end.
+
+    Tune pickles its callbacks with the sweep's state, and a resumed sweep gets them back from there, not
+    from the caller: so the listener is looked up when called (``listener``, set by ``sweep``), not held.
+    """
+
+    listener: progress.OnEvent | None = None
+
+    def __init__(self, max_epochs: int) -> None:
+        self.max_epochs = max_epochs
+        self.best: dict[str, dict[str, Any]] = {}
+
+    def on_event(self, event: Any) -> None:
+        if _Progress.listener is not None:
+            _Progress.listener(event)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "val_acc" not in result:
+            return
+        metrics = {key: value for key, value in result.items() if isinstance(value, int | float)}
+        best = self.best.get(trial.trial_id)
+        if best is None or (metrics["val_acc"], -metrics["val_loss"]) > (best["val_acc"], -best["val_loss"]):
+            self.best[trial.trial_id] = metrics
+        self.on_event(progress.TrialEpoch(trial.trial_id, trial.config.get("point", {}), metrics))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._end(trial, "")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._end(trial, str(trial.error_file or "see the trial's error.txt"))
+
+    def _end(self, trial, error: str) -> None:
+        best = self.best.get(trial.trial_id, {})
+        epochs = int((trial.last_result or {}).get("epoch", 0))
+        status = "error" if error else "finished" if epochs >= self.max_epochs else "stopped early"
+        self.on_event(progress.TrialEnd(trial.trial_id, trial.config.get("point", {}), status, epochs, best, error))
+
+
 def _share_cpus(config: TuneConfig, started_locally: bool) -> TuneConfig:
     """On CPU, trials that run side by side split the workers' CPUs between them (each worker then uses that
     many torch threads); settings that would leave Ray Data no CPU are refused before any trial starts."""
@@ -126,10 +166,11 @@ def _max_concurrent(config: TuneConfig) -> int:
     return 1  # CPU trials share the machine's cores: one at a time finishes soonest
 
 
-def sweep(config: TuneConfig) -> tuple[SweepSummary, dict[str, str]]:
+def sweep(config: TuneConfig, on_event: progress.OnEvent | None = None) -> tuple[SweepSummary, dict[str, str]]:
     """Run (or resume) the sweep named ``config.name`` under ``config.storage``; report on it.
 
-    Returns the summary and the paths of the report files.
+    Returns the summary and the paths of the report files. ``on_event`` is called in this process with
+    each ``progress`` event: the cache build, each trial's epochs and each trial's end.
     """
     config = config.validate().with_run_name()
     config = dataclasses.replace(config, data=absolute(config.data))  # trials run in other processes
@@ -146,7 +187,7 @@ def sweep(config: TuneConfig) -> tuple[SweepSummary, dict[str, str]]:
         short_side = data.resize_size(config.image_size, model.eval_crop_fraction(config.arch, config.weights))
         for files in (layout.train, layout.val):
             if files:
-                cache.prepare(files, layout, config.image_size, cache_root, short_side)
+                cache.prepare(files, layout, config.image_size, cache_root, short_side, on_event)
 
     trainable = tune.with_parameters(
         _run_trial,
@@ -189,9 +230,20 @@ def sweep(config: TuneConfig) -> tuple[SweepSummary, dict[str, str]]:
                 # max_concurrent_trials only to the searcher it builds.
                 search_alg=BasicVariantGenerator(random_state=config.seed, max_concurrent=_max_concurrent(config)),
             ),
-            run_config=tune.RunConfig(name=config.name, storage_path=storage, verbose=1),
+            run_config=tune.RunConfig(
+                name=config.name,
+                storage_path=storage,
+                verbose=1 if data.ray_is_verbose() else 0,
+                callbacks=[_Progress(config.max_epochs)],
+            ),
         )
-    tuner.fit()
+    _Progress.listener = on_event
+    if on_event is not None:
+        on_event(progress.Stage("starting the sweep's first trial"))
+    try:
+        tuner.fit()
+    finally:
+        _Progress.listener = None
     return finalize(run_dir)
 
 

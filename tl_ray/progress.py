@@ -1,0 +1,144 @@
+"""What a run tells whoever watches it, while it runs: events, and the relay that carries them to the driver.
+
+Training workers and Ray Train's controller run in other processes; the console (cli.py) runs in the
+driver. Rank 0 puts events on a Ray queue; a thread of the driver hands each to the caller's
+``on_event``. Nothing here prints: the CLI decides what an event looks like, and a Python caller may
+pass its own function (or none, and see nothing). Losing an event never harms the run: a full or gone
+queue drops it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.util.queue import Empty, Full, Queue
+
+logger = logging.getLogger(__name__)
+
+# Rank 0 sends at most this many step updates a second: each is one round trip to the queue actor.
+STEPS_PER_SECOND = 2.0
+QUEUE_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A wait without a count, until the next event: e.g. Ray Train starting the workers."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Task:
+    """Driver-side work with a count, before training starts: decoding images into the cache, computing
+    backbone features."""
+
+    name: str
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Step:
+    """Rank 0's progress through an epoch (sent a few times a second, and at the epoch's last step)."""
+
+    epoch: int
+    epochs: int
+    step: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class Epoch:
+    """An epoch's metrics as reported (all workers summed), as it ends."""
+
+    metrics: dict[str, Any]
+    epochs: int
+
+
+@dataclass(frozen=True)
+class TrialEpoch:
+    """A sweep trial's epoch (a trial is a training run of its own)."""
+
+    trial_id: str
+    point: dict[str, Any]
+    metrics: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TrialEnd:
+    """A sweep trial that will report no more: finished, stopped early by the scheduler, or failed."""
+
+    trial_id: str
+    point: dict[str, Any]
+    status: str  # "finished", "stopped early", "error"
+    epochs: int  # epochs it ran
+    best: dict[str, Any] = field(default_factory=dict)  # its best epoch's metrics (empty: none finished)
+    error: str = ""
+
+
+OnEvent = Callable[[Any], None]
+
+
+class StepPacer:
+    """Sends rank 0's step progress at most ``STEPS_PER_SECOND`` times a second, and the last step always."""
+
+    def __init__(self, queue: Queue | None, epoch: int, epochs: int, steps: int) -> None:
+        self.queue, self.epoch, self.epochs, self.steps = queue, epoch, epochs, steps
+        self.sent_at, self.done = 0.0, 0
+
+    def step(self) -> None:
+        """One more optimizer step done."""
+        self.done += 1
+        done, now = self.done, time.monotonic()
+        if self.queue is not None and (done >= self.steps or now - self.sent_at >= 1.0 / STEPS_PER_SECOND):
+            self.sent_at = now
+            send(self.queue, Step(self.epoch, self.epochs, min(done, self.steps), self.steps))
+
+
+def send(queue: Queue | None, event: Any) -> None:
+    """Put ``event`` on the relay's queue if there is one; drop it if the queue is full or gone."""
+    if queue is None:
+        return
+    try:
+        queue.put_nowait(event)
+    except (Full, ray.exceptions.RayError) as error:
+        logger.debug("progress event dropped: %s", error)
+
+
+@contextlib.contextmanager
+def relay(on_event: OnEvent | None) -> Iterator[Queue | None]:
+    """A queue other processes put events on, drained into ``on_event`` by a driver thread until the block
+    ends (then what is left is drained too). Without ``on_event``, no queue: events are not even sent."""
+    if on_event is None:
+        yield None
+        return
+    queue = Queue(maxsize=QUEUE_SIZE, actor_options={"num_cpus": 0})
+    stop = threading.Event()
+
+    def drain() -> None:
+        while True:
+            try:
+                on_event(queue.get(timeout=0.2))
+            except Empty:
+                if stop.is_set():
+                    return
+            except ray.exceptions.RayError:
+                return
+            except Exception:  # the watcher's own failure must not end the run it watches
+                logger.exception("progress callback failed")
+
+    thread = threading.Thread(target=drain, name="tl-ray-progress", daemon=True)
+    thread.start()
+    try:
+        yield queue
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        queue.shutdown(force=True)
