@@ -11,7 +11,7 @@ does. It is embedded in the file (TorchScript extra file / ONNX metadata propert
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import warnings
@@ -72,7 +72,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, format: str) -
     if format not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}; got {format!r}")
     if format == "onnx":
-        missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+        missing = [name for name in ONNX_PACKAGES if not _importable(name)]
         if missing:
             raise UsageError(f"--format onnx needs the {' and '.join(missing)} package: pip install 'tl-ray[export]'")
     try:
@@ -89,6 +89,14 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, format: str) -
     sidecar = path.with_name(path.name + ".json")
     _replace(sidecar, lambda temporary: temporary.write_text(text, encoding="utf-8"))
     return ExportResult(path=path, sidecar=sidecar, format=format, metadata=metadata)
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 def deployment_metadata(meta: dict[str, Any], format: str) -> dict[str, Any]:
