@@ -130,8 +130,8 @@ def deployment_metadata(meta: dict[str, Any], format: str) -> dict[str, Any]:
             "before": [
                 "decode to 8-bit RGB, EXIF orientation applied; a JPEG whose short side is at least"
                 f" {2 * resize} px is decoded at reduced scale, as tl-ray predict does: PIL Image.draft(None,"
-                f" (ceil(width * f), ceil(height * f))) with f = {resize} / short side (a full decode differs by"
-                " a few grey levels)",
+                f" (ceil(width * f), ceil(height * f))) with f = {resize} / short side (a full decode gives crops"
+                " under one grey level apart on average, up to ~15 at sharp edges)",
                 f"resize so the short side is {resize} px: bilinear with antialiasing (PIL Image.resize with"
                 f" Image.BILINEAR), the long side int({resize} * long / short)",
                 f"centre-crop {size}x{size}: left = round((width - {size}) / 2), top = round((height - {size}) / 2),"
