@@ -27,7 +27,10 @@ from tl_ray.errors import UsageError
 from tl_ray.export import FORMATS, export
 from tl_ray.sample import SOURCE_CLASSES, render
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning"),
+]
 
 IMAGE_SIZE, RESIZE_SIZE = 48, 55
 ATOL = 1e-4
@@ -279,10 +282,21 @@ def test_cli_onnx_without_the_onnx_package(checkpoint, tmp_path, capsys, monkeyp
     assert not out.exists()
 
 
+def test_cli_refuses_a_folder_as_out(checkpoint, tmp_path, capsys):
+    assert cli.main(["export", "--checkpoint", str(checkpoint), "--format", "torchscript", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(f"tl-ray: error: --out: {tmp_path} is a folder")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unknown_format_is_a_usage_error(checkpoint, tmp_path):
     with pytest.raises(UsageError, match="--format must be one of torchscript, onnx; got 'tflite'"):
         export(checkpoint, tmp_path / "model.tflite", "tflite")
 
 
-def test_help_lists_export():
-    assert "export" in cli.build_parser().format_help()
+def test_python_api_and_help(checkpoint, tmp_path):
+    import tl_ray
+
+    result = tl_ray.export(str(checkpoint), str(tmp_path / "model.ts"), "torchscript")
+    assert result.path.is_file() and result.sidecar.is_file() and result.format == "torchscript"
+    help_text = cli.build_parser().format_help()
+    assert "export     write a checkpoint as one TorchScript or ONNX file" in help_text

@@ -71,6 +71,8 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, format: str) -
     """Write ``checkpoint`` as a ``format`` file at ``out`` and its metadata at ``<out>.json``; replaces both."""
     if format not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}; got {format!r}")
+    if Path(out).is_dir():
+        raise UsageError(f"--out: {out} is a folder; name the file to write (e.g. {Path(out) / 'model.onnx'})")
     if format == "onnx":
         missing = [name for name in ONNX_PACKAGES if not _importable(name)]
         if missing:
