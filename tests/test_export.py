@@ -273,12 +273,16 @@ def test_cli_refuses_a_bad_checkpoint_in_one_line(problem, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_cli_onnx_without_the_onnx_package(checkpoint, tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "onnx", None)  # what `import onnx` does where it is not installed
+@pytest.mark.parametrize(
+    ("absent", "needed"), [(["onnx"], "the onnx package"), (["onnx", "onnxscript"], "the onnx and onnxscript packages")]
+)
+def test_cli_onnx_without_the_onnx_package(absent, needed, checkpoint, tmp_path, capsys, monkeypatch):
+    for name in absent:
+        monkeypatch.setitem(sys.modules, name, None)  # what `import NAME` does where it is not installed
     out = tmp_path / "model.onnx"
     assert cli.main(["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(out)]) == 2
     error = capsys.readouterr().err.strip()
-    assert error == "tl-ray: error: --format onnx needs the onnx package: pip install 'tl-ray[export]'"
+    assert error == f"tl-ray: error: --format onnx needs {needed}: pip install 'tl-ray[export]'"
     assert not out.exists()
 
 

@@ -76,7 +76,8 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, format: str) -
     if format == "onnx":
         missing = [name for name in ONNX_PACKAGES if not _importable(name)]
         if missing:
-            raise UsageError(f"--format onnx needs the {' and '.join(missing)} package: pip install 'tl-ray[export]'")
+            packages = f"{' and '.join(missing)} package" + ("s" if len(missing) > 1 else "")
+            raise UsageError(f"--format onnx needs the {packages}: pip install 'tl-ray[export]'")
     try:
         model, meta = checkpoints.load_checkpoint(checkpoint, "cpu")
     except TlRayError as error:
