@@ -1,7 +1,7 @@
 """tl-ray: transfer learning of image classifiers with Ray Data, Ray Train and Ray Tune.
 
 The Python API mirrors the CLI: ``tl_ray.train(data=..., arch=..., epochs=...)``,
-``tl_ray.tune(...)``, ``tl_ray.predict(...)``, ``tl_ray.evaluate(...)``.
+``tl_ray.tune(...)``, ``tl_ray.predict(...)``, ``tl_ray.evaluate(...)``, ``tl_ray.export(...)``.
 Importing the package is cheap (``tl-ray --help`` should not wait ~8 s for torch and
 Ray); each API function imports what it needs when called.
 """
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import torch
 
     from tl_ray.config import TrainConfig, TuneConfig
+    from tl_ray.export import ExportResult
     from tl_ray.predict import Evaluation
     from tl_ray.train import TrainResult
     from tl_ray.tune import SweepSummary
@@ -63,6 +64,13 @@ def evaluate(checkpoint: str, data: str, out: str | None = None, batch_size: int
     return run_evaluate(checkpoint, data, out, batch_size)
 
 
+def export(checkpoint: str, out: str, format: str) -> ExportResult:
+    """`tl-ray export` from Python: ``checkpoint`` as a torchscript or onnx file at ``out``, metadata at out.json."""
+    from tl_ray.export import export as run_export
+
+    return run_export(checkpoint, out, format)
+
+
 def load_checkpoint(path: str, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """(model in eval mode, meta) from a tl-ray checkpoint directory: all that predicting needs."""
     from tl_ray.checkpoint import load_checkpoint as load
@@ -78,7 +86,7 @@ def write_sample_data(out: str, per_class: int = 200, seed: int = 0) -> dict[str
 
 
 class _Package(types.ModuleType):
-    """Keeps ``tl_ray.train``/``tune``/``predict`` the API functions of docs/architecture.md.
+    """Keeps ``tl_ray.train``/``tune``/``predict``/``export`` the API functions of docs/architecture.md.
 
     Importing a submodule binds it as an attribute of its package, which would replace
     the function of the same name. This package refuses that one rebinding; the
@@ -86,7 +94,7 @@ class _Package(types.ModuleType):
     """
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("train", "tune", "predict") and isinstance(value, types.ModuleType):
+        if name in ("train", "tune", "predict", "export") and isinstance(value, types.ModuleType):
             return
         super().__setattr__(name, value)
 

@@ -37,8 +37,8 @@ exit codes:
        no trial of a sweep finished an epoch, or an unexpected error (printed with its traceback)
   2    usage error: a bad flag, a bad --config file (unknown key, wrong type) or option value, or an input
        tl-ray refuses (a --data folder that does not exist, a --weights file that is not a state dict, a
-       checkpoint without meta.json, classes whose every file is unreadable); the same command fails the
-       same way until the command or the input is fixed
+       checkpoint without meta.json, classes whose every file is unreadable, --format onnx without the onnx
+       package); the same command fails the same way until the command or the input is fixed
   130  interrupted (Ctrl-C); rerun the same train or tune command to resume
 """
 
@@ -250,6 +250,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=64, help="images per model call (default: 64)")
     _add_verbose(evaluate)
 
+    export = commands.add_parser(
+        "export",
+        help="write a checkpoint as one TorchScript or ONNX file that runs without tl-ray",
+        description="The file takes uint8 RGB images (N, 3, S, S), already resized and centre-cropped, and returns"
+        " softmax probabilities (N, classes); scaling, normalisation and softmax are inside it. The metadata (classes,"
+        " the resize and crop to do before, the input contract) is embedded in the file and written to OUT.json.",
+    )
+    export.add_argument("--checkpoint", required=True, help="a tl-ray checkpoint folder (e.g. a sweep's best/)")
+    export.add_argument("--format", required=True, choices=("torchscript", "onnx"), help="torchscript | onnx")
+    export.add_argument("--out", required=True, help="the file to write (model.ts, model.onnx); OUT.json beside it")
+
     report = commands.add_parser("report", help="(re)write the report of a finished or interrupted sweep")
     report.add_argument("run_dir", help="the sweep's folder: STORAGE/NAME")
     return parser
@@ -316,6 +327,18 @@ def _print_evaluation(evaluation, out: str | None) -> None:
         print(f"undecodable      {len(metrics['undecodable'])}")
     if out:
         print(f"written to       {out}/metrics.json, confusion.png, misclassified.csv")
+
+
+def _print_export(result) -> None:
+    from tl_ray.export import METADATA_KEY
+
+    meta = result.metadata
+    size, resize, names = meta["image_size"], meta["resize_size"], meta["class_names"]
+    print(f"wrote {result.format} {result.path} ({result.path.stat().st_size / 1e6:.1f} MB)")
+    print(f"input            {meta['input']['name']}: uint8 RGB (N, 3, {size}, {size}), values 0-255")
+    print(f"                 (resize the short side to {resize}, centre-crop {size}: not in the file)")
+    print(f"output           {meta['output']['name']}: float32 (N, {len(names)}), softmax over {', '.join(names)}")
+    print(f"metadata         {result.sidecar} (also inside the file: {METADATA_KEY})")
 
 
 def exit_code(error: BaseException) -> int:
@@ -427,6 +450,11 @@ def _run(args: argparse.Namespace) -> int:
         with _console() as console:
             evaluation = evaluate(args.checkpoint, args.data, args.out, args.batch_size, console)
         _print_evaluation(evaluation, args.out)
+        return EXIT_OK
+    if args.command == "export":
+        from tl_ray.export import export
+
+        _print_export(export(args.checkpoint, args.out, args.format))
         return EXIT_OK
     if args.command == "report":
         from tl_ray.tune import finalize
