@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import types
 
 import pytest
 import torch
@@ -165,3 +166,33 @@ def test_a_trials_best_epoch_is_picked_by_the_monitor():
         for monitor in ("val_acc", "val_loss", "macro_f1")
     }
     assert best == {"val_acc": 2, "val_loss": 3, "macro_f1": 3}  # val_acc ties: the lower val_loss
+
+
+@pytest.mark.parametrize(("monitor", "best_epoch"), [("val_acc", 1), ("val_loss", 2), ("macro_f1", 3)])
+def test_the_run_result_names_the_best_checkpoint_by_the_monitor(tmp_path, monitor, best_epoch):
+    """``_collect`` on what Ray Train hands back: three checkpoints, each the best by one metric."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    from tl_ray.checkpoint import save_checkpoint
+    from tl_ray.train import _collect
+
+    history = [
+        {"epoch": 1, "val_acc": 0.9, "val_loss": 0.5, "macro_f1": 0.6},
+        {"epoch": 2, "val_acc": 0.8, "val_loss": 0.3, "macro_f1": 0.7},
+        {"epoch": 3, "val_acc": 0.7, "val_loss": 0.4, "macro_f1": 0.8},
+    ]
+    saved = []
+    for row in history:
+        folder = tmp_path / f"checkpoint_epoch{row['epoch']:03d}"
+        folder.mkdir()
+        state = {"epoch": row["epoch"], "history": history[: row["epoch"]]}
+        meta = {"arch": "resnet18", "num_classes": 2, "class_names": ["a", "b"], "image_size": 32, "mean": [0.5] * 3}
+        save_checkpoint(folder, {}, {**meta, "std": [0.2] * 3, "epoch": row["epoch"], "metrics": row}, state)
+        saved.append((Checkpoint.from_directory(str(folder)), row))
+    result = types.SimpleNamespace(
+        best_checkpoints=saved, checkpoint=saved[-1][0], path=str(tmp_path), filesystem=pafs.LocalFileSystem()
+    )
+    outcome = _collect(result, str(tmp_path), ["a", "b"], {}, monitor)
+    assert outcome.best_checkpoint == str(tmp_path / f"checkpoint_epoch{best_epoch:03d}")
+    assert (outcome.metrics["epoch"], outcome.monitor, outcome.history) == (best_epoch, monitor, history)
