@@ -81,6 +81,17 @@ def test_print_config_round_trips_through_config(tmp_path, capsys, no_run, comma
     assert capsys.readouterr().out == printed
 
 
+def test_print_config_shows_class_weights_and_monitor(capsys, no_run):
+    argv = ["train", "--data", "/d", "--class-weights", "auto", "--monitor", "macro_f1", "--print-config"]
+    assert cli.main(argv) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["class_weights"], printed["monitor"]) == ("auto", "macro_f1")
+    assert cli.main(["tune", "--data", "/d", "--monitor", "f1"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "tl-ray: error: --monitor must be one of val_acc, val_loss, macro_f1; got 'f1'"
+    )
+
+
 def test_print_config_resolves_the_recipe_and_keeps_flags_over_the_file(tmp_path, capsys, no_run):
     config_file = tmp_path / "base.yaml"
     config_file.write_text("data: /data/dogs\nepochs: 20\noptimizer: sgd\n")

@@ -57,11 +57,27 @@ def test_missing_yaml_names_the_file(tmp_path):
         ({"batch_size": 3, "num_workers": 2}, "--batch-size is the global batch"),
         ({"name": "a/b"}, "--name must be a plain folder name"),
         ({"epochs": 0}, "--epochs must be positive"),
+        ({"monitor": "f1"}, "--monitor must be one of val_acc, val_loss, macro_f1; got 'f1'"),
+        ({"class_weights": "balanced"}, "--class-weights must be one of none, auto; got 'balanced'"),
     ],
 )
 def test_invalid_values_name_the_option(overrides, message):
     with pytest.raises(TlRayError, match=message):
         merge(TrainConfig, None, {"data": "/data", **overrides}).validate()
+
+
+def test_class_weights_and_monitor_from_yaml_flags_and_a_sweep(tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("data: /data\nclass_weights: auto\nmonitor: val_loss\n")
+    config = merge(TrainConfig, str(config_file), {}).validate()
+    assert (config.class_weights, config.monitor) == ("auto", "val_loss")
+    assert merge(TrainConfig, str(config_file), {"monitor": "macro_f1"}).validate().monitor == "macro_f1"
+    assert (TrainConfig().class_weights, TrainConfig().monitor) == ("none", "val_acc")
+    sweep = merge(TuneConfig, str(config_file), {}).validate()
+    trial = sweep.trial_config(sweep.search_points()[0], "/runs", "t")
+    assert (trial.class_weights, trial.monitor) == ("auto", "val_loss"), "every trial inherits them"
+    with pytest.raises(UsageError, match=r"^--monitor must be one of val_acc, val_loss, macro_f1; got 'val_f1'$"):
+        merge(TuneConfig, str(config_file), {"monitor": "val_f1"}).validate()
 
 
 def test_freeze_depth_default_depends_on_weights():

@@ -12,9 +12,10 @@ from tl_ray import progress
 from tl_ray.console import EPOCH_HEADER, TRIAL_HEADER, Console, duration
 
 
-def _epoch(epoch: int, val_acc: float, seconds: float) -> progress.Epoch:
+def _epoch(epoch: int, val_acc: float, seconds: float, best: float) -> progress.Epoch:
     metrics = {
         "epoch": epoch,
+        "best_val_acc": best,
         "train_loss": 1.0 / epoch,
         "train_acc": 0.5,
         "val_loss": 0.9,
@@ -30,7 +31,7 @@ def test_epochs_become_one_row_each_with_the_best_starred_and_an_eta():
     console = Console(out=out, err=err)
     console(progress.Task("decoding images into the cache", 5, 10))
     console(progress.Step(1, 4, 3, 8))
-    for event in (_epoch(1, 0.5, 30.0), _epoch(2, 0.7, 10.0), _epoch(3, 0.6, 12.0)):
+    for event in (_epoch(1, 0.5, 30.0, 0.5), _epoch(2, 0.7, 10.0, 0.7), _epoch(3, 0.6, 12.0, 0.7)):
         console(event)
     console.close()
     lines = out.getvalue().splitlines()
@@ -95,7 +96,7 @@ def test_events_from_a_ray_worker_reach_the_driver_in_order_and_steps_are_paced(
 def test_without_a_listener_nothing_is_sent_and_a_failing_listener_does_not_stop_the_run(ray_cluster):
     with progress.relay(None) as events:
         assert events is None
-        progress.send(events, _epoch(1, 0.5, 1.0))  # a no-op
+        progress.send(events, _epoch(1, 0.5, 1.0, 0.5))  # a no-op
     calls = []
 
     def failing(event):

@@ -1,7 +1,7 @@
 """End to end on real Ray: sample data -> `tl-ray train` -> checkpoint -> predictions, resume, transfer.
 
 These share one Ray cluster and run in order (each builds on the previous run), so
-the module costs three small training runs in all.
+the module costs four small training runs in all.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -161,3 +162,55 @@ def test_transfer_to_new_classes_survives_a_killed_driver(source_model, sample_r
     assert frozen and all(torch.equal(before[key], after[key]) for key in frozen), "frozen stages must not change"
     assert not torch.equal(before["layer4.1.conv2.weight"], after["layer4.1.conv2.weight"]), "layer4 must train"
     assert not torch.equal(before["layer4.1.bn2.running_mean"], after["layer4.1.bn2.running_mean"])
+
+
+def test_imbalanced_classes_with_auto_weights_keep_the_best_macro_f1_checkpoint(
+    sample_root, tmp_path, ray_cluster, capsys
+):
+    """Triangles are rare (4 training images against 24): the loss weighs them up, every epoch reports each class's
+    recall and macro_f1, and the kept checkpoint is the epoch of the best macro_f1."""
+    root = tmp_path / "imbalanced"
+    counts = {"circle": 24, "square": 24, "star": 24, "triangle": 4}
+    for split, per_class in (("train", counts), ("val", dict.fromkeys(counts, 8))):
+        for name, count in per_class.items():
+            (root / split / name).mkdir(parents=True)
+            for image in sorted((sample_root / "source" / split / name).glob("*.jpg"))[:count]:
+                shutil.copy(image, root / split / name / image.name)
+    argv = [
+        "train", "--data", str(root), "--weights", "none", "--arch", "resnet18", "--image-size", "32",
+        "--num-workers", "1", "--epochs", "2", "--batch-size", "16", "--class-weights", "auto",
+        "--monitor", "macro_f1", "--storage", str(tmp_path / "runs"), "--name", "imbalanced",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / "runs" / "imbalanced" / "result.json").read_text())
+
+    assert result["monitor"] == "macro_f1"
+    history = result["history"]
+    assert [row["epoch"] for row in history] == [1, 2]
+    for row in history:
+        assert set(row["val_recall"]) == set(counts) and all(0 <= r <= 1 for r in row["val_recall"].values())
+        # Every class has 8 validation images: accuracy is the mean of the per-class recalls.
+        assert row["val_acc"] == pytest.approx(sum(row["val_recall"].values()) / 4)
+        assert 0 <= row["macro_f1"] <= 1
+    assert result["metrics"]["macro_f1"] == max(row["macro_f1"] for row in history)
+    assert history[-1]["best_macro_f1"] == max(row["macro_f1"] for row in history)
+    meta = read_meta(result["best_checkpoint"])
+    assert meta["metrics"] == history[meta["epoch"] - 1] and meta["monitor"] == "macro_f1"
+    total = sum(counts.values())
+    assert meta["strategy"]["class_weights"] == pytest.approx({n: total / (4 * c) for n, c in counts.items()})
+    assert f"best macro_f1    {result['metrics']['macro_f1']:.3f} (epoch {meta['epoch']})" in printed
+    assert "val recall       " in printed
+
+    # val_loss is the unweighted cross-entropy, comparable with a run without weights.
+    model, _ = tl_ray.load_checkpoint(result["best_checkpoint"])
+    files = data.discover(str(root)).val
+    transform = data.eval_transform(meta["image_size"], meta["resize_size"])
+    images = torch.stack([transform(data.load_rgb(Path(path).read_bytes(), meta["resize_size"])) for path, _ in files])
+    labels = torch.tensor([label for _, label in files])
+    with torch.no_grad():
+        logits = model(data.normalize(images, torch.tensor(meta["mean"]), torch.tensor(meta["std"])))
+    weights = torch.tensor([meta["strategy"]["class_weights"][name] for name in meta["class_names"]])
+    unweighted = torch.nn.functional.cross_entropy(logits, labels).item()
+    weighted = torch.nn.functional.cross_entropy(logits, labels, weight=weights).item()
+    assert abs(meta["metrics"]["val_loss"] - unweighted) < min(0.02, abs(meta["metrics"]["val_loss"] - weighted))

@@ -26,7 +26,7 @@ import pytest
 from helpers import kill_a_training_worker, recorded
 
 import tl_ray
-from tl_ray import cli, data
+from tl_ray import cli, data, report
 from tl_ray.config import TrainConfig, TuneConfig, merge
 
 pytestmark = pytest.mark.timeout(900)
@@ -196,3 +196,50 @@ def test_report_png_is_a_picture_and_report_command_regenerates(sweep, capsys):
     assert (run_dir / "report.png").stat().st_size > 10_000
     printed = capsys.readouterr().out
     assert "| trial | freeze depth |" in printed and "best checkpoint" in printed
+
+
+def test_a_sweep_monitoring_val_loss_ranks_by_the_lowest_val_loss(ray_cluster, tmp_path):
+    """Real Tune, stand-in trials (no training): per-class recalls (flattened by Tune, None for a class without
+    validation images) pass through, and each trial's best epoch and the best trial are those of the lowest
+    val_loss, as Tune's own best result says."""
+    from ray import tune
+
+    from tl_ray.tune import load_summary
+
+    curves = {  # (val_acc, val_loss, macro_f1) per epoch
+        0: [(0.90, 0.60, 0.70), (0.95, 0.50, 0.80)],  # the most accurate trial ...
+        3: [(0.80, 0.30, 0.60), (0.85, 0.40, 0.65)],  # ... but this one reaches the lowest val_loss, at epoch 1
+    }
+
+    def stand_in(config):
+        point, best = config["point"], float("inf")
+        for epoch, (acc, loss, f1) in enumerate(curves[point["freeze_depth"]], 1):
+            best = min(best, loss)
+            tune.report(
+                {
+                    "epoch": epoch, "best_val_loss": best, "val_acc": acc, "val_loss": loss, "macro_f1": f1,
+                    "val_recall": {"cat": acc, "dog": None}, "epoch_s": 0.1, "images_per_s": 10.0,
+                    "val_images": 20, "num_classes": 2, "checkpoint_path": f"/c/{point['freeze_depth']}/{epoch}",
+                }
+            )  # fmt: skip
+
+    points = [{"freeze_depth": depth, "strategy": "plain", "lr": 1e-3} for depth in curves]
+    tuner = tune.Tuner(
+        tune.with_resources(stand_in, {"CPU": 0.5}),
+        param_space={"point": tune.grid_search(points), "max_epochs": 2, "monitor": "val_loss"},
+        tune_config=tune.TuneConfig(metric="best_val_loss", mode="min"),
+        run_config=tune.RunConfig(name="by-loss", storage_path=str(tmp_path), verbose=0),
+    )
+    tune_best = tuner.fit().get_best_result()
+    summary = load_summary(str(tmp_path / "by-loss"))
+    assert summary.monitor == "val_loss"
+    assert (summary.best.freeze_depth, summary.best.val_loss, summary.best.checkpoint) == (3, 0.30, "/c/3/1")
+    assert (summary.best.val_acc, summary.best.macro_f1, summary.best.best_epoch) == (0.80, 0.60, 1)
+    assert tune_best.config["point"]["freeze_depth"] == 3, "Tune's best trial is the report's"
+    depth0 = next(t for t in summary.trials if t.freeze_depth == 0)
+    assert (depth0.val_loss, depth0.best_epoch) == (0.50, 2)
+    assert [h["macro_f1"] for h in depth0.history] == [0.70, 0.80]
+    assert tune_best.metrics["val_recall"] == {"cat": 0.85, "dog": None}
+    written = report.write_report(summary, tmp_path / "report")
+    assert "## All trials (best val_loss first)" in written["markdown"].read_text()
+    assert written["csv"].read_text().splitlines()[1].startswith(f"{summary.best.trial_id},3,plain,0.001,0.8,0.3,")

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import math
 import sys
 import traceback
 from collections.abc import Sequence
@@ -18,6 +19,8 @@ from typing import Any
 from tl_ray import __version__, recipe
 from tl_ray.config import (
     ARCHS,
+    CLASS_WEIGHTS,
+    MONITORS,
     NUM_STAGES,
     OPTIMIZERS,
     TrainConfig,
@@ -85,6 +88,16 @@ TRAIN_HELP: dict[str, tuple[Any, str]] = {
     ),
     "sync_bn": (bool, "synchronise BatchNorm statistics across GPU workers (SyncBatchNorm)"),
     "label_smoothing": (float, "label smoothing of the cross-entropy loss"),
+    "class_weights": (
+        str,
+        f"{' | '.join(CLASS_WEIGHTS)}: auto weighs each class's training loss by n / (classes x n_class), from the"
+        " training images' counts, so rare classes count as much as common ones (validation loss stays unweighted)",
+    ),
+    "monitor": (
+        str,
+        f"{' | '.join(MONITORS)}: the validation metric that picks the best checkpoint (val_loss: lowest) and, in"
+        " tune, ranks and early-stops trials; macro_f1 (the mean of per-class F1) suits imbalanced classes",
+    ),
     "batch_size": (int, "global batch size, split evenly over the workers"),
     "image_size": (int, "training crop size in pixels"),
     "val_fraction": (float, "share of train/ held out for validation when there is no val/ folder"),
@@ -113,7 +126,7 @@ TRAIN_HELP: dict[str, tuple[Any, str]] = {
         " images are decoded and resized once, and reused by later epochs, runs and sweep trials",
     ),
     "name": (str, "run name: its folder under --storage; rerunning a name resumes it (default: train-<timestamp>)"),
-    "keep_checkpoints": (int, "keep the best N checkpoints by val_acc (the latest is always kept too)"),
+    "keep_checkpoints": (int, "keep the best N checkpoints by --monitor (the latest is always kept too)"),
     "max_failures": (int, "restart failed training workers from the last checkpoint up to N times (-1: forever)"),
     "seed": (int, "random seed for the new head's initialisation and the workers"),
 }
@@ -135,7 +148,7 @@ TUNE_HELP: dict[str, tuple[Any, str]] = {
         " strategy (1: the recipe's rate)",
     ),
     "max_epochs": (int, "epochs per trial (ASHA may stop a trial sooner)"),
-    "scheduler": (str, "asha: stop weak trials early on val_acc | fifo: run every trial to the end"),
+    "scheduler": (str, "asha: stop weak trials early on --monitor | fifo: run every trial to the end"),
     "max_concurrent": (int, "trials at once (default: GPUs / --num-workers on a GPU cluster, else 1)"),
     "scratch_baseline": (
         bool,
@@ -276,12 +289,20 @@ def _print_train_result(result, rows_printed: int) -> None:
 
     if not rows_printed:
         print(EPOCH_HEADER)
-        best = -1.0
         for row in result.history:
-            print(epoch_row(row, len(result.history), 0.0, row["val_acc"] > best))
-            best = max(best, row["val_acc"])
+            print(epoch_row(row, len(result.history), 0.0))
     print()
-    print(f"best val_acc     {result.metrics['val_acc']:.3f} (epoch {result.metrics['epoch']})")
+    if result.monitor != "val_acc":
+        print(f"best {result.monitor:<11} {result.metrics[result.monitor]:.3f} (epoch {result.metrics['epoch']})")
+        print(f"val_acc          {result.metrics['val_acc']:.3f} (that epoch)")
+    else:
+        print(f"best val_acc     {result.metrics['val_acc']:.3f} (epoch {result.metrics['epoch']})")
+    recall = result.metrics.get("val_recall") or {}
+    if recall:
+        lowest = sorted(recall.items(), key=lambda item: math.inf if item[1] is None else item[1])
+        shown = ", ".join(f"{name} {'-' if value is None else f'{value:.3f}'}" for name, value in lowest[:10])
+        more = f"; {len(lowest) - 10} more in result.json" if len(lowest) > 10 else ""
+        print(f"val recall       {shown} (lowest first{more})")
     print(f"best checkpoint  {result.best_checkpoint}")
     print(f"run folder       {result.run_dir} (result.json)")
     print(f"skipped files    {len(result.skipped_files)}")
@@ -301,8 +322,9 @@ def _print_sweep(summary, written: dict[str, str]) -> None:
     for line in verdict(summary):
         print(line.removeprefix("- ").replace("**", ""))
     if best is not None:
+        score = "" if summary.monitor == "val_acc" else f" {summary.monitor} {getattr(best, summary.monitor):.3f},"
         print(
-            f"best trial       freeze depth {best.freeze_depth}, {best.strategy}, lr {best.lr:.2e}:"
+            f"best trial       freeze depth {best.freeze_depth}, {best.strategy}, lr {best.lr:.2e}:{score}"
             f" val_acc {best.val_acc:.3f}"
         )
         print(f"best checkpoint  {summary.best_checkpoint or best.checkpoint}")

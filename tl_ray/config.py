@@ -35,6 +35,10 @@ OPTIMIZERS = ("sgd", "adamw")
 # image, and flips; none: training images centre-cropped like validation ones.
 AUGMENTS = ("auto", "standard", "light", "none")
 NUM_STAGES = 5  # stem, layer1..layer4: see docs/architecture.md "freeze depth"
+# none: every sample counts the same; auto: loss weights n / (classes x n_class) from the training counts.
+CLASS_WEIGHTS = ("none", "auto")
+# The metric that picks the best checkpoint (and ranks a sweep's trials), and which way it improves.
+MONITORS = {"val_acc": "max", "val_loss": "min", "macro_f1": "max"}
 
 
 def absolute(location: str) -> str:
@@ -67,6 +71,8 @@ class TrainConfig:
     train_bn: bool = True  # False: BatchNorm of the fine-tuned stages keeps its running statistics
     sync_bn: bool = False
     label_smoothing: float = 0.0
+    class_weights: str = "none"  # see CLASS_WEIGHTS
+    monitor: str = "val_acc"  # see MONITORS
     batch_size: int = 32
     image_size: int = 224
     val_fraction: float = 0.2
@@ -104,6 +110,12 @@ class TrainConfig:
             raise UsageError(f"{flag('arch')} must be one of {', '.join(ARCHS)}; got {self.arch!r}")
         if self.augment not in AUGMENTS:
             raise UsageError(f"{flag('augment')} must be one of {', '.join(AUGMENTS)}; got {self.augment!r}")
+        if self.class_weights not in CLASS_WEIGHTS:
+            raise UsageError(
+                f"{flag('class_weights')} must be one of {', '.join(CLASS_WEIGHTS)}; got {self.class_weights!r}"
+            )
+        if self.monitor not in MONITORS:
+            raise UsageError(f"{flag('monitor')} must be one of {', '.join(MONITORS)}; got {self.monitor!r}")
         _check_range("freeze_depth", self.freeze_depth, 0, NUM_STAGES)
         _check_positive("epochs", self.epochs)
         _check_positive("lr", self.lr)

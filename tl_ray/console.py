@@ -42,10 +42,12 @@ def duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
-def epoch_row(metrics: dict[str, Any], epochs: int, mean_epoch_s: float, best: bool) -> str:
-    """One epoch as the console prints it; the best val_acc so far is starred."""
+def epoch_row(metrics: dict[str, Any], epochs: int, mean_epoch_s: float) -> str:
+    """One epoch as the console prints it; starred when it is the best so far by the run's --monitor (its
+    ``best_<monitor>`` metric is this epoch's value)."""
     eta = duration(mean_epoch_s * (epochs - metrics["epoch"]))
-    mark = "*" if best else " "
+    best = [key for key in metrics if key.startswith("best_")]
+    mark = "*" if best and metrics[best[0]] == metrics.get(best[0].removeprefix("best_")) else " "
     return (
         f"{metrics['epoch']:>5} {metrics['train_loss']:>10.4f} {metrics['train_acc']:>9.3f}"
         f" {metrics['val_loss']:>9.4f} {metrics['val_acc']:>7.3f}{mark} {metrics['images_per_s']:>8.1f}"
@@ -78,7 +80,6 @@ class Console:
         self.trials, self.max_epochs = trials, max_epochs
         self.bars: dict[str, tqdm] = {}
         self.epoch_seconds: list[float] = []
-        self.best_val_acc = -1.0
         self.rows = 0  # rows printed: epochs, or finished trials
         self.trial_started: dict[str, float] = {}
 
@@ -119,11 +120,9 @@ class Console:
         self.epoch_seconds.append(metrics["epoch_s"])
         # The first epoch carries warm-up costs; once there are others, the ETA leaves it out.
         recent = self.epoch_seconds[1:] or self.epoch_seconds
-        best = metrics["val_acc"] > self.best_val_acc
-        self.best_val_acc = max(self.best_val_acc, metrics["val_acc"])
         if not self.rows:
             self._print(EPOCH_HEADER)
-        self._print(epoch_row(metrics, event.epochs, sum(recent) / len(recent), best))
+        self._print(epoch_row(metrics, event.epochs, sum(recent) / len(recent)))
         self.rows += 1
 
     def _trial_end(self, event: progress.TrialEnd) -> None:

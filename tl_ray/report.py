@@ -5,6 +5,10 @@ image is worth ``1/n`` of val_acc, and an accuracy ``p`` has a standard error of
 ``sqrt(p(1-p)/n)``. The report states both, and names a winner only when the best
 configuration leads the next by more than ``resolution`` (two standard errors, at least one
 image); otherwise it says the sweep cannot tell them apart.
+
+A sweep run with ``--monitor val_loss`` or ``macro_f1`` is ranked by that metric instead. No
+resolution is stated for those (their standard error depends on more than the image count), so
+the verdict names the leader and says so.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import matplotlib.pyplot as plt
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from tl_ray import classes
+
 CSV_COLUMNS = (
     "trial_id",
     "freeze_depth",
@@ -34,6 +40,7 @@ CSV_COLUMNS = (
     "checkpoint",
     "status",
     "best_epoch",
+    "macro_f1",
 )
 DEPTH_NAMES = {0: "full fine-tuning", 5: "feature extraction"}
 SCRATCH = "from scratch"
@@ -58,9 +65,14 @@ def resolution(accuracy: float, val_images: int) -> float:
     return max(1.0 / val_images, 2.0 * math.sqrt(p * (1.0 - p) / val_images))
 
 
+def _value(trial, summary) -> float:
+    """The trial's best epoch's value of the sweep's monitored metric."""
+    return getattr(trial, summary.monitor)
+
+
 def ranked(summary) -> list:
-    """Trials by val_acc, best first; trials without a result last."""
-    return sorted(summary.trials, key=lambda t: (math.isnan(t.val_acc), -t.val_acc if not math.isnan(t.val_acc) else 0))
+    """Trials by the monitored metric (val_acc unless the sweep said otherwise), best first; no result last."""
+    return sorted(summary.trials, key=lambda t: -classes.signed(_value(t, summary), summary.monitor))
 
 
 def results_csv(summary) -> str:
@@ -75,13 +87,14 @@ def results_csv(summary) -> str:
 def table(summary) -> str:
     """The trial table, as markdown: also what `tl-ray tune` prints."""
     lines = [
-        "| trial | freeze depth | strategy | lr | val_acc | val_loss | epochs | status | seconds | images/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| trial | freeze depth | strategy | lr | val_acc | val_loss | macro_f1 | epochs | status | seconds"
+        " | images/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in ranked(summary):
         lines.append(
             f"| {t.trial_id} | {_depth_label(t.freeze_depth)} | {t.strategy} | {t.lr:.2e} | {t.val_acc:.3f} "
-            f"| {t.val_loss:.4f} | {t.epochs}/{summary.max_epochs} | {t.status} | {t.seconds:.0f} "
+            f"| {t.val_loss:.4f} | {t.macro_f1:.3f} | {t.epochs}/{summary.max_epochs} | {t.status} | {t.seconds:.0f} "
             f"| {t.images_per_s:.1f} |"
         )
     return "\n".join(lines)
@@ -91,7 +104,7 @@ def best_per_config(summary) -> dict[str, object]:
     """The best trial of each (freeze depth, strategy) and of the from-scratch baseline, best first."""
     best: dict[str, object] = {}
     for trial in ranked(summary):
-        if not math.isnan(trial.val_acc):
+        if not math.isnan(_value(trial, summary)):
             best.setdefault(_config_label(trial), trial)
     return best
 
@@ -107,6 +120,8 @@ def verdict(summary) -> list[str]:
             f"- validation set: {n} images; one image = {1 / n:.3f} of val_acc"
             + (f"; chance = {1 / summary.num_classes:.3f}" if summary.num_classes else "")
         )
+    if summary.monitor != "val_acc":
+        return lines + _verdict_without_resolution(summary, transfer, configs.get(SCRATCH))
     if len(transfer) >= 2:
         first, second = transfer[0], transfer[1]
         gap = first.val_acc - second.val_acc
@@ -144,6 +159,29 @@ def verdict(summary) -> list[str]:
     return lines
 
 
+def _verdict_without_resolution(summary, transfer: list, scratch) -> list[str]:
+    """The verdict of a sweep ranked by val_loss or macro_f1: the leader and the gaps, without a resolution."""
+    monitor = summary.monitor
+    lower = " (lower is better)" if monitor == "val_loss" else ""
+    lines = []
+    if len(transfer) >= 2:
+        first, second = transfer[0], transfer[1]
+        gap = abs(_value(first, summary) - _value(second, summary))
+        lines.append(
+            f"- **best by {monitor}: {_config_label(first)}** at {_value(first, summary):.3f}, ahead of "
+            f"{_config_label(second)} ({_value(second, summary):.3f}) by {gap:.3f}{lower}; a resolution is stated for"
+            f" val_acc only, so a small {monitor} gap needs more seeds or a larger validation set to be trusted"
+        )
+    if scratch is not None and transfer:
+        gain = _value(transfer[0], summary) - _value(scratch, summary)
+        lines.append(
+            f"- **transfer vs from scratch** by {monitor}: {_value(transfer[0], summary):.3f} vs "
+            f"{_value(scratch, summary):.3f} ({gain:+.3f}{lower}; val_acc {transfer[0].val_acc:.3f} vs"
+            f" {scratch.val_acc:.3f})"
+        )
+    return lines
+
+
 def markdown(summary) -> str:
     best = summary.best
     trial_epochs = sum(t.epochs for t in summary.trials)
@@ -154,23 +192,25 @@ def markdown(summary) -> str:
         f"(of {len(summary.trials) * summary.max_epochs} without early stopping)",
         f"- wall time: {summary.wall_seconds:.0f} s",
     ]
+    monitor = summary.monitor
     if best is not None:
+        score = "" if monitor == "val_acc" else f"{monitor} {_value(best, summary):.3f}, "
         parts.append(
             f"- best trial: {best.trial_id}, freeze depth {_depth_label(best.freeze_depth)}, {best.strategy}, "
-            f"lr {best.lr:.2e}: val_acc {best.val_acc:.3f} at epoch {best.best_epoch}"
+            f"lr {best.lr:.2e}: {score}val_acc {best.val_acc:.3f} at epoch {best.best_epoch}"
         )
         parts.append(f"- best checkpoint: {summary.best_checkpoint or best.checkpoint}")
     parts += verdict(summary)
     parts += ["", "## Best per freeze depth and strategy", ""]
-    parts += ["| configuration | val_acc | behind the best | lr | trial |", "|---|---|---|---|---|"]
+    parts += [f"| configuration | {monitor} | behind the best | lr | trial |", "|---|---|---|---|---|"]
     configs = best_per_config(summary)
     top = next(iter(configs.values()), None)
-    n = summary.val_images
+    n = summary.val_images if monitor == "val_acc" else 0  # images: a count of val_acc only
     for label, trial in configs.items():
-        behind = top.val_acc - trial.val_acc
+        behind = abs(_value(top, summary) - _value(trial, summary))
         behind_text = f"{behind:.3f}" + (f" ({round(behind * n)} images)" if n else "")
-        parts.append(f"| {label} | {trial.val_acc:.3f} | {behind_text} | {trial.lr:.2e} | {trial.trial_id} |")
-    parts += ["", "## All trials (best val_acc first)", "", table(summary)]
+        parts.append(f"| {label} | {_value(trial, summary):.3f} | {behind_text} | {trial.lr:.2e} | {trial.trial_id} |")
+    parts += ["", f"## All trials (best {monitor} first)", "", table(summary)]
     stopped = [t for t in summary.trials if t.status == "stopped early"]
     parts += ["", "## Stopped early by ASHA", ""]
     parts += [f"- {t.trial_id} ({_config_label(t)}, lr {t.lr:.2e}) after epoch {t.epochs}" for t in stopped]
@@ -180,7 +220,7 @@ def markdown(summary) -> str:
     if problems:
         parts += ["", "## Errored or incomplete", ""]
         parts += [f"- {t.trial_id} ({_config_label(t)}): {t.status} after {t.epochs} epochs" for t in problems]
-    parts += ["", "![val_acc per epoch and best per configuration](report.png)", ""]
+    parts += ["", f"![{monitor} per epoch and best per configuration](report.png)", ""]
     return "\n".join(parts)
 
 
@@ -189,13 +229,15 @@ def _colour(trial):
 
 
 def plot(summary, path: Path) -> None:
+    monitor = summary.monitor
     figure, (curves, bars) = plt.subplots(1, 2, figsize=(13, 4.8))
-    chance = 1 / summary.num_classes if summary.num_classes else None
+    chance = 1 / summary.num_classes if summary.num_classes and monitor == "val_acc" else None
+    unit_range = monitor != "val_loss"  # accuracy and F1 lie in [0, 1]
     for trial in summary.trials:
         if not trial.history:
             continue
         epochs = [h["epoch"] for h in trial.history]
-        accuracies = [h["val_acc"] for h in trial.history]
+        accuracies = [h.get(monitor, math.nan) for h in trial.history]
         style = STRATEGY_STYLES.get(trial.strategy, "-")
         curves.plot(epochs, accuracies, style, marker="o", markersize=3, color=_colour(trial), alpha=0.85)
         if trial.status == "stopped early":
@@ -214,16 +256,18 @@ def plot(summary, path: Path) -> None:
         curves.axhline(chance, color="0.5", linestyle=":", linewidth=1)
         handles.append(Line2D([], [], color="0.5", linestyle=":", label=f"chance ({chance:.2f})"))
     curves.xaxis.set_major_locator(MaxNLocator(integer=True))
-    curves.set(xlabel="epoch", ylabel="val_acc", title="val_acc per epoch, every trial", ylim=(0, 1.02))
+    curves.set(xlabel="epoch", ylabel=monitor, title=f"{monitor} per epoch, every trial")
+    if unit_range:
+        curves.set_ylim(0, 1.02)
     curves.legend(handles=handles, fontsize="small", loc="best")
     curves.grid(alpha=0.3)
 
     configs = best_per_config(summary)
     labels = [label.replace(", ", "\n") for label in configs]
-    values = [t.val_acc for t in configs.values()]
+    values = [_value(t, summary) for t in configs.values()]
     drawn = bars.bar(labels, values, color=[_colour(t) for t in configs.values()])
     texts = [
-        f"{t.val_acc:.3f}" + (f"\nstopped after {t.epochs}" if t.status == "stopped early" else "")
+        f"{_value(t, summary):.3f}" + (f"\nstopped after {t.epochs}" if t.status == "stopped early" else "")
         for t in configs.values()
     ]
     bars.bar_label(drawn, labels=texts, fontsize="small", padding=2)
@@ -231,8 +275,10 @@ def plot(summary, path: Path) -> None:
         bars.axhline(chance, color="0.5", linestyle=":", linewidth=1, label=f"chance ({chance:.2f})")
         bars.legend(fontsize="small", loc="lower right")
     n = summary.val_images
-    bars.set_title("best val_acc per configuration" + (f" ({n} validation images)" if n else ""))
-    bars.set(ylabel="best val_acc", ylim=(0, 1.08))
+    bars.set_title(f"best {monitor} per configuration" + (f" ({n} validation images)" if n else ""))
+    bars.set(ylabel=f"best {monitor}")
+    if unit_range:
+        bars.set_ylim(0, 1.08)
     bars.tick_params(axis="x", labelsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=100)

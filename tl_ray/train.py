@@ -30,8 +30,8 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.torch import TorchTrainer
 from torch import nn
 
-from tl_ray import __version__, cache, checkpoint, data, features, model, progress
-from tl_ray.config import NUM_STAGES, TrainConfig, absolute, forbid_world_writable_files, to_yaml
+from tl_ray import __version__, cache, checkpoint, classes, data, features, model, progress
+from tl_ray.config import MONITORS, NUM_STAGES, TrainConfig, absolute, forbid_world_writable_files, to_yaml
 from tl_ray.errors import RunError, TlRayError, UsageError
 
 RESULT_FILE = "result.json"
@@ -53,6 +53,7 @@ class TrainResult:
     history: list[dict[str, Any]]  # one entry per epoch, all epochs including resumed ones
     skipped_files: list[dict[str, str]]  # {"path", "reason"} for every file the pipeline dropped
     class_names: list[str]
+    monitor: str = "val_acc"  # the metric that picked the best checkpoint
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -252,6 +253,7 @@ def run(
         # Known-bad files are left out of the schedule's step count (with --cache none they are found later).
         "num_train": len(layout.train) - sum(skipped_per_class.values()),
         "train_per_class": train_per_class,
+        "class_weights": loss_weights(config, layout.class_names, train_per_class, skipped_per_class),
         "weights_ref": ray.put(weights.state_dict),
         "weights_source": weights.source,
         "mean": list(weights.mean),
@@ -279,7 +281,7 @@ def run(
         ray.kill(skipped)
     if lost:
         raise TlRayError(_describe_lost_classes(layout, lost, skipped_files))
-    return _collect(result, storage, layout.class_names, skipped_files)
+    return _collect(result, storage, layout.class_names, skipped_files, config.monitor)
 
 
 def _trainer(
@@ -301,7 +303,9 @@ def _trainer(
             name=config.name,
             storage_path=storage,
             checkpoint_config=CheckpointConfig(
-                num_to_keep=config.keep_checkpoints, checkpoint_score_attribute="val_acc", checkpoint_score_order="max"
+                num_to_keep=config.keep_checkpoints,
+                checkpoint_score_attribute=config.monitor,
+                checkpoint_score_order=MONITORS[config.monitor],
             ),
             failure_config=FailureConfig(max_failures=config.max_failures),
             callbacks=callbacks,
@@ -334,6 +338,17 @@ def _per_class(files: list[tuple[str, int]], num_classes: int) -> list[int]:
     return counts
 
 
+def loss_weights(
+    config: TrainConfig, class_names: list[str], train_per_class: list[int], skipped_per_class: dict[int, int]
+) -> dict[str, float] | None:
+    """``--class-weights auto``: each class's loss weight (``classes.balanced_weights``) from its training images,
+    less the files already known to be undecodable; None for ``none``. By class name, as meta.json records it."""
+    if config.class_weights == "none":
+        return None
+    counts = [total - skipped_per_class.get(label, 0) for label, total in enumerate(train_per_class)]
+    return dict(zip(class_names, classes.balanced_weights(counts), strict=True))
+
+
 def labels_without_images(train_per_class: list[int], skipped_per_class: dict[int, int]) -> list[int]:
     """Labels all of whose training files failed to decode: the model could never learn them."""
     return [label for label, total in enumerate(train_per_class) if skipped_per_class.get(label, 0) >= total]
@@ -355,10 +370,12 @@ def _root_cause(error: BaseException) -> str:
     return str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
 
 
-def _collect(result: ray.train.Result, storage: str, class_names: list[str], skipped: dict[str, str]) -> TrainResult:
+def _collect(
+    result: ray.train.Result, storage: str, class_names: list[str], skipped: dict[str, str], monitor: str
+) -> TrainResult:
     if not result.best_checkpoints or result.checkpoint is None:
         raise RunError(f"training finished without a checkpoint in {result.path}")
-    best, best_metrics = max(result.best_checkpoints, key=lambda item: item[1].get("val_acc", -1.0))
+    best, best_metrics = max(result.best_checkpoints, key=lambda item: classes.score(item[1], monitor))
     prefix = storage.split("://", 1)[0] + "://" if "://" in storage else ""
     with result.checkpoint.as_directory() as last_dir:
         train_state = checkpoint.read_train_state(last_dir) or {}
@@ -372,6 +389,7 @@ def _collect(result: ray.train.Result, storage: str, class_names: list[str], ski
         history=train_state.get("history", []),
         skipped_files=[{"path": path, "reason": reason} for path, reason in sorted(skips.items())],
         class_names=class_names,
+        monitor=monitor,
     )
     with result.filesystem.open_output_stream(f"{result.path}/{RESULT_FILE}") as stream:
         stream.write((json.dumps(outcome.to_json(), indent=2) + "\n").encode())
@@ -482,7 +500,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if resume_from is not None:
         with resume_from.as_directory() as directory:
             meta = checkpoint.read_meta(directory)
-            _check_resumable(meta, options, class_names)
+            _check_resumable(meta, options, class_names, loop_config["class_weights"])
             transfer.net.load_state_dict(checkpoint.read_model_state(directory))
             state = checkpoint.read_train_state(directory)
         optimizer.load_state_dict(state["optimizer"])
@@ -495,7 +513,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     on_features = loop_config["inputs"] == "features"
     trained = transfer.net.fc if on_features else transfer
     wrapped = None
-    criterion = nn.CrossEntropyLoss(label_smoothing=options.label_smoothing)
+    weight = _weight_tensor(loop_config["class_weights"], class_names, device)  # --class-weights auto, else None
+    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=options.label_smoothing)
+    # Validation loss is never class-weighted: it stays comparable between runs with and without weights.
+    val_criterion = nn.CrossEntropyLoss(label_smoothing=options.label_smoothing)
     mean = torch.tensor(loop_config["mean"], device=device)
     std = torch.tensor(loop_config["std"], device=device)
     held = loop_config["held_features"]
@@ -535,7 +556,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         images = data.normalize(batch["image"], mean, std)
         return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
 
-    best_val_acc = max((row["val_acc"] for row in history), default=0.0)
     events = loop_config["progress"] if rank == 0 else None
     for epoch in range(start_epoch + 1, options.epochs + 1):
         started = time.perf_counter()
@@ -573,17 +593,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report({"epoch": epoch, "stopped": "a class has no decodable training image"})
             return
         _sync_buffers_from_rank0(transfer)
-        val_loss, val_correct, val_seen = _evaluate(trained, val_batches(), model_input, criterion, device, amp_dtype)
-        totals = _sum_across_workers([loss_sum, correct, seen, val_loss, val_correct, val_seen], device)
-        val_acc = totals[4] / max(totals[5], 1)
-        best_val_acc = max(best_val_acc, val_acc)
+        val_loss, val_correct, val_seen, val_counts = _evaluate(
+            trained, val_batches(), model_input, val_criterion, device, amp_dtype, len(class_names)
+        )
+        totals = _sum_across_workers([loss_sum, correct, seen, val_loss, val_correct, val_seen, *val_counts], device)
+        per_class = classes.class_metrics(*_split(totals[6:], 3))
+        validation = {
+            "val_acc": totals[4] / max(totals[5], 1),
+            "val_loss": totals[3] / max(totals[5], 1),
+            "macro_f1": per_class["macro_f1"],
+        }
+        monitored = [*(row[options.monitor] for row in history), validation[options.monitor]]
         # Tune's live table shows the first four metrics: the ones a sweep is judged on come first.
         metrics = {
             "epoch": epoch,
             # The best so far: what a sweep ranks and stops trials on, so Tune's table agrees with the report.
-            "best_val_acc": best_val_acc,
-            "val_acc": val_acc,
-            "val_loss": totals[3] / max(totals[5], 1),
+            f"best_{options.monitor}": classes.best_value(monitored, options.monitor),
+            **validation,
+            # By class name (Tune's tables flatten it to val_recall/<name> columns); None: no validation image.
+            "val_recall": dict(zip(class_names, per_class["recall"], strict=True)),
             "train_loss": totals[0] / max(totals[2], 1),
             "train_acc": totals[1] / max(totals[2], 1),
             "images_per_s": totals[2] / max(train_seconds, 1e-9),
@@ -626,24 +654,32 @@ def _sync_buffers_from_rank0(module: nn.Module) -> None:
             dist.broadcast(buffer, src=0)
 
 
-def _check_resumable(meta: dict[str, Any], options: TrainConfig, class_names: list[str]) -> None:
-    """A resumed run must be the same model; otherwise its optimizer state would be silently wrong."""
+def _check_resumable(
+    meta: dict[str, Any], options: TrainConfig, class_names: list[str], class_weights: dict[str, float] | None
+) -> None:
+    """A resumed run must be the same model; otherwise its optimizer state would be silently wrong. The monitor
+    too: checkpoints already pruned by one metric cannot be ranked by another."""
+    # Runs from before class weights and --monitor had neither.
+    recorded = {**meta, "strategy": {"class_weights": None, **meta.get("strategy", {})}}
+    recorded.setdefault("monitor", "val_acc")
     checks = (
         ("arch", options.arch),
         ("freeze_depth", options.freeze_depth),
         ("class_names", class_names),
-        ("strategy", strategy_meta(options)),
+        ("strategy", strategy_meta(options, class_weights)),
+        ("monitor", options.monitor),
     )
     for key, now in checks:
-        if meta.get(key) != now:
+        if recorded.get(key) != now:
             raise TlRayError(
-                f"run {options.name} was started with {key}={meta.get(key)!r}, now {now!r}: "
+                f"run {options.name} was started with {key}={recorded.get(key)!r}, now {now!r}: "
                 "pass the same options to resume it, or a new --name to start over"
             )
 
 
-def strategy_meta(options: TrainConfig) -> dict[str, Any]:
-    """How the model was fine-tuned, as its checkpoint records it (and a resumed run must match)."""
+def strategy_meta(options: TrainConfig, class_weights: dict[str, float] | None = None) -> dict[str, Any]:
+    """How the model was fine-tuned, as its checkpoint records it (and a resumed run must match);
+    ``class_weights``: the loss weight of each class (``--class-weights auto``), None for unweighted."""
     return {
         "name": options.strategy,
         "backbone_lr_mult": options.backbone_lr_mult,
@@ -653,13 +689,38 @@ def strategy_meta(options: TrainConfig) -> dict[str, Any]:
         "lr": options.lr,
         "optimizer": options.optimizer,
         "weight_decay": options.weight_decay,
+        "class_weights": class_weights,
     }
 
 
-def _evaluate(net, batches, model_input, criterion, device, amp_dtype) -> tuple[float, float, float]:
-    """Validate this worker's shard on the unwrapped model: DDP would add collectives workers do not share."""
+def _weight_tensor(class_weights: dict[str, float] | None, class_names: list[str], device) -> torch.Tensor | None:
+    if class_weights is None:
+        return None
+    return torch.tensor([class_weights[name] for name in class_names], dtype=torch.float32, device=device)
+
+
+def _split(values: list[float], parts: int) -> list[list[float]]:
+    size = len(values) // parts
+    return [values[index * size : (index + 1) * size] for index in range(parts)]
+
+
+def count_classes(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Images per true class, per predicted class, and correct per class, concatenated (3 x num_classes): counts
+    that sum across batches and workers into ``classes.class_metrics``' arguments."""
+    hits = labels[predictions == labels]
+    return torch.cat([torch.bincount(values, minlength=num_classes) for values in (labels, predictions, hits)]).double()
+
+
+def _evaluate(
+    net, batches, model_input, criterion, device, amp_dtype, num_classes
+) -> tuple[float, float, float, list[float]]:
+    """Validate this worker's shard on the unwrapped model: DDP would add collectives workers do not share.
+
+    Returns the loss sum, correct and seen images, and ``count_classes``' counts, all to be summed across workers.
+    """
     net.eval()
     loss_sum = correct = seen = 0.0
+    counts = torch.zeros(3 * num_classes, dtype=torch.float64, device=device)
     with torch.no_grad():
         for batch in batches:
             labels = batch["label"]
@@ -668,7 +729,8 @@ def _evaluate(net, batches, model_input, criterion, device, amp_dtype) -> tuple[
             loss_sum += criterion(logits.float(), labels).item() * len(labels)
             correct += (logits.argmax(1) == labels).sum().item()
             seen += len(labels)
-    return loss_sum, correct, seen
+            counts += count_classes(labels, logits.argmax(1), num_classes)
+    return loss_sum, correct, seen, counts.tolist()
 
 
 def _report(epoch, metrics, history, transfer, optimizer, scheduler, scaler, loop_config, options, rank) -> None:
@@ -681,7 +743,8 @@ def _report(epoch, metrics, history, transfer, optimizer, scheduler, scaler, loo
                 "num_classes": len(loop_config["class_names"]),
                 "class_names": loop_config["class_names"],
                 "freeze_depth": options.freeze_depth,
-                "strategy": strategy_meta(options),
+                "strategy": strategy_meta(options, loop_config["class_weights"]),
+                "monitor": options.monitor,
                 "image_size": options.image_size,
                 "resize_size": loop_config["resize_size"],
                 "mean": loop_config["mean"],

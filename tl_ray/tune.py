@@ -4,10 +4,10 @@ Each trial is a Tune function trainable that runs the ordinary Ray Train loop
 (``train.run``) with Ray's Train-to-Tune callback, so a trial is exactly a
 `tl-ray train` run and resumes like one. The search is a grid: every depth and
 strategy is tried with the same learning rates (``TuneConfig.search_points``), so
-the comparison is fair. ASHA stops weak trials on their best val_acc so far, from the
-first epoch after warm-up on. The Train-to-Tune callback hands Tune a
-``checkpoint_path`` per epoch, not a Tune checkpoint: the best one is found in the
-reported rows and copied to ``STORAGE/NAME/best``.
+the comparison is fair. ASHA stops weak trials on their best value so far of the monitored
+metric (``--monitor``: val_acc, val_loss or macro_f1), from the first epoch after warm-up on.
+The Train-to-Tune callback hands Tune a ``checkpoint_path`` per epoch, not a Tune
+checkpoint: the best one is found in the reported rows and copied to ``STORAGE/NAME/best``.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from tl_ray import cache, data, model, progress, report
+from tl_ray import cache, classes, data, model, progress, report
 from tl_ray.checkpoint import META_FILE, MODEL_FILE
-from tl_ray.config import TuneConfig, absolute, forbid_world_writable_files
+from tl_ray.config import MONITORS, TuneConfig, absolute, forbid_world_writable_files
 from tl_ray.errors import TlRayError
 from tl_ray.train import CONFIG_FILE, check_pipeline_room, check_shared_storage, cpus_per_worker, write_config
 from tl_ray.train import run as run_training
@@ -50,7 +50,8 @@ class TrialSummary:
     seconds: float
     images_per_s: float
     checkpoint: str
-    history: list[dict[str, float]]  # epoch, val_acc, val_loss per reported epoch
+    history: list[dict[str, float]]  # epoch, val_acc, val_loss, macro_f1 per reported epoch
+    macro_f1: float = math.nan  # of the best epoch, like val_acc and val_loss (NaN: a sweep from before macro_f1)
 
 
 @dataclass(frozen=True)
@@ -62,11 +63,17 @@ class SweepSummary:
     best_checkpoint: str | None  # the copy under run_dir/best, once made
     val_images: int = 0  # validation images every trial is scored on (0: unknown)
     num_classes: int = 0  # (0: unknown)
+    monitor: str = "val_acc"  # what ranks the trials and picked each trial's best epoch
 
     @property
     def best(self) -> TrialSummary | None:
-        scored = [t for t in self.trials if t.checkpoint and not math.isnan(t.val_acc)]
-        return max(scored, key=lambda t: (t.val_acc, -t.val_loss)) if scored else None
+        scored = [t for t in self.trials if t.checkpoint and not math.isnan(getattr(t, self.monitor))]
+        return max(scored, key=lambda t: rank_key(vars(t), self.monitor)) if scored else None
+
+
+def rank_key(metrics: dict[str, Any], monitor: str) -> tuple[float, float, float]:
+    """Best epoch or trial first by ``monitor``; ties by val_acc, then the lower val_loss."""
+    return classes.score(metrics, monitor), metrics["val_acc"], -metrics["val_loss"]
 
 
 def _run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
@@ -111,8 +118,8 @@ class _Progress(tune.Callback):
 
     listener: progress.OnEvent | None = None
 
-    def __init__(self, max_epochs: int) -> None:
-        self.max_epochs = max_epochs
+    def __init__(self, max_epochs: int, monitor: str = "val_acc") -> None:
+        self.max_epochs, self.monitor = max_epochs, monitor
         self.best: dict[str, dict[str, Any]] = {}
 
     def on_event(self, event: Any) -> None:
@@ -124,7 +131,7 @@ class _Progress(tune.Callback):
             return
         metrics = {key: value for key, value in result.items() if isinstance(value, int | float)}
         best = self.best.get(trial.trial_id)
-        if best is None or (metrics["val_acc"], -metrics["val_loss"]) > (best["val_acc"], -best["val_loss"]):
+        if best is None or classes.score(metrics, self.monitor) > classes.score(best, self.monitor):
             self.best[trial.trial_id] = metrics
         self.on_event(progress.TrialEpoch(trial.trial_id, trial.config.get("point", {}), metrics))
 
@@ -219,12 +226,13 @@ def sweep(config: TuneConfig, on_event: progress.OnEvent | None = None) -> tuple
             param_space={
                 "point": tune.grid_search(config.search_points()),
                 "max_epochs": config.max_epochs,  # constant; recorded so reports know the budget
+                "monitor": config.monitor,  # constant; recorded so reports rank trials as Tune did
             },
             tune_config=tune.TuneConfig(
                 # The best epoch so far, not the last one: what the report ranks by, so Tune's "current
                 # best" line and ASHA agree with it.
-                metric="best_val_acc",
-                mode="max",
+                metric=f"best_{config.monitor}",
+                mode=MONITORS[config.monitor],
                 scheduler=scheduler,
                 # A searcher of our own must carry the concurrency limit itself: Tune applies
                 # max_concurrent_trials only to the searcher it builds.
@@ -234,7 +242,7 @@ def sweep(config: TuneConfig, on_event: progress.OnEvent | None = None) -> tuple
                 name=config.name,
                 storage_path=storage,
                 verbose=1 if data.ray_is_verbose() else 0,
-                callbacks=[_Progress(config.max_epochs)],
+                callbacks=[_Progress(config.max_epochs, config.monitor)],
             ),
         )
     _Progress.listener = on_event
@@ -307,6 +315,8 @@ def load_summary(run_dir: str) -> SweepSummary:
     frames = analysis.trial_dataframes
     trials, starts, ends = [], [], []
     max_epochs = val_images = num_classes = 0
+    # Sweeps from before --monitor ranked by val_acc.
+    monitor = next((trial.config.get("monitor", "val_acc") for trial in analysis.trials), "val_acc")
     for trial in analysis.trials:
         max_epochs = max(max_epochs, int(trial.config["max_epochs"]))
         # Sweeps from before strategies kept freeze_depth and lr at the top of the config.
@@ -314,10 +324,13 @@ def load_summary(run_dir: str) -> SweepSummary:
         frame = frames.get(trial.trial_id)
         rows = [] if frame is None or frame.empty or "val_acc" not in frame else frame.to_dict("records")
         rows = [row for row in rows if not math.isnan(row.get("val_acc", math.nan))]
-        history = [{"epoch": int(r["epoch"]), "val_acc": r["val_acc"], "val_loss": r["val_loss"]} for r in rows]
+        history = [
+            {"epoch": int(r["epoch"]), **{key: r.get(key, math.nan) for key in ("val_acc", "val_loss", "macro_f1")}}
+            for r in rows
+        ]
         with_checkpoint = [r for r in rows if isinstance(r.get("checkpoint_path"), str)]
         epochs_done = max((h["epoch"] for h in history), default=0)
-        best = max(with_checkpoint, key=lambda r: (r["val_acc"], -r["val_loss"])) if with_checkpoint else None
+        best = max(with_checkpoint, key=lambda r: rank_key(r, monitor)) if with_checkpoint else None
         for row in rows:
             val_images = max(val_images, int(row.get("val_images", 0)))
             num_classes = max(num_classes, int(row.get("num_classes", 0)))
@@ -338,7 +351,8 @@ def load_summary(run_dir: str) -> SweepSummary:
                 images_per_s=sum(r["images_per_s"] for r in rows) / len(rows) if rows else math.nan,
                 checkpoint=best["checkpoint_path"] if best else "",
                 history=history,
+                macro_f1=best.get("macro_f1", math.nan) if best else math.nan,
             )
         )
     wall = (max(ends) - min(starts)) if ends else 0.0
-    return SweepSummary(run_dir.rstrip("/"), max_epochs, trials, wall, None, val_images, num_classes)
+    return SweepSummary(run_dir.rstrip("/"), max_epochs, trials, wall, None, val_images, num_classes, monitor)

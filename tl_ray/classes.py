@@ -1,0 +1,70 @@
+"""Class balance: loss weights from the training counts, per-class validation metrics, and the monitored metric.
+
+Pure Python on counts, so the arithmetic is the same on one worker or eight: each worker counts
+its validation shard (images per true class, per predicted class, and correct per class), the
+counts are summed across workers, and only then turned into rates. Averaging per-worker rates
+instead would weigh unequal validation shards wrongly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from tl_ray.config import MONITORS
+
+
+def balanced_weights(counts: Sequence[int]) -> list[float]:
+    """Inverse-frequency loss weights ``n / (classes x n_c)`` (scikit-learn's "balanced").
+
+    Every class then carries the same total weight, and the mean weight over the training samples
+    is 1, so the loss keeps its usual scale and the recipe's learning rates still apply.
+    """
+    if not counts or min(counts) <= 0:
+        raise ValueError(f"every class needs training images to be weighted; got counts {list(counts)}")
+    total = sum(counts)
+    return [total / (len(counts) * count) for count in counts]
+
+
+def class_metrics(support: Sequence[float], predicted: Sequence[float], correct: Sequence[float]) -> dict[str, Any]:
+    """Per-class recall, precision and F1, and their macro F1, from counts summed over the validation set.
+
+    ``support[c]``: validation images of class c; ``predicted[c]``: images predicted as c; ``correct[c]``:
+    images of class c predicted as c. A class without validation images has no recall (None); the macro F1
+    averages the classes that have images, as `tl-ray evaluate` does (0.0 when none has).
+    """
+    recall: list[float | None] = []
+    precision: list[float] = []
+    f1: list[float] = []
+    for actual, guessed, hits in zip(support, predicted, correct, strict=True):
+        class_recall = hits / actual if actual else None
+        class_precision = hits / guessed if guessed else 0.0
+        both = (class_recall or 0.0) + class_precision
+        recall.append(class_recall)
+        precision.append(class_precision)
+        f1.append(2 * (class_recall or 0.0) * class_precision / both if both else 0.0)
+    present = [score for score, actual in zip(f1, support, strict=True) if actual]
+    return {
+        "recall": recall,
+        "precision": precision,
+        "f1": f1,
+        "macro_f1": sum(present) / len(present) if present else 0.0,
+    }
+
+
+def signed(value: float, monitor: str) -> float:
+    """``value`` of the monitored metric, signed so that larger is better (val_loss negated); NaN: -inf."""
+    if value is None or math.isnan(value):
+        return -math.inf
+    return value if MONITORS[monitor] == "max" else -value
+
+
+def score(metrics: Mapping[str, Any], monitor: str) -> float:
+    """An epoch's metrics scored by ``monitor``, larger is better; -inf when the metric is missing."""
+    return signed(metrics.get(monitor, math.nan), monitor)
+
+
+def best_value(values: Iterable[float], monitor: str) -> float:
+    """The best of ``values`` for ``monitor`` (the highest accuracy or F1, the lowest loss)."""
+    return max(values, key=lambda value: signed(value, monitor))
