@@ -31,7 +31,7 @@ from ingest import write_photos
 
 from tl_ray import data, features
 from tl_ray.config import TrainConfig
-from tl_ray.train import run
+from tl_ray.training import run
 
 
 def train(root: Path, args: argparse.Namespace, storage: str, name: str) -> dict:

@@ -1,6 +1,6 @@
 """Freeze-depth benchmark: training-step images/s for each freeze depth 0..5, without any feature cache.
 
-Each case times exactly the step tl-ray's loop does (``tl_ray.train``): uint8 images
+Each case times exactly the step tl-ray's loop does (``tl_ray.training``): uint8 images
 normalised on the device with ``tl_ray.data.normalize``, forward under autocast (CUDA
 only) with channels_last (CUDA only), cross-entropy, backward, AdamW over the trainable
 parameters, and ``loss.item()``, on a ``TransferResNet`` in train mode. The input is one
@@ -40,7 +40,7 @@ from torch import nn
 from tl_ray import data
 from tl_ray.config import NUM_STAGES, TrainConfig
 from tl_ray.model import IMAGENET_MEAN, IMAGENET_STD, STAGE_MODULES, TransferResNet, create_resnet
-from tl_ray.train import _amp_dtype, make_optimizer
+from tl_ray.training import _amp_dtype, make_optimizer
 
 NUM_CLASSES = 10
 TARGET_RATIO = 2.5  # issue 7: depth 5 >= 2.5x the images/s of depth 0, without the feature cache

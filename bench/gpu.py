@@ -6,7 +6,7 @@ extraction), each in three variants: fp32; bf16 autocast + channels_last (what t
 loop runs on a bf16 GPU); and that + ``torch.compile``. A variant that fails (a compile
 error, out of memory) is recorded with its error instead of ending the run.
 
-Part 2 runs the whole of `tl-ray train` (``tl_ray.train.run``: Ray Data decoding and
+Part 2 runs the whole of `tl-ray train` (``tl_ray.training.run``: Ray Data decoding and
 augmenting generated photo-like JPEGs, Ray Train, validation, checkpoints) and puts each
 epoch's training images/s next to part 1's step images/s for the variant tl-ray runs: a
 ratio near 1 means ingest keeps the GPU fed, well below 1 means the GPU waits for data.
@@ -36,7 +36,7 @@ from ingest import write_photos
 
 from tl_ray.config import TrainConfig
 from tl_ray.model import TransferResNet, create_resnet
-from tl_ray.train import _amp_dtype, run
+from tl_ray.training import _amp_dtype, run
 
 TARGETS = {0: 2500.0, 5: 7000.0}  # issue 7, images/s with bf16 on an H100/H200
 PRESETS = {

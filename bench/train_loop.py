@@ -39,7 +39,7 @@ from ingest import write_photos
 
 from tl_ray import data, model
 from tl_ray.config import TrainConfig
-from tl_ray.train import make_optimizer, torch_threads
+from tl_ray.training import make_optimizer, torch_threads
 
 DEFAULT_THREADS = torch.get_num_threads()  # before anything changes it: what a user's script gets
 
@@ -83,7 +83,7 @@ def plain_loop(
 
 def tl_ray_train(root: Path, arch: str, depth: int, image_size: int, batch_size: int, epochs: int, storage: str):
     """`tl-ray train` through its Python API, under its defaults: its per-epoch metrics."""
-    from tl_ray.train import run
+    from tl_ray.training import run
 
     config = TrainConfig(
         data=str(root),

@@ -13,8 +13,8 @@ from torch import nn
 from tl_ray import classes, report
 from tl_ray.config import TrainConfig
 from tl_ray.errors import TlRayError
-from tl_ray.train import _check_resumable, _evaluate, _split, count_classes, loss_weights, strategy_meta
-from tl_ray.tune import SweepSummary, TrialSummary, rank_key
+from tl_ray.sweep import SweepSummary, TrialSummary, rank_key
+from tl_ray.training import _check_resumable, _evaluate, _split, count_classes, loss_weights, strategy_meta
 
 
 def test_balanced_weights_give_every_class_the_same_total_and_a_mean_of_one():
@@ -175,7 +175,7 @@ def test_the_run_result_names_the_best_checkpoint_by_the_monitor(tmp_path, monit
     from ray.train import Checkpoint
 
     from tl_ray.checkpoint import save_checkpoint
-    from tl_ray.train import _collect
+    from tl_ray.training import _collect
 
     history = [
         {"epoch": 1, "val_acc": 0.9, "val_loss": 0.5, "macro_f1": 0.6},

@@ -1,7 +1,7 @@
 """The `tl-ray` command's contract without running anything: --print-config, and the exit codes.
 
 Exit codes: 2 for usage errors (bad flags, bad config, inputs tl-ray refuses), 1 for a run that started
-and failed, 130 for Ctrl-C. The run itself (tl_ray.train, tl_ray.tune) is replaced by a stand-in that
+and failed, 130 for Ctrl-C. The run itself (tl_ray.training, tl_ray.sweep) is replaced by a stand-in that
 raises, so no Ray cluster starts and nothing trains.
 """
 
@@ -13,9 +13,6 @@ import types
 import pytest
 import yaml
 
-import tl_ray
-import tl_ray.train
-import tl_ray.tune  # noqa: F401
 from tl_ray import cli
 from tl_ray.config import TrainConfig, TuneConfig, merge
 from tl_ray.errors import RunError, TlRayError, UsageError
@@ -26,7 +23,7 @@ TrainingFailedError = type("TrainingFailedError", (Exception,), {"__module__": "
 
 @pytest.fixture
 def no_run(monkeypatch):
-    """tl_ray.train/tune replaced by stand-ins that record their config and raise ``outcome``, if any."""
+    """tl_ray.training/tune replaced by stand-ins that record their config and raise ``outcome``, if any."""
     calls: list[tuple[str, object]] = []
     outcome: dict[str, BaseException] = {}
 
@@ -39,8 +36,8 @@ def no_run(monkeypatch):
 
         return run
 
-    monkeypatch.setattr(sys.modules["tl_ray.train"], "run", stand_in("train"))
-    monkeypatch.setattr(sys.modules["tl_ray.tune"], "sweep", stand_in("tune"))
+    monkeypatch.setattr(sys.modules["tl_ray.training"], "run", stand_in("train"))
+    monkeypatch.setattr(sys.modules["tl_ray.sweep"], "sweep", stand_in("tune"))
     return types.SimpleNamespace(calls=calls, outcome=outcome)
 
 
@@ -230,7 +227,7 @@ def test_ray_trains_ctrl_c_handler_exiting_0_is_an_interruption(capsys, no_run):
 
 def test_a_sweep_in_which_no_trial_finished_exits_1(capsys, monkeypatch):
     summary = types.SimpleNamespace(best=None, run_dir="/runs/sweep")
-    monkeypatch.setattr(sys.modules["tl_ray.tune"], "sweep", lambda config, on_event=None: (summary, {}))
+    monkeypatch.setattr(sys.modules["tl_ray.sweep"], "sweep", lambda config, on_event=None: (summary, {}))
     monkeypatch.setattr(cli, "_print_sweep", lambda summary, written: print("the table"))
     assert cli.main(["tune", "--data", "/d"]) == 1
     captured = capsys.readouterr()
@@ -274,3 +271,12 @@ def test_help_documents_the_exit_codes_and_print_config(capsys, argv):
         assert code in out
     if argv != ["--help"]:
         assert "--print-config" in out
+
+
+def test_importing_a_module_keeps_the_api_function_of_its_command():
+    import importlib
+
+    for module, function in (("training", "train"), ("sweep", "tune"), ("inference", "predict"), ("deployable", "export")):
+        imported = importlib.import_module(f"tl_ray.{module}")
+        assert imported.__name__ == f"tl_ray.{module}"
+        assert callable(getattr(tl_ray, function)) and getattr(tl_ray, function).__module__ == "tl_ray"

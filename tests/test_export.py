@@ -23,8 +23,8 @@ from PIL import Image
 
 from tl_ray import cli, data
 from tl_ray.checkpoint import load_checkpoint, save_checkpoint
+from tl_ray.deployable import FORMATS, export
 from tl_ray.errors import UsageError
-from tl_ray.export import FORMATS, export
 from tl_ray.sample import SOURCE_CLASSES, render
 
 pytestmark = [

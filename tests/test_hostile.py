@@ -21,7 +21,7 @@ from helpers import encode, payload
 from PIL import Image
 
 from tl_ray import checkpoint, cli, data, model
-from tl_ray.train import _describe_lost_classes, labels_without_images
+from tl_ray.training import _describe_lost_classes, labels_without_images
 
 SIZE = 32
 

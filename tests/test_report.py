@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tl_ray import report
-from tl_ray.tune import SweepSummary, TrialSummary
+from tl_ray.sweep import SweepSummary, TrialSummary
 
 
 def trial(trial_id: str, depth: int, strategy: str, val_acc: float, status: str = "finished", epochs: int = 4):

@@ -204,7 +204,7 @@ def test_a_sweep_monitoring_val_loss_ranks_by_the_lowest_val_loss(ray_cluster, t
     val_loss, as Tune's own best result says."""
     from ray import tune
 
-    from tl_ray.tune import load_summary
+    from tl_ray.sweep import load_summary
 
     curves = {  # (val_acc, val_loss, macro_f1) per epoch
         0: [(0.90, 0.60, 0.70), (0.95, 0.50, 0.80)],  # the most accurate trial ...

@@ -2,6 +2,8 @@
 
 The Python API mirrors the CLI: ``tl_ray.train(data=..., arch=..., epochs=...)``,
 ``tl_ray.tune(...)``, ``tl_ray.predict(...)``, ``tl_ray.evaluate(...)``, ``tl_ray.export(...)``.
+The modules are named apart from these functions (``tl_ray.training``, ``tl_ray.sweep``,
+``tl_ray.inference``, ``tl_ray.deployable``), so importing one never replaces a function.
 Importing the package is cheap (``tl-ray --help`` should not wait ~8 s for torch and
 Ray); each API function imports what it needs when called.
 """
@@ -9,8 +11,6 @@ Ray); each API function imports what it needs when called.
 from __future__ import annotations
 
 import dataclasses
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -20,10 +20,10 @@ if TYPE_CHECKING:
     import torch
 
     from tl_ray.config import TrainConfig, TuneConfig
-    from tl_ray.export import ExportResult
-    from tl_ray.predict import Evaluation
-    from tl_ray.train import TrainResult
-    from tl_ray.tune import SweepSummary
+    from tl_ray.deployable import ExportResult
+    from tl_ray.inference import Evaluation
+    from tl_ray.sweep import SweepSummary
+    from tl_ray.training import TrainResult
 
 
 def _config(config_class: type, config: Any, options: dict[str, Any]) -> Any:
@@ -37,7 +37,7 @@ def _config(config_class: type, config: Any, options: dict[str, Any]) -> Any:
 def train(config: TrainConfig | None = None, /, **options: Any) -> TrainResult:
     """Run `tl-ray train` from Python; keyword options are the CLI flags with underscores."""
     from tl_ray.config import TrainConfig
-    from tl_ray.train import run
+    from tl_ray.training import run
 
     return run(_config(TrainConfig, config, options).validate())
 
@@ -45,28 +45,28 @@ def train(config: TrainConfig | None = None, /, **options: Any) -> TrainResult:
 def tune(config: TuneConfig | None = None, /, **options: Any) -> tuple[SweepSummary, dict[str, str]]:
     """Run `tl-ray tune` from Python: (sweep summary, paths of the report files)."""
     from tl_ray.config import TuneConfig
-    from tl_ray.tune import sweep
+    from tl_ray.sweep import sweep
 
     return sweep(_config(TuneConfig, config, options))
 
 
 def predict(checkpoint: str, data: str, out: str | None = None, top_k: int = 3, batch_size: int = 64) -> pd.DataFrame:
     """`tl-ray predict` from Python: one row per image, sorted by path (and written to ``out``)."""
-    from tl_ray.predict import predict as run_predict
+    from tl_ray.inference import predict as run_predict
 
     return run_predict(checkpoint, data, out, top_k, batch_size)
 
 
 def evaluate(checkpoint: str, data: str, out: str | None = None, batch_size: int = 64) -> Evaluation:
     """`tl-ray evaluate` from Python: metrics, per-image rows and the misclassified ones."""
-    from tl_ray.predict import evaluate as run_evaluate
+    from tl_ray.inference import evaluate as run_evaluate
 
     return run_evaluate(checkpoint, data, out, batch_size)
 
 
 def export(checkpoint: str, out: str, format: str) -> ExportResult:
     """`tl-ray export` from Python: ``checkpoint`` as a torchscript or onnx file at ``out``, metadata at out.json."""
-    from tl_ray.export import export as run_export
+    from tl_ray.deployable import export as run_export
 
     return run_export(checkpoint, out, format)
 
@@ -83,20 +83,3 @@ def write_sample_data(out: str, per_class: int = 200, seed: int = 0) -> dict[str
     from tl_ray.sample import write_sample_data as write
 
     return write(out, per_class, seed)
-
-
-class _Package(types.ModuleType):
-    """Keeps ``tl_ray.train``/``tune``/``predict``/``export`` the API functions of docs/architecture.md.
-
-    Importing a submodule binds it as an attribute of its package, which would replace
-    the function of the same name. This package refuses that one rebinding; the
-    modules stay importable as ``from tl_ray.train import ...``.
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("train", "tune", "predict", "export") and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -352,7 +352,7 @@ def _print_evaluation(evaluation, out: str | None) -> None:
 
 
 def _print_export(result) -> None:
-    from tl_ray.export import METADATA_KEY
+    from tl_ray.deployable import METADATA_KEY
 
     meta = result.metadata
     size, resize, names = meta["image_size"], meta["resize_size"], meta["class_names"]
@@ -439,16 +439,16 @@ def _run(args: argparse.Namespace) -> int:
         if args.print_config:
             print(_resolved_yaml(args.command, config), end="")
             return EXIT_OK
-        config = config.validate()  # before tl_ray.train/tune import torch and Ray
+        config = config.validate()  # before tl_ray.training/tune import torch and Ray
         _quiet_ray(args)
         if args.command == "train":
-            from tl_ray.train import run as run_training
+            from tl_ray.training import run as run_training
 
             with _console() as console:
                 result = run_training(config, on_event=console)
             _print_train_result(result, console.rows)
             return EXIT_OK
-        from tl_ray.tune import sweep
+        from tl_ray.sweep import sweep
 
         with _console(len(config.search_points()), config.max_epochs) as console:
             summary, written = sweep(config, on_event=console)
@@ -457,7 +457,7 @@ def _run(args: argparse.Namespace) -> int:
             raise RunError(f"no trial of sweep {summary.run_dir} finished an epoch; see the trial errors above")
         return EXIT_OK
     if args.command == "predict":
-        from tl_ray.predict import predict
+        from tl_ray.inference import predict
 
         _quiet_ray(args)
         with _console() as console:
@@ -466,7 +466,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {len(rows)} predictions to {args.out} ({errors} files could not be decoded)")
         return EXIT_OK
     if args.command == "evaluate":
-        from tl_ray.predict import evaluate
+        from tl_ray.inference import evaluate
 
         _quiet_ray(args)
         with _console() as console:
@@ -474,12 +474,12 @@ def _run(args: argparse.Namespace) -> int:
         _print_evaluation(evaluation, args.out)
         return EXIT_OK
     if args.command == "export":
-        from tl_ray.export import export
+        from tl_ray.deployable import export
 
         _print_export(export(args.checkpoint, args.out, args.format))
         return EXIT_OK
     if args.command == "report":
-        from tl_ray.tune import finalize
+        from tl_ray.sweep import finalize
 
         _print_sweep(*finalize(args.run_dir))
         return EXIT_OK

@@ -28,8 +28,8 @@ from tl_ray import cache, classes, data, model, progress, report
 from tl_ray.checkpoint import META_FILE, MODEL_FILE
 from tl_ray.config import MONITORS, TuneConfig, absolute, forbid_world_writable_files
 from tl_ray.errors import TlRayError
-from tl_ray.train import CONFIG_FILE, check_pipeline_room, check_shared_storage, cpus_per_worker, write_config
-from tl_ray.train import run as run_training
+from tl_ray.training import CONFIG_FILE, check_pipeline_room, check_shared_storage, cpus_per_worker, write_config
+from tl_ray.training import run as run_training
 
 BEST_DIR = "best"
 TRIALS_DIR = "trials"
