@@ -276,7 +276,10 @@ def test_help_documents_the_exit_codes_and_print_config(capsys, argv):
 def test_importing_a_module_keeps_the_api_function_of_its_command():
     import importlib
 
-    for module, function in (("training", "train"), ("sweep", "tune"), ("inference", "predict"), ("deployable", "export")):
+    import tl_ray
+
+    commands = {"training": "train", "sweep": "tune", "inference": "predict", "deployable": "export"}
+    for module, function in commands.items():
         imported = importlib.import_module(f"tl_ray.{module}")
         assert imported.__name__ == f"tl_ray.{module}"
         assert callable(getattr(tl_ray, function)) and getattr(tl_ray, function).__module__ == "tl_ray"
