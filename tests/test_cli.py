@@ -7,13 +7,12 @@ raises, so no Ray cluster starts and nothing trains.
 
 from __future__ import annotations
 
-import sys
 import types
 
 import pytest
 import yaml
 
-from tl_ray import cli
+from tl_ray import cli, sweep, training
 from tl_ray.config import TrainConfig, TuneConfig, merge
 from tl_ray.errors import RunError, TlRayError, UsageError
 
@@ -36,8 +35,8 @@ def no_run(monkeypatch):
 
         return run
 
-    monkeypatch.setattr(sys.modules["tl_ray.training"], "run", stand_in("train"))
-    monkeypatch.setattr(sys.modules["tl_ray.sweep"], "sweep", stand_in("tune"))
+    monkeypatch.setattr(training, "run", stand_in("train"))
+    monkeypatch.setattr(sweep, "sweep", stand_in("tune"))
     return types.SimpleNamespace(calls=calls, outcome=outcome)
 
 
@@ -227,7 +226,7 @@ def test_ray_trains_ctrl_c_handler_exiting_0_is_an_interruption(capsys, no_run):
 
 def test_a_sweep_in_which_no_trial_finished_exits_1(capsys, monkeypatch):
     summary = types.SimpleNamespace(best=None, run_dir="/runs/sweep")
-    monkeypatch.setattr(sys.modules["tl_ray.sweep"], "sweep", lambda config, on_event=None: (summary, {}))
+    monkeypatch.setattr(sweep, "sweep", lambda config, on_event=None: (summary, {}))
     monkeypatch.setattr(cli, "_print_sweep", lambda summary, written: print("the table"))
     assert cli.main(["tune", "--data", "/d"]) == 1
     captured = capsys.readouterr()
