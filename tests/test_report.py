@@ -68,3 +68,17 @@ def test_report_files_show_strategy_baseline_and_asha_stops(tmp_path):
     assert csv_lines[0].startswith("trial_id,freeze_depth,strategy,lr,val_acc")
     assert csv_lines[1].startswith("a,3,discriminative,0.003,0.96")
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_sweep_with_trials_neither_ended_nor_failed_was_interrupted():
+    from tl_ray.sweep import was_interrupted
+
+    assert not was_interrupted(summary(trial("a", 3, "plain", 0.9), trial("b", 5, "plain", 0.8, status="error")))
+    assert was_interrupted(summary(trial("a", 3, "plain", 0.9), trial("b", 5, "plain", 0.0, status="incomplete")))
+
+
+def test_a_trials_images_per_second_leaves_out_its_first_epoch_when_it_has_others():
+    from tl_ray.sweep import _steady_rate
+
+    assert _steady_rate([{"images_per_s": 50.0}, {"images_per_s": 200.0}, {"images_per_s": 220.0}]) == 210.0
+    assert _steady_rate([{"images_per_s": 50.0}]) == 50.0

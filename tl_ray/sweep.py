@@ -252,7 +252,17 @@ def sweep(config: TuneConfig, on_event: progress.OnEvent | None = None) -> tuple
         tuner.fit()
     finally:
         _Progress.listener = None
-    return finalize(run_dir)
+    summary, written = finalize(run_dir)
+    if was_interrupted(summary):
+        # Tune takes the first Ctrl-C itself: it saves the sweep's state and returns. The report is of what ran;
+        # the caller learns that the sweep did not finish (`tl-ray tune` exits 130; rerunning resumes it).
+        raise KeyboardInterrupt(f"sweep {run_dir} interrupted; its report covers the trials that ran")
+    return summary, written
+
+
+def was_interrupted(summary: SweepSummary) -> bool:
+    """Whether Tune returned with trials neither finished nor failed: it only does so when interrupted."""
+    return any(trial.status == "incomplete" for trial in summary.trials)
 
 
 def finalize(run_dir: str) -> tuple[SweepSummary, dict[str, str]]:
@@ -306,6 +316,13 @@ def _status(trial: Any, epochs_done: int, max_epochs: int) -> str:
     return "finished" if epochs_done >= max_epochs else "stopped early"
 
 
+def _steady_rate(rows: list[dict[str, Any]]) -> float:
+    """A trial's training images/s: the mean over its epochs after the first, which carries the start-up (a first
+    epoch runs ~4x slower, so a trial stopped after one epoch would look slower than one that ran on)."""
+    steady = rows[1:] or rows
+    return sum(row["images_per_s"] for row in steady) / len(steady) if steady else math.nan
+
+
 def load_summary(run_dir: str) -> SweepSummary:
     """Summarise a sweep from what Tune stored: works on finished and interrupted sweeps alike."""
     try:
@@ -348,7 +365,7 @@ def load_summary(run_dir: str) -> SweepSummary:
                 val_loss=best["val_loss"] if best else math.nan,
                 best_epoch=int(best["epoch"]) if best else 0,
                 seconds=sum(r.get("epoch_s", 0.0) for r in rows),
-                images_per_s=sum(r["images_per_s"] for r in rows) / len(rows) if rows else math.nan,
+                images_per_s=_steady_rate(rows),
                 checkpoint=best["checkpoint_path"] if best else "",
                 history=history,
                 macro_f1=best.get("macro_f1", math.nan) if best else math.nan,
