@@ -213,7 +213,7 @@ def _build(
         _decode_to_file,
         batch_size=data.BLOCK_ROWS,
         num_cpus=0.5,  # fits beside a sweep's token-CPU trial drivers, as the uncached pipeline does
-        compute=data.task_pool(),
+        compute=data.task_pool(data.row_blocks(len(rows))),
         batch_format="numpy",
         fn_kwargs={
             "filesystem": layout.filesystem,
@@ -349,7 +349,7 @@ def per_file_dataset(
         read,
         batch_size=1,
         num_cpus=0.5,
-        compute=data.task_pool(),
+        compute=data.task_pool(len(files)),
         batch_format="numpy",
         fn_kwargs={"filesystem": filesystem, **options},
     )

@@ -354,14 +354,15 @@ class SkippedFiles:
         return dict(collections.Counter(self._train_labels.values()))
 
 
-def task_pool() -> ray.data.TaskPoolStrategy:
-    """At most one pipeline task per CPU of the cluster.
+def task_pool(blocks: int) -> ray.data.TaskPoolStrategy:
+    """At most one pipeline task per CPU of the cluster, and no more than the ``blocks`` there are to map
+    (Ray warns of a pool larger than its inputs).
 
     Our tasks ask for half a CPU so they fit beside training workers that hold all but a
     fraction of one; left to that alone, Ray runs two per core, and image decoding packed
     like that ran 3x slower on a 2-core machine (bench/ingest.py: 98 vs 300 images/s).
     """
-    return ray.data.TaskPoolStrategy(size=max(1, int(ray.cluster_resources().get("CPU", 1))))
+    return ray.data.TaskPoolStrategy(size=max(1, min(blocks, int(ray.cluster_resources().get("CPU", 1)))))
 
 
 _ray_output = {"verbose": True, "started_here": False}  # the Python API shows Ray's output as Ray prints it
@@ -464,7 +465,12 @@ def _decode_batch(
 
 def file_rows(rows: list[dict]) -> ray.data.Dataset:
     """One row per file, ``BLOCK_ROWS`` files to a block (at most 1000 blocks): what every decode pass reads."""
-    return ray.data.from_items(rows, override_num_blocks=max(1, min(1000, math.ceil(len(rows) / BLOCK_ROWS))))
+    return ray.data.from_items(rows, override_num_blocks=row_blocks(len(rows)))
+
+
+def row_blocks(count: int) -> int:
+    """The blocks ``file_rows`` makes of ``count`` files."""
+    return max(1, min(1000, math.ceil(count / BLOCK_ROWS)))
 
 
 def image_dataset(
@@ -501,7 +507,7 @@ def image_dataset(
         # Half a CPU per decode task: a machine whose training workers hold all but one CPU (and a
         # sweep's trial driver a sliver of that) must still fit one, or ingest never starts.
         num_cpus=0.5,
-        compute=task_pool(),
+        compute=task_pool(row_blocks(len(rows))),
         batch_format="numpy",
         fn_kwargs={
             "filesystem": layout.filesystem,

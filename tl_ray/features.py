@@ -189,7 +189,8 @@ def load(split: FeatureSplit | None, device: torch.device) -> tuple[torch.Tensor
     if split is None or not split.parquet_files:
         return torch.zeros((0, 1)), torch.zeros(0, dtype=torch.int64)
     rows = _read_features({"file": split.parquet_files}, split.filesystem)
-    features, labels = torch.from_numpy(rows["features"]), torch.from_numpy(rows["label"].astype(np.int64))
+    # Copies: Ray Data hands over read-only arrays, which torch refuses to wrap.
+    features, labels = torch.tensor(rows["features"]), torch.tensor(rows["label"], dtype=torch.int64)
     return features.to(device), labels.to(device)
 
 

@@ -159,7 +159,7 @@ def _run_pipeline(
         _decode_for_inference,
         batch_size=data.BLOCK_ROWS,
         num_cpus=0.5,
-        compute=data.task_pool(),
+        compute=data.task_pool(data.row_blocks(len(files))),
         fn_kwargs={
             "filesystem": filesystem,
             "uri_prefix": prefix,
