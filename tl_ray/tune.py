@@ -110,10 +110,10 @@ def _share_cpus(config: TuneConfig, started_locally: bool) -> TuneConfig:
     total, concurrent = cluster.get("CPU", 1), _max_concurrent(config)
     per_worker = config.cpus_per_worker
     if per_worker is None and concurrent > 1:
-        per_worker = cpus_per_worker(total, config.num_workers, concurrent)
+        per_worker = cpus_per_worker(total, config.max_workers, concurrent)
     if started_locally:  # a cluster that was already running may still be adding nodes
-        budget = per_worker or cpus_per_worker(total, config.num_workers)
-        check_pipeline_room(total, config.num_workers, budget, concurrent, overhead=concurrent * TRIAL_DRIVER_CPU)
+        budget = per_worker or cpus_per_worker(total, config.max_workers)
+        check_pipeline_room(total, config.max_workers, budget, concurrent, overhead=concurrent * TRIAL_DRIVER_CPU)
     return dataclasses.replace(config, cpus_per_worker=per_worker)
 
 
@@ -122,7 +122,7 @@ def _max_concurrent(config: TuneConfig) -> int:
         return config.max_concurrent
     gpus = ray.cluster_resources().get("GPU", 0)
     if config.gpu is not False and gpus > 0:
-        return max(1, int(gpus // config.num_workers))
+        return max(1, int(gpus // config.max_workers))
     return 1  # CPU trials share the machine's cores: one at a time finishes soonest
 
 
