@@ -169,13 +169,13 @@ def _resources(config: TrainConfig, started_locally: bool) -> tuple[bool, float]
         raise UsageError("--gpu: this machine has no GPU visible to Ray; drop --gpu (or pass --cpu) to train on CPU")
     if use_gpu:
         return use_gpu, config.cpus_per_worker or 1.0
-    per_worker = config.cpus_per_worker or cpus_per_worker(cpus, config.max_workers, largest_node=_largest_node_cpus())
+    per_worker = config.cpus_per_worker or cpus_per_worker(cpus, config.max_workers, largest_node=largest_node_cpus())
     if started_locally:  # a cluster that was already running may still be adding nodes
         check_pipeline_room(cpus, config.max_workers, per_worker)
     return use_gpu, per_worker
 
 
-def _largest_node_cpus() -> float | None:
+def largest_node_cpus() -> float | None:
     """The most CPUs one alive node has: no CPU worker can be larger."""
     sizes = [node.get("Resources", {}).get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")]
     return max(sizes, default=0.0) or None
