@@ -33,7 +33,7 @@ from tl_ray.sample import write_sample_data
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 RAY = str(Path(sys.executable).with_name("ray"))
-ELASTIC_EPOCHS = 24  # enough for a node to join and the group to grow before the run ends
+ELASTIC_EPOCHS = 20  # enough for a node to join and the group to grow before the run ends
 TINY = ["--arch", "resnet18", "--weights", "none", "--image-size", "48", "--batch-size", "8"]
 
 
@@ -321,7 +321,8 @@ def test_a_fixed_run_without_room_after_a_node_loss_fails_in_one_line_and_keeps_
     assert time.monotonic() - started < 120, "the wait is bounded by --resource-timeout"
     last = output.strip().splitlines()[-1]
     assert last.startswith("tl-ray: error: training failed: --resource-timeout: waited 20 s for 2 training worker")
-    assert "Traceback" not in output
+    # tl-ray's own output has no traceback (Ray's streamed worker and controller logs, "(... pid=N)", may).
+    assert not [line for line in output.splitlines() if "Traceback" in line and "pid=" not in line]
     # Nothing recorded is lost: the same run resumes on what is left, from its last recorded epoch.
     recorded_epochs = read_meta(max(path for path in run_dir.glob("checkpoint_epoch*") if recorded(path)))["epoch"]
     code, output = _tl_ray(cluster, *argv, "--num-workers", "1").finish()

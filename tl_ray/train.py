@@ -40,6 +40,8 @@ RESULT_FILE = "result.json"
 CONFIG_FILE = "config.yaml"
 # Below this many images per worker, BatchNorm's batch statistics are noisy enough to hurt: say so.
 SMALL_WORKER_BATCH = 16
+# How long an elastic run waits for a worker group's placement before deciding its size again.
+ELASTIC_START_TIMEOUT_S = 20.0
 
 logger = logging.getLogger(__name__)
 
@@ -298,7 +300,7 @@ def run(config: TrainConfig, callbacks: list[ray.train.UserCallback] | None = No
         dataset_config=_ShardConfig(),
     )
     try:
-        with _worker_group_start_timeout(config.resource_timeout):
+        with _worker_group_start_timeout(config.resource_timeout, config.elastic):
             result = trainer.fit()
         skipped_files = ray.get(skipped.get.remote())
         lost = labels_without_images(train_per_class, ray.get(skipped.train_counts.remote()))
@@ -326,14 +328,17 @@ def _resource_wait(config: TrainConfig, use_gpu: bool, worker_cpus: float) -> li
 
 
 @contextlib.contextmanager
-def _worker_group_start_timeout(resource_timeout: float) -> Iterator[None]:
+def _worker_group_start_timeout(resource_timeout: float, elastic: bool) -> Iterator[None]:
     """Ray Train waits up to RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s) for a worker group's placement
-    group before it retries; a shorter --resource-timeout must be able to fire before that. The variable is
-    read when ``fit()`` creates the controller, which inherits it."""
+    group before it retries; a shorter --resource-timeout must be able to fire before that. An elastic run
+    retries sooner (20 s): right after a node loss its size is decided on the cluster as it was (the dead
+    node not yet noticed), and the retry is decided on the nodes left. The variable is read when ``fit()``
+    creates the controller, which inherits it."""
     name = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
     previous = os.environ.get(name)
-    if resource_timeout and previous is None:
-        os.environ[name] = str(max(1.0, min(60.0, resource_timeout / 2)))
+    longest = ELASTIC_START_TIMEOUT_S if elastic else 60.0
+    if previous is None and (resource_timeout or elastic):
+        os.environ[name] = str(max(1.0, min(longest, resource_timeout / 2 if resource_timeout else longest)))
     try:
         yield
     finally:
