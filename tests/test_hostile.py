@@ -191,7 +191,8 @@ CLI_CASES: dict[str, tuple[Callable[[Path, Path], list[str]], str]] = {
         "tl-ray: error: --config: {tmp}/c.yaml has unknown keys: learning_rate; known: arch, augment, "
         "backbone_lr_mult, batch_size, cache, color_jitter, cpus_per_worker, data, epochs, freeze_depth, gpu, "
         "head_epochs, image_size, keep_checkpoints, label_smoothing, lr, max_failures, momentum, name, num_workers, "
-        "optimizer, seed, storage, strategy, sync_bn, train_bn, val_fraction, warmup_epochs, weight_decay, weights",
+        "optimizer, resize_interval, resource_timeout, seed, storage, strategy, sync_bn, train_bn, val_fraction, "
+        "warmup_epochs, weight_decay, weights",
     ),
     "YAML config with a wrong type": (
         lambda tmp, ds: _yaml(tmp / "c.yaml", "epochs: three\n"),

@@ -109,7 +109,12 @@ TRAIN_HELP: dict[str, tuple[Any, str]] = {
         " at --freeze-depth 5 with the cache on, the backbone's features are then computed once and only the head"
         " trains",
     ),
-    "num_workers": (int, "data-parallel training workers (one GPU each on a GPU cluster)"),
+    "num_workers": (
+        str,
+        "data-parallel training workers (one GPU each on a GPU cluster); MIN-MAX (1-4): elastic, as many as the"
+        " alive nodes fit: a lost node shrinks the group, a new one grows it at the next --resize-interval check,"
+        " each time from the last checkpoint",
+    ),
     "cpus_per_worker": (
         float,
         "CPUs reserved per worker, and its torch threads on CPU (default: reserve all but one CPU (or half the"
@@ -128,6 +133,16 @@ TRAIN_HELP: dict[str, tuple[Any, str]] = {
     "name": (str, "run name: its folder under --storage; rerunning a name resumes it (default: train-<timestamp>)"),
     "keep_checkpoints": (int, "keep the best N checkpoints by --monitor (the latest is always kept too)"),
     "max_failures": (int, "restart failed training workers from the last checkpoint up to N times (-1: forever)"),
+    "resource_timeout": (
+        float,
+        "seconds a run may wait for its workers' resources (at the start, or after losing a node) before it fails"
+        " with an error; 0: wait forever",
+    ),
+    "resize_interval": (
+        float,
+        "elastic --num-workers MIN-MAX: seconds between checks for room to grow the worker group (each growth"
+        " restarts the group from the last checkpoint)",
+    ),
     "seed": (int, "random seed for the new head's initialisation and the workers"),
 }
 

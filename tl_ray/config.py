@@ -78,7 +78,7 @@ class TrainConfig:
     val_fraction: float = 0.2
     color_jitter: float = 0.0
     augment: str = "auto"
-    num_workers: int = 1
+    num_workers: int | str = 1  # N, or MIN-MAX ("1-4"): elastic, Ray Train resizes the group to the nodes alive
     gpu: bool | None = None
     cpus_per_worker: float | None = None
     storage: str = "./runs"
@@ -86,6 +86,8 @@ class TrainConfig:
     name: str | None = None
     keep_checkpoints: int = 2
     max_failures: int = 3
+    resource_timeout: float = 600.0  # seconds without a running worker group before the run fails; 0: no limit
+    resize_interval: float = 60.0  # elastic runs: seconds between Ray Train's checks for room to grow
     seed: int = 0
 
     def validate(self) -> TrainConfig:
@@ -119,12 +121,19 @@ class TrainConfig:
         _check_range("freeze_depth", self.freeze_depth, 0, NUM_STAGES)
         _check_positive("epochs", self.epochs)
         _check_positive("lr", self.lr)
-        _check_positive("num_workers", self.num_workers)
-        if self.batch_size < 2 * self.num_workers:
+        workers = parse_workers(self.num_workers)
+        if workers is None or not 1 <= workers[0] <= workers[1]:
+            raise UsageError(
+                f"{flag('num_workers')} must be a positive number of workers (4) or a range MIN-MAX (1-4) with"
+                f" 1 <= MIN <= MAX; got {self.num_workers!r}"
+            )
+        if self.batch_size < 2 * self.max_workers:
             raise UsageError(
                 f"{flag('batch_size')} is the global batch, split over {flag('num_workers')}: it must be at least "
-                f"2 per worker ({2 * self.num_workers}); got {self.batch_size}"
+                f"2 per worker ({2 * self.max_workers}); got {self.batch_size}"
             )
+        _check_range("resource_timeout", self.resource_timeout, 0.0, 1e9)
+        _check_positive("resize_interval", self.resize_interval)
         _check_positive("keep_checkpoints", self.keep_checkpoints)
         _check_range("image_size", self.image_size, 16, 4096)
         _check_range("momentum", self.momentum, 0.0, 1.0)
@@ -149,6 +158,20 @@ class TrainConfig:
         if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
             raise UsageError(f"{flag('name')} must be a plain folder name (no '/', not hidden); got {self.name!r}")
         return self
+
+    @property
+    def min_workers(self) -> int:
+        """The fewest workers the run trains with (``--num-workers`` N, or MIN of MIN-MAX)."""
+        return (parse_workers(self.num_workers) or (1, 1))[0]
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the run trains with: what CPUs, batches and concurrency are sized for."""
+        return (parse_workers(self.num_workers) or (1, 1))[1]
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers != self.max_workers
 
     def with_recipe(self) -> TrainConfig:
         """Options left out (None) filled in from the recipe (tl_ray.recipe), for this start and optimizer."""
@@ -181,6 +204,16 @@ class TrainConfig:
             return self
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         return dataclasses.replace(self, name=f"train-{stamp}")
+
+
+def parse_workers(value: int | str) -> tuple[int, int] | None:
+    """``--num-workers`` as (min, max): ``4`` is (4, 4), ``1-4`` is (1, 4); None if it is neither."""
+    if isinstance(value, int):
+        return value, value
+    low, dash, high = value.strip().partition("-")
+    if not dash or not low.strip().isdigit() or not high.strip().isdigit():
+        return None
+    return int(low), int(high)
 
 
 def _check_positive(key: str, value: float) -> None:

@@ -28,7 +28,14 @@ from tl_ray import cache, classes, data, model, progress, report
 from tl_ray.checkpoint import META_FILE, MODEL_FILE
 from tl_ray.config import MONITORS, TuneConfig, absolute, forbid_world_writable_files
 from tl_ray.errors import TlRayError
-from tl_ray.training import CONFIG_FILE, check_pipeline_room, check_shared_storage, cpus_per_worker, write_config
+from tl_ray.training import (
+    CONFIG_FILE,
+    check_pipeline_room,
+    check_shared_storage,
+    cpus_per_worker,
+    largest_node_cpus,
+    write_config,
+)
 from tl_ray.training import run as run_training
 
 BEST_DIR = "best"
@@ -157,10 +164,13 @@ def _share_cpus(config: TuneConfig, started_locally: bool) -> TuneConfig:
     total, concurrent = cluster.get("CPU", 1), _max_concurrent(config)
     per_worker = config.cpus_per_worker
     if per_worker is None and concurrent > 1:
-        per_worker = cpus_per_worker(total, config.num_workers, concurrent)
+        # Trial drivers take a sliver of a node too: a worker as large as a node would then fit on none of them.
+        largest = largest_node_cpus()
+        room = None if largest is None else largest - TRIAL_DRIVER_CPU
+        per_worker = cpus_per_worker(total, config.max_workers, concurrent, largest_node=room)
     if started_locally:  # a cluster that was already running may still be adding nodes
-        budget = per_worker or cpus_per_worker(total, config.num_workers)
-        check_pipeline_room(total, config.num_workers, budget, concurrent, overhead=concurrent * TRIAL_DRIVER_CPU)
+        budget = per_worker or cpus_per_worker(total, config.max_workers)
+        check_pipeline_room(total, config.max_workers, budget, concurrent, overhead=concurrent * TRIAL_DRIVER_CPU)
     return dataclasses.replace(config, cpus_per_worker=per_worker)
 
 
@@ -169,7 +179,7 @@ def _max_concurrent(config: TuneConfig) -> int:
         return config.max_concurrent
     gpus = ray.cluster_resources().get("GPU", 0)
     if config.gpu is not False and gpus > 0:
-        return max(1, int(gpus // config.num_workers))
+        return max(1, int(gpus // config.max_workers))
     return 1  # CPU trials share the machine's cores: one at a time finishes soonest
 
 

@@ -10,11 +10,13 @@ which carries the optimizer, the LR schedule and the metric history.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -30,7 +32,7 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.torch import TorchTrainer
 from torch import nn
 
-from tl_ray import __version__, cache, checkpoint, classes, data, features, model, progress
+from tl_ray import __version__, cache, checkpoint, classes, cluster, data, features, model, progress
 from tl_ray.config import MONITORS, NUM_STAGES, TrainConfig, absolute, forbid_world_writable_files, to_yaml
 from tl_ray.errors import RunError, TlRayError, UsageError
 
@@ -38,6 +40,8 @@ RESULT_FILE = "result.json"
 CONFIG_FILE = "config.yaml"
 # Below this many images per worker, BatchNorm's batch statistics are noisy enough to hurt: say so.
 SMALL_WORKER_BATCH = 16
+# How long an elastic run waits for a worker group's placement before deciding its size again.
+ELASTIC_START_TIMEOUT_S = 20.0
 
 logger = logging.getLogger(__name__)
 
@@ -99,14 +103,18 @@ def _mount_type(path: str) -> str:
 
 
 def check_shared_storage(storage: str, option: str = "--storage") -> None:
-    """On a multi-node cluster, refuse a node-local folder: other nodes could not see its checkpoints (or cache)."""
+    """On a multi-node cluster, refuse a node-local folder: nodes of other machines could not see its
+    checkpoints (or cache). Nodes that all run on this machine (several ``ray start`` on one host) share it."""
     alive = [node for node in ray.nodes() if node.get("Alive")]
     if len(alive) < 2 or "://" in storage:
         return
     if _mount_type(storage).split(".")[0] in NETWORK_FILESYSTEMS:
         return
+    if cluster.on_one_host(alive, socket.gethostname(), cluster.local_addresses()):
+        return
     raise UsageError(
-        f"{option}: {storage} is a node-local folder, but this Ray cluster has {len(alive)} nodes; "
+        f"{option}: {storage} is a node-local folder, but this Ray cluster has {len(alive)} nodes, not all on"
+        " this machine; "
         "pass shared storage: s3://bucket/path, gs://bucket/path or a folder on an NFS mount"
     )
 
@@ -115,14 +123,19 @@ def check_shared_storage(storage: str, option: str = "--storage") -> None:
 PIPELINE_CPU = 0.5
 
 
-def cpus_per_worker(total_cpus: float, num_workers: int, concurrent_runs: int = 1) -> float:
+def cpus_per_worker(
+    total_cpus: float, num_workers: int, concurrent_runs: int = 1, largest_node: float | None = None
+) -> float:
     """The CPUs Ray reserves for each CPU training worker: what is left after one CPU (or half the machine)
-    for Ray Data, shared by ``concurrent_runs`` runs' workers.
+    for Ray Data, shared by ``concurrent_runs`` runs' workers, and never more than the largest node has
+    (a worker sized from a multi-node cluster's total would fit on no node, and wait forever).
 
     A logical reservation only: it keeps Ray from scheduling more than fits, while each worker's
     torch threads are sized to the cores it can actually use (``torch_threads``).
     """
     spare = max(total_cpus - 1.0, total_cpus / 2.0)
+    if largest_node is not None:
+        spare = min(spare, largest_node * num_workers * concurrent_runs)
     return max(0.01, min(8.0, math.floor(100 * spare / (num_workers * concurrent_runs)) / 100))
 
 
@@ -159,10 +172,16 @@ def _resources(config: TrainConfig, started_locally: bool) -> tuple[bool, float]
         raise UsageError("--gpu: this machine has no GPU visible to Ray; drop --gpu (or pass --cpu) to train on CPU")
     if use_gpu:
         return use_gpu, config.cpus_per_worker or 1.0
-    per_worker = config.cpus_per_worker or cpus_per_worker(cpus, config.num_workers)
+    per_worker = config.cpus_per_worker or cpus_per_worker(cpus, config.max_workers, largest_node=largest_node_cpus())
     if started_locally:  # a cluster that was already running may still be adding nodes
-        check_pipeline_room(cpus, config.num_workers, per_worker)
+        check_pipeline_room(cpus, config.max_workers, per_worker)
     return use_gpu, per_worker
+
+
+def largest_node_cpus() -> float | None:
+    """The most CPUs one alive node has: no CPU worker can be larger."""
+    sizes = [node.get("Resources", {}).get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")]
+    return max(sizes, default=0.0) or None
 
 
 def _node_cpus() -> float:
@@ -269,10 +288,12 @@ def run(
     try:
         with progress.relay(on_event) as events:
             if on_event is not None:
-                noun = "worker" if config.num_workers == 1 else "workers"
+                noun = "worker" if config.max_workers == 1 else "workers"
                 on_event(progress.Stage(f"starting {config.num_workers} training {noun}"))
             loop_config["progress"] = events
-            result = _trainer(config, loop_config, datasets, use_gpu, worker_cpus, storage, callbacks).fit()
+            trainer = _trainer(config, loop_config, datasets, use_gpu, worker_cpus, storage, callbacks)
+            with _worker_group_start_timeout(config.resource_timeout, config.elastic):
+                result = trainer.fit()
         skipped_files = ray.get(skipped.get.remote())
         lost = labels_without_images(train_per_class, ray.get(skipped.train_counts.remote()))
     except ray.train.TrainingFailedError as error:
@@ -297,7 +318,10 @@ def _trainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
-            num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": worker_cpus}
+            num_workers=(config.min_workers, config.max_workers) if config.elastic else config.max_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": worker_cpus},
+            elastic_resize_monitor_interval_s=config.resize_interval,
         ),
         run_config=RunConfig(
             name=config.name,
@@ -308,24 +332,57 @@ def _trainer(
                 checkpoint_score_order=MONITORS[config.monitor],
             ),
             failure_config=FailureConfig(max_failures=config.max_failures),
-            callbacks=callbacks,
+            callbacks=[*(callbacks or []), *_resource_wait(config, use_gpu, worker_cpus)],
         ),
         datasets=datasets,
         dataset_config=_ShardConfig(),
     )
 
 
+def _resource_wait(config: TrainConfig, use_gpu: bool, worker_cpus: float) -> list[cluster.ResourceWait]:
+    """The controller callback that ends a run waiting longer than --resource-timeout for its workers."""
+    if not config.resource_timeout:
+        return []
+    workers = f"{config.min_workers}" if not config.elastic else f"at least {config.min_workers}"
+    each = "1 GPU" if use_gpu else f"{worker_cpus:g} CPU"
+    message = (
+        f"--resource-timeout: waited {config.resource_timeout:g} s for {workers} training worker(s) of {each} each"
+        " (a node lost, or the cluster too small): add nodes, lower --num-workers, or raise --resource-timeout;"
+        " rerun the same command to resume from the last checkpoint"
+    )
+    return [cluster.ResourceWait(config.resource_timeout, message)]
+
+
+@contextlib.contextmanager
+def _worker_group_start_timeout(resource_timeout: float, elastic: bool) -> Iterator[None]:
+    """Ray Train waits up to RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s) for a worker group's placement
+    group before it retries; a shorter --resource-timeout must be able to fire before that. An elastic run
+    retries sooner (20 s): right after a node loss its size is decided on the cluster as it was (the dead
+    node not yet noticed), and the retry is decided on the nodes left. The variable is read when ``fit()``
+    creates the controller, which inherits it."""
+    name = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+    previous = os.environ.get(name)
+    longest = ELASTIC_START_TIMEOUT_S if elastic else 60.0
+    if previous is None and (resource_timeout or elastic):
+        os.environ[name] = str(max(1.0, min(longest, resource_timeout / 2 if resource_timeout else longest)))
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+
+
 def _check_batch_norm(config: TrainConfig, use_gpu: bool) -> None:
     """SyncBatchNorm needs GPUs (torch implements it for CUDA only); small per-worker batches deserve a warning."""
     if config.sync_bn and not use_gpu:
         raise UsageError("--sync-bn: synchronised BatchNorm needs GPU workers; on CPU use --no-train-bn instead")
-    worker_batch = config.batch_size // config.num_workers
+    worker_batch = config.batch_size // config.max_workers
     trains_batch_norm = config.train_bn and config.freeze_depth < NUM_STAGES
-    if config.num_workers > 1 and not config.sync_bn and trains_batch_norm and worker_batch < SMALL_WORKER_BATCH:
+    if config.max_workers > 1 and not config.sync_bn and trains_batch_norm and worker_batch < SMALL_WORKER_BATCH:
         logger.warning(
             "each of the %d workers normalises BatchNorm over %d images only (--batch-size %d split over "
             "--num-workers): pass --sync-bn (GPUs), --no-train-bn, or a larger --batch-size",
-            config.num_workers,
+            config.max_workers,
             worker_batch,
             config.batch_size,
         )
@@ -487,10 +544,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         transfer.parameter_groups(options.lr, options.weight_decay, options.backbone_lr_mult), options
     )
     worker_batch = options.batch_size // world  # --batch-size is global: same optimisation on 1 or 8 workers
-    steps = steps_per_epoch(loop_config["num_train"], options.batch_size, world)
+    steps_now = steps_per_epoch(loop_config["num_train"], options.batch_size, world)
+    # The LR curve is planned once, in the first worker group's steps, and followed by global progress (epochs
+    # and the share of this epoch done): a group resized after a node loss or join keeps the same curve.
+    plan = {"steps_per_epoch": steps_now, "position": 0}
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: lr_factor(step, steps, options.epochs, options.warmup_epochs, options.head_epochs),
+        lambda _: lr_factor(
+            plan["position"], plan["steps_per_epoch"], options.epochs, options.warmup_epochs, options.head_epochs
+        ),
     )
     amp_dtype = _amp_dtype(device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -507,7 +569,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, history = state["epoch"], state["history"]
+        plan["steps_per_epoch"] = state.get("steps_per_epoch", steps_now)
     resumed_after_epoch = start_epoch
+    node_ids = _worker_node_ids()
 
     # On cached backbone features only the head runs (and DDP syncs only its gradients).
     on_features = loop_config["inputs"] == "features"
@@ -559,7 +623,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     events = loop_config["progress"] if rank == 0 else None
     for epoch in range(start_epoch + 1, options.epochs + 1):
         started = time.perf_counter()
-        pacer = progress.StepPacer(events, epoch, options.epochs, steps)
+        pacer = progress.StepPacer(events, epoch, options.epochs, steps_now)
         # A probe-then-fine-tune run trains the head alone first; DDP is (re)built for what trains now.
         depth = NUM_STAGES if epoch <= options.head_epochs else options.freeze_depth
         if wrapped is None or depth != transfer.freeze_depth:
@@ -567,6 +631,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             wrapped = ray.train.torch.prepare_model(trained)
         wrapped.train()
         loss_sum = correct = seen = waited = 0.0
+        stepped = 0
         asked = time.perf_counter()
         for batch in train_batches(epoch):
             waited += time.perf_counter() - asked
@@ -580,6 +645,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            stepped += 1
+            plan["position"] = planned_position(epoch, stepped, steps_now, plan["steps_per_epoch"])
             scheduler.step()
             loss_sum += loss.item() * len(labels)
             correct += (logits.argmax(1) == labels).sum().item()
@@ -625,13 +692,34 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "val_images": int(totals[5]),
             "num_classes": len(class_names),
             "workers": world,
+            "nodes": len(set(node_ids)),  # the distinct nodes the workers ran on
             "torch_threads": torch.get_num_threads(),  # per worker
             # The epoch this worker group started from: > 0 after a resume or a worker-failure restart.
             "resumed_after_epoch": resumed_after_epoch,
         }
-        history.append(metrics)
-        _report(epoch, metrics, history, transfer, optimizer, scheduler, scaler, loop_config, options, rank)
+        history.append({**metrics, "node_ids": sorted(set(node_ids))})
+        _report(epoch, metrics, history, transfer, optimizer, scheduler, scaler, plan, loop_config, options, rank)
         progress.send(events, progress.Epoch(metrics, options.epochs))
+
+
+def planned_position(epoch: int, stepped: int, steps_now: int, planned_steps_per_epoch: int) -> int:
+    """The step of the planned LR curve reached after ``stepped`` of this group's ``steps_now`` steps in ``epoch``.
+
+    The same share of an epoch is the same point of the curve whatever the worker count: a group of
+    another size (more or fewer steps per epoch) follows the curve the run was planned with.
+    """
+    done = min(planned_steps_per_epoch, round(stepped * planned_steps_per_epoch / max(1, steps_now)))
+    return (epoch - 1) * planned_steps_per_epoch + done
+
+
+def _worker_node_ids() -> list[str]:
+    """Every worker's Ray node id (one collective, when the group starts): which nodes the group spans."""
+    mine = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return [str(node) for node in gathered]
 
 
 def _some_class_has_no_images(loop_config: dict[str, Any], rank: int, device: torch.device) -> bool:
@@ -733,7 +821,7 @@ def _evaluate(
     return loss_sum, correct, seen, counts.tolist()
 
 
-def _report(epoch, metrics, history, transfer, optimizer, scheduler, scaler, loop_config, options, rank) -> None:
+def _report(epoch, metrics, history, transfer, optimizer, scheduler, scaler, plan, loop_config, options, rank) -> None:
     """Every worker reports (it is a barrier); only rank 0 writes the checkpoint."""
     with tempfile.TemporaryDirectory() as directory:
         saved = None
@@ -759,6 +847,7 @@ def _report(epoch, metrics, history, transfer, optimizer, scheduler, scaler, loo
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
+                "steps_per_epoch": plan["steps_per_epoch"],  # the LR curve's plan, kept across resizes
                 "history": history,
             }
             checkpoint.save_checkpoint(directory, transfer.net.state_dict(), meta, train_state)
