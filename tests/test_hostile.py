@@ -189,10 +189,10 @@ CLI_CASES: dict[str, tuple[Callable[[Path, Path], list[str]], str]] = {
     "YAML config with an unknown key": (
         lambda tmp, ds: _yaml(tmp / "c.yaml", "learning_rate: 0.1\n"),
         "tl-ray: error: --config: {tmp}/c.yaml has unknown keys: learning_rate; known: arch, augment, "
-        "backbone_lr_mult, batch_size, cache, color_jitter, cpus_per_worker, data, epochs, freeze_depth, gpu, "
-        "head_epochs, image_size, keep_checkpoints, label_smoothing, lr, max_failures, momentum, name, num_workers, "
-        "optimizer, resize_interval, resource_timeout, seed, storage, strategy, sync_bn, train_bn, val_fraction, "
-        "warmup_epochs, weight_decay, weights",
+        "backbone_lr_mult, batch_size, cache, class_weights, color_jitter, cpus_per_worker, data, epochs, "
+        "freeze_depth, gpu, head_epochs, image_size, keep_checkpoints, label_smoothing, lr, max_failures, momentum, "
+        "monitor, name, num_workers, optimizer, resize_interval, resource_timeout, seed, storage, strategy, sync_bn, "
+        "train_bn, val_fraction, warmup_epochs, weight_decay, weights",
     ),
     "YAML config with a wrong type": (
         lambda tmp, ds: _yaml(tmp / "c.yaml", "epochs: three\n"),
