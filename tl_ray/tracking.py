@@ -76,7 +76,8 @@ def logger_settings(kind: str, project: str | None) -> LoggerSettings | None:
         return settings
     import mlflow
 
-    uri = mlflow.get_tracking_uri()  # MLFLOW_TRACKING_URI, else the default store under this directory
+    # MLFLOW_TRACKING_URI, else what this process set or MLflow's default (a store under this directory).
+    uri = env.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
     try:
         mlflow.MlflowClient(uri).search_experiments(max_results=1)
     except Exception as error:  # MLflow raises its own and the store's errors: any of them means no logging
@@ -144,7 +145,9 @@ class TensorBoardCallback(ray.train.UserCallback):
             self._local = self._local or tempfile.mkdtemp(prefix="tl-ray-tensorboard-")
         else:
             self._local = self.folder
-        self._writer = SummaryWriter(self._local, purge_step=purge_step, flush_secs=10)
+        # Event files are named by the second they were opened: the suffix keeps a reopened one from overwriting.
+        suffix = f".{os.getpid()}.{purge_step}"
+        self._writer = SummaryWriter(self._local, purge_step=purge_step, flush_secs=10, filename_suffix=suffix)
 
     def _upload(self) -> None:
         if "://" not in self.folder:
