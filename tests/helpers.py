@@ -66,3 +66,39 @@ def encode(image: Image.Image, fmt: str, **options) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **options)
     return buffer.getvalue()
+
+
+def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) of every scalar in a TensorBoard folder, as TensorBoard shows them (orphaned steps purged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def wandb_offline_history(run_folder: Path) -> list[dict]:
+    """The rows a W&B offline run logged, read from its transaction log (``run-<id>.wandb``: a W&B header, then
+    LevelDB-log framed ``Record`` protos). wandb ships no Python reader for it any more (its core is a binary)."""
+    from wandb.proto import wandb_internal_pb2
+
+    raw = next(run_folder.glob("run-*.wandb")).read_bytes()
+    assert raw[:4] == b":W&B", "not a W&B transaction log"
+    block, position, pending, rows = 32768, 7, b"", []
+    while position + 7 <= len(raw):
+        if block - position % block < 7:  # a block's tail too short for a header is padding
+            position += block - position % block
+            continue
+        length, kind = int.from_bytes(raw[position + 4 : position + 6], "little"), raw[position + 6]
+        pending += raw[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # FULL, LAST: a whole record
+            record = wandb_internal_pb2.Record.FromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append(
+                    {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                )
+        elif kind == 0:
+            break
+    return rows

@@ -231,7 +231,9 @@ def test_a_sweep_spreads_its_trials_over_nodes(cluster, tiny_data, tmp_path):
     )  # fmt: skip
     code, output = driver.finish()
     assert code == 0, output[-3000:]
-    trials = [_history(folder) for folder in sorted((tmp_path / "sweep" / "trials").iterdir())]
+    trials = [
+        _history(folder / "train") for folder in sorted((tmp_path / "sweep" / "trials").iterdir()) if folder.is_dir()
+    ]
     assert len(trials) == 2
     nodes = [set(history[0]["node_ids"]) for history in trials]
     # Two one-worker trials at once, one CPU each: each on a node of its own.

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SOURCE_BATCH, SOURCE_EPOCHS, kill_a_training_worker, recorded
+from helpers import SOURCE_BATCH, SOURCE_EPOCHS, kill_a_training_worker, recorded, tensorboard_scalars
 
 import tl_ray
 from tl_ray import cli, data
@@ -67,6 +67,16 @@ def test_train_learns_and_leaves_a_loadable_checkpoint(source_run, source_data, 
     saved = merge(TrainConfig, str(source_run[1] / "src" / "config.yaml"), {})
     assert (saved.epochs, saved.batch_size, saved.image_size) == (SOURCE_EPOCHS, SOURCE_BATCH, 48)
     assert (saved.lr, saved.weight_decay, saved.strategy) == (meta["strategy"]["lr"], 0.05, "plain")
+    # TensorBoard: every numeric metric per epoch (step = epoch), per-class recall by class, as result.json has them.
+    assert result["tensorboard"] == str(source_run[1] / "src" / "tensorboard")
+    assert f"tensorboard      {result['tensorboard']}" in printed
+    scalars = tensorboard_scalars(Path(result["tensorboard"]))
+    for tag, key in (("val_acc", "val_acc"), ("train_loss", "train_loss"), ("images_per_s", "images_per_s")):
+        assert scalars[tag] == [(row["epoch"], pytest.approx(row[key], rel=1e-6)) for row in result["history"]]
+    assert scalars["val_recall/star"] == [
+        (row["epoch"], pytest.approx(row["val_recall"]["star"], rel=1e-6)) for row in result["history"]
+    ]
+    assert {"macro_f1", "head_lr_now", "data_wait_s", "val_loss", "train_acc"} <= set(scalars)
     layout = data.discover(str(source_data))
     # The checkpoint alone reproduces the run's validation accuracy: same classes, same preprocessing.
     assert checkpoint_accuracy(result["best_checkpoint"], layout.val) == pytest.approx(
@@ -114,6 +124,9 @@ def test_rerun_resumes_and_a_killed_worker_restarts_from_the_last_checkpoint(sou
     assert state["scheduler"]["last_epoch"] == steps, "the LR schedule continued instead of starting over"
     assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {steps}, "AdamW's step count continued"
     assert (storage / "src" / f"checkpoint_epoch{total:03d}" / "model.pt").exists()
+    # TensorBoard went on in the same folder: each epoch once, across the rerun and the worker restart.
+    val_acc = tensorboard_scalars(storage / "src" / "tensorboard")["val_acc"]
+    assert val_acc == [(row["epoch"], pytest.approx(row["val_acc"], rel=1e-6)) for row in after["history"]]
     kept = sorted(p.name for p in (storage / "src").glob("checkpoint_epoch*"))
     assert len(kept) <= 3  # --keep-checkpoints 2 best, plus the latest
 

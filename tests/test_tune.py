@@ -13,6 +13,7 @@ SIGKILLed in its second epoch.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import kill_a_training_worker, recorded
+from helpers import kill_a_training_worker, recorded, tensorboard_scalars
 
 import tl_ray
 from tl_ray import cli, data, report
@@ -35,7 +36,7 @@ pytestmark = pytest.mark.timeout(900)
 def _trial_rows(run_dir: Path) -> dict[str, list[dict]]:
     """What each Tune trial reported so far, from Tune's own per-trial result files."""
     rows = {}
-    for result_file in run_dir.glob("_run_trial_*/result.json"):
+    for result_file in run_dir.glob("trials/*/result.json"):
         lines = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
         if lines:
             rows[lines[0]["trial_id"]] = lines
@@ -44,7 +45,7 @@ def _trial_rows(run_dir: Path) -> dict[str, list[dict]]:
 
 def _ended_trials(run_dir: Path) -> set[str]:
     """Trials that Tune's last saved experiment state records as ended."""
-    states = sorted(run_dir.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    states = sorted(run_dir.glob("trials/experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
     try:
         trials = [json.loads(item[0]) for item in json.loads(states[-1].read_text())["trial_data"]]
     except (IndexError, ValueError, KeyError):  # not written yet, or caught mid-write
@@ -76,9 +77,13 @@ def sweep(source_model, sweep_data, tmp_path_factory, ray_cluster):
         "--freeze-depths", "4", "--lrs", "3e-3,40", "--scratch-baseline", "--max-epochs", "2",
         "--storage", str(storage), "--name", "s1",
     ]  # fmt: skip
+    if importlib.util.find_spec("mlflow"):  # Tune's MLflow callback logs each trial (the mlflow extra)
+        argv += ["--logger", "mlflow"]
     # The sweep runs as its own driver process on this test session's Ray cluster, and is SIGKILLed as
     # soon as Tune has recorded the first two trials as ended.
+    tracking_env = {"MLFLOW_TRACKING_URI": f"file:{storage / 'mlruns'}", "MLFLOW_ALLOW_FILE_STORE": "true"}
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
+    env.update(tracking_env)
     log = storage / "interrupted-driver.log"
     driver = subprocess.Popen(
         [sys.executable, "-m", "tl_ray.cli", *argv],
@@ -92,7 +97,7 @@ def sweep(source_model, sweep_data, tmp_path_factory, ray_cluster):
     try:
         while time.monotonic() < deadline and driver.poll() is None and len(_ended_trials(run_dir)) < 2:
             first_trial = next(iter(sorted((run_dir / "trials").glob("*_00000"))), None)
-            if killed is None and first_trial and recorded(first_trial / "checkpoint_epoch001"):
+            if killed is None and first_trial and recorded(first_trial / "train" / "checkpoint_epoch001"):
                 time.sleep(1)  # into the trial's second epoch
                 killed = kill_a_training_worker(env["RAY_ADDRESS"])
             time.sleep(1)
@@ -106,7 +111,10 @@ def sweep(source_model, sweep_data, tmp_path_factory, ray_cluster):
 
     assert killed is not None, "no training worker of the first trial was found to kill"
 
-    assert cli.main(argv) == 0  # the same command again: Tune restores, Train resumes
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in tracking_env.items():
+            patch.setenv(key, value)
+        assert cli.main(argv) == 0  # the same command again: Tune restores, Train resumes
     return run_dir, before
 
 
@@ -134,6 +142,50 @@ def test_sweep_resumes_without_rerunning_ended_trials(sweep):
     # A training worker of that trial was killed in its second epoch: Ray Train restarted the trial's
     # workers from its first checkpoint, and the trial went on.
     assert [row["resumed_after_epoch"] for row in after[gentle]] == [0, 1]
+
+
+def test_one_folder_per_trial_holds_its_records_checkpoints_and_tensorboard(sweep):
+    run_dir, _ = sweep
+    rows = list(csv.DictReader((run_dir / "results.csv").open()))
+    reported = _trial_rows(run_dir)
+    folders = sorted(p.name for p in run_dir.iterdir() if p.is_dir())
+    assert folders == ["best", "trials"], "trials live in trials/, nothing else beside the report"
+    trials = run_dir / "trials"
+    assert sorted(p.name for p in trials.iterdir() if p.is_dir()) == sorted(row["trial_id"] for row in rows)
+    for row in rows:
+        trial = trials / row["trial_id"]
+        # Tune's records of the trial, and the trial's Train run beside them in train/.
+        assert {"params.json", "result.json", "progress.csv"} <= {p.name for p in trial.iterdir()}
+        assert Path(row["checkpoint"]).parent == trial / "train"
+        assert (trial / "train" / "config.yaml").exists()
+        val_acc = tensorboard_scalars(trial / "train" / "tensorboard")["val_acc"]
+        if row["status"] == "stopped early":  # ASHA stopped its Train run: no result.json, Tune has its epochs
+            history = reported[row["trial_id"]]
+            assert not (trial / "train" / "result.json").exists()
+        else:
+            train = json.loads((trial / "train" / "result.json").read_text())
+            history = train["history"]
+            assert train["tensorboard"] == str(trial / "train" / "tensorboard")
+        assert val_acc == [(h["epoch"], pytest.approx(h["val_acc"], rel=1e-6)) for h in history]
+        assert len(val_acc) == int(row["epochs"])
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("mlflow"), reason="the mlflow extra is not installed")
+def test_mlflow_has_a_run_per_trial_with_its_epochs(sweep):
+    import mlflow
+
+    run_dir, _ = sweep
+    client = mlflow.MlflowClient(f"file:{run_dir.parent / 'mlruns'}")
+    runs = client.search_runs([client.get_experiment_by_name("tl-ray").experiment_id])
+    reported = _trial_rows(run_dir)
+    logged: dict[str, set[float]] = {}
+    for run in runs:  # Tune names each MLflow run after its trial; a trial resumed by the rerun gets a second run
+        trial_id = next(trial_id for trial_id in reported if run.info.run_name.endswith(trial_id))
+        history = client.get_metric_history(run.info.run_id, "val_acc")
+        logged.setdefault(trial_id, set()).update(round(metric.value, 9) for metric in history)
+    assert sorted(logged) == sorted(reported)
+    for trial_id, rows in reported.items():  # (the killed driver may have logged an epoch Tune did not record)
+        assert {round(row["val_acc"], 9) for row in rows} <= logged[trial_id]
 
 
 def test_asha_stopped_the_absurd_learning_rate_early_but_not_the_baseline(sweep):

@@ -20,6 +20,7 @@ from tl_ray import __version__, recipe
 from tl_ray.config import (
     ARCHS,
     CLASS_WEIGHTS,
+    LOGGERS,
     MONITORS,
     NUM_STAGES,
     OPTIMIZERS,
@@ -144,6 +145,16 @@ TRAIN_HELP: dict[str, tuple[Any, str]] = {
         " restarts the group from the last checkpoint)",
     ),
     "seed": (int, "random seed for the new head's initialisation and the workers"),
+    "logger": (
+        str,
+        f"{' | '.join(LOGGERS)}: also log every epoch to Weights & Biases or MLflow (TensorBoard files are always"
+        " written to the run folder's tensorboard/), configured by their variables: WANDB_MODE (offline),"
+        " WANDB_API_KEY, MLFLOW_TRACKING_URI; tune logs one tracker run per trial",
+    ),
+    "logger_project": (
+        str,
+        "the W&B project or MLflow experiment (default: WANDB_PROJECT or MLFLOW_EXPERIMENT_NAME, else tl-ray)",
+    ),
 }
 
 
@@ -320,6 +331,7 @@ def _print_train_result(result, rows_printed: int) -> None:
         print(f"val recall       {shown} (lowest first{more})")
     print(f"best checkpoint  {result.best_checkpoint}")
     print(f"run folder       {result.run_dir} (result.json)")
+    print(f"tensorboard      {result.tensorboard}")
     print(f"skipped files    {len(result.skipped_files)}")
     for item in result.skipped_files[:20]:
         print(f"  {item['path']}: {item['reason']}")
@@ -346,6 +358,7 @@ def _print_sweep(summary, written: dict[str, str]) -> None:
     print(f"report           {written['markdown']}")
     print(f"plot             {written['plot']}")
     print(f"results          {written['csv']}")
+    print(f"tensorboard      tensorboard --logdir {summary.run_dir}")
 
 
 def _print_evaluation(evaluation, out: str | None) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib.util
 import math
 import numbers
 import os
@@ -39,11 +40,24 @@ NUM_STAGES = 5  # stem, layer1..layer4: see docs/architecture.md "freeze depth"
 CLASS_WEIGHTS = ("none", "auto")
 # The metric that picks the best checkpoint (and ranks a sweep's trials), and which way it improves.
 MONITORS = {"val_acc": "max", "val_loss": "min", "macro_f1": "max"}
+# Where a run's metrics go besides TensorBoard (tl_ray.tracking); the module each imports, and what to install for it
+# (the tl-ray extra of the same name installs it).
+LOGGERS = ("none", "wandb", "mlflow")
+LOGGER_PACKAGES = {"wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow-skinny")}
 
 
 def absolute(location: str) -> str:
     """A local path made absolute (Ray and pyarrow want that); URIs (s3://, gs://) unchanged."""
     return location if "://" in location else os.path.abspath(os.path.expanduser(location))
+
+
+def check_logger(kind: str) -> None:
+    """``--logger``: one of LOGGERS, with its package importable (else a UsageError naming what to install)."""
+    if kind not in LOGGERS:
+        raise UsageError(f"{flag('logger')} must be one of {', '.join(LOGGERS)}; got {kind!r}")
+    if kind != "none" and importlib.util.find_spec(LOGGER_PACKAGES[kind][0]) is None:
+        package = LOGGER_PACKAGES[kind][1]
+        raise UsageError(f"--logger {kind} needs the {package} package: pip install {package} (or tl-ray[{kind}])")
 
 
 def flag(key: str) -> str:
@@ -89,6 +103,8 @@ class TrainConfig:
     resource_timeout: float = 600.0  # seconds without a running worker group before the run fails; 0: no limit
     resize_interval: float = 60.0  # elastic runs: seconds between Ray Train's checks for room to grow
     seed: int = 0
+    logger: str = "none"  # see LOGGERS; TensorBoard files are written whatever it is
+    logger_project: str | None = None  # None: WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME, else "tl-ray"
 
     def validate(self) -> TrainConfig:
         """Raise UsageError naming the first bad option; return the config with defaults resolved.
@@ -118,6 +134,7 @@ class TrainConfig:
             )
         if self.monitor not in MONITORS:
             raise UsageError(f"{flag('monitor')} must be one of {', '.join(MONITORS)}; got {self.monitor!r}")
+        check_logger(self.logger)
         _check_range("freeze_depth", self.freeze_depth, 0, NUM_STAGES)
         _check_positive("epochs", self.epochs)
         _check_positive("lr", self.lr)
@@ -500,6 +517,7 @@ class TuneConfig(TrainConfig):
         return min(self.max_epochs, longest_head + max(1, math.ceil(2 * warmup)))
 
     def validate(self) -> TuneConfig:
+        check_logger(self.logger)  # the trials' own Train runs log nothing but TensorBoard: see trial_config
         self.depths()
         self.strategy_names()
         if self.lr_min is not None:
@@ -529,7 +547,8 @@ class TuneConfig(TrainConfig):
         """The TrainConfig of one trial: this sweep's train options with one point of the search space."""
         train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
         options = {key: value for key, value in dataclasses.asdict(self).items() if key in train_fields}
-        options.update(point, epochs=self.max_epochs, storage=storage, name=name)
+        # The sweep logs each trial to --logger through Tune's callbacks; the trial's Train run does not too.
+        options.update(point, epochs=self.max_epochs, storage=storage, name=name, logger="none")
         return TrainConfig(**options)
 
 

@@ -8,6 +8,11 @@ the comparison is fair. ASHA stops weak trials on their best value so far of the
 metric (``--monitor``: val_acc, val_loss or macro_f1), from the first epoch after warm-up on.
 The Train-to-Tune callback hands Tune a ``checkpoint_path`` per epoch, not a Tune
 checkpoint: the best one is found in the reported rows and copied to ``STORAGE/NAME/best``.
+
+One folder per trial: Tune's experiment is ``STORAGE/NAME/trials/`` and each trial's folder is named by its id,
+``trials/<trial_id>/``; it holds Tune's records of the trial (params.json, result.json, progress.csv) and, in
+``train/``, the trial's Train run (config.yaml, result.json, checkpoints, tensorboard/), kept apart because both
+write a result.json.
 """
 
 from __future__ import annotations
@@ -24,10 +29,10 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from tl_ray import cache, classes, data, model, progress, report
+from tl_ray import cache, classes, data, model, progress, report, tracking
 from tl_ray.checkpoint import META_FILE, MODEL_FILE
 from tl_ray.config import MONITORS, TuneConfig, absolute, forbid_world_writable_files
-from tl_ray.errors import TlRayError
+from tl_ray.errors import TlRayError, UsageError
 from tl_ray.training import (
     CONFIG_FILE,
     check_pipeline_room,
@@ -39,7 +44,8 @@ from tl_ray.training import (
 from tl_ray.training import run as run_training
 
 BEST_DIR = "best"
-TRIALS_DIR = "trials"
+TRIALS_DIR = "trials"  # Tune's experiment: one folder per trial, named by the trial's id
+TRIAL_RUN_DIR = "train"  # in a trial's folder, its Train run
 TRIAL_DRIVER_CPU = 0.01
 
 
@@ -87,9 +93,14 @@ def _run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     """One trial: a full Train run whose epochs Tune sees through the callback."""
     forbid_world_writable_files()
     config = TuneConfig(**sweep["options"])
-    context = tune.get_context()
-    trial_config = config.trial_config(params["point"], sweep["trials_storage"], context.get_trial_id())
+    trial_dir = f"{sweep['trials_dir']}/{tune.get_context().get_trial_id()}"  # as _trial_dirname names it
+    trial_config = config.trial_config(params["point"], trial_dir, TRIAL_RUN_DIR)
     run_training(trial_config, callbacks=[TuneReportCallback()])
+
+
+def _trial_dirname(trial: Any) -> str:
+    """A trial's folder is its id (results.csv's trial_id): short, and known to the trial itself."""
+    return trial.trial_id
 
 
 def is_scratch_baseline(point: dict[str, Any]) -> bool:
@@ -190,6 +201,7 @@ def sweep(config: TuneConfig, on_event: progress.OnEvent | None = None) -> tuple
     each ``progress`` event: the cache build, each trial's epochs and each trial's end.
     """
     config = config.validate().with_run_name()
+    tracker = tracking.logger_settings(config.logger, config.logger_project)  # refused now, not after a trial
     config = dataclasses.replace(config, data=absolute(config.data))  # trials run in other processes
     layout = data.discover(config.data, config.val_fraction)  # fail here, once, not in every trial
     storage = absolute(config.storage)
@@ -206,15 +218,20 @@ def sweep(config: TuneConfig, on_event: progress.OnEvent | None = None) -> tuple
             if files:
                 cache.prepare(files, layout, config.image_size, cache_root, short_side, on_event)
 
+    trials_dir = f"{run_dir}/{TRIALS_DIR}"
     trainable = tune.with_parameters(
-        _run_trial,
-        sweep={"options": dataclasses.asdict(config), "trials_storage": f"{run_dir}/{TRIALS_DIR}"},
+        _run_trial, sweep={"options": dataclasses.asdict(config), "trials_dir": trials_dir}
     )
     # The trial's own process only waits on its TorchTrainer: CPUs belong to the workers and Ray Data
     # (Tune refuses an empty request, hence a token share).
     trainable = tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPU})
-    if tune.Tuner.can_restore(run_dir):
-        tuner = tune.Tuner.restore(run_dir, trainable, resume_unfinished=True, resume_errored=True)
+    if tune.Tuner.can_restore(trials_dir):
+        tuner = tune.Tuner.restore(trials_dir, trainable, resume_unfinished=True, resume_errored=True)
+    elif tune.Tuner.can_restore(run_dir):
+        raise UsageError(
+            f"{run_dir} is a sweep from an earlier tl-ray (trials beside the report, not in {TRIALS_DIR}/): it cannot"
+            " be resumed by this one; `tl-ray report` still reads it. Pass a new --name to start a sweep"
+        )
     else:
         scheduler = (
             # stop_last_trials=False: a trial that reached the budget ends on its own. Stopping it there
@@ -247,12 +264,13 @@ def sweep(config: TuneConfig, on_event: progress.OnEvent | None = None) -> tuple
                 # A searcher of our own must carry the concurrency limit itself: Tune applies
                 # max_concurrent_trials only to the searcher it builds.
                 search_alg=BasicVariantGenerator(random_state=config.seed, max_concurrent=_max_concurrent(config)),
+                trial_dirname_creator=_trial_dirname,
             ),
             run_config=tune.RunConfig(
-                name=config.name,
-                storage_path=storage,
+                name=TRIALS_DIR,
+                storage_path=run_dir,
                 verbose=1 if data.ray_is_verbose() else 0,
-                callbacks=[_Progress(config.max_epochs, config.monitor)],
+                callbacks=[_Progress(config.max_epochs, config.monitor), *_loggers(tracker, run_dir, config.name)],
             ),
         )
     _Progress.listener = on_event
@@ -273,6 +291,30 @@ def sweep(config: TuneConfig, on_event: progress.OnEvent | None = None) -> tuple
 def was_interrupted(summary: SweepSummary) -> bool:
     """Whether Tune returned with trials neither finished nor failed: it only does so when interrupted."""
     return any(trial.status == "incomplete" for trial in summary.trials)
+
+
+def _loggers(settings: tracking.LoggerSettings | None, run_dir: str, name: str) -> list[tune.Callback]:
+    """``--logger``: Ray Tune's own W&B or MLflow callback, one tracker run per trial (in the driver, which has the
+    user's environment; W&B's per-trial logging actor does not, so its mode and entity are passed on)."""
+    if settings is None:
+        return []
+    if settings.kind == "wandb":
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        named = (("mode", "WANDB_MODE"), ("entity", "WANDB_ENTITY"))
+        passed = {key: settings.env[var] for key, var in named if var in settings.env}
+        local = {} if "://" in run_dir else {"dir": run_dir}  # offline runs in the sweep's folder: wandb/
+        return [WandbLoggerCallback(project=settings.project, group=name, **passed, **local)]
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    tags = {"tl_ray.sweep": run_dir}
+    return [MLflowLoggerCallback(tracking_uri=settings.tracking_uri, experiment_name=settings.project, tags=tags)]
+
+
+def experiment_dir(run_dir: str) -> str:
+    """Tune's experiment of a sweep: run_dir/trials, or run_dir itself for sweeps from before one folder per trial."""
+    trials = f"{run_dir.rstrip('/')}/{TRIALS_DIR}"
+    return trials if tune.Tuner.can_restore(trials) else run_dir
 
 
 def finalize(run_dir: str) -> tuple[SweepSummary, dict[str, str]]:
@@ -336,7 +378,7 @@ def _steady_rate(rows: list[dict[str, Any]]) -> float:
 def load_summary(run_dir: str) -> SweepSummary:
     """Summarise a sweep from what Tune stored: works on finished and interrupted sweeps alike."""
     try:
-        analysis = tune.ExperimentAnalysis(run_dir)
+        analysis = tune.ExperimentAnalysis(experiment_dir(run_dir))
     except Exception as error:  # Tune raises ValueError/FileNotFoundError/TuneError for non-sweeps
         raise TlRayError(f"{run_dir} is not a tl-ray tune run folder ({error})") from error
     frames = analysis.trial_dataframes

@@ -32,7 +32,7 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.torch import TorchTrainer
 from torch import nn
 
-from tl_ray import __version__, cache, checkpoint, classes, cluster, data, features, model, progress
+from tl_ray import __version__, cache, checkpoint, classes, cluster, data, features, model, progress, tracking
 from tl_ray.config import MONITORS, NUM_STAGES, TrainConfig, absolute, forbid_world_writable_files, to_yaml
 from tl_ray.errors import RunError, TlRayError, UsageError
 
@@ -58,6 +58,7 @@ class TrainResult:
     skipped_files: list[dict[str, str]]  # {"path", "reason"} for every file the pipeline dropped
     class_names: list[str]
     monitor: str = "val_acc"  # the metric that picked the best checkpoint
+    tensorboard: str = ""  # the folder of the run's TensorBoard event files: `tensorboard --logdir` it
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -214,6 +215,7 @@ def run(
     called in this process with each ``progress`` event (cache builds, steps, epochs) as the run goes.
     """
     config = config.validate().with_run_name()
+    tracker = tracking.logger_settings(config.logger, config.logger_project)  # refused here, not after an epoch
     layout = data.discover(config.data, config.val_fraction)
     weights = model.initial_weights(config.arch, config.weights, layout.class_names, config.seed)
     short_side = data.resize_size(config.image_size, weights.crop_fraction)  # validation's resize, as the weights'
@@ -291,6 +293,9 @@ def run(
                 noun = "worker" if config.max_workers == 1 else "workers"
                 on_event(progress.Stage(f"starting {config.num_workers} training {noun}"))
             loop_config["progress"] = events
+            run_dir = f"{storage.rstrip('/')}/{config.name}"
+            tracked = tracking.train_callbacks(run_dir, config.epochs, tracker, dataclasses.asdict(config))
+            callbacks = [*tracked, *(callbacks or [])]
             trainer = _trainer(config, loop_config, datasets, use_gpu, worker_cpus, storage, callbacks)
             with _worker_group_start_timeout(config.resource_timeout, config.elastic):
                 result = trainer.fit()
@@ -447,6 +452,7 @@ def _collect(
         skipped_files=[{"path": path, "reason": reason} for path, reason in sorted(skips.items())],
         class_names=class_names,
         monitor=monitor,
+        tensorboard=f"{prefix}{result.path}/{tracking.TENSORBOARD_DIR}",
     )
     with result.filesystem.open_output_stream(f"{result.path}/{RESULT_FILE}") as stream:
         stream.write((json.dumps(outcome.to_json(), indent=2) + "\n").encode())
