@@ -78,11 +78,13 @@ def rank_key(metrics: dict[str, Any], monitor: str) -> tuple[float, float, float
 
 def _run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     """One trial: a full Train run whose epochs Tune sees through the callback."""
+    progress.mark("trial: entered")
     forbid_world_writable_files()
     config = TuneConfig(**sweep["options"])
     context = tune.get_context()
     trial_config = config.trial_config(params["point"], sweep["trials_storage"], context.get_trial_id())
     run_training(trial_config, callbacks=[TuneReportCallback()])
+    progress.mark("trial: returned")
 
 
 def is_scratch_baseline(point: dict[str, Any]) -> bool:
@@ -135,7 +137,11 @@ class _Progress(tune.Callback):
             self.best[trial.trial_id] = metrics
         self.on_event(progress.TrialEpoch(trial.trial_id, trial.config.get("point", {}), metrics))
 
+    def on_trial_start(self, iteration, trials, trial, **info):
+        progress.mark("driver: trial started", trial=trial.trial_id)
+
     def on_trial_complete(self, iteration, trials, trial, **info):
+        progress.mark("driver: trial complete", trial=trial.trial_id)
         self._end(trial, "")
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -179,12 +185,14 @@ def sweep(config: TuneConfig, on_event: progress.OnEvent | None = None) -> tuple
     Returns the summary and the paths of the report files. ``on_event`` is called in this process with
     each ``progress`` event: the cache build, each trial's epochs and each trial's end.
     """
+    progress.mark("sweep: start")
     config = config.validate().with_run_name()
     config = dataclasses.replace(config, data=absolute(config.data))  # trials run in other processes
     layout = data.discover(config.data, config.val_fraction)  # fail here, once, not in every trial
     storage = absolute(config.storage)
     run_dir = f"{storage.rstrip('/')}/{config.name}"
     config = _share_cpus(config, data.ensure_ray())
+    progress.mark("sweep: ray ready")
     check_shared_storage(storage)
     write_config(config, storage)
     cache_root = cache.resolve_root(config.cache, storage)
@@ -196,6 +204,7 @@ def sweep(config: TuneConfig, on_event: progress.OnEvent | None = None) -> tuple
             if files:
                 cache.prepare(files, layout, config.image_size, cache_root, short_side, on_event)
 
+    progress.mark("sweep: cache ready")
     trainable = tune.with_parameters(
         _run_trial,
         sweep={"options": dataclasses.asdict(config), "trials_storage": f"{run_dir}/{TRIALS_DIR}"},
@@ -252,7 +261,10 @@ def sweep(config: TuneConfig, on_event: progress.OnEvent | None = None) -> tuple
         tuner.fit()
     finally:
         _Progress.listener = None
-    return finalize(run_dir)
+    progress.mark("sweep: tuner finished")
+    outcome = finalize(run_dir)
+    progress.mark("sweep: end")
+    return outcome
 
 
 def finalize(run_dir: str) -> tuple[SweepSummary, dict[str, str]]:

@@ -194,9 +194,12 @@ def run(
     ``callbacks`` are Ray Train callbacks (a sweep passes the one that reports to Tune). ``on_event`` is
     called in this process with each ``progress`` event (cache builds, steps, epochs) as the run goes.
     """
+    progress.mark("run: start")
     config = config.validate().with_run_name()
     layout = data.discover(config.data, config.val_fraction)
+    progress.mark("run: data discovered")
     weights = model.initial_weights(config.arch, config.weights, layout.class_names, config.seed)
+    progress.mark("run: initial weights")
     short_side = data.resize_size(config.image_size, weights.crop_fraction)  # validation's resize, as the weights'
     started_locally = data.ensure_ray()
     use_gpu, worker_cpus = _resources(config, started_locally)
@@ -204,6 +207,7 @@ def run(
     storage = absolute(config.storage)
     check_shared_storage(storage)
     write_config(config, storage)
+    progress.mark("run: config written")
 
     skipped = data.SkippedFiles.remote()
     if layout.rejected:
@@ -241,6 +245,7 @@ def run(
                     short_side,
                 )
         skipped_per_class = ray.get(skipped.train_counts.remote())
+        progress.mark("run: splits prepared")
         lost = labels_without_images(train_per_class, skipped_per_class)
         if lost:  # known before training when the cache has decoded every file
             raise TlRayError(_describe_lost_classes(layout, lost, ray.get(skipped.get.remote())))
@@ -272,7 +277,9 @@ def run(
                 noun = "worker" if config.num_workers == 1 else "workers"
                 on_event(progress.Stage(f"starting {config.num_workers} training {noun}"))
             loop_config["progress"] = events
+            progress.mark("run: fit")
             result = _trainer(config, loop_config, datasets, use_gpu, worker_cpus, storage, callbacks).fit()
+            progress.mark("run: fit returned")
         skipped_files = ray.get(skipped.get.remote())
         lost = labels_without_images(train_per_class, ray.get(skipped.train_counts.remote()))
     except ray.train.TrainingFailedError as error:
@@ -281,7 +288,9 @@ def run(
         ray.kill(skipped)
     if lost:
         raise TlRayError(_describe_lost_classes(layout, lost, skipped_files))
-    return _collect(result, storage, layout.class_names, skipped_files, config.monitor)
+    outcome = _collect(result, storage, layout.class_names, skipped_files, config.monitor)
+    progress.mark("run: end")
+    return outcome
 
 
 def _trainer(
@@ -468,6 +477,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     class_names: list[str] = loop_config["class_names"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    progress.mark("worker: loop entered", rank=rank)
     device = ray.train.torch.get_device()
     if device.type == "cpu" and options.cpus_per_worker is None:
         decoding = loop_config["decoding_every_epoch"]
@@ -508,6 +518,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         scaler.load_state_dict(state["scaler"])
         start_epoch, history = state["epoch"], state["history"]
     resumed_after_epoch = start_epoch
+    progress.mark("worker: model ready", rank=rank)
 
     # On cached backbone features only the head runs (and DDP syncs only its gradients).
     on_features = loop_config["inputs"] == "features"
@@ -556,6 +567,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         images = data.normalize(batch["image"], mean, std)
         return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
 
+    progress.mark("worker: data ready", rank=rank)
     events = loop_config["progress"] if rank == 0 else None
     for epoch in range(start_epoch + 1, options.epochs + 1):
         started = time.perf_counter()
@@ -587,6 +599,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             pacer.step()
             asked = time.perf_counter()
         train_seconds = time.perf_counter() - started
+        progress.mark("worker: epoch trained", rank=rank, epoch=epoch)
         if _some_class_has_no_images(loop_config, rank, device):
             # Every file of a class failed to decode: stop now, the driver says which (no checkpoint of a
             # model that cannot know the class).
@@ -630,6 +643,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "resumed_after_epoch": resumed_after_epoch,
         }
         history.append(metrics)
+        progress.mark("worker: validated", rank=rank, epoch=epoch)
         _report(epoch, metrics, history, transfer, optimizer, scheduler, scaler, loop_config, options, rank)
         progress.send(events, progress.Epoch(metrics, options.epochs))
 
@@ -764,4 +778,10 @@ def _report(epoch, metrics, history, transfer, optimizer, scheduler, scaler, loo
             checkpoint.save_checkpoint(directory, transfer.net.state_dict(), meta, train_state)
             saved = Checkpoint.from_directory(directory)
             metrics = {**metrics, "skipped_files": len(ray.get(loop_config["skipped"].get.remote()))}
+            progress.mark("worker: checkpoint written", rank=rank, epoch=epoch, bytes=_folder_bytes(directory))
         ray.train.report(metrics, checkpoint=saved, checkpoint_dir_name=f"checkpoint_epoch{epoch:03d}")
+        progress.mark("worker: reported", rank=rank, epoch=epoch)
+
+
+def _folder_bytes(directory: str) -> int:
+    return sum(entry.stat().st_size for entry in os.scandir(directory) if entry.is_file())
