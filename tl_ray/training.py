@@ -10,6 +10,7 @@ which carries the optimizer, the LR schedule and the metric history.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -35,7 +36,13 @@ from tl_ray.config import MONITORS, NUM_STAGES, TrainConfig, absolute, forbid_wo
 from tl_ray.errors import RunError, TlRayError, UsageError
 
 RESULT_FILE = "result.json"
+LOOP_CONFIG = "tl_ray_loop_config"  # the one key of the TorchTrainer's train_loop_config: an object ref
 CONFIG_FILE = "config.yaml"
+# Ray Train's controller sees a report, and the end of training, only when it polls its workers: every
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default. That is up to two polls (4 s) at the end of every run and a
+# wait for one at each report that follows the previous one by less (a worker's report waits for the last to be
+# taken). Polling 8 times as often costs the controller and each worker a few milliseconds of CPU a second.
+TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 # Below this many images per worker, BatchNorm's batch statistics are noisy enough to hurt: say so.
 SMALL_WORKER_BATCH = 16
 
@@ -184,6 +191,19 @@ def write_config(config: Any, storage: str) -> None:
         stream.write(to_yaml(config).encode())
 
 
+@contextlib.contextmanager
+def _train_env() -> Iterator[None]:
+    """``TRAIN_ENV`` while a ``TorchTrainer`` starts its controller here, which Ray hands the variables to (and it
+    to the workers); a variable the user set keeps their value."""
+    added = {key: value for key, value in TRAIN_ENV.items() if key not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
 def run(
     config: TrainConfig,
     callbacks: list[ray.train.UserCallback] | None = None,
@@ -209,9 +229,10 @@ def run(
     write_config(config, storage)
     progress.mark("run: config written")
 
-    skipped = data.SkippedFiles.remote()
+    # Files found bad before training; an actor collects them only where decode tasks may find more while it trains.
+    skipped: data.Skips = data.SkipLog()
     if layout.rejected:
-        skipped.add.remote(layout.rejected)
+        skipped.add(layout.rejected)
     train_per_class = _per_class(layout.train, len(layout.class_names))
     try:
         cache_root = cache.resolve_root(config.cache, storage)
@@ -234,6 +255,8 @@ def run(
             if not use_gpu and cache.fit_in_memory(splits):
                 datasets, held_images = {}, splits
             else:
+                if any(split is None for split in splits.values()):  # a split decoded from its files every epoch
+                    skipped = data.SkippedFiles.remote(*skipped.state())
                 datasets = cache.streaming_datasets(
                     layout,
                     splits,
@@ -244,13 +267,13 @@ def run(
                     config.crop_scale(),
                     short_side,
                 )
-        skipped_per_class = ray.get(skipped.train_counts.remote())
+        skipped_per_class = data.skipped_train_counts(skipped)
         progress.mark("run: splits prepared")
         lost = labels_without_images(train_per_class, skipped_per_class)
         if lost:  # known before training when the cache has decoded every file
-            raise TlRayError(_describe_lost_classes(layout, lost, ray.get(skipped.get.remote())))
+            raise TlRayError(_describe_lost_classes(layout, lost, data.skipped_files(skipped)))
     except BaseException:
-        ray.kill(skipped)
+        data.release_skips(skipped)
         raise
     loop_config = {
         "options": dataclasses.asdict(config),
@@ -278,14 +301,15 @@ def run(
                 on_event(progress.Stage(f"starting {config.num_workers} training {noun}"))
             loop_config["progress"] = events
             progress.mark("run: fit")
-            result = _trainer(config, loop_config, datasets, use_gpu, worker_cpus, storage, callbacks).fit()
+            with _train_env():
+                result = _trainer(config, loop_config, datasets, use_gpu, worker_cpus, storage, callbacks).fit()
             progress.mark("run: fit returned")
-        skipped_files = ray.get(skipped.get.remote())
-        lost = labels_without_images(train_per_class, ray.get(skipped.train_counts.remote()))
+        skipped_files = data.skipped_files(skipped)
+        lost = labels_without_images(train_per_class, data.skipped_train_counts(skipped))
     except ray.train.TrainingFailedError as error:
         raise RunError(f"training failed: {_root_cause(error)}") from error
     finally:
-        ray.kill(skipped)
+        data.release_skips(skipped)
     if lost:
         raise TlRayError(_describe_lost_classes(layout, lost, skipped_files))
     outcome = _collect(result, storage, layout.class_names, skipped_files, config.monitor)
@@ -304,7 +328,9 @@ def _trainer(
 ) -> TorchTrainer:
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        # By reference: Ray Train's controller unpickles the loop's config when it starts but never uses it, and its
+        # tl-ray objects (cached splits, the skip log) would make it import tl-ray, torchvision and PIL first.
+        train_loop_config={LOOP_CONFIG: ray.put(loop_config)},
         scaling_config=ScalingConfig(
             num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": worker_cpus}
         ),
@@ -387,7 +413,7 @@ def _collect(
     best, best_metrics = max(result.best_checkpoints, key=lambda item: classes.score(item[1], monitor))
     prefix = storage.split("://", 1)[0] + "://" if "://" in storage else ""
     with result.checkpoint.as_directory() as last_dir:
-        train_state = checkpoint.read_train_state(last_dir) or {}
+        train_state = checkpoint.read_train_state(last_dir, mmap=True) or {}
     previous = _read_previous_skips(result.filesystem, f"{result.path}/{RESULT_FILE}")
     skips = {**previous, **skipped}
     outcome = TrainResult(
@@ -471,8 +497,9 @@ def _amp_dtype(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
     forbid_world_writable_files()
+    loop_config: dict[str, Any] = ray.get(train_loop_config[LOOP_CONFIG])
     options = TrainConfig(**loop_config["options"])
     class_names: list[str] = loop_config["class_names"]
     context = ray.train.get_context()
@@ -652,7 +679,7 @@ def _some_class_has_no_images(loop_config: dict[str, Any], rank: int, device: to
     """Rank 0 asks the skip log after an epoch (every training file has been tried); all workers agree."""
     lost = 0.0
     if rank == 0:
-        skipped = ray.get(loop_config["skipped"].train_counts.remote())
+        skipped = data.skipped_train_counts(loop_config["skipped"])
         lost = float(bool(labels_without_images(loop_config["train_per_class"], skipped)))
     return _sum_across_workers([lost], device)[0] > 0
 
@@ -777,7 +804,7 @@ def _report(epoch, metrics, history, transfer, optimizer, scheduler, scaler, loo
             }
             checkpoint.save_checkpoint(directory, transfer.net.state_dict(), meta, train_state)
             saved = Checkpoint.from_directory(directory)
-            metrics = {**metrics, "skipped_files": len(ray.get(loop_config["skipped"].get.remote()))}
+            metrics = {**metrics, "skipped_files": len(data.skipped_files(loop_config["skipped"]))}
             progress.mark("worker: checkpoint written", rank=rank, epoch=epoch, bytes=_folder_bytes(directory))
         ray.train.report(metrics, checkpoint=saved, checkpoint_dir_name=f"checkpoint_epoch{epoch:03d}")
         progress.mark("worker: reported", rank=rank, epoch=epoch)
