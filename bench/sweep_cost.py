@@ -91,6 +91,7 @@ def run_sweep(
     target: Path, weights: str, args: argparse.Namespace, scheduler: str, storage: str, name: str, **options
 ) -> dict:
     timeline = Path(storage) / f"{name}-timeline.jsonl"
+    timeline.parent.mkdir(parents=True, exist_ok=True)
     os.environ["TL_RAY_TIMELINE"] = str(timeline)  # Ray's processes inherit it when this process starts Ray
     started = time.perf_counter()
     summary, _ = tl_ray.tune(
