@@ -11,11 +11,16 @@ with the frozen-backbone feature cache against the same trials decoding every ep
     python bench/sweep_cost.py                       # ~15 min on 2 CPUs
     python bench/sweep_cost.py --feature-cache       # + depth-5 trials with and without the feature cache
     python bench/sweep_cost.py --per-class 6 --source-epochs 0 --depths 5 --max-epochs 1 --schedulers asha  # smoke
+
+Each sweep's per-trial overhead (wall minus the trials' epoch seconds, over the trials) is broken into phases from
+the timeline tl-ray writes with TL_RAY_TIMELINE (``phases``); ``--baseline OLD.json`` prints the ratio to a
+previous run's figures (e.g. one at an earlier commit).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -27,10 +32,67 @@ from pathlib import Path
 
 import tl_ray
 
+# Where a trial's seconds go, between consecutive timeline marks (tl_ray.progress.mark). Trials run one at a time.
+TUNE_START = "Tune: between trials (trial actor start)"
+RUN_SETUP = "run(): data, weights, config"
+RUN_END = "run() result, Tune records the trial"
+PHASES = {
+    ("sweep: cache ready", "driver: trial started"): TUNE_START,
+    ("driver: trial complete", "driver: trial started"): TUNE_START,
+    ("driver: trial started", "trial: entered"): TUNE_START,
+    ("trial: entered", "run: start"): RUN_SETUP,
+    ("run: start", "run: data discovered"): RUN_SETUP,
+    ("run: data discovered", "run: initial weights"): RUN_SETUP,
+    ("run: initial weights", "run: config written"): RUN_SETUP,
+    ("run: config written", "run: splits prepared"): "run(): skip log, cache manifests",
+    ("run: splits prepared", "run: fit"): "run(): loop config, weights to the object store",
+    ("run: fit", "worker: loop entered"): "Ray Train start: controller, worker group, process group",
+    ("worker: loop entered", "worker: model ready"): "worker: model, weights",
+    ("worker: model ready", "worker: data ready"): "worker: held images",
+    ("worker: data ready", "worker: epoch trained"): "epoch: train",
+    ("worker: reported", "worker: epoch trained"): "epoch: train",
+    ("worker: epoch trained", "worker: validated"): "epoch: validate",
+    ("worker: validated", "worker: checkpoint written"): "checkpoint write",
+    ("worker: checkpoint written", "worker: reported"): "report",
+    ("worker: reported", "run: fit returned"): "Ray Train end: controller sees it, shuts down",
+    ("run: fit returned", "run: end"): RUN_END,
+    ("run: end", "trial: returned"): RUN_END,
+    ("trial: returned", "driver: trial complete"): RUN_END,
+}
+EPOCH_PHASES = ("epoch: train", "epoch: validate")
+
+
+def timeline_phases(path: Path) -> dict:
+    """Seconds per phase per trial (mean over trials), the sweep's own start and end, checkpoint sizes."""
+    rows = sorted((json.loads(line) for line in path.read_text().splitlines() if line.strip()), key=lambda r: r["t"])
+    totals: dict[str, float] = collections.defaultdict(float)
+    trials = sum(row["phase"] == "driver: trial started" for row in rows)
+    previous, ends = None, {}
+    counted = ("sweep: cache", "driver: trial", "trial:", "run:", "worker:")
+    for row in rows:
+        if previous is not None and previous["phase"].startswith(counted):
+            name = PHASES.get((previous["phase"], row["phase"]), f"{previous['phase']} -> {row['phase']}")
+            totals[name] += row["t"] - previous["t"]
+        ends.setdefault(row["phase"], row["t"])
+        previous = row
+    sizes = [row["bytes"] for row in rows if row["phase"] == "worker: checkpoint written"]
+    per_trial = {name: seconds / max(1, trials) for name, seconds in totals.items()}
+    per_trial["overhead (all but the epochs)"] = sum(v for k, v in per_trial.items() if k not in EPOCH_PHASES)
+    return {
+        "trials": trials,
+        "per_trial_s": per_trial,
+        "sweep_start_s": ends.get("sweep: cache ready", 0) - ends.get("sweep: start", 0),
+        "sweep_end_s": ends.get("sweep: end", 0) - ends.get("sweep: tuner finished", 0),
+        "checkpoint_bytes": sum(sizes) / max(1, len(sizes)),
+    }
+
 
 def run_sweep(
     target: Path, weights: str, args: argparse.Namespace, scheduler: str, storage: str, name: str, **options
 ) -> dict:
+    timeline = Path(storage) / f"{name}-timeline.jsonl"
+    timeline.parent.mkdir(parents=True, exist_ok=True)
+    os.environ["TL_RAY_TIMELINE"] = str(timeline)  # Ray's processes inherit it when this process starts Ray
     started = time.perf_counter()
     summary, _ = tl_ray.tune(
         data=str(target),
@@ -57,6 +119,7 @@ def run_sweep(
         "trial_seconds": trial_seconds,
         # Trials run one at a time on CPU: what a sweep costs beyond its epochs, per trial (start-up, checkpoints).
         "per_trial_overhead_s": (wall - trial_seconds) / max(1, len(summary.trials)),
+        "phases": timeline_phases(timeline) if timeline.exists() else None,
         "trial_epochs": sum(trial.epochs for trial in summary.trials),
         "best_freeze_depth": best.freeze_depth if best else None,
         "best_val_acc": best.val_acc if best else None,
@@ -84,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--feature-trials", type=int, default=3, help="depth-5 trials per --feature-cache sweep")
     parser.add_argument("--out", default="bench/results/sweep_cost.json")
+    parser.add_argument("--baseline", help="a previous run's JSON: print each sweep's overhead as a ratio to its")
     args = parser.parse_args(argv)
 
     results = {
@@ -140,6 +204,30 @@ def main(argv: list[str] | None = None) -> dict:
             f" {row['per_trial_overhead_s']:>17.1f} {row['best_freeze_depth']!s:>11}"
             f" {row['best_val_acc'] or float('nan'):>13.3f}"
         )
+    for row in runs.values():
+        if row["phases"]:
+            phases = row["phases"]
+            print(
+                f"{row['scheduler']}: seconds per trial by phase ({phases['trials']} trials; checkpoints of"
+                f" {phases['checkpoint_bytes'] / 1e6:.0f} MB)"
+            )
+            for phase, seconds in sorted(phases["per_trial_s"].items(), key=lambda item: -item[1]):
+                print(f"  {seconds:6.2f}  {phase}")
+            print(
+                f"  once per sweep: {phases['sweep_start_s']:.1f} s Ray start + cache, {phases['sweep_end_s']:.1f}"
+                " s report"
+            )
+    if args.baseline:
+        baseline = json.loads(Path(args.baseline).read_text())
+        results["baseline"] = {"file": args.baseline, "date": baseline.get("date"), "command": baseline.get("command")}
+        for name, row in runs.items():
+            if name in baseline:
+                ratio = row["per_trial_overhead_s"] / baseline[name]["per_trial_overhead_s"]
+                row["overhead_vs_baseline"] = ratio
+                print(
+                    f"{name}: per-trial overhead {row['per_trial_overhead_s']:.1f} s vs"
+                    f" {baseline[name]['per_trial_overhead_s']:.1f} s in {args.baseline}: {ratio:.2f}x"
+                )
     if {"fifo", "asha"} <= set(runs):
         fifo, asha = runs["fifo"], runs["asha"]
         results["trial_epoch_ratio"] = asha["trial_epochs"] / fifo["trial_epochs"]

@@ -88,8 +88,8 @@ def _kill_a_worker_once(checkpoint_dir: Path, gcs_address: str, killed: list[int
     """SIGKILL one Ray Train worker process soon after ``checkpoint_dir`` is recorded (mid-epoch)."""
     deadline = time.monotonic() + 600
     while not recorded(checkpoint_dir) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    time.sleep(2)
+        time.sleep(0.1)
+    # Recorded: Ray Train has taken that epoch's report (it polls every 0.25 s), so the worker is in the next epoch.
     pid = kill_a_training_worker(gcs_address)
     if pid is not None:
         killed.append(pid)

@@ -407,7 +407,7 @@ def prepare_splits(
     layout: data.Layout,
     image_size: int,
     root: str | None,
-    skipped: ray.actor.ActorHandle,
+    skipped: data.Skips,
     short_side: int | None = None,
     on_event: progress.OnEvent | None = None,
 ) -> dict[str, CachedSplit | None]:
@@ -419,6 +419,6 @@ def prepare_splits(
         if split is not None and split.skipped:
             items = [(path, reason) for path, reason, _ in split.skipped]
             labels = [label for _, _, label in split.skipped] if name == "train" else None
-            ray.get(skipped.add.remote(items, labels))
+            data.add_skips(skipped, items, labels)
         splits[name] = split if split is not None and split.parquet_files else None
     return splits

@@ -83,9 +83,9 @@ def load_failure(error: Exception) -> str:
     return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
 
 
-def _load(path: Path) -> Any:
+def _load(path: Path, mmap: bool = False) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise TlRayError(f"checkpoint {path.parent} has no {path.name}") from None
     except Exception as error:  # refused pickles, truncated files
@@ -99,9 +99,10 @@ def read_model_state(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def read_train_state(directory: str | os.PathLike) -> dict[str, Any] | None:
+def read_train_state(directory: str | os.PathLike, mmap: bool = False) -> dict[str, Any] | None:
+    """``mmap``: the tensors (the optimizer's state, most of the file) are read only if used: for the history."""
     path = Path(directory) / TRAIN_STATE_FILE
-    return _load(path) if path.exists() else None
+    return _load(path, mmap) if path.exists() else None
 
 
 def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[ResNet, dict[str, Any]]:

@@ -331,13 +331,18 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
     return (images.float().div_(255.0) - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
-@ray.remote(num_cpus=0)
-class SkippedFiles:
-    """Collects (path, reason) for files the pipeline dropped, from every decode task of a run."""
+class SkipLog:
+    """Files a run dropped, (path, reason), and each training file's label, to notice a class with nothing left to
+    learn.
 
-    def __init__(self) -> None:
-        self._reasons: dict[str, str] = {}
-        self._train_labels: dict[str, int] = {}
+    Held by the driver, and copied to the workers, when every file is decoded before training starts (into the
+    cache): the record is complete then, and needs no process of its own. ``SkippedFiles`` is the same record as
+    an actor, for runs whose decode tasks find bad files while they train (``--cache none``).
+    """
+
+    def __init__(self, reasons: dict[str, str] | None = None, train_labels: dict[str, int] | None = None) -> None:
+        self._reasons: dict[str, str] = dict(reasons or {})
+        self._train_labels: dict[str, int] = dict(train_labels or {})
 
     def add(self, items: list[tuple[str, str]], train_labels: list[int] | None = None) -> None:
         """``train_labels``, given for training files, lets the run notice a class with nothing left to learn."""
@@ -352,6 +357,38 @@ class SkippedFiles:
     def train_counts(self) -> dict[int, int]:
         """Skipped training files per class label."""
         return dict(collections.Counter(self._train_labels.values()))
+
+    def state(self) -> tuple[dict[str, str], dict[str, int]]:
+        """What ``SkippedFiles.remote(*log.state())`` starts from."""
+        return dict(self._reasons), dict(self._train_labels)
+
+
+@ray.remote(num_cpus=0)
+class SkippedFiles(SkipLog):
+    """A ``SkipLog`` that every decode task of a run adds to while the run trains."""
+
+
+Skips = SkipLog | ray.actor.ActorHandle  # a SkipLog here, or a SkippedFiles actor's handle
+
+
+def add_skips(skipped: Skips, items: list[tuple[str, str]], train_labels: list[int] | None = None) -> None:
+    if isinstance(skipped, SkipLog):
+        skipped.add(items, train_labels)
+    else:
+        ray.get(skipped.add.remote(items, train_labels))
+
+
+def skipped_files(skipped: Skips) -> dict[str, str]:
+    return skipped.get() if isinstance(skipped, SkipLog) else ray.get(skipped.get.remote())
+
+
+def skipped_train_counts(skipped: Skips) -> dict[int, int]:
+    return skipped.train_counts() if isinstance(skipped, SkipLog) else ray.get(skipped.train_counts.remote())
+
+
+def release_skips(skipped: Skips) -> None:
+    if not isinstance(skipped, SkipLog):
+        ray.kill(skipped)
 
 
 def task_pool(blocks: int) -> ray.data.TaskPoolStrategy:

@@ -153,7 +153,7 @@ def prepare_splits(
     layout: data.Layout,
     image_size: int,
     cache_root: str,
-    skipped: ray.actor.ActorHandle,
+    skipped: data.Skips,
     arch: str,
     weights: model.InitialWeights,
     use_gpu: bool,

@@ -10,7 +10,9 @@ queue drops it.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -84,6 +86,23 @@ class TrialEnd:
 
 
 OnEvent = Callable[[Any], None]
+
+# A file to append timestamped phases to (``mark``): where a run's or a sweep's seconds go (bench/sweep_cost.py).
+# Ray's processes started by this driver inherit it.
+TIMELINE_ENV = "TL_RAY_TIMELINE"
+
+
+def mark(phase: str, **details: Any) -> None:
+    """Append ``{"t": wall time, "pid", "phase", **details}`` to the file in TL_RAY_TIMELINE; nothing when unset."""
+    path = os.environ.get(TIMELINE_ENV)
+    if not path:
+        return
+    line = json.dumps({"t": time.time(), "pid": os.getpid(), "phase": phase, **details}, default=str) + "\n"
+    try:
+        with open(path, "a", encoding="utf-8") as stream:
+            stream.write(line)
+    except OSError as error:
+        logger.debug("timeline mark dropped: %s", error)
 
 
 class StepPacer:

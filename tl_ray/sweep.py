@@ -91,11 +91,13 @@ def rank_key(metrics: dict[str, Any], monitor: str) -> tuple[float, float, float
 
 def _run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     """One trial: a full Train run whose epochs Tune sees through the callback."""
+    progress.mark("trial: entered")
     forbid_world_writable_files()
     config = TuneConfig(**sweep["options"])
     trial_dir = f"{sweep['trials_dir']}/{tune.get_context().get_trial_id()}"  # as _trial_dirname names it
     trial_config = config.trial_config(params["point"], trial_dir, TRIAL_RUN_DIR)
     run_training(trial_config, callbacks=[TuneReportCallback()])
+    progress.mark("trial: returned")
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -153,7 +155,11 @@ class _Progress(tune.Callback):
             self.best[trial.trial_id] = metrics
         self.on_event(progress.TrialEpoch(trial.trial_id, trial.config.get("point", {}), metrics))
 
+    def on_trial_start(self, iteration, trials, trial, **info):
+        progress.mark("driver: trial started", trial=trial.trial_id)
+
     def on_trial_complete(self, iteration, trials, trial, **info):
+        progress.mark("driver: trial complete", trial=trial.trial_id)
         self._end(trial, "")
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -200,6 +206,7 @@ def sweep(config: TuneConfig, on_event: progress.OnEvent | None = None) -> tuple
     Returns the summary and the paths of the report files. ``on_event`` is called in this process with
     each ``progress`` event: the cache build, each trial's epochs and each trial's end.
     """
+    progress.mark("sweep: start")
     config = config.validate().with_run_name()
     tracker = tracking.logger_settings(config.logger, config.logger_project)  # refused now, not after a trial
     config = dataclasses.replace(config, data=absolute(config.data))  # trials run in other processes
@@ -207,6 +214,7 @@ def sweep(config: TuneConfig, on_event: progress.OnEvent | None = None) -> tuple
     storage = absolute(config.storage)
     run_dir = f"{storage.rstrip('/')}/{config.name}"
     config = _share_cpus(config, data.ensure_ray())
+    progress.mark("sweep: ray ready")
     check_shared_storage(storage)
     write_config(config, storage)
     cache_root = cache.resolve_root(config.cache, storage)
@@ -219,6 +227,7 @@ def sweep(config: TuneConfig, on_event: progress.OnEvent | None = None) -> tuple
                 cache.prepare(files, layout, config.image_size, cache_root, short_side, on_event)
 
     trials_dir = f"{run_dir}/{TRIALS_DIR}"
+    progress.mark("sweep: cache ready")
     trainable = tune.with_parameters(
         _run_trial, sweep={"options": dataclasses.asdict(config), "trials_dir": trials_dir}
     )
@@ -265,6 +274,10 @@ def sweep(config: TuneConfig, on_event: progress.OnEvent | None = None) -> tuple
                 # max_concurrent_trials only to the searcher it builds.
                 search_alg=BasicVariantGenerator(random_state=config.seed, max_concurrent=_max_concurrent(config)),
                 trial_dirname_creator=_trial_dirname,
+                # The next trial runs in the process the last one finished in (tl-ray, torch and Ray Train already
+                # imported): a process start less per trial. Not with ASHA: Tune keeps the process of a trial it
+                # stops without stopping the trial's Train run, and the next trial then fails to take it over.
+                reuse_actors=config.scheduler == "fifo",
             ),
             run_config=tune.RunConfig(
                 name=TRIALS_DIR,
@@ -280,7 +293,9 @@ def sweep(config: TuneConfig, on_event: progress.OnEvent | None = None) -> tuple
         tuner.fit()
     finally:
         _Progress.listener = None
+    progress.mark("sweep: tuner finished")
     summary, written = finalize(run_dir)
+    progress.mark("sweep: end")
     if was_interrupted(summary):
         # Tune takes the first Ctrl-C itself: it saves the sweep's state and returns. The report is of what ran;
         # the caller learns that the sweep did not finish (`tl-ray tune` exits 130; rerunning resumes it).

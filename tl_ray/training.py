@@ -37,7 +37,13 @@ from tl_ray.config import MONITORS, NUM_STAGES, TrainConfig, absolute, forbid_wo
 from tl_ray.errors import RunError, TlRayError, UsageError
 
 RESULT_FILE = "result.json"
+LOOP_CONFIG = "tl_ray_loop_config"  # the one key of the TorchTrainer's train_loop_config: an object ref
 CONFIG_FILE = "config.yaml"
+# Ray Train's controller sees a report, and the end of training, only when it polls its workers: every
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default. That is up to two polls (4 s) at the end of every run and a
+# wait for one at each report that follows the previous one by less (a worker's report waits for the last to be
+# taken). Polling 8 times as often costs the controller and each worker a few milliseconds of CPU a second.
+TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 # Below this many images per worker, BatchNorm's batch statistics are noisy enough to hurt: say so.
 SMALL_WORKER_BATCH = 16
 # How long an elastic run waits for a worker group's placement before deciding its size again.
@@ -204,6 +210,20 @@ def write_config(config: Any, storage: str) -> None:
         stream.write(to_yaml(config).encode())
 
 
+@contextlib.contextmanager
+def _train_env(config: TrainConfig) -> Iterator[None]:
+    """``TRAIN_ENV`` (and the worker-group start timeout) while a ``TorchTrainer`` starts its controller here, which
+    Ray hands the variables to (and it to the workers); a variable the user set keeps their value."""
+    wanted = {**TRAIN_ENV, **_start_timeout(config.resource_timeout, config.elastic)}
+    added = {key: value for key, value in wanted.items() if key not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
 def run(
     config: TrainConfig,
     callbacks: list[ray.train.UserCallback] | None = None,
@@ -214,10 +234,13 @@ def run(
     ``callbacks`` are Ray Train callbacks (a sweep passes the one that reports to Tune). ``on_event`` is
     called in this process with each ``progress`` event (cache builds, steps, epochs) as the run goes.
     """
+    progress.mark("run: start")
     config = config.validate().with_run_name()
     tracker = tracking.logger_settings(config.logger, config.logger_project)  # refused here, not after an epoch
     layout = data.discover(config.data, config.val_fraction)
+    progress.mark("run: data discovered")
     weights = model.initial_weights(config.arch, config.weights, layout.class_names, config.seed)
+    progress.mark("run: initial weights")
     short_side = data.resize_size(config.image_size, weights.crop_fraction)  # validation's resize, as the weights'
     started_locally = data.ensure_ray()
     use_gpu, worker_cpus = _resources(config, started_locally)
@@ -225,10 +248,12 @@ def run(
     storage = absolute(config.storage)
     check_shared_storage(storage)
     write_config(config, storage)
+    progress.mark("run: config written")
 
-    skipped = data.SkippedFiles.remote()
+    # Files found bad before training; an actor collects them only where decode tasks may find more while it trains.
+    skipped: data.Skips = data.SkipLog()
     if layout.rejected:
-        skipped.add.remote(layout.rejected)
+        skipped.add(layout.rejected)
     train_per_class = _per_class(layout.train, len(layout.class_names))
     try:
         cache_root = cache.resolve_root(config.cache, storage)
@@ -251,6 +276,8 @@ def run(
             if not use_gpu and cache.fit_in_memory(splits):
                 datasets, held_images = {}, splits
             else:
+                if any(split is None for split in splits.values()):  # a split decoded from its files every epoch
+                    skipped = data.SkippedFiles.remote(*skipped.state())
                 datasets = cache.streaming_datasets(
                     layout,
                     splits,
@@ -261,12 +288,13 @@ def run(
                     config.crop_scale(),
                     short_side,
                 )
-        skipped_per_class = ray.get(skipped.train_counts.remote())
+        skipped_per_class = data.skipped_train_counts(skipped)
+        progress.mark("run: splits prepared")
         lost = labels_without_images(train_per_class, skipped_per_class)
         if lost:  # known before training when the cache has decoded every file
-            raise TlRayError(_describe_lost_classes(layout, lost, ray.get(skipped.get.remote())))
+            raise TlRayError(_describe_lost_classes(layout, lost, data.skipped_files(skipped)))
     except BaseException:
-        ray.kill(skipped)
+        data.release_skips(skipped)
         raise
     loop_config = {
         "options": dataclasses.asdict(config),
@@ -297,17 +325,21 @@ def run(
             tracked = tracking.train_callbacks(run_dir, config.epochs, tracker, dataclasses.asdict(config))
             callbacks = [*tracked, *(callbacks or [])]
             trainer = _trainer(config, loop_config, datasets, use_gpu, worker_cpus, storage, callbacks)
-            with _worker_group_start_timeout(config.resource_timeout, config.elastic):
+            progress.mark("run: fit")
+            with _train_env(config):
                 result = trainer.fit()
-        skipped_files = ray.get(skipped.get.remote())
-        lost = labels_without_images(train_per_class, ray.get(skipped.train_counts.remote()))
+            progress.mark("run: fit returned")
+        skipped_files = data.skipped_files(skipped)
+        lost = labels_without_images(train_per_class, data.skipped_train_counts(skipped))
     except ray.train.TrainingFailedError as error:
         raise RunError(f"training failed: {_root_cause(error)}") from error
     finally:
-        ray.kill(skipped)
+        data.release_skips(skipped)
     if lost:
         raise TlRayError(_describe_lost_classes(layout, lost, skipped_files))
-    return _collect(result, storage, layout.class_names, skipped_files, config.monitor)
+    outcome = _collect(result, storage, layout.class_names, skipped_files, config.monitor)
+    progress.mark("run: end")
+    return outcome
 
 
 def _trainer(
@@ -321,7 +353,9 @@ def _trainer(
 ) -> TorchTrainer:
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        # By reference: Ray Train's controller unpickles the loop's config when it starts but never uses it, and its
+        # tl-ray objects (cached splits, the skip log) would make it import tl-ray, torchvision and PIL first.
+        train_loop_config={LOOP_CONFIG: ray.put(loop_config)},
         scaling_config=ScalingConfig(
             num_workers=(config.min_workers, config.max_workers) if config.elastic else config.max_workers,
             use_gpu=use_gpu,
@@ -358,23 +392,16 @@ def _resource_wait(config: TrainConfig, use_gpu: bool, worker_cpus: float) -> li
     return [cluster.ResourceWait(config.resource_timeout, message)]
 
 
-@contextlib.contextmanager
-def _worker_group_start_timeout(resource_timeout: float, elastic: bool) -> Iterator[None]:
+def _start_timeout(resource_timeout: float, elastic: bool) -> dict[str, str]:
     """Ray Train waits up to RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s) for a worker group's placement
     group before it retries; a shorter --resource-timeout must be able to fire before that. An elastic run
     retries sooner (20 s): right after a node loss its size is decided on the cluster as it was (the dead
-    node not yet noticed), and the retry is decided on the nodes left. The variable is read when ``fit()``
-    creates the controller, which inherits it."""
-    name = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
-    previous = os.environ.get(name)
+    node not yet noticed), and the retry is decided on the nodes left."""
+    if not (resource_timeout or elastic):
+        return {}
     longest = ELASTIC_START_TIMEOUT_S if elastic else 60.0
-    if previous is None and (resource_timeout or elastic):
-        os.environ[name] = str(max(1.0, min(longest, resource_timeout / 2 if resource_timeout else longest)))
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(name, None)
+    seconds = max(1.0, min(longest, resource_timeout / 2 if resource_timeout else longest))
+    return {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(seconds)}
 
 
 def _check_batch_norm(config: TrainConfig, use_gpu: bool) -> None:
@@ -440,7 +467,7 @@ def _collect(
     best, best_metrics = max(result.best_checkpoints, key=lambda item: classes.score(item[1], monitor))
     prefix = storage.split("://", 1)[0] + "://" if "://" in storage else ""
     with result.checkpoint.as_directory() as last_dir:
-        train_state = checkpoint.read_train_state(last_dir) or {}
+        train_state = checkpoint.read_train_state(last_dir, mmap=True) or {}
     previous = _read_previous_skips(result.filesystem, f"{result.path}/{RESULT_FILE}")
     skips = {**previous, **skipped}
     outcome = TrainResult(
@@ -525,12 +552,14 @@ def _amp_dtype(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
     forbid_world_writable_files()
+    loop_config: dict[str, Any] = ray.get(train_loop_config[LOOP_CONFIG])
     options = TrainConfig(**loop_config["options"])
     class_names: list[str] = loop_config["class_names"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    progress.mark("worker: loop entered", rank=rank)
     device = ray.train.torch.get_device()
     if device.type == "cpu" and options.cpus_per_worker is None:
         decoding = loop_config["decoding_every_epoch"]
@@ -578,6 +607,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         plan["steps_per_epoch"] = state.get("steps_per_epoch", steps_now)
     resumed_after_epoch = start_epoch
     node_ids = _worker_node_ids()
+    progress.mark("worker: model ready", rank=rank)
 
     # On cached backbone features only the head runs (and DDP syncs only its gradients).
     on_features = loop_config["inputs"] == "features"
@@ -626,6 +656,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         images = data.normalize(batch["image"], mean, std)
         return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
 
+    progress.mark("worker: data ready", rank=rank)
     events = loop_config["progress"] if rank == 0 else None
     for epoch in range(start_epoch + 1, options.epochs + 1):
         started = time.perf_counter()
@@ -660,6 +691,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             pacer.step()
             asked = time.perf_counter()
         train_seconds = time.perf_counter() - started
+        progress.mark("worker: epoch trained", rank=rank, epoch=epoch)
         if _some_class_has_no_images(loop_config, rank, device):
             # Every file of a class failed to decode: stop now, the driver says which (no checkpoint of a
             # model that cannot know the class).
@@ -704,6 +736,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "resumed_after_epoch": resumed_after_epoch,
         }
         history.append({**metrics, "node_ids": sorted(set(node_ids))})
+        progress.mark("worker: validated", rank=rank, epoch=epoch)
         _report(epoch, metrics, history, transfer, optimizer, scheduler, scaler, plan, loop_config, options, rank)
         progress.send(events, progress.Epoch(metrics, options.epochs))
 
@@ -732,7 +765,7 @@ def _some_class_has_no_images(loop_config: dict[str, Any], rank: int, device: to
     """Rank 0 asks the skip log after an epoch (every training file has been tried); all workers agree."""
     lost = 0.0
     if rank == 0:
-        skipped = ray.get(loop_config["skipped"].train_counts.remote())
+        skipped = data.skipped_train_counts(loop_config["skipped"])
         lost = float(bool(labels_without_images(loop_config["train_per_class"], skipped)))
     return _sum_across_workers([lost], device)[0] > 0
 
@@ -858,5 +891,11 @@ def _report(epoch, metrics, history, transfer, optimizer, scheduler, scaler, pla
             }
             checkpoint.save_checkpoint(directory, transfer.net.state_dict(), meta, train_state)
             saved = Checkpoint.from_directory(directory)
-            metrics = {**metrics, "skipped_files": len(ray.get(loop_config["skipped"].get.remote()))}
+            metrics = {**metrics, "skipped_files": len(data.skipped_files(loop_config["skipped"]))}
+            progress.mark("worker: checkpoint written", rank=rank, epoch=epoch, bytes=_folder_bytes(directory))
         ray.train.report(metrics, checkpoint=saved, checkpoint_dir_name=f"checkpoint_epoch{epoch:03d}")
+        progress.mark("worker: reported", rank=rank, epoch=epoch)
+
+
+def _folder_bytes(directory: str) -> int:
+    return sum(entry.stat().st_size for entry in os.scandir(directory) if entry.is_file())
