@@ -68,6 +68,12 @@ def encode(image: Image.Image, fmt: str, **options) -> bytes:
     return buffer.getvalue()
 
 
+def as_reported(history_row: dict) -> dict:
+    """A result.json history row as the epoch's metrics were reported (and stored in its meta.json): the history
+    adds the workers' node ids."""
+    return {key: value for key, value in history_row.items() if key != "node_ids"}
+
+
 def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     """(step, value) of every scalar in a TensorBoard folder, as TensorBoard shows them (orphaned steps purged)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

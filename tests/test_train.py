@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SOURCE_BATCH, SOURCE_EPOCHS, kill_a_training_worker, recorded, tensorboard_scalars
+from helpers import SOURCE_BATCH, SOURCE_EPOCHS, as_reported, kill_a_training_worker, recorded, tensorboard_scalars
 
 import tl_ray
 from tl_ray import cli, data
@@ -161,7 +161,7 @@ def test_transfer_to_new_classes_survives_a_killed_driver(source_model, sample_r
     assert cli.main(argv) == 0  # the same command again
     result = json.loads((tmp_path / "target" / "result.json").read_text())
     assert [row["epoch"] for row in result["history"]] == [1, 2]
-    assert result["history"][0] == epoch_one, "epoch 1 was not trained again"
+    assert as_reported(result["history"][0]) == epoch_one, "epoch 1 was not trained again"
     assert result["history"][1]["resumed_after_epoch"] == 1
     assert [row["frozen_stages"] for row in result["history"]] == [5, 4], "head alone, then layer4 unfrozen"
     meta = read_meta(result["last_checkpoint"])
@@ -209,7 +209,7 @@ def test_imbalanced_classes_with_auto_weights_keep_the_best_macro_f1_checkpoint(
     assert result["metrics"]["macro_f1"] == max(row["macro_f1"] for row in history)
     assert history[-1]["best_macro_f1"] == max(row["macro_f1"] for row in history)
     meta = read_meta(result["best_checkpoint"])
-    assert meta["metrics"] == history[meta["epoch"] - 1] and meta["monitor"] == "macro_f1"
+    assert meta["metrics"] == as_reported(history[meta["epoch"] - 1]) and meta["monitor"] == "macro_f1"
     total = sum(counts.values())
     assert meta["strategy"]["class_weights"] == pytest.approx({n: total / (4 * c) for n, c in counts.items()})
     assert f"best macro_f1    {result['metrics']['macro_f1']:.3f} (epoch {meta['epoch']})" in printed

@@ -137,7 +137,7 @@ class TensorBoardCallback(ray.train.UserCallback):
 
     def _open(self, purge_step: int) -> None:
         """A new event file; TensorBoard hides what earlier files logged at ``purge_step`` and after."""
-        from tensorboardX import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # its flush() blocks until the events are written
 
         if self._writer is not None:
             self._writer.close()
