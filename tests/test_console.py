@@ -74,8 +74,8 @@ def _a_run_that_reports() -> ray.remote_function.RemoteFunction:
         from tl_ray import progress
 
         pacer = progress.StepPacer(events, 1, 1, steps)
-        for _ in range(steps):
-            pacer.step()
+        for done in range(1, steps + 1):
+            pacer.step(done)
             time.sleep(0.01)
         progress.send(events, progress.Epoch({"epoch": 1}, 1))
 

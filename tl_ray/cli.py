@@ -467,7 +467,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.print_config:
             print(_resolved_yaml(args.command, config), end="")
             return EXIT_OK
-        config = config.validate()  # before tl_ray.training/tune import torch and Ray
+        config = config.validate()  # before tl_ray.training/sweep import torch and Ray
         _quiet_ray(args)
         if args.command == "train":
             from tl_ray.training import run as run_training

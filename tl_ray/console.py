@@ -84,10 +84,8 @@ class Console:
         self.trial_started: dict[str, float] = {}
 
     def __call__(self, event: Any) -> None:
-        if not isinstance(event, progress.Stage):
-            self._close("stage")
+        self._close("stage")  # a wait ends with the next event
         if isinstance(event, progress.Stage):
-            self._close("stage")
             self._bar("stage", None, event.text, unit="s")
         elif isinstance(event, progress.Task):
             self._bar(event.name, event.total, event.name).update(event.done - self.bars[event.name].n)

@@ -18,6 +18,7 @@ import os
 import random
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -371,19 +372,23 @@ class SkippedFiles(SkipLog):
 Skips = SkipLog | ray.actor.ActorHandle  # a SkipLog here, or a SkippedFiles actor's handle
 
 
-def add_skips(skipped: Skips, items: list[tuple[str, str]], train_labels: list[int] | None = None) -> None:
+def _call(skipped: Skips, method: str, *args: Any) -> Any:
+    """``method`` of the skip log, here or on its actor."""
     if isinstance(skipped, SkipLog):
-        skipped.add(items, train_labels)
-    else:
-        ray.get(skipped.add.remote(items, train_labels))
+        return getattr(skipped, method)(*args)
+    return ray.get(getattr(skipped, method).remote(*args))
+
+
+def add_skips(skipped: Skips, items: list[tuple[str, str]], train_labels: list[int] | None = None) -> None:
+    _call(skipped, "add", items, train_labels)
 
 
 def skipped_files(skipped: Skips) -> dict[str, str]:
-    return skipped.get() if isinstance(skipped, SkipLog) else ray.get(skipped.get.remote())
+    return _call(skipped, "get")
 
 
 def skipped_train_counts(skipped: Skips) -> dict[int, int]:
-    return skipped.train_counts() if isinstance(skipped, SkipLog) else ray.get(skipped.train_counts.remote())
+    return _call(skipped, "train_counts")
 
 
 def release_skips(skipped: Skips) -> None:

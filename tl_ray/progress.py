@@ -110,12 +110,11 @@ class StepPacer:
 
     def __init__(self, queue: Queue | None, epoch: int, epochs: int, steps: int) -> None:
         self.queue, self.epoch, self.epochs, self.steps = queue, epoch, epochs, steps
-        self.sent_at, self.done = 0.0, 0
+        self.sent_at = 0.0
 
-    def step(self) -> None:
-        """One more optimizer step done."""
-        self.done += 1
-        done, now = self.done, time.monotonic()
+    def step(self, done: int) -> None:
+        """``done`` optimizer steps of the epoch taken."""
+        now = time.monotonic()
         if self.queue is not None and (done >= self.steps or now - self.sent_at >= 1.0 / STEPS_PER_SECOND):
             self.sent_at = now
             send(self.queue, Step(self.epoch, self.epochs, min(done, self.steps), self.steps))

@@ -151,7 +151,7 @@ class _Progress(tune.Callback):
             return
         metrics = {key: value for key, value in result.items() if isinstance(value, int | float)}
         best = self.best.get(trial.trial_id)
-        if best is None or classes.score(metrics, self.monitor) > classes.score(best, self.monitor):
+        if best is None or rank_key(metrics, self.monitor) > rank_key(best, self.monitor):  # as load_summary ranks
             self.best[trial.trial_id] = metrics
         self.on_event(progress.TrialEpoch(trial.trial_id, trial.config.get("point", {}), metrics))
 

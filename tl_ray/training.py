@@ -172,8 +172,8 @@ def torch_threads(node_cpus: float, workers_on_node: int, decoding_every_epoch: 
 
 def _resources(config: TrainConfig, started_locally: bool) -> tuple[bool, float]:
     """(use_gpu, CPUs per worker), leaving CPUs for Ray Data so a small machine never deadlocks."""
-    cluster = ray.cluster_resources()
-    gpus, cpus = cluster.get("GPU", 0), cluster.get("CPU", 1)
+    resources = ray.cluster_resources()
+    gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 1)
     use_gpu = gpus > 0 if config.gpu is None else config.gpu
     if use_gpu and gpus == 0 and started_locally:
         raise UsageError("--gpu: this machine has no GPU visible to Ray; drop --gpu (or pass --cpu) to train on CPU")
@@ -688,7 +688,7 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
             loss_sum += loss.item() * len(labels)
             correct += (logits.argmax(1) == labels).sum().item()
             seen += len(labels)
-            pacer.step()
+            pacer.step(stepped)
             asked = time.perf_counter()
         train_seconds = time.perf_counter() - started
         progress.mark("worker: epoch trained", rank=rank, epoch=epoch)
