@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from tl_ray import classes, report
+from tl_ray.classes import rank_key
 from tl_ray.config import TrainConfig
 from tl_ray.errors import TlRayError
-from tl_ray.sweep import SweepSummary, TrialSummary, rank_key
+from tl_ray.sweep import SweepSummary, TrialSummary
 from tl_ray.training import _check_resumable, _evaluate, _split, count_classes, loss_weights, strategy_meta
 
 
@@ -196,3 +197,66 @@ def test_the_run_result_names_the_best_checkpoint_by_the_monitor(tmp_path, monit
     outcome = _collect(result, str(tmp_path), ["a", "b"], {}, monitor)
     assert outcome.best_checkpoint == str(tmp_path / f"checkpoint_epoch{best_epoch:03d}")
     assert (outcome.metrics["epoch"], outcome.monitor, outcome.history) == (best_epoch, monitor, history)
+
+
+def _tied_checkpoints(tmp_path, history):
+    from ray.train import Checkpoint
+
+    from tl_ray.checkpoint import save_checkpoint
+
+    saved = []
+    for row in history:
+        folder = tmp_path / f"checkpoint_epoch{row['epoch']:03d}"
+        folder.mkdir()
+        meta = {"arch": "resnet18", "num_classes": 2, "class_names": ["a", "b"], "image_size": 32, "mean": [0.5] * 3}
+        state = {"epoch": row["epoch"], "history": history[: row["epoch"]]}
+        save_checkpoint(folder, {}, {**meta, "std": [0.2] * 3, "epoch": row["epoch"], "metrics": row}, state)
+        saved.append((Checkpoint.from_directory(str(folder)), row))
+    return saved
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (2, 1, 0), (1, 2, 0)])
+def test_a_tie_on_the_monitor_goes_to_the_lower_val_loss_whatever_order_ray_lists_them(tmp_path, order):
+    """The issue's run: three epochs at val_acc 0.250; the best is the one with the lowest val_loss (epoch 3)."""
+    import pyarrow.fs as pafs
+
+    from tl_ray.training import _collect
+
+    history = [
+        {"epoch": 1, "val_acc": 0.25, "val_loss": 6.88, "macro_f1": 0.1},
+        {"epoch": 2, "val_acc": 0.25, "val_loss": 14.87, "macro_f1": 0.1},
+        {"epoch": 3, "val_acc": 0.25, "val_loss": 5.23, "macro_f1": 0.1},
+    ]
+    saved = _tied_checkpoints(tmp_path, history)
+    listed = [saved[i] for i in order]
+    result = types.SimpleNamespace(
+        best_checkpoints=listed, checkpoint=saved[-1][0], path=str(tmp_path), filesystem=pafs.LocalFileSystem()
+    )
+    outcome = _collect(result, str(tmp_path), ["a", "b"], {}, "val_acc")
+    assert outcome.best_checkpoint == str(tmp_path / "checkpoint_epoch003")
+    assert classes.best_epoch(history, "val_acc") == 3
+    assert classes.best_epoch(history[:2], "val_acc") == 1  # the star stays on epoch 1 through epoch 2
+
+
+@pytest.mark.parametrize("monitor", ["val_acc", "val_loss", "macro_f1"])
+def test_the_one_number_ray_prunes_by_orders_epochs_as_the_ranking_does(monitor):
+    """``rank_score`` (what Ray's CheckpointConfig keeps by) sorts epochs exactly as ``rank_key``, ties included:
+    pruning to the best N can never drop the epoch the run names best."""
+    import random
+
+    generator = random.Random(0)
+    rows = []
+    for epoch in range(1, 400):
+        correct = generator.randint(0, 150)  # a 150-image validation set: accuracy ties are common
+        rows.append(
+            {
+                "epoch": epoch,
+                "val_acc": correct / 150,
+                "val_loss": round(generator.uniform(0.01, 20.0), generator.choice([1, 2, 4])),
+                "macro_f1": round(generator.uniform(0.0, 1.0), 2),  # 101 values: many ties
+            }
+        )
+    by_key = sorted(rows, key=lambda r: (rank_key(r, monitor), -r["epoch"]))
+    by_score = sorted(rows, key=lambda r: (classes.rank_score(r, monitor), -r["epoch"]))
+    keys = [rank_key(r, monitor) for r in by_key]
+    assert [rank_key(r, monitor) for r in by_score] == keys

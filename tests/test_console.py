@@ -12,10 +12,11 @@ from tl_ray import progress
 from tl_ray.console import EPOCH_HEADER, TRIAL_HEADER, Console, duration
 
 
-def _epoch(epoch: int, val_acc: float, seconds: float, best: float) -> progress.Epoch:
+def _epoch(epoch: int, val_acc: float, seconds: float, best: float, best_epoch: int) -> progress.Epoch:
     metrics = {
         "epoch": epoch,
         "best_val_acc": best,
+        "best_epoch": best_epoch,
         "train_loss": 1.0 / epoch,
         "train_acc": 0.5,
         "val_loss": 0.9,
@@ -31,7 +32,7 @@ def test_epochs_become_one_row_each_with_the_best_starred_and_an_eta():
     console = Console(out=out, err=err)
     console(progress.Task("decoding images into the cache", 5, 10))
     console(progress.Step(1, 4, 3, 8))
-    for event in (_epoch(1, 0.5, 30.0, 0.5), _epoch(2, 0.7, 10.0, 0.7), _epoch(3, 0.6, 12.0, 0.7)):
+    for event in (_epoch(1, 0.5, 30.0, 0.5, 1), _epoch(2, 0.7, 10.0, 0.7, 2), _epoch(3, 0.6, 12.0, 0.7, 2)):
         console(event)
     console.close()
     lines = out.getvalue().splitlines()
@@ -41,6 +42,16 @@ def test_epochs_become_one_row_each_with_the_best_starred_and_an_eta():
     assert [line.split()[-1] for line in lines[1:]] == ["1m30s", "20.0s", "11.0s"]
     assert err.getvalue() == ""  # not a terminal: no progress bars in logs
     assert console.rows == 3
+
+
+def test_a_tie_on_the_monitor_is_starred_only_when_it_is_the_best_epoch():
+    """Epoch 2 ties epoch 1 on val_acc but has the worse val_loss: the best epoch is still 1, so no star."""
+    out = io.StringIO()
+    console = Console(out=out, err=io.StringIO())
+    for event in (_epoch(1, 0.25, 3.0, 0.25, 1), _epoch(2, 0.25, 1.0, 0.25, 1), _epoch(3, 0.25, 1.0, 0.25, 3)):
+        console(event)
+    console.close()
+    assert [line.split()[4] for line in out.getvalue().splitlines()[1:]] == ["0.250*", "0.250", "0.250*"]
 
 
 def test_finished_trials_become_rows_with_their_best_epoch():
@@ -96,7 +107,7 @@ def test_events_from_a_ray_worker_reach_the_driver_in_order_and_steps_are_paced(
 def test_without_a_listener_nothing_is_sent_and_a_failing_listener_does_not_stop_the_run(ray_cluster):
     with progress.relay(None) as events:
         assert events is None
-        progress.send(events, _epoch(1, 0.5, 1.0, 0.5))  # a no-op
+        progress.send(events, _epoch(1, 0.5, 1.0, 0.5, 1))  # a no-op
     calls = []
 
     def failing(event):

@@ -91,3 +91,23 @@ def test_evaluate_matches_predict_and_the_training_run(checkpoint, source_run, s
 def test_evaluate_refuses_classes_the_checkpoint_does_not_know(checkpoint, sample_root, ray_cluster):
     with pytest.raises(TlRayError, match=r"classes cross, diamond, hexagon .* not among the checkpoint's classes"):
         tl_ray.evaluate(checkpoint, str(sample_root / "target" / "val"))
+
+
+def test_predict_in_its_own_ray_keeps_rays_lines_off_the_console(checkpoint, mixed_folder, tmp_path):
+    """`tl-ray predict` as a user runs it (its own Ray): only its own lines reach stdout and stderr, not Ray's core
+    worker's (ray-project/ray#57733's line about the classifier actors' constructor arguments) nor a deprecation."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "preds.csv"
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    argv = [sys.executable, "-m", "tl_ray.cli", "predict", "--checkpoint", checkpoint, "--data", str(mixed_folder)]
+    finished = subprocess.run(
+        [*argv, "--out", str(out)], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert finished.returncode == 0, finished.stderr
+    printed = finished.stdout + finished.stderr
+    assert printed.strip().splitlines() == [
+        f"wrote {len(pd.read_csv(out))} predictions to {out} (2 files could not be decoded)"
+    ]

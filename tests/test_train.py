@@ -6,6 +6,7 @@ the module costs four small training runs in all.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -158,7 +159,15 @@ def test_transfer_to_new_classes_survives_a_killed_driver(source_model, sample_r
     assert not (tmp_path / "target" / "result.json").exists(), f"the run ended before the kill: {log.read_text()}"
     epoch_one = read_meta(first)["metrics"]
 
-    assert cli.main(argv) == 0  # the same command again
+    with pytest.MonkeyPatch.context() as patch:
+        printed = io.StringIO()
+        patch.setattr(sys, "stdout", printed)
+        assert cli.main(argv) == 0  # the same command again
+    # Said once, before the table: the checkpoint it picks up and what is left.
+    lines = printed.getvalue().splitlines()
+    resumed = [line for line in lines if line.startswith("resuming from ")]
+    assert resumed == [f"resuming from {first}: 1 of 2 epochs done, 1 epoch left"], printed.getvalue()
+    assert lines.index(resumed[0]) < next(i for i, line in enumerate(lines) if line.startswith("epoch "))
     result = json.loads((tmp_path / "target" / "result.json").read_text())
     assert [row["epoch"] for row in result["history"]] == [1, 2]
     assert as_reported(result["history"][0]) == epoch_one, "epoch 1 was not trained again"

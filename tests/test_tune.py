@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -115,7 +116,15 @@ def sweep(source_model, sweep_data, tmp_path_factory, ray_cluster):
     with pytest.MonkeyPatch.context() as patch:
         for key, value in tracking_env.items():
             patch.setenv(key, value)
+        printed = io.StringIO()
+        patch.setattr(sys, "stdout", printed)
         assert cli.main(argv) == 0  # the same command again: Tune restores, Train resumes
+    # Said once, before the trials: two ended; the baseline was killed before or after its first checkpoint.
+    resumed = [line for line in printed.getvalue().splitlines() if line.startswith("resuming sweep ")]
+    assert len(resumed) == 1 and resumed[0] in {
+        f"resuming sweep {run_dir}: 2 of 3 trials done, 1 to resume from their last checkpoint, 0 not started",
+        f"resuming sweep {run_dir}: 2 of 3 trials done, 0 to resume from their last checkpoint, 1 not started",
+    }, printed.getvalue()
     return run_dir, before
 
 

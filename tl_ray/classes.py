@@ -68,3 +68,50 @@ def score(metrics: Mapping[str, Any], monitor: str) -> float:
 def best_value(values: Iterable[float], monitor: str) -> float:
     """The best of ``values`` for ``monitor`` (the highest accuracy or F1, the lowest loss)."""
     return max(values, key=lambda value: signed(value, monitor))
+
+
+def rank_key(metrics: Mapping[str, Any], monitor: str) -> tuple[float, float, float]:
+    """The one order of epochs (and of sweep trials): by ``monitor``, ties by val_acc, then the lower val_loss.
+
+    Small validation sets tie often (150 images: every 0.007), so the monitor alone would leave the
+    best checkpoint to list order. The run's best checkpoint, the console's star, what
+    ``--keep-checkpoints`` keeps and a sweep's ranking all use this key.
+    """
+    return score(metrics, monitor), _finite(metrics.get("val_acc")), -_finite(metrics.get("val_loss"), math.inf)
+
+
+def rank_score(metrics: Mapping[str, Any], monitor: str) -> float:
+    """``rank_key`` as one float, for Ray's ``CheckpointConfig``, which keeps checkpoints by a single attribute.
+
+    The monitored value leads; val_acc and val_loss enter as tie-breaks scaled far below the
+    smallest step the monitor takes on any validation set, so exact ties on the monitor order as
+    ``rank_key`` does and pruning never deletes the better of two tied epochs.
+    """
+    primary = score(metrics, monitor)
+    if math.isinf(primary):
+        return -1e300
+    accuracy = _finite(metrics.get("val_acc"))
+    loss = _finite(metrics.get("val_loss"), math.inf)
+    closeness = 1.0 / (1.0 + loss) if math.isfinite(loss) and loss >= 0 else 0.0  # in (0, 1], higher is better
+    if monitor == "val_acc":
+        return primary + 1e-9 * closeness
+    if monitor == "val_loss":
+        return primary + 1e-9 * accuracy
+    return primary + 1e-7 * accuracy + 1e-12 * closeness
+
+
+def best_epoch(rows: Iterable[Mapping[str, Any]], monitor: str) -> int:
+    """The epoch of the best of ``rows`` (epoch metrics) by ``rank_key``; the first of exact ties."""
+    best: Mapping[str, Any] | None = None
+    for row in rows:
+        if best is None or rank_key(row, monitor) > rank_key(best, monitor):
+            best = row
+    if best is None:
+        raise ValueError("no epochs to choose from")
+    return int(best["epoch"])
+
+
+def _finite(value: Any, missing: float = -math.inf) -> float:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return missing
+    return float(value)

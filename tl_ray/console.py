@@ -43,11 +43,10 @@ def duration(seconds: float) -> str:
 
 
 def epoch_row(metrics: dict[str, Any], epochs: int, mean_epoch_s: float) -> str:
-    """One epoch as the console prints it; starred when it is the best so far by the run's --monitor (its
-    ``best_<monitor>`` metric is this epoch's value)."""
+    """One epoch as the console prints it; starred when it is the best so far (its ``best_epoch``), ranked as the
+    best checkpoint is: by --monitor, ties by val_acc, then the lower val_loss."""
     eta = duration(mean_epoch_s * (epochs - metrics["epoch"]))
-    best = [key for key in metrics if key.startswith("best_")]
-    mark = "*" if best and metrics[best[0]] == metrics.get(best[0].removeprefix("best_")) else " "
+    mark = "*" if metrics.get("best_epoch") == metrics["epoch"] else " "
     return (
         f"{metrics['epoch']:>5} {metrics['train_loss']:>10.4f} {metrics['train_acc']:>9.3f}"
         f" {metrics['val_loss']:>9.4f} {metrics['val_acc']:>7.3f}{mark} {metrics['images_per_s']:>8.1f}"
@@ -94,6 +93,8 @@ class Console:
         elif isinstance(event, progress.Step):
             bar = self._bar("epoch", event.steps, f"epoch {event.epoch}/{event.epochs}", unit="step")
             bar.update(event.step - bar.n)
+        elif isinstance(event, progress.Resumed):
+            self._print(event.text)
         elif isinstance(event, progress.Epoch):
             self._close("epoch")
             self._epoch(event)

@@ -9,7 +9,9 @@ path, so two runs over the same files give the same file.
 
 from __future__ import annotations
 
+import inspect
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 import torch
+from ray.util.annotations import RayDeprecationWarning
 
 from tl_ray import checkpoint as checkpoints
 from tl_ray import data, progress
@@ -105,6 +108,23 @@ class _Classifier:
         return output
 
 
+# Ray Data takes an actor's max_restarts only among its **ray_remote_args, deprecated (Ray 2.60 warns) and to be
+# removed in Ray 2.64.
+_MAP_TAKES_REMOTE_ARGS = any(
+    parameter.kind is inspect.Parameter.VAR_KEYWORD
+    for parameter in inspect.signature(ray.data.Dataset.map_batches).parameters.values()
+)
+
+
+def _pool_restarts(started_here: bool) -> dict[str, int]:
+    """The classifier pool's restart setting. Ray Data hands each pool actor its pipeline as an object-store
+    reference, and Ray's core worker prints an error-level line to the console for such an actor when it may be
+    restarted (ray-project/ray#57733). On a Ray that tl-ray started in this process (one machine: no node to
+    lose) the actors are not restarted, so the line does not arise; on a shared cluster Ray's default stands,
+    node losses being real there."""
+    return {"max_restarts": 0} if started_here and _MAP_TAKES_REMOTE_ARGS else {}
+
+
 def _write(table: pa.Table, out: str) -> None:
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -151,7 +171,7 @@ def _run_pipeline(
 ) -> pd.DataFrame:
     if not files:
         return pd.DataFrame({column: [] for column in columns})
-    data.ensure_ray()
+    started_here = data.ensure_ray()
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     workers = concurrency or (int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 1)
     dataset = data.file_rows([{"path": path} for path in files])
@@ -167,14 +187,17 @@ def _run_pipeline(
             "short_side": meta.get("resize_size") or data.resize_size(meta["image_size"]),
         },
     )
-    dataset = dataset.map_batches(
-        _Classifier,
-        fn_constructor_kwargs={"checkpoint_dir": str(Path(checkpoint).resolve()), "top_k": top_k},
-        batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=max(1, workers)),
-        num_gpus=1 if use_gpu else 0,
-        num_cpus=0.5 if not use_gpu else 1,
-    )
+    with warnings.catch_warnings():  # see _pool_restarts
+        warnings.simplefilter("ignore", RayDeprecationWarning)
+        dataset = dataset.map_batches(
+            _Classifier,
+            fn_constructor_kwargs={"checkpoint_dir": str(Path(checkpoint).resolve()), "top_k": top_k},
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(size=max(1, workers)),
+            num_gpus=1 if use_gpu else 0,
+            num_cpus=0.5 if not use_gpu else 1,
+            **_pool_restarts(started_here),
+        )
     tables, done = [], 0
     for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):  # as they come, for progress
         tables.append(table)

@@ -57,6 +57,27 @@ class Step:
 
 
 @dataclass(frozen=True)
+class Resumed:
+    """A run (or a sweep) picking up where an earlier attempt stopped, said before its first new epoch (or trial)."""
+
+    text: str
+
+
+def resumed_run(checkpoint: str, epochs_done: int, epochs: int) -> Resumed:
+    left = epochs - epochs_done
+    plural = "s" if left != 1 else ""
+    return Resumed(f"resuming from {checkpoint}: {epochs_done} of {epochs} epochs done, {left} epoch{plural} left")
+
+
+def resumed_sweep(run_dir: str, trials: int, done: int, started: int) -> Resumed:
+    """``done`` trials ended, ``started`` to resume from their last checkpoint, the rest of ``trials`` not started."""
+    return Resumed(
+        f"resuming sweep {run_dir}: {done} of {trials} trials done, {started} to resume from their last checkpoint,"
+        f" {max(0, trials - done - started)} not started"
+    )
+
+
+@dataclass(frozen=True)
 class Epoch:
     """An epoch's metrics as reported (all workers summed), as it ends."""
 

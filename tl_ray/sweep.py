@@ -81,12 +81,7 @@ class SweepSummary:
     @property
     def best(self) -> TrialSummary | None:
         scored = [t for t in self.trials if t.checkpoint and not math.isnan(getattr(t, self.monitor))]
-        return max(scored, key=lambda t: rank_key(vars(t), self.monitor)) if scored else None
-
-
-def rank_key(metrics: dict[str, Any], monitor: str) -> tuple[float, float, float]:
-    """Best epoch or trial first by ``monitor``; ties by val_acc, then the lower val_loss."""
-    return classes.score(metrics, monitor), metrics["val_acc"], -metrics["val_loss"]
+        return max(scored, key=lambda t: classes.rank_key(vars(t), self.monitor)) if scored else None
 
 
 def _run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
@@ -151,7 +146,8 @@ class _Progress(tune.Callback):
             return
         metrics = {key: value for key, value in result.items() if isinstance(value, int | float)}
         best = self.best.get(trial.trial_id)
-        if best is None or rank_key(metrics, self.monitor) > rank_key(best, self.monitor):  # as load_summary ranks
+        # Ranked as load_summary ranks a trial's epochs.
+        if best is None or classes.rank_key(metrics, self.monitor) > classes.rank_key(best, self.monitor):
             self.best[trial.trial_id] = metrics
         self.on_event(progress.TrialEpoch(trial.trial_id, trial.config.get("point", {}), metrics))
 
@@ -236,6 +232,8 @@ def sweep(config: TuneConfig, on_event: progress.OnEvent | None = None) -> tuple
     trainable = tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPU})
     if tune.Tuner.can_restore(trials_dir):
         tuner = tune.Tuner.restore(trials_dir, trainable, resume_unfinished=True, resume_errored=True)
+        if on_event is not None:
+            on_event(_resumed(run_dir, len(config.search_points())))
     elif tune.Tuner.can_restore(run_dir):
         raise UsageError(
             f"{run_dir} is a sweep from an earlier tl-ray (trials beside the report, not in {TRIALS_DIR}/): it cannot"
@@ -301,6 +299,17 @@ def sweep(config: TuneConfig, on_event: progress.OnEvent | None = None) -> tuple
         # the caller learns that the sweep did not finish (`tl-ray tune` exits 130; rerunning resumes it).
         raise KeyboardInterrupt(f"sweep {run_dir} interrupted; its report covers the trials that ran")
     return summary, written
+
+
+def _resumed(run_dir: str, trials: int) -> progress.Resumed:
+    """What a resumed sweep picks up: its trials that ended, those it resumes mid-way, those never started."""
+    try:
+        earlier = load_summary(run_dir).trials
+    except TlRayError:
+        earlier = []
+    done = sum(trial.status in ("finished", "stopped early") for trial in earlier)
+    started = sum(trial.status not in ("finished", "stopped early") and trial.epochs > 0 for trial in earlier)
+    return progress.resumed_sweep(run_dir, trials, done, started)
 
 
 def was_interrupted(summary: SweepSummary) -> bool:
@@ -414,7 +423,7 @@ def load_summary(run_dir: str) -> SweepSummary:
         ]
         with_checkpoint = [r for r in rows if isinstance(r.get("checkpoint_path"), str)]
         epochs_done = max((h["epoch"] for h in history), default=0)
-        best = max(with_checkpoint, key=lambda r: rank_key(r, monitor)) if with_checkpoint else None
+        best = max(with_checkpoint, key=lambda r: classes.rank_key(r, monitor)) if with_checkpoint else None
         for row in rows:
             val_images = max(val_images, int(row.get("val_images", 0)))
             num_classes = max(num_classes, int(row.get("num_classes", 0)))

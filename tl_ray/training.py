@@ -33,10 +33,12 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from tl_ray import __version__, cache, checkpoint, classes, cluster, data, features, model, progress, tracking
-from tl_ray.config import MONITORS, NUM_STAGES, TrainConfig, absolute, forbid_world_writable_files, to_yaml
+from tl_ray.config import NUM_STAGES, TrainConfig, absolute, forbid_world_writable_files, to_yaml
 from tl_ray.errors import RunError, TlRayError, UsageError
 
 RESULT_FILE = "result.json"
+# The epoch metric Ray Train keeps checkpoints by: classes.rank_score, the ranking that picks the best checkpoint.
+RANK_SCORE = "rank_score"
 LOOP_CONFIG = "tl_ray_loop_config"  # the one key of the TorchTrainer's train_loop_config: an object ref
 CONFIG_FILE = "config.yaml"
 # Ray Train's controller sees a report, and the end of training, only when it polls its workers: every
@@ -367,8 +369,9 @@ def _trainer(
             storage_path=storage,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=config.keep_checkpoints,
-                checkpoint_score_attribute=config.monitor,
-                checkpoint_score_order=MONITORS[config.monitor],
+                # Not the monitor alone: of two epochs tied on it, pruning must keep the one _collect picks.
+                checkpoint_score_attribute=RANK_SCORE,
+                checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=config.max_failures),
             callbacks=[*(callbacks or []), *_resource_wait(config, use_gpu, worker_cpus)],
@@ -464,7 +467,7 @@ def _collect(
 ) -> TrainResult:
     if not result.best_checkpoints or result.checkpoint is None:
         raise RunError(f"training finished without a checkpoint in {result.path}")
-    best, best_metrics = max(result.best_checkpoints, key=lambda item: classes.score(item[1], monitor))
+    best, best_metrics = max(result.best_checkpoints, key=lambda item: classes.rank_key(item[1], monitor))
     prefix = storage.split("://", 1)[0] + "://" if "://" in storage else ""
     with result.checkpoint.as_directory() as last_dir:
         train_state = checkpoint.read_train_state(last_dir, mmap=True) or {}
@@ -658,6 +661,8 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
 
     progress.mark("worker: data ready", rank=rank)
     events = loop_config["progress"] if rank == 0 else None
+    if resume_from is not None:
+        progress.send(events, progress.resumed_run(resume_from.path, start_epoch, options.epochs))
     for epoch in range(start_epoch + 1, options.epochs + 1):
         started = time.perf_counter()
         pacer = progress.StepPacer(events, epoch, options.epochs, steps_now)
@@ -715,6 +720,10 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
             # The best so far: what a sweep ranks and stops trials on, so Tune's table agrees with the report.
             f"best_{options.monitor}": classes.best_value(monitored, options.monitor),
             **validation,
+            # The best epoch so far by the one ranking (monitor, then val_acc, then the lower val_loss): the
+            # console's star; rank_score is that ranking as the one number Ray's checkpoint pruning keeps by.
+            "best_epoch": classes.best_epoch([*history, {**validation, "epoch": epoch}], options.monitor),
+            RANK_SCORE: classes.rank_score(validation, options.monitor),
             # By class name (Tune's tables flatten it to val_recall/<name> columns); None: no validation image.
             "val_recall": dict(zip(class_names, per_class["recall"], strict=True)),
             "train_loss": totals[0] / max(totals[2], 1),
