@@ -12,7 +12,7 @@ import types
 import pytest
 import yaml
 
-from tl_ray import cli, sweep, training
+from tl_ray import cli, data, recipe, sweep, training
 from tl_ray.config import TrainConfig, TuneConfig, merge
 from tl_ray.errors import RunError, TlRayError, UsageError
 
@@ -113,6 +113,29 @@ def test_print_config_of_a_sweep_states_its_grid(capsys, no_run):
         [0.001, 0.003],
         ["plain", "probe"],
     )
+
+
+def test_print_config_states_the_batch_it_chose_from_the_training_set(tmp_path, capsys, no_run):
+    from PIL import Image
+
+    for name in ("cat", "dog"):
+        (tmp_path / "pets" / "train" / name).mkdir(parents=True)
+        for index in range(25):
+            Image.new("RGB", (8, 8), (index, 0, 0)).save(tmp_path / "pets" / "train" / name / f"{index}.png")
+    root = str(tmp_path / "pets")
+    assert cli.main(["train", "--data", root, "--weights", "none", "--val-fraction", "0.2", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    num_train = len(data.discover(root, 0.2).train)
+    batch = recipe.batch_size(num_train)
+    steps = training.steps_per_epoch(num_train, batch, 1)
+    stated = f"# batch_size: from the training set's size: {num_train} training images -> {batch}, {steps} steps"
+    assert stated in printed
+    assert yaml.safe_load(printed)["batch_size"] == batch
+    # Without a listable training set, the rule is stated and the batch left to the run.
+    assert cli.main(["train", "--data", str(tmp_path / "none"), "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "# batch_size: null: chosen from the training set's size when it runs" in printed
+    assert yaml.safe_load(printed)["batch_size"] is None
 
 
 def test_print_config_without_data_is_a_template(tmp_path, capsys, no_run):

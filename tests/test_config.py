@@ -237,7 +237,7 @@ def test_bad_list_flag_names_the_flag():
         ("epochs:", "epochs must be int; got None"),
         ("train_bn: 1", "train_bn must be bool; got 1"),
         ("train_bn: 'false'", "train_bn must be bool; got 'false'"),
-        ("batch_size: [32]", "batch_size must be int; got [32]"),
+        ("batch_size: [32]", "batch_size must be int or null; got [32]"),
         ("arch: [resnet18]", "arch must be str; got ['resnet18']"),
         ("name: yes", "name must be str or null; got True (YAML reads yes, no, on, off as booleans: quote the text)"),
     ],

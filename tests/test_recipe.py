@@ -29,6 +29,43 @@ def resolved(**options) -> TrainConfig:
 # ----------------------------------------------------------------------------- defaults
 
 
+@pytest.mark.parametrize(
+    ("num_train", "workers", "batch", "steps"),
+    [
+        (25, 1, 8, 3),  # 5 images a class, 5 classes (a last batch of one is left out)
+        (50, 1, 8, 7),  # the 10 a class: a batch of 32 left it 2 steps an epoch
+        (64, 1, 16, 4),
+        (150, 1, 32, 5),
+        (100_000, 1, 32, 3125),
+        (20, 8, 16, 1),  # never below two images a worker
+    ],
+)
+def test_a_left_out_batch_size_follows_the_training_set(num_train, workers, batch, steps):
+    config = TrainConfig(data="d", num_workers=workers).validate()
+    assert config.batch_size is None  # not known before the training set is listed
+    sized = config.for_training_set(num_train)
+    assert sized.batch_size == recipe.batch_size(num_train, workers) == batch
+    assert steps_per_epoch(num_train, sized.batch_size, workers) == steps
+    assert TrainConfig(data="d", batch_size=64).validate().for_training_set(num_train).batch_size == 64
+
+
+def test_the_batch_plan_is_one_console_line():
+    import io
+
+    from tl_ray import progress
+    from tl_ray.console import Console
+
+    out = io.StringIO()
+    console = Console(out=out, err=io.StringIO())
+    console(progress.batch_plan(50, 8, steps_per_epoch(50, 8, 1), chosen=True))
+    console(progress.batch_plan(50, 32, steps_per_epoch(50, 32, 1), chosen=False))
+    console.close()
+    assert out.getvalue().splitlines() == [
+        "50 training images: batch 8 (from the training set's size), 7 steps an epoch",
+        "50 training images: batch 32, 2 steps an epoch",
+    ]
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 def test_defaults_follow_the_optimizer(optimizer):
     config = resolved(optimizer=optimizer, weights="none")

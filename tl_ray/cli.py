@@ -99,7 +99,11 @@ TRAIN_HELP: dict[str, tuple[Any, str]] = {
         f"{' | '.join(MONITORS)}: the validation metric that picks the best checkpoint (val_loss: lowest) and, in"
         " tune, ranks and early-stops trials; macro_f1 (the mean of per-class F1) suits imbalanced classes",
     ),
-    "batch_size": (int, "global batch size, split evenly over the workers"),
+    "batch_size": (
+        int,
+        "global batch size, split evenly over the workers (default: from the training set's size, the largest of"
+        f" {', '.join(map(str, recipe.BATCH_SIZES))} that gives at least {recipe.MIN_STEPS_PER_EPOCH} steps an epoch)",
+    ),
     "image_size": (int, "training crop size in pixels"),
     "val_fraction": (float, "share of train/ held out for validation when there is no val/ folder"),
     "color_jitter": (float, "colour jitter strength for training augmentation (0 = off)"),
@@ -541,9 +545,31 @@ def _resolved_yaml(command: str, config: TrainConfig) -> str:
     resolved = dataclasses.replace(config, data=config.data or "DATA").validate()
     lines = [f"# tl-ray {command}: the resolved configuration (tl-ray {__version__}); run it with"]
     lines.append(f"#   tl-ray {command} --config FILE")
+    rule = (
+        f"the largest of {', '.join(map(str, recipe.BATCH_SIZES))} that gives at least"
+        f" {recipe.MIN_STEPS_PER_EPOCH} steps an epoch"
+    )
     if not config.data:
         resolved = dataclasses.replace(resolved, data=None)
         lines.append("# data is not set: fill it in, or pass --data, before running")
+        if resolved.batch_size is None:
+            lines.append(f"# batch_size: null: chosen from the training set's size when it runs ({rule})")
+    elif resolved.batch_size is None:
+        from tl_ray import data  # imports Ray: only when the training set must be listed
+        from tl_ray.training import steps_per_epoch
+
+        try:
+            num_train = len(data.discover(resolved.data, resolved.val_fraction).train)
+        except TlRayError as error:  # the run itself will refuse it; the template is still worth printing
+            lines.append(f"# batch_size: null: chosen from the training set's size when it runs ({rule});")
+            lines.append(f"#   the training set could not be listed: {error}")
+        else:
+            resolved = resolved.for_training_set(num_train)
+            steps = steps_per_epoch(num_train, resolved.batch_size, resolved.max_workers)
+            lines.append(
+                f"# batch_size: from the training set's size: {num_train} training images -> {resolved.batch_size},"
+                f" {steps} steps an epoch ({rule})"
+            )
     if isinstance(resolved, TuneConfig):
         points = resolved.search_points()
         rates = ", ".join(f"{rate:g}" for rate in resolved.learning_rates())

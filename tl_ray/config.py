@@ -87,7 +87,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     class_weights: str = "none"  # see CLASS_WEIGHTS
     monitor: str = "val_acc"  # see MONITORS
-    batch_size: int = 32
+    batch_size: int | None = None  # None: from the training set's size (recipe.batch_size), once it is listed
     image_size: int = 224
     val_fraction: float = 0.2
     color_jitter: float = 0.0
@@ -144,7 +144,7 @@ class TrainConfig:
                 f"{flag('num_workers')} must be a positive number of workers (4) or a range MIN-MAX (1-4) with"
                 f" 1 <= MIN <= MAX; got {self.num_workers!r}"
             )
-        if self.batch_size < 2 * self.max_workers:
+        if self.batch_size is not None and self.batch_size < 2 * self.max_workers:
             raise UsageError(
                 f"{flag('batch_size')} is the global batch, split over {flag('num_workers')}: it must be at least "
                 f"2 per worker ({2 * self.max_workers}); got {self.batch_size}"
@@ -206,6 +206,13 @@ class TrainConfig:
             backbone_lr_mult=backbone_lr_mult if self.backbone_lr_mult is None else self.backbone_lr_mult,
             head_epochs=head_epochs if self.head_epochs is None else self.head_epochs,
         )
+
+    def for_training_set(self, num_train: int) -> TrainConfig:
+        """The config for a training set of ``num_train`` images: a batch size left out comes from its size
+        (``recipe.batch_size``), so that a small set still gets enough optimizer steps an epoch."""
+        if self.batch_size is not None:
+            return self.validate()
+        return dataclasses.replace(self, batch_size=recipe.batch_size(num_train, self.max_workers)).validate()
 
     def crop_scale(self) -> tuple[float, float] | None:
         """The training crops' smallest and largest share of the image; None: centre crops (no augmentation)."""

@@ -93,7 +93,7 @@ class Console:
         elif isinstance(event, progress.Step):
             bar = self._bar("epoch", event.steps, f"epoch {event.epoch}/{event.epochs}", unit="step")
             bar.update(event.step - bar.n)
-        elif isinstance(event, progress.Resumed):
+        elif isinstance(event, progress.Notice):
             self._print(event.text)
         elif isinstance(event, progress.Epoch):
             self._close("epoch")

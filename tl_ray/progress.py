@@ -57,21 +57,27 @@ class Step:
 
 
 @dataclass(frozen=True)
-class Resumed:
-    """A run (or a sweep) picking up where an earlier attempt stopped, said before its first new epoch (or trial)."""
+class Notice:
+    """A line worth saying once, before the table: the batch a run chose, or where a resumed run picks up."""
 
     text: str
 
 
-def resumed_run(checkpoint: str, epochs_done: int, epochs: int) -> Resumed:
+def batch_plan(num_train: int, batch_size: int, steps: int, chosen: bool) -> Notice:
+    """How the training set is cut into batches: ``chosen`` when the batch came from its size (recipe.batch_size)."""
+    how = " (from the training set's size)" if chosen else ""
+    return Notice(f"{num_train} training images: batch {batch_size}{how}, {steps} steps an epoch")
+
+
+def resumed_run(checkpoint: str, epochs_done: int, epochs: int) -> Notice:
     left = epochs - epochs_done
     plural = "s" if left != 1 else ""
-    return Resumed(f"resuming from {checkpoint}: {epochs_done} of {epochs} epochs done, {left} epoch{plural} left")
+    return Notice(f"resuming from {checkpoint}: {epochs_done} of {epochs} epochs done, {left} epoch{plural} left")
 
 
-def resumed_sweep(run_dir: str, trials: int, done: int, started: int) -> Resumed:
+def resumed_sweep(run_dir: str, trials: int, done: int, started: int) -> Notice:
     """``done`` trials ended, ``started`` to resume from their last checkpoint, the rest of ``trials`` not started."""
-    return Resumed(
+    return Notice(
         f"resuming sweep {run_dir}: {done} of {trials} trials done, {started} to resume from their last checkpoint,"
         f" {max(0, trials - done - started)} not started"
     )

@@ -33,6 +33,20 @@ LIGHT_CROP_SCALE = (0.6, 1.0)
 EVAL_CROP_FRACTION = 0.875
 
 
+# The batch a run takes when --batch-size is left out, by the training set's size: the largest of BATCH_SIZES that
+# still gives at least MIN_STEPS_PER_EPOCH optimizer steps an epoch. A batch of 32 leaves 50 images 1-2 steps an
+# epoch; a few images need more, smaller steps to learn in a short run.
+BATCH_SIZES = (8, 16, 32)
+MIN_STEPS_PER_EPOCH = 4
+
+
+def batch_size(num_train: int, workers: int = 1) -> int:
+    """The global batch for ``num_train`` training images (``--batch-size`` left out): see BATCH_SIZES. At least
+    two images a worker (BatchNorm cannot train on one)."""
+    fitting = [size for size in BATCH_SIZES if num_train // size >= MIN_STEPS_PER_EPOCH]
+    return max(max(fitting, default=BATCH_SIZES[0]), 2 * workers)
+
+
 STRATEGIES = ("auto", "plain", "discriminative", "probe")
 
 

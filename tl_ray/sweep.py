@@ -39,6 +39,7 @@ from tl_ray.training import (
     check_shared_storage,
     cpus_per_worker,
     largest_node_cpus,
+    steps_per_epoch,
     write_config,
 )
 from tl_ray.training import run as run_training
@@ -207,6 +208,8 @@ def sweep(config: TuneConfig, on_event: progress.OnEvent | None = None) -> tuple
     tracker = tracking.logger_settings(config.logger, config.logger_project)  # refused now, not after a trial
     config = dataclasses.replace(config, data=absolute(config.data))  # trials run in other processes
     layout = data.discover(config.data, config.val_fraction)  # fail here, once, not in every trial
+    batch_from_size = config.batch_size is None
+    config = config.for_training_set(len(layout.train))  # one batch size for every trial
     storage = absolute(config.storage)
     run_dir = f"{storage.rstrip('/')}/{config.name}"
     config = _share_cpus(config, data.ensure_ray())
@@ -286,6 +289,8 @@ def sweep(config: TuneConfig, on_event: progress.OnEvent | None = None) -> tuple
         )
     _Progress.listener = on_event
     if on_event is not None:
+        steps = steps_per_epoch(len(layout.train), config.batch_size, config.max_workers)
+        on_event(progress.batch_plan(len(layout.train), config.batch_size, steps, batch_from_size))
         on_event(progress.Stage("starting the sweep's first trial"))
     try:
         tuner.fit()
@@ -301,7 +306,7 @@ def sweep(config: TuneConfig, on_event: progress.OnEvent | None = None) -> tuple
     return summary, written
 
 
-def _resumed(run_dir: str, trials: int) -> progress.Resumed:
+def _resumed(run_dir: str, trials: int) -> progress.Notice:
     """What a resumed sweep picks up: its trials that ended, those it resumes mid-way, those never started."""
     try:
         earlier = load_summary(run_dir).trials

@@ -240,6 +240,8 @@ def run(
     config = config.validate().with_run_name()
     tracker = tracking.logger_settings(config.logger, config.logger_project)  # refused here, not after an epoch
     layout = data.discover(config.data, config.val_fraction)
+    batch_from_size = config.batch_size is None
+    config = config.for_training_set(len(layout.train))
     progress.mark("run: data discovered")
     weights = model.initial_weights(config.arch, config.weights, layout.class_names, config.seed)
     progress.mark("run: initial weights")
@@ -298,11 +300,15 @@ def run(
     except BaseException:
         data.release_skips(skipped)
         raise
+    num_train = len(layout.train) - sum(skipped_per_class.values())
+    if on_event is not None:
+        steps = steps_per_epoch(num_train, config.batch_size, config.max_workers)
+        on_event(progress.batch_plan(num_train, config.batch_size, steps, batch_from_size))
     loop_config = {
         "options": dataclasses.asdict(config),
         "class_names": layout.class_names,
         # Known-bad files are left out of the schedule's step count (with --cache none they are found later).
-        "num_train": len(layout.train) - sum(skipped_per_class.values()),
+        "num_train": num_train,
         "train_per_class": train_per_class,
         "class_weights": loss_weights(config, layout.class_names, train_per_class, skipped_per_class),
         "weights_ref": ray.put(weights.state_dict),
