@@ -384,7 +384,7 @@ def _print_export(result) -> None:
 
     meta = result.metadata
     size, resize, names = meta["image_size"], meta["resize_size"], meta["class_names"]
-    print(f"wrote {result.format} {result.path} ({result.path.stat().st_size / 1e6:.1f} MB)")
+    print(f"wrote {result.format} {result.path} ({result.size / 1e6:.1f} MB)")
     print(f"input            {meta['input']['name']}: uint8 RGB (N, 3, {size}, {size}), values 0-255")
     print(f"                 (resize the short side to {resize}, centre-crop {size}: not in the file)")
     print(f"output           {meta['output']['name']}: float32 (N, {len(names)}), softmax over {', '.join(names)}")
