@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,14 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # environment (each node resolves its own chain, as on a cluster). Only when none are set: tests never reach AWS.
 if "AWS_ACCESS_KEY_ID" not in os.environ:
     os.environ.update(CREDENTIALS)
+# Checkpoints fetched from object storage (checkpoint.fetch) go to a folder of this session, not ~/.cache: set before
+# Ray starts, so predict's model actors use it too.
+CHECKPOINT_CACHE = os.environ.setdefault("TL_RAY_CHECKPOINT_CACHE", tempfile.mkdtemp(prefix="tl-ray-checkpoints-"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if Path(CHECKPOINT_CACHE).name.startswith("tl-ray-checkpoints-"):
+        shutil.rmtree(CHECKPOINT_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
