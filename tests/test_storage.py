@@ -179,7 +179,7 @@ def test_predict_and_evaluate_read_the_checkpoint_once_and_write_to_object_stora
     )
     assert code == 0, err
     assert f"to {out}" in printed
-    rows = _read(buckets, "results/preds.csv").decode().splitlines()
+    rows = _read(buckets, "results/preds.csv").decode().replace('"', "").splitlines()
     assert rows[0].startswith("path,predicted,probability") and len(rows) > 4
     assert all(row.startswith("s3://data/shapes/val/") for row in rows[1:])
     model_reads = [r for r in buckets.requests(since=start) if r.method == "GET" and r.path.endswith("/model.pt")]
