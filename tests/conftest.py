@@ -7,12 +7,27 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 from helpers import SOURCE_BATCH, SOURCE_EPOCHS
+from s3server import CREDENTIALS, S3Server
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# The S3 server's fake credentials, set before any Ray starts: Ray's workers take the environment of the raylet
+# that the session's ray.init starts, and a pickled pyarrow S3FileSystem carries no credentials from the
+# environment (each node resolves its own chain, as on a cluster). Only when none are set: tests never reach AWS.
+if "AWS_ACCESS_KEY_ID" not in os.environ:
+    os.environ.update(CREDENTIALS)
+# Checkpoints fetched from object storage (checkpoint.fetch) go to a folder of this session, not ~/.cache: set before
+# Ray starts, so predict's model actors use it too.
+CHECKPOINT_CACHE = os.environ.setdefault("TL_RAY_CHECKPOINT_CACHE", tempfile.mkdtemp(prefix="tl-ray-checkpoints-"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if Path(CHECKPOINT_CACHE).name.startswith("tl-ray-checkpoints-"):
+        shutil.rmtree(CHECKPOINT_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +51,17 @@ def ray_cluster():
         ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 and a free port, one per session, stopped (by its pid) at the end.
+
+    Tests make their own buckets (`s3_server.create_bucket`) and count requests with `mark()` / `requests(since)`.
+    """
+    server = S3Server(tmp_path_factory.mktemp("s3server")).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 from ray.data import RandomSeedConfig
 
-from tl_ray import data, progress, recipe
+from tl_ray import data, location, progress, recipe
 from tl_ray.errors import TlRayError
 
 CACHE_VERSION = 1
@@ -61,13 +61,13 @@ class CachedSplit:
     short_side: int  # the images' short side: validation's resize, done once
 
 
-def resolve_root(cache: str, storage: str) -> str | None:
+def resolve_root(cache: str, storage: location.Location) -> location.Location | None:
     """Where caches go: ``--cache auto`` puts them under --storage, ``none`` turns caching off."""
     if cache == "none":
         return None
     if cache == "auto":
-        return f"{storage.rstrip('/')}/{DEFAULT_FOLDER}"
-    return cache if "://" in cache else os.path.abspath(os.path.expanduser(cache))
+        return storage.join(DEFAULT_FOLDER)
+    return location.resolve(cache, "--cache")
 
 
 def _file_stats(layout: data.Layout, paths: list[str]) -> list[tuple[int, int]]:
@@ -167,7 +167,7 @@ def prepare(
     files: list[tuple[str, int]],
     layout: data.Layout,
     image_size: int,
-    root: str,
+    root: location.Location,
     short_side: int | None = None,
     on_event: progress.OnEvent | None = None,
 ) -> CachedSplit:
@@ -175,8 +175,8 @@ def prepare(
     ``data.resize_size(image_size)``): reused when one exists for exactly these files, else built (telling
     ``on_event`` how many files are done as they are)."""
     short_side = short_side or data.resize_size(image_size)
-    filesystem, base, _ = data.resolve_filesystem(root, "--cache")
-    folder = f"{base}/{split_key(files, layout, short_side)}"
+    filesystem = root.filesystem
+    folder = root.join(split_key(files, layout, short_side)).path
     manifest = read_manifest(filesystem, folder)
     built = manifest is None
     if manifest is None:
@@ -406,7 +406,7 @@ def streaming_datasets(
 def prepare_splits(
     layout: data.Layout,
     image_size: int,
-    root: str | None,
+    root: location.Location | None,
     skipped: data.Skips,
     short_side: int | None = None,
     on_event: progress.OnEvent | None = None,

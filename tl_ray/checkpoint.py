@@ -9,16 +9,21 @@ someone else cannot run code on this machine.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 import torchvision
 from torchvision.models import ResNet
 
+from tl_ray import location
 from tl_ray.config import ARCHS
 from tl_ray.errors import TlRayError
 
@@ -27,6 +32,7 @@ META_FILE = "meta.json"
 TRAIN_STATE_FILE = "train_state.pt"
 FORMAT_VERSION = 1
 REQUIRED_META = ("arch", "num_classes", "class_names", "image_size", "mean", "std")
+FETCH_CHUNK_BYTES = 256 << 20  # the most a fetch holds in memory at once
 
 
 def _write_atomically(path: Path, write) -> None:
@@ -59,8 +65,79 @@ def save_checkpoint(
     return directory
 
 
-def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
-    directory = Path(directory)
+def cache_dir() -> Path:
+    """Where checkpoints read from object storage are kept on this machine: ``$TL_RAY_CHECKPOINT_CACHE``, else
+    ``$XDG_CACHE_HOME/tl-ray/checkpoints`` (``~/.cache/...``)."""
+    if os.environ.get("TL_RAY_CHECKPOINT_CACHE"):
+        return Path(os.environ["TL_RAY_CHECKPOINT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tl-ray" / "checkpoints"
+
+
+def fetch(checkpoint: str | os.PathLike | location.Location, option: str = "--checkpoint") -> Path:
+    """A local folder holding the checkpoint at ``checkpoint``: a local one as it is; one in object storage copied
+    once into ``cache_dir()``, keyed by its URI and its files' sizes and modification times, so a checkpoint
+    predict's actors or a sweep's trials all read is downloaded once per machine, and a replaced one again.
+
+    Only what using a checkpoint needs is fetched (model.pt, meta.json), not the optimizer state."""
+    where = location.resolve(checkpoint, option)
+    if where.is_local:
+        return Path(where.path)
+    folder, model, meta = _infos(where, [where.path, where.join(MODEL_FILE).path, where.join(META_FILE).path], option)
+    if folder.type == pafs.FileType.NotFound and meta.type == pafs.FileType.NotFound:
+        raise TlRayError(f"{option}: checkpoint {where.uri} does not exist")
+    if meta.type != pafs.FileType.File:
+        raise TlRayError(f"{option}: checkpoint {where.uri} has no {META_FILE}: not a (complete) tl-ray checkpoint")
+    if model.type != pafs.FileType.File:
+        raise TlRayError(f"{option}: checkpoint {where.uri} has no {MODEL_FILE}")
+    return _download(where, [model, meta], option)  # meta.json last, as saved: it marks a complete copy
+
+
+def fetch_file(uri: str | location.Location, option: str) -> Path:
+    """This machine's copy of one file in object storage (a ``.pth`` state dict), cached as ``fetch`` caches."""
+    where = location.resolve(uri, option)
+    if where.is_local:
+        return Path(where.path)
+    (info,) = _infos(where, [where.path], option)
+    if info.type != pafs.FileType.File:
+        raise TlRayError(f"{option}: {where.uri} does not exist")
+    return _download(where, [info], option) / info.base_name
+
+
+def _infos(where: location.Location, paths: list[str], option: str) -> list[pafs.FileInfo]:
+    try:
+        return where.filesystem.get_file_info(paths)
+    except (OSError, ValueError) as error:
+        raise TlRayError(f"{option}: cannot read {where.uri}: {location.describe(error)}") from error
+
+
+def _download(where: location.Location, files: list[pafs.FileInfo], option: str) -> Path:
+    stamp = json.dumps([where.uri, [(info.path, info.size, str(info.mtime)) for info in files]])
+    target = cache_dir() / hashlib.sha256(stamp.encode()).hexdigest()[:32]
+    if all((target / info.base_name).is_file() for info in files):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".fetching-", dir=target.parent))
+    try:
+        for info in files:
+            # One read (one ranged GET on S3) per chunk: pyarrow's 1 MiB default would be ~100 GETs a ResNet-50.
+            chunk = min(max(info.size or 0, 1 << 20), FETCH_CHUNK_BYTES)
+            pafs.copy_files(
+                info.path, str(scratch / info.base_name), source_filesystem=where.filesystem, chunk_size=chunk
+            )
+        try:
+            os.replace(scratch, target)  # atomic: of two processes fetching the same files, one wins whole
+        except OSError:
+            if not all((target / info.base_name).is_file() for info in files):
+                raise
+    except (OSError, ValueError) as error:
+        raise TlRayError(f"{option}: cannot read {where.uri}: {location.describe(error)}") from error
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def read_meta(directory: str | os.PathLike | location.Location) -> dict[str, Any]:
+    directory = _local_dir(directory)
     path = directory / META_FILE
     if not directory.is_dir():
         raise TlRayError(f"checkpoint {directory} is not a directory (expected {MODEL_FILE} and {META_FILE} in it)")
@@ -105,8 +182,19 @@ def read_train_state(directory: str | os.PathLike, mmap: bool = False) -> dict[s
     return _load(path, mmap) if path.exists() else None
 
 
-def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[ResNet, dict[str, Any]]:
-    """The trained torchvision ResNet (eval mode, on ``device``) and its meta: all predict needs."""
+def _local_dir(directory: str | os.PathLike | location.Location) -> Path:
+    """A local checkpoint folder as given; a location or URI through ``fetch``."""
+    if isinstance(directory, location.Location) or location.is_uri(os.fspath(directory)):
+        return fetch(directory)
+    return Path(directory)
+
+
+def load_checkpoint(
+    directory: str | os.PathLike | location.Location, device: str | torch.device = "cpu"
+) -> tuple[ResNet, dict[str, Any]]:
+    """The trained torchvision ResNet (eval mode, on ``device``) and its meta: all predict needs. ``directory`` may
+    be a URI: the checkpoint is then read from this machine's copy (``fetch``)."""
+    directory = _local_dir(directory)
     meta = read_meta(directory)
     if meta["arch"] not in ARCHS:
         raise TlRayError(f"checkpoint {directory}: unknown arch {meta['arch']!r} in {META_FILE}")

@@ -48,11 +48,16 @@ exit codes:
 
 TRAIN_HELP: dict[str, tuple[Any, str]] = {
     # key: (argparse type, help). Defaults come from TrainConfig so they are stated once.
-    "data": (str, "dataset root: ROOT/train/<class>/*.jpg (+ optional ROOT/val/); a path or s3://, gs:// URI"),
+    "data": (
+        str,
+        "dataset root: ROOT/train/<class>/*.jpg (+ optional ROOT/val/); a path or a URI (s3://, gs://, abfs://,"
+        " hdfs://; an S3-compatible endpoint as ?endpoint_override=HOST:PORT&scheme=http or AWS_ENDPOINT_URL)",
+    ),
     "arch": (str, f"backbone: {', '.join(ARCHS)}"),
     "weights": (
         str,
-        "imagenet | a torchvision weights name (IMAGENET1K_V1) | none | a .pth state dict | a tl-ray checkpoint dir",
+        "imagenet | a torchvision weights name (IMAGENET1K_V1) | none | a .pth state dict | a tl-ray checkpoint dir"
+        " (paths or URIs)",
     ),
     "freeze_depth": (
         int,
@@ -127,8 +132,9 @@ TRAIN_HELP: dict[str, tuple[Any, str]] = {
     ),
     "storage": (
         str,
-        "where runs are written: a local folder; on a multi-node cluster it must be shared storage"
-        " (s3://bucket/path, gs://bucket/path, or an NFS folder)",
+        "where runs are written: a local folder or a URI (s3://bucket/path, gs://..., endpoint as for --data); on a"
+        " multi-node cluster or in a Ray job it must be shared storage (a URI or an NFS folder), checked writable"
+        " before the run starts",
     ),
     "cache": (
         str,
@@ -276,9 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(sweep, skip=("freeze_depth", "lr", "epochs", "strategy"))
 
     predict = commands.add_parser("predict", help="classify images with a checkpoint (Ray Data batch inference)")
-    predict.add_argument("--checkpoint", required=True, help="a tl-ray checkpoint folder (e.g. a sweep's best/)")
+    predict.add_argument("--checkpoint", required=True, help="a tl-ray checkpoint (a sweep's best/): path or URI")
     predict.add_argument("--data", required=True, help="an image, a folder of images (recursive), or a URI")
-    predict.add_argument("--out", required=True, help="predictions file: .csv or .parquet")
+    predict.add_argument("--out", required=True, help="predictions file: .csv or .parquet, a path or URI")
     predict.add_argument("--top-k", type=int, default=3, help="classes listed per image (default: 3)")
     predict.add_argument("--batch-size", type=int, default=64, help="images per model call (default: 64)")
     predict.add_argument(
@@ -287,9 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verbose(predict)
 
     evaluate = commands.add_parser("evaluate", help="accuracy, per-class metrics and confusion matrix on DIR/<class>/")
-    evaluate.add_argument("--checkpoint", required=True, help="a tl-ray checkpoint folder")
+    evaluate.add_argument("--checkpoint", required=True, help="a tl-ray checkpoint folder, a path or URI")
     evaluate.add_argument("--data", required=True, help="a folder of <class>/ image folders, named as in training")
-    evaluate.add_argument("--out", default=None, help="folder for metrics.json, confusion.png, misclassified.csv")
+    evaluate.add_argument("--out", default=None, help="folder or URI: metrics.json, confusion.png, misclassified.csv")
     evaluate.add_argument("--batch-size", type=int, default=64, help="images per model call (default: 64)")
     _add_verbose(evaluate)
 
@@ -300,12 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
         " softmax probabilities (N, classes); scaling, normalisation and softmax are inside it. The metadata (classes,"
         " the resize and crop to do before, the input contract) is embedded in the file and written to OUT.json.",
     )
-    export.add_argument("--checkpoint", required=True, help="a tl-ray checkpoint folder (e.g. a sweep's best/)")
+    export.add_argument("--checkpoint", required=True, help="a tl-ray checkpoint folder (e.g. a sweep's best/) or URI")
     export.add_argument("--format", required=True, choices=("torchscript", "onnx"), help="torchscript | onnx")
-    export.add_argument("--out", required=True, help="the file to write (model.ts, model.onnx); OUT.json beside it")
+    export.add_argument("--out", required=True, help="file or URI to write: model.ts, model.onnx; OUT.json beside")
 
     report = commands.add_parser("report", help="(re)write the report of a finished or interrupted sweep")
-    report.add_argument("run_dir", help="the sweep's folder: STORAGE/NAME")
+    report.add_argument("run_dir", help="the sweep's folder: STORAGE/NAME (a path or URI)")
     return parser
 
 
@@ -388,7 +394,7 @@ def _print_export(result) -> None:
 
     meta = result.metadata
     size, resize, names = meta["image_size"], meta["resize_size"], meta["class_names"]
-    print(f"wrote {result.format} {result.path} ({result.path.stat().st_size / 1e6:.1f} MB)")
+    print(f"wrote {result.format} {result.path} ({result.size / 1e6:.1f} MB)")
     print(f"input            {meta['input']['name']}: uint8 RGB (N, 3, {size}, {size}), values 0-255")
     print(f"                 (resize the short side to {resize}, centre-crop {size}: not in the file)")
     print(f"output           {meta['output']['name']}: float32 (N, {len(names)}), softmax over {', '.join(names)}")

@@ -28,7 +28,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ray.data import RandomSeedConfig
 from torchvision.transforms import v2
 
-from tl_ray import recipe
+from tl_ray import location, recipe
 from tl_ray.errors import TlRayError
 
 logger = logging.getLogger(__name__)
@@ -56,15 +56,13 @@ class Layout:
         return {name: index for index, name in enumerate(self.class_names)}
 
 
-def resolve_filesystem(root: str, option: str = "--data") -> tuple[pafs.FileSystem, str, str]:
-    """(filesystem, path inside it, prefix that turns such a path back into what the user wrote)."""
-    if "://" in root:
-        try:
-            filesystem, path = pafs.FileSystem.from_uri(root)
-        except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... for unusable URIs
-            raise TlRayError(f"{option}: cannot open {root}: {error}") from error
-        return filesystem, path.rstrip("/"), root.split("://", 1)[0] + "://"
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(root)), ""
+def resolve_filesystem(
+    root: str | location.Location, option: str = "--data"
+) -> tuple[pafs.FileSystem, str, str, location.Location]:
+    """(filesystem, path inside it, prefix that turns such a path back into a URI, the location)."""
+    where = location.resolve(root, option)
+    prefix = "" if where.is_local else where.base.split("://", 1)[0] + "://"
+    return where.filesystem, where.path, prefix, where
 
 
 def _info(filesystem: pafs.FileSystem, path: str) -> pafs.FileInfo:
@@ -166,9 +164,10 @@ def _split_score(relative_path: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def discover(root: str, val_fraction: float = 0.2) -> Layout:
+def discover(root: str | location.Location, val_fraction: float = 0.2) -> Layout:
     """Find classes and files under ROOT/train (and ROOT/val, or a hash split of train)."""
-    filesystem, base, prefix = resolve_filesystem(root)
+    filesystem, base, prefix, where = resolve_filesystem(root)
+    root = where.uri
     info = _info(filesystem, base)
     if info.type == pafs.FileType.NotFound:
         raise TlRayError(f"--data: {root} does not exist")

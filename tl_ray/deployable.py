@@ -14,15 +14,17 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 from torch import nn
 
-from tl_ray import __version__, data
+from tl_ray import __version__, data, location
 from tl_ray import checkpoint as checkpoints
 from tl_ray.errors import TlRayError, UsageError
 
@@ -61,37 +63,57 @@ class DeployableClassifier(nn.Module):
 
 @dataclass(frozen=True)
 class ExportResult:
-    path: Path  # the model file
-    sidecar: Path  # <path>.json: the same metadata as inside the file
+    path: Path | str  # the model file: a local path, or the URI it was uploaded to
+    sidecar: Path | str  # <path>.json: the same metadata as inside the file
     format: str
     metadata: dict[str, Any]
+    size: int = 0  # the model file's bytes
 
 
 def export(checkpoint: str | os.PathLike, out: str | os.PathLike, format: str) -> ExportResult:
     """Write ``checkpoint`` as a ``format`` file at ``out`` and its metadata at ``<out>.json``; replaces both."""
     if format not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}; got {format!r}")
-    if Path(out).is_dir():
-        raise UsageError(f"--out: {out} is a folder; name the file to write (e.g. {Path(out) / 'model.onnx'})")
+    target = location.resolve(out, "--out")
+    if target.info("--out").type == pafs.FileType.Directory:
+        example = target.join("model.onnx").uri
+        raise UsageError(f"--out: {target.uri} is a folder; name the file to write (e.g. {example})")
     if format == "onnx":
         missing = [name for name in ONNX_PACKAGES if not _importable(name)]
         if missing:
             packages = f"{' and '.join(missing)} package" + ("s" if len(missing) > 1 else "")
             raise UsageError(f"--format onnx needs the {packages}: pip install 'tl-ray[export]'")
+    if not target.is_local:
+        location.check_writable(target.parent(), "--out")  # before the export's minutes, not after
     try:
         model, meta = checkpoints.load_checkpoint(checkpoint, "cpu")
     except TlRayError as error:
-        raise UsageError(f"--checkpoint: {error}") from error
+        message = str(error)
+        raise UsageError(message if message.startswith("--checkpoint") else f"--checkpoint: {message}") from error
     metadata = deployment_metadata(meta, format)
     classifier = DeployableClassifier(model, meta["mean"], meta["std"], meta["image_size"]).eval()
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(metadata, indent=2) + "\n"
     write = _write_torchscript if format == "torchscript" else _write_onnx
-    _replace(path, lambda temporary: write(classifier, temporary, text))
-    sidecar = path.with_name(path.name + ".json")
-    _replace(sidecar, lambda temporary: temporary.write_text(text, encoding="utf-8"))
-    return ExportResult(path=path, sidecar=sidecar, format=format, metadata=metadata)
+    if target.is_local:
+        path = Path(target.path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _replace(path, lambda temporary: write(classifier, temporary, text))
+        sidecar = path.with_name(path.name + ".json")
+        _replace(sidecar, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+        return ExportResult(path, sidecar, format, metadata, path.stat().st_size)
+    # Object storage: written here, then uploaded (an object appears whole once its upload completes).
+    sidecar_target = target.parent().join(target.name + ".json")
+    with tempfile.TemporaryDirectory() as scratch:
+        local = Path(scratch) / target.name
+        write(classifier, local, text)
+        (Path(scratch) / (target.name + ".json")).write_text(text, encoding="utf-8")
+        try:
+            for source, destination in ((local, target), (Path(scratch) / (target.name + ".json"), sidecar_target)):
+                pafs.copy_files(str(source), destination.path, destination_filesystem=destination.filesystem)
+        except OSError as error:
+            raise TlRayError(f"--out: cannot write {target.uri}: {location.describe(error)}") from error
+        size = local.stat().st_size
+    return ExportResult(target.uri, sidecar_target.uri, format, metadata, size)
 
 
 def _importable(module: str) -> bool:

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from tl_ray import cache, data, model, progress
+from tl_ray import cache, data, location, model, progress
 from tl_ray.config import NUM_STAGES
 
 FEATURES_VERSION = 1
@@ -47,7 +47,7 @@ class FeatureSplit:
     built: bool  # True when this call ran the backbone, False when earlier features were reused
 
 
-def applies(freeze_depth: int, augment: str, cache_root: str | None) -> bool:
+def applies(freeze_depth: int, augment: str, cache_root: location.Location | None) -> bool:
     """Only then are a run's backbone outputs the same every epoch (and there is a cache to keep them in)."""
     return freeze_depth == NUM_STAGES and augment == "none" and cache_root is not None
 
@@ -152,7 +152,7 @@ def feature_dataset(split: FeatureSplit, training: bool, seed: int = 0) -> ray.d
 def prepare_splits(
     layout: data.Layout,
     image_size: int,
-    cache_root: str,
+    cache_root: location.Location,
     skipped: data.Skips,
     arch: str,
     weights: model.InitialWeights,

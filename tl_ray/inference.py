@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch
 from ray.util.annotations import RayDeprecationWarning
 
 from tl_ray import checkpoint as checkpoints
-from tl_ray import data, progress
+from tl_ray import data, location, progress
 from tl_ray.errors import TlRayError
 
 ERROR_COLUMN = "error"
@@ -35,8 +36,8 @@ ERROR_COLUMN = "error"
 
 def _input_files(location: str) -> tuple[pafs.FileSystem, str, list[str]]:
     """A single image, or every image under a folder (recursively)."""
-    filesystem, path, prefix = data.resolve_filesystem(location)
-    info = filesystem.get_file_info(path)
+    filesystem, path, prefix, where = data.resolve_filesystem(location)
+    info = where.info("--data")
     if info.type == pafs.FileType.NotFound:
         raise TlRayError(f"--data: {location} does not exist")
     if info.type == pafs.FileType.File:
@@ -83,8 +84,9 @@ def _decode_for_inference(
 class _Classifier:
     """One model per actor, loaded once; a Ray Data callable class."""
 
-    def __init__(self, checkpoint_dir: str, top_k: int) -> None:
+    def __init__(self, checkpoint_dir: str | location.Location, top_k: int) -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # A checkpoint in object storage is read from this node's copy: fetched by the first actor here, once.
         self.model, meta = checkpoints.load_checkpoint(checkpoint_dir, self.device)
         self.class_names = np.asarray(meta["class_names"], dtype=object)
         self.mean = torch.tensor(meta["mean"], device=self.device)
@@ -125,13 +127,28 @@ def _pool_restarts(started_here: bool) -> dict[str, int]:
     return {"max_restarts": 0} if started_here and _MAP_TAKES_REMOTE_ARGS else {}
 
 
-def _write(table: pa.Table, out: str) -> None:
-    target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if out.endswith(".parquet"):
-        pq.write_table(table, target)
-    else:
-        pacsv.write_csv(table, target)
+def _write(table: pa.Table, out: location.Location) -> None:
+    if out.is_local:
+        Path(out.path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with out.filesystem.open_output_stream(out.path) as stream:
+            if out.base.endswith(".parquet"):
+                pq.write_table(table, stream)
+            else:
+                pacsv.write_csv(table, stream)
+    except OSError as error:
+        raise TlRayError(f"--out: cannot write {out.uri}: {location.describe(error)}") from error
+
+
+def _output(out: str | None, suffixes: tuple[str, ...] = ()) -> location.Location | None:
+    """--out resolved and checked writable (its folder: a file's), before any image is read."""
+    if out is None:
+        return None
+    where = location.resolve(out, "--out")
+    if suffixes and not where.base.endswith(suffixes):
+        raise TlRayError(f"--out must end in {' or '.join(suffixes)}; got {out}")
+    location.check_writable(where.parent() if suffixes else where, "--out")
+    return where
 
 
 def predict(
@@ -146,10 +163,9 @@ def predict(
     """Classify every image under ``data_path``: one row per file, sorted by path; written to ``out`` if given.
 
     ``on_event`` hears how many images are classified as they are (``progress.Task``)."""
-    if out is not None and not out.endswith((".csv", ".parquet")):
-        raise TlRayError(f"--out must end in .csv or .parquet; got {out}")
     if top_k < 1 or batch_size < 1:
         raise TlRayError("--top-k and --batch-size must be positive")
+    target = _output(out, (".csv", ".parquet"))
     meta = checkpoints.read_meta(checkpoint)
     filesystem, prefix, files = _input_files(data_path)
     files, rejected = data.readable_names(files)
@@ -161,8 +177,8 @@ def predict(
         rejected = [(prefix + path, reason) for path, reason in rejected]
         frame = pd.concat([frame, _error_rows(rejected, columns)], ignore_index=True)
         frame = frame.sort_values("path", kind="stable", ignore_index=True)
-    if out is not None:
-        _write(pa.Table.from_pandas(frame, preserve_index=False), out)
+    if target is not None:
+        _write(pa.Table.from_pandas(frame, preserve_index=False), target)
     return frame
 
 
@@ -191,7 +207,7 @@ def _run_pipeline(
         warnings.simplefilter("ignore", RayDeprecationWarning)
         dataset = dataset.map_batches(
             _Classifier,
-            fn_constructor_kwargs={"checkpoint_dir": str(Path(checkpoint).resolve()), "top_k": top_k},
+            fn_constructor_kwargs={"checkpoint_dir": _checkpoint_for_actors(checkpoint), "top_k": top_k},
             batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(size=max(1, workers)),
             num_gpus=1 if use_gpu else 0,
@@ -206,6 +222,13 @@ def _run_pipeline(
             on_event(progress.Task("classifying images", done, len(files)))
     frame = pa.concat_tables(tables).to_pandas()[columns]
     return frame.sort_values("path", kind="stable", ignore_index=True)
+
+
+def _checkpoint_for_actors(checkpoint: str | location.Location) -> str | location.Location:
+    """What the model actors load: a local folder's absolute path, or the resolved location (its filesystem
+    object, so every node reaches the endpoint the driver resolved)."""
+    where = location.resolve(checkpoint, "--checkpoint")
+    return str(Path(where.path).resolve()) if where.is_local else where
 
 
 @dataclass(frozen=True)
@@ -223,9 +246,10 @@ def evaluate(
     on_event: progress.OnEvent | None = None,
 ) -> Evaluation:
     """Accuracy, per-class precision/recall/F1 and a confusion matrix on DIR/<class>/ images."""
+    target = _output(out_dir)
     meta = checkpoints.read_meta(checkpoint)
-    filesystem, base, prefix = data.resolve_filesystem(data_dir)
-    if filesystem.get_file_info(base).type != pafs.FileType.Directory:
+    filesystem, base, prefix, where = data.resolve_filesystem(data_dir)
+    if where.info("--data").type != pafs.FileType.Directory:
         raise TlRayError(f"--data: {data_dir} is not a folder of <class>/ image folders")
     folders = data.find_classes(filesystem, base)
     unknown = sorted(set(folders) - set(meta["class_names"]))
@@ -269,12 +293,28 @@ def evaluate(
         "checkpoint": str(checkpoint),
     }
     misclassified = scored.loc[scored["true"] != scored["predicted"], ["path", "true", "predicted", "probability"]]
-    if out_dir is not None:
-        _write_evaluation(Path(out_dir), metrics, misclassified, confusion)
+    if target is not None:
+        _write_evaluation(target, metrics, misclassified, confusion)
     return Evaluation(metrics, rows, misclassified.reset_index(drop=True))
 
 
-def _write_evaluation(out: Path, metrics: dict, misclassified: pd.DataFrame, confusion: pd.DataFrame) -> None:
+def _write_evaluation(
+    target: location.Location, metrics: dict, misclassified: pd.DataFrame, confusion: pd.DataFrame
+) -> None:
+    """metrics.json, misclassified.csv and confusion.png into ``target``: written there, or (object storage) into
+    a scratch folder and uploaded."""
+    if target.is_local:
+        _write_evaluation_files(Path(target.path), metrics, misclassified, confusion)
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        _write_evaluation_files(Path(scratch), metrics, misclassified, confusion)
+        try:
+            pafs.copy_files(scratch, target.path, destination_filesystem=target.filesystem)
+        except OSError as error:
+            raise TlRayError(f"--out: cannot write {target.uri}: {location.describe(error)}") from error
+
+
+def _write_evaluation_files(out: Path, metrics: dict, misclassified: pd.DataFrame, confusion: pd.DataFrame) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -19,7 +19,7 @@ import torchvision
 from torch import nn
 from torchvision.models import ResNet
 
-from tl_ray import checkpoint, recipe
+from tl_ray import checkpoint, location, recipe
 from tl_ray.config import ARCHS, NUM_STAGES
 from tl_ray.errors import TlRayError
 
@@ -124,20 +124,20 @@ def initial_weights(arch: str, weights: str, class_names: Sequence[str], seed: i
     class_names = list(class_names)
     model = create_resnet(arch, len(class_names))
     mean, std = IMAGENET_MEAN, IMAGENET_STD
-    path = Path(weights).expanduser()
     if weights == "none":
         return InitialWeights(model.state_dict(), mean, std, "none", True)
+    path, named = _local_weights(weights)
     if path.is_dir():
         meta = checkpoint.read_meta(path)
         if meta["arch"] != arch:
-            raise TlRayError(f"--weights: checkpoint {path} is a {meta['arch']}; pass --arch {meta['arch']}")
+            raise TlRayError(f"--weights: checkpoint {named} is a {meta['arch']}; pass --arch {meta['arch']}")
         same_classes = meta["class_names"] == class_names
-        state, head_reset = _fit_to_model(model, checkpoint.read_model_state(path), str(path), same_classes)
+        state, head_reset = _fit_to_model(model, checkpoint.read_model_state(path), named, same_classes)
         mean, std = tuple(meta["mean"]), tuple(meta["std"])
-        return InitialWeights(state, mean, std, f"checkpoint:{path.resolve()}", head_reset, _meta_crop_fraction(meta))
+        return InitialWeights(state, mean, std, f"checkpoint:{named}", head_reset, _meta_crop_fraction(meta))
     if path.is_file():
-        state, head_reset = _fit_to_model(model, _read_state_dict(path), str(path), keep_head=False)
-        return InitialWeights(state, mean, std, str(path.resolve()), head_reset)
+        state, head_reset = _fit_to_model(model, _read_state_dict(path), named, keep_head=False)
+        return InitialWeights(state, mean, std, named, head_reset)
     if os.sep in weights or weights.endswith((".pth", ".pt")):
         raise TlRayError(f"--weights: {weights} does not exist")
     enum_value = _torchvision_weights(arch, weights)
@@ -150,9 +150,22 @@ def initial_weights(arch: str, weights: str, class_names: Sequence[str], seed: i
     )
 
 
+def _local_weights(weights: str) -> tuple[Path, str]:
+    """A --weights file or checkpoint folder on this machine (one in object storage fetched once, ``checkpoint.fetch``)
+    and the name to record and show: the absolute path, or the URI."""
+    if location.is_uri(weights):
+        if weights.partition("?")[0].endswith((".pth", ".pt")):
+            return checkpoint.fetch_file(weights, "--weights"), weights
+        return checkpoint.fetch(weights, "--weights"), weights
+    path = Path(weights).expanduser()
+    return path, str(path.resolve())
+
+
 def eval_crop_fraction(arch: str, weights: str) -> float:
     """The validation crop fraction ``initial_weights`` would give, without reading any weights (a sweep
     decodes its cache at this resize before any trial starts)."""
+    if location.is_uri(weights) and not weights.partition("?")[0].endswith((".pth", ".pt")):
+        return _meta_crop_fraction(checkpoint.read_meta(checkpoint.fetch(weights, "--weights")))
     path = Path(weights).expanduser()
     if weights != "none" and path.is_dir():
         return _meta_crop_fraction(checkpoint.read_meta(path))

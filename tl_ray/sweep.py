@@ -29,9 +29,9 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from tl_ray import cache, classes, data, model, progress, report, tracking
+from tl_ray import cache, classes, data, location, model, places, progress, report, tracking
 from tl_ray.checkpoint import META_FILE, MODEL_FILE
-from tl_ray.config import MONITORS, TuneConfig, absolute, forbid_world_writable_files
+from tl_ray.config import MONITORS, TuneConfig, forbid_world_writable_files
 from tl_ray.errors import TlRayError, UsageError
 from tl_ray.training import (
     CONFIG_FILE,
@@ -90,9 +90,11 @@ def _run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     progress.mark("trial: entered")
     forbid_world_writable_files()
     config = TuneConfig(**sweep["options"])
-    trial_dir = f"{sweep['trials_dir']}/{tune.get_context().get_trial_id()}"  # as _trial_dirname names it
-    trial_config = config.trial_config(params["point"], trial_dir, TRIAL_RUN_DIR)
-    run_training(trial_config, callbacks=[TuneReportCallback()])
+    where: places.RunPlaces = sweep["places"]  # as the driver resolved them: its filesystem objects, endpoints
+    trial_dir = where.storage.join(tune.get_context().get_trial_id())  # as _trial_dirname names it
+    trial_config = config.trial_config(params["point"], trial_dir.uri, TRIAL_RUN_DIR)
+    trial_places = dataclasses.replace(where, storage=trial_dir)
+    run_training(trial_config, callbacks=[TuneReportCallback()], where=trial_places)
     progress.mark("trial: returned")
 
 
@@ -206,41 +208,43 @@ def sweep(config: TuneConfig, on_event: progress.OnEvent | None = None) -> tuple
     progress.mark("sweep: start")
     config = config.validate().with_run_name()
     tracker = tracking.logger_settings(config.logger, config.logger_project)  # refused now, not after a trial
-    config = dataclasses.replace(config, data=absolute(config.data))  # trials run in other processes
-    layout = data.discover(config.data, config.val_fraction)  # fail here, once, not in every trial
+    where = places.resolve(config)  # once, here: the trials get these locations, not the options' text
+    places.check_outputs(config, where)
+    config = dataclasses.replace(config, data=where.data.uri)  # as config.yaml records it: absolute
+    layout = data.discover(where.data, config.val_fraction)  # fail here, once, not in every trial
     batch_from_size = config.batch_size is None
     config = config.for_training_set(len(layout.train))  # one batch size for every trial
-    storage = absolute(config.storage)
-    run_dir = f"{storage.rstrip('/')}/{config.name}"
+    storage = where.storage
+    run_dir = where.run_dir(config.name)
     config = _share_cpus(config, data.ensure_ray())
     progress.mark("sweep: ray ready")
     check_shared_storage(storage)
     write_config(config, storage)
-    cache_root = cache.resolve_root(config.cache, storage)
+    cache_root = where.cache
     if cache_root is not None:
         # Decode once, here, before any trial: every trial then finds the cache (trials store elsewhere).
-        config = dataclasses.replace(config, cache=cache_root)
+        config = dataclasses.replace(config, cache=cache_root.uri)
         short_side = data.resize_size(config.image_size, model.eval_crop_fraction(config.arch, config.weights))
         for files in (layout.train, layout.val):
             if files:
                 cache.prepare(files, layout, config.image_size, cache_root, short_side, on_event)
 
-    trials_dir = f"{run_dir}/{TRIALS_DIR}"
+    trials_dir = run_dir.join(TRIALS_DIR)
     progress.mark("sweep: cache ready")
-    trainable = tune.with_parameters(
-        _run_trial, sweep={"options": dataclasses.asdict(config), "trials_dir": trials_dir}
-    )
+    trial_places = dataclasses.replace(where, storage=trials_dir)
+    trainable = tune.with_parameters(_run_trial, sweep={"options": dataclasses.asdict(config), "places": trial_places})
     # The trial's own process only waits on its TorchTrainer: CPUs belong to the workers and Ray Data
     # (Tune refuses an empty request, hence a token share).
     trainable = tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPU})
-    if tune.Tuner.can_restore(trials_dir):
-        tuner = tune.Tuner.restore(trials_dir, trainable, resume_unfinished=True, resume_errored=True)
+    tune_fs = _tune_filesystem(run_dir)
+    if tune.Tuner.can_restore(trials_dir.path, **tune_fs):
+        tuner = tune.Tuner.restore(trials_dir.path, trainable, resume_unfinished=True, resume_errored=True, **tune_fs)
         if on_event is not None:
             on_event(_resumed(run_dir, len(config.search_points())))
-    elif tune.Tuner.can_restore(run_dir):
+    elif tune.Tuner.can_restore(run_dir.path, **tune_fs):
         raise UsageError(
-            f"{run_dir} is a sweep from an earlier tl-ray (trials beside the report, not in {TRIALS_DIR}/): it cannot"
-            " be resumed by this one; `tl-ray report` still reads it. Pass a new --name to start a sweep"
+            f"{run_dir.uri} is a sweep from an earlier tl-ray (trials beside the report, not in {TRIALS_DIR}/):"
+            " it cannot be resumed by this one; `tl-ray report` still reads it. Pass a new --name to start a sweep"
         )
     else:
         scheduler = (
@@ -282,7 +286,8 @@ def sweep(config: TuneConfig, on_event: progress.OnEvent | None = None) -> tuple
             ),
             run_config=tune.RunConfig(
                 name=TRIALS_DIR,
-                storage_path=run_dir,
+                storage_path=run_dir.path,
+                storage_filesystem=tune_fs.get("storage_filesystem"),
                 verbose=1 if data.ray_is_verbose() else 0,
                 callbacks=[_Progress(config.max_epochs, config.monitor), *_loggers(tracker, run_dir, config.name)],
             ),
@@ -302,11 +307,11 @@ def sweep(config: TuneConfig, on_event: progress.OnEvent | None = None) -> tuple
     if was_interrupted(summary):
         # Tune takes the first Ctrl-C itself: it saves the sweep's state and returns. The report is of what ran;
         # the caller learns that the sweep did not finish (`tl-ray tune` exits 130; rerunning resumes it).
-        raise KeyboardInterrupt(f"sweep {run_dir} interrupted; its report covers the trials that ran")
+        raise KeyboardInterrupt(f"sweep {run_dir.uri} interrupted; its report covers the trials that ran")
     return summary, written
 
 
-def _resumed(run_dir: str, trials: int) -> progress.Notice:
+def _resumed(run_dir: location.Location, trials: int) -> progress.Notice:
     """What a resumed sweep picks up: its trials that ended, those it resumes mid-way, those never started."""
     try:
         earlier = load_summary(run_dir).trials
@@ -322,7 +327,12 @@ def was_interrupted(summary: SweepSummary) -> bool:
     return any(trial.status == "incomplete" for trial in summary.trials)
 
 
-def _loggers(settings: tracking.LoggerSettings | None, run_dir: str, name: str) -> list[tune.Callback]:
+def _tune_filesystem(run_dir: location.Location) -> dict[str, pafs.FileSystem]:
+    """Tune's ``storage_filesystem`` argument for a sweep folder: its resolved filesystem, none for a local one."""
+    return {} if run_dir.is_local else {"storage_filesystem": run_dir.filesystem}
+
+
+def _loggers(settings: tracking.LoggerSettings | None, run_dir: location.Location, name: str) -> list[tune.Callback]:
     """``--logger``: Ray Tune's own W&B or MLflow callback, one tracker run per trial (in the driver, which has the
     user's environment; W&B's per-trial logging actor does not, so its mode and entity are passed on)."""
     if settings is None:
@@ -332,61 +342,57 @@ def _loggers(settings: tracking.LoggerSettings | None, run_dir: str, name: str) 
 
         named = (("mode", "WANDB_MODE"), ("entity", "WANDB_ENTITY"))
         passed = {key: settings.env[var] for key, var in named if var in settings.env}
-        local = {} if "://" in run_dir else {"dir": run_dir}  # offline runs in the sweep's folder: wandb/
+        local = {"dir": run_dir.path} if run_dir.is_local else {}  # offline runs in the sweep's folder: wandb/
         return [WandbLoggerCallback(project=settings.project, group=name, **passed, **local)]
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-    tags = {"tl_ray.sweep": run_dir}
+    tags = {"tl_ray.sweep": run_dir.uri}
     return [MLflowLoggerCallback(tracking_uri=settings.tracking_uri, experiment_name=settings.project, tags=tags)]
 
 
-def experiment_dir(run_dir: str) -> str:
+def experiment_dir(run_dir: location.Location | str) -> location.Location:
     """Tune's experiment of a sweep: run_dir/trials, or run_dir itself for sweeps from before one folder per trial."""
-    trials = f"{run_dir.rstrip('/')}/{TRIALS_DIR}"
-    return trials if tune.Tuner.can_restore(trials) else run_dir
+    run_dir = location.resolve(run_dir, "run folder")
+    trials = run_dir.join(TRIALS_DIR)
+    return trials if tune.Tuner.can_restore(trials.path, **_tune_filesystem(trials)) else run_dir
 
 
-def finalize(run_dir: str) -> tuple[SweepSummary, dict[str, str]]:
+def finalize(run_dir: location.Location | str) -> tuple[SweepSummary, dict[str, str]]:
     """Summarise the sweep as stored, copy its best checkpoint to run_dir/best, write the report.
 
-    Also what `tl-ray report` runs, so an interrupted sweep can be reported on.
+    Also what `tl-ray report` runs (``run_dir`` a path or URI), so an interrupted sweep can be reported on.
     """
-    run_dir = absolute(run_dir)
+    run_dir = location.resolve(run_dir, "report")
     summary = load_summary(run_dir)
     if summary.best is not None:
-        summary = _copy_best(summary)
-    return summary, write_report(summary)
+        summary = _copy_best(summary, run_dir)
+    return summary, write_report(summary, run_dir)
 
 
-def _filesystem(run_dir: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in run_dir:
-        return pafs.FileSystem.from_uri(run_dir)
-    return pafs.LocalFileSystem(), run_dir
-
-
-def write_report(summary: SweepSummary) -> dict[str, str]:
-    """results.csv, report.md and report.png into the sweep's folder, local or remote."""
-    filesystem, run_path = _filesystem(summary.run_dir)
+def write_report(summary: SweepSummary, run_dir: location.Location | None = None) -> dict[str, str]:
+    """results.csv, report.md and report.png into the sweep's folder, local or remote; where each went (a URI)."""
+    run_dir = run_dir or location.resolve(summary.run_dir, "report")
     with tempfile.TemporaryDirectory() as scratch:
         written = report.write_report(summary, scratch)
         for path in written.values():
-            pafs.copy_files(str(path), f"{run_path}/{path.name}", destination_filesystem=filesystem)
-    return {kind: f"{summary.run_dir}/{path.name}" for kind, path in written.items()}
+            target = run_dir.join(path.name)
+            pafs.copy_files(str(path), target.path, destination_filesystem=target.filesystem)
+    return {kind: run_dir.join(path.name).uri for kind, path in written.items()}
 
 
-def _copy_best(summary: SweepSummary) -> SweepSummary:
+def _copy_best(summary: SweepSummary, run_dir: location.Location) -> SweepSummary:
     """Copy what a user deploys from the best epoch to run_dir/best, so it outlives the trials' folders: the
     model and its meta.json, and the trial's config.yaml (not the optimizer state, which only resuming needs)."""
-    filesystem, run_path = _filesystem(summary.run_dir)
-    source = summary.best.checkpoint.split("://", 1)[-1]
-    target = f"{run_path}/{BEST_DIR}"
-    filesystem.delete_dir_contents(target, missing_dir_ok=True)
-    filesystem.create_dir(target)
-    files = [f"{source}/{MODEL_FILE}", f"{source}/{META_FILE}", f"{source.rstrip('/').rsplit('/', 1)[0]}/{CONFIG_FILE}"]
-    for path in files:
-        if filesystem.get_file_info(path).type == pafs.FileType.File:
-            filesystem.copy_file(path, f"{target}/{path.rsplit('/', 1)[-1]}")
-    return dataclasses.replace(summary, best_checkpoint=f"{summary.run_dir}/{BEST_DIR}")
+    filesystem = run_dir.filesystem
+    source = run_dir.at(location.resolve(summary.best.checkpoint, "checkpoint").path)
+    target = run_dir.join(BEST_DIR)
+    filesystem.delete_dir_contents(target.path, missing_dir_ok=True)
+    filesystem.create_dir(target.path)
+    files = [source.join(MODEL_FILE), source.join(META_FILE), source.parent().join(CONFIG_FILE)]
+    for item in files:
+        if filesystem.get_file_info(item.path).type == pafs.FileType.File:
+            filesystem.copy_file(item.path, target.join(item.name).path)
+    return dataclasses.replace(summary, best_checkpoint=target.uri)
 
 
 def _status(trial: Any, epochs_done: int, max_epochs: int) -> str:
@@ -404,12 +410,15 @@ def _steady_rate(rows: list[dict[str, Any]]) -> float:
     return sum(row["images_per_s"] for row in steady) / len(steady) if steady else math.nan
 
 
-def load_summary(run_dir: str) -> SweepSummary:
-    """Summarise a sweep from what Tune stored: works on finished and interrupted sweeps alike."""
+def load_summary(run_dir: location.Location | str) -> SweepSummary:
+    """Summarise a sweep from what Tune stored: works on finished and interrupted sweeps alike. Checkpoints are
+    named as URIs a user can pass back (with ``run_dir``'s scheme and query)."""
+    run_dir = location.resolve(run_dir, "report")
     try:
-        analysis = tune.ExperimentAnalysis(experiment_dir(run_dir))
+        experiment = experiment_dir(run_dir)
+        analysis = tune.ExperimentAnalysis(experiment.path, **_tune_filesystem(experiment))
     except Exception as error:  # Tune raises ValueError/FileNotFoundError/TuneError for non-sweeps
-        raise TlRayError(f"{run_dir} is not a tl-ray tune run folder ({error})") from error
+        raise TlRayError(f"{run_dir.uri} is not a tl-ray tune run folder ({location.describe(error)})") from error
     frames = analysis.trial_dataframes
     trials, starts, ends = [], [], []
     max_epochs = val_images = num_classes = 0
@@ -447,10 +456,10 @@ def load_summary(run_dir: str) -> SweepSummary:
                 best_epoch=int(best["epoch"]) if best else 0,
                 seconds=sum(r.get("epoch_s", 0.0) for r in rows),
                 images_per_s=_steady_rate(rows),
-                checkpoint=best["checkpoint_path"] if best else "",
+                checkpoint=run_dir.at(best["checkpoint_path"]).uri if best else "",
                 history=history,
                 macro_f1=best.get("macro_f1", math.nan) if best else math.nan,
             )
         )
     wall = (max(ends) - min(starts)) if ends else 0.0
-    return SweepSummary(run_dir.rstrip("/"), max_epochs, trials, wall, None, val_images, num_classes, monitor)
+    return SweepSummary(run_dir.uri, max_epochs, trials, wall, None, val_images, num_classes, monitor)

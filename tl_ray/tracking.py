@@ -27,6 +27,7 @@ from typing import Any
 import pyarrow.fs as pafs
 import ray.train
 
+from tl_ray import location
 from tl_ray.config import check_logger
 from tl_ray.errors import UsageError
 
@@ -109,11 +110,12 @@ def run_id(run_dir: str) -> str:
 class TensorBoardCallback(ray.train.UserCallback):
     """Every recorded epoch's metrics as TensorBoard scalars in ``RUN/tensorboard/``, step = epoch.
 
-    On remote storage (s3://, gs://) the events are written to a local folder and copied up after each epoch.
+    On remote storage (s3://, gs://) the events are written to a local folder and copied up after each epoch,
+    through the run's own filesystem object (the endpoint and options the driver resolved).
     """
 
-    def __init__(self, run_dir: str, epochs: int) -> None:
-        self.folder = f"{run_dir.rstrip('/')}/{TENSORBOARD_DIR}"
+    def __init__(self, run_dir: location.Location | str, epochs: int) -> None:
+        self.folder = location.resolve(run_dir, "--storage").join(TENSORBOARD_DIR)
         self.epochs = epochs
         self._writer = None
         self._local = ""
@@ -141,20 +143,20 @@ class TensorBoardCallback(ray.train.UserCallback):
 
         if self._writer is not None:
             self._writer.close()
-        if "://" in self.folder:
+        if not self.folder.is_local:
             self._local = self._local or tempfile.mkdtemp(prefix="tl-ray-tensorboard-")
         else:
-            self._local = self.folder
+            self._local = self.folder.path
         # Event files are named by the second they were opened: the suffix keeps a reopened one from overwriting.
         suffix = f".{os.getpid()}.{purge_step}"
         self._writer = SummaryWriter(self._local, purge_step=purge_step, flush_secs=10, filename_suffix=suffix)
 
     def _upload(self) -> None:
-        if "://" not in self.folder:
+        if self.folder.is_local:
             return
-        filesystem, base = pafs.FileSystem.from_uri(self.folder)
         for name in os.listdir(self._local):
-            pafs.copy_files(f"{self._local}/{name}", f"{base}/{name}", destination_filesystem=filesystem)
+            target = self.folder.join(name)
+            pafs.copy_files(f"{self._local}/{name}", target.path, destination_filesystem=target.filesystem)
 
 
 class TrackerCallback(ray.train.UserCallback):
@@ -164,8 +166,11 @@ class TrackerCallback(ray.train.UserCallback):
     A tracker that fails is reported in the log and turned off; the run and its TensorBoard files go on.
     """
 
-    def __init__(self, settings: LoggerSettings, run_dir: str, epochs: int, params: dict[str, Any]) -> None:
-        self.settings, self.run_dir, self.epochs, self.params = settings, run_dir.rstrip("/"), epochs, params
+    def __init__(
+        self, settings: LoggerSettings, run_dir: location.Location | str, epochs: int, params: dict[str, Any]
+    ) -> None:
+        self.settings, self.epochs, self.params = settings, epochs, params
+        self.run_dir = location.resolve(run_dir, "--storage")
         self._session: Any = None
         self._failed = False
 
@@ -188,17 +193,16 @@ class TrackerCallback(ray.train.UserCallback):
 
     def _start(self) -> Any:
         os.environ.update(self.settings.env)  # this process runs this run's controller only
-        name = self.run_dir.rsplit("/", 1)[-1]
+        name = self.run_dir.name
         if self.settings.kind == "wandb":
             from ray.air.integrations.wandb import setup_wandb
 
-            local = "://" not in self.run_dir
             return setup_wandb(
                 config=self.params,
-                trial_id=run_id(self.run_dir),
+                trial_id=run_id(self.run_dir.base),
                 trial_name=name,
                 project=self.settings.project,
-                dir=self.run_dir if local else None,  # offline runs land in the run folder: RUN/wandb/
+                dir=self.run_dir.path if self.run_dir.is_local else None,  # offline runs in the run folder: RUN/wandb/
             )
         from ray.air.integrations.mlflow import setup_mlflow
 
@@ -208,7 +212,7 @@ class TrackerCallback(ray.train.UserCallback):
             experiment_name=self.settings.project,
             run_name=name,
             create_experiment_if_not_exists=True,
-            tags={"tl_ray.run_dir": self.run_dir},
+            tags={"tl_ray.run_dir": self.run_dir.uri},
         )
 
     def _finish(self) -> None:
@@ -225,7 +229,7 @@ def _mlflow_key(key: str) -> str:
 
 
 def train_callbacks(
-    run_dir: str, epochs: int, settings: LoggerSettings | None, params: dict[str, Any]
+    run_dir: location.Location, epochs: int, settings: LoggerSettings | None, params: dict[str, Any]
 ) -> list[ray.train.UserCallback]:
     """The tracking callbacks of one Train run: TensorBoard always, the ``--logger`` tracker when set."""
     callbacks: list[ray.train.UserCallback] = [TensorBoardCallback(run_dir, epochs)]

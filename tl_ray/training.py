@@ -32,8 +32,21 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.torch import TorchTrainer
 from torch import nn
 
-from tl_ray import __version__, cache, checkpoint, classes, cluster, data, features, model, progress, tracking
-from tl_ray.config import NUM_STAGES, TrainConfig, absolute, forbid_world_writable_files, to_yaml
+from tl_ray import (
+    __version__,
+    cache,
+    checkpoint,
+    classes,
+    cluster,
+    data,
+    features,
+    location,
+    model,
+    places,
+    progress,
+    tracking,
+)
+from tl_ray.config import NUM_STAGES, TrainConfig, forbid_world_writable_files, to_yaml
 from tl_ray.errors import RunError, TlRayError, UsageError
 
 RESULT_FILE = "result.json"
@@ -111,13 +124,14 @@ def _mount_type(path: str) -> str:
     return best[1] if best else ""
 
 
-def check_shared_storage(storage: str, option: str = "--storage") -> None:
+def check_shared_storage(storage: location.Location | str, option: str = "--storage") -> None:
     """On a multi-node cluster, refuse a node-local folder: nodes of other machines could not see its
     checkpoints (or cache). Nodes that all run on this machine (several ``ray start`` on one host) share it."""
+    storage = location.resolve(storage, option)
     alive = [node for node in ray.nodes() if node.get("Alive")]
-    if len(alive) < 2 or "://" in storage:
+    if len(alive) < 2 or not storage.is_local:
         return
-    if _mount_type(storage).split(".")[0] in NETWORK_FILESYSTEMS:
+    if _mount_type(storage.path).split(".")[0] in NETWORK_FILESYSTEMS:
         return
     if cluster.on_one_host(alive, socket.gethostname(), cluster.local_addresses()):
         return
@@ -202,14 +216,17 @@ def _node_cpus() -> float:
     return float(os.cpu_count() or 1)
 
 
-def write_config(config: Any, storage: str) -> None:
+def write_config(config: Any, storage: location.Location | str) -> None:
     """The resolved configuration in the run's folder: what produced its checkpoints, in a form
     `--config` reads back (the recipe's defaults written out, so a later recipe change cannot alter it)."""
-    filesystem, base, _ = data.resolve_filesystem(storage, "--storage")
-    folder = f"{base}/{config.name}"
-    filesystem.create_dir(folder, recursive=True)
-    with filesystem.open_output_stream(f"{folder}/{CONFIG_FILE}") as stream:
-        stream.write(to_yaml(config).encode())
+    folder = location.resolve(storage, "--storage").join(config.name)
+    try:
+        folder.filesystem.create_dir(folder.path, recursive=True)
+        with folder.filesystem.open_output_stream(folder.join(CONFIG_FILE).path) as stream:
+            stream.write(to_yaml(config).encode())
+    except OSError as error:
+        target = folder.join(CONFIG_FILE).uri
+        raise TlRayError(f"--storage: cannot write {target}: {location.describe(error)}") from error
 
 
 @contextlib.contextmanager
@@ -230,16 +247,22 @@ def run(
     config: TrainConfig,
     callbacks: list[ray.train.UserCallback] | None = None,
     on_event: progress.OnEvent | None = None,
+    where: places.RunPlaces | None = None,
 ) -> TrainResult:
     """Train one model as `tl-ray train` does; raises TlRayError for anything the user can fix.
 
     ``callbacks`` are Ray Train callbacks (a sweep passes the one that reports to Tune). ``on_event`` is
     called in this process with each ``progress`` event (cache builds, steps, epochs) as the run goes.
+    ``where``: the run's locations as a sweep's driver resolved and checked them (by default resolved from
+    ``config`` here, and its outputs checked before anything starts).
     """
     progress.mark("run: start")
     config = config.validate().with_run_name()
     tracker = tracking.logger_settings(config.logger, config.logger_project)  # refused here, not after an epoch
-    layout = data.discover(config.data, config.val_fraction)
+    if where is None:
+        where = places.resolve(config)
+        places.check_outputs(config, where)
+    layout = data.discover(where.data, config.val_fraction)
     batch_from_size = config.batch_size is None
     config = config.for_training_set(len(layout.train))
     progress.mark("run: data discovered")
@@ -249,7 +272,7 @@ def run(
     started_locally = data.ensure_ray()
     use_gpu, worker_cpus = _resources(config, started_locally)
     _check_batch_norm(config, use_gpu)
-    storage = absolute(config.storage)
+    storage = where.storage
     check_shared_storage(storage)
     write_config(config, storage)
     progress.mark("run: config written")
@@ -260,7 +283,7 @@ def run(
         skipped.add(layout.rejected)
     train_per_class = _per_class(layout.train, len(layout.class_names))
     try:
-        cache_root = cache.resolve_root(config.cache, storage)
+        cache_root = where.cache
         if cache_root is not None and config.cache != "auto":
             check_shared_storage(cache_root, "--cache")
         use_features = features.applies(config.freeze_depth, config.augment, cache_root)
@@ -329,7 +352,7 @@ def run(
                 noun = "worker" if config.max_workers == 1 else "workers"
                 on_event(progress.Stage(f"starting {config.num_workers} training {noun}"))
             loop_config["progress"] = events
-            run_dir = f"{storage.rstrip('/')}/{config.name}"
+            run_dir = where.run_dir(config.name)
             tracked = tracking.train_callbacks(run_dir, config.epochs, tracker, dataclasses.asdict(config))
             callbacks = [*tracked, *(callbacks or [])]
             trainer = _trainer(config, loop_config, datasets, use_gpu, worker_cpus, storage, callbacks)
@@ -356,7 +379,7 @@ def _trainer(
     datasets: dict[str, ray.data.Dataset],
     use_gpu: bool,
     worker_cpus: float,
-    storage: str,
+    storage: location.Location,
     callbacks: list[ray.train.UserCallback] | None,
 ) -> TorchTrainer:
     return TorchTrainer(
@@ -372,7 +395,10 @@ def _trainer(
         ),
         run_config=RunConfig(
             name=config.name,
-            storage_path=storage,
+            # Ray Train writes checkpoints through the filesystem object we resolved (a URI's endpoint and options
+            # kept), beside our config.yaml and result.json.
+            storage_path=storage.path,
+            storage_filesystem=None if storage.is_local else storage.filesystem,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=config.keep_checkpoints,
                 # Not the monitor alone: of two epochs tied on it, pruning must keep the one _collect picks.
@@ -469,26 +495,29 @@ def _root_cause(error: BaseException) -> str:
 
 
 def _collect(
-    result: ray.train.Result, storage: str, class_names: list[str], skipped: dict[str, str], monitor: str
+    result: ray.train.Result,
+    storage: location.Location,
+    class_names: list[str],
+    skipped: dict[str, str],
+    monitor: str,
 ) -> TrainResult:
     if not result.best_checkpoints or result.checkpoint is None:
         raise RunError(f"training finished without a checkpoint in {result.path}")
     best, best_metrics = max(result.best_checkpoints, key=lambda item: classes.rank_key(item[1], monitor))
-    prefix = storage.split("://", 1)[0] + "://" if "://" in storage else ""
     with result.checkpoint.as_directory() as last_dir:
         train_state = checkpoint.read_train_state(last_dir, mmap=True) or {}
     previous = _read_previous_skips(result.filesystem, f"{result.path}/{RESULT_FILE}")
     skips = {**previous, **skipped}
     outcome = TrainResult(
-        run_dir=prefix + result.path,
-        best_checkpoint=prefix + best.path,
-        last_checkpoint=prefix + result.checkpoint.path,
+        run_dir=storage.at(result.path).uri,
+        best_checkpoint=storage.at(best.path).uri,
+        last_checkpoint=storage.at(result.checkpoint.path).uri,
         metrics={key: value for key, value in best_metrics.items() if not key.startswith("_")},
         history=train_state.get("history", []),
         skipped_files=[{"path": path, "reason": reason} for path, reason in sorted(skips.items())],
         class_names=class_names,
         monitor=monitor,
-        tensorboard=f"{prefix}{result.path}/{tracking.TENSORBOARD_DIR}",
+        tensorboard=storage.at(result.path).join(tracking.TENSORBOARD_DIR).uri,
     )
     with result.filesystem.open_output_stream(f"{result.path}/{RESULT_FILE}") as stream:
         stream.write((json.dumps(outcome.to_json(), indent=2) + "\n").encode())
