@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from tl_ray import classes, report
+from tl_ray import classes, location, report
 from tl_ray.classes import rank_key
 from tl_ray.config import TrainConfig
 from tl_ray.errors import TlRayError
@@ -194,7 +194,7 @@ def test_the_run_result_names_the_best_checkpoint_by_the_monitor(tmp_path, monit
     result = types.SimpleNamespace(
         best_checkpoints=saved, checkpoint=saved[-1][0], path=str(tmp_path), filesystem=pafs.LocalFileSystem()
     )
-    outcome = _collect(result, str(tmp_path), ["a", "b"], {}, monitor)
+    outcome = _collect(result, location.resolve(str(tmp_path), "--storage"), ["a", "b"], {}, monitor)
     assert outcome.best_checkpoint == str(tmp_path / f"checkpoint_epoch{best_epoch:03d}")
     assert (outcome.metrics["epoch"], outcome.monitor, outcome.history) == (best_epoch, monitor, history)
 
@@ -232,7 +232,7 @@ def test_a_tie_on_the_monitor_goes_to_the_lower_val_loss_whatever_order_ray_list
     result = types.SimpleNamespace(
         best_checkpoints=listed, checkpoint=saved[-1][0], path=str(tmp_path), filesystem=pafs.LocalFileSystem()
     )
-    outcome = _collect(result, str(tmp_path), ["a", "b"], {}, "val_acc")
+    outcome = _collect(result, location.resolve(str(tmp_path), "--storage"), ["a", "b"], {}, "val_acc")
     assert outcome.best_checkpoint == str(tmp_path / "checkpoint_epoch003")
     assert classes.best_epoch(history, "val_acc") == 3
     assert classes.best_epoch(history[:2], "val_acc") == 1  # the star stays on epoch 1 through epoch 2
