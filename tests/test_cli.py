@@ -97,7 +97,7 @@ def test_print_config_resolves_the_recipe_and_keeps_flags_over_the_file(tmp_path
     printed = yaml.safe_load(capsys.readouterr().out)
     resolved = TrainConfig(data="/data/dogs", epochs=4, optimizer="sgd", freeze_depth=2).with_recipe()
     assert printed["epochs"] == 4 and printed["freeze_depth"] == 2
-    assert printed["strategy"] == "discriminative"  # auto, from pretrained weights
+    assert printed["strategy"] == "plain"  # auto, from any start
     for key in ("lr", "weight_decay", "warmup_epochs", "backbone_lr_mult", "head_epochs"):
         assert printed[key] == getattr(resolved, key) is not None
 

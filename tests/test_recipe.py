@@ -32,12 +32,12 @@ def resolved(**options) -> TrainConfig:
 @pytest.mark.parametrize(
     ("num_train", "workers", "batch", "steps"),
     [
-        (25, 1, 8, 3),  # 5 images a class, 5 classes (a last batch of one is left out)
-        (50, 1, 8, 7),  # the 10 a class: a batch of 32 left it 2 steps an epoch
-        (64, 1, 16, 4),
+        (25, 1, 25, 1),  # 5 images a class, 5 classes: the whole set, one step an epoch
+        (50, 1, 32, 2),  # the 10 a class
         (150, 1, 32, 5),
         (100_000, 1, 32, 3125),
-        (20, 8, 16, 1),  # never below two images a worker
+        (25, 16, 32, 1),  # at least two images a worker
+        (1, 1, 2, 1),
     ],
 )
 def test_a_left_out_batch_size_follows_the_training_set(num_train, workers, batch, steps):
@@ -57,12 +57,12 @@ def test_the_batch_plan_is_one_console_line():
 
     out = io.StringIO()
     console = Console(out=out, err=io.StringIO())
-    console(progress.batch_plan(50, 8, steps_per_epoch(50, 8, 1), chosen=True))
-    console(progress.batch_plan(50, 32, steps_per_epoch(50, 32, 1), chosen=False))
+    console(progress.batch_plan(25, 25, steps_per_epoch(25, 25, 1), chosen=True))
+    console(progress.batch_plan(50, 16, steps_per_epoch(50, 16, 1), chosen=False))
     console.close()
     assert out.getvalue().splitlines() == [
-        "50 training images: batch 8 (from the training set's size), 7 steps an epoch",
-        "50 training images: batch 32, 2 steps an epoch",
+        "25 training images: batch 25 (from the training set's size), 1 steps an epoch",
+        "50 training images: batch 16, 4 steps an epoch",
     ]
 
 
@@ -80,8 +80,10 @@ def test_defaults_follow_the_start():
     scratch = resolved(weights="none")
     assert (scratch.strategy, scratch.backbone_lr_mult, scratch.head_epochs, scratch.freeze_depth) == ("plain", 1, 0, 0)
     pretrained = resolved(weights="imagenet", freeze_depth=2)
-    assert pretrained.strategy == "discriminative"
-    assert pretrained.backbone_lr_mult == recipe.PRETRAINED_BACKBONE_LR_MULT < 1
+    assert (pretrained.strategy, pretrained.backbone_lr_mult, pretrained.lr) == ("plain", 1, recipe.LR["adamw"])
+    discriminative = resolved(weights="imagenet", freeze_depth=2, strategy="discriminative")
+    assert discriminative.backbone_lr_mult == recipe.PRETRAINED_BACKBONE_LR_MULT < 1
+    assert discriminative.lr == recipe.DISCRIMINATIVE_HEAD_LR["adamw"] > recipe.LR["adamw"]
 
 
 def test_explicit_options_beat_the_recipe():
@@ -285,10 +287,14 @@ def test_one_sample_is_the_recipe_rate_and_explicit_rates_are_shared_too():
 
 
 def test_auto_strategy_is_named_for_the_start_and_scratch_baseline_is_one_extra_trial():
-    assert sweep(freeze_depths="0").strategy_names() == ["discriminative"]
+    assert sweep(freeze_depths="0").strategy_names() == ["plain"]
     points = sweep(freeze_depths="0,5", strategies="auto,discriminative", scratch_baseline=True).search_points()
     assert points[-1] == {"freeze_depth": 0, "strategy": "plain", "lr": recipe.LR["adamw"], "weights": "none"}
-    assert len(points) == 3
+    assert [(p["freeze_depth"], p["strategy"]) for p in points[:-1]] == [
+        (0, "plain"),
+        (0, "discriminative"),
+        (5, "plain"),
+    ]
 
 
 @pytest.mark.parametrize(

@@ -207,7 +207,7 @@ def test_asha_stopped_the_absurd_learning_rate_early_but_not_the_baseline(sweep)
         "4",
         "0",
     )
-    assert rows["gentle"]["strategy"] == rows["absurd"]["strategy"] == "discriminative"  # auto, from a checkpoint
+    assert rows["gentle"]["strategy"] == rows["absurd"]["strategy"] == "plain"  # auto, from any start
     assert (rows["absurd"]["status"], rows["absurd"]["epochs"]) == ("stopped early", "1")
     assert (rows["gentle"]["status"], rows["gentle"]["epochs"]) == ("finished", "2")
     assert (rows["scratch"]["status"], rows["scratch"]["epochs"]) == ("finished", "2"), "the yardstick runs in full"

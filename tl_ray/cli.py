@@ -69,7 +69,8 @@ TRAIN_HELP: dict[str, tuple[Any, str]] = {
         float,
         "the head's peak learning rate, after warm-up, then cosine decay (default: the recipe's for --optimizer:"
         f" {recipe.LR['adamw']} for adamw, {recipe.LR['sgd']} for sgd; at --freeze-depth 5"
-        f" {recipe.HEAD_ONLY_LR['adamw']} and {recipe.HEAD_ONLY_LR['sgd']})",
+        f" {recipe.HEAD_ONLY_LR['adamw']} and {recipe.HEAD_ONLY_LR['sgd']}; discriminative and probe"
+        f" {recipe.DISCRIMINATIVE_HEAD_LR['adamw']} and {recipe.DISCRIMINATIVE_HEAD_LR['sgd']})",
     ),
     "optimizer": (str, f"{' | '.join(OPTIMIZERS)}"),
     "momentum": (float, "SGD momentum (with --optimizer sgd; Nesterov)"),
@@ -82,8 +83,8 @@ TRAIN_HELP: dict[str, tuple[Any, str]] = {
     "strategy": (
         str,
         "how the unfrozen backbone trains: plain (one learning rate) | discriminative (backbone at 0.1 x --lr) |"
-        " probe (the head alone for a fifth of the epochs, then discriminative) | auto (plain from --weights none,"
-        " else discriminative)",
+        " probe (the head alone for a fifth of the epochs, then discriminative) | auto (plain, from any start:"
+        " see BENCHMARKS.md)",
     ),
     "backbone_lr_mult": (float, "the backbone's learning rate as a multiple of --lr (default: the strategy's)"),
     "head_epochs": (int, "epochs of the head alone before unfreezing to --freeze-depth (default: the strategy's)"),
@@ -106,8 +107,8 @@ TRAIN_HELP: dict[str, tuple[Any, str]] = {
     ),
     "batch_size": (
         int,
-        "global batch size, split evenly over the workers (default: from the training set's size, the largest of"
-        f" {', '.join(map(str, recipe.BATCH_SIZES))} that gives at least {recipe.MIN_STEPS_PER_EPOCH} steps an epoch)",
+        "global batch size, split evenly over the workers (default: chosen once the training set is listed:"
+        f" {recipe.BATCH_SIZE}, or the whole set when smaller, and at least 2 a worker)",
     ),
     "image_size": (int, "training crop size in pixels"),
     "val_fraction": (float, "share of train/ held out for validation when there is no val/ folder"),
@@ -551,10 +552,7 @@ def _resolved_yaml(command: str, config: TrainConfig) -> str:
     resolved = dataclasses.replace(config, data=config.data or "DATA").validate()
     lines = [f"# tl-ray {command}: the resolved configuration (tl-ray {__version__}); run it with"]
     lines.append(f"#   tl-ray {command} --config FILE")
-    rule = (
-        f"the largest of {', '.join(map(str, recipe.BATCH_SIZES))} that gives at least"
-        f" {recipe.MIN_STEPS_PER_EPOCH} steps an epoch"
-    )
+    rule = f"{recipe.BATCH_SIZE}, or the whole training set when smaller, at least 2 a worker"
     if not config.data:
         resolved = dataclasses.replace(resolved, data=None)
         lines.append("# data is not set: fill it in, or pass --data, before running")

@@ -192,11 +192,14 @@ class TrainConfig:
 
     def with_recipe(self) -> TrainConfig:
         """Options left out (None) filled in from the recipe (tl_ray.recipe), for this start and optimizer."""
-        strategy, backbone_lr_mult, head_epochs = recipe.strategy_options(self.strategy, self.weights, self.epochs)
+        strategy, backbone_lr_mult, head_epochs = recipe.strategy_options(self.strategy, self.epochs)
         if self.freeze_depth == NUM_STAGES:
             head_epochs = 0  # feature extraction: the head is all that ever trains
         steps_share = recipe.WARMUP_SHARE * self.epochs
-        rates = recipe.HEAD_ONLY_LR if self.freeze_depth == NUM_STAGES else recipe.LR
+        if self.freeze_depth == NUM_STAGES:
+            rates = recipe.HEAD_ONLY_LR
+        else:
+            rates = recipe.LR if strategy == "plain" else recipe.DISCRIMINATIVE_HEAD_LR
         return dataclasses.replace(
             self,
             lr=rates[self.optimizer] if self.lr is None else self.lr,
@@ -471,8 +474,8 @@ class TuneConfig(TrainConfig):
         if not given or unknown:
             known = ", ".join(recipe.STRATEGIES)
             raise UsageError(f"{flag('strategies')} must list strategies among {known}; got {self.strategies!r}")
-        # "auto" is named for what it is for this start (plain from random weights, else discriminative).
-        resolved = (recipe.strategy_options(name, self.weights, self.max_epochs)[0] for name in given)
+        # "auto" is named for what it is (plain).
+        resolved = (recipe.strategy_options(name, self.max_epochs)[0] for name in given)
         return list(dict.fromkeys(resolved))
 
     def learning_rates(self) -> list[float]:
