@@ -8,13 +8,15 @@ the validation resize size (``data.resize_size``: the weights' own crop fraction
 crop of the cached pixels, exactly what predict computes from the file, and training's
 random crops and flips run on the same uint8 pixels.
 
-A split's cache lives in ``ROOT/<key>/``, where the key covers every file's path,
-label, size and modification time and the resolution: a changed, added or removed
-file gives a new key (a rebuild), never a stale cache. ``manifest.json``, written
-last, names the Parquet files of the build that completed and the files that could
-not be decoded, so a later run reports them without trying them again. Concurrent
-builders (two sweep trials, two runs) each write their own files; the last manifest
-wins, and every manifest is complete.
+A split's cache lives in ``ROOT/<family>-<key>/``. The key covers every file's path, label,
+and the size and modification time the listing returned with it (``data.Layout.train_stats``), the
+resolution and the stored format: a changed, added or removed file gives a new key (a rebuild), never
+a stale cache, and a run over a built cache reads one manifest and asks the data location nothing
+per file. The family names the dataset's split and size: once a build completes, the older caches of
+its family (complete ones, with a tl-ray manifest) are deleted. ``manifest.json``, written last,
+names the Parquet files of the build that completed, their bytes and the files that could not be
+decoded, so a later run reports them without trying them again. Concurrent builders (two sweep
+trials, two runs) each write their own files; the last manifest wins, and every manifest is complete.
 """
 
 from __future__ import annotations
