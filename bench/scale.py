@@ -165,7 +165,7 @@ def in_child(part: str, timeout: float, *args: str) -> dict:
         return json.loads(Path(out.name).read_text())
 
 
-def bench_local(base: Path, count: int, timeout: float) -> dict:
+def bench_local(base: Path, count: int, timeout: float, first_step: bool = True) -> dict:
     root = base / f"local-{count}"
     started = time.perf_counter()
     write_local(root, count)
@@ -175,8 +175,11 @@ def bench_local(base: Path, count: int, timeout: float) -> dict:
     result["listing"] = in_child("listing", timeout, str(root))
     result["build"] = in_child("cache", timeout, str(root), str(cache_root))
     result["rerun"] = in_child("cache", timeout, str(root), str(cache_root))
-    with tempfile.TemporaryDirectory(dir=base) as storage:
-        result["first_step"] = in_child("first-step", timeout, str(root), str(cache_root), storage, str(time.time()))
+    if first_step:
+        with tempfile.TemporaryDirectory(dir=base) as storage:
+            result["first_step"] = in_child(
+                "first-step", timeout, str(root), str(cache_root), storage, str(time.time())
+            )
     result["cache_bytes"] = sum(path.stat().st_size for path in cache_root.rglob("*") if path.is_file())
     shutil.rmtree(cache_root, ignore_errors=True)
     return result
@@ -229,6 +232,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--s3", type=int, default=100_000, help="files on the S3 server (0: skip)")
     parser.add_argument("--data", default="bench/.data/scale")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds a measuring process may take")
+    parser.add_argument(
+        "--first-step", action=argparse.BooleanOptionalAction, default=True, help="time a rerun's first step"
+    )
     parser.add_argument("--clean", action="store_true", help="delete the generated local dataset at the end")
     parser.add_argument("--out", default="bench/results/scale.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -255,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
     }
     if args.local:
-        results["local"] = bench_local(base, args.local, args.timeout)
+        results["local"] = bench_local(base, args.local, args.timeout, args.first_step)
         if args.clean:
             shutil.rmtree(base / f"local-{args.local}", ignore_errors=True)
     if args.s3:
