@@ -223,8 +223,9 @@ def test_a_build_reports_its_size_and_deletes_the_cache_it_supersedes(dataset_ro
         files = Path(first[name].folder).rglob("*.parquet")
         assert event.images == first[name].rows and event.bytes == sum(path.stat().st_size for path in files)
     assert states[0].images == len(layout.train) and states[0].bytes == cache.estimate_bytes(
-        len(layout.train), data.resize_size(SIZE), "raw"
+        len(layout.train), data.resize_size(SIZE), "jpeg"
     )
+    assert (first["train"].image_format, first["val"].image_format) == ("jpeg", "raw")
 
     changed, _ = layout.train[3]
     _photo(Path(changed), seed=1234)
