@@ -93,8 +93,12 @@ def split_key(
     """A fingerprint of the split's files (path, label, and the size and mtime the listing returned), the cached
     resolution and format: validating a cache is reading the manifest this names, with no request per file."""
     digest = hashlib.sha256(json.dumps([CACHE_VERSION, short_side, image_format, layout.uri_prefix]).encode())
-    for (path, label), (size, mtime) in zip(files, stats.tolist(), strict=True):
-        digest.update(f"\0{path}\0{label}\0{size}\0{mtime}".encode("utf-8", "surrogateescape"))
+    if len(stats) != len(files):
+        raise ValueError(f"{len(files)} files but {len(stats)} stats")
+    for start in range(0, len(files), 10_000):  # a million stats as Python ints at once would be ~120 MB
+        chunk = stats[start : start + 10_000].tolist()
+        for (path, label), (size, mtime) in zip(files[start : start + 10_000], chunk, strict=True):
+            digest.update(f"\0{path}\0{label}\0{size}\0{mtime}".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()[:32]
 
 
