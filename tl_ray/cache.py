@@ -75,7 +75,7 @@ class CachedSplit:
     skipped: list[tuple[str, str, int]]  # (path as the user sees it, reason, label)
     built: bool  # True when this call decoded the images, False when an earlier build was reused
     short_side: int  # the images' short side: validation's resize, done once
-    image_format: str = "raw"  # how "pixels" holds them: raw RGB bytes, or an encoded file (FORMATS)
+    image_format: str = "raw"  # how "pixels" holds them: raw RGB bytes, or an encoded file (ENCODINGS)
 
 
 def resolve_root(cache: str, storage: str) -> str | None:
@@ -332,7 +332,7 @@ def _remove_superseded(
     except OSError:
         return
     for entry in entries:
-        if entry.type != pafs.FileType.Directory or entry.path == keep or not entry.base_name.startswith(family):
+        if entry.type != pafs.FileType.Directory or entry.path == keep or not entry.base_name.startswith(f"{family}-"):
             continue
         manifest = _read_json(filesystem, f"{entry.path}/{MANIFEST}")
         if not isinstance(manifest, dict) or manifest.get("family") != family:

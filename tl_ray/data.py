@@ -283,7 +283,7 @@ def _readable(listed: list[Listed]) -> tuple[list[Listed], list[tuple[str, str]]
 
 def _folder_val(
     filesystem: pafs.FileSystem, val_dir: str, class_names: list[str], root: str, rejected: list[tuple[str, str]]
-) -> tuple[list[tuple[str, int]], list[Listed]]:
+) -> tuple[list[tuple[str, int]], np.ndarray]:
     val_classes = find_classes(filesystem, val_dir)
     unknown = sorted(set(val_classes) - set(class_names))
     if unknown:
