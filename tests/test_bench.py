@@ -124,3 +124,40 @@ def test_feature_cache_benchmark_runs_with_and_without(tmp_path):
     assert len(results["with"]["epoch_s"]) == len(results["without"]["epoch_s"]) == 2
     assert results["with"]["train_images"] == results["without"]["train_images"]
     assert results["warm_epoch_speedup"] > 0 and "warm epochs" in done.stdout
+
+
+def test_scale_benchmark_counts_requests_and_reuses_its_cache(tmp_path):
+    out = tmp_path / "scale.json"
+    argv = ["--local", "300", "--s3", "120", "--no-first-step", "--data", str(tmp_path / "data"), "--out", str(out)]
+    done = _run_bench([sys.executable, "bench/scale.py", *argv], timeout=280)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    local, s3 = results["local"], results["s3"]
+    assert local["listing"]["files"] == 300 and (local["build"]["built"], local["rerun"]["built"]) == (True, False)
+    assert s3["build"]["image_gets"] == 120 and s3["rerun"]["image_gets"] + s3["rerun"]["image_heads"] == 0
+    assert s3["rerun"]["requests"] == s3["listing"]["requests"]  # a cache hit costs the listing alone
+
+
+def test_cache_format_benchmark_measures_every_format(tmp_path):
+    out = tmp_path / "cache_format.json"
+    done = _run_bench(
+        [
+            sys.executable,
+            "bench/cache_format.py",
+            "--images",
+            "8",
+            "--repeats",
+            "1",
+            "--data",
+            str(tmp_path),
+            "--out",
+            str(out),
+        ],
+        timeout=280,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(row["image_size"], row["format"]) for row in rows} == {
+        (s, f) for s in (224, 64) for f in ("raw", "png", "jpeg")
+    }
+    assert all(row["images"] == 8 and row["bytes_per_image"] > 0 for row in rows)

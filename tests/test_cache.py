@@ -5,7 +5,9 @@ Also JPEG draft-mode decoding, which the cache and the uncached pipelines share.
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -17,7 +19,7 @@ import ray
 import torch
 from PIL import Image
 
-from tl_ray import cache, data
+from tl_ray import cache, console, data, progress
 
 pytestmark = pytest.mark.timeout(300)
 SIZE = 32
@@ -100,6 +102,8 @@ def test_cache_is_reused_until_a_file_changes(dataset_root, tmp_path, ray_cluste
     before = os.stat(changed)
     _photo(Path(changed), seed=999)
     os.utime(changed, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000))
+    assert not cache.prepare(layout.train, layout, SIZE, root).built  # checked against the listing, not the file
+    layout = data.discover(str(dataset_root))  # the next run lists the files again
     rebuilt = cache.prepare(layout.train, layout, SIZE, root)
     assert rebuilt.built and rebuilt.folder != first.folder
 
@@ -170,3 +174,111 @@ def test_images_held_in_memory_are_the_cached_pixels_dealt_like_an_equal_split(d
     first = [b["image"] for b in held.batches(8, 0, 2, seed=0, epoch=1)]
     again = [b["image"] for b in held.batches(8, 0, 2, seed=0, epoch=1)]
     assert not all(torch.equal(a, b) for a, b in zip(first, again, strict=True)), "crops are redrawn every pass"
+
+
+def test_a_built_cache_is_validated_by_the_listing_alone(dataset_root, tmp_path, ray_cluster):
+    """A rerun reads the manifest and nothing else: the image files could all be gone."""
+    layout = data.discover(str(dataset_root))
+    root = str(tmp_path / "cache")
+    built = cache.prepare_splits(layout, SIZE, root, data.SkipLog())
+    for path, _ in layout.train + layout.val:
+        os.remove(path)
+    again = cache.prepare_splits(layout, SIZE, root, data.SkipLog())
+    assert {name: (split.built, split.folder) for name, split in again.items()} == {
+        name: (False, split.folder) for name, split in built.items()
+    }
+    assert cache.load_images(again["val"])[1].tolist() == cache.load_images(built["val"])[1].tolist()
+
+
+def test_a_block_comes_back_to_the_driver_as_one_summary_row(dataset_root, tmp_path):
+    layout = data.discover(str(dataset_root))
+    paths = [path for path, _ in layout.train[:5]] + [str(dataset_root / "train" / "b" / "broken.jpg")]
+    folder = tmp_path / "attempt"
+    folder.mkdir()
+    batch = {"path": np.asarray(paths, dtype=object), "label": np.asarray([0] * 5 + [1])}
+    summary = cache._decode_to_file(batch, layout.filesystem, "", SIZE + 4, "raw", layout.filesystem, str(folder))
+    assert {key: len(value) for key, value in summary.items()} == dict.fromkeys(summary, 1)
+    [written] = list(folder.iterdir())
+    assert (summary["file"][0], summary["files"][0], summary["images"][0]) == (written.name, 6, 5)
+    assert summary["bytes"][0] == written.stat().st_size
+    assert json.loads(summary["skipped"][0]) == [[paths[-1], "not an image file PIL can identify", 1]]
+    assert pq.read_table(written).num_rows == 5
+
+
+def test_a_build_reports_its_size_and_deletes_the_cache_it_supersedes(dataset_root, tmp_path, ray_cluster):
+    root = tmp_path / "cache"
+    events: list = []
+    layout = data.discover(str(dataset_root))
+    first = cache.prepare_splits(layout, SIZE, str(root), data.SkipLog(), on_event=events.append)
+    other_size = cache.prepare(layout.train, layout, SIZE + 8, str(root), split="train")  # another size: kept
+    unnamed = cache.prepare(layout.train[:10], layout, SIZE, str(root))  # no split named: never deleted
+    states = [event for event in events if isinstance(event, progress.CacheState)]
+    assert [(event.state, event.location) for event in states] == [
+        ("building", first["train"].folder),
+        ("built", first["train"].folder),
+        ("building", first["val"].folder),
+        ("built", first["val"].folder),
+    ]
+    for event, name in zip(states[1::2], ("train", "val"), strict=True):
+        files = Path(first[name].folder).rglob("*.parquet")
+        assert event.images == first[name].rows and event.bytes == sum(path.stat().st_size for path in files)
+    assert states[0].images == len(layout.train) and states[0].bytes == cache.estimate_bytes(
+        len(layout.train), data.resize_size(SIZE), "jpeg"
+    )
+    assert (first["train"].image_format, first["val"].image_format) == ("jpeg", "raw")
+
+    changed, _ = layout.train[3]
+    _photo(Path(changed), seed=1234)
+    layout = data.discover(str(dataset_root))
+    events.clear()
+    second = cache.prepare_splits(layout, SIZE, str(root), data.SkipLog(), on_event=events.append)
+    assert second["train"].built and not second["val"].built  # val's files did not change
+    removed = [event for event in events if isinstance(event, progress.CacheState) and event.state == "removed"]
+    assert [(event.location, event.images) for event in removed] == [(first["train"].folder, first["train"].rows)]
+    assert not Path(first["train"].folder).exists() and removed[0].bytes > 0
+    kept = {first["val"].folder, second["train"].folder, other_size.folder, unnamed.folder}
+    assert {str(path.parent) for path in root.glob("*/manifest.json")} == kept
+    assert "superseded" in console.cache_row(removed[0]) and first["train"].folder in console.cache_row(removed[0])
+
+
+def test_requests_to_an_s3_data_location_one_get_per_image_to_build_none_per_image_after(
+    s3_server, tmp_path, ray_cluster
+):
+    """Counted by the S3 server itself (moto, its request log): what a million-image dataset would pay per image."""
+    s3_server.create_bucket("scale")
+    bucket = s3_server.filesystem()
+    images = {}
+    for index in range(24):
+        encoded = io.BytesIO()
+        Image.fromarray(np.full((20 + index, 30, 3), index * 9, np.uint8)).save(encoded, format="PNG")
+        images[f"/scale/data/train/{'ab'[index % 2]}/{index:02d}.png"] = encoded.getvalue()
+    images["/scale/data/train/b/broken.png"] = b"not a png"
+    for path, content in images.items():
+        with bucket.open_output_stream(path.lstrip("/")) as stream:
+            stream.write(content)
+    uri, root = s3_server.uri("scale/data"), str(tmp_path / "cache")
+
+    start = s3_server.mark()
+    layout = data.discover(uri, val_fraction=0.25)
+    listed = s3_server.mark()
+    splits = cache.prepare_splits(layout, SIZE, root, data.SkipLog())
+    built = s3_server.requests(since=listed)
+    assert len(layout.train) + len(layout.val) == len(images) and splits["train"].rows + splits["val"].rows == 24
+    gets = collections.Counter(r.path for r in built if r.method == "GET")
+    heads = collections.Counter(r.path for r in built if r.method == "HEAD")
+    assert gets == dict.fromkeys(images, 1)
+    # pyarrow's Python API opens an object by path only, and its S3 client sends a HEAD for the size first (its
+    # C++ OpenInputFile(FileInfo) would take the listing's size; Python exposes that for datasets alone).
+    assert heads == dict.fromkeys(images, 1)
+    assert {r.method for r in built} == {"GET", "HEAD"}  # nothing else: no listing, no writes (the cache is local)
+
+    listing = s3_server.requests(since=start)[: listed - start]
+    again = data.discover(uri, val_fraction=0.25)
+    rerun_listed = s3_server.mark()
+    assert {name: split.built for name, split in cache.prepare_splits(again, SIZE, root, data.SkipLog()).items()} == {
+        "train": False,
+        "val": False,
+    }
+    assert s3_server.requests(since=rerun_listed) == []  # a cache hit asks the data location nothing
+    assert not [r for r in listing if r.path in images]  # listing: LISTs and HEADs of folders, no image
+    assert len(listing) <= 2 * len(layout.class_names) + 8

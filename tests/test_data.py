@@ -171,3 +171,23 @@ def test_training_pipeline_augments_and_shuffles(tmp_path, ray_cluster):
     assert len({tuple(labels) for labels in epochs}) > 1, "a new order every epoch"
     first_block = epochs[0][: data.BLOCK_ROWS]
     assert 0 < sum(first_block) < len(first_block), "every block mixes classes"
+
+
+def test_the_listing_carries_each_files_size_and_mtime(tmp_path):
+    """Row for row with train and val (hash split and val folder): what the cache is keyed and validated by."""
+    root = _tree(tmp_path / "split", {"a": 30, "b": 30})
+    (root / "train" / "a" / "dangling.jpg").symlink_to(root / "missing.jpg")  # listed, cannot be stat'ed
+    folder = _tree(_tree(tmp_path / "folder", {"a": 3, "b": 2}), {"a": 2, "b": 1}, split="val")
+    for layout in (data.discover(str(root), 0.3), data.discover(str(folder))):
+        for files, stats in ((layout.train, layout.train_stats), (layout.val, layout.val_stats)):
+            assert stats.dtype == np.int64 and stats.shape == (len(files), 2) and len(files)
+            for (path, _), (size, mtime) in zip(files, stats.tolist(), strict=True):
+                if path.endswith("dangling.jpg"):
+                    assert (size, mtime) == (-1, -1)
+                else:
+                    assert (size, mtime) == (Path(path).stat().st_size, Path(path).stat().st_mtime_ns)
+        assert np.array_equal(layout.stats_of(layout.train), layout.train_stats)
+        some = [layout.val[0], layout.train[-1]]  # any of the listed files, in any order
+        assert layout.stats_of(some).tolist() == [layout.val_stats[0].tolist(), layout.train_stats[-1].tolist()]
+        with pytest.raises(ValueError, match="did not return"):
+            layout.stats_of([(str(tmp_path / "elsewhere.jpg"), 0)])

@@ -8,21 +8,24 @@ the validation resize size (``data.resize_size``: the weights' own crop fraction
 crop of the cached pixels, exactly what predict computes from the file, and training's
 random crops and flips run on the same uint8 pixels.
 
-A split's cache lives in ``ROOT/<key>/``, where the key covers every file's path,
-label, size and modification time and the resolution: a changed, added or removed
-file gives a new key (a rebuild), never a stale cache. ``manifest.json``, written
-last, names the Parquet files of the build that completed and the files that could
-not be decoded, so a later run reports them without trying them again. Concurrent
-builders (two sweep trials, two runs) each write their own files; the last manifest
-wins, and every manifest is complete.
+A split's cache lives in ``ROOT/<family>-<key>/``. The key covers every file's path, label,
+and the size and modification time the listing returned with it (``data.Layout.train_stats``), the
+resolution and the stored format: a changed, added or removed file gives a new key (a rebuild), never
+a stale cache, and a run over a built cache reads one manifest and asks the data location nothing
+per file. The family names the dataset's split and size: once a build completes, the older caches of
+its family (complete ones, with a tl-ray manifest) are deleted. ``manifest.json``, written last,
+names the Parquet files of the build that completed, their bytes and the files that could not be
+decoded, so a later run reports them without trying them again. Concurrent builders (two sweep
+trials, two runs) each write their own files; the last manifest wins, and every manifest is complete.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import math
 import os
-import random
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,8 +43,21 @@ from ray.data import RandomSeedConfig
 from tl_ray import data, location, progress, recipe
 from tl_ray.errors import TlRayError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: keyed by the listing's stats, folders named by family, encoded formats
 MANIFEST = "manifest.json"
+# How "pixels" holds a cached image: raw RGB, or an image file of it (PIL's save options). Sizes and decode costs
+# of each: BENCHMARKS.md, section 8 (bench/cache_format.py).
+ENCODINGS: dict[str, dict] = {
+    "raw": {},
+    "png": {"format": "PNG", "compress_level": 1},
+    "jpeg": {"format": "JPEG", "quality": 90},
+}
+# Training images as JPEG: 7.7x smaller than raw at 224 px (34 vs 260 KB), for ~1 ms more decoding per image
+# and epoch when streamed (held in memory, once per run); crops and flips make its loss invisible to training.
+# Validation raw: its centre crops stay exactly what predict computes from the file.
+SPLIT_FORMATS = {"train": "jpeg", "val": "raw"}
+DEFAULT_FORMAT = "raw"  # a split not named
+BYTES_PER_PIXEL = {"raw": 3.0, "png": 2.1, "jpeg": 0.45}  # of the photos bench/cache_format.py measures
 DEFAULT_FOLDER = ".tl-ray-cache"  # under --storage: shared storage on a cluster, so every node sees it
 CACHE_SCHEMA = pa.schema(
     [("label", pa.int64()), ("height", pa.int32()), ("width", pa.int32()), ("pixels", pa.binary())]
@@ -59,6 +75,7 @@ class CachedSplit:
     skipped: list[tuple[str, str, int]]  # (path as the user sees it, reason, label)
     built: bool  # True when this call decoded the images, False when an earlier build was reused
     short_side: int  # the images' short side: validation's resize, done once
+    image_format: str = "raw"  # how "pixels" holds them: raw RGB bytes, or an encoded file (ENCODINGS)
 
 
 def resolve_root(cache: str, storage: location.Location) -> location.Location | None:
@@ -70,37 +87,37 @@ def resolve_root(cache: str, storage: location.Location) -> location.Location | 
     return location.resolve(cache, "--cache")
 
 
-def _file_stats(layout: data.Layout, paths: list[str]) -> list[tuple[int, int]]:
-    """(size, mtime in ns) per file; (-1, -1) for one that vanished (it will be skipped when decoded)."""
-    if isinstance(layout.filesystem, pafs.LocalFileSystem):
-        stats = []
-        for path in paths:
-            try:
-                status = os.stat(path)
-                stats.append((status.st_size, status.st_mtime_ns))
-            except OSError:
-                stats.append((-1, -1))
-        return stats
-    infos = layout.filesystem.get_file_info(paths)
-    return [(info.size or -1, info.mtime_ns or -1) if info.is_file else (-1, -1) for info in infos]
-
-
-def split_key(files: list[tuple[str, int]], layout: data.Layout, short_side: int) -> str:
-    """A fingerprint of the split's files (path, label, size, mtime) and the cached resolution."""
-    paths = [path for path, _ in files]
-    digest = hashlib.sha256(json.dumps([CACHE_VERSION, short_side, layout.uri_prefix]).encode())
-    for (path, label), (size, mtime) in zip(files, _file_stats(layout, paths), strict=True):
-        digest.update(f"\0{path}\0{label}\0{size}\0{mtime}".encode("utf-8", "surrogateescape"))
+def split_key(
+    files: list[tuple[str, int]], stats: np.ndarray, layout: data.Layout, short_side: int, image_format: str
+) -> str:
+    """A fingerprint of the split's files (path, label, and the size and mtime the listing returned), the cached
+    resolution and format: validating a cache is reading the manifest this names, with no request per file."""
+    digest = hashlib.sha256(json.dumps([CACHE_VERSION, short_side, image_format, layout.uri_prefix]).encode())
+    if len(stats) != len(files):
+        raise ValueError(f"{len(files)} files but {len(stats)} stats")
+    for start in range(0, len(files), 10_000):  # a million stats as Python ints at once would be ~120 MB
+        chunk = stats[start : start + 10_000].tolist()
+        for (path, label), (size, mtime) in zip(files[start : start + 10_000], chunk, strict=True):
+            digest.update(f"\0{path}\0{label}\0{size}\0{mtime}".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()[:32]
+
+
+def family_key(layout: data.Layout, split: str, short_side: int) -> str:
+    """What a newer build of the same dataset's split at the same size supersedes: its caches share this prefix."""
+    return hashlib.sha256(json.dumps([layout.uri_prefix + layout.root, split, short_side]).encode()).hexdigest()[:16]
+
+
+def _read_json(filesystem: pafs.FileSystem, path: str) -> object:
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            return json.loads(stream.read())
+    except (OSError, ValueError):
+        return None
 
 
 def read_manifest(filesystem: pafs.FileSystem, folder: str, version: int = CACHE_VERSION) -> dict | None:
     """The manifest of a complete build in ``folder``, or None (never built, interrupted, or an older format)."""
-    try:
-        with filesystem.open_input_stream(f"{folder}/{MANIFEST}") as stream:
-            manifest = json.loads(stream.read())
-    except (OSError, ValueError):
-        return None
+    manifest = _read_json(filesystem, f"{folder}/{MANIFEST}")
     return manifest if isinstance(manifest, dict) and manifest.get("version") == version else None
 
 
@@ -120,47 +137,77 @@ def write_manifest(filesystem: pafs.FileSystem, folder: str, manifest: dict) -> 
     os.replace(temporary, final)
 
 
+def encode(image: Image.Image, image_format: str) -> bytes:
+    """A resized image as the cache stores it."""
+    if image_format == "raw":
+        return image.tobytes()
+    buffer = io.BytesIO()
+    image.save(buffer, **ENCODINGS[image_format])
+    return buffer.getvalue()
+
+
+def decode(pixels: bytes, height: int, width: int, image_format: str) -> Image.Image:
+    """A cached image back as upright RGB (raw pixels: a view of ``pixels``, not a copy)."""
+    if image_format == "raw":
+        return Image.frombuffer("RGB", (width, height), pixels, "raw", "RGB", 0, 1)
+    image = Image.open(io.BytesIO(pixels))
+    image.load()
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def _decode_to_file(
     batch: dict[str, np.ndarray],
     filesystem: pafs.FileSystem,
     uri_prefix: str,
     short_side: int,
+    image_format: str,
     cache_filesystem: pafs.FileSystem,
     folder: str,
 ) -> dict[str, np.ndarray]:
-    """Decode a block of files and write the good ones as one Parquet file; return what happened to each file.
+    """Decode a block of files and write the good ones as one Parquet file; return one summary row for the block.
 
     The task writes its own file (rather than handing pixels on to a Ray Data write) so a cache file is exactly
-    one block of images, and only this small per-file table travels back to the driver.
+    one block of images, and only a summary (files, images, bytes, and the few files that failed) travels back
+    to the driver: a million images are ~31,000 rows, not a million.
     """
     decoded: dict[str, list] = {"label": [], "height": [], "width": [], "pixels": []}
-    errors = []
+    bad = []
     for path, label in zip(batch["path"], batch["label"], strict=True):
         try:
             image = data.load_rgb(data.read_bytes(filesystem, path), short_side)
             image = data.resize_short_side(image, short_side)
+            pixels = encode(image, image_format)
         except Exception as error:  # every way a file can be bad: record it, keep the block
-            errors.append(data.describe_error(error))
+            bad.append([uri_prefix + path, data.describe_error(error), int(label)])
             continue
-        errors.append("")
         decoded["label"].append(int(label))
         decoded["height"].append(image.height)
         decoded["width"].append(image.width)
-        decoded["pixels"].append(image.tobytes())
-    name = ""
+        decoded["pixels"].append(pixels)
+    name, size = "", 0
     if decoded["pixels"]:
         # Named by its files (each attempt writes in a folder of its own): a rebuilt cache lists its images in
         # the same order, so a seeded run that holds them in memory deals the same images.
         name = hashlib.sha256("\n".join(batch["path"]).encode()).hexdigest()[:32] + ".parquet"
-        table = pa.table(decoded, schema=CACHE_SCHEMA)
-        # Raw pixels barely compress: snappy would only cost CPU on every read.
-        pq.write_table(table, f"{folder}/{name}", filesystem=cache_filesystem, compression="none")
+        sink = pa.BufferOutputStream()
+        # Raw pixels barely compress and encoded ones are compressed already: snappy would only cost CPU.
+        pq.write_table(pa.table(decoded, schema=CACHE_SCHEMA), sink, compression="none")
+        written = sink.getvalue()
+        with cache_filesystem.open_output_stream(f"{folder}/{name}") as stream:  # one PUT on an object store
+            stream.write(written)
+        size = written.size
     return {
-        "path": np.asarray([uri_prefix + path for path in batch["path"]], dtype=object),
-        "label": np.asarray(batch["label"], dtype=np.int64),
-        "error": np.asarray(errors, dtype=object),
-        "file": np.asarray([name] * len(errors), dtype=object),
+        "file": np.asarray([name], dtype=object),
+        "files": np.asarray([len(batch["path"])], dtype=np.int64),
+        "images": np.asarray([len(decoded["pixels"])], dtype=np.int64),
+        "bytes": np.asarray([size], dtype=np.int64),
+        "skipped": np.asarray([json.dumps(bad)], dtype=object),
     }
+
+
+def estimate_bytes(images: int, short_side: int, image_format: str) -> int:
+    """What a cache of ``images`` is expected to take (4:3 images; encoded sizes from bench/cache_format.py)."""
+    return int(images * short_side * math.ceil(short_side * 4 / 3) * BYTES_PER_PIXEL[image_format])
 
 
 def prepare(
@@ -170,17 +217,29 @@ def prepare(
     root: location.Location,
     short_side: int | None = None,
     on_event: progress.OnEvent | None = None,
+    split: str | None = None,
+    image_format: str | None = None,
 ) -> CachedSplit:
     """The cache of one split for crops of ``image_size`` from images resized to ``short_side`` (by default
-    ``data.resize_size(image_size)``): reused when one exists for exactly these files, else built (telling
-    ``on_event`` how many files are done as they are)."""
+    ``data.resize_size(image_size)``): reused when one exists for exactly these files as the listing found them,
+    else built (telling ``on_event`` where, how large, and how many files are done as they are).
+
+    ``split`` ("train", "val") names what the files are: a build then supersedes the older caches of the same
+    dataset's split at the same size, which are deleted once it is complete, and picks the stored format
+    (``SPLIT_FORMATS``) unless ``image_format`` does. Without it, nothing is deleted.
+    """
     short_side = short_side or data.resize_size(image_size)
-    filesystem = root.filesystem
-    folder = root.join(split_key(files, layout, short_side)).path
+    image_format = image_format or SPLIT_FORMATS.get(split or "", DEFAULT_FORMAT)
+    filesystem, base, prefix, _ = data.resolve_filesystem(root, "--cache")
+    key = split_key(files, layout.stats_of(files), layout, short_side, image_format)
+    family = family_key(layout, split, short_side) if split else None
+    folder = f"{base}/{family}-{key}" if family else f"{base}/{key}"
     manifest = read_manifest(filesystem, folder)
     built = manifest is None
     if manifest is None:
-        manifest = _build(files, layout, short_side, filesystem, folder, on_event)
+        manifest = _build(files, layout, short_side, image_format, filesystem, folder, prefix, family, on_event)
+        if family:
+            _remove_superseded(filesystem, base, family, folder, prefix, on_event)
     return CachedSplit(
         filesystem=filesystem,
         folder=folder,
@@ -189,6 +248,7 @@ def prepare(
         skipped=[(path, reason, label) for path, reason, label in manifest["skipped"]],
         built=built,
         short_side=short_side,
+        image_format=manifest["format"],
     )
 
 
@@ -196,48 +256,95 @@ def _build(
     files: list[tuple[str, int]],
     layout: data.Layout,
     short_side: int,
+    image_format: str,
     filesystem: pafs.FileSystem,
     folder: str,
+    prefix: str,
+    family: str | None,
     on_event: progress.OnEvent | None,
 ) -> dict:
+    location = prefix + folder
+    _tell(
+        on_event,
+        progress.CacheState("building", location, len(files), estimate_bytes(len(files), short_side, image_format)),
+    )
     # Shuffled once, so every cached file mixes classes and an epoch's block order is all that must vary.
-    rows = [{"path": path, "label": label} for path, label in files]
-    random.Random(0).shuffle(rows)
+    order = np.random.default_rng(0).permutation(len(files))
     attempt = uuid.uuid4().hex[:12]
     attempt_folder = f"{folder}/{attempt}"
     try:
         filesystem.create_dir(attempt_folder, recursive=True)
     except OSError as error:
         raise TlRayError(f"--cache: cannot create {attempt_folder}: {error}") from error
-    decoded = data.file_rows(rows).map_batches(
+    columns = {"path": [files[index][0] for index in order], "label": [files[index][1] for index in order]}
+    decoded = data.file_columns(columns).map_batches(
         _decode_to_file,
         batch_size=data.BLOCK_ROWS,
         num_cpus=0.5,  # fits beside a sweep's token-CPU trial drivers, as the uncached pipeline does
-        compute=data.task_pool(data.row_blocks(len(rows))),
+        compute=data.task_pool(data.row_blocks(len(files))),
         batch_format="numpy",
         fn_kwargs={
             "filesystem": layout.filesystem,
             "uri_prefix": layout.uri_prefix,
             "short_side": short_side,
+            "image_format": image_format,
             "cache_filesystem": filesystem,
             "folder": attempt_folder,
         },
     )
-    outcome = []
-    for row in decoded.iter_rows():  # one per file
-        outcome.append(row)
-        if on_event is not None:
-            on_event(progress.Task("decoding images into the cache", len(outcome), len(rows)))
-    failures = [row for row in outcome if row["error"]]
+    del columns
+    names, skipped, done, images, size = [], [], 0, 0, 0
+    for summary in decoded.iter_rows():  # one per block of BLOCK_ROWS files
+        if summary["file"]:
+            names.append(f"{attempt}/{summary['file']}")
+        skipped += json.loads(summary["skipped"])
+        done += int(summary["files"])
+        images += int(summary["images"])
+        size += int(summary["bytes"])
+        _tell(on_event, progress.Task("decoding images into the cache", done, len(files)))
     manifest = {
         "version": CACHE_VERSION,
+        "family": family,
         "short_side": short_side,
-        "files": sorted({f"{attempt}/{row['file']}" for row in outcome if row["file"]}),
-        "rows": len(rows) - len(failures),
-        "skipped": sorted([row["path"], row["error"], int(row["label"])] for row in failures),
+        "format": image_format,
+        "files": sorted(names),
+        "rows": images,
+        "bytes": size,
+        "skipped": sorted(skipped),
     }
     write_manifest(filesystem, folder, manifest)
+    _tell(on_event, progress.CacheState("built", location, images, size))
     return manifest
+
+
+def _tell(on_event: progress.OnEvent | None, event: object) -> None:
+    if on_event is not None:
+        on_event(event)
+
+
+def _remove_superseded(
+    filesystem: pafs.FileSystem, base: str, family: str, keep: str, prefix: str, on_event: progress.OnEvent | None
+) -> None:
+    """Delete the complete caches of ``family`` other than ``keep``: only folders whose manifest says tl-ray wrote
+    them for this family (a build still running has none yet, and is left alone)."""
+    try:
+        entries = filesystem.get_file_info(pafs.FileSelector(base, recursive=False))
+    except OSError:
+        return
+    for entry in entries:
+        if entry.type != pafs.FileType.Directory or entry.path == keep or not entry.base_name.startswith(f"{family}-"):
+            continue
+        manifest = _read_json(filesystem, f"{entry.path}/{MANIFEST}")
+        if not isinstance(manifest, dict) or manifest.get("family") != family:
+            continue
+        try:
+            size = sum(
+                info.size or 0 for info in filesystem.get_file_info(pafs.FileSelector(entry.path, recursive=True))
+            )
+            filesystem.delete_dir(entry.path)
+        except OSError:  # another run removed it first, or it cannot be removed: it is only disk space
+            continue
+        _tell(on_event, progress.CacheState("removed", prefix + entry.path, int(manifest.get("rows", 0)), size))
 
 
 def _read_and_crop(
@@ -247,6 +354,7 @@ def _read_and_crop(
     crop_scale: tuple[float, float] | None,
     color_jitter: float,
     short_side: int,
+    image_format: str = "raw",
 ) -> dict[str, np.ndarray]:
     transform = data.augmentation(image_size, crop_scale, color_jitter, short_side)
     images, labels = [], []
@@ -255,8 +363,7 @@ def _read_and_crop(
         for pixels, height, width, label in zip(
             cached["pixels"], cached["height"], cached["width"], cached["label"], strict=True
         ):
-            image = Image.frombuffer("RGB", (width, height), pixels, "raw", "RGB", 0, 1)
-            images.append(transform(image).numpy())
+            images.append(transform(decode(pixels, height, width, image_format)).numpy())
             labels.append(label)
     return {
         "image": np.stack(images) if images else np.zeros((0, 3, image_size, image_size), np.uint8),
@@ -276,14 +383,15 @@ def fit_in_memory(splits: dict[str, CachedSplit | None]) -> bool:
 
 
 def load_images(split: CachedSplit) -> tuple[list[Image.Image], torch.Tensor]:
-    """All of a split's cached images (PIL images over the pixel bytes read, not copied again) and labels."""
+    """All of a split's cached images, decoded once (raw: PIL images over the pixel bytes read, not copied again),
+    and labels: an epoch then crops pixels, whatever format the cache stores."""
     images, labels = [], []
     for path in split.parquet_files:
         cached = pq.read_table(path, filesystem=split.filesystem).to_pydict()
         for pixels, height, width, label in zip(
             cached["pixels"], cached["height"], cached["width"], cached["label"], strict=True
         ):
-            images.append(Image.frombuffer("RGB", (width, height), pixels, "raw", "RGB", 0, 1))
+            images.append(decode(pixels, height, width, split.image_format))
             labels.append(label)
     return images, torch.tensor(labels, dtype=torch.int64)
 
@@ -374,6 +482,7 @@ def cached_dataset(
         crop_scale=crop_scale if training else None,
         color_jitter=color_jitter,
         short_side=split.short_side,
+        image_format=split.image_format,
     )
 
 
@@ -415,7 +524,9 @@ def prepare_splits(
     the files they could not decode are added to ``skipped``, training ones with their labels."""
     splits = {}
     for name, files in (("train", layout.train), ("val", layout.val)):
-        split = prepare(files, layout, image_size, root, short_side, on_event) if root is not None and files else None
+        split = (
+            prepare(files, layout, image_size, root, short_side, on_event, name) if root is not None and files else None
+        )
         if split is not None and split.skipped:
             items = [(path, reason) for path, reason, _ in split.skipped]
             labels = [label for _, _, label in split.skipped] if name == "train" else None

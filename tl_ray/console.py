@@ -42,6 +42,25 @@ def duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
+def size(count: float) -> str:
+    """1.2 GB, 340.0 MB, 12.0 KB: decimal units, as disks are sold."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(count) < 1000:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"
+
+
+def cache_row(event: progress.CacheState) -> str:
+    """A cache build's start, end or clean-up, in one line."""
+    per_image = f", {size(event.bytes / event.images)} an image" if event.images else ""
+    if event.state == "building":
+        return f"cache: decoding {event.images} images into {event.location} (~{size(event.bytes)} expected)"
+    if event.state == "built":
+        return f"cache: {event.images} images, {size(event.bytes)}{per_image}, in {event.location}"
+    return f"cache: removed {event.location} ({size(event.bytes)}), superseded by the new build"
+
+
 def epoch_row(metrics: dict[str, Any], epochs: int, mean_epoch_s: float) -> str:
     """One epoch as the console prints it; starred when it is the best so far (its ``best_epoch``), ranked as the
     best checkpoint is: by --monitor, ties by val_acc, then the lower val_loss."""
@@ -90,6 +109,8 @@ class Console:
             self._bar(event.name, event.total, event.name).update(event.done - self.bars[event.name].n)
             if event.done >= event.total:
                 self._close(event.name)
+        elif isinstance(event, progress.CacheState):
+            self._print(cache_row(event))
         elif isinstance(event, progress.Step):
             bar = self._bar("epoch", event.steps, f"epoch {event.epoch}/{event.epochs}", unit="step")
             bar.update(event.step - bar.n)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 import torch
@@ -38,9 +39,18 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 BLOCK_ROWS = 32  # files per Ray Data block: small blocks keep epochs well mixed and decode tasks short
 
 
+def _no_stats() -> np.ndarray:
+    return np.zeros((0, 2), dtype=np.int64)
+
+
 @dataclass(frozen=True)
 class Layout:
-    """A dataset found on disk: the class mapping and the (path, label) lists of each split."""
+    """A dataset found on disk: the class mapping and the (path, label) lists of each split.
+
+    ``train_stats`` and ``val_stats`` hold each listed file's (size, mtime in ns), row for row with ``train``
+    and ``val``, as the listing returned them (-1 where it had none): the cache is keyed and validated by
+    them, so a run over a built cache asks the data location nothing per file.
+    """
 
     root: str
     filesystem: pafs.FileSystem
@@ -50,10 +60,27 @@ class Layout:
     val: list[tuple[str, int]]
     val_source: str  # "folder" or "split"
     rejected: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, reason): left out unread
+    train_stats: np.ndarray = dataclasses.field(default_factory=_no_stats)  # int64 (len(train), 2)
+    val_stats: np.ndarray = dataclasses.field(default_factory=_no_stats)  # int64 (len(val), 2)
 
     @property
     def class_to_idx(self) -> dict[str, int]:
         return {name: index for index, name in enumerate(self.class_names)}
+
+    def stats_of(self, files: list[tuple[str, int]]) -> np.ndarray:
+        """(size, mtime in ns) of each of ``files`` (a split, or some of its files) as the listing found them."""
+        for listed, stats in ((self.train, self.train_stats), (self.val, self.val_stats)):
+            if files is listed and len(stats) == len(files):
+                return stats
+        known = {
+            path: row
+            for listed, stats in ((self.train, self.train_stats), (self.val, self.val_stats))
+            for (path, _), row in zip(listed, stats, strict=False)
+        }
+        missing = [path for path, _ in files if path not in known]
+        if missing:
+            raise ValueError(f"{len(missing)} file(s) the listing did not return, e.g. {display_path(missing[0])}")
+        return np.asarray([known[path] for path, _ in files], dtype=np.int64).reshape(-1, 2)
 
 
 def resolve_filesystem(
@@ -135,17 +162,54 @@ def _walk_local(folder: str) -> list[str]:
     return files
 
 
+def _is_image(path: str) -> bool:
+    name = os.path.basename(path)
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
 def list_images(filesystem: pafs.FileSystem, folder: str) -> list[str]:
     """Image files under ``folder``, recursively, sorted; hidden files (e.g. macOS ``._x.jpg``) left out."""
     if _is_local(filesystem):
         paths = _walk_local(folder)
     else:
         paths = [entry.path for entry in _list(filesystem, folder, True) if entry.type == pafs.FileType.File]
-    return sorted(
-        path
-        for path in paths
-        if os.path.basename(path).lower().endswith(IMAGE_EXTENSIONS) and not os.path.basename(path).startswith(".")
-    )
+    return sorted(path for path in paths if _is_image(path))
+
+
+Listed = tuple[str, int, int]  # (path, size, mtime in ns); -1, -1 for a file gone or a dangling link
+
+
+def list_image_stats(filesystem: pafs.FileSystem, folder: str) -> list[Listed]:
+    """``list_images`` with each file's size and modification time, sorted by path.
+
+    A remote listing returns them with the names (an S3 LIST page: 1,000 objects); locally, one ``stat`` per
+    file. A file that cannot be stat'ed stays listed (decoding it reports why it is bad).
+    """
+    if not _is_local(filesystem):
+        return sorted(
+            (entry.path, _or_unknown(entry.size), _or_unknown(entry.mtime_ns))
+            for entry in _list(filesystem, folder, True)
+            if entry.type == pafs.FileType.File and _is_image(entry.path)
+        )
+    listed = []
+    for path in _walk_local(folder):
+        if _is_image(path):
+            try:
+                status = os.stat(path)
+                listed.append((path, status.st_size, status.st_mtime_ns))
+            except OSError:
+                listed.append((path, -1, -1))
+    return sorted(listed)
+
+
+def _or_unknown(value: int | None) -> int:
+    return -1 if value is None else int(value)
+
+
+def _columns(listed: list[Listed]) -> tuple[list[str], np.ndarray]:
+    """(paths, int64 (n, 2) of sizes and mtimes): a million files' stats in 16 MB, not 120 MB of tuples."""
+    stats = np.fromiter((value for _, size, mtime in listed for value in (size, mtime)), np.int64, 2 * len(listed))
+    return [path for path, _, _ in listed], stats.reshape(-1, 2)
 
 
 NOT_UTF8 = "file name is not valid UTF-8; rename the file"
@@ -181,11 +245,12 @@ def discover(root: str | location.Location, val_fraction: float = 0.2) -> Layout
         raise TlRayError(
             f"--data: {root}/train has {len(class_names)} class folder(s) {class_names}; need at least 2 to classify"
         )
-    train: list[tuple[str, int]] = []
-    per_class: dict[int, list[str]] = {}
+    per_class: dict[int, tuple[list[str], np.ndarray]] = {}
     rejected: list[tuple[str, str]] = []
     for label, name in enumerate(class_names):
-        files, unreadable = readable_names(list_images(filesystem, f"{train_dir}/{name}"))
+        listed, unreadable = _readable(list_image_stats(filesystem, f"{train_dir}/{name}"))
+        files, stats = _columns(listed)
+        del listed
         rejected += unreadable
         if not files and unreadable:
             raise TlRayError(f"--data: {display_path(unreadable[0][0])}: {NOT_UTF8} (no other image in its class)")
@@ -194,49 +259,62 @@ def discover(root: str | location.Location, val_fraction: float = 0.2) -> Layout
                 f"--data: class folder {prefix}{train_dir}/{name} has no images ({', '.join(IMAGE_EXTENSIONS)});"
                 " add some or remove the folder"
             )
-        per_class[label] = files
+        per_class[label] = files, stats
     val_dir = f"{base}/val"
     if _info(filesystem, val_dir).type == pafs.FileType.Directory:
-        val = _folder_val(filesystem, val_dir, class_names, root, rejected)
-        train = [(path, label) for label, files in per_class.items() for path in files]
+        val, val_stats = _folder_val(filesystem, val_dir, class_names, root, rejected)
+        train = [(path, label) for label, (files, _) in per_class.items() for path in files]
+        train_stats = np.concatenate([stats for _, stats in per_class.values()])
         source = "folder"
     else:
-        train, val = _hash_split(per_class, train_dir, val_fraction)
+        train, val, train_stats, val_stats = _hash_split(per_class, train_dir, val_fraction)
         source = "split"
-    return Layout(root, filesystem, prefix, class_names, train, val, source, [(prefix + p, r) for p, r in rejected])
+    rejected = [(prefix + p, r) for p, r in rejected]
+    return Layout(root, filesystem, prefix, class_names, train, val, source, rejected, train_stats, val_stats)
+
+
+def _readable(listed: list[Listed]) -> tuple[list[Listed], list[tuple[str, str]]]:
+    """``readable_names`` of a listing with its stats."""
+    good = [entry for entry in listed if _utf8(entry[0])]
+    rejected = [(display_path(path), NOT_UTF8) for path, _, _ in listed if not _utf8(path)]
+    return good, rejected
 
 
 def _folder_val(
     filesystem: pafs.FileSystem, val_dir: str, class_names: list[str], root: str, rejected: list[tuple[str, str]]
-) -> list[tuple[str, int]]:
+) -> tuple[list[tuple[str, int]], np.ndarray]:
     val_classes = find_classes(filesystem, val_dir)
     unknown = sorted(set(val_classes) - set(class_names))
     if unknown:
         raise TlRayError(f"--data: {root}/val has classes that train/ lacks: {', '.join(unknown)}")
     index = {name: label for label, name in enumerate(class_names)}
-    val = []
+    val, stats = [], [_no_stats()]
     for name in val_classes:
-        files, unreadable = readable_names(list_images(filesystem, f"{val_dir}/{name}"))
+        listed, unreadable = _readable(list_image_stats(filesystem, f"{val_dir}/{name}"))
         rejected += unreadable
+        files, class_stats = _columns(listed)
         val += [(path, index[name]) for path in files]
+        stats.append(class_stats)
     if not val:
         raise TlRayError(f"--data: {root}/val has no images; add some, or remove it to split train/ by --val-fraction")
-    return val
+    return val, np.concatenate(stats)
 
 
 def _hash_split(
-    per_class: dict[int, list[str]], train_dir: str, val_fraction: float
-) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-    train, val = [], []
-    for label, files in per_class.items():
-        scored = sorted((_split_score(os.path.relpath(path, train_dir)), path) for path in files)
-        held_out = [path for score, path in scored if score < val_fraction]
-        if len(held_out) == len(files):  # never leave a class with nothing to learn from
-            held_out = held_out[:-1]
-        held = set(held_out)
-        train += [(path, label) for path in files if path not in held]
-        val += [(path, label) for path in files if path in held]
-    return train, val
+    per_class: dict[int, tuple[list[str], np.ndarray]], train_dir: str, val_fraction: float
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]], np.ndarray, np.ndarray]:
+    """(train, val) and their stats: each file held out by its path's hash."""
+    train, val, train_stats, val_stats = [], [], [_no_stats()], [_no_stats()]
+    for label, (files, stats) in per_class.items():
+        scores = np.asarray([_split_score(os.path.relpath(path, train_dir)) for path in files])
+        held = scores < val_fraction
+        if held.all():  # never leave a class with nothing to learn from: keep its highest-scoring file
+            held[scores.argmax()] = False
+        train += [(path, label) for path, out in zip(files, held, strict=True) if not out]
+        val += [(path, label) for path, out in zip(files, held, strict=True) if out]
+        train_stats.append(stats[~held])
+        val_stats.append(stats[held])
+    return train, val, np.concatenate(train_stats), np.concatenate(val_stats)
 
 
 def load_rgb(data: bytes, min_short_side: int | None = None) -> Image.Image:
@@ -507,6 +585,15 @@ def _decode_batch(
 def file_rows(rows: list[dict]) -> ray.data.Dataset:
     """One row per file, ``BLOCK_ROWS`` files to a block (at most 1000 blocks): what every decode pass reads."""
     return ray.data.from_items(rows, override_num_blocks=row_blocks(len(rows)))
+
+
+def file_columns(columns: dict[str, list | np.ndarray]) -> ray.data.Dataset:
+    """``file_rows`` from columns: a million files go to Ray as Arrow blocks, not a million row dicts."""
+    table = pa.table(columns)
+    count = table.num_rows
+    blocks = row_blocks(count)
+    size = math.ceil(count / blocks) if count else 0
+    return ray.data.from_arrow([table.slice(start, size) for start in range(0, max(count, 1), max(size, 1))])
 
 
 def row_blocks(count: int) -> int:

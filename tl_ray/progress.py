@@ -47,6 +47,18 @@ class Task:
 
 
 @dataclass(frozen=True)
+class CacheState:
+    """The decoded-image cache of one split, where it is and its size: as a build starts ("building": ``bytes``
+    estimated), as it ends ("built": ``bytes`` written), and for each older cache of the same dataset and size
+    that the build superseded ("removed")."""
+
+    state: str
+    location: str
+    images: int
+    bytes: int
+
+
+@dataclass(frozen=True)
 class Step:
     """Rank 0's progress through an epoch (sent a few times a second, and at the epoch's last step)."""
 
