@@ -394,7 +394,8 @@ def reference_train(
         rest.eval()
         with torch.no_grad():
             correct = sum(
-                int((rest(f).argmax(1) == y).sum()) for f, y in zip(val_features.split(256), val_y.split(256))
+                int((rest(f).argmax(1) == y).sum())
+                for f, y in zip(val_features.split(256), val_y.split(256), strict=True)
             )
         history.append(correct / len(val_y))
     return history
@@ -567,6 +568,55 @@ def run_tl_ray(store: Store, cell: Cell, seed: int, commit: str, storage: str, s
     return store.tl_ray[key]["val_acc"]
 
 
+def stored_scores(store: Store, cell: Cell, source_epochs: int, variant: Variant = Variant()) -> dict[str, list[float]]:
+    """Best-epoch val_acc of every stored reference run of a cell, per grid point, in seed order."""
+    scores: dict[str, list[float]] = {}
+    for point in GRID:
+        for seed in range(10):
+            key = reference_key(cell.dataset, cell.size, cell.regime, point, variant, seed, cell.epochs, source_epochs)
+            if key not in store.reference:
+                break
+            scores.setdefault(point.name, []).append(max(store.reference[key]))
+    return scores
+
+
+def best_point(scores: dict[str, list[float]]) -> str | None:
+    """The grid point with the best mean among those run on the most seeds (seed 0 alone ranks all of them)."""
+    most = max(map(len, scores.values()), default=0)
+    full = {name: values for name, values in scores.items() if len(values) == most}
+    return max(full, key=lambda name: mean(full[name])) if full else None
+
+
+def summary(store: Store, cell: Cell, commit: str, source_epochs: int) -> dict:
+    """A table row from whatever is stored for the cell: the grid, its candidates and tl-ray at this commit."""
+    scores = stored_scores(store, cell, source_epochs)
+    best = best_point(scores)
+    tl = []
+    for seed in range(10):
+        key = tl_ray_key(commit, cell.dataset, cell.size, cell.regime, seed, cell.epochs, source_epochs)
+        if key not in store.tl_ray:
+            break
+        tl.append(store.tl_ray[key]["val_acc"])
+    candidates = {}  # the candidate causes, A/B at the 40-line script's point: its values, and the default's
+    for variant in CANDIDATES:
+        values = stored_scores(store, cell, source_epochs, variant).get(SCRIPT_POINT)
+        if values:
+            candidates[variant.name] = {"values": values, "default": scores.get(SCRIPT_POINT, [])[: len(values)]}
+    return {
+        "dataset": cell.dataset,
+        "size": cell.size,
+        "start": cell.regime.start,
+        "depth": cell.regime.depth,
+        "epochs": cell.epochs,
+        "tl_ray": tl,
+        "grid_best_point": best,
+        "grid_best": scores.get(best, []) if best else [],
+        "script": scores.get(SCRIPT_POINT, []),
+        "grid_seed0": {name: values[0] for name, values in scores.items()},
+        "candidates": candidates,
+    }
+
+
 def cells(args: argparse.Namespace) -> Iterator[Cell]:
     data_root = Path(args.data)
     for dataset in args.datasets.split(","):
@@ -613,7 +663,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--grid", default="", help="only these grid points (names like adamw-0.001-b16), comma-separated"
     )
     parser.add_argument(
-        "--candidates", action="store_true", help="also A/B the issue's candidate causes at the grid's best point"
+        "--candidates",
+        default="",
+        help="also A/B the issue's candidate causes (variant names, or 'all') at the 40-line script's point",
     )
     parser.add_argument(
         "--only-tl-ray", action="store_true", help="train only the tl-ray column; the grid must be stored"
@@ -622,6 +674,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="digits, 10 a class, none-0 and source-3, 4 points, 4 epochs"
     )
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads (per process)")
     parser.add_argument("--data", default="bench/.data/regimes")
     parser.add_argument("--out", default="bench/results/regimes.json")
     args = parser.parse_args(argv)
@@ -639,7 +692,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads)
     store = Store(Path(args.out))
     commit = tl_ray_commit()
     started = time.perf_counter()
@@ -647,64 +700,29 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as storage:
         for cell in cells(args):
             print(f"{cell.dataset} n{cell.size} {cell.regime.name} ({cell.epochs} epochs)", flush=True)
-            if args.only_tl_ray:
-                scores = {}
-                for key, history in store.reference.items():
-                    prefix = reference_key(
-                        cell.dataset, cell.size, cell.regime, GRID[0], Variant(), 0, cell.epochs, args.source_epochs
-                    )
-                    dataset_part = "|".join(prefix.split("|")[:4])
-                    parts = key.split("|")
-                    if key.startswith(dataset_part + "|") and parts[5] == "default" and parts[7] == f"ep{cell.epochs}":
-                        scores.setdefault(parts[4], []).append(max(history))
-            else:
-                scores = grid_scores(store, cell, args.seeds, args.top, args.source_epochs, args.grid_points)
-            full = {
-                name: values
-                for name, values in scores.items()
-                if len(values) == max(map(len, scores.values()), default=0)
-            }
-            best_name = max(full, key=lambda name: mean(full[name])) if full else None
-            candidates = {}
-            if args.candidates and best_name and not args.only_tl_ray:
-                best_point = next(point for point in GRID if point.name == best_name)
-                for variant in CANDIDATES:
-                    candidates[variant.name] = [
-                        run_reference(store, cell, best_point, seed, args.source_epochs, variant)
-                        for seed in range(args.seeds)
-                    ]
-            tl = (
-                []
-                if args.no_tl_ray
-                else [run_tl_ray(store, cell, seed, commit, storage, args.source_epochs) for seed in range(args.seeds)]
-            )
-            row = {
-                "dataset": cell.dataset,
-                "size": cell.size,
-                "start": cell.regime.start,
-                "depth": cell.regime.depth,
-                "epochs": cell.epochs,
-                "tl_ray": tl,
-                "grid_best_point": best_name,
-                "grid_best": full.get(best_name, []),
-                "script": scores.get(SCRIPT_POINT, []),
-                "grid_seed0": {name: values[0] for name, values in scores.items()},
-                "candidates": candidates,
-            }
+            if not args.only_tl_ray:
+                grid_scores(store, cell, args.seeds, args.top, args.source_epochs, args.grid_points)
+                if args.candidates:
+                    point = next(point for point in GRID if point.name == SCRIPT_POINT)
+                    wanted = args.candidates.split(",")
+                    for variant in (v for v in CANDIDATES if "all" in wanted or v.name in wanted):
+                        for seed in range(args.seeds):
+                            run_reference(store, cell, point, seed, args.source_epochs, variant)
+            if not args.no_tl_ray:
+                for seed in range(args.seeds):
+                    run_tl_ray(store, cell, seed, commit, storage, args.source_epochs)
+            row = summary(store, cell, commit, args.source_epochs)
             table.append(row)
             store.save(rows={f"{row['dataset']}|n{row['size']}|{row['start']}|d{row['depth']}": row for row in table})
-            print(
-                f"  -> tl-ray {spread(tl) if tl else '-'}  grid best {best_name} {spread(row['grid_best']) if row['grid_best'] else '-'}"
-                f"  script {spread(row['script']) if row['script'] else '-'}",
-                flush=True,
-            )
+            print("  -> " + markdown([row]).splitlines()[-1], flush=True)
     print()
     print(markdown(table))
     report = {
         "benchmark": "regimes",
         "tl_ray_commit": commit,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, Python {sys.version.split()[0]}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"Python {sys.version.split()[0]}",
         "settings": {k: v for k, v in vars(args).items() if k not in ("regimes", "grid_points")},
         "wall_seconds": time.perf_counter() - started,
     }
@@ -714,7 +732,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def markdown(table: list[dict]) -> str:
     lines = [
-        "| dataset | size/class | start | depth | epochs | tl-ray default | grid best (point) | 40-line script | tl-ray - best | target met? |",
+        "| dataset | size/class | start | depth | epochs | tl-ray default | grid best (point) | 40-line script "
+        "| tl-ray - best | target met? |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in table:
