@@ -35,6 +35,10 @@ a related target task whose training set is cut to each size, with one fixed val
           fonts-ebgaramond fonts-sil-gentium fonts-sil-charis fonts-sil-andika fonts-comic-neue \
           fonts-go fonts-hack fonts-dustin
 
+- ``icons``: icon-theme PNGs (32 px) by category, real designed pictures: target Oxygen's
+  actions/apps/mimetypes/status (40 a class validation; its smallest class gives at most 41
+  training icons, so no 100-a-class size), source Adwaita's actions/devices/mimetypes/places/
+  status. ``apt-get install -y oxygen-icon-theme adwaita-icon-theme``.
 - ``sample``: `tl-ray sample-data` (synthetic shapes): source 4 shapes, target 3 others.
 
 Results (every run, keyed by what defines it) go to ``--out``; a rerun reuses every reference
@@ -257,6 +261,49 @@ def write_glyphs(root: Path, val_fonts: int = 80, source_fonts: int = 150) -> No
             save_gray(image, root / task / split / letter, f"{path.stem}.png")
 
 
+ICON_THEMES = Path("/usr/share/icons")
+ICON_TARGET = ("actions", "apps", "mimetypes", "status")  # Oxygen's four largest categories
+ICON_SOURCE = ("actions", "devices", "mimetypes", "places", "status")  # Adwaita's
+ICON_VAL = 40
+
+
+def icon_files(folder: Path) -> list[Path]:
+    """A category's 32 px PNGs, each drawing once (themes link one file under several names)."""
+    seen, files = set(), []
+    for path in sorted(folder.glob("*.png")):
+        if path.is_symlink():
+            continue
+        digest = hashlib.sha1(path.read_bytes()).hexdigest()
+        if digest not in seen:
+            seen.add(digest)
+            files.append(path)
+    return files
+
+
+def save_icon(path: Path, folder: Path) -> None:
+    """An icon flattened onto white (both sides read RGB; transparent pixels must not turn into noise)."""
+    icon = Image.open(path).convert("RGBA")
+    flat = Image.new("RGBA", icon.size, (255, 255, 255, 255))
+    flat.alpha_composite(icon)
+    folder.mkdir(parents=True, exist_ok=True)
+    flat.convert("RGB").save(folder / path.name)
+
+
+def write_icons(root: Path) -> None:
+    """Icons by category: the target task from the Oxygen theme, the source task from Adwaita's (another design)."""
+    oxygen, adwaita = ICON_THEMES / "oxygen" / "base" / "32x32", ICON_THEMES / "Adwaita" / "32x32"
+    if not oxygen.exists() or not adwaita.exists():
+        raise SystemExit("icons: apt-get install -y oxygen-icon-theme adwaita-icon-theme")
+    for category in ICON_TARGET:
+        files = icon_files(oxygen / category)
+        random.Random(category).shuffle(files)
+        for index, path in enumerate(files):
+            save_icon(path, root / "target" / ("val" if index < ICON_VAL else "pool") / category)
+    for category in ICON_SOURCE:
+        for index, path in enumerate(icon_files(adwaita / category)):
+            save_icon(path, root / "source" / ("val" if index % 4 == 0 else "train") / category)
+
+
 def write_sample(root: Path) -> None:
     """tl-ray's sample shapes: its source task as `tl-ray sample-data` writes it, a target pool of 100 a class."""
     from tl_ray import sample
@@ -268,7 +315,12 @@ def write_sample(root: Path) -> None:
     (root / "target" / "train").rename(root / "target" / "pool")
 
 
-WRITERS: dict[str, Callable[[Path], None]] = {"digits": write_digits, "glyphs": write_glyphs, "sample": write_sample}
+WRITERS: dict[str, Callable[[Path], None]] = {
+    "digits": write_digits,
+    "glyphs": write_glyphs,
+    "icons": write_icons,
+    "sample": write_sample,
+}
 
 
 def prepare(dataset: str, data_root: Path, sizes: tuple[int, ...]) -> Path:
@@ -652,7 +704,7 @@ def cells(args: argparse.Namespace) -> Iterator[Cell]:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datasets", default="digits,glyphs,sample")
+    parser.add_argument("--datasets", default="digits,glyphs,icons,sample")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="training images a class")
     parser.add_argument("--regimes", default="none-0,source-0,source-3,source-5", help="START-DEPTH, comma-separated")
     parser.add_argument("--epochs", default="", help="SIZE=EPOCHS overrides, e.g. 10=12,100=8")
