@@ -522,7 +522,8 @@ class Store:
 
         self.extra.update(extra)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "w") as lock:
+        digest = hashlib.sha1(str(self.path.resolve()).encode()).hexdigest()[:12]
+        with open(Path(tempfile.gettempdir()) / f"tl-ray-regimes-{digest}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._merge()
             loaded = json.loads(self.path.read_text()) if self.path.exists() and self.path.stat().st_size else {}
