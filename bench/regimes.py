@@ -482,10 +482,19 @@ def tl_ray_train(task_root: Path, weights: str, depth: int, *, epochs: int, seed
 
 def source_checkpoint(root: Path, dataset: str, source_epochs: int) -> str:
     """tl-ray's model of the source task (trained once, from random weights), the start of every transfer row."""
+    import fcntl
+
     storage = root / "source-runs"
+    storage.mkdir(parents=True, exist_ok=True)
     marker = storage / f"checkpoint-{source_epochs}ep.txt"
-    if marker.exists() and Path(marker.read_text()).exists():
-        return marker.read_text()
+    with open(storage / f"source-{source_epochs}ep.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process filling the same results trains it once, not twice
+        if marker.exists() and Path(marker.read_text()).exists():
+            return marker.read_text()
+        return train_source(root, dataset, source_epochs, storage, marker)
+
+
+def train_source(root: Path, dataset: str, source_epochs: int, storage: Path, marker: Path) -> str:
     result = tl_ray_train(
         root / "source", "none", 0, epochs=source_epochs, seed=0, storage=str(storage), name=f"source-{source_epochs}"
     )
@@ -724,6 +733,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--only-tl-ray", action="store_true", help="train only the tl-ray column; the grid must be stored"
     )
     parser.add_argument("--no-tl-ray", action="store_true", help="only the reference grid (the defaults' evidence)")
+    parser.add_argument("--table", action="store_true", help="train nothing: the table of what --out holds")
+    parser.add_argument("--tl-ray-commit", default="", help="the tl-ray column of this stored commit (default: HEAD's)")
     parser.add_argument(
         "--quick", action="store_true", help="digits, 10 a class, none-0 and source-3, 4 points, 4 epochs"
     )
@@ -747,13 +758,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     torch.set_num_threads(args.threads)
     store = Store(Path(args.out))
-    commit = tl_ray_commit()
+    commit = args.tl_ray_commit or tl_ray_commit()
     started = time.perf_counter()
     table = []
     with tempfile.TemporaryDirectory() as storage:
         for cell in cells(args):
             print(f"{cell.dataset} n{cell.size} {cell.regime.name} ({cell.epochs} epochs)", flush=True)
-            if not args.only_tl_ray:
+            if not args.only_tl_ray and not args.table:
                 grid_scores(store, cell, args.seeds, args.top, args.source_epochs, args.grid_points)
                 if args.candidates:
                     point = next(point for point in GRID if point.name == SCRIPT_POINT)
@@ -761,7 +772,7 @@ def main(argv: list[str] | None = None) -> dict:
                     for variant in (v for v in CANDIDATES if "all" in wanted or v.name in wanted):
                         for seed in range(args.seeds):
                             run_reference(store, cell, point, seed, args.source_epochs, variant)
-            if not args.no_tl_ray:
+            if not args.no_tl_ray and not args.table:
                 for seed in range(args.seeds):
                     run_tl_ray(store, cell, seed, commit, storage, args.source_epochs)
             row = summary(store, cell, commit, args.source_epochs)
