@@ -760,7 +760,7 @@ def main(argv: list[str] | None = None) -> dict:
     store = Store(Path(args.out))
     commit = args.tl_ray_commit or tl_ray_commit()
     started = time.perf_counter()
-    table = []
+    table, cells_seen = [], []
     with tempfile.TemporaryDirectory() as storage:
         for cell in cells(args):
             print(f"{cell.dataset} n{cell.size} {cell.regime.name} ({cell.epochs} epochs)", flush=True)
@@ -777,10 +777,13 @@ def main(argv: list[str] | None = None) -> dict:
                     run_tl_ray(store, cell, seed, commit, storage, args.source_epochs)
             row = summary(store, cell, commit, args.source_epochs)
             table.append(row)
+            cells_seen.append(cell)
             store.save(rows={f"{row['dataset']}|n{row['size']}|{row['start']}|d{row['depth']}": row for row in table})
             print("  -> " + markdown([row]).splitlines()[-1], flush=True)
     print()
     print(markdown(table))
+    print()
+    print(grid_markdown(store, cells_seen, args.source_epochs))
     report = {
         "benchmark": "regimes",
         "tl_ray_commit": commit,
@@ -792,6 +795,20 @@ def main(argv: list[str] | None = None) -> dict:
     }
     store.save(**report)
     return report
+
+
+def grid_markdown(store: Store, cells: list[Cell], source_epochs: int) -> str:
+    """Each cell's grid, best first (mean over the seeds run, their count): how flat it is near the top."""
+    lines = [
+        "| dataset | size/class | start | depth | grid points, best first: mean (seeds) |",
+        "|---|---|---|---|---|",
+    ]
+    for cell in cells:
+        scores = stored_scores(store, cell, source_epochs)
+        ranked = sorted(scores.items(), key=lambda item: (-len(item[1]), -mean(item[1])))
+        text = ", ".join(f"{name} {mean(values):.3f} ({len(values)})" for name, values in ranked)
+        lines.append(f"| {cell.dataset} | {cell.size} | {cell.regime.start} | {cell.regime.depth} | {text} |")
+    return "\n".join(lines)
 
 
 def markdown(table: list[dict]) -> str:
