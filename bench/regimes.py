@@ -457,10 +457,11 @@ def reference_train(
 
 
 def tl_ray_commit() -> str:
-    """The commit tl-ray is measured at; "-dirty" when tl_ray/ has uncommitted changes (then nothing is reused)."""
+    """The last commit that changed tl_ray/ (bench-only commits keep tl-ray runs reusable); "-dirty" when tl_ray/
+    has uncommitted changes (then nothing is reused)."""
     package = Path(tl_ray.__file__).resolve().parent
     run = lambda *args: subprocess.run(["git", *args], cwd=package, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    commit = run("rev-parse", "--short=10", "HEAD") or "unknown"
+    commit = run("log", "-1", "--format=%h", "--abbrev=10", "--", ".") or "unknown"  # the last change to tl_ray/
     return commit + ("-dirty" if run("status", "--porcelain", "--", ".") else "")
 
 
