@@ -161,3 +161,28 @@ def test_cache_format_benchmark_measures_every_format(tmp_path):
         (s, f) for s in (224, 64) for f in ("raw", "png", "jpeg")
     }
     assert all(row["images"] == 8 and row["bytes_per_image"] > 0 for row in rows)
+
+
+def test_regimes_benchmark_runs_both_sides_and_reuses_the_grid(tmp_path):
+    """One regime (head only from the digits source model), one grid point, one epoch: both sides train; a
+    second run finds every reference run stored and trains none again."""
+    out = tmp_path / "regimes.json"
+    argv = ["--datasets", "digits", "--sizes", "5", "--regimes", "source-5", "--grid", "adamw-0.001-b16"]
+    argv += ["--seeds", "1", "--epochs", "5=1", "--source-epochs", "1", "--data", str(tmp_path / "data")]
+    argv += ["--out", str(out)]
+    done = _run_bench([sys.executable, "bench/regimes.py", *argv], timeout=280)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    [row] = report["rows"].values()
+    assert (row["dataset"], row["size"], row["start"], row["depth"]) == ("digits", 5, "source", 5)
+    assert row["grid_best_point"] == "adamw-0.001-b16" and len(row["grid_best"]) == len(row["tl_ray"]) == 1
+    assert all(0.0 <= value <= 1.0 for value in row["grid_best"] + row["tl_ray"])
+    assert len(row["script"]) == 1  # the 40-line script is that grid point
+    assert "| digits | 5 | source | 5 | 1 |" in done.stdout
+    # Digits 5-9: 5 training images a class at this size, 75 a class for validation.
+    assert len(list((tmp_path / "data" / "digits" / "target-5" / "train").glob("*/*.png"))) == 25
+    assert len(list((tmp_path / "data" / "digits" / "target-5" / "val").glob("*/*.png"))) == 375
+    again = _run_bench([sys.executable, "bench/regimes.py", *argv, "--no-tl-ray"], timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "adamw-0.001-b16|default" not in again.stdout  # stored: not trained again
+    assert json.loads(out.read_text())["rows"] == report["rows"]
