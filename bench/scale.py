@@ -108,7 +108,8 @@ def child_cache(data_uri: str, cache_root: str) -> dict:
     started = time.perf_counter()
     splits = cache.prepare_splits(layout, IMAGE_SIZE, cache_root, data.SkipLog())
     seconds = time.perf_counter() - started
-    stored = sum(json.loads((Path(split.folder) / cache.MANIFEST).read_text())["bytes"] for split in splits.values())
+    built = [split for split in splits.values() if split is not None]
+    stored = sum(json.loads((Path(split.folder) / cache.MANIFEST).read_text())["bytes"] for split in built)
     rows = sum(split.rows for split in splits.values())
     return {
         "cache_s": seconds,
