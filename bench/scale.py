@@ -110,10 +110,10 @@ def child_cache(data_uri: str, cache_root: str) -> dict:
     seconds = time.perf_counter() - started
     built = [split for split in splits.values() if split is not None]
     stored = sum(json.loads((Path(split.folder) / cache.MANIFEST).read_text())["bytes"] for split in built)
-    rows = sum(split.rows for split in splits.values())
+    rows = sum(split.rows for split in built)
     return {
         "cache_s": seconds,
-        "built": all(split.built for split in splits.values()),
+        "built": all(split.built for split in built),
         "images": rows,
         "bytes_per_image": stored / rows,
         "rss_listed_mb": listed,

@@ -119,11 +119,15 @@ def test_cache_is_reused_until_a_file_changes(dataset_root, tmp_path, ray_cluste
     assert cache.prepare(layout.train, layout, SIZE, root).built
 
 
-def test_cache_none_and_auto_roots():
-    assert cache.resolve_root("none", "/runs") is None
-    assert cache.resolve_root("auto", "/runs/") == "/runs/.tl-ray-cache"
-    assert cache.resolve_root("s3://bucket/cache", "/runs") == "s3://bucket/cache"
-    assert cache.resolve_root("rel/dir", "/runs") == os.path.abspath("rel/dir")
+def test_cache_none_and_auto_roots(tmp_path):
+    from tl_ray import location
+
+    runs = location.resolve(str(tmp_path / "runs") + "/", "--storage")
+    assert cache.resolve_root("none", runs) is None
+    assert cache.resolve_root("auto", runs).uri == str(tmp_path / "runs" / ".tl-ray-cache")
+    remote = cache.resolve_root("s3://bucket/cache?endpoint_override=127.0.0.1:9&scheme=http", runs)
+    assert (remote.path, remote.uri) == ("bucket/cache", "s3://bucket/cache?endpoint_override=127.0.0.1:9&scheme=http")
+    assert cache.resolve_root("rel/dir", runs).uri == os.path.abspath("rel/dir")
 
 
 def test_jpeg_draft_decodes_large_photos_at_reduced_scale(tmp_path):

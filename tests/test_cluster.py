@@ -184,7 +184,9 @@ def test_sweep_job_succeeds_and_writes_its_report(ray_head, job_data, tmp_path):
 def test_job_with_a_bad_data_path_fails_with_the_clear_error(ray_head, tmp_path):
     address, env = ray_head
     missing = tmp_path / "no-such-dataset"
-    status, logs, job_id = _submit(address, env, "jobs/train.py", "--data", str(missing), *TINY)
+    status, logs, job_id = _submit(
+        address, env, "jobs/train.py", "--data", str(missing), *TINY, "--storage", str(tmp_path)
+    )
     assert f"'{job_id}' failed" in status, status
     assert f"tl-ray: error: --data: {missing} does not exist" in logs
     assert "Traceback" not in logs
