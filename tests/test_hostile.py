@@ -186,7 +186,8 @@ CLI_CASES: dict[str, tuple[Callable[[Path, Path], list[str]], str]] = {
     ),
     "--data pointing at a file": (
         lambda tmp, ds: _train(ds / "train" / "a" / "0.jpg", "none"),
-        "tl-ray: error: --data: {ds}/train/a/0.jpg is a file; expected a folder holding train/<class>/ image folders",
+        "tl-ray: error: --data: {ds}/train/a/0.jpg is a file; expected a folder holding train/<class>/ image folders,"
+        " a manifest (.csv, .tsv, .jsonl, .ndjson, .parquet with path and label columns) or Parquet files of images",
     ),
     "YAML config with an unknown key": (
         lambda tmp, ds: _yaml(tmp / "c.yaml", "learning_rate: 0.1\n"),

@@ -157,8 +157,7 @@ def decode(pixels: bytes, height: int, width: int, image_format: str) -> Image.I
 
 def _decode_to_file(
     batch: dict[str, np.ndarray],
-    filesystem: pafs.FileSystem,
-    uri_prefix: str,
+    opener: Any,
     short_side: int,
     image_format: str,
     cache_filesystem: pafs.FileSystem,
@@ -174,11 +173,11 @@ def _decode_to_file(
     bad = []
     for path, label in zip(batch["path"], batch["label"], strict=True):
         try:
-            image = data.load_rgb(data.read_bytes(filesystem, path), short_side)
+            image = data.load_rgb(opener.read(path), short_side)
             image = data.resize_short_side(image, short_side)
             pixels = encode(image, image_format)
         except Exception as error:  # every way a file can be bad: record it, keep the block
-            bad.append([uri_prefix + path, data.describe_error(error), int(label)])
+            bad.append([opener.display(path), data.describe_error(error), int(label)])
             continue
         decoded["label"].append(int(label))
         decoded["height"].append(image.height)
@@ -284,8 +283,7 @@ def _build(
         compute=data.task_pool(data.row_blocks(len(files))),
         batch_format="numpy",
         fn_kwargs={
-            "filesystem": layout.filesystem,
-            "uri_prefix": layout.uri_prefix,
+            "opener": layout.opener_of(files),
             "short_side": short_side,
             "image_format": image_format,
             "cache_filesystem": filesystem,

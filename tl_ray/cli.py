@@ -24,6 +24,7 @@ from tl_ray.config import (
     MONITORS,
     NUM_STAGES,
     OPTIMIZERS,
+    SourceOptions,
     TrainConfig,
     TuneConfig,
     forbid_world_writable_files,
@@ -46,13 +47,34 @@ exit codes:
   130  interrupted (Ctrl-C); rerun the same train or tune command to resume
 """
 
+SOURCE_HELP: dict[str, tuple[Any, str]] = {
+    # How --data's items are labelled and split: every command that reads --data takes these (SourceOptions).
+    "label_pattern": (
+        str,
+        "labels in the file names: a regex searched in each image's name, the label its group 'label' or group 1"
+        " (cat.0.jpg: '^(\\w+)\\.'); files that do not match are skipped and reported",
+    ),
+    "path_column": (str, "a manifest's column of image paths (relative to the manifest's folder, absolute, or URIs)"),
+    "label_column": (str, "a manifest's or Parquet's column of labels: class names, or integer ids"),
+    "split_column": (str, "a manifest's or Parquet's column of splits, train or val (if it has one)"),
+    "image_column": (
+        str,
+        "Parquet's column of encoded images, binary or {bytes, path} (default: the one named image, else the first"
+        " that holds images)",
+    ),
+}
+
 TRAIN_HELP: dict[str, tuple[Any, str]] = {
     # key: (argparse type, help). Defaults come from TrainConfig so they are stated once.
     "data": (
         str,
-        "dataset root: ROOT/train/<class>/*.jpg (+ optional ROOT/val/); a path or a URI (s3://, gs://, abfs://,"
+        "the dataset: ROOT/train/<class>/*.jpg (+ optional ROOT/val/); a flat folder with --label-pattern; a"
+        " manifest FILE.csv|.tsv|.jsonl|.parquet of path,label[,split]; or Parquet files holding the images (a file,"
+        " folder or glob; Hugging Face's train-*/validation-* recognised). A path or a URI (s3://, gs://, abfs://,"
         " hdfs://; an S3-compatible endpoint as ?endpoint_override=HOST:PORT&scheme=http or AWS_ENDPOINT_URL)",
     ),
+    "val_data": (str, "a validation set stored elsewhere, any source --data takes (replaces --data's own val split)"),
+    **SOURCE_HELP,
     "arch": (str, f"backbone: {', '.join(ARCHS)}"),
     "weights": (
         str,
@@ -227,6 +249,18 @@ def _add_train_options(parser: argparse.ArgumentParser, skip: Sequence[str] = ()
     )
 
 
+def _add_source_options(parser: argparse.ArgumentParser, only: Sequence[str] = ()) -> None:
+    """The source flags (SourceOptions) of a command that reads --data without training (``only``: some of them)."""
+    defaults = SourceOptions()
+    for key, (kind, text) in SOURCE_HELP.items():
+        if not only or key in only:
+            _add_option(parser, key, kind, text, getattr(defaults, key))
+
+
+def _source_options(args: argparse.Namespace) -> SourceOptions:
+    return SourceOptions(**{key: getattr(args, key) for key in SOURCE_HELP if hasattr(args, key)}).validate()
+
+
 def _add_verbose(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--verbose",
@@ -284,21 +318,50 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="classify images with a checkpoint (Ray Data batch inference)")
     predict.add_argument("--checkpoint", required=True, help="a tl-ray checkpoint (a sweep's best/): path or URI")
-    predict.add_argument("--data", required=True, help="an image, a folder of images (recursive), or a URI")
+    predict.add_argument(
+        "--data",
+        required=True,
+        help="an image, a folder of images (recursive), a manifest (.csv, .tsv, .jsonl, .parquet of paths) or Parquet"
+        " files holding images (a file, folder or glob; rows written as FILE#ROW); a path or URI",
+    )
     predict.add_argument("--out", required=True, help="predictions file: .csv or .parquet, a path or URI")
     predict.add_argument("--top-k", type=int, default=3, help="classes listed per image (default: 3)")
     predict.add_argument("--batch-size", type=int, default=64, help="images per model call (default: 64)")
     predict.add_argument(
         "--concurrency", type=int, default=None, help="model actors (default: one per GPU, or 1 on CPU)"
     )
+    _add_source_options(predict, ("path_column", "image_column"))
     _add_verbose(predict)
 
     evaluate = commands.add_parser("evaluate", help="accuracy, per-class metrics and confusion matrix on DIR/<class>/")
     evaluate.add_argument("--checkpoint", required=True, help="a tl-ray checkpoint folder, a path or URI")
-    evaluate.add_argument("--data", required=True, help="a folder of <class>/ image folders, named as in training")
+    evaluate.add_argument(
+        "--data",
+        required=True,
+        help="labelled images: a folder of <class>/ image folders named as in training, or any source train reads"
+        " (every item of it is scored)",
+    )
     evaluate.add_argument("--out", default=None, help="folder or URI: metrics.json, confusion.png, misclassified.csv")
     evaluate.add_argument("--batch-size", type=int, default=64, help="images per model call (default: 64)")
+    _add_source_options(evaluate)
     _add_verbose(evaluate)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="what a run would train on: source, classes and counts per split, skipped items, image sizes",
+    )
+    inspect.add_argument("--data", required=True, help=TRAIN_HELP["data"][1])
+    inspect.add_argument("--val-data", default=None, help=TRAIN_HELP["val_data"][1])
+    inspect.add_argument(
+        "--val-fraction", type=float, default=TrainConfig().val_fraction, help=TRAIN_HELP["val_fraction"][1]
+    )
+    _add_source_options(inspect)
+    inspect.add_argument(
+        "--decode",
+        action="store_true",
+        help="decode every item (as the cache build will) to list every one that will be skipped; by default only"
+        " the listing's checks, and a sample's headers for the sizes",
+    )
 
     export = commands.add_parser(
         "export",
@@ -388,6 +451,35 @@ def _print_evaluation(evaluation, out: str | None) -> None:
         print(f"undecodable      {len(metrics['undecodable'])}")
     if out:
         print(f"written to       {out}/metrics.json, confusion.png, misclassified.csv")
+
+
+def _print_inspection(found) -> None:
+    from tl_ray.inspection import size_summary
+
+    print(f"data             {found.data}")
+    print(f"source           {found.source}")
+    print(f"validation       {found.val_rule}")
+    train, val = found.counts["train"], found.counts["val"]
+    print(f"classes          {len(found.class_names)} (in this order; the checkpoint records it)")
+    print(f"  {'class':<24} {'train':>8} {'val':>8}")
+    for name in found.class_names:
+        print(f"  {name:<24} {train[name]:>8} {val[name]:>8}")
+    print(f"  {'total':<24} {sum(train.values()):>8} {sum(val.values()):>8}")
+    low = min(train, key=train.get)
+    print(f"imbalance        {found.imbalance:.1f}x (largest training class over the smallest, {low})")
+    what = "decoded every item" if found.decoded else "the listing's checks; --decode decodes every item"
+    print(f"skipped          {len(found.skipped)} ({what})")
+    for shown, reason in found.skipped[:20]:
+        print(f"  {shown}: {reason}")
+    if len(found.skipped) > 20:
+        print(f"  ... and {len(found.skipped) - 20} more")
+    for note in found.notes:
+        print(f"note             {note}")
+    sizes = found.sizes
+    print(
+        f"image sizes      width {size_summary(sizes['width'])}, height {size_summary(sizes['height'])}"
+        f" (min / median / max of {len(sizes['width'])} of {found.sampled} {'items' if found.decoded else 'sampled'})"
+    )
 
 
 def _print_export(result) -> None:
@@ -500,7 +592,16 @@ def _run(args: argparse.Namespace) -> int:
 
         _quiet_ray(args)
         with _console() as console:
-            rows = predict(args.checkpoint, args.data, args.out, args.top_k, args.batch_size, args.concurrency, console)
+            rows = predict(
+                args.checkpoint,
+                args.data,
+                args.out,
+                args.top_k,
+                args.batch_size,
+                args.concurrency,
+                console,
+                _source_options(args),
+            )
         errors = int((rows["error"] != "").sum())
         print(f"wrote {len(rows)} predictions to {args.out} ({errors} files could not be decoded)")
         return EXIT_OK
@@ -509,8 +610,13 @@ def _run(args: argparse.Namespace) -> int:
 
         _quiet_ray(args)
         with _console() as console:
-            evaluation = evaluate(args.checkpoint, args.data, args.out, args.batch_size, console)
+            evaluation = evaluate(args.checkpoint, args.data, args.out, args.batch_size, console, _source_options(args))
         _print_evaluation(evaluation, args.out)
+        return EXIT_OK
+    if args.command == "inspect":
+        from tl_ray.inspection import inspect
+
+        _print_inspection(inspect(args.data, args.val_fraction, _source_options(args), args.val_data, args.decode))
         return EXIT_OK
     if args.command == "export":
         from tl_ray.deployable import export

@@ -65,11 +65,51 @@ def flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+LABEL_PATTERN_HINT = r"^(\w+)\."  # cat.0.jpg -> cat: what the flat-folder error suggests
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """How a source's items are labelled and split (tl_ray.sources): the flags every command that reads --data takes."""
+
+    label_pattern: str | None = None  # a regex whose group 'label' (or group 1) is the label in a file's name
+    path_column: str = "path"  # a manifest's column of image paths
+    label_column: str = "label"  # a manifest's or Parquet's column of labels
+    split_column: str = "split"  # a manifest's or Parquet's column of splits (train/val), if it has one
+    image_column: str | None = None  # Parquet's column of encoded images (None: the one that holds images)
+
+    def validate(self) -> SourceOptions:
+        if self.label_pattern is not None:
+            try:
+                compiled = re.compile(self.label_pattern)
+            except re.error as error:
+                pattern = self.label_pattern
+                raise UsageError(f"--label-pattern: {pattern!r} is not a regular expression: {error}") from None
+            if "label" not in compiled.groupindex and compiled.groups < 1:
+                raise UsageError(
+                    f"--label-pattern: {self.label_pattern!r} has no group: the label is the group named 'label' or"
+                    f" group 1, as in '{LABEL_PATTERN_HINT}'"
+                )
+        for key in ("path_column", "label_column", "split_column"):
+            if not getattr(self, key):
+                raise UsageError(f"{flag(key)} must name a column")
+        return self
+
+
+SOURCE_KEYS = tuple(field.name for field in dataclasses.fields(SourceOptions))
+
+
 @dataclass
 class TrainConfig:
     """Everything `tl-ray train` needs. Field names are the YAML keys and, with dashes, the flags."""
 
     data: str | None = None
+    val_data: str | None = None  # a validation set stored elsewhere (any source); None: --data's own or held out
+    label_pattern: str | None = None  # see SourceOptions
+    path_column: str = "path"
+    label_column: str = "label"
+    split_column: str = "split"
+    image_column: str | None = None
     arch: str = "resnet50"
     weights: str = "imagenet"
     freeze_depth: int | None = None  # None: 5 (feature extraction), or 0 with --weights none
@@ -135,6 +175,7 @@ class TrainConfig:
         if self.monitor not in MONITORS:
             raise UsageError(f"{flag('monitor')} must be one of {', '.join(MONITORS)}; got {self.monitor!r}")
         check_logger(self.logger)
+        self.source_options().validate()
         _check_range("freeze_depth", self.freeze_depth, 0, NUM_STAGES)
         _check_positive("epochs", self.epochs)
         _check_positive("lr", self.lr)
@@ -175,6 +216,9 @@ class TrainConfig:
         if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
             raise UsageError(f"{flag('name')} must be a plain folder name (no '/', not hidden); got {self.name!r}")
         return self
+
+    def source_options(self) -> SourceOptions:
+        return SourceOptions(**{key: getattr(self, key) for key in SOURCE_KEYS})
 
     @property
     def min_workers(self) -> int:

@@ -62,6 +62,22 @@ class Layout:
     rejected: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, reason): left out unread
     train_stats: np.ndarray = dataclasses.field(default_factory=_no_stats)  # int64 (len(train), 2)
     val_stats: np.ndarray = dataclasses.field(default_factory=_no_stats)  # int64 (len(val), 2)
+    # How an item's bytes are read (``sources.Opener``): None, a file of ``filesystem`` (class folders). The paths
+    # of ``train`` and ``val`` are items of their opener; ``val_opener`` (None: ``opener``) reads a --val-data set.
+    opener: Any = None
+    val_opener: Any = None
+    source: str = "class folders"  # what --data was recognised as (sources.discover), for messages and inspect
+    notes: list[str] = dataclasses.field(default_factory=list)  # what the listing decided that a user may want to know
+
+    def __post_init__(self) -> None:
+        if self.opener is None:
+            object.__setattr__(self, "opener", FileOpener(self.filesystem, self.uri_prefix))
+        if self.val_opener is None:
+            object.__setattr__(self, "val_opener", self.opener)
+
+    def opener_of(self, files: list[tuple[str, int]]) -> Any:
+        """The opener that reads ``files``, a split of this layout (validation's may be stored elsewhere)."""
+        return self.val_opener if files is self.val else self.opener
 
     @property
     def class_to_idx(self) -> dict[str, int]:
@@ -537,12 +553,40 @@ def read_bytes(filesystem: pafs.FileSystem, path: str) -> bytes:
         return stream.read()
 
 
+class FileOpener:
+    """The opener of items that are files (``sources.Opener``): a path in ``filesystem``, or a URI of its own (a
+    manifest may name files anywhere), resolved once per process and scheme."""
+
+    def __init__(self, filesystem: pafs.FileSystem, uri_prefix: str = "") -> None:
+        self.filesystem = filesystem
+        self.uri_prefix = uri_prefix
+        self._resolved: dict[str, pafs.FileSystem] = {}
+
+    def __getstate__(self) -> dict:
+        return {"filesystem": self.filesystem, "uri_prefix": self.uri_prefix, "_resolved": {}}
+
+    def read(self, item: str) -> bytes:
+        if not location.is_uri(item):
+            return read_bytes(self.filesystem, item)
+        where = location.resolve(item, "--data")
+        return read_bytes(where.filesystem, where.path)
+
+    def display(self, item: str) -> str:
+        """The item as the user sees it: the path, or its URI."""
+        return item if location.is_uri(item) else self.uri_prefix + item
+
+
 def decode_file(filesystem: pafs.FileSystem, path: str, transform: v2.Compose, min_short_side: int) -> np.ndarray:
     """One file to a uint8 CHW array; raises on any way the file can be bad.
 
     ``min_short_side``: the transform's first resize target, which lets large JPEGs decode at a reduced scale.
     """
     return transform(load_rgb(read_bytes(filesystem, path), min_short_side)).numpy()
+
+
+def decode_item(opener: Any, item: str, transform: v2.Compose, min_short_side: int) -> np.ndarray:
+    """``decode_file`` of any source's item."""
+    return transform(load_rgb(opener.read(item), min_short_side)).numpy()
 
 
 def describe_error(error: Exception) -> str:
@@ -554,8 +598,7 @@ def describe_error(error: Exception) -> str:
 
 def _decode_batch(
     batch: dict[str, np.ndarray],
-    filesystem: pafs.FileSystem,
-    uri_prefix: str,
+    opener: Any,
     image_size: int,
     training: bool,
     crop_scale: tuple[float, float] | None,
@@ -567,13 +610,13 @@ def _decode_batch(
     images, labels, bad, bad_labels = [], [], [], []
     for path, label in zip(batch["path"], batch["label"], strict=True):
         try:
-            images.append(decode_file(filesystem, path, transform, short_side))
+            images.append(decode_item(opener, path, transform, short_side))
             labels.append(label)
         except Exception as error:  # every way a file can be bad: skip it, keep the batch
             reason = describe_error(error)
-            bad.append((uri_prefix + path, reason))
+            bad.append((opener.display(path), reason))
             bad_labels.append(int(label))
-            logger.warning("skipping %s%s: %s", uri_prefix, path, reason)
+            logger.warning("skipping %s: %s", opener.display(path), reason)
     if bad:
         ray.get(skipped.add.remote(bad, bad_labels if training else None))
     return {
@@ -638,8 +681,7 @@ def image_dataset(
         compute=task_pool(row_blocks(len(rows))),
         batch_format="numpy",
         fn_kwargs={
-            "filesystem": layout.filesystem,
-            "uri_prefix": layout.uri_prefix,
+            "opener": layout.opener_of(files),
             "image_size": image_size,
             "training": training,
             "crop_scale": crop_scale,

@@ -28,7 +28,8 @@ import torch
 from ray.util.annotations import RayDeprecationWarning
 
 from tl_ray import checkpoint as checkpoints
-from tl_ray import data, location, progress
+from tl_ray import data, location, progress, sources
+from tl_ray.config import SourceOptions
 from tl_ray.errors import TlRayError
 
 ERROR_COLUMN = "error"
@@ -48,6 +49,24 @@ def _input_files(location: str) -> tuple[pafs.FileSystem, str, list[str]]:
     return filesystem, prefix, files
 
 
+def _input_items(
+    data_path: str | location.Location, options: SourceOptions
+) -> tuple[sources.Opener, list[str], list[tuple[str, str]]]:
+    """What predict classifies: (opener, items, (item, reason) of those it cannot carry). An image or a folder of
+    images (recursively), as ever; a manifest, or Parquet files holding images (their labels ignored)."""
+    where = location.resolve(data_path, "--data")
+    name = where.base.lower()
+    tabular = sources._glob(where.path) or name.endswith((*sources.MANIFEST_SUFFIXES, sources.PARQUET_SUFFIX))
+    if not tabular and where.info("--data").type == pafs.FileType.Directory:
+        tabular = not data.list_images(where.filesystem, where.path) and bool(sources._parquet_files(where))
+    if tabular:
+        listing = sources.list_source(where, options, labelled=False)
+        return listing.opener, listing.items, listing.rejected
+    filesystem, prefix, files = _input_files(where)
+    files, rejected = data.readable_names(files)
+    return data.FileOpener(filesystem, prefix), files, [(prefix + path, reason) for path, reason in rejected]
+
+
 def _columns(top_k: int) -> list[str]:
     ranked = [f"top{k + 1}_{what}" for k in range(top_k) for what in ("class", "prob")]
     return ["path", "predicted", "probability", *ranked, ERROR_COLUMN]
@@ -63,19 +82,19 @@ def _error_rows(rejected: list[tuple[str, str]], columns: list[str]) -> pd.DataF
 
 
 def _decode_for_inference(
-    batch: dict[str, np.ndarray], filesystem: pafs.FileSystem, uri_prefix: str, image_size: int, short_side: int
+    batch: dict[str, np.ndarray], opener: sources.Opener, image_size: int, short_side: int
 ) -> dict[str, np.ndarray]:
     transform = data.eval_transform(image_size, short_side)
     images, errors = [], []
     for path in batch["path"]:
         try:
-            images.append(data.decode_file(filesystem, path, transform, short_side))
+            images.append(data.decode_item(opener, path, transform, short_side))
             errors.append("")
         except Exception as error:  # a bad file becomes a row that says why
             images.append(np.zeros((3, image_size, image_size), np.uint8))
             errors.append(data.describe_error(error))
     return {
-        "path": np.asarray([uri_prefix + p for p in batch["path"]], dtype=object),
+        "path": np.asarray([opener.display(p) for p in batch["path"]], dtype=object),
         "image": np.stack(images),
         ERROR_COLUMN: np.asarray(errors, dtype=object),
     }
@@ -159,31 +178,37 @@ def predict(
     batch_size: int = 64,
     concurrency: int | None = None,
     on_event: progress.OnEvent | None = None,
+    options: SourceOptions | None = None,
 ) -> pd.DataFrame:
-    """Classify every image under ``data_path``: one row per file, sorted by path; written to ``out`` if given.
+    """Classify every image of ``data_path``: one row per item (a file's path, or a Parquet row's ``FILE#ROW``),
+    sorted by it; written to ``out`` if given. ``options`` name a manifest's or Parquet's columns.
 
     ``on_event`` hears how many images are classified as they are (``progress.Task``)."""
     if top_k < 1 or batch_size < 1:
         raise TlRayError("--top-k and --batch-size must be positive")
     target = _output(out, (".csv", ".parquet"))
     meta = checkpoints.read_meta(checkpoint)
-    filesystem, prefix, files = _input_files(data_path)
-    files, rejected = data.readable_names(files)
-    columns = _columns(min(top_k, len(meta["class_names"])))
-    frame = _run_pipeline(
-        checkpoint, meta, filesystem, prefix, files, top_k, batch_size, concurrency, columns, on_event
-    )
-    if rejected:
-        rejected = [(prefix + path, reason) for path, reason in rejected]
-        frame = pd.concat([frame, _error_rows(rejected, columns)], ignore_index=True)
-        frame = frame.sort_values("path", kind="stable", ignore_index=True)
+    opener, items, rejected = _input_items(data_path, (options or SourceOptions()).validate())
+    frame = _predict_items(checkpoint, meta, opener, items, rejected, top_k, batch_size, concurrency, on_event)
     if target is not None:
         _write(pa.Table.from_pandas(frame, preserve_index=False), target)
     return frame
 
 
+def _predict_items(
+    checkpoint, meta, opener, items, rejected, top_k, batch_size, concurrency=None, on_event=None
+) -> pd.DataFrame:
+    """predict's rows for ``items`` and, for ``rejected`` ones, an error row each."""
+    columns = _columns(min(top_k, len(meta["class_names"])))
+    frame = _run_pipeline(checkpoint, meta, opener, items, top_k, batch_size, concurrency, columns, on_event)
+    if rejected:
+        frame = pd.concat([frame, _error_rows(rejected, columns)], ignore_index=True)
+        frame = frame.sort_values("path", kind="stable", ignore_index=True)
+    return frame
+
+
 def _run_pipeline(
-    checkpoint, meta, filesystem, prefix, files, top_k, batch_size, concurrency, columns, on_event=None
+    checkpoint, meta, opener, files, top_k, batch_size, concurrency, columns, on_event=None
 ) -> pd.DataFrame:
     if not files:
         return pd.DataFrame({column: [] for column in columns})
@@ -197,8 +222,7 @@ def _run_pipeline(
         num_cpus=0.5,
         compute=data.task_pool(data.row_blocks(len(files))),
         fn_kwargs={
-            "filesystem": filesystem,
-            "uri_prefix": prefix,
+            "opener": opener,
             "image_size": meta["image_size"],
             "short_side": meta.get("resize_size") or data.resize_size(meta["image_size"]),
         },
@@ -244,30 +268,27 @@ def evaluate(
     out_dir: str | None = None,
     batch_size: int = 64,
     on_event: progress.OnEvent | None = None,
+    options: SourceOptions | None = None,
 ) -> Evaluation:
-    """Accuracy, per-class precision/recall/F1 and a confusion matrix on DIR/<class>/ images."""
+    """Accuracy, per-class precision/recall/F1 and a confusion matrix on labelled images: DIR/<class>/ folders, or
+    any source train reads (its every item, scored with its label)."""
     target = _output(out_dir)
     meta = checkpoints.read_meta(checkpoint)
-    filesystem, base, prefix, where = data.resolve_filesystem(data_dir)
-    if where.info("--data").type != pafs.FileType.Directory:
-        raise TlRayError(f"--data: {data_dir} is not a folder of <class>/ image folders")
-    folders = data.find_classes(filesystem, base)
-    unknown = sorted(set(folders) - set(meta["class_names"]))
+    where = location.resolve(data_dir, "--data")
+    listing = sources.list_source(where, (options or SourceOptions()).validate())
+    unknown = sorted(set(listing.labels) - set(meta["class_names"]))
     if unknown:
         raise TlRayError(
             f"--data: classes {', '.join(unknown)} in {data_dir} are not among the checkpoint's classes "
             f"({', '.join(meta['class_names'])})"
         )
-    truth = {
-        prefix + data.display_path(path): name
-        for name in folders
-        for path in data.list_images(filesystem, f"{base}/{name}")
-    }
-    if not truth:
-        raise TlRayError(f"--data: {data_dir} holds no images in class folders")
-    rows = predict(checkpoint, data_dir, batch_size=batch_size, on_event=on_event)
-    rows = rows[rows["path"].isin(truth)].copy()
-    rows["true"] = rows["path"].map(truth)
+    if not listing.items:
+        raise TlRayError(f"--data: {data_dir} holds no labelled images")
+    truth = {listing.opener.display(item): label for item, label in zip(listing.items, listing.labels, strict=True)}
+    rows = _predict_items(
+        checkpoint, meta, listing.opener, listing.items, listing.rejected, 3, batch_size, on_event=on_event
+    )
+    rows["true"] = rows["path"].map(truth).fillna("")
     scored = rows[rows[ERROR_COLUMN] == ""]
     classes = meta["class_names"]
     confusion = pd.crosstab(scored["true"], scored["predicted"]).reindex(index=classes, columns=classes, fill_value=0)

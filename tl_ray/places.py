@@ -35,6 +35,7 @@ class RunPlaces:
     data: location.Location
     storage: location.Location
     cache: location.Location | None
+    val_data: location.Location | None = None  # --val-data: a validation set stored elsewhere
 
     def run_dir(self, name: str) -> location.Location:
         return self.storage.join(name)
@@ -47,6 +48,7 @@ def resolve(config: TrainConfig) -> RunPlaces:
         data=location.resolve(config.data, "--data"),
         storage=storage,
         cache=cache.resolve_root(config.cache, storage),
+        val_data=location.resolve(config.val_data, "--val-data") if config.val_data else None,
     )
 
 

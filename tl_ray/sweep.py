@@ -29,7 +29,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from tl_ray import cache, classes, data, location, model, places, progress, report, tracking
+from tl_ray import cache, classes, data, location, model, places, progress, report, sources, tracking
 from tl_ray.checkpoint import META_FILE, MODEL_FILE
 from tl_ray.config import MONITORS, TuneConfig, forbid_world_writable_files
 from tl_ray.errors import TlRayError, UsageError
@@ -211,7 +211,10 @@ def sweep(config: TuneConfig, on_event: progress.OnEvent | None = None) -> tuple
     where = places.resolve(config)  # once, here: the trials get these locations, not the options' text
     places.check_outputs(config, where)
     config = dataclasses.replace(config, data=where.data.uri)  # as config.yaml records it: absolute
-    layout = data.discover(where.data, config.val_fraction)  # fail here, once, not in every trial
+    if where.val_data is not None:
+        config = dataclasses.replace(config, val_data=where.val_data.uri)
+    # Listed here, once, not in every trial: a source's mistakes fail the sweep before it starts.
+    layout = sources.discover(where.data, config.val_fraction, config.source_options(), where.val_data)
     batch_from_size = config.batch_size is None
     config = config.for_training_set(len(layout.train))  # one batch size for every trial
     storage = where.storage

@@ -44,6 +44,7 @@ from tl_ray import (
     model,
     places,
     progress,
+    sources,
     tracking,
 )
 from tl_ray.config import NUM_STAGES, TrainConfig, forbid_world_writable_files, to_yaml
@@ -262,7 +263,7 @@ def run(
     if where is None:
         where = places.resolve(config)
         places.check_outputs(config, where)
-    layout = data.discover(where.data, config.val_fraction)
+    layout = sources.discover(where.data, config.val_fraction, config.source_options(), where.val_data)
     batch_from_size = config.batch_size is None
     config = config.for_training_set(len(layout.train))
     progress.mark("run: data discovered")
