@@ -665,11 +665,12 @@ def _resolved_yaml(command: str, config: TrainConfig) -> str:
         if resolved.batch_size is None:
             lines.append(f"# batch_size: null: chosen from the training set's size when it runs ({rule})")
     elif resolved.batch_size is None:
-        from tl_ray import data  # imports Ray: only when the training set must be listed
+        from tl_ray import sources  # imports Ray: only when the training set must be listed
         from tl_ray.training import steps_per_epoch
 
         try:
-            num_train = len(data.discover(resolved.data, resolved.val_fraction).train)
+            options = resolved.source_options()
+            num_train = len(sources.discover(resolved.data, resolved.val_fraction, options, resolved.val_data).train)
         except TlRayError as error:  # the run itself will refuse it; the template is still worth printing
             lines.append(f"# batch_size: null: chosen from the training set's size when it runs ({rule});")
             lines.append(f"#   the training set could not be listed: {error}")
