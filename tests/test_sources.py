@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -274,3 +275,24 @@ def test_train_from_hugging_face_parquet_then_evaluate_a_manifest(tmp_path, ray_
     assert rows["path"].tolist() == [f"{root}/data/validation-00000-of-00001.parquet#{row}" for row in range(6)]
     assert (rows["error"] == "").all() and set(rows["predicted"]) <= set(meta["class_names"])
     shutil.rmtree(storage, ignore_errors=True)
+
+
+def test_a_manifest_and_hugging_face_parquet_in_object_storage(s3_server, tmp_path):
+    """Relative paths resolve against the manifest's folder in the bucket; stats come from one LIST per folder."""
+    s3_server.create_bucket("sources")
+    local = _manifest(tmp_path).parent
+    _hf_parquet(local / "hf", {"train": 6, "validation": 3})
+    bucket = s3_server.filesystem()
+    pafs.copy_files(str(local), "sources/ds", destination_filesystem=bucket)
+    options = SourceOptions(path_column="file", label_column="tag")
+    since = s3_server.mark()
+    layout = sources.discover(s3_server.uri("sources/ds/labels.tsv"), options=options)
+    assert len(s3_server.requests(since)) < 10  # the manifest, and one listing of imgs/: never a request per file
+    assert layout.class_names == ["ant", "moose"] and layout.train[0][0] == "sources/ds/imgs/0.png"
+    assert layout.rejected == [("s3://sources/ds/imgs/gone.png", f"file not found (named in {layout.root})")]
+    assert (layout.train_stats[:, 0] > 0).all()
+    assert layout.opener.read(layout.train[0][0]) == (local / "imgs" / "0.png").read_bytes()
+    hf = sources.discover(s3_server.uri("sources/ds/hf"))
+    assert hf.class_names == ["zebra", "ant", "moose"] and (len(hf.train), len(hf.val)) == (6, 3)
+    assert hf.opener.display(hf.val[0][0]) == "s3://sources/ds/hf/data/validation-00000-of-00001.parquet#0"
+    assert data.load_rgb(hf.opener.read(hf.val[1][0])).getpixel((0, 0)) == COLOURS["ant"]

@@ -23,6 +23,7 @@ import fnmatch
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -65,6 +66,7 @@ class ParquetOpener:
     """
 
     KEEP_GROUPS = 4
+    sequential = True  # read in listing order where the order is ours to choose (cache.prepare's build)
 
     def __init__(self, filesystem: pafs.FileSystem, uri_prefix: str, column: str) -> None:
         self.filesystem = filesystem
@@ -536,7 +538,7 @@ def _stat_items(filesystem: pafs.FileSystem, items: list[str]) -> tuple[np.ndarr
             try:
                 status = os.stat(item)
                 stats[index] = status.st_size, status.st_mtime_ns
-                missing[index] = not os.path.isfile(item)
+                missing[index] = not stat.S_ISREG(status.st_mode)
             except OSError:
                 missing[index] = True
             continue
@@ -672,13 +674,16 @@ def _numeric(name: str) -> tuple[int, int | str]:
 
 def held_out(keys: list[str], labels: np.ndarray, fraction: float) -> np.ndarray:
     """Which items the deterministic split holds out for validation (``data._hash_split``'s rule): each by its
-    key's hash, never a class's every item."""
+    key's hash, never a class's every item (its highest-scoring one stays for training)."""
     scores = np.asarray([data._split_score(key) for key in keys], dtype=np.float64)
     held = scores < fraction
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        if held[members].all():
-            held[members[scores[members].argmax()]] = False
+    if not len(keys):
+        return held
+    classes, compact = np.unique(labels, return_inverse=True)
+    emptied = np.flatnonzero(np.bincount(compact, weights=held, minlength=len(classes)) == np.bincount(compact))
+    for label in emptied:  # rare: a class of one or a few items
+        members = np.flatnonzero(compact == label)
+        held[members[scores[members].argmax()]] = False
     return held
 
 
