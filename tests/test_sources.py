@@ -80,7 +80,7 @@ def test_labels_from_file_names_of_one_folder_are_split_by_hash(tmp_path):
     assert not {p for p, _ in first.train} & {p for p, _ in first.val}
 
 
-def test_flat_folder_errors_say_what_to_pass(tmp_path):
+def test_flat_folder_errors_say_what_to_pass(tmp_path, capsys):
     root = tmp_path / "kaggle"
     _flat(root / "train", {"cat": 2, "dog": 2})
     with pytest.raises(UsageError) as found:
@@ -91,6 +91,8 @@ def test_flat_folder_errors_say_what_to_pass(tmp_path):
     )
     with pytest.raises(UsageError, match=re.escape(r"--label-pattern '^x(\d)' does not match any of the 4 image file")):
         sources.discover(root, options=SourceOptions(label_pattern=r"^x(\d)"))
+    assert cli.main(["inspect", "--data", str(root)]) == 2
+    assert capsys.readouterr().err == f"tl-ray: error: {found.value}\n"
     with pytest.raises(UsageError, match="has no group"):
         sources.discover(root, options=SourceOptions(label_pattern=r"^\w+"))
     with pytest.raises(UsageError, match="is not a regular expression"):

@@ -1,7 +1,8 @@
 """tl-ray: transfer learning of image classifiers with Ray Data, Ray Train and Ray Tune.
 
 The Python API mirrors the CLI: ``tl_ray.train(data=..., arch=..., epochs=...)``,
-``tl_ray.tune(...)``, ``tl_ray.predict(...)``, ``tl_ray.evaluate(...)``, ``tl_ray.export(...)``.
+``tl_ray.tune(...)``, ``tl_ray.predict(...)``, ``tl_ray.evaluate(...)``, ``tl_ray.inspect(...)``,
+``tl_ray.export(...)``.
 The modules are named apart from these functions (``tl_ray.training``, ``tl_ray.sweep``,
 ``tl_ray.inference``, ``tl_ray.deployable``), so importing one never replaces a function.
 Importing the package is cheap (``tl-ray --help`` should not wait ~8 s for torch and
@@ -50,18 +51,34 @@ def tune(config: TuneConfig | None = None, /, **options: Any) -> tuple[SweepSumm
     return sweep(_config(TuneConfig, config, options))
 
 
-def predict(checkpoint: str, data: str, out: str | None = None, top_k: int = 3, batch_size: int = 64) -> pd.DataFrame:
-    """`tl-ray predict` from Python: one row per image, sorted by path (and written to ``out``)."""
+def _source_options(options: dict[str, Any]):
+    from tl_ray.config import SourceOptions
+
+    return SourceOptions(**options).validate()
+
+
+def predict(
+    checkpoint: str, data: str, out: str | None = None, top_k: int = 3, batch_size: int = 64, **source: Any
+) -> pd.DataFrame:
+    """`tl-ray predict` from Python: one row per image, sorted by path (and written to ``out``). ``source``: the
+    source flags with underscores (``path_column="file"``)."""
     from tl_ray.inference import predict as run_predict
 
-    return run_predict(checkpoint, data, out, top_k, batch_size)
+    return run_predict(checkpoint, data, out, top_k, batch_size, options=_source_options(source))
 
 
-def evaluate(checkpoint: str, data: str, out: str | None = None, batch_size: int = 64) -> Evaluation:
-    """`tl-ray evaluate` from Python: metrics, per-image rows and the misclassified ones."""
+def evaluate(checkpoint: str, data: str, out: str | None = None, batch_size: int = 64, **source: Any) -> Evaluation:
+    """`tl-ray evaluate` from Python: metrics, per-image rows and the misclassified ones (``source`` as predict's)."""
     from tl_ray.inference import evaluate as run_evaluate
 
-    return run_evaluate(checkpoint, data, out, batch_size)
+    return run_evaluate(checkpoint, data, out, batch_size, options=_source_options(source))
+
+
+def inspect(data: str, val_data: str | None = None, val_fraction: float = 0.2, decode: bool = False, **source: Any):
+    """`tl-ray inspect` from Python: an ``inspection.Inspection`` of what a run on ``data`` would train on."""
+    from tl_ray.inspection import inspect as run_inspect
+
+    return run_inspect(data, val_fraction, _source_options(source), val_data, decode)
 
 
 def export(checkpoint: str, out: str, format: str) -> ExportResult:

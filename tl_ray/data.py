@@ -667,7 +667,7 @@ def image_dataset(
     validation images (resized to ``short_side``, by default ``resize_size(image_size)``, first).
     """
     rows = [{"path": path, "label": label} for path, label in files]
-    if training:
+    if training and not getattr(layout.opener_of(files), "sequential", False):  # Parquet rows: see cache._build
         random.Random(seed).shuffle(rows)
     dataset = file_rows(rows)
     if training:
