@@ -155,6 +155,8 @@ def test_manifest_errors_and_formats(tmp_path):
         f"--data: manifest {manifest} has no 'path' column (its columns: file, tag, split); name yours with"
         " --path-column"
     )
+    with pytest.raises(TlRayError, match=r"has no train/ folder but holds the manifest labels.tsv: pass it itself"):
+        sources.discover(manifest.parent)
     floats = tmp_path / "labelled" / "scores.csv"
     floats.write_text("path,label\nimgs/0.png,0.5\nimgs/1.png,1.0\n")
     with pytest.raises(UsageError, match=r"label column 'label' of .*scores.csv holds floats \(e.g. 0.5\)"):

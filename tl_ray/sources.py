@@ -209,6 +209,17 @@ def check_shape(where: location.Location, option: str = "--data") -> None:
         if not data.find_classes(where.filesystem, train):
             _refuse_flat(where.filesystem, train, where.join("train").uri, option)
         return
+    entries = data._list(where.filesystem, where.path, False)
+    manifests = sorted(
+        entry.base_name
+        for entry in entries
+        if entry.type == pafs.FileType.File and entry.base_name.lower().endswith(MANIFEST_SUFFIXES)
+    )
+    if manifests:
+        raise TlRayError(
+            f"{option}: {where.uri} has no train/ folder but holds the manifest {manifests[0]}: pass it itself:"
+            f" {option} {where.join(manifests[0]).uri}"
+        )
     classes = data.find_classes(where.filesystem, where.path)
     if classes and where.name.lower() in ("train", "training"):
         raise TlRayError(
