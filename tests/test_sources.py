@@ -113,9 +113,10 @@ def test_data_pointing_at_train_itself(tmp_path):
 
 
 def test_class_folders_are_listed_as_before(tmp_path):
+    root = tmp_path / "ds [v2]"  # glob characters in a real folder's name: still that folder
     for split, name, count in (("train", "b", 5), ("train", "A", 4), ("val", "b", 1)):
-        _flat(tmp_path / "ds" / split / name, {"x": count})
-    old, new = data.discover(tmp_path / "ds"), sources.discover(tmp_path / "ds")
+        _flat(root / split / name, {"x": count})
+    old, new = data.discover(root), sources.discover(root)
     assert (new.class_names, new.train, new.val, new.val_source) == (old.class_names, old.train, old.val, "folder")
     assert np.array_equal(new.train_stats, old.train_stats) and new.source == sources.CLASS_FOLDERS
 

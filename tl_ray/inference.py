@@ -56,7 +56,7 @@ def _input_items(
     images (recursively), as ever; a manifest, or Parquet files holding images (their labels ignored)."""
     where = location.resolve(data_path, "--data")
     name = where.base.lower()
-    tabular = sources._glob(where.path) or name.endswith((*sources.MANIFEST_SUFFIXES, sources.PARQUET_SUFFIX))
+    tabular = sources.is_glob(where) or name.endswith((*sources.MANIFEST_SUFFIXES, sources.PARQUET_SUFFIX))
     if not tabular and where.info("--data").type == pafs.FileType.Directory:
         tabular = not data.list_images(where.filesystem, where.path) and bool(sources._parquet_files(where))
     if tabular:

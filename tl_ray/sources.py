@@ -153,9 +153,14 @@ def _glob(text: str) -> bool:
     return any(char in text for char in "*?[")
 
 
+def is_glob(where: location.Location) -> bool:
+    """A pattern of Parquet files (``data/train-*.parquet``): glob characters, and no file or folder of that name."""
+    return _glob(where.path) and where.info("--data").type == pafs.FileType.NotFound
+
+
 def recognise(where: location.Location, options: SourceOptions, option: str = "--data") -> str:
     """Which source ``where`` is, from its shape alone (and --label-pattern): one of the source names above."""
-    if _glob(where.path):
+    if is_glob(where):
         return PARQUET
     info = where.info(option)
     if info.type == pafs.FileType.NotFound:
@@ -181,7 +186,7 @@ def _has_folder(where: location.Location, name: str) -> bool:
 
 def _parquet_files(where: location.Location) -> list[str]:
     """The Parquet files of a folder (recursively) or a glob, sorted."""
-    if _glob(where.path):
+    if is_glob(where):
         first = min(index for index, char in enumerate(where.path) if char in "*?[")
         folder = where.path[: max(where.path.rfind("/", 0, first), 0)]
         entries = data._list(where.filesystem, folder or "/", True)
