@@ -250,7 +250,7 @@ def _refuse_flat(filesystem: pafs.FileSystem, folder: str, shown: str, option: s
 def list_source(
     where: location.Location, options: SourceOptions, labelled: bool = True, option: str = "--data"
 ) -> Listing:
-    """The listing of any source but class folders (``class_folders``: train's ROOT shape, or ``class_dirs``)."""
+    """The listing of any source; class folders as DIR/<class>/ (``class_dirs``: evaluate, --val-data)."""
     kind = recognise(where, options, option)
     if kind == FILE_NAMES:
         return file_names(where, options, option)
