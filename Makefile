@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast test-extended lint clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,12 +29,18 @@ demo: install
 			$(DEMO_DIR)/runs/source/result.json)" \
 		--freeze-depths 0,3,5 --max-epochs 15 --scheduler fifo --scratch-baseline --storage $(DEMO_DIR)/runs --name sweep
 
+# What CI runs: everything but the tests marked extended (benchmark smoke runs, the 4-node cluster).
 test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not extended" tests
 
 # Everything but the tests marked slow (worker kills, the memory bound): for the edit-test loop.
 test-fast: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow and not extended" tests
+
+# The benchmark scripts on tiny settings and a real 4-node Ray cluster losing and gaining nodes: before a
+# benchmark run, a release, or a change to bench/, fault tolerance or cluster resources.
+test-extended: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m extended tests
 
 lint: install
 	$(BIN)/ruff check .

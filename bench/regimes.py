@@ -53,6 +53,7 @@ tl-ray commit with a clean tl_ray/ tree).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -76,7 +77,7 @@ from torch import nn
 from torchvision.transforms import v2
 
 import tl_ray
-from tl_ray.checkpoint import read_model_state
+from tl_ray.checkpoint import MODEL_FILE, read_model_state
 from tl_ray.model import IMAGENET_MEAN, IMAGENET_STD, STAGE_MODULES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -505,6 +506,19 @@ def train_source(root: Path, dataset: str, source_epochs: int, storage: Path, ma
     return str(result.best_checkpoint)
 
 
+@functools.lru_cache
+def source_tag(root: Path, source_epochs: int, trained: str | bool = False) -> str:
+    """The transfer rows' start in the run keys: the source model's epochs and a digest of its weights, so that runs
+    from another source model (retrained after its folder was lost, or under other defaults) are never mixed with
+    these. ``trained``: the checkpoint (source_checkpoint's); without it (--table) the marker names it, if any."""
+    marker = root / "source-runs" / f"checkpoint-{source_epochs}ep.txt"
+    checkpoint = trained or (marker.read_text() if marker.exists() else "")
+    if not checkpoint or not (Path(checkpoint) / MODEL_FILE).exists():
+        return f"source{source_epochs}ep-untrained"
+    digest = hashlib.sha256((Path(checkpoint) / MODEL_FILE).read_bytes()).hexdigest()[:10]
+    return f"source{source_epochs}ep-{digest}"
+
+
 # ----------------------------------------------------------------------------- runs, cached by what defines them
 
 
@@ -555,14 +569,14 @@ def reference_key(
     variant: Variant,
     seed: int,
     epochs: int,
-    source_epochs: int,
+    source: str,
 ) -> str:
-    start = regime.start if regime.start == "none" else f"source{source_epochs}ep"
+    start = regime.start if regime.start == "none" else source
     return f"{dataset}|n{size}|{start}|d{regime.depth}|{point.name}|{variant.name}|seed{seed}|ep{epochs}"
 
 
-def tl_ray_key(commit: str, dataset: str, size: int, regime: Regime, seed: int, epochs: int, source_epochs: int) -> str:
-    start = regime.start if regime.start == "none" else f"source{source_epochs}ep"
+def tl_ray_key(commit: str, dataset: str, size: int, regime: Regime, seed: int, epochs: int, source: str) -> str:
+    start = regime.start if regime.start == "none" else source
     return f"{commit}|{dataset}|n{size}|{start}|d{regime.depth}|seed{seed}|ep{epochs}"
 
 
@@ -577,6 +591,7 @@ class Cell:
     epochs: int
     init: Callable[[], dict[str, torch.Tensor] | None]
     weights: Callable[[], str]
+    source: Callable[[], str]  # the transfer rows' start in the run keys (source_tag)
 
 
 def mean(values: list[float]) -> float:
@@ -589,10 +604,8 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
-def run_reference(
-    store: Store, cell: Cell, point: GridPoint, seed: int, source_epochs: int, variant: Variant = Variant()
-) -> float:
-    key = reference_key(cell.dataset, cell.size, cell.regime, point, variant, seed, cell.epochs, source_epochs)
+def run_reference(store: Store, cell: Cell, point: GridPoint, seed: int, variant: Variant = Variant()) -> float:
+    key = reference_key(cell.dataset, cell.size, cell.regime, point, variant, seed, cell.epochs, cell.source())
     if key not in store.reference:
         began = time.perf_counter()
         store.reference[key] = reference_train(
@@ -603,22 +616,20 @@ def run_reference(
     return max(store.reference[key])
 
 
-def grid_scores(
-    store: Store, cell: Cell, seeds: int, top: int, source_epochs: int, grid: tuple[GridPoint, ...]
-) -> dict[str, list[float]]:
+def grid_scores(store: Store, cell: Cell, seeds: int, top: int, grid: tuple[GridPoint, ...]) -> dict[str, list[float]]:
     """Seed 0 over the whole grid, then the other seeds on its top points and the 40-line script's."""
-    first = {point.name: run_reference(store, cell, point, 0, source_epochs) for point in grid}
+    first = {point.name: run_reference(store, cell, point, 0) for point in grid}
     ranked = sorted(grid, key=lambda point: -first[point.name])
     chosen = ranked[:top] + [point for point in grid if point.name == SCRIPT_POINT and point not in ranked[:top]]
     scores = {name: [value] for name, value in first.items()}
     for seed in range(1, seeds):
         for point in chosen:
-            scores[point.name].append(run_reference(store, cell, point, seed, source_epochs))
+            scores[point.name].append(run_reference(store, cell, point, seed))
     return scores
 
 
-def run_tl_ray(store: Store, cell: Cell, seed: int, commit: str, storage: str, source_epochs: int) -> float:
-    key = tl_ray_key(commit, cell.dataset, cell.size, cell.regime, seed, cell.epochs, source_epochs)
+def run_tl_ray(store: Store, cell: Cell, seed: int, commit: str, storage: str) -> float:
+    key = tl_ray_key(commit, cell.dataset, cell.size, cell.regime, seed, cell.epochs, cell.source())
     if key not in store.tl_ray or commit.endswith("-dirty"):
         began = time.perf_counter()
         name = f"{cell.dataset}-n{cell.size}-{cell.regime.start}-d{cell.regime.depth}-s{seed}"
@@ -631,12 +642,12 @@ def run_tl_ray(store: Store, cell: Cell, seed: int, commit: str, storage: str, s
     return store.tl_ray[key]["val_acc"]
 
 
-def stored_scores(store: Store, cell: Cell, source_epochs: int, variant: Variant = Variant()) -> dict[str, list[float]]:
+def stored_scores(store: Store, cell: Cell, variant: Variant = Variant()) -> dict[str, list[float]]:
     """Best-epoch val_acc of every stored reference run of a cell, per grid point, in seed order."""
     scores: dict[str, list[float]] = {}
     for point in GRID:
         for seed in range(10):
-            key = reference_key(cell.dataset, cell.size, cell.regime, point, variant, seed, cell.epochs, source_epochs)
+            key = reference_key(cell.dataset, cell.size, cell.regime, point, variant, seed, cell.epochs, cell.source())
             if key not in store.reference:
                 break
             scores.setdefault(point.name, []).append(max(store.reference[key]))
@@ -650,19 +661,19 @@ def best_point(scores: dict[str, list[float]]) -> str | None:
     return max(full, key=lambda name: mean(full[name])) if full else None
 
 
-def summary(store: Store, cell: Cell, commit: str, source_epochs: int) -> dict:
+def summary(store: Store, cell: Cell, commit: str) -> dict:
     """A table row from whatever is stored for the cell: the grid, its candidates and tl-ray at this commit."""
-    scores = stored_scores(store, cell, source_epochs)
+    scores = stored_scores(store, cell)
     best = best_point(scores)
     tl = []
     for seed in range(10):
-        key = tl_ray_key(commit, cell.dataset, cell.size, cell.regime, seed, cell.epochs, source_epochs)
+        key = tl_ray_key(commit, cell.dataset, cell.size, cell.regime, seed, cell.epochs, cell.source())
         if key not in store.tl_ray:
             break
         tl.append(store.tl_ray[key]["val_acc"])
     candidates = {}  # the candidate causes, A/B at the 40-line script's point: its values, and the default's
     for variant in CANDIDATES:
-        values = stored_scores(store, cell, source_epochs, variant).get(SCRIPT_POINT)
+        values = stored_scores(store, cell, variant).get(SCRIPT_POINT)
         if values:
             candidates[variant.name] = {"values": values, "default": scores.get(SCRIPT_POINT, [])[: len(values)]}
     return {
@@ -692,6 +703,9 @@ def cells(args: argparse.Namespace) -> Iterator[Cell]:
                 checkpoint.append(source_checkpoint(root, dataset, args.source_epochs))
             return checkpoint[0]
 
+        def source(root: Path = root, weights: Callable[[], str] = weights) -> str:
+            return source_tag(root, args.source_epochs, trained=not args.table and weights())
+
         def init(start: str, weights: Callable[[], str] = weights) -> dict[str, torch.Tensor] | None:
             return None if start == "none" else read_model_state(weights())
 
@@ -710,6 +724,7 @@ def cells(args: argparse.Namespace) -> Iterator[Cell]:
                     args.epochs.get(size, EPOCHS.get(size, 10)),
                     lambda start=regime.start, init=init: init(start),
                     lambda regime=regime, weights=weights: "none" if regime.start == "none" else weights(),
+                    source,
                 )
 
 
@@ -766,17 +781,17 @@ def main(argv: list[str] | None = None) -> dict:
         for cell in cells(args):
             print(f"{cell.dataset} n{cell.size} {cell.regime.name} ({cell.epochs} epochs)", flush=True)
             if not args.only_tl_ray and not args.table:
-                grid_scores(store, cell, args.seeds, args.top, args.source_epochs, args.grid_points)
+                grid_scores(store, cell, args.seeds, args.top, args.grid_points)
                 if args.candidates:
                     point = next(point for point in GRID if point.name == SCRIPT_POINT)
                     wanted = args.candidates.split(",")
                     for variant in (v for v in CANDIDATES if "all" in wanted or v.name in wanted):
                         for seed in range(args.seeds):
-                            run_reference(store, cell, point, seed, args.source_epochs, variant)
+                            run_reference(store, cell, point, seed, variant)
             if not args.no_tl_ray and not args.table:
                 for seed in range(args.seeds):
-                    run_tl_ray(store, cell, seed, commit, storage, args.source_epochs)
-            row = summary(store, cell, commit, args.source_epochs)
+                    run_tl_ray(store, cell, seed, commit, storage)
+            row = summary(store, cell, commit)
             table.append(row)
             cells_seen.append(cell)
             store.save(rows={f"{row['dataset']}|n{row['size']}|{row['start']}|d{row['depth']}": row for row in table})
@@ -784,7 +799,7 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     print(markdown(table))
     print()
-    print(grid_markdown(store, cells_seen, args.source_epochs))
+    print(grid_markdown(store, cells_seen))
     report = {
         "benchmark": "regimes",
         "tl_ray_commit": commit,
@@ -798,14 +813,14 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-def grid_markdown(store: Store, cells: list[Cell], source_epochs: int) -> str:
+def grid_markdown(store: Store, cells: list[Cell]) -> str:
     """Each cell's grid, best first (mean over the seeds run, their count): how flat it is near the top."""
     lines = [
         "| dataset | size/class | start | depth | grid points, best first: mean (seeds) |",
         "|---|---|---|---|---|",
     ]
     for cell in cells:
-        scores = stored_scores(store, cell, source_epochs)
+        scores = stored_scores(store, cell)
         ranked = sorted(scores.items(), key=lambda item: (-len(item[1]), -mean(item[1])))
         text = ", ".join(f"{name} {mean(values):.3f} ({len(values)})" for name, values in ranked)
         lines.append(f"| {cell.dataset} | {cell.size} | {cell.regime.start} | {cell.regime.depth} | {text} |")

@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # Each benchmark runs as its own process with its own Ray: minutes in all, so out of `make test-fast`.
-pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow, pytest.mark.extended]
 
 
 def _run_bench(command: list[str], timeout: int) -> subprocess.CompletedProcess:

@@ -30,7 +30,7 @@ from helpers import as_reported, recorded
 from tl_ray.checkpoint import read_meta
 from tl_ray.sample import write_sample_data
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.slow, pytest.mark.extended, pytest.mark.timeout(420)]
 
 RAY = str(Path(sys.executable).with_name("ray"))
 ELASTIC_EPOCHS = 20  # enough for a node to join and the group to grow before the run ends
