@@ -106,7 +106,10 @@ def test_print_config_of_a_sweep_states_its_grid(capsys, no_run):
     argv = ["tune", "--data", "/d", "--freeze-depths", "0,5", "--lrs", "1e-3,3e-3", "--strategies", "plain,probe"]
     assert cli.main([*argv, "--scratch-baseline", "--print-config"]) == 0
     printed = capsys.readouterr().out
-    assert "# the grid: 7 trials: freeze depths 0, 5 x strategies plain, probe x learning rates 0.001, 0.003" in printed
+    assert (
+        "# the grid: 7 trials: freeze depths 0, 5 x strategies plain, probe x learning rates (depth 5 once), and the"
+        " scratch baseline: depth 0 plain 0.001, 0.003; depth 0 probe 0.001, 0.003; depth 5 plain 0.001, 0.003"
+    ) in printed
     values = yaml.safe_load(printed)
     assert (values["freeze_depths"], values["lrs"], values["strategies"]) == (
         [0, 5],

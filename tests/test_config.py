@@ -50,7 +50,7 @@ def test_missing_yaml_names_the_file(tmp_path):
         ({"freeze_depth": 7}, "--freeze-depth must be between 0 and 5; got 7"),
         ({"lr": -0.1}, "--lr must be positive; got -0.1"),
         ({"arch": "vgg16"}, "--arch must be one of resnet18"),
-        ({"optimizer": "lion"}, "--optimizer must be one of sgd, adamw"),
+        ({"optimizer": "lion"}, "--optimizer must be one of auto, adamw, sgd"),
         ({"augment": "heavy"}, "--augment must be one of auto, standard, light, none; got 'heavy'"),
         ({"cache": ""}, "--cache must be auto, none, or a folder or URI"),
         ({"val_fraction": 1.0}, "--val-fraction must be between 0 and 1"),

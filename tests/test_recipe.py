@@ -74,6 +74,17 @@ def test_defaults_follow_the_optimizer(optimizer):
     assert recipe.WEIGHT_DECAY["sgd"] <= 1e-4 < recipe.WEIGHT_DECAY["adamw"]  # SGD's decay is L2: far smaller
     head_only = resolved(optimizer=optimizer, weights="imagenet", freeze_depth=NUM_STAGES)
     assert head_only.lr == recipe.HEAD_ONLY_LR[optimizer] > config.lr, "a linear head alone takes a larger step"
+    assert (config.optimizer, head_only.optimizer) == (optimizer, optimizer), "a named optimizer is kept"
+
+
+@pytest.mark.parametrize("depth", range(NUM_STAGES + 1))
+def test_auto_optimizer_is_sgd_for_a_head_alone_and_adamw_beyond_it(depth):
+    config = resolved(weights="imagenet", freeze_depth=depth)
+    expected = "sgd" if depth == NUM_STAGES else "adamw"
+    assert config.optimizer == expected
+    assert config.weight_decay == recipe.WEIGHT_DECAY[expected]
+    assert config.lr == (recipe.HEAD_ONLY_LR["sgd"] if depth == NUM_STAGES else recipe.LR["adamw"])
+    assert resolved(weights="imagenet", freeze_depth=depth, lr=0.5).optimizer == expected, "--lr alone keeps auto"
 
 
 def test_defaults_follow_the_start():
@@ -276,9 +287,17 @@ def test_every_depth_and_strategy_gets_the_same_learning_rates():
     assert all(r == pytest.approx([1e-4, 1e-3, 1e-2]) for r in rates.values())
 
 
-def test_one_sample_is_the_recipe_rate_and_explicit_rates_are_shared_too():
-    assert sweep(freeze_depths="0,5").learning_rates() == [recipe.LR["adamw"]]
+def test_one_sample_is_the_recipe_rate_of_each_trial_and_explicit_rates_are_shared():
+    config = sweep(freeze_depths="0,5", strategies="plain,discriminative")
+    assert [(p["freeze_depth"], p["strategy"], p["lr"]) for p in config.search_points()] == [
+        (0, "plain", recipe.LR["adamw"]),
+        (0, "discriminative", recipe.DISCRIMINATIVE_HEAD_LR["adamw"]),
+        (5, "plain", recipe.HEAD_ONLY_LR["sgd"]),  # auto: a head alone trains with SGD, at its rate
+    ]
     assert sweep(optimizer="sgd").learning_rates() == [recipe.LR["sgd"]]
+    assert sweep(optimizer="adamw").learning_rates(NUM_STAGES) == [recipe.HEAD_ONLY_LR["adamw"]]
+    three = sweep(num_samples=3).learning_rates(NUM_STAGES)
+    assert three == pytest.approx([recipe.HEAD_ONLY_LR["sgd"] * f for f in (1 / 3, 1, 3)])
     assert sweep(lr_min=1e-4, lr_max=1e-2).learning_rates() == [pytest.approx(1e-3)]
     config = sweep(freeze_depths="1,4", lrs="3e-3, 1e-3")
     assert [p["lr"] for p in config.search_points()] == [1e-3, 3e-3, 1e-3, 3e-3]

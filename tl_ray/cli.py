@@ -89,12 +89,16 @@ TRAIN_HELP: dict[str, tuple[Any, str]] = {
     "epochs": (int, "number of epochs"),
     "lr": (
         float,
-        "the head's peak learning rate, after warm-up, then cosine decay (default: the recipe's for --optimizer:"
+        "the head's peak learning rate, after warm-up, then cosine decay (default: the recipe's for the optimizer:"
         f" {recipe.LR['adamw']} for adamw, {recipe.LR['sgd']} for sgd; at --freeze-depth 5"
         f" {recipe.HEAD_ONLY_LR['adamw']} and {recipe.HEAD_ONLY_LR['sgd']}; discriminative and probe"
         f" {recipe.DISCRIMINATIVE_HEAD_LR['adamw']} and {recipe.DISCRIMINATIVE_HEAD_LR['sgd']})",
     ),
-    "optimizer": (str, f"{' | '.join(OPTIMIZERS)}"),
+    "optimizer": (
+        str,
+        f"{' | '.join(OPTIMIZERS)} (default: auto: sgd at --freeze-depth {NUM_STAGES}, where a head alone trains, adamw"
+        " otherwise; tl_ray/recipe.py says why)",
+    ),
     "momentum": (float, "SGD momentum (with --optimizer sgd; Nesterov)"),
     "weight_decay": (
         float,
@@ -683,13 +687,18 @@ def _resolved_yaml(command: str, config: TrainConfig) -> str:
             )
     if isinstance(resolved, TuneConfig):
         points = resolved.search_points()
-        rates = ", ".join(f"{rate:g}" for rate in resolved.learning_rates())
+        trials: dict[tuple[int, str], list[str]] = {}
+        for point in points:
+            if "weights" not in point:  # the scratch baseline is named below
+                trials.setdefault((point["freeze_depth"], point["strategy"]), []).append(f"{point['lr']:g}")
         depths = ", ".join(str(depth) for depth in resolved.depths())
         lines.append(
             f"# the grid: {len(points)} trials: freeze depths {depths} x strategies"
-            f" {', '.join(resolved.strategy_names())} x learning rates {rates}"
+            f" {', '.join(resolved.strategy_names())} x learning rates"
             + (f" (depth {NUM_STAGES} once)" if NUM_STAGES in resolved.depths() else "")
             + (", and the scratch baseline" if resolved.scratch_baseline else "")
+            + ": "
+            + "; ".join(f"depth {depth} {strategy} {', '.join(rates)}" for (depth, strategy), rates in trials.items())
         )
     return "\n".join(lines) + "\n" + to_yaml(resolved)
 

@@ -31,7 +31,7 @@ from tl_ray import recipe
 from tl_ray.errors import UsageError
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = recipe.OPTIMIZERS
 # auto: light below 128 px, standard above; light/standard: random crops of at least 60%/25% of the
 # image, and flips; none: training images centre-cropped like validation ones.
 AUGMENTS = ("auto", "standard", "light", "none")
@@ -115,7 +115,7 @@ class TrainConfig:
     freeze_depth: int | None = None  # None: 5 (feature extraction), or 0 with --weights none
     epochs: int = 10
     lr: float | None = None  # None: the recipe's for the optimizer and depth (tl_ray.recipe)
-    optimizer: str = "adamw"
+    optimizer: str = "auto"  # by what trains: tl_ray.recipe.optimizer
     momentum: float = 0.9
     weight_decay: float | None = None  # None: the recipe's for the optimizer
     warmup_epochs: float | None = None  # None: 5% of the run's steps, at most one epoch
@@ -160,7 +160,7 @@ class TrainConfig:
         if self.strategy not in recipe.STRATEGIES:
             raise UsageError(f"{flag('strategy')} must be one of {', '.join(recipe.STRATEGIES)}; got {self.strategy!r}")
         unresolved = (self.lr, self.weight_decay, self.warmup_epochs, self.backbone_lr_mult, self.head_epochs)
-        if None in unresolved or self.strategy == "auto":
+        if None in unresolved or self.strategy == "auto" or self.optimizer == "auto":
             return self.with_recipe().validate()
         if not self.data:
             raise UsageError(f"{flag('data')} is required: a folder with train/<class>/ image sub-folders")
@@ -240,14 +240,13 @@ class TrainConfig:
         if self.freeze_depth == NUM_STAGES:
             head_epochs = 0  # feature extraction: the head is all that ever trains
         steps_share = recipe.WARMUP_SHARE * self.epochs
-        if self.freeze_depth == NUM_STAGES:
-            rates = recipe.HEAD_ONLY_LR
-        else:
-            rates = recipe.LR if strategy == "plain" else recipe.DISCRIMINATIVE_HEAD_LR
+        head_only = self.freeze_depth == NUM_STAGES
+        optimizer = recipe.optimizer(self.optimizer, head_only)
         return dataclasses.replace(
             self,
-            lr=rates[self.optimizer] if self.lr is None else self.lr,
-            weight_decay=recipe.WEIGHT_DECAY[self.optimizer] if self.weight_decay is None else self.weight_decay,
+            optimizer=optimizer,
+            lr=recipe.peak_lr(optimizer, head_only, strategy) if self.lr is None else self.lr,
+            weight_decay=recipe.WEIGHT_DECAY[optimizer] if self.weight_decay is None else self.weight_decay,
             warmup_epochs=min(1.0, steps_share) if self.warmup_epochs is None else self.warmup_epochs,
             strategy=strategy,
             backbone_lr_mult=backbone_lr_mult if self.backbone_lr_mult is None else self.backbone_lr_mult,
@@ -522,10 +521,13 @@ class TuneConfig(TrainConfig):
         resolved = (recipe.strategy_options(name, self.max_epochs)[0] for name in given)
         return list(dict.fromkeys(resolved))
 
-    def learning_rates(self) -> list[float]:
-        """The learning rates every depth and strategy is tried with: ``lrs``, or ``num_samples`` rates spaced
-        evenly on a log scale from ``lr_min`` to ``lr_max`` (default: the recipe's rate / 3 to x 3; one sample:
-        the recipe's rate, or the middle of the range)."""
+    def learning_rates(self, depth: int = 0, strategy: str = "plain") -> list[float]:
+        """The learning rates the trials at ``depth`` with ``strategy`` are tried with: ``lrs``, or ``num_samples``
+        rates spaced evenly on a log scale from ``lr_min`` to ``lr_max``; an end left out is the recipe's rate for
+        those trials (``recipe.peak_lr``, by optimizer, depth and strategy) / 3 or x 3; one sample: the recipe's
+        rate, or the middle of the range. Rates the user gives are every trial's; the recipe's differ where the
+        recipe does (a head alone trains with SGD, at a larger step), so that no depth is judged at a rate
+        that is wrong for it."""
         if self.lrs is not None:
             try:
                 rates = sorted({float(part) for part in self.lrs.split(",") if part.strip()})
@@ -536,7 +538,8 @@ class TuneConfig(TrainConfig):
             if not rates or min(rates) <= 0:
                 raise UsageError(f"{flag('lrs')} must list positive learning rates; got {self.lrs!r}")
             return rates
-        centre = recipe.LR[self.optimizer]
+        head_only = depth == NUM_STAGES
+        centre = recipe.peak_lr(recipe.optimizer(self.optimizer, head_only), head_only, strategy)
         low = centre / 3 if self.lr_min is None else self.lr_min
         high = centre * 3 if self.lr_max is None else self.lr_max
         if self.num_samples == 1:
@@ -552,11 +555,12 @@ class TuneConfig(TrainConfig):
         for depth in self.depths():
             names = ["plain"] if depth == NUM_STAGES else self.strategy_names()
             for strategy in names:
-                for lr in self.learning_rates():
+                for lr in self.learning_rates(depth, strategy):
                     points.append({"freeze_depth": depth, "strategy": strategy, "lr": lr})
         if self.scratch_baseline:
             # The yardstick: the same task and budget from random weights, with the recipe's rate for that start.
-            points.append({"freeze_depth": 0, "strategy": "plain", "lr": recipe.LR[self.optimizer], "weights": "none"})
+            scratch_lr = recipe.LR[recipe.optimizer(self.optimizer, head_only=False)]
+            points.append({"freeze_depth": 0, "strategy": "plain", "lr": scratch_lr, "weights": "none"})
         return points
 
     def grace_epochs(self) -> int:

@@ -575,7 +575,9 @@ def make_optimizer(groups: list[dict], options: TrainConfig) -> torch.optim.Opti
     """The optimizer over ``TransferResNet.parameter_groups`` (each group carries its own lr and weight decay)."""
     if options.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=options.lr)
-    return torch.optim.SGD(groups, lr=options.lr, momentum=options.momentum, nesterov=options.momentum > 0)
+    if options.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=options.lr, momentum=options.momentum, nesterov=options.momentum > 0)
+    raise ValueError(f"optimizer {options.optimizer!r} was not resolved (TrainConfig.validate)")
 
 
 def _sum_across_workers(values: list[float], device: torch.device) -> list[float]:
