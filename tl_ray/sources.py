@@ -240,8 +240,20 @@ def _refuse_flat(filesystem: pafs.FileSystem, folder: str, shown: str, option: s
     if images:
         raise UsageError(
             f"{option}: found {len(images):,} images directly in {shown} and no class folders: are the labels in"
-            f" the file names? try --label-pattern '{PATTERN_HINT}'"
+            f" the file names? try --label-pattern '{suggest_label_pattern(images)}'"
         )
+
+
+def suggest_label_pattern(paths: list[str]) -> str:
+    r"""A --label-pattern for these files: the letters before the separator most of their names have after their
+    first word (``cat.0.jpg``: ``^(\w+)\.``, ``circle_0050.jpg``: ``^([A-Za-z]+)_``), or the usual hint."""
+    separators = collections.Counter(
+        found.group(1) for path in paths[:1000] if (found := re.match(r"[A-Za-z]+([._-])", path.rsplit("/", 1)[-1]))
+    )
+    if not separators:
+        return PATTERN_HINT
+    separator = separators.most_common(1)[0][0]
+    return PATTERN_HINT if separator == "." else f"^([A-Za-z]+){re.escape(separator)}"
 
 
 # ---------------------------------------------------------------- the sources
