@@ -126,9 +126,18 @@ def test_unknown_strategy_names_the_option():
     ("size", "scale"), [(32, recipe.LIGHT_CROP_SCALE), (64, recipe.LIGHT_CROP_SCALE), (224, recipe.STANDARD_CROP_SCALE)]
 )
 def test_augmentation_strength_follows_the_image_size(size, scale):
-    assert resolved(image_size=size).crop_scale() == scale
+    assert resolved(image_size=size, freeze_depth=3).crop_scale() == scale
     assert resolved(image_size=size, augment="standard").crop_scale() == recipe.STANDARD_CROP_SCALE
     assert resolved(image_size=size, augment="none").crop_scale() is None
+
+
+def test_a_head_alone_trains_on_centre_crops_by_default_and_so_on_cached_features():
+    head_only = resolved(weights="imagenet")  # feature extraction: freeze depth 5
+    assert (head_only.freeze_depth, head_only.augment, head_only.crop_scale()) == (NUM_STAGES, "none", None)
+    assert resolved(weights="imagenet", freeze_depth=NUM_STAGES, augment="light").augment == "light", "asked: kept"
+    assert resolved(weights="imagenet", freeze_depth=4).augment == "auto"
+    explicit = resolved(freeze_depth=NUM_STAGES, optimizer="sgd", strategy="plain", lr=0.1, weight_decay=0.0)
+    assert explicit.augment == "none", "resolved even when every other option was given"
 
 
 # ----------------------------------------------------------------------------- the LR schedule

@@ -141,7 +141,8 @@ TRAIN_HELP: dict[str, tuple[Any, str]] = {
     "color_jitter": (float, "colour jitter strength for training augmentation (0 = off)"),
     "augment": (
         str,
-        "auto: light below 128 px, else standard | standard: random crops of 25-100%% of the image and flips |"
+        f"auto: none at --freeze-depth {NUM_STAGES} (a head alone), else light below 128 px, else standard |"
+        " standard: random crops of 25-100%% of the image and flips |"
         " light: crops of 60-100%% and flips | none: training images centre-cropped like validation ones;"
         " at --freeze-depth 5 with the cache on, the backbone's features are then computed once and only the head"
         " trains",

@@ -160,7 +160,8 @@ class TrainConfig:
         if self.strategy not in recipe.STRATEGIES:
             raise UsageError(f"{flag('strategy')} must be one of {', '.join(recipe.STRATEGIES)}; got {self.strategy!r}")
         unresolved = (self.lr, self.weight_decay, self.warmup_epochs, self.backbone_lr_mult, self.head_epochs)
-        if None in unresolved or self.strategy == "auto" or self.optimizer == "auto":
+        head_only_auto = self.freeze_depth == NUM_STAGES and self.augment == "auto"
+        if None in unresolved or "auto" in (self.strategy, self.optimizer) or head_only_auto:
             return self.with_recipe().validate()
         if not self.data:
             raise UsageError(f"{flag('data')} is required: a folder with train/<class>/ image sub-folders")
@@ -244,6 +245,7 @@ class TrainConfig:
         optimizer = recipe.optimizer(self.optimizer, head_only)
         return dataclasses.replace(
             self,
+            augment=recipe.augment(self.augment, head_only),
             optimizer=optimizer,
             lr=recipe.peak_lr(optimizer, head_only, strategy) if self.lr is None else self.lr,
             weight_decay=recipe.WEIGHT_DECAY[optimizer] if self.weight_decay is None else self.weight_decay,
