@@ -279,6 +279,33 @@ def test_train_from_hugging_face_parquet_then_evaluate_a_manifest(tmp_path, ray_
     assert metrics["images"] == 4 and sum(row["support"] for row in metrics["per_class"].values()) == 4
     assert sorted(Path(row["path"]).name for row in metrics["undecodable"]) == ["bad.png", "missing.png"]
 
+    # A flat folder labelled by --label-pattern trains, validated on the manifest (--val-data): classes by name.
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for name in ("zebra", "ant", "moose"):
+        for index in range(4):
+            (flat / f"{name}.{index}.png").write_bytes(_png(COLOURS[name]))
+    (flat / "notes.png").write_bytes(_png(COLOURS["ant"]))  # no label in its name: skipped, reported
+    flat_argv = [
+        *argv[:2],
+        str(flat),
+        *argv[3:],
+        "--label-pattern",
+        r"^([a-z]+)\.\d",
+        "--val-data",
+        str(folder / "m.csv"),
+    ]
+    assert cli.main([*flat_argv, "--epochs", "1", "--storage", str(storage), "--name", "flat"]) == 0
+    flat_result = json.loads((storage / "flat" / "result.json").read_text())
+    assert json.loads((Path(flat_result["best_checkpoint"]) / "meta.json").read_text())["class_names"] == [
+        "ant",
+        "moose",
+        "zebra",
+    ]
+    assert flat_result["history"][-1]["train_images"] == 12 and flat_result["history"][-1]["val_images"] == 4
+    skipped = {Path(item["path"]).name for item in flat_result["skipped_files"]}
+    assert {"notes.png", "bad.png", "missing.png"} <= skipped, skipped
+
     rows = inference.predict(result["best_checkpoint"], f"{root}/data/validation-*.parquet")
     assert rows["path"].tolist() == [f"{root}/data/validation-00000-of-00001.parquet#{row}" for row in range(6)]
     assert (rows["error"] == "").all() and set(rows["predicted"]) <= set(meta["class_names"])
