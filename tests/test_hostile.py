@@ -90,13 +90,13 @@ def test_hostile_file_is_decoded_or_skipped_with_its_reason(case, tmp_path):
     path = create(folder, name, content)
     transform = data.eval_transform(SIZE)
     if reason is None:
-        image = data.decode_file(pafs.LocalFileSystem(), str(path), transform, data.resize_size(SIZE))
+        image = data.decode_item(data.FileOpener(pafs.LocalFileSystem()), str(path), transform, data.resize_size(SIZE))
         assert image.shape == (3, SIZE, SIZE) and image.dtype == np.uint8
         if case == "animated GIF":
             assert image.reshape(3, -1).mean(1).tolist() == [255.0, 0.0, 0.0], "the first frame"
         return
     with pytest.raises(Exception) as raised:  # every way a file can be bad
-        data.decode_file(pafs.LocalFileSystem(), str(path), transform, data.resize_size(SIZE))
+        data.decode_item(data.FileOpener(pafs.LocalFileSystem()), str(path), transform, data.resize_size(SIZE))
     assert data.describe_error(raised.value).startswith(reason)
 
 

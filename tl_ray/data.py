@@ -555,15 +555,11 @@ def read_bytes(filesystem: pafs.FileSystem, path: str) -> bytes:
 
 class FileOpener:
     """The opener of items that are files (``sources.Opener``): a path in ``filesystem``, or a URI of its own (a
-    manifest may name files anywhere), resolved once per process and scheme."""
+    manifest may name files anywhere), resolved item by item."""
 
     def __init__(self, filesystem: pafs.FileSystem, uri_prefix: str = "") -> None:
         self.filesystem = filesystem
         self.uri_prefix = uri_prefix
-        self._resolved: dict[str, pafs.FileSystem] = {}
-
-    def __getstate__(self) -> dict:
-        return {"filesystem": self.filesystem, "uri_prefix": self.uri_prefix, "_resolved": {}}
 
     def read(self, item: str) -> bytes:
         if not location.is_uri(item):
@@ -576,16 +572,11 @@ class FileOpener:
         return item if location.is_uri(item) else self.uri_prefix + item
 
 
-def decode_file(filesystem: pafs.FileSystem, path: str, transform: v2.Compose, min_short_side: int) -> np.ndarray:
-    """One file to a uint8 CHW array; raises on any way the file can be bad.
+def decode_item(opener: Any, item: str, transform: v2.Compose, min_short_side: int) -> np.ndarray:
+    """One item of any source (``opener`` reads it) to a uint8 CHW array; raises on any way the item can be bad.
 
     ``min_short_side``: the transform's first resize target, which lets large JPEGs decode at a reduced scale.
     """
-    return transform(load_rgb(read_bytes(filesystem, path), min_short_side)).numpy()
-
-
-def decode_item(opener: Any, item: str, transform: v2.Compose, min_short_side: int) -> np.ndarray:
-    """``decode_file`` of any source's item."""
     return transform(load_rgb(opener.read(item), min_short_side)).numpy()
 
 
