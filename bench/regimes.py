@@ -724,7 +724,7 @@ def cells(args: argparse.Namespace) -> Iterator[Cell]:
                     args.epochs.get(size, EPOCHS.get(size, 10)),
                     lambda start=regime.start, init=init: init(start),
                     lambda regime=regime, weights=weights: "none" if regime.start == "none" else weights(),
-                    source,
+                    lambda regime=regime, source=source: "none" if regime.start == "none" else source(),
                 )
 
 
