@@ -32,9 +32,10 @@ from ingest import write_photos
 def measure(root: Path, cache_root: Path, image_size: int, image_format: str, repeats: int) -> dict:
     import pyarrow.parquet as pq
 
-    from tl_ray import cache, data, recipe
+    from tl_ray import recipe
+    from tl_ray.inputs import cache, class_folders, imaging
 
-    layout = data.discover(str(root), val_fraction=0.0)
+    layout = class_folders.discover(str(root), val_fraction=0.0)
     started = time.perf_counter()
     split = cache.prepare(layout.train, layout, image_size, str(cache_root), image_format=image_format)
     build_s = time.perf_counter() - started
@@ -42,7 +43,7 @@ def measure(root: Path, cache_root: Path, image_size: int, image_format: str, re
     rows = [
         row for path in split.parquet_files for row in zip(*pq.read_table(path).to_pydict().values(), strict=True)
     ]  # (label, height, width, pixels)
-    crop = data.augmentation(image_size, recipe.STANDARD_CROP_SCALE, 0.0, split.short_side)
+    crop = imaging.augmentation(image_size, recipe.STANDARD_CROP_SCALE, 0.0, split.short_side)
     started = time.perf_counter()
     for _ in range(repeats):
         for _, height, width, pixels in rows:
@@ -81,13 +82,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="bench/results/cache_format.json")
     args = parser.parse_args(argv)
 
-    from tl_ray import cache, data
+    from tl_ray import cluster
+    from tl_ray.inputs import cache
 
     root = Path(args.data) / f"n{args.images}"
     write_photos(root, args.images)
     cache_root = Path(args.data) / "format-cache"
     shutil.rmtree(cache_root, ignore_errors=True)
-    data.ensure_ray()
+    cluster.ensure_ray()
     rows = [
         measure(root, cache_root, size, image_format, args.repeats)
         for size in (224, 64)

@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 from ingest import write_photos
 
-from tl_ray import data, features
+from tl_ray import cluster
 from tl_ray.config import TrainConfig
+from tl_ray.inputs import features
 from tl_ray.training import run
 
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     root = Path(args.data) / f"n{args.images}"
     write_photos(root, args.images)
-    data.ensure_ray()
+    cluster.ensure_ray()
     results = {
         "benchmark": "feature_cache",
         "command": "python bench/feature_cache.py " + " ".join(argv if argv is not None else sys.argv[1:]),

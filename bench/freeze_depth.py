@@ -37,10 +37,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from tl_ray import data
 from tl_ray.config import NUM_STAGES, TrainConfig
+from tl_ray.inputs import imaging
 from tl_ray.model import IMAGENET_MEAN, IMAGENET_STD, STAGE_MODULES, TransferResNet, create_resnet
-from tl_ray.training import _amp_dtype, make_optimizer
+from tl_ray.training.loop import amp_dtype_of
+from tl_ray.training.schedule import make_optimizer
 
 NUM_CLASSES = 10
 TARGET_RATIO = 2.5  # issue 7: depth 5 >= 2.5x the images/s of depth 0, without the feature cache
@@ -100,7 +101,7 @@ def make_step(
 
     def step() -> float:
         started = time.perf_counter()
-        images = data.normalize(pixels, mean, std)
+        images = imaging.normalize(pixels, mean, std)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = pick_device(args.device)
     image_size = args.image_size or (224 if device.type == "cuda" else 112)
     torch.set_num_threads(os.cpu_count() or 1)
-    amp_dtype = _amp_dtype(device)  # what tl-ray's loop uses: bf16/fp16 on CUDA, none on CPU
+    amp_dtype = amp_dtype_of(device)  # what tl-ray's loop uses: bf16/fp16 on CUDA, none on CPU
     channels_last = device.type == "cuda"
     settings = {
         "archs": args.archs.split(","),

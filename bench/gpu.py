@@ -36,7 +36,8 @@ from ingest import write_photos
 
 from tl_ray.config import TrainConfig
 from tl_ray.model import TransferResNet, create_resnet
-from tl_ray.training import _amp_dtype, run
+from tl_ray.training import run
+from tl_ray.training.loop import amp_dtype_of
 
 TARGETS = {0: 2500.0, 5: 7000.0}  # issue 7, images/s with bf16 on an H100/H200
 PRESETS = {
@@ -106,7 +107,7 @@ def step_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
 def end_to_end_rows(args: argparse.Namespace, root: Path, steps: list[dict], device: torch.device) -> list[dict]:
     """Part 2: `tl-ray train` on the JPEGs at each depth in --e2e-depths, with its per-epoch images/s."""
     # The step variant tl-ray's loop runs here: bf16 + channels_last on a bf16 GPU, plain fp32 on CPU.
-    amp_dtype = _amp_dtype(device)
+    amp_dtype = amp_dtype_of(device)
     same_as = "bf16+cl" if amp_dtype == torch.bfloat16 else "fp32" if amp_dtype is None else None
     rows = []
     with tempfile.TemporaryDirectory(prefix="tl-ray-gpu-bench-") as storage:

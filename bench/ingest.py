@@ -63,12 +63,13 @@ def bench_tl_ray(root: Path, image_size: int, batch_size: int, epochs: int, cach
     import ray
     import torch
 
-    from tl_ray import cache, data
+    from tl_ray import cluster
+    from tl_ray.inputs import cache, class_folders, imaging, skiplog
 
-    data.ensure_ray()
-    layout = data.discover(str(root), val_fraction=0.0)
+    cluster.ensure_ray()
+    layout = class_folders.discover(str(root), val_fraction=0.0)
     layout = dataclasses.replace(layout, val=[])
-    skipped = data.SkippedFiles.remote()
+    skipped = skiplog.SkippedFiles.remote()
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
     rows = []
     started = time.perf_counter()
@@ -77,7 +78,7 @@ def bench_tl_ray(root: Path, image_size: int, batch_size: int, epochs: int, cach
     for epoch in range(1, epochs + 1):
         seen = 0
         for batch in dataset.iter_torch_batches(batch_size=batch_size, prefetch_batches=2):
-            seen += len(data.normalize(batch["image"], mean, std))
+            seen += len(imaging.normalize(batch["image"], mean, std))
         rows.append({"epoch": epoch, "images": seen, "seconds": time.perf_counter() - started})
         started = time.perf_counter()
     ray.kill(skipped)
@@ -90,11 +91,12 @@ def bench_held(root: Path, image_size: int, batch_size: int, epochs: int, cache_
     import ray
     import torch
 
-    from tl_ray import cache, data, recipe
+    from tl_ray import cluster, recipe
+    from tl_ray.inputs import cache, class_folders, imaging, skiplog
 
-    data.ensure_ray()
-    layout = data.discover(str(root), val_fraction=0.0)
-    skipped = data.SkippedFiles.remote()
+    cluster.ensure_ray()
+    layout = class_folders.discover(str(root), val_fraction=0.0)
+    skipped = skiplog.SkippedFiles.remote()
     [split] = [split for name, split in cache.prepare_splits(layout, image_size, cache_root, skipped).items() if split]
     ray.kill(skipped)
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
@@ -104,7 +106,7 @@ def bench_held(root: Path, image_size: int, batch_size: int, epochs: int, cache_
     for epoch in range(1, epochs + 1):
         seen = 0
         for batch in held.batches(batch_size, rank=0, world=1, epoch=epoch):
-            seen += len(data.normalize(batch["image"], mean, std))
+            seen += len(imaging.normalize(batch["image"], mean, std))
         rows.append({"epoch": epoch, "images": seen, "seconds": time.perf_counter() - started})
         started = time.perf_counter()
     return rows

@@ -51,8 +51,8 @@ from torch import nn
 from torchvision.transforms import v2
 
 import tl_ray
-from tl_ray import data
 from tl_ray.checkpoint import read_model_state
+from tl_ray.inputs import imaging
 from tl_ray.model import IMAGENET_MEAN, IMAGENET_STD, STAGE_MODULES
 
 REFERENCE_CROP_SCALE = (0.35, 1.0)  # fastai's fine-tuning default
@@ -120,7 +120,7 @@ def prepare(name: str, root: Path, per_class: int) -> Path:
 def load_split(root: Path, split: str, image_size: int) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Images decoded once and resized as for validation (short side image_size / 0.875), uint8 CHW."""
     classes = sorted(p.name for p in (root / "train").iterdir())
-    resize = v2.Resize(data.resize_size(image_size), antialias=True)
+    resize = v2.Resize(imaging.resize_size(image_size), antialias=True)
     images, labels = [], []
     for label, name in enumerate(classes):
         for path in sorted((root / split / name).iterdir()):

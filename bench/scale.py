@@ -5,7 +5,7 @@ listing, the keys and the cache's bookkeeping are what scale with the file count
 ``--s3`` files (default 100,000) on a moto S3 server this script starts (127.0.0.1, a free port, stopped at
 the end; moto holds objects in memory and logs every request, which is how they are counted). Reported:
 
-- listing time (``data.discover``) and the driver's RSS growth while it lists, in a fresh process;
+- listing time (``class_folders.discover``) and the driver's RSS growth while it lists, in a fresh process;
 - the cache build: time, driver peak RSS, bytes per cached image, requests per image (S3);
 - a cache-hit rerun: requests to the data location before training would start (S3: ``discover`` +
   ``cache.prepare_splits``), and, locally, the time from the command (`tl-ray train`, a new process) to its
@@ -85,11 +85,11 @@ def peak_rss_mb() -> float:
 
 def child_listing(data_uri: str) -> dict:
     """In a fresh process: list the dataset as every run does; its time and the driver's RSS growth."""
-    from tl_ray import data
+    from tl_ray.inputs import class_folders
 
     before = rss_mb()
     started = time.perf_counter()
-    layout = data.discover(data_uri, val_fraction=0.01)
+    layout = class_folders.discover(data_uri, val_fraction=0.01)
     return {
         "listing_s": time.perf_counter() - started,
         "files": len(layout.train) + len(layout.val),
@@ -100,13 +100,14 @@ def child_listing(data_uri: str) -> dict:
 
 def child_cache(data_uri: str, cache_root: str) -> dict:
     """In a fresh process: list, then build (or reuse) the cache of both splits; the driver's peak RSS."""
-    from tl_ray import cache, data
+    from tl_ray import cluster
+    from tl_ray.inputs import cache, class_folders, skiplog
 
-    layout = data.discover(data_uri, val_fraction=0.01)
-    data.ensure_ray()
+    layout = class_folders.discover(data_uri, val_fraction=0.01)
+    cluster.ensure_ray()
     listed = rss_mb()
     started = time.perf_counter()
-    splits = cache.prepare_splits(layout, IMAGE_SIZE, cache_root, data.SkipLog())
+    splits = cache.prepare_splits(layout, IMAGE_SIZE, cache_root, skiplog.SkipLog())
     seconds = time.perf_counter() - started
     built = [split for split in splits.values() if split is not None]
     stored = sum(json.loads((Path(split.folder) / cache.MANIFEST).read_text())["bytes"] for split in built)
@@ -250,9 +251,9 @@ def main(argv: list[str] | None = None) -> dict:
         Path(args.child_out).write_text(json.dumps(parts[args.child](*values)))
         return {}
 
-    from tl_ray import data
+    from tl_ray import cluster
 
-    data.quiet_ray(False)
+    cluster.quiet_ray(False)
     base = Path(args.data).resolve()
     base.mkdir(parents=True, exist_ok=True)
     results: dict = {

@@ -37,9 +37,11 @@ from pathlib import Path
 import torch
 from ingest import write_photos
 
-from tl_ray import data, model
+from tl_ray import cluster, model
+from tl_ray.cluster import torch_threads
 from tl_ray.config import TrainConfig
-from tl_ray.training import make_optimizer, torch_threads
+from tl_ray.inputs import imaging
+from tl_ray.training.schedule import make_optimizer
 
 DEFAULT_THREADS = torch.get_num_threads()  # before anything changes it: what a user's script gets
 
@@ -60,7 +62,7 @@ def plain_loop(
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    dataset = ImageFolder(str(root / "train"), transform=data.train_transform(image_size))
+    dataset = ImageFolder(str(root / "train"), transform=imaging.train_transform(image_size))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=loader_processes, drop_last=True)
     net = model.TransferResNet(model.create_resnet(arch, len(dataset.classes)), depth)
     recipe = TrainConfig(data=str(root), weights="none", freeze_depth=depth).validate()
@@ -72,7 +74,7 @@ def plain_loop(
         net.train()
         started, seen = time.perf_counter(), 0
         for images, labels in loader:
-            loss = criterion(net(data.normalize(images, mean, std)), labels)
+            loss = criterion(net(imaging.normalize(images, mean, std)), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
         for case in cases
         for name, setting in settings.items()
     }
-    data.ensure_ray()
+    cluster.ensure_ray()
     with tempfile.TemporaryDirectory() as storage:
         for size, depth in cases:
             history = tl_ray_train(root, args.arch, depth, size, args.batch_size, args.epochs, storage)

@@ -117,16 +117,16 @@ def checkpoint_accuracy():
     import torch
 
     import tl_ray
-    from tl_ray import data
+    from tl_ray.inputs import imaging
 
     def accuracy(checkpoint: str, files: list[tuple[str, int]]) -> float:
         model, meta = tl_ray.load_checkpoint(checkpoint)
-        transform = data.eval_transform(meta["image_size"], meta["resize_size"])
+        transform = imaging.eval_transform(meta["image_size"], meta["resize_size"])
         images = torch.stack(
-            [transform(data.load_rgb(Path(path).read_bytes(), meta["resize_size"])) for path, _ in files]
+            [transform(imaging.load_rgb(Path(path).read_bytes(), meta["resize_size"])) for path, _ in files]
         )
         with torch.no_grad():
-            logits = model(data.normalize(images, torch.tensor(meta["mean"]), torch.tensor(meta["std"])))
+            logits = model(imaging.normalize(images, torch.tensor(meta["mean"]), torch.tensor(meta["std"])))
         return (logits.argmax(1) == torch.tensor([label for _, label in files])).float().mean().item()
 
     return accuracy

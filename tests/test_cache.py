@@ -19,7 +19,8 @@ import ray
 import torch
 from PIL import Image
 
-from tl_ray import cache, console, data, progress
+from tl_ray import console, progress
+from tl_ray.inputs import cache, class_folders, imaging, pipelines, skiplog
 
 pytestmark = pytest.mark.timeout(300)
 SIZE = 32
@@ -52,26 +53,27 @@ def _digests(images) -> list[str]:
 
 
 def test_cached_images_equal_decoding_the_files(dataset_root, tmp_path, ray_cluster):
-    layout = data.discover(str(dataset_root))
+    layout = class_folders.discover(str(dataset_root))
     root = str(tmp_path / "cache")
-    skipped = data.SkippedFiles.remote()
+    skipped = skiplog.SkippedFiles.remote()
     splits = cache.prepare_splits(layout, SIZE, root, skipped)
-    pipelines = cache.streaming_datasets(layout, splits, SIZE, skipped, seed=3)
+    datasets = cache.streaming_datasets(layout, splits, SIZE, skipped, seed=3)
 
     # Validation from the cache is a centre crop of the cached pixels: exactly what predict computes from the file.
-    transform = data.eval_transform(SIZE)
+    transform = imaging.eval_transform(SIZE)
     expected = [
-        transform(data.load_rgb(Path(path).read_bytes(), data.resize_size(SIZE))).numpy() for path, _ in layout.val
+        transform(imaging.load_rgb(Path(path).read_bytes(), imaging.resize_size(SIZE))).numpy()
+        for path, _ in layout.val
     ]
-    rows = pipelines["val"].take_all()
+    rows = datasets["val"].take_all()
     assert _digests(row["image"] for row in rows) == _digests(expected)
-    uncached = data.image_dataset(layout.val, layout, SIZE, False, skipped).take_all()
+    uncached = pipelines.image_dataset(layout.val, layout, SIZE, False, skipped).take_all()
     assert _digests(row["image"] for row in uncached) == _digests(expected)
 
     # Training: every decodable file once per epoch, uint8 crops, the bad one left out and counted for its class.
     good_labels = sorted(label for path, label in layout.train if not path.endswith("broken.jpg"))
     for _ in range(2):
-        batches = list(pipelines["train"].iter_batches(batch_size=8, batch_format="numpy"))
+        batches = list(datasets["train"].iter_batches(batch_size=8, batch_format="numpy"))
         assert sorted(np.concatenate([b["label"] for b in batches]).tolist()) == good_labels
         assert {(str(b["image"].dtype), b["image"].shape[1:]) for b in batches} == {("uint8", (3, SIZE, SIZE))}
     broken = str(dataset_root / "train" / "b" / "broken.jpg")
@@ -81,7 +83,7 @@ def test_cached_images_equal_decoding_the_files(dataset_root, tmp_path, ray_clus
 
 
 def test_cache_is_reused_until_a_file_changes(dataset_root, tmp_path, ray_cluster):
-    layout = data.discover(str(dataset_root))
+    layout = class_folders.discover(str(dataset_root))
     root = str(tmp_path / "cache")
     first = cache.prepare(layout.train, layout, SIZE, root)
     assert first.built and first.rows == len(layout.train) - 1
@@ -103,7 +105,7 @@ def test_cache_is_reused_until_a_file_changes(dataset_root, tmp_path, ray_cluste
     _photo(Path(changed), seed=999)
     os.utime(changed, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000))
     assert not cache.prepare(layout.train, layout, SIZE, root).built  # checked against the listing, not the file
-    layout = data.discover(str(dataset_root))  # the next run lists the files again
+    layout = class_folders.discover(str(dataset_root))  # the next run lists the files again
     rebuilt = cache.prepare(layout.train, layout, SIZE, root)
     assert rebuilt.built and rebuilt.folder != first.folder
 
@@ -134,28 +136,28 @@ def test_jpeg_draft_decodes_large_photos_at_reduced_scale(tmp_path):
     big = tmp_path / "big.jpg"
     _photo(big, seed=1, size=(800, 600))
     encoded = big.read_bytes()
-    assert data.load_rgb(encoded).size == (800, 600)
-    drafted = data.load_rgb(encoded, min_short_side=100)
+    assert imaging.load_rgb(encoded).size == (800, 600)
+    drafted = imaging.load_rgb(encoded, min_short_side=100)
     assert drafted.size == (200, 150)  # 1/4 scale: the largest DCT reduction that keeps the short side >= 100
-    assert data.load_rgb(encoded, min_short_side=301).size == (800, 600)  # 1/2 would fall below 301
-    full = np.asarray(data.resize_short_side(data.load_rgb(encoded), 100), dtype=float)
-    reduced = np.asarray(data.resize_short_side(drafted, 100), dtype=float)
+    assert imaging.load_rgb(encoded, min_short_side=301).size == (800, 600)  # 1/2 would fall below 301
+    full = np.asarray(imaging.resize_short_side(imaging.load_rgb(encoded), 100), dtype=float)
+    reduced = np.asarray(imaging.resize_short_side(drafted, 100), dtype=float)
     assert full.shape == reduced.shape and np.abs(full - reduced).mean() < 12  # noise image: the worst case
 
     png = tmp_path / "big.png"
     Image.open(big).save(png)
-    assert data.load_rgb(png.read_bytes(), min_short_side=100).size == (800, 600)  # only JPEG has draft mode
+    assert imaging.load_rgb(png.read_bytes(), min_short_side=100).size == (800, 600)  # only JPEG has draft mode
 
 
 def test_images_held_in_memory_are_the_cached_pixels_dealt_like_an_equal_split(dataset_root, tmp_path, ray_cluster):
-    layout = data.discover(str(dataset_root))
+    layout = class_folders.discover(str(dataset_root))
     root = str(tmp_path / "cache")
-    splits = cache.prepare_splits(layout, SIZE, root, data.SkippedFiles.remote())
+    splits = cache.prepare_splits(layout, SIZE, root, skiplog.SkippedFiles.remote())
     assert cache.fit_in_memory(splits) and not cache.fit_in_memory({**splits, "val": None})
 
     # Validation: the same centre crops the streaming pipeline and predict compute.
     held_val = cache.HeldImages(splits["val"], SIZE, training=False, crop_scale=None)
-    streamed = cache.streaming_datasets(layout, splits, SIZE, data.SkippedFiles.remote())
+    streamed = cache.streaming_datasets(layout, splits, SIZE, skiplog.SkippedFiles.remote())
     val_batches = [b for rank in range(2) for b in held_val.batches(4, rank, 2)]
     assert _digests(np.asarray(i) for b in val_batches for i in b["image"]) == _digests(
         row["image"] for row in streamed["val"].take_all()
@@ -182,12 +184,12 @@ def test_images_held_in_memory_are_the_cached_pixels_dealt_like_an_equal_split(d
 
 def test_a_built_cache_is_validated_by_the_listing_alone(dataset_root, tmp_path, ray_cluster):
     """A rerun reads the manifest and nothing else: the image files could all be gone."""
-    layout = data.discover(str(dataset_root))
+    layout = class_folders.discover(str(dataset_root))
     root = str(tmp_path / "cache")
-    built = cache.prepare_splits(layout, SIZE, root, data.SkipLog())
+    built = cache.prepare_splits(layout, SIZE, root, skiplog.SkipLog())
     for path, _ in layout.train + layout.val:
         os.remove(path)
-    again = cache.prepare_splits(layout, SIZE, root, data.SkipLog())
+    again = cache.prepare_splits(layout, SIZE, root, skiplog.SkipLog())
     assert {name: (split.built, split.folder) for name, split in again.items()} == {
         name: (False, split.folder) for name, split in built.items()
     }
@@ -195,7 +197,7 @@ def test_a_built_cache_is_validated_by_the_listing_alone(dataset_root, tmp_path,
 
 
 def test_a_block_comes_back_to_the_driver_as_one_summary_row(dataset_root, tmp_path):
-    layout = data.discover(str(dataset_root))
+    layout = class_folders.discover(str(dataset_root))
     paths = [path for path, _ in layout.train[:5]] + [str(dataset_root / "train" / "b" / "broken.jpg")]
     folder = tmp_path / "attempt"
     folder.mkdir()
@@ -212,8 +214,8 @@ def test_a_block_comes_back_to_the_driver_as_one_summary_row(dataset_root, tmp_p
 def test_a_build_reports_its_size_and_deletes_the_cache_it_supersedes(dataset_root, tmp_path, ray_cluster):
     root = tmp_path / "cache"
     events: list = []
-    layout = data.discover(str(dataset_root))
-    first = cache.prepare_splits(layout, SIZE, str(root), data.SkipLog(), on_event=events.append)
+    layout = class_folders.discover(str(dataset_root))
+    first = cache.prepare_splits(layout, SIZE, str(root), skiplog.SkipLog(), on_event=events.append)
     other_size = cache.prepare(layout.train, layout, SIZE + 8, str(root), split="train")  # another size: kept
     unnamed = cache.prepare(layout.train[:10], layout, SIZE, str(root))  # no split named: never deleted
     states = [event for event in events if isinstance(event, progress.CacheState)]
@@ -227,15 +229,15 @@ def test_a_build_reports_its_size_and_deletes_the_cache_it_supersedes(dataset_ro
         files = Path(first[name].folder).rglob("*.parquet")
         assert event.images == first[name].rows and event.bytes == sum(path.stat().st_size for path in files)
     assert states[0].images == len(layout.train) and states[0].bytes == cache.estimate_bytes(
-        len(layout.train), data.resize_size(SIZE), "jpeg"
+        len(layout.train), imaging.resize_size(SIZE), "jpeg"
     )
     assert (first["train"].image_format, first["val"].image_format) == ("jpeg", "raw")
 
     changed, _ = layout.train[3]
     _photo(Path(changed), seed=1234)
-    layout = data.discover(str(dataset_root))
+    layout = class_folders.discover(str(dataset_root))
     events.clear()
-    second = cache.prepare_splits(layout, SIZE, str(root), data.SkipLog(), on_event=events.append)
+    second = cache.prepare_splits(layout, SIZE, str(root), skiplog.SkipLog(), on_event=events.append)
     assert second["train"].built and not second["val"].built  # val's files did not change
     removed = [event for event in events if isinstance(event, progress.CacheState) and event.state == "removed"]
     assert [(event.location, event.images) for event in removed] == [(first["train"].folder, first["train"].rows)]
@@ -263,9 +265,9 @@ def test_requests_to_an_s3_data_location_one_get_per_image_to_build_none_per_ima
     uri, root = s3_server.uri("scale/data"), str(tmp_path / "cache")
 
     start = s3_server.mark()
-    layout = data.discover(uri, val_fraction=0.25)
+    layout = class_folders.discover(uri, val_fraction=0.25)
     listed = s3_server.mark()
-    splits = cache.prepare_splits(layout, SIZE, root, data.SkipLog())
+    splits = cache.prepare_splits(layout, SIZE, root, skiplog.SkipLog())
     built = s3_server.requests(since=listed)
     assert len(layout.train) + len(layout.val) == len(images) and splits["train"].rows + splits["val"].rows == 24
     gets = collections.Counter(r.path for r in built if r.method == "GET")
@@ -277,9 +279,11 @@ def test_requests_to_an_s3_data_location_one_get_per_image_to_build_none_per_ima
     assert {r.method for r in built} == {"GET", "HEAD"}  # nothing else: no listing, no writes (the cache is local)
 
     listing = s3_server.requests(since=start)[: listed - start]
-    again = data.discover(uri, val_fraction=0.25)
+    again = class_folders.discover(uri, val_fraction=0.25)
     rerun_listed = s3_server.mark()
-    assert {name: split.built for name, split in cache.prepare_splits(again, SIZE, root, data.SkipLog()).items()} == {
+    assert {
+        name: split.built for name, split in cache.prepare_splits(again, SIZE, root, skiplog.SkipLog()).items()
+    } == {
         "train": False,
         "val": False,
     }

@@ -15,7 +15,8 @@ from tl_ray.classes import rank_key
 from tl_ray.config import TrainConfig
 from tl_ray.errors import TlRayError
 from tl_ray.sweep import SweepSummary, TrialSummary
-from tl_ray.training import _check_resumable, _evaluate, _split, count_classes, loss_weights, strategy_meta
+from tl_ray.training.driver import loss_weights
+from tl_ray.training.loop import check_resumable, count_classes, evaluate, split_counts, strategy_meta
 
 
 def test_balanced_weights_give_every_class_the_same_total_and_a_mean_of_one():
@@ -64,23 +65,23 @@ def test_unequal_validation_shards_sum_to_the_whole_sets_metrics():
     inputs = torch.randn(len(LABELS), 4)
     labels = torch.tensor(LABELS)
 
-    def evaluate(rows: slice) -> tuple[float, float, float, list[float]]:
+    def evaluate_rows(rows: slice) -> tuple[float, float, float, list[float]]:
         batches = [{"x": inputs[rows][i : i + 2], "label": labels[rows][i : i + 2]} for i in range(0, 12, 2)]
         batches = [batch for batch in batches if len(batch["label"])]
         loss = nn.CrossEntropyLoss()
-        return _evaluate(net, batches, lambda b: b["x"], loss, torch.device("cpu"), None, 3)
+        return evaluate(net, batches, lambda b: b["x"], loss, torch.device("cpu"), None, 3)
 
-    whole = evaluate(slice(0, 12))
-    shards = [evaluate(slice(0, 9)), evaluate(slice(9, 12))]
+    whole = evaluate_rows(slice(0, 12))
+    shards = [evaluate_rows(slice(0, 9)), evaluate_rows(slice(9, 12))]
     summed = [sum(values) for values in zip(*[[*s[:3], *s[3]] for s in shards], strict=True)]
     assert summed == pytest.approx([*whole[:3], *whole[3]])
     assert summed[2] == 12
     predictions = net(inputs).argmax(1)
     expected = count_classes(labels, predictions, 3).tolist()
     assert whole[3] == expected
-    merged = classes.class_metrics(*_split(summed[3:], 3))
+    merged = classes.class_metrics(*split_counts(summed[3:], 3))
     assert merged == classes.class_metrics(expected[:3], expected[3:6], expected[6:])
-    per_worker = [classes.class_metrics(*_split(s[3], 3))["macro_f1"] for s in shards]
+    per_worker = [classes.class_metrics(*split_counts(s[3], 3))["macro_f1"] for s in shards]
     assert merged["macro_f1"] != pytest.approx(sum(per_worker) / 2)
 
 
@@ -105,17 +106,17 @@ def _meta(**strategy_changes) -> dict:
 
 def test_a_run_resumes_only_with_the_same_class_weights_and_monitor():
     config = TrainConfig(data="/d", name="run").validate()
-    _check_resumable(_meta(), config, ["a", "b"], None)
+    check_resumable(_meta(), config, ["a", "b"], None)
     old = _meta()  # a checkpoint from before class weights and --monitor
     del old["strategy"]["class_weights"], old["monitor"]
-    _check_resumable(old, config, ["a", "b"], None)
+    check_resumable(old, config, ["a", "b"], None)
     with pytest.raises(TlRayError, match=r"run run was started with strategy=.*'class_weights': None"):
-        _check_resumable(_meta(), config, ["a", "b"], {"a": 0.75, "b": 1.5})
+        check_resumable(_meta(), config, ["a", "b"], {"a": 0.75, "b": 1.5})
     weighted = _meta(class_weights={"a": 0.75, "b": 1.5})
     with pytest.raises(TlRayError, match=re.escape("class_weights': {'a': 0.75, 'b': 1.5}")):
-        _check_resumable(weighted, config, ["a", "b"], {"a": 0.6, "b": 3.0})
+        check_resumable(weighted, config, ["a", "b"], {"a": 0.6, "b": 3.0})
     with pytest.raises(TlRayError, match="started with monitor='val_acc', now 'macro_f1'"):
-        _check_resumable(_meta(), TrainConfig(data="/d", name="run", monitor="macro_f1").validate(), ["a", "b"], None)
+        check_resumable(_meta(), TrainConfig(data="/d", name="run", monitor="macro_f1").validate(), ["a", "b"], None)
 
 
 def _trial(trial_id: str, val_acc: float, val_loss: float, macro_f1: float, strategy: str = "plain") -> TrialSummary:
@@ -171,12 +172,12 @@ def test_a_trials_best_epoch_is_picked_by_the_monitor():
 
 @pytest.mark.parametrize(("monitor", "best_epoch"), [("val_acc", 1), ("val_loss", 2), ("macro_f1", 3)])
 def test_the_run_result_names_the_best_checkpoint_by_the_monitor(tmp_path, monitor, best_epoch):
-    """``_collect`` on what Ray Train hands back: three checkpoints, each the best by one metric."""
+    """``collect`` on what Ray Train hands back: three checkpoints, each the best by one metric."""
     import pyarrow.fs as pafs
     from ray.train import Checkpoint
 
     from tl_ray.checkpoint import save_checkpoint
-    from tl_ray.training import _collect
+    from tl_ray.training.driver import collect
 
     history = [
         {"epoch": 1, "val_acc": 0.9, "val_loss": 0.5, "macro_f1": 0.6},
@@ -194,7 +195,7 @@ def test_the_run_result_names_the_best_checkpoint_by_the_monitor(tmp_path, monit
     result = types.SimpleNamespace(
         best_checkpoints=saved, checkpoint=saved[-1][0], path=str(tmp_path), filesystem=pafs.LocalFileSystem()
     )
-    outcome = _collect(result, location.resolve(str(tmp_path), "--storage"), ["a", "b"], {}, monitor)
+    outcome = collect(result, location.resolve(str(tmp_path), "--storage"), ["a", "b"], {}, monitor)
     assert outcome.best_checkpoint == str(tmp_path / f"checkpoint_epoch{best_epoch:03d}")
     assert (outcome.metrics["epoch"], outcome.monitor, outcome.history) == (best_epoch, monitor, history)
 
@@ -220,7 +221,7 @@ def test_a_tie_on_the_monitor_goes_to_the_lower_val_loss_whatever_order_ray_list
     """The issue's run: three epochs at val_acc 0.250; the best is the one with the lowest val_loss (epoch 3)."""
     import pyarrow.fs as pafs
 
-    from tl_ray.training import _collect
+    from tl_ray.training.driver import collect
 
     history = [
         {"epoch": 1, "val_acc": 0.25, "val_loss": 6.88, "macro_f1": 0.1},
@@ -232,7 +233,7 @@ def test_a_tie_on_the_monitor_goes_to_the_lower_val_loss_whatever_order_ray_list
     result = types.SimpleNamespace(
         best_checkpoints=listed, checkpoint=saved[-1][0], path=str(tmp_path), filesystem=pafs.LocalFileSystem()
     )
-    outcome = _collect(result, location.resolve(str(tmp_path), "--storage"), ["a", "b"], {}, "val_acc")
+    outcome = collect(result, location.resolve(str(tmp_path), "--storage"), ["a", "b"], {}, "val_acc")
     assert outcome.best_checkpoint == str(tmp_path / "checkpoint_epoch003")
     assert classes.best_epoch(history, "val_acc") == 3
     assert classes.best_epoch(history[:2], "val_acc") == 1  # the star stays on epoch 1 through epoch 2

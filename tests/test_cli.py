@@ -12,9 +12,11 @@ import types
 import pytest
 import yaml
 
-from tl_ray import cli, data, recipe, sweep, training
+from tl_ray import cli, recipe, sweep, training
 from tl_ray.config import TrainConfig, TuneConfig, merge
 from tl_ray.errors import RunError, TlRayError, UsageError
+from tl_ray.inputs import class_folders
+from tl_ray.training import schedule
 
 # What Ray raises when training fails (ray.train.TrainingFailedError), without importing Ray here.
 TrainingFailedError = type("TrainingFailedError", (Exception,), {"__module__": "ray.train"})
@@ -128,9 +130,9 @@ def test_print_config_states_the_batch_it_chose_from_the_training_set(tmp_path, 
     root = str(tmp_path / "pets")
     assert cli.main(["train", "--data", root, "--weights", "none", "--val-fraction", "0.2", "--print-config"]) == 0
     printed = capsys.readouterr().out
-    num_train = len(data.discover(root, 0.2).train)
+    num_train = len(class_folders.discover(root, 0.2).train)
     batch = recipe.batch_size(num_train)
-    steps = training.steps_per_epoch(num_train, batch, 1)
+    steps = schedule.steps_per_epoch(num_train, batch, 1)
     stated = f"# batch_size: from the training set's size: {num_train} training images -> {batch}, {steps} steps"
     assert stated in printed
     assert yaml.safe_load(printed)["batch_size"] == batch

@@ -11,8 +11,8 @@ from helpers import encode
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from tl_ray import data
 from tl_ray.errors import TlRayError
+from tl_ray.inputs import class_folders, imaging, pipelines, skiplog
 
 
 def _image(path: Path, size=(40, 30), colour=(200, 30, 30), fmt=None) -> Path:
@@ -30,13 +30,13 @@ def _tree(root: Path, layout: dict[str, int], split: str = "train") -> Path:
 
 def test_class_mapping_equals_imagefolder(tmp_path):
     root = _tree(tmp_path, {"Zebra": 2, "apple": 2, "10": 1, "9": 1, "cat dog": 1, "émile": 1})
-    layout = data.discover(str(root))
+    layout = class_folders.discover(str(root))
     assert layout.class_to_idx == ImageFolder(str(root / "train")).class_to_idx
 
 
 def test_hash_split_is_deterministic_disjoint_and_complete(tmp_path):
     root = _tree(tmp_path, {"a": 60, "b": 60, "c": 1})
-    first, second = data.discover(str(root), 0.25), data.discover(str(root), 0.25)
+    first, second = class_folders.discover(str(root), 0.25), class_folders.discover(str(root), 0.25)
     assert (first.train, first.val) == (second.train, second.val)
     train_paths, val_paths = {p for p, _ in first.train}, {p for p, _ in first.val}
     assert not train_paths & val_paths
@@ -45,13 +45,13 @@ def test_hash_split_is_deterministic_disjoint_and_complete(tmp_path):
     assert {label for _, label in first.train} == {0, 1, 2}  # the one-image class keeps its image for training
     for path, label in first.train + first.val:
         assert Path(path).parent.name == first.class_names[label]
-    assert data.discover(str(root), 0.5).val != first.val
+    assert class_folders.discover(str(root), 0.5).val != first.val
 
 
 def test_val_folder_uses_train_mapping_by_name(tmp_path):
     root = _tree(tmp_path, {"a": 2, "b": 2, "c": 2})
     _tree(root, {"c": 1, "b": 1}, split="val")
-    layout = data.discover(str(root))
+    layout = class_folders.discover(str(root))
     assert layout.val_source == "folder"
     assert sorted((Path(p).parent.name, label) for p, label in layout.val) == [("b", 1), ("c", 2)]
     assert len(layout.train) == 6
@@ -73,7 +73,7 @@ def test_layout_errors_are_clear(tmp_path, build, message):
     root = tmp_path / "ds"
     build(root)
     with pytest.raises(TlRayError, match=message):
-        data.discover(str(root))
+        class_folders.discover(str(root))
 
 
 def test_non_images_and_hidden_files_are_ignored(tmp_path):
@@ -81,7 +81,7 @@ def test_non_images_and_hidden_files_are_ignored(tmp_path):
     (root / "train" / "a" / "notes.txt").write_text("not an image")
     (root / "train" / "a" / "._img_0.jpg").write_bytes(b"macOS resource fork")
     _image(root / "train" / "a" / "nested" / "deep.png", fmt="PNG")
-    files = {Path(p).name for p, _ in data.discover(str(root)).train + data.discover(str(root)).val}
+    files = {Path(p).name for p, _ in class_folders.discover(str(root)).train + class_folders.discover(str(root)).val}
     assert files == {"img_0.jpg", "img_1.jpg", "deep.png"}
 
 
@@ -105,7 +105,7 @@ GRADIENT = np.tile(np.linspace(0, 255, 64), (48, 1))
     ids=["L", "P", "I;16", "F", "RGBA", "LA", "CMYK", "1-bit", "webp", "gif"],
 )
 def test_every_image_mode_decodes_to_rgb(encoded, expected_mean):
-    image = data.load_rgb(encoded)
+    image = imaging.load_rgb(encoded)
     assert image.mode == "RGB" and image.size == (64, 48)
     if expected_mean is not None:
         assert abs(np.asarray(image, dtype=np.float64).mean() - expected_mean) < 3
@@ -115,16 +115,16 @@ def test_exif_orientation_is_applied():
     image = Image.new("RGB", (40, 20), (10, 200, 10))
     exif = image.getexif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    assert data.load_rgb(encode(image, "JPEG", exif=exif)).size == (20, 40)
+    assert imaging.load_rgb(encode(image, "JPEG", exif=exif)).size == (20, 40)
 
 
 def test_transforms_give_uint8_crops_and_eval_is_deterministic():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8))
-    train_out = data.train_transform(32, color_jitter=0.3)(image)
+    train_out = imaging.train_transform(32, color_jitter=0.3)(image)
     assert train_out.shape == (3, 32, 32) and train_out.dtype == torch.uint8
-    evaluate = data.eval_transform(32)
+    evaluate = imaging.eval_transform(32)
     assert torch.equal(evaluate(image), evaluate(image))
-    normalised = data.normalize(evaluate(image)[None], torch.tensor([0.5] * 3), torch.tensor([0.25] * 3))
+    normalised = imaging.normalize(evaluate(image)[None], torch.tensor([0.5] * 3), torch.tensor([0.25] * 3))
     assert normalised.dtype == torch.float32 and normalised.min() >= -2.01 and normalised.max() <= 2.01
 
 
@@ -147,10 +147,10 @@ def test_bad_files_are_skipped_and_reported_while_good_ones_survive(tmp_path, ra
     bad = _bad_files(root / "train" / "a")
     _image(root / "train" / "b" / "png_named.jpg", fmt="PNG")  # wrong extension, still a good image
     _image(root / "train" / "b" / "tiny.png", size=(1, 1), fmt="PNG")
-    layout = data.discover(str(root), val_fraction=0.01)
+    layout = class_folders.discover(str(root), val_fraction=0.01)
     files = layout.train + layout.val
-    skipped = data.SkippedFiles.remote()
-    rows = data.image_dataset(files, layout, 24, training=False, skipped=skipped).take_all()
+    skipped = skiplog.SkippedFiles.remote()
+    rows = pipelines.image_dataset(files, layout, 24, training=False, skipped=skipped).take_all()
 
     assert len(rows) == len(files) - len(bad) == 8
     assert all(row["image"].shape == (3, 24, 24) and row["image"].dtype == np.uint8 for row in rows)
@@ -164,12 +164,12 @@ def test_bad_files_are_skipped_and_reported_while_good_ones_survive(tmp_path, ra
 
 def test_training_pipeline_augments_and_shuffles(tmp_path, ray_cluster):
     root = _tree(tmp_path / "ds", {"a": 50, "b": 50})
-    layout = data.discover(str(root), val_fraction=0.01)
-    dataset = data.image_dataset(layout.train, layout, 16, training=True, skipped=data.SkippedFiles.remote())
+    layout = class_folders.discover(str(root), val_fraction=0.01)
+    dataset = pipelines.image_dataset(layout.train, layout, 16, training=True, skipped=skiplog.SkippedFiles.remote())
     epochs = [[int(row["label"]) for row in dataset.take_all()] for _ in range(3)]
     assert all(sorted(labels) == sorted(label for _, label in layout.train) for labels in epochs)
     assert len({tuple(labels) for labels in epochs}) > 1, "a new order every epoch"
-    first_block = epochs[0][: data.BLOCK_ROWS]
+    first_block = epochs[0][: pipelines.BLOCK_ROWS]
     assert 0 < sum(first_block) < len(first_block), "every block mixes classes"
 
 
@@ -178,7 +178,7 @@ def test_the_listing_carries_each_files_size_and_mtime(tmp_path):
     root = _tree(tmp_path / "split", {"a": 30, "b": 30})
     (root / "train" / "a" / "dangling.jpg").symlink_to(root / "missing.jpg")  # listed, cannot be stat'ed
     folder = _tree(_tree(tmp_path / "folder", {"a": 3, "b": 2}), {"a": 2, "b": 1}, split="val")
-    for layout in (data.discover(str(root), 0.3), data.discover(str(folder))):
+    for layout in (class_folders.discover(str(root), 0.3), class_folders.discover(str(folder))):
         for files, stats in ((layout.train, layout.train_stats), (layout.val, layout.val_stats)):
             assert stats.dtype == np.int64 and stats.shape == (len(files), 2) and len(files)
             for (path, _), (size, mtime) in zip(files, stats.tolist(), strict=True):

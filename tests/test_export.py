@@ -21,10 +21,11 @@ import torch
 import torchvision
 from PIL import Image
 
-from tl_ray import cli, data
+from tl_ray import cli
 from tl_ray.checkpoint import load_checkpoint, save_checkpoint
 from tl_ray.deployable import FORMATS, export
 from tl_ray.errors import UsageError
+from tl_ray.inputs import imaging
 from tl_ray.sample import SOURCE_CLASSES, render
 
 pytestmark = [
@@ -166,10 +167,10 @@ def deployed(exported, image_files, tmp_path_factory) -> dict:
 def reference(checkpoint, image_files) -> tuple[torch.Tensor, torch.Tensor]:
     """(crops, probabilities) by the checkpoint itself, through predict's preprocessing and normalisation."""
     model, meta = load_checkpoint(checkpoint)
-    transform = data.eval_transform(meta["image_size"], meta["resize_size"])
-    crops = torch.stack([transform(data.load_rgb(Path(p).read_bytes(), meta["resize_size"])) for p in image_files])
+    transform = imaging.eval_transform(meta["image_size"], meta["resize_size"])
+    crops = torch.stack([transform(imaging.load_rgb(Path(p).read_bytes(), meta["resize_size"])) for p in image_files])
     with torch.no_grad():
-        logits = model(data.normalize(crops, torch.tensor(meta["mean"]), torch.tensor(meta["std"])))
+        logits = model(imaging.normalize(crops, torch.tensor(meta["mean"]), torch.tensor(meta["std"])))
     probabilities = torch.softmax(logits, dim=1)
     top2 = probabilities.topk(2, dim=1).values
     assert ((top2[:, 0] - top2[:, 1]) > 10 * ATOL).all(), "the argmax comparison needs clear winners"

@@ -11,8 +11,9 @@ from helpers import assert_same_tensors
 from PIL import Image
 
 import tl_ray
-from tl_ray import cache, data, features, model
+from tl_ray import model
 from tl_ray.checkpoint import read_model_state
+from tl_ray.inputs import cache, class_folders, features, imaging
 
 pytestmark = pytest.mark.timeout(600)
 SIZE = 32
@@ -28,7 +29,7 @@ def _dataset(root: Path) -> Path:
 
 
 def test_cached_features_are_the_backbone_outputs_and_follow_the_weights(tmp_path, ray_cluster):
-    layout = data.discover(str(_dataset(tmp_path / "data")))
+    layout = class_folders.discover(str(_dataset(tmp_path / "data")))
     split = cache.prepare(layout.train, layout, SIZE, str(tmp_path / "cache"))
     weights = model.initial_weights("resnet18", "none", ["a", "b", "c"], seed=1)
     built = features.prepare(split, SIZE, "resnet18", 3, weights, use_gpu=False)
@@ -39,12 +40,12 @@ def test_cached_features_are_the_backbone_outputs_and_follow_the_weights(tmp_pat
     net = model.create_resnet("resnet18", 3)
     net.load_state_dict(weights.state_dict)
     backbone = model.TransferResNet(net, 5).eval()
-    transform = data.eval_transform(SIZE)
+    transform = imaging.eval_transform(SIZE)
     images = torch.stack(
-        [transform(data.load_rgb(Path(p).read_bytes(), data.resize_size(SIZE))) for p, _ in layout.train]
+        [transform(imaging.load_rgb(Path(p).read_bytes(), imaging.resize_size(SIZE))) for p, _ in layout.train]
     )
     with torch.no_grad():
-        expected = backbone.features(data.normalize(images, torch.tensor(weights.mean), torch.tensor(weights.std)))
+        expected = backbone.features(imaging.normalize(images, torch.tensor(weights.mean), torch.tensor(weights.std)))
     # Same multiset of vectors (the cache keeps its own order): each cached vector is one image's output.
     distances = torch.cdist(torch.as_tensor(got), expected)
     assert got.shape == tuple(expected.shape) and distances.min(1).values.max() < 1e-4
@@ -77,7 +78,7 @@ def test_head_trained_on_cached_features_is_the_feature_extraction_model(
     assert (result.metrics["workers"], result.metrics["torch_threads"]) == (1, 2)
     assert list((tmp_path / "runs" / ".tl-ray-cache").glob("*/features-resnet18-48-*/manifest.json"))
     # Trained on features, checked on images: the checkpoint alone reproduces the run's validation accuracy.
-    layout = data.discover(str(target))
+    layout = class_folders.discover(str(target))
     assert checkpoint_accuracy(result.best_checkpoint, layout.val) == pytest.approx(result.metrics["val_acc"], abs=0.02)
     assert result.metrics["val_acc"] > 0.45, "3 classes: chance is 0.33"
     # Feature extraction: the backbone (weights and BatchNorm statistics) is the source model's, unchanged.
@@ -113,7 +114,7 @@ def test_features_held_in_memory_are_dealt_like_an_equal_split():
 
 
 def test_streaming_and_in_memory_features_hold_the_same_rows(tmp_path, ray_cluster):
-    layout = data.discover(str(_dataset(tmp_path / "data")))
+    layout = class_folders.discover(str(_dataset(tmp_path / "data")))
     split = cache.prepare(layout.train, layout, SIZE, str(tmp_path / "cache"))
     weights = model.initial_weights("resnet18", "none", ["a", "b", "c"], seed=1)
     built = features.prepare(split, SIZE, "resnet18", 3, weights, use_gpu=False)

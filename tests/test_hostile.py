@@ -21,9 +21,12 @@ import torch
 from helpers import encode, payload
 from PIL import Image
 
-from tl_ray import checkpoint, cli, data, model
+from tl_ray import checkpoint, cli, model
 from tl_ray.config import TrainConfig
-from tl_ray.training import _describe_lost_classes, labels_without_images
+from tl_ray.inputs import class_folders, imaging
+from tl_ray.inputs.layout import FileOpener, Layout
+from tl_ray.inputs.skiplog import labels_without_images
+from tl_ray.training.driver import describe_lost_classes
 
 SIZE = 32
 
@@ -88,16 +91,16 @@ def test_hostile_file_is_decoded_or_skipped_with_its_reason(case, tmp_path):
     folder = tmp_path / "odd folder ü"
     folder.mkdir()
     path = create(folder, name, content)
-    transform = data.eval_transform(SIZE)
+    transform = imaging.eval_transform(SIZE)
     if reason is None:
-        image = data.decode_item(data.FileOpener(pafs.LocalFileSystem()), str(path), transform, data.resize_size(SIZE))
+        image = imaging.decode_item(FileOpener(pafs.LocalFileSystem()), str(path), transform, imaging.resize_size(SIZE))
         assert image.shape == (3, SIZE, SIZE) and image.dtype == np.uint8
         if case == "animated GIF":
             assert image.reshape(3, -1).mean(1).tolist() == [255.0, 0.0, 0.0], "the first frame"
         return
     with pytest.raises(Exception) as raised:  # every way a file can be bad
-        data.decode_item(data.FileOpener(pafs.LocalFileSystem()), str(path), transform, data.resize_size(SIZE))
-    assert data.describe_error(raised.value).startswith(reason)
+        imaging.decode_item(FileOpener(pafs.LocalFileSystem()), str(path), transform, imaging.resize_size(SIZE))
+    assert imaging.describe_error(raised.value).startswith(reason)
 
 
 def _two_classes(root: Path, per_class: int = 2) -> Path:
@@ -112,7 +115,7 @@ def test_a_folder_symlink_loop_neither_hangs_nor_duplicates_images(tmp_path):
     root = _two_classes(tmp_path / "ds")
     (root / "train" / "a" / "up").symlink_to(root / "train")  # a/up/a/up/... and a/up/b/...
     (root / "train" / "b" / "again").symlink_to(root / "train" / "b")
-    layout = data.discover(str(root), val_fraction=0.0)
+    layout = class_folders.discover(str(root), val_fraction=0.0)
     assert sorted(os.path.relpath(path, root) for path, _ in layout.train) == [
         "train/a/0.jpg", "train/a/1.jpg", "train/b/0.jpg", "train/b/1.jpg",
     ]  # fmt: skip
@@ -123,7 +126,7 @@ def test_non_utf8_file_names_are_reported_not_fatal(tmp_path):
     odd = os.path.join(os.fsencode(root / "train" / "a"), b"caf\xe9.jpg")
     with open(odd, "wb") as stream:
         stream.write(JPEG)
-    layout = data.discover(str(root), val_fraction=0.0)
+    layout = class_folders.discover(str(root), val_fraction=0.0)
     assert len(layout.train) == 4
     assert layout.rejected == [(f"{root}/train/a/caf\\xe9.jpg", "file name is not valid UTF-8; rename the file")]
 
@@ -136,7 +139,7 @@ def _state_dict_file(path: Path) -> str:
 def _checkpoint(path: Path, class_names: list[str]) -> str:
     meta = {
         "arch": "resnet18", "num_classes": len(class_names), "class_names": class_names, "freeze_depth": 0,
-        "image_size": SIZE, "resize_size": data.resize_size(SIZE), "mean": [0.5] * 3, "std": [0.25] * 3,
+        "image_size": SIZE, "resize_size": imaging.resize_size(SIZE), "mean": [0.5] * 3, "std": [0.25] * 3,
         "weights": "none", "epoch": 1, "metrics": {}, "tl_ray_version": "test",
     }  # fmt: skip
     checkpoint.save_checkpoint(str(path), model.create_resnet("resnet18", len(class_names)).state_dict(), meta)
@@ -235,11 +238,11 @@ def test_class_whose_files_are_all_bad_stops_training_with_a_clear_error(tmp_pat
 
 def test_a_dataset_of_only_bad_files_is_one_clear_error():
     files = [("ds/a/0.jpg", 0), ("ds/b/0.jpg", 1)]
-    layout = data.Layout("ds", pafs.LocalFileSystem(), "", ["a", "b"], files, [], "split")
+    layout = Layout("ds", pafs.LocalFileSystem(), "", ["a", "b"], files, [], "split")
     skipped = {"ds/a/0.jpg": "not an image file PIL can identify", "ds/b/0.jpg": "OSError: image file is truncated"}
     lost = labels_without_images([1, 1], {0: 1, 1: 1})
     assert lost == [0, 1]
-    assert _describe_lost_classes(layout, lost, skipped) == (
+    assert describe_lost_classes(layout, lost, skipped) == (
         "--data: none of the 2 training images could be decoded "
         "(e.g. ds/a/0.jpg: not an image file PIL can identify); fix or remove those files"
     )

@@ -20,9 +20,10 @@ from helpers import payload as make_payload
 from torch import nn
 from torchvision.models import ResNet
 
-from tl_ray import checkpoint, data
+from tl_ray import checkpoint
 from tl_ray.config import ARCHS, NUM_STAGES
 from tl_ray.errors import TlRayError
+from tl_ray.inputs import imaging
 from tl_ray.model import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -122,7 +123,7 @@ def save_tl_checkpoint(
         "num_classes": num_classes,
         "class_names": classes(num_classes),
         "image_size": SIZE,
-        "resize_size": resize_size or data.resize_size(SIZE),
+        "resize_size": resize_size or imaging.resize_size(SIZE),
         "mean": [0.5, 0.4, 0.3],
         "std": [0.2, 0.25, 0.3],
     }
@@ -494,18 +495,18 @@ def test_initial_weights_from_a_checkpoint_with_the_same_classes(tmp_path):
 
 def test_validation_resize_follows_the_weights(tmp_path):
     """torchvision's IMAGENET1K_V2 was evaluated at 232 -> 224, V1 at 256 -> 224; a checkpoint as its source was."""
-    assert data.resize_size(224, eval_crop_fraction("resnet50", "IMAGENET1K_V2")) == 232
-    assert data.resize_size(224, eval_crop_fraction("resnet50", "imagenet")) == 232  # the DEFAULT is V2
-    assert data.resize_size(224, eval_crop_fraction("resnet18", "imagenet")) == 256
-    assert data.resize_size(112, eval_crop_fraction("resnet50", "IMAGENET1K_V2")) == 116
+    assert imaging.resize_size(224, eval_crop_fraction("resnet50", "IMAGENET1K_V2")) == 232
+    assert imaging.resize_size(224, eval_crop_fraction("resnet50", "imagenet")) == 232  # the DEFAULT is V2
+    assert imaging.resize_size(224, eval_crop_fraction("resnet18", "imagenet")) == 256
+    assert imaging.resize_size(112, eval_crop_fraction("resnet50", "IMAGENET1K_V2")) == 116
     assert eval_crop_fraction("resnet18", "none") == initial_weights("resnet18", "none", classes(3)).crop_fraction
-    assert data.resize_size(48, eval_crop_fraction("resnet18", "none")) == 55
+    assert imaging.resize_size(48, eval_crop_fraction("resnet18", "none")) == 55
 
     state = resnet18_state(NUM_CLASSES, seed=7)
     save_tl_checkpoint(tmp_path / "ckpt", state, "resnet18", NUM_CLASSES, resize_size=SIZE + 1)
     weights = initial_weights("resnet18", str(tmp_path / "ckpt"), classes(7))
     assert weights.crop_fraction == eval_crop_fraction("resnet18", str(tmp_path / "ckpt"))
-    assert data.resize_size(SIZE, weights.crop_fraction) == SIZE + 1
+    assert imaging.resize_size(SIZE, weights.crop_fraction) == SIZE + 1
 
 
 def test_initial_weights_from_a_checkpoint_with_other_classes_resets_the_head(tmp_path):

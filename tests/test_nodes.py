@@ -8,10 +8,10 @@ import time
 import pytest
 from ray.train.v2._internal.execution.controller.state import RestartingState, RunningState
 
-from tl_ray.cluster import ResourceTimeoutError, ResourceWait, on_one_host
+from tl_ray.cluster import ResourceTimeoutError, ResourceWait, cpus_per_worker, on_one_host
 from tl_ray.config import TrainConfig, parse_workers
 from tl_ray.errors import UsageError
-from tl_ray.training import cpus_per_worker, lr_factor, planned_position, steps_per_epoch
+from tl_ray.training.schedule import lr_factor, planned_position, steps_per_epoch
 
 
 def _node(host: str, address: str, alive: bool = True) -> dict:

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import tl_ray
-from tl_ray import cli, data
+from tl_ray import cli
 from tl_ray.errors import TlRayError
+from tl_ray.inputs import imaging
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -50,10 +51,12 @@ def test_predictions_equal_the_model_called_directly(checkpoint, mixed_folder, t
     assert len(good) == len(images) - 2
 
     model, meta = tl_ray.load_checkpoint(checkpoint)
-    transform = data.eval_transform(meta["image_size"], meta["resize_size"])
-    batch = torch.stack([transform(data.load_rgb(Path(p).read_bytes(), meta["resize_size"])) for p in good["path"]])
+    transform = imaging.eval_transform(meta["image_size"], meta["resize_size"])
+    batch = torch.stack([transform(imaging.load_rgb(Path(p).read_bytes(), meta["resize_size"])) for p in good["path"]])
     with torch.no_grad():
-        expected = torch.softmax(model(data.normalize(batch, torch.tensor(meta["mean"]), torch.tensor(meta["std"]))), 1)
+        expected = torch.softmax(
+            model(imaging.normalize(batch, torch.tensor(meta["mean"]), torch.tensor(meta["std"]))), 1
+        )
     names = meta["class_names"]
     assert good["predicted"].tolist() == [names[i] for i in expected.argmax(1).tolist()]
     assert good["probability"].to_numpy() == pytest.approx(expected.max(1).values.numpy(), abs=1e-4)

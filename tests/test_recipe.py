@@ -17,7 +17,7 @@ from tl_ray import recipe
 from tl_ray.config import NUM_STAGES, TrainConfig, TuneConfig
 from tl_ray.errors import TlRayError
 from tl_ray.model import STAGE_MODULES, TransferResNet, create_resnet
-from tl_ray.training import lr_factor, make_optimizer, steps_per_epoch
+from tl_ray.training.schedule import lr_factor, make_optimizer, steps_per_epoch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tl_ray.cluster import PIPELINE_CPU, check_pipeline_room, cpus_per_worker, torch_threads
 from tl_ray.errors import TlRayError
-from tl_ray.training import PIPELINE_CPU, check_pipeline_room, cpus_per_worker, torch_threads
 
 
 @pytest.mark.parametrize(

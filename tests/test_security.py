@@ -16,8 +16,8 @@ pytestmark = pytest.mark.timeout(300)
 LOCAL_RAY = """
 import json, urllib.error, urllib.request
 import ray
-from tl_ray import data
-assert data.ensure_ray(), "tl-ray did not start its own local Ray"
+from tl_ray import cluster
+assert cluster.ensure_ray(), "tl-ray did not start its own local Ray"
 url = ray._private.worker.get_dashboard_url()
 try:
     urllib.request.urlopen(f"http://{url}/api/jobs/", timeout=30)

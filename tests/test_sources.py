@@ -17,9 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tl_ray import cache, cli, data, inference, inspection, sources
+from tl_ray import cli, inference, inspection
 from tl_ray.config import SourceOptions
 from tl_ray.errors import TlRayError, UsageError
+from tl_ray.inputs import cache, class_folders, imaging, sources
 
 COLOURS = {"zebra": (230, 30, 30), "ant": (30, 30, 230), "moose": (30, 200, 30)}
 
@@ -119,7 +120,7 @@ def test_class_folders_are_listed_as_before(tmp_path):
     root = tmp_path / "ds [v2]"  # glob characters in a real folder's name: still that folder
     for split, name, count in (("train", "b", 5), ("train", "A", 4), ("val", "b", 1)):
         _flat(root / split / name, {"x": count})
-    old, new = data.discover(root), sources.discover(root)
+    old, new = class_folders.discover(root), sources.discover(root)
     assert (new.class_names, new.train, new.val, new.val_source) == (old.class_names, old.train, old.val, "folder")
     assert np.array_equal(new.train_stats, old.train_stats) and new.source == sources.CLASS_FOLDERS
 
@@ -201,7 +202,7 @@ def test_hugging_face_parquet_split_files_and_class_label_order(tmp_path):
     assert (len(layout.train), len(layout.val)) == (9, 3) and "validation-*" in layout.val_source
     assert layout.train[4] == (f"{root}/data/train-00000-of-00001.parquet#4", 1)
     assert any("test-00000-of-00001.parquet" in note for note in layout.notes)
-    image = data.load_rgb(layout.opener.read(layout.train[4][0]))
+    image = imaging.load_rgb(layout.opener.read(layout.train[4][0]))
     assert image.getpixel((0, 0)) == COLOURS["ant"]
     size = (root / "data" / "train-00000-of-00001.parquet").stat().st_size
     assert (layout.train_stats[:, 0] == size).all()  # a row is keyed by its file: a changed file rebuilds
@@ -217,7 +218,7 @@ def test_plain_parquet_of_binary_images_and_text_labels(tmp_path):
         sources.discover(tmp_path / "images.parquet")
     layout = sources.discover(tmp_path / "images.parquet", options=SourceOptions(label_column="species"))
     assert layout.class_names == ["ant", "moose", "zebra"] and [label for _, label in layout.val] == [0]
-    assert data.load_rgb(layout.val_opener.read(layout.val[0][0])).getpixel((1, 1)) == COLOURS["ant"]
+    assert imaging.load_rgb(layout.val_opener.read(layout.val[0][0])).getpixel((1, 1)) == COLOURS["ant"]
 
 
 def test_val_data_from_another_source(tmp_path):
@@ -330,4 +331,4 @@ def test_a_manifest_and_hugging_face_parquet_in_object_storage(s3_server, tmp_pa
     hf = sources.discover(s3_server.uri("sources/ds/hf"))
     assert hf.class_names == ["zebra", "ant", "moose"] and (len(hf.train), len(hf.val)) == (6, 3)
     assert hf.opener.display(hf.val[0][0]) == "s3://sources/ds/hf/data/validation-00000-of-00001.parquet#0"
-    assert data.load_rgb(hf.opener.read(hf.val[1][0])).getpixel((0, 0)) == COLOURS["ant"]
+    assert imaging.load_rgb(hf.opener.read(hf.val[1][0])).getpixel((0, 0)) == COLOURS["ant"]

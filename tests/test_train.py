@@ -22,10 +22,11 @@ import torch
 from helpers import SOURCE_BATCH, SOURCE_EPOCHS, as_reported, kill_a_training_worker, recorded, tensorboard_scalars
 
 import tl_ray
-from tl_ray import cli, data
+from tl_ray import cli
 from tl_ray.checkpoint import read_meta, read_model_state
 from tl_ray.config import TrainConfig, merge
 from tl_ray.console import EPOCH_HEADER
+from tl_ray.inputs import class_folders, imaging
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -78,7 +79,7 @@ def test_train_learns_and_leaves_a_loadable_checkpoint(source_run, source_data, 
         (row["epoch"], pytest.approx(row["val_recall"]["star"], rel=1e-6)) for row in result["history"]
     ]
     assert {"macro_f1", "head_lr_now", "data_wait_s", "val_loss", "train_acc"} <= set(scalars)
-    layout = data.discover(str(source_data))
+    layout = class_folders.discover(str(source_data))
     # The checkpoint alone reproduces the run's validation accuracy: same classes, same preprocessing.
     assert checkpoint_accuracy(result["best_checkpoint"], layout.val) == pytest.approx(
         result["metrics"]["val_acc"], abs=0.02
@@ -226,12 +227,14 @@ def test_imbalanced_classes_with_auto_weights_keep_the_best_macro_f1_checkpoint(
 
     # val_loss is the unweighted cross-entropy, comparable with a run without weights.
     model, _ = tl_ray.load_checkpoint(result["best_checkpoint"])
-    files = data.discover(str(root)).val
-    transform = data.eval_transform(meta["image_size"], meta["resize_size"])
-    images = torch.stack([transform(data.load_rgb(Path(path).read_bytes(), meta["resize_size"])) for path, _ in files])
+    files = class_folders.discover(str(root)).val
+    transform = imaging.eval_transform(meta["image_size"], meta["resize_size"])
+    images = torch.stack(
+        [transform(imaging.load_rgb(Path(path).read_bytes(), meta["resize_size"])) for path, _ in files]
+    )
     labels = torch.tensor([label for _, label in files])
     with torch.no_grad():
-        logits = model(data.normalize(images, torch.tensor(meta["mean"]), torch.tensor(meta["std"])))
+        logits = model(imaging.normalize(images, torch.tensor(meta["mean"]), torch.tensor(meta["std"])))
     weights = torch.tensor([meta["strategy"]["class_weights"][name] for name in meta["class_names"]])
     unweighted = torch.nn.functional.cross_entropy(logits, labels).item()
     weighted = torch.nn.functional.cross_entropy(logits, labels, weight=weights).item()

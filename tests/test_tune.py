@@ -28,8 +28,9 @@ import pytest
 from helpers import kill_a_training_worker, recorded, tensorboard_scalars
 
 import tl_ray
-from tl_ray import cli, data, report
+from tl_ray import cli, report
 from tl_ray.config import TrainConfig, TuneConfig, merge
+from tl_ray.inputs import class_folders
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -244,7 +245,7 @@ def test_best_checkpoint_loads_and_predicts_on_its_own(sweep, sweep_data, checkp
     trained = merge(TrainConfig, str(run_dir / "best" / "config.yaml"), {})
     assert (trained.freeze_depth, trained.strategy) == (meta["freeze_depth"], meta["strategy"]["name"])
     assert merge(TuneConfig, str(run_dir / "config.yaml"), {}).freeze_depths == "4"  # the sweep's own
-    accuracy = checkpoint_accuracy(str(run_dir / "best"), data.discover(str(sweep_data)).val)
+    accuracy = checkpoint_accuracy(str(run_dir / "best"), class_folders.discover(str(sweep_data)).val)
     assert accuracy == pytest.approx(meta["metrics"]["val_acc"], abs=0.01)
     evaluation = tl_ray.evaluate(str(run_dir / "best"), str(sweep_data / "val"))
     assert evaluation.metrics["accuracy"] == pytest.approx(accuracy, abs=1e-6)  # torch's float32 mean

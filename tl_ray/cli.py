@@ -638,7 +638,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _quiet_ray(args: argparse.Namespace) -> None:
     """Ray's own output off unless --verbose: the console shows one row per epoch (or trial) instead."""
-    from tl_ray.data import quiet_ray
+    from tl_ray.cluster import quiet_ray
 
     quiet_ray(args.verbose)
 
@@ -670,8 +670,8 @@ def _resolved_yaml(command: str, config: TrainConfig) -> str:
         if resolved.batch_size is None:
             lines.append(f"# batch_size: null: chosen from the training set's size when it runs ({rule})")
     elif resolved.batch_size is None:
-        from tl_ray import sources  # imports Ray: only when the training set must be listed
-        from tl_ray.training import steps_per_epoch
+        from tl_ray.inputs import sources  # imports Ray: only when the training set must be listed
+        from tl_ray.training.schedule import steps_per_epoch
 
         try:
             options = resolved.source_options()

@@ -24,9 +24,10 @@ import pyarrow.fs as pafs
 import torch
 from torch import nn
 
-from tl_ray import __version__, data, location
+from tl_ray import __version__, location
 from tl_ray import checkpoint as checkpoints
 from tl_ray.errors import TlRayError, UsageError
+from tl_ray.inputs import imaging
 
 FORMATS = ("torchscript", "onnx")
 METADATA_KEY = "tl_ray.json"
@@ -56,7 +57,7 @@ class DeployableClassifier(nn.Module):
             raise ValueError("images must be uint8 RGB in 0-255 (the model scales and normalises them)")
         if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != size or images.shape[3] != size:
             raise ValueError(f"images must be (N, 3, {size}, {size}): resized and centre-cropped; got {images.shape}")
-        # data.normalize's arithmetic, in its order: the same floats as `tl-ray predict`.
+        # imaging.normalize's arithmetic, in its order: the same floats as `tl-ray predict`.
         normalized = (images.float() / 255.0 - self.mean) / self.std
         return torch.softmax(self.model(normalized).float(), dim=1)
 
@@ -127,7 +128,7 @@ def _importable(module: str) -> bool:
 def deployment_metadata(meta: dict[str, Any], format: str) -> dict[str, Any]:
     """What a deployer needs beside the file: the input contract, the preprocessing outside it, the classes."""
     size = meta["image_size"]
-    resize = meta.get("resize_size") or data.resize_size(size)
+    resize = meta.get("resize_size") or imaging.resize_size(size)
     classes = list(meta["class_names"])
     return {
         "format": format,

@@ -28,24 +28,26 @@ import torch
 from ray.util.annotations import RayDeprecationWarning
 
 from tl_ray import checkpoint as checkpoints
-from tl_ray import data, location, progress, sources
+from tl_ray import cluster, location, progress
 from tl_ray.config import SourceOptions
 from tl_ray.errors import TlRayError
+from tl_ray.inputs import class_folders, imaging, pipelines, sources
+from tl_ray.inputs.layout import FileOpener, resolve_filesystem
 
 ERROR_COLUMN = "error"
 
 
 def _input_files(location: str) -> tuple[pafs.FileSystem, str, list[str]]:
     """A single image, or every image under a folder (recursively)."""
-    filesystem, path, prefix, where = data.resolve_filesystem(location)
+    filesystem, path, prefix, where = resolve_filesystem(location)
     info = where.info("--data")
     if info.type == pafs.FileType.NotFound:
         raise TlRayError(f"--data: {location} does not exist")
     if info.type == pafs.FileType.File:
         return filesystem, prefix, [path]
-    files = data.list_images(filesystem, path)
+    files = class_folders.list_images(filesystem, path)
     if not files:
-        raise TlRayError(f"--data: {location} holds no images ({', '.join(data.IMAGE_EXTENSIONS)})")
+        raise TlRayError(f"--data: {location} holds no images ({', '.join(class_folders.IMAGE_EXTENSIONS)})")
     return filesystem, prefix, files
 
 
@@ -58,13 +60,13 @@ def _input_items(
     name = where.base.lower()
     tabular = sources.is_glob(where) or name.endswith((*sources.MANIFEST_SUFFIXES, sources.PARQUET_SUFFIX))
     if not tabular and where.info("--data").type == pafs.FileType.Directory:
-        tabular = not data.list_images(where.filesystem, where.path) and bool(sources._parquet_files(where))
+        tabular = not class_folders.list_images(where.filesystem, where.path) and bool(sources._parquet_files(where))
     if tabular:
         listing = sources.list_source(where, options, labelled=False)
         return listing.opener, listing.items, listing.rejected
     filesystem, prefix, files = _input_files(where)
-    files, rejected = data.readable_names(files)
-    return data.FileOpener(filesystem, prefix), files, [(prefix + path, reason) for path, reason in rejected]
+    files, rejected = class_folders.readable_names(files)
+    return FileOpener(filesystem, prefix), files, [(prefix + path, reason) for path, reason in rejected]
 
 
 def _columns(top_k: int) -> list[str]:
@@ -84,15 +86,15 @@ def _error_rows(rejected: list[tuple[str, str]], columns: list[str]) -> pd.DataF
 def _decode_for_inference(
     batch: dict[str, np.ndarray], opener: sources.Opener, image_size: int, short_side: int
 ) -> dict[str, np.ndarray]:
-    transform = data.eval_transform(image_size, short_side)
+    transform = imaging.eval_transform(image_size, short_side)
     images, errors = [], []
     for path in batch["path"]:
         try:
-            images.append(data.decode_item(opener, path, transform, short_side))
+            images.append(imaging.decode_item(opener, path, transform, short_side))
             errors.append("")
         except Exception as error:  # a bad file becomes a row that says why
             images.append(np.zeros((3, image_size, image_size), np.uint8))
-            errors.append(data.describe_error(error))
+            errors.append(imaging.describe_error(error))
     return {
         "path": np.asarray([opener.display(p) for p in batch["path"]], dtype=object),
         "image": np.stack(images),
@@ -115,7 +117,7 @@ class _Classifier:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = torch.tensor(batch["image"], device=self.device)  # a copy: Ray hands over read-only arrays
         with torch.no_grad():
-            probabilities = torch.softmax(self.model(data.normalize(images, self.mean, self.std)).float(), dim=1)
+            probabilities = torch.softmax(self.model(imaging.normalize(images, self.mean, self.std)).float(), dim=1)
         top_probs, top_index = probabilities.topk(self.top_k, dim=1)
         top_probs, top_index = top_probs.cpu().numpy(), top_index.cpu().numpy()
         bad = batch[ERROR_COLUMN] != ""
@@ -212,19 +214,19 @@ def _run_pipeline(
 ) -> pd.DataFrame:
     if not files:
         return pd.DataFrame({column: [] for column in columns})
-    started_here = data.ensure_ray()
+    started_here = cluster.ensure_ray()
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     workers = concurrency or (int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 1)
-    dataset = data.file_rows([{"path": path} for path in files])
+    dataset = pipelines.file_rows([{"path": path} for path in files])
     dataset = dataset.map_batches(
         _decode_for_inference,
-        batch_size=data.BLOCK_ROWS,
+        batch_size=pipelines.BLOCK_ROWS,
         num_cpus=0.5,
-        compute=data.task_pool(data.row_blocks(len(files))),
+        compute=cluster.task_pool(pipelines.row_blocks(len(files))),
         fn_kwargs={
             "opener": opener,
             "image_size": meta["image_size"],
-            "short_side": meta.get("resize_size") or data.resize_size(meta["image_size"]),
+            "short_side": meta.get("resize_size") or imaging.resize_size(meta["image_size"]),
         },
     )
     with warnings.catch_warnings():  # see _pool_restarts

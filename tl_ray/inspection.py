@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from tl_ray import data, location, sources
+from tl_ray import location
 from tl_ray.config import SourceOptions
+from tl_ray.inputs import imaging, sources
+from tl_ray.inputs.layout import Layout
 
 SAMPLE = 64  # images whose sizes are read (headers only) for the size distribution
 
@@ -68,11 +70,11 @@ def inspect(
         try:
             raw = opener.read(item)
             if decode:
-                return opener.display(item), data.load_rgb(raw).size
+                return opener.display(item), imaging.load_rgb(raw).size
             with Image.open(io.BytesIO(raw)) as image:  # the header alone
                 return opener.display(item), image.size
         except Exception as error:  # a bad item is what inspect is for: report it
-            return opener.display(item), data.describe_error(error)
+            return opener.display(item), imaging.describe_error(error)
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         looked = list(pool.map(look, chosen))
@@ -97,7 +99,7 @@ def inspect(
     )
 
 
-def _rule(layout: data.Layout) -> str:
+def _rule(layout: Layout) -> str:
     """The train/val rule in words (class folders name theirs "folder" and "split")."""
     return {
         "folder": "train/ and val/ folders",

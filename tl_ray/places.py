@@ -8,7 +8,7 @@ its user will look for it, before any work starts:
 - a run started as a Ray job (``ray job submit --working-dir``) with the default ``--storage ./runs`` is refused:
   that folder is inside Ray's temporary copy of the working dir (``runtime_resources/working_dir_files/...``),
   deleted with the job's session. (A node-local folder on a multi-node cluster is refused by
-  ``training.check_shared_storage``.)
+  ``cluster.check_shared_storage``.)
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import json
 import os
 from dataclasses import dataclass
 
-from tl_ray import cache, location
+from tl_ray import location
 from tl_ray.config import TrainConfig
 from tl_ray.errors import UsageError
+from tl_ray.inputs import cache
 
 DEFAULT_STORAGE = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "storage")
 # Ray's runtime_env puts a job's working dir under <session>/runtime_resources/working_dir_files/<package>/.

@@ -26,6 +26,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from tl_ray import classes
+from tl_ray.config import NUM_STAGES
 
 CSV_COLUMNS = (
     "trial_id",
@@ -54,7 +55,7 @@ def _depth_label(depth: int) -> str:
 def _config_label(trial) -> str:
     if trial.strategy == SCRATCH:
         return SCRATCH
-    return f"depth {trial.freeze_depth}" + ("" if trial.freeze_depth == 5 else f", {trial.strategy}")
+    return f"depth {trial.freeze_depth}" + ("" if trial.freeze_depth == NUM_STAGES else f", {trial.strategy}")
 
 
 def resolution(accuracy: float, val_images: int) -> float:

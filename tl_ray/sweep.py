@@ -29,20 +29,14 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from tl_ray import cache, classes, data, location, model, places, progress, report, sources, tracking
+from tl_ray import classes, cluster, location, model, places, progress, report, tracking
 from tl_ray.checkpoint import META_FILE, MODEL_FILE
 from tl_ray.config import MONITORS, TuneConfig, forbid_world_writable_files
 from tl_ray.errors import TlRayError, UsageError
-from tl_ray.training import (
-    CONFIG_FILE,
-    check_pipeline_room,
-    check_shared_storage,
-    cpus_per_worker,
-    largest_node_cpus,
-    steps_per_epoch,
-    write_config,
-)
-from tl_ray.training import run as run_training
+from tl_ray.inputs import cache, imaging, sources
+from tl_ray.training.driver import CONFIG_FILE, write_config
+from tl_ray.training.driver import run as run_training
+from tl_ray.training.schedule import steps_per_epoch
 
 BEST_DIR = "best"
 TRIALS_DIR = "trials"  # Tune's experiment: one folder per trial, named by the trial's id
@@ -181,12 +175,13 @@ def _share_cpus(config: TuneConfig, started_locally: bool) -> TuneConfig:
     per_worker = config.cpus_per_worker
     if per_worker is None and concurrent > 1:
         # Trial drivers take a sliver of a node too: a worker as large as a node would then fit on none of them.
-        largest = largest_node_cpus()
+        largest = cluster.largest_node_cpus()
         room = None if largest is None else largest - TRIAL_DRIVER_CPU
-        per_worker = cpus_per_worker(total, config.max_workers, concurrent, largest_node=room)
+        per_worker = cluster.cpus_per_worker(total, config.max_workers, concurrent, largest_node=room)
     if started_locally:  # a cluster that was already running may still be adding nodes
-        budget = per_worker or cpus_per_worker(total, config.max_workers)
-        check_pipeline_room(total, config.max_workers, budget, concurrent, overhead=concurrent * TRIAL_DRIVER_CPU)
+        budget = per_worker or cluster.cpus_per_worker(total, config.max_workers)
+        overhead = concurrent * TRIAL_DRIVER_CPU
+        cluster.check_pipeline_room(total, config.max_workers, budget, concurrent, overhead=overhead)
     return dataclasses.replace(config, cpus_per_worker=per_worker)
 
 
@@ -219,15 +214,15 @@ def sweep(config: TuneConfig, on_event: progress.OnEvent | None = None) -> tuple
     config = config.for_training_set(len(layout.train))  # one batch size for every trial
     storage = where.storage
     run_dir = where.run_dir(config.name)
-    config = _share_cpus(config, data.ensure_ray())
+    config = _share_cpus(config, cluster.ensure_ray())
     progress.mark("sweep: ray ready")
-    check_shared_storage(storage)
+    cluster.check_shared_storage(storage)
     write_config(config, storage)
     cache_root = where.cache
     if cache_root is not None:
         # Decode once, here, before any trial: every trial then finds the cache (trials store elsewhere).
         config = dataclasses.replace(config, cache=cache_root.uri)
-        short_side = data.resize_size(config.image_size, model.eval_crop_fraction(config.arch, config.weights))
+        short_side = imaging.resize_size(config.image_size, model.eval_crop_fraction(config.arch, config.weights))
         for split, files in (("train", layout.train), ("val", layout.val)):
             if files:
                 cache.prepare(files, layout, config.image_size, cache_root, short_side, on_event, split)
@@ -291,7 +286,7 @@ def sweep(config: TuneConfig, on_event: progress.OnEvent | None = None) -> tuple
                 name=TRIALS_DIR,
                 storage_path=run_dir.path,
                 storage_filesystem=tune_fs.get("storage_filesystem"),
-                verbose=1 if data.ray_is_verbose() else 0,
+                verbose=1 if cluster.ray_is_verbose() else 0,
                 callbacks=[_Progress(config.max_epochs, config.monitor), *_loggers(tracker, run_dir, config.name)],
             ),
         )

@@ -12,7 +12,7 @@ predict, evaluate) sees only that interface, so adding a source is adding a list
   rebuilds them and a run over a built cache asks the data location nothing per item.
 
 ``discover`` recognises the source from ``--data`` alone where that is unambiguous (``recognise``) and turns its
-listing into a ``data.Layout`` (classes, the train and val splits). Class folders keep ``data.discover``
+listing into a ``Layout`` (classes, the train and val splits). Class folders keep ``class_folders.discover``
 unchanged: ImageFolder's classes and order, the same files, the same held-out split.
 """
 
@@ -32,10 +32,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from tl_ray import data, location
+from tl_ray import location
 from tl_ray.config import LABEL_PATTERN_HINT as PATTERN_HINT
 from tl_ray.config import SourceOptions
 from tl_ray.errors import TlRayError, UsageError
+from tl_ray.inputs import class_folders
+from tl_ray.inputs.layout import FileOpener, Layout, is_local, no_stats, read_bytes
 
 CLASS_FOLDERS, FILE_NAMES, MANIFEST, PARQUET = "class folders", "file names", "manifest", "parquet images"
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
@@ -82,7 +84,7 @@ class ParquetOpener:
         self.__init__(state["filesystem"], state["uri_prefix"], state["column"])
 
     def _file(self, path: str) -> pq.ParquetFile:
-        return pq.ParquetFile(path if data._is_local(self.filesystem) else self.filesystem.open_input_file(path))
+        return pq.ParquetFile(path if is_local(self.filesystem) else self.filesystem.open_input_file(path))
 
     def read(self, item: str) -> bytes:
         path, row = split_row(item)
@@ -103,7 +105,7 @@ class ParquetOpener:
         value = self._groups[key][row - int(starts[group])].as_py()
         if isinstance(value, dict):  # Hugging Face's Image: {"bytes": ..., "path": ...}
             if value.get("bytes") is None and value.get("path"):
-                return data.read_bytes(self.filesystem, f"{path.rsplit('/', 1)[0]}/{value['path']}")
+                return read_bytes(self.filesystem, f"{path.rsplit('/', 1)[0]}/{value['path']}")
             value = value.get("bytes")
         if value is None:
             raise ValueError(f"no image in column {self.column!r}")
@@ -181,7 +183,7 @@ def recognise(where: location.Location, options: SourceOptions, option: str = "-
 
 
 def _has_folder(where: location.Location, name: str) -> bool:
-    return data._info(where.filesystem, f"{where.path}/{name}").type == pafs.FileType.Directory
+    return class_folders._info(where.filesystem, f"{where.path}/{name}").type == pafs.FileType.Directory
 
 
 def _parquet_files(where: location.Location) -> list[str]:
@@ -189,7 +191,7 @@ def _parquet_files(where: location.Location) -> list[str]:
     if is_glob(where):
         first = min(index for index, char in enumerate(where.path) if char in "*?[")
         folder = where.path[: max(where.path.rfind("/", 0, first), 0)]
-        entries = data._list(where.filesystem, folder or "/", True)
+        entries = class_folders._list(where.filesystem, folder or "/", True)
         return sorted(
             entry.path
             for entry in entries
@@ -197,7 +199,7 @@ def _parquet_files(where: location.Location) -> list[str]:
         )
     if where.info("--data").type == pafs.FileType.File:
         return [where.path]
-    entries = data._list(where.filesystem, where.path, True)
+    entries = class_folders._list(where.filesystem, where.path, True)
     return sorted(
         entry.path
         for entry in entries
@@ -211,10 +213,10 @@ def check_shape(where: location.Location, option: str = "--data") -> None:
     """The common wrong shapes of a class-folders --data, each refused in one line that says what to pass."""
     if _has_folder(where, "train"):
         train = f"{where.path}/train"
-        if not data.find_classes(where.filesystem, train):
+        if not class_folders.find_classes(where.filesystem, train):
             _refuse_flat(where.filesystem, train, where.join("train").uri, option)
         return
-    entries = data._list(where.filesystem, where.path, False)
+    entries = class_folders._list(where.filesystem, where.path, False)
     manifests = sorted(
         entry.base_name
         for entry in entries
@@ -225,7 +227,7 @@ def check_shape(where: location.Location, option: str = "--data") -> None:
             f"{option}: {where.uri} has no train/ folder but holds the manifest {manifests[0]}: pass it itself:"
             f" {option} {where.join(manifests[0]).uri}"
         )
-    classes = data.find_classes(where.filesystem, where.path)
+    classes = class_folders.find_classes(where.filesystem, where.path)
     if classes and where.name.lower() in ("train", "training"):
         raise TlRayError(
             f"{option}: {where.uri} is a train/ folder itself (its {len(classes)} sub-folders are the classes);"
@@ -236,7 +238,7 @@ def check_shape(where: location.Location, option: str = "--data") -> None:
 
 
 def _refuse_flat(filesystem: pafs.FileSystem, folder: str, shown: str, option: str) -> None:
-    images = data.list_images(filesystem, folder)
+    images = class_folders.list_images(filesystem, folder)
     if images:
         raise UsageError(
             f"{option}: found {len(images):,} images directly in {shown} and no class folders: are the labels in"
@@ -277,10 +279,10 @@ def class_dirs(where: location.Location, option: str = "--data") -> Listing:
     """DIR/<class>/ images (evaluate's and --val-data's class folders): labels from the folder names."""
     check_shape_dirs(where, option)
     filesystem = where.filesystem
-    items, labels, stats, rejected = [], [], [data._no_stats()], []
-    for name in data.find_classes(filesystem, where.path):
-        listed, unreadable = data._readable(data.list_image_stats(filesystem, f"{where.path}/{name}"))
-        paths, class_stats = data._columns(listed)
+    items, labels, stats, rejected = [], [], [no_stats()], []
+    for name in class_folders.find_classes(filesystem, where.path):
+        listed, unreadable = class_folders._readable(class_folders.list_image_stats(filesystem, f"{where.path}/{name}"))
+        paths, class_stats = class_folders._columns(listed)
         items += paths
         labels += [name] * len(paths)
         stats.append(class_stats)
@@ -289,7 +291,7 @@ def class_dirs(where: location.Location, option: str = "--data") -> Listing:
     return Listing(
         CLASS_FOLDERS,
         where,
-        data.FileOpener(filesystem, prefix),
+        FileOpener(filesystem, prefix),
         items,
         labels,
         [""] * len(items),
@@ -303,7 +305,7 @@ def class_dirs(where: location.Location, option: str = "--data") -> Listing:
 def check_shape_dirs(where: location.Location, option: str) -> None:
     if where.info(option).type != pafs.FileType.Directory:
         raise TlRayError(f"{option}: {where.uri} is not a folder of <class>/ image folders")
-    if not data.find_classes(where.filesystem, where.path):
+    if not class_folders.find_classes(where.filesystem, where.path):
         _refuse_flat(where.filesystem, where.path, where.uri, option)
         raise TlRayError(f"{option}: {where.uri} holds no <class>/ image folders")
 
@@ -328,10 +330,10 @@ def file_names(where: location.Location, options: SourceOptions, option: str = "
             folders.append(("val", f"{where.path}/val"))
             rule = "train/ and val/"
     prefix = _prefix(where)
-    items, labels, splits, keys, stats, rejected = [], [], [], [], [data._no_stats()], []
+    items, labels, splits, keys, stats, rejected = [], [], [], [], [no_stats()], []
     names_seen, example = 0, ""
     for split, folder in folders:
-        listed, unreadable = data._readable(data.list_image_stats(where.filesystem, folder))
+        listed, unreadable = class_folders._readable(class_folders.list_image_stats(where.filesystem, folder))
         rejected += [(prefix + path, reason) for path, reason in unreadable]
         keep, kept_stats = [], []
         for path, size, mtime in listed:
@@ -357,7 +359,7 @@ def file_names(where: location.Location, options: SourceOptions, option: str = "
     return Listing(
         FILE_NAMES,
         where,
-        data.FileOpener(where.filesystem, prefix),
+        FileOpener(where.filesystem, prefix),
         items,
         labels,
         splits,
@@ -528,7 +530,7 @@ def manifest(
     return Listing(
         MANIFEST,
         where,
-        data.FileOpener(where.filesystem, prefix),
+        FileOpener(where.filesystem, prefix),
         [items[i] for i in chosen],
         [labels[i] for i in chosen],
         [item_splits[i] for i in chosen],
@@ -562,7 +564,7 @@ def _stat_items(filesystem: pafs.FileSystem, items: list[str]) -> tuple[np.ndarr
     missing = np.zeros(len(items), dtype=bool)
     by_folder: dict[tuple[str, str], list[int]] = collections.defaultdict(list)
     for index, item in enumerate(items):
-        if not location.is_uri(item) and data._is_local(filesystem):
+        if not location.is_uri(item) and is_local(filesystem):
             try:
                 status = os.stat(item)
                 stats[index] = status.st_size, status.st_mtime_ns
@@ -590,7 +592,7 @@ def _stat_items(filesystem: pafs.FileSystem, items: list[str]) -> tuple[np.ndarr
             if entry is None or entry.type != pafs.FileType.File:
                 missing[index] = True
             else:
-                stats[index] = data._or_unknown(entry.size), data._or_unknown(entry.mtime_ns)
+                stats[index] = class_folders._or_unknown(entry.size), class_folders._or_unknown(entry.mtime_ns)
     return stats, missing
 
 
@@ -675,7 +677,7 @@ def parquet_images(
             labels.append(label or "")
             splits.append(split)
             keys.append(row_item(relative or path.rsplit("/", 1)[-1], row))
-            stats.append((data._or_unknown(info.size), data._or_unknown(info.mtime_ns)))
+            stats.append((class_folders._or_unknown(info.size), class_folders._or_unknown(info.mtime_ns)))
     return Listing(
         PARQUET,
         where,
@@ -701,9 +703,9 @@ def _numeric(name: str) -> tuple[int, int | str]:
 
 
 def held_out(keys: list[str], labels: np.ndarray, fraction: float) -> np.ndarray:
-    """Which items the deterministic split holds out for validation (``data._hash_split``'s rule): each by its
+    """Which items the deterministic split holds out for validation (``class_folders._hash_split``'s rule): each by its
     key's hash, never a class's every item (its highest-scoring one stays for training)."""
-    scores = np.asarray([data._split_score(key) for key in keys], dtype=np.float64)
+    scores = np.asarray([class_folders._split_score(key) for key in keys], dtype=np.float64)
     held = scores < fraction
     if not len(keys):
         return held
@@ -715,7 +717,7 @@ def held_out(keys: list[str], labels: np.ndarray, fraction: float) -> np.ndarray
     return held
 
 
-def to_layout(listing: Listing, val_fraction: float, val_listing: Listing | None = None) -> data.Layout:
+def to_layout(listing: Listing, val_fraction: float, val_listing: Listing | None = None) -> Layout:
     """Classes and splits of a listing: its own splits, ``val_listing`` (--val-data), or a held-out share by hash.
 
     Class order: the source's own (a ClassLabel), else the sorted names of the training items (ImageFolder's
@@ -763,7 +765,7 @@ def to_layout(listing: Listing, val_fraction: float, val_listing: Listing | None
     val = [(source_val.items[i], int(val_index[i])) for i in val_rows]
     rejected = listing.rejected + (val_listing.rejected if val_listing is not None else [])
     where = listing.where
-    return data.Layout(
+    return Layout(
         where.uri,
         where.filesystem,
         _prefix(where),
@@ -803,7 +805,7 @@ def discover(
     val_fraction: float = 0.2,
     options: SourceOptions | None = None,
     val_data: str | location.Location | None = None,
-) -> data.Layout:
+) -> Layout:
     """What a run trains and validates on: the source ``root`` is recognised as, and its splits (or ``val_data``'s
     items as the val split)."""
     options = options or SourceOptions()
@@ -816,6 +818,6 @@ def discover(
     if kind == CLASS_FOLDERS:
         check_shape(where)
         if val_listing is None:
-            return data.discover(where, val_fraction)
+            return class_folders.discover(where, val_fraction)
         return to_layout(_class_folders_listing(where), val_fraction, val_listing)
     return to_layout(list_source(where, options), val_fraction, val_listing)

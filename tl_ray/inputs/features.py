@@ -30,8 +30,10 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from tl_ray import cache, data, location, model, progress
+from tl_ray import location, model, progress
 from tl_ray.config import NUM_STAGES
+from tl_ray.inputs import cache, imaging, pipelines, skiplog
+from tl_ray.inputs.layout import Layout
 
 FEATURES_VERSION = 1
 EXTRACT_BATCH = 64
@@ -86,7 +88,7 @@ class _Backbone:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = torch.tensor(batch["image"], device=self.device)  # a copy: Ray hands over read-only arrays
         with torch.no_grad():
-            features = self.backbone.features(data.normalize(images, self.mean, self.std)).float().cpu().numpy()
+            features = self.backbone.features(imaging.normalize(images, self.mean, self.std)).float().cpu().numpy()
         name = f"{uuid.uuid4().hex}.parquet"
         table = pa.table(
             {
@@ -150,10 +152,10 @@ def feature_dataset(split: FeatureSplit, training: bool, seed: int = 0) -> ray.d
 
 
 def prepare_splits(
-    layout: data.Layout,
+    layout: Layout,
     image_size: int,
     cache_root: location.Location,
-    skipped: data.Skips,
+    skipped: skiplog.Skips,
     arch: str,
     weights: model.InitialWeights,
     use_gpu: bool,
@@ -161,7 +163,7 @@ def prepare_splits(
 ) -> dict[str, FeatureSplit | None]:
     """A run's "train" and "val" backbone features (built from the image cache if need be); None for a split
     with nothing decodable."""
-    short_side = data.resize_size(image_size, weights.crop_fraction)
+    short_side = imaging.resize_size(image_size, weights.crop_fraction)
     splits: dict[str, FeatureSplit | None] = {}
     for name, split in cache.prepare_splits(layout, image_size, cache_root, skipped, short_side, on_event).items():
         if split is not None:
@@ -204,8 +206,8 @@ def epoch_batches(
     seed: int = 0,
     epoch: int = 0,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """This worker's batches of one epoch (``data.deal_rows``)."""
-    rows = data.deal_rows(len(labels), rank, world, training, seed, epoch).to(labels.device)
+    """This worker's batches of one epoch (``pipelines.deal_rows``)."""
+    rows = pipelines.deal_rows(len(labels), rank, world, training, seed, epoch).to(labels.device)
     for start in range(0, len(rows), batch_size):
         chosen = rows[start : start + batch_size]
         yield {"features": features[chosen], "label": labels[chosen]}

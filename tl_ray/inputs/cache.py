@@ -3,13 +3,13 @@
 Decoding a JPEG costs more than everything else the pipeline does to it, and without
 a cache a run decodes every file once per epoch (a sweep, once per epoch per trial).
 The cache holds each file decoded (upright RGB) and resized so that its short side is
-the validation resize size (``data.resize_size``: the weights' own crop fraction, by default
+the validation resize size (``imaging.resize_size``: the weights' own crop fraction, by default
 ``ceil(image_size / 0.875)``): validation is then a centre
 crop of the cached pixels, exactly what predict computes from the file, and training's
 random crops and flips run on the same uint8 pixels.
 
 A split's cache lives in ``ROOT/<family>-<key>/``. The key covers every file's path, label,
-and the size and modification time the listing returned with it (``data.Layout.train_stats``), the
+and the size and modification time the listing returned with it (``Layout.train_stats``), the
 resolution and the stored format: a changed, added or removed file gives a new key (a rebuild), never
 a stale cache, and a run over a built cache reads one manifest and asks the data location nothing
 per file. The family names the dataset's split and size: once a build completes, the older caches of
@@ -40,8 +40,10 @@ import torch
 from PIL import Image
 from ray.data import RandomSeedConfig
 
-from tl_ray import data, location, progress, recipe
+from tl_ray import cluster, location, progress, recipe
 from tl_ray.errors import TlRayError
+from tl_ray.inputs import imaging, pipelines, skiplog
+from tl_ray.inputs.layout import Layout, resolve_filesystem
 
 CACHE_VERSION = 2  # 2: keyed by the listing's stats, folders named by family, encoded formats
 MANIFEST = "manifest.json"
@@ -88,7 +90,7 @@ def resolve_root(cache: str, storage: location.Location) -> location.Location | 
 
 
 def split_key(
-    files: list[tuple[str, int]], stats: np.ndarray, layout: data.Layout, short_side: int, image_format: str
+    files: list[tuple[str, int]], stats: np.ndarray, layout: Layout, short_side: int, image_format: str
 ) -> str:
     """A fingerprint of the split's files (path, label, and the size and mtime the listing returned), the cached
     resolution and format: validating a cache is reading the manifest this names, with no request per file."""
@@ -102,7 +104,7 @@ def split_key(
     return digest.hexdigest()[:32]
 
 
-def family_key(layout: data.Layout, split: str, short_side: int) -> str:
+def family_key(layout: Layout, split: str, short_side: int) -> str:
     """What a newer build of the same dataset's split at the same size supersedes: its caches share this prefix."""
     return hashlib.sha256(json.dumps([layout.uri_prefix + layout.root, split, short_side]).encode()).hexdigest()[:16]
 
@@ -173,11 +175,11 @@ def _decode_to_file(
     bad = []
     for path, label in zip(batch["path"], batch["label"], strict=True):
         try:
-            image = data.load_rgb(opener.read(path), short_side)
-            image = data.resize_short_side(image, short_side)
+            image = imaging.load_rgb(opener.read(path), short_side)
+            image = imaging.resize_short_side(image, short_side)
             pixels = encode(image, image_format)
         except Exception as error:  # every way a file can be bad: record it, keep the block
-            bad.append([opener.display(path), data.describe_error(error), int(label)])
+            bad.append([opener.display(path), imaging.describe_error(error), int(label)])
             continue
         decoded["label"].append(int(label))
         decoded["height"].append(image.height)
@@ -211,7 +213,7 @@ def estimate_bytes(images: int, short_side: int, image_format: str) -> int:
 
 def prepare(
     files: list[tuple[str, int]],
-    layout: data.Layout,
+    layout: Layout,
     image_size: int,
     root: location.Location,
     short_side: int | None = None,
@@ -220,16 +222,16 @@ def prepare(
     image_format: str | None = None,
 ) -> CachedSplit:
     """The cache of one split for crops of ``image_size`` from images resized to ``short_side`` (by default
-    ``data.resize_size(image_size)``): reused when one exists for exactly these files as the listing found them,
+    ``imaging.resize_size(image_size)``): reused when one exists for exactly these files as the listing found them,
     else built (telling ``on_event`` where, how large, and how many files are done as they are).
 
     ``split`` ("train", "val") names what the files are: a build then supersedes the older caches of the same
     dataset's split at the same size, which are deleted once it is complete, and picks the stored format
     (``SPLIT_FORMATS``) unless ``image_format`` does. Without it, nothing is deleted.
     """
-    short_side = short_side or data.resize_size(image_size)
+    short_side = short_side or imaging.resize_size(image_size)
     image_format = image_format or SPLIT_FORMATS.get(split or "", DEFAULT_FORMAT)
-    filesystem, base, prefix, _ = data.resolve_filesystem(root, "--cache")
+    filesystem, base, prefix, _ = resolve_filesystem(root, "--cache")
     key = split_key(files, layout.stats_of(files), layout, short_side, image_format)
     family = family_key(layout, split, short_side) if split else None
     folder = f"{base}/{family}-{key}" if family else f"{base}/{key}"
@@ -253,7 +255,7 @@ def prepare(
 
 def _build(
     files: list[tuple[str, int]],
-    layout: data.Layout,
+    layout: Layout,
     short_side: int,
     image_format: str,
     filesystem: pafs.FileSystem,
@@ -280,11 +282,11 @@ def _build(
     except OSError as error:
         raise TlRayError(f"--cache: cannot create {attempt_folder}: {error}") from error
     columns = {"path": [files[index][0] for index in order], "label": [files[index][1] for index in order]}
-    decoded = data.file_columns(columns).map_batches(
+    decoded = pipelines.file_columns(columns).map_batches(
         _decode_to_file,
-        batch_size=data.BLOCK_ROWS,
+        batch_size=pipelines.BLOCK_ROWS,
         num_cpus=0.5,  # fits beside a sweep's token-CPU trial drivers, as the uncached pipeline does
-        compute=data.task_pool(data.row_blocks(len(files))),
+        compute=cluster.task_pool(pipelines.row_blocks(len(files))),
         batch_format="numpy",
         fn_kwargs={
             "opener": opener,
@@ -358,7 +360,7 @@ def _read_and_crop(
     short_side: int,
     image_format: str = "raw",
 ) -> dict[str, np.ndarray]:
-    transform = data.augmentation(image_size, crop_scale, color_jitter, short_side)
+    transform = imaging.augmentation(image_size, crop_scale, color_jitter, short_side)
     images, labels = [], []
     for path in batch["file"]:
         cached = pq.read_table(path, filesystem=filesystem).to_pydict()
@@ -400,7 +402,7 @@ def load_images(split: CachedSplit) -> tuple[list[Image.Image], torch.Tensor]:
 
 class HeldImages:
     """A split's cached images in a worker's memory: read once per run, then each epoch a new deal of rows
-    (``data.deal_rows``), cropped and flipped here, so an epoch starts no Ray Data execution.
+    (``pipelines.deal_rows``), cropped and flipped here, so an epoch starts no Ray Data execution.
 
     Validation crops are the same every epoch: each worker computes its own share once.
     """
@@ -415,7 +417,9 @@ class HeldImages:
     ) -> None:
         self.images, self.labels = load_images(split)
         self.training = training
-        self.transform = data.augmentation(image_size, crop_scale if training else None, color_jitter, split.short_side)
+        self.transform = imaging.augmentation(
+            image_size, crop_scale if training else None, color_jitter, split.short_side
+        )
         self.val_crops: dict[tuple[int, int], torch.Tensor] = {}  # (rank, world): that worker's rows, cropped
 
     def _crop(self, rows: list[int]) -> torch.Tensor:
@@ -424,7 +428,7 @@ class HeldImages:
     def batches(
         self, batch_size: int, rank: int, world: int, seed: int = 0, epoch: int = 0
     ) -> Iterator[dict[str, torch.Tensor]]:
-        rows = data.deal_rows(len(self.labels), rank, world, self.training, seed, epoch)
+        rows = pipelines.deal_rows(len(self.labels), rank, world, self.training, seed, epoch)
         if not self.training and (rank, world) not in self.val_crops and len(rows):
             self.val_crops[rank, world] = self._crop(rows.tolist())
         for start in range(0, len(rows), batch_size):
@@ -459,7 +463,7 @@ def per_file_dataset(
         read,
         batch_size=1,
         num_cpus=0.5,
-        compute=data.task_pool(len(files)),
+        compute=cluster.task_pool(len(files)),
         batch_format="numpy",
         fn_kwargs={"filesystem": filesystem, **options},
     )
@@ -473,7 +477,7 @@ def cached_dataset(
     seed: int = 0,
     crop_scale: tuple[float, float] | None = recipe.STANDARD_CROP_SCALE,
 ) -> ray.data.Dataset:
-    """{"image": uint8 (3, S, S), "label": int64} from a built cache, as ``data.image_dataset`` yields from files."""
+    """{"image": uint8 (3, S, S), "label": int64} from a built cache, as ``pipelines.image_dataset`` yields them."""
     return per_file_dataset(
         split.parquet_files,
         split.filesystem,
@@ -489,7 +493,7 @@ def cached_dataset(
 
 
 def streaming_datasets(
-    layout: data.Layout,
+    layout: Layout,
     splits: dict[str, CachedSplit | None],
     image_size: int,
     skipped: ray.actor.ActorHandle,
@@ -500,13 +504,13 @@ def streaming_datasets(
 ) -> dict[str, ray.data.Dataset]:
     """A run's "train" and "val" Ray Data pipelines from ``prepare_splits``: from the cache, or, for a split
     without one (``--cache none``), decoding every file every epoch (files that fail go into ``skipped``).
-    ``short_side``: validation's resize before its centre crop (``data.resize_size`` by default)."""
+    ``short_side``: validation's resize before its centre crop (``imaging.resize_size`` by default)."""
     datasets = {}
     for name, split in splits.items():
         training = name == "train"
         files = layout.train if training else layout.val
         if split is None:
-            datasets[name] = data.image_dataset(
+            datasets[name] = pipelines.image_dataset(
                 files, layout, image_size, training, skipped, color_jitter, seed, crop_scale, short_side
             )
         else:
@@ -515,10 +519,10 @@ def streaming_datasets(
 
 
 def prepare_splits(
-    layout: data.Layout,
+    layout: Layout,
     image_size: int,
     root: location.Location | None,
-    skipped: data.Skips,
+    skipped: skiplog.Skips,
     short_side: int | None = None,
     on_event: progress.OnEvent | None = None,
 ) -> dict[str, CachedSplit | None]:
@@ -532,6 +536,6 @@ def prepare_splits(
         if split is not None and split.skipped:
             items = [(path, reason) for path, reason, _ in split.skipped]
             labels = [label for _, _, label in split.skipped] if name == "train" else None
-            data.add_skips(skipped, items, labels)
+            skiplog.add_skips(skipped, items, labels)
         splits[name] = split if split is not None and split.parquet_files else None
     return splits

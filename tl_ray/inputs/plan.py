@@ -1,0 +1,176 @@
+"""Which of the four input paths a run takes, decided once by the driver and handed to every worker as a typed
+value: images or the backbone's cached features, each either held in every worker's memory or streamed by Ray
+Data.
+
+- **Features** (``tl_ray.inputs.features``): at freeze depth 5 with no augmentation only the head learns, so the
+  frozen backbone runs once per image and the head trains on its outputs.
+- **Images** (``tl_ray.inputs.cache``): decoded once into the cache, or from the files every epoch
+  (``--cache none``).
+- **Held** when the cached splits fit in memory: each worker deals itself rows every epoch (a CPU run crops them
+  itself, cheap beside its training step). **Streamed** otherwise, and always for images on GPUs, which Ray Data's
+  parallel tasks feed.
+
+The worker asks the plan for its ``WorkerBatches`` and never chooses again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import ray
+import ray.train
+import torch
+
+from tl_ray import progress
+from tl_ray.inputs import cache, features, imaging, skiplog
+from tl_ray.inputs.layout import Layout
+
+if TYPE_CHECKING:
+    from tl_ray import location, model
+    from tl_ray.config import TrainConfig
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """How a run's training and validation rows reach its workers."""
+
+    on_features: bool  # the backbone's cached features (only the head trains), else images
+    held: dict[str, Any] | None  # the cached splits each worker holds in memory, None: Ray Data streams them
+    decoding_every_epoch: bool  # no decoded-image cache: the pipeline decodes files while training runs
+    image_size: int
+    crop_scale: tuple[float, float] | None  # the random crops' area (None: centre crops, as validation)
+    color_jitter: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        """ "held features", "streamed images", ...: for logs and benchmarks."""
+        return f"{'held' if self.held is not None else 'streamed'} {'features' if self.on_features else 'images'}"
+
+    def batches(
+        self, worker_batch: int, rank: int, world: int, device: torch.device, mean: torch.Tensor, std: torch.Tensor
+    ) -> WorkerBatches:
+        """This worker's batches under the plan (on a Ray Train worker: streamed splits are its dataset shards)."""
+        return WorkerBatches(self, worker_batch, rank, world, device, mean, std)
+
+
+class WorkerBatches:
+    """A worker's training batches of each epoch, its validation batches, and the tensor the model takes from one."""
+
+    def __init__(
+        self,
+        plan: InputPlan,
+        worker_batch: int,
+        rank: int,
+        world: int,
+        device: torch.device,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+    ) -> None:
+        self.plan, self.worker_batch, self.rank, self.world = plan, worker_batch, rank, world
+        self.device, self.mean, self.std = device, mean, std
+        held = plan.held
+        if held is not None and plan.on_features:  # read once; each epoch is a new deal of rows already in memory
+            self._train_rows, self._val_rows = features.load(held["train"], device), features.load(held["val"], device)
+        elif held is not None:
+            self._train_set = cache.HeldImages(held["train"], plan.image_size, True, plan.crop_scale, plan.color_jitter)
+            self._val_set = cache.HeldImages(held["val"], plan.image_size, False, None)
+        else:
+            self._train_shard, self._val_shard = (
+                ray.train.get_dataset_shard("train"),
+                ray.train.get_dataset_shard("val"),
+            )
+
+    def train(self, epoch: int) -> Iterator[Batch]:
+        plan, batch = self.plan, self.worker_batch
+        if plan.held is not None and plan.on_features:
+            return features.epoch_batches(*self._train_rows, batch, self.rank, self.world, True, plan.seed, epoch)
+        if plan.held is not None:
+            return self._train_set.batches(batch, self.rank, self.world, plan.seed, epoch)
+        return self._train_shard.iter_torch_batches(
+            batch_size=batch, prefetch_batches=2, local_shuffle_buffer_size=4 * batch
+        )
+
+    def val(self) -> Iterator[Batch]:
+        plan, batch = self.plan, 2 * self.worker_batch
+        if plan.held is not None and plan.on_features:
+            return features.epoch_batches(*self._val_rows, batch, self.rank, self.world, False)
+        if plan.held is not None:
+            return self._val_set.batches(batch, self.rank, self.world)
+        return self._val_shard.iter_torch_batches(batch_size=batch, prefetch_batches=2)
+
+    def model_input(self, batch: Batch) -> torch.Tensor:
+        """Features as they are; images normalised on the device (the pipeline ships uint8, 4x fewer bytes)."""
+        if self.plan.on_features:
+            return batch["features"]
+        images = imaging.normalize(batch["image"], self.mean, self.std)
+        return images.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else images
+
+
+@dataclass
+class PreparedInputs:
+    """What ``prepare`` leaves: the plan, the Ray Data datasets a streamed plan trains on (empty when held), and
+    the skip log (an actor when decode tasks may still find bad files while the run trains)."""
+
+    plan: InputPlan
+    datasets: dict[str, ray.data.Dataset]
+    skipped: skiplog.Skips
+
+
+def prepare(
+    layout: Layout,
+    config: TrainConfig,
+    weights: model.InitialWeights,
+    cache_root: location.Location | None,
+    skipped: skiplog.SkipLog,
+    use_gpu: bool,
+    short_side: int,
+    on_event: progress.OnEvent | None = None,
+) -> PreparedInputs:
+    """Choose the run's input path and build what it reads: the feature or decoded-image cache (``cache_root``;
+    None: no cache) and, for a streamed plan, its datasets."""
+    on_features = features.applies(config.freeze_depth, config.augment, cache_root)
+    held, datasets = None, {}
+    if on_features:
+        splits = features.prepare_splits(
+            layout, config.image_size, cache_root, skipped, config.arch, weights, use_gpu, on_event
+        )
+        if features.fit_in_memory(splits):
+            held = splits
+        else:
+            datasets = features.streaming_datasets(splits, config.seed)
+    else:
+        splits = cache.prepare_splits(layout, config.image_size, cache_root, skipped, short_side, on_event)
+        if not use_gpu and cache.fit_in_memory(splits):
+            held = splits
+        else:
+            if any(split is None for split in splits.values()):  # a split decoded from its files every epoch
+                skipped = skiplog.SkippedFiles.remote(*skipped.state())
+            try:
+                datasets = cache.streaming_datasets(
+                    layout,
+                    splits,
+                    config.image_size,
+                    skipped,
+                    config.color_jitter,
+                    config.seed,
+                    config.crop_scale(),
+                    short_side,
+                )
+            except BaseException:
+                skiplog.release_skips(skipped)
+                raise
+    plan = InputPlan(
+        on_features=on_features,
+        held=held,
+        decoding_every_epoch=cache_root is None,
+        image_size=config.image_size,
+        crop_scale=config.crop_scale(),
+        color_jitter=config.color_jitter,
+        seed=config.seed,
+    )
+    return PreparedInputs(plan, datasets, skipped)

@@ -1,0 +1,388 @@
+"""`tl-ray train`'s driver: it sets a run up and collects its result.
+
+``run`` lists the data, resolves the starting weights once, decides the input plan (``tl_ray.inputs.plan``), sizes
+the workers, and hands a ``LoopConfig`` to a ``TorchTrainer`` whose workers run ``tl_ray.training.loop``. Rerunning
+with the same ``--storage``/``--name`` resumes: Ray Train hands the loop its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.fs as pafs
+import ray
+import ray.train
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from tl_ray import checkpoint, classes, cluster, location, model, places, progress, tracking
+from tl_ray.config import NUM_STAGES, TrainConfig, to_yaml
+from tl_ray.errors import RunError, TlRayError, UsageError
+from tl_ray.inputs import imaging, plan, skiplog, sources
+from tl_ray.inputs.layout import Layout
+from tl_ray.training import schedule
+from tl_ray.training.loop import LOOP_CONFIG, RANK_SCORE, LoopConfig, train_loop_per_worker
+
+RESULT_FILE = "result.json"
+CONFIG_FILE = "config.yaml"
+# Ray Train's controller sees a report, and the end of training, only when it polls its workers: every
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default. That is up to two polls (4 s) at the end of every run and a
+# wait for one at each report that follows the previous one by less (a worker's report waits for the last to be
+# taken). Polling 8 times as often costs the controller and each worker a few milliseconds of CPU a second.
+TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+# Below this many images per worker, BatchNorm's batch statistics are noisy enough to hurt: say so.
+SMALL_WORKER_BATCH = 16
+# How long an elastic run waits for a worker group's placement before deciding its size again.
+ELASTIC_START_TIMEOUT_S = 20.0
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished run leaves, as returned to Python callers (and written to result.json)."""
+
+    run_dir: str
+    best_checkpoint: str
+    last_checkpoint: str
+    metrics: dict[str, Any]  # of the best epoch
+    history: list[dict[str, Any]]  # one entry per epoch, all epochs including resumed ones
+    skipped_files: list[dict[str, str]]  # {"path", "reason"} for every file the pipeline dropped
+    class_names: list[str]
+    monitor: str = "val_acc"  # the metric that picked the best checkpoint
+    tensorboard: str = ""  # the folder of the run's TensorBoard event files: `tensorboard --logdir` it
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class _ShardConfig(DataConfig):
+    """Equal train shards (DDP steps in lockstep), unequal val shards.
+
+    Ray's default splits every dataset equally by dropping up to ``world_size - 1``
+    rows; for validation that would make val_acc depend on the worker count.
+    """
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        shards = super().configure(
+            {name: ds for name, ds in datasets.items() if name != "val"},
+            world_size,
+            worker_handles,
+            worker_node_ids,
+            **kwargs,
+        )
+        if "val" in datasets:
+            val = datasets["val"].copy(datasets["val"])
+            val.set_name("val")
+            val.context.execution_options = self._resolve_execution_options("val")
+            splits = val.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)
+            for shard, split in zip(shards, splits, strict=True):
+                shard["val"] = split
+        return shards
+
+
+def _resources(config: TrainConfig, started_locally: bool) -> tuple[bool, float]:
+    """(use_gpu, CPUs per worker), leaving CPUs for Ray Data so a small machine never deadlocks."""
+    resources = ray.cluster_resources()
+    gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 1)
+    use_gpu = gpus > 0 if config.gpu is None else config.gpu
+    if use_gpu and gpus == 0 and started_locally:
+        raise UsageError("--gpu: this machine has no GPU visible to Ray; drop --gpu (or pass --cpu) to train on CPU")
+    if use_gpu:
+        return use_gpu, config.cpus_per_worker or 1.0
+    per_worker = config.cpus_per_worker or cluster.cpus_per_worker(
+        cpus, config.max_workers, largest_node=cluster.largest_node_cpus()
+    )
+    if started_locally:  # a cluster that was already running may still be adding nodes
+        cluster.check_pipeline_room(cpus, config.max_workers, per_worker)
+    return use_gpu, per_worker
+
+
+def write_config(config: Any, storage: location.Location | str) -> None:
+    """The resolved configuration in the run's folder: what produced its checkpoints, in a form
+    `--config` reads back (the recipe's defaults written out, so a later recipe change cannot alter it)."""
+    folder = location.resolve(storage, "--storage").join(config.name)
+    try:
+        folder.filesystem.create_dir(folder.path, recursive=True)
+        with folder.filesystem.open_output_stream(folder.join(CONFIG_FILE).path) as stream:
+            stream.write(to_yaml(config).encode())
+    except OSError as error:
+        target = folder.join(CONFIG_FILE).uri
+        raise TlRayError(f"--storage: cannot write {target}: {location.describe(error)}") from error
+
+
+@contextlib.contextmanager
+def _train_env(config: TrainConfig) -> Iterator[None]:
+    """``TRAIN_ENV`` (and the worker-group start timeout) while a ``TorchTrainer`` starts its controller here, which
+    Ray hands the variables to (and it to the workers); a variable the user set keeps their value."""
+    wanted = {**TRAIN_ENV, **_start_timeout(config.resource_timeout, config.elastic)}
+    added = {key: value for key, value in wanted.items() if key not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def run(
+    config: TrainConfig,
+    callbacks: list[ray.train.UserCallback] | None = None,
+    on_event: progress.OnEvent | None = None,
+    where: places.RunPlaces | None = None,
+) -> TrainResult:
+    """Train one model as `tl-ray train` does; raises TlRayError for anything the user can fix.
+
+    ``callbacks`` are Ray Train callbacks (a sweep passes the one that reports to Tune). ``on_event`` is
+    called in this process with each ``progress`` event (cache builds, steps, epochs) as the run goes.
+    ``where``: the run's locations as a sweep's driver resolved and checked them (by default resolved from
+    ``config`` here, and its outputs checked before anything starts).
+    """
+    progress.mark("run: start")
+    config = config.validate().with_run_name()
+    tracker = tracking.logger_settings(config.logger, config.logger_project)  # refused here, not after an epoch
+    if where is None:
+        where = places.resolve(config)
+        places.check_outputs(config, where)
+    layout = sources.discover(where.data, config.val_fraction, config.source_options(), where.val_data)
+    batch_from_size = config.batch_size is None
+    config = config.for_training_set(len(layout.train))
+    progress.mark("run: data discovered")
+    weights = model.initial_weights(config.arch, config.weights, layout.class_names, config.seed)
+    progress.mark("run: initial weights")
+    short_side = imaging.resize_size(config.image_size, weights.crop_fraction)  # validation's resize, as the weights'
+    started_locally = cluster.ensure_ray()
+    use_gpu, worker_cpus = _resources(config, started_locally)
+    _check_batch_norm(config, use_gpu)
+    storage = where.storage
+    cluster.check_shared_storage(storage)
+    write_config(config, storage)
+    progress.mark("run: config written")
+
+    # Files found bad before training; an actor collects them only where decode tasks may find more while it trains.
+    skipped: skiplog.Skips = skiplog.SkipLog()
+    if layout.rejected:
+        skipped.add(layout.rejected)
+    train_per_class = _per_class(layout.train, len(layout.class_names))
+    try:
+        cache_root = where.cache
+        if cache_root is not None and config.cache != "auto":
+            cluster.check_shared_storage(cache_root, "--cache")
+        prepared = plan.prepare(layout, config, weights, cache_root, skipped, use_gpu, short_side, on_event)
+        skipped = prepared.skipped
+        skipped_per_class = skiplog.skipped_train_counts(skipped)
+        progress.mark("run: splits prepared")
+        lost = skiplog.labels_without_images(train_per_class, skipped_per_class)
+        if lost:  # known before training when the cache has decoded every file
+            raise TlRayError(describe_lost_classes(layout, lost, skiplog.skipped_files(skipped)))
+    except BaseException:
+        skiplog.release_skips(skipped)
+        raise
+    num_train = len(layout.train) - sum(skipped_per_class.values())
+    if on_event is not None:
+        steps = schedule.steps_per_epoch(num_train, config.batch_size, config.max_workers)
+        on_event(progress.batch_plan(num_train, config.batch_size, steps, batch_from_size))
+    loop_config = LoopConfig(
+        options=config,
+        class_names=layout.class_names,
+        # Known-bad files are left out of the schedule's step count (with --cache none they are found later).
+        num_train=num_train,
+        train_per_class=train_per_class,
+        class_weights=loss_weights(config, layout.class_names, train_per_class, skipped_per_class),
+        weights_ref=ray.put(weights.state_dict),
+        weights_source=weights.source,
+        mean=list(weights.mean),
+        std=list(weights.std),
+        resize_size=short_side,
+        cpus_per_worker=worker_cpus,
+        skipped=skipped,
+        inputs=prepared.plan,
+    )
+    try:
+        with progress.relay(on_event) as events:
+            if on_event is not None:
+                noun = "worker" if config.max_workers == 1 else "workers"
+                on_event(progress.Stage(f"starting {config.num_workers} training {noun}"))
+            loop_config = dataclasses.replace(loop_config, progress=events)
+            run_dir = where.run_dir(config.name)
+            tracked = tracking.train_callbacks(run_dir, config.epochs, tracker, dataclasses.asdict(config))
+            callbacks = [*tracked, *(callbacks or [])]
+            trainer = _trainer(config, loop_config, prepared.datasets, use_gpu, worker_cpus, storage, callbacks)
+            progress.mark("run: fit")
+            with _train_env(config):
+                result = trainer.fit()
+            progress.mark("run: fit returned")
+        skipped_files = skiplog.skipped_files(skipped)
+        lost = skiplog.labels_without_images(train_per_class, skiplog.skipped_train_counts(skipped))
+    except ray.train.TrainingFailedError as error:
+        raise RunError(f"training failed: {_root_cause(error)}") from error
+    finally:
+        skiplog.release_skips(skipped)
+    if lost:
+        raise TlRayError(describe_lost_classes(layout, lost, skipped_files))
+    outcome = collect(result, storage, layout.class_names, skipped_files, config.monitor)
+    progress.mark("run: end")
+    return outcome
+
+
+def _trainer(
+    config: TrainConfig,
+    loop_config: LoopConfig,
+    datasets: dict[str, ray.data.Dataset],
+    use_gpu: bool,
+    worker_cpus: float,
+    storage: location.Location,
+    callbacks: list[ray.train.UserCallback] | None,
+) -> TorchTrainer:
+    return TorchTrainer(
+        train_loop_per_worker,
+        # By reference: Ray Train's controller unpickles the loop's config when it starts but never uses it, and its
+        # tl-ray objects (cached splits, the skip log) would make it import tl-ray, torchvision and PIL first.
+        train_loop_config={LOOP_CONFIG: ray.put(loop_config)},
+        scaling_config=ScalingConfig(
+            num_workers=(config.min_workers, config.max_workers) if config.elastic else config.max_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": worker_cpus},
+            elastic_resize_monitor_interval_s=config.resize_interval,
+        ),
+        run_config=RunConfig(
+            name=config.name,
+            # Ray Train writes checkpoints through the filesystem object we resolved (a URI's endpoint and options
+            # kept), beside our config.yaml and result.json.
+            storage_path=storage.path,
+            storage_filesystem=None if storage.is_local else storage.filesystem,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=config.keep_checkpoints,
+                # Not the monitor alone: of two epochs tied on it, pruning must keep the one collect picks.
+                checkpoint_score_attribute=RANK_SCORE,
+                checkpoint_score_order="max",
+            ),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            callbacks=[*(callbacks or []), *_resource_wait(config, use_gpu, worker_cpus)],
+        ),
+        datasets=datasets,
+        dataset_config=_ShardConfig(),
+    )
+
+
+def _resource_wait(config: TrainConfig, use_gpu: bool, worker_cpus: float) -> list[cluster.ResourceWait]:
+    """The controller callback that ends a run waiting longer than --resource-timeout for its workers."""
+    if not config.resource_timeout:
+        return []
+    workers = f"{config.min_workers}" if not config.elastic else f"at least {config.min_workers}"
+    each = "1 GPU" if use_gpu else f"{worker_cpus:g} CPU"
+    message = (
+        f"--resource-timeout: waited {config.resource_timeout:g} s for {workers} training worker(s) of {each} each"
+        " (a node lost, or the cluster too small): add nodes, lower --num-workers, or raise --resource-timeout;"
+        " rerun the same command to resume from the last checkpoint"
+    )
+    return [cluster.ResourceWait(config.resource_timeout, message)]
+
+
+def _start_timeout(resource_timeout: float, elastic: bool) -> dict[str, str]:
+    """Ray Train waits up to RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s) for a worker group's placement
+    group before it retries; a shorter --resource-timeout must be able to fire before that. An elastic run
+    retries sooner (20 s): right after a node loss its size is decided on the cluster as it was (the dead
+    node not yet noticed), and the retry is decided on the nodes left."""
+    if not (resource_timeout or elastic):
+        return {}
+    longest = ELASTIC_START_TIMEOUT_S if elastic else 60.0
+    seconds = max(1.0, min(longest, resource_timeout / 2 if resource_timeout else longest))
+    return {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(seconds)}
+
+
+def _check_batch_norm(config: TrainConfig, use_gpu: bool) -> None:
+    """SyncBatchNorm needs GPUs (torch implements it for CUDA only); small per-worker batches deserve a warning."""
+    if config.sync_bn and not use_gpu:
+        raise UsageError("--sync-bn: synchronised BatchNorm needs GPU workers; on CPU use --no-train-bn instead")
+    worker_batch = config.batch_size // config.max_workers
+    trains_batch_norm = config.train_bn and config.freeze_depth < NUM_STAGES
+    if config.max_workers > 1 and not config.sync_bn and trains_batch_norm and worker_batch < SMALL_WORKER_BATCH:
+        logger.warning(
+            "each of the %d workers normalises BatchNorm over %d images only (--batch-size %d split over "
+            "--num-workers): pass --sync-bn (GPUs), --no-train-bn, or a larger --batch-size",
+            config.max_workers,
+            worker_batch,
+            config.batch_size,
+        )
+
+
+def _per_class(files: list[tuple[str, int]], num_classes: int) -> list[int]:
+    counts = [0] * num_classes
+    for _, label in files:
+        counts[label] += 1
+    return counts
+
+
+def loss_weights(
+    config: TrainConfig, class_names: list[str], train_per_class: list[int], skipped_per_class: dict[int, int]
+) -> dict[str, float] | None:
+    """``--class-weights auto``: each class's loss weight (``classes.balanced_weights``) from its training images,
+    less the files already known to be undecodable; None for ``none``. By class name, as meta.json records it."""
+    if config.class_weights == "none":
+        return None
+    counts = [total - skipped_per_class.get(label, 0) for label, total in enumerate(train_per_class)]
+    return dict(zip(class_names, classes.balanced_weights(counts), strict=True))
+
+
+def describe_lost_classes(layout: Layout, lost: list[int], skipped: dict[str, str]) -> str:
+    example_path, example_reason = next(iter(sorted(skipped.items())))
+    if len(lost) == len(layout.class_names):
+        what = f"none of the {len(layout.train)} training images could be decoded"
+    else:
+        names = ", ".join(layout.class_names[label] for label in lost)
+        what = f"no training image of class {names} could be decoded, so the model could not learn it"
+    return f"--data: {what} (e.g. {example_path}: {example_reason}); fix or remove those files"
+
+
+def _root_cause(error: BaseException) -> str:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+
+
+def collect(
+    result: ray.train.Result,
+    storage: location.Location,
+    class_names: list[str],
+    skipped: dict[str, str],
+    monitor: str,
+) -> TrainResult:
+    if not result.best_checkpoints or result.checkpoint is None:
+        raise RunError(f"training finished without a checkpoint in {result.path}")
+    best, best_metrics = max(result.best_checkpoints, key=lambda item: classes.rank_key(item[1], monitor))
+    with result.checkpoint.as_directory() as last_dir:
+        train_state = checkpoint.read_train_state(last_dir, mmap=True) or {}
+    previous = _read_previous_skips(result.filesystem, f"{result.path}/{RESULT_FILE}")
+    skips = {**previous, **skipped}
+    outcome = TrainResult(
+        run_dir=storage.at(result.path).uri,
+        best_checkpoint=storage.at(best.path).uri,
+        last_checkpoint=storage.at(result.checkpoint.path).uri,
+        metrics={key: value for key, value in best_metrics.items() if not key.startswith("_")},
+        history=train_state.get("history", []),
+        skipped_files=[{"path": path, "reason": reason} for path, reason in sorted(skips.items())],
+        class_names=class_names,
+        monitor=monitor,
+        tensorboard=storage.at(result.path).join(tracking.TENSORBOARD_DIR).uri,
+    )
+    with result.filesystem.open_output_stream(f"{result.path}/{RESULT_FILE}") as stream:
+        stream.write((json.dumps(outcome.to_json(), indent=2) + "\n").encode())
+    return outcome
+
+
+def _read_previous_skips(filesystem: pafs.FileSystem, path: str) -> dict[str, str]:
+    """Skips found by an earlier, interrupted attempt at this run: a resumed run may not decode those files again."""
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            previous = json.loads(stream.read())
+        return {item["path"]: item["reason"] for item in previous.get("skipped_files", [])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
