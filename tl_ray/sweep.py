@@ -168,10 +168,10 @@ class _Progress(tune.Callback):
 def _share_cpus(config: TuneConfig, started_locally: bool) -> TuneConfig:
     """On CPU, trials that run side by side split the workers' CPUs between them (each worker then uses that
     many torch threads); settings that would leave Ray Data no CPU are refused before any trial starts."""
-    cluster = ray.cluster_resources()
-    if config.gpu is not False and cluster.get("GPU", 0) > 0:
+    resources = ray.cluster_resources()
+    if config.gpu is not False and resources.get("GPU", 0) > 0:
         return config
-    total, concurrent = cluster.get("CPU", 1), _max_concurrent(config)
+    total, concurrent = resources.get("CPU", 1), _max_concurrent(config)
     per_worker = config.cpus_per_worker
     if per_worker is None and concurrent > 1:
         # Trial drivers take a sliver of a node too: a worker as large as a node would then fit on none of them.

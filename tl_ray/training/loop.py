@@ -147,10 +147,10 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
             ray.train.report({"epoch": epoch, "stopped": "a class has no decodable training image"})
             return
         _sync_buffers_from_rank0(transfer)
-        validated = evaluate(
+        val_loss, val_correct, val_seen, val_counts = evaluate(
             trained, batches.val(), batches.model_input, val_criterion, device, amp_dtype, len(class_names)
         )
-        totals = _sum_across_workers([*trained_epoch.totals, *validated], device)
+        totals = _sum_across_workers([*trained_epoch.totals, val_loss, val_correct, val_seen, *val_counts], device)
         per_class = classes.class_metrics(*split_counts(totals[6:], 3))
         validation = {
             "val_acc": totals[4] / max(totals[5], 1),
