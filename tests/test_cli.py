@@ -410,7 +410,7 @@ def test_the_options_with_choices_are_the_expected_ones():
 @pytest.mark.parametrize(
     ("config_class", "field"),
     [(TrainConfig, field) for field in _choice_options() if field.name in TrainConfig.__dataclass_fields__]
-    + [(TuneConfig, field) for field in _choice_options()],
+    + [(TuneConfig, field) for field in _choice_options() if field.name not in TuneConfig.IGNORED],
     ids=lambda value: getattr(value, "name", getattr(value, "__name__", "")),
 )
 def test_declared_choices_are_checked_with_one_line_naming_the_flag(tmp_path, capsys, no_run, config_class, field):
@@ -418,10 +418,46 @@ def test_declared_choices_are_checked_with_one_line_naming_the_flag(tmp_path, ca
     with pytest.raises(UsageError, match=f"^{expected}$"):
         merge(config_class, None, {"data": "/d", field.name: "nope"}).validate()
     for choice in field.metadata["choices"]:  # each declared choice passes the check
-        config.check_choices(config_class(**{field.name: choice}))
+        config.check_options(config_class(**{field.name: choice}))
     config_file = tmp_path / "run.yaml"
     config_file.write_text(f"data: /d\n{field.name}: nope\n")
     command = "train" if config_class is TrainConfig else "tune"
     assert cli.main([command, "--config", str(config_file)]) == 2
     assert capsys.readouterr().err == f"tl-ray: error: {expected}\n"
     assert not no_run.calls
+
+
+def test_tune_checks_no_option_it_ignores():
+    """tune takes no flag for the train options it searches (or replaces by --max-epochs), and a --config value
+    of one is not used, so not checked: every trial is checked with the grid's values instead."""
+    assert set(TuneConfig.IGNORED) == {"freeze_depth", "lr", "epochs", "strategy"}
+    sweep_config = merge(TuneConfig, None, {"data": "/d", "strategy": "nope", "epochs": 0, "lr": -1.0}).validate()
+    trials = [sweep_config.trial_config(point, "/runs", "t") for point in sweep_config.search_points()]
+    assert {trial.strategy for trial in trials} == {"plain"} and {trial.epochs for trial in trials} == {5}
+    with pytest.raises(UsageError, match=r"^--max-epochs must be positive; got 0$"):
+        merge(TuneConfig, None, {"data": "/d", "max_epochs": 0}).validate()
+
+
+def _bounded_options():
+    declared = dataclasses.fields(TuneConfig)
+    return [field for field in declared if field.metadata["between"] or field.metadata["positive"]]
+
+
+@pytest.mark.parametrize("field", _bounded_options(), ids=lambda field: field.name)
+def test_declared_bounds_are_checked_with_one_line_naming_the_flag(capsys, no_run, field):
+    config_class = TrainConfig if field.name in TrainConfig.__dataclass_fields__ else TuneConfig
+    hint = typing.get_type_hints(config_class)[field.name]
+    kind = int if int in (typing.get_args(hint) or (hint,)) else float
+    if field.metadata["between"]:
+        low, high = field.metadata["between"]
+        bad, expected = kind(high) + 1, f"must be between {low} and {high}; got {kind(high) + 1}"
+        inside = [kind(low), kind(high)]
+    else:
+        bad, expected, inside = kind(0), f"must be positive; got {kind(0)}", [kind(1)]
+    for value in inside:
+        config.check_options(config_class(**{field.name: value}))
+    with pytest.raises(UsageError, match=f"^{flag(field.name)} {expected}$".replace("(", r"\(").replace(")", r"\)")):
+        merge(config_class, None, {"data": "/d", field.name: bad}).validate()
+    command = "train" if config_class is TrainConfig else "tune"
+    assert cli.main([command, "--data", "/d", flag(field.name), str(bad), "--print-config"]) == 2
+    assert capsys.readouterr().err == f"tl-ray: error: {flag(field.name)} {expected}\n"

@@ -76,16 +76,19 @@ def option(
     help: str = "",
     *,
     choices: Iterable[str] = (),
+    between: tuple[float, float] | None = None,
+    positive: bool = False,
     items: tuple[type, str, str] | None = None,
     negative: tuple[str, str] | None = None,
 ) -> Any:
     """A config field declared once: the CLI makes its flag from it (type from the annotation, ``help``, the
-    default from the dataclass), ``merge`` coerces YAML values to that type, ``validate`` checks ``choices``.
+    default from the dataclass), ``merge`` coerces YAML values to that type, ``validate`` checks ``choices``,
+    ``between`` (inclusive bounds) and ``positive`` (``check_options``; None, where allowed, is not checked).
 
     ``items``: a list option's item type, how errors describe the items, an example (see ``_coerce_list``);
     ``negative``: a bool option's opposite flag and that flag's help (``--cpu`` for ``--gpu``): one or neither.
     """
-    metadata: dict[str, Any] = {"help": help, "choices": tuple(choices)}
+    metadata: dict[str, Any] = {"help": help, "choices": tuple(choices), "between": between, "positive": positive}
     if items is not None:
         metadata[LIST_ITEMS] = items
     if negative is not None:
@@ -99,12 +102,19 @@ def same_option(config_class: type, key: str) -> Any:
     return dataclasses.field(default=declared.default, metadata=declared.metadata)
 
 
-def check_choices(config: Any) -> None:
-    """Every option declared with choices holds one of them; the error names the flag."""
+def check_options(config: Any) -> None:
+    """The checks each option declares (choices, bounds), in field order; the error names the flag. Options the
+    config ignores (its IGNORED: tune's searched ones) are not checked: their values are never used."""
     for field in dataclasses.fields(config):
-        choices, value = field.metadata.get("choices"), getattr(config, field.name)
-        if choices and value not in choices:
-            raise UsageError(f"{flag(field.name)} must be one of {', '.join(choices)}; got {value!r}")
+        value, declared = getattr(config, field.name), field.metadata
+        if value is None or field.name in config.IGNORED:
+            continue
+        if declared["choices"] and value not in declared["choices"]:
+            raise UsageError(f"{flag(field.name)} must be one of {', '.join(declared['choices'])}; got {value!r}")
+        if declared["between"] is not None:
+            _check_range(field.name, value, *declared["between"])
+        if declared["positive"]:
+            _check_positive(field.name, value)
 
 
 LABEL_PATTERN_HINT = r"^(\w+)\."  # cat.0.jpg -> cat: what the flat-folder error suggests
@@ -183,14 +193,16 @@ class TrainConfig:
         None,
         f"freeze the first N of the {NUM_STAGES} backbone stages: {NUM_STAGES} = feature extraction, 0 = full"
         f" fine-tuning (default: {NUM_STAGES}; 0 with --weights none)",
+        between=(0, NUM_STAGES),
     )
-    epochs: int = option(10, "number of epochs")
+    epochs: int = option(10, "number of epochs", positive=True)
     lr: float | None = option(
         None,
         "the head's peak learning rate, after warm-up, then cosine decay (default: the recipe's for the optimizer:"
         f" {recipe.LR['adamw']} for adamw, {recipe.LR['sgd']} for sgd; at --freeze-depth 5"
         f" {recipe.HEAD_ONLY_LR['adamw']} and {recipe.HEAD_ONLY_LR['sgd']}; discriminative and probe"
         f" {recipe.DISCRIMINATIVE_HEAD_LR['adamw']} and {recipe.DISCRIMINATIVE_HEAD_LR['sgd']})",
+        positive=True,
     )
     optimizer: str = option(
         "auto",
@@ -198,11 +210,12 @@ class TrainConfig:
         " otherwise; tl_ray/recipe.py says why)",
         choices=OPTIMIZERS,
     )
-    momentum: float = option(0.9, "SGD momentum (with --optimizer sgd; Nesterov)")
+    momentum: float = option(0.9, "SGD momentum (with --optimizer sgd; Nesterov)", between=(0.0, 1.0))
     weight_decay: float | None = option(
         None,
         "weight decay, never on BatchNorm weights or biases (default: the recipe's for --optimizer:"
         f" {recipe.WEIGHT_DECAY['adamw']} for adamw, {recipe.WEIGHT_DECAY['sgd']} for sgd)",
+        between=(0.0, 1.0),
     )
     warmup_epochs: float | None = option(
         None, "linear LR warm-up length, in epochs (default: 5% of the run, at most 1 epoch)"
@@ -215,7 +228,9 @@ class TrainConfig:
         choices=recipe.STRATEGIES,
     )
     backbone_lr_mult: float | None = option(
-        None, "the backbone's learning rate as a multiple of --lr (default: the strategy's)"
+        None,
+        "the backbone's learning rate as a multiple of --lr (default: the strategy's)",
+        between=(0.0, 100.0),
     )
     head_epochs: int | None = option(
         None, "epochs of the head alone before unfreezing to --freeze-depth (default: the strategy's)"
@@ -226,7 +241,7 @@ class TrainConfig:
         " ones: for small per-worker batches)",
     )
     sync_bn: bool = option(False, "synchronise BatchNorm statistics across GPU workers (SyncBatchNorm)")
-    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy loss")
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy loss", between=(0.0, 0.99))
     class_weights: str = option(
         "none",
         f"{' | '.join(CLASS_WEIGHTS)}: auto weighs each class's training loss by n / (classes x n_class), from the"
@@ -244,9 +259,9 @@ class TrainConfig:
         "global batch size, split evenly over the workers (default: chosen once the training set is listed:"
         f" {recipe.BATCH_SIZE}, or the whole set when smaller, and at least 2 a worker)",
     )
-    image_size: int = option(224, "training crop size in pixels")
+    image_size: int = option(224, "training crop size in pixels", between=(16, 4096))
     val_fraction: float = option(0.2, "share of train/ held out for validation when there is no val/ folder")
-    color_jitter: float = option(0.0, "colour jitter strength for training augmentation (0 = off)")
+    color_jitter: float = option(0.0, "colour jitter strength for training augmentation (0 = off)", between=(0.0, 1.0))
     augment: str = option(
         "auto",
         f"auto: none at --freeze-depth {NUM_STAGES} (a head alone), else light below 128 px, else standard |"
@@ -267,6 +282,7 @@ class TrainConfig:
         None,
         "CPUs reserved per worker, and its torch threads on CPU (default: reserve all but one CPU (or half the"
         " machine) for the data pipeline, and use the node's cores, shared by its workers)",
+        positive=True,
     )
     storage: str = option(
         "./runs",
@@ -282,19 +298,25 @@ class TrainConfig:
     name: str | None = option(
         None, "run name: its folder under --storage; rerunning a name resumes it (default: train-<timestamp>)"
     )
-    keep_checkpoints: int = option(2, "keep the best N checkpoints by --monitor (the latest is always kept too)")
+    keep_checkpoints: int = option(
+        2, "keep the best N checkpoints by --monitor (the latest is always kept too)", positive=True
+    )
     max_failures: int = option(
-        3, "restart failed training workers from the last checkpoint up to N times (-1: forever)"
+        3,
+        "restart failed training workers from the last checkpoint up to N times (-1: forever)",
+        between=(-1, 1_000_000),
     )
     resource_timeout: float = option(
         600.0,
         "seconds a run may wait for its workers' resources (at the start, or after losing a node) before it fails"
         " with an error; 0: wait forever",
+        between=(0.0, 1e9),
     )
     resize_interval: float = option(
         60.0,
         "elastic --num-workers MIN-MAX: seconds between checks for room to grow the worker group (each growth"
         " restarts the group from the last checkpoint)",
+        positive=True,
     )
     seed: int = option(0, "random seed for the new head's initialisation and the workers")
     logger: str = option(
@@ -314,7 +336,7 @@ class TrainConfig:
         Freeze depth defaults to feature extraction, except from random weights
         (``--weights none``), where a frozen backbone would only compute noise.
         """
-        check_choices(self)
+        check_options(self)
         if self.freeze_depth is None:
             default_depth = 0 if self.weights == "none" else NUM_STAGES
             return dataclasses.replace(self, freeze_depth=default_depth).validate()
@@ -326,9 +348,6 @@ class TrainConfig:
             raise UsageError(f"{flag('data')} is required: a folder with train/<class>/ image sub-folders")
         check_logger(self.logger)
         self.source_options().validate()
-        _check_range("freeze_depth", self.freeze_depth, 0, NUM_STAGES)
-        _check_positive("epochs", self.epochs)
-        _check_positive("lr", self.lr)
         workers = parse_workers(self.num_workers)
         if workers is None or not 1 <= workers[0] <= workers[1]:
             raise UsageError(
@@ -340,17 +359,7 @@ class TrainConfig:
                 f"{flag('batch_size')} is the global batch, split over {flag('num_workers')}: it must be at least "
                 f"2 per worker ({2 * self.max_workers}); got {self.batch_size}"
             )
-        _check_range("resource_timeout", self.resource_timeout, 0.0, 1e9)
-        _check_positive("resize_interval", self.resize_interval)
-        _check_positive("keep_checkpoints", self.keep_checkpoints)
-        _check_range("image_size", self.image_size, 16, 4096)
-        _check_range("momentum", self.momentum, 0.0, 1.0)
-        _check_range("weight_decay", self.weight_decay, 0.0, 1.0)
-        _check_range("label_smoothing", self.label_smoothing, 0.0, 0.99)
-        _check_range("color_jitter", self.color_jitter, 0.0, 1.0)
-        _check_range("max_failures", self.max_failures, -1, 1_000_000)
-        _check_range("warmup_epochs", self.warmup_epochs, 0.0, float(self.epochs))
-        _check_range("backbone_lr_mult", self.backbone_lr_mult, 0.0, 100.0)
+        _check_range("warmup_epochs", self.warmup_epochs, 0.0, float(self.epochs))  # bounds that depend on epochs
         _check_range("head_epochs", self.head_epochs, 0, self.epochs - 1)
         if self.head_epochs and self.freeze_depth == NUM_STAGES:
             raise UsageError(
@@ -359,8 +368,6 @@ class TrainConfig:
             )
         if not 0.0 < self.val_fraction < 1.0:
             raise UsageError(f"{flag('val_fraction')} must be between 0 and 1 (exclusive); got {self.val_fraction}")
-        if self.cpus_per_worker is not None:
-            _check_positive("cpus_per_worker", self.cpus_per_worker)
         if not self.cache:
             raise UsageError(f"{flag('cache')} must be auto, none, or a folder or URI for the decoded-image cache")
         if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
@@ -653,18 +660,25 @@ class TuneConfig(TrainConfig):
         "comma-separated learning rates (1e-3,3e-3), each tried at every depth and strategy",
         items=(float, "numbers", "1e-3,3e-3"),
     )
-    lr_min: float | None = option(None, "without --lrs: lowest learning rate of the grid (default: the recipe's / 3)")
-    lr_max: float | None = option(None, "without --lrs: highest learning rate of the grid (default: the recipe's x 3)")
+    lr_min: float | None = option(
+        None, "without --lrs: lowest learning rate of the grid (default: the recipe's / 3)", positive=True
+    )
+    lr_max: float | None = option(
+        None, "without --lrs: highest learning rate of the grid (default: the recipe's x 3)", positive=True
+    )
     num_samples: int = option(
         1,
         "without --lrs: learning rates, log-spaced from --lr-min to --lr-max, each tried at every depth and"
         " strategy (1: the recipe's rate)",
+        positive=True,
     )
-    max_epochs: int = option(5, "epochs per trial (ASHA may stop a trial sooner)")
+    max_epochs: int = option(5, "epochs per trial (ASHA may stop a trial sooner)", positive=True)
     scheduler: str = option(
         "asha", "asha: stop weak trials early on --monitor | fifo: run every trial to the end", choices=SCHEDULERS
     )
-    max_concurrent: int | None = option(None, "trials at once (default: GPUs / --num-workers on a GPU cluster, else 1)")
+    max_concurrent: int | None = option(
+        None, "trials at once (default: GPUs / --num-workers on a GPU cluster, else 1)", positive=True
+    )
     scratch_baseline: bool = option(
         False,
         "also train from random weights (full fine-tuning, never stopped early): the report shows what transfer gains",
@@ -742,21 +756,13 @@ class TuneConfig(TrainConfig):
         return min(self.max_epochs, longest_head + max(1, math.ceil(2 * warmup)))
 
     def validate(self) -> TuneConfig:
-        check_choices(self)
+        check_options(self)
         check_logger(self.logger)  # the trials' own Train runs log nothing but TensorBoard: see trial_config
         self.depths()
         self.strategy_names()
-        if self.lr_min is not None:
-            _check_positive("lr_min", self.lr_min)
-        if self.lr_max is not None:
-            _check_positive("lr_max", self.lr_max)
         if self.lr_min is not None and self.lr_max is not None and self.lr_min > self.lr_max:
             raise UsageError(f"{flag('lr_min')} ({self.lr_min}) must not exceed {flag('lr_max')} ({self.lr_max})")
-        _check_positive("num_samples", self.num_samples)
         self.learning_rates()
-        _check_positive("max_epochs", self.max_epochs)
-        if self.max_concurrent is not None:
-            _check_positive("max_concurrent", self.max_concurrent)
         for point in self.search_points():
             TrainConfig.validate(self.trial_config(point, self.storage, self.name or "check"))
         return dataclasses.replace(self, epochs=self.max_epochs)
