@@ -461,3 +461,23 @@ def test_declared_bounds_are_checked_with_one_line_naming_the_flag(capsys, no_ru
     command = "train" if config_class is TrainConfig else "tune"
     assert cli.main([command, "--data", "/d", flag(field.name), str(bad), "--print-config"]) == 2
     assert capsys.readouterr().err == f"tl-ray: error: {flag(field.name)} {expected}\n"
+
+
+def test_source_flags_of_the_commands_that_read_data_reach_source_options():
+    parser = cli.build_parser()
+    pattern = r"^(\w+)\."
+    args = parser.parse_args(
+        ["evaluate", "--checkpoint", "c", "--data", "d", "--label-column", "y", "--label-pattern", pattern]
+    )
+    assert cli._source_options(args) == SourceOptions(label_pattern=pattern, label_column="y")
+    predict = ["predict", "--checkpoint", "c", "--data", "d", "--out", "o.csv"]
+    assert cli._source_options(parser.parse_args([*predict, "--image-column", "jpg"])) == SourceOptions(
+        image_column="jpg"
+    )
+    with pytest.raises(SystemExit):  # predict takes only the columns it reads
+        parser.parse_args([*predict, "--label-column", "y"])
+    args = parser.parse_args(["inspect", "--data", "d", "--split-column", "fold"])
+    assert cli._source_options(args) == SourceOptions(split_column="fold")
+    assert args.val_fraction == TrainConfig().val_fraction and args.val_data is None
+    with pytest.raises(UsageError, match="has no group"):
+        cli._source_options(parser.parse_args(["inspect", "--data", "d", "--label-pattern", r"^\w+"]))

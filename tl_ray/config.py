@@ -107,7 +107,7 @@ def check_options(config: Any) -> None:
     config ignores (its IGNORED: tune's searched ones) are not checked: their values are never used."""
     for field in dataclasses.fields(config):
         value, declared = getattr(config, field.name), field.metadata
-        if value is None or field.name in config.IGNORED:
+        if value is None or field.name in getattr(config, "IGNORED", ()):
             continue
         if declared["choices"] and value not in declared["choices"]:
             raise UsageError(f"{flag(field.name)} must be one of {', '.join(declared['choices'])}; got {value!r}")
