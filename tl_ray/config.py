@@ -8,6 +8,10 @@ them: numbers in any spelling (``lr: 3e-4``, which YAML 1.1 reads as text, ``1_0
 (``freeze_depths: [0, 3, 5]`` as well as ``freeze_depths: 0,3,5``). Every mistake is a
 ``UsageError`` naming the key, the file and what was expected. ``to_yaml`` writes a config
 that ``merge`` reads back into an equal one (``tl-ray ... --print-config``).
+
+Each option is declared once, as a dataclass field made by ``option``: its default, help, choices and bounds.
+The flags (tl_ray.cli builds them from the fields), the YAML coercion (by the field's type), the checks
+(``check_options``) and ``--print-config`` all read that one declaration.
 """
 
 from __future__ import annotations
