@@ -76,8 +76,8 @@ LIST_ITEMS = "list_items"  # field metadata: the item type, and how the error me
 
 
 def option(
-    default: Any = None,
-    help: str = "",
+    default: Any,
+    help: str,
     *,
     choices: Iterable[str] = (),
     between: tuple[float, float] | None = None,
