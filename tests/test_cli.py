@@ -7,13 +7,15 @@ raises, so no Ray cluster starts and nothing trains.
 
 from __future__ import annotations
 
+import dataclasses
 import types
+import typing
 
 import pytest
 import yaml
 
-from tl_ray import cli, recipe, sweep, training
-from tl_ray.config import TrainConfig, TuneConfig, merge
+from tl_ray import cli, config, recipe, sweep, training
+from tl_ray.config import SourceOptions, TrainConfig, TuneConfig, flag, merge
 from tl_ray.errors import RunError, TlRayError, UsageError
 from tl_ray.inputs import class_folders
 from tl_ray.training import schedule
@@ -310,3 +312,174 @@ def test_importing_a_module_keeps_the_api_function_of_its_command():
         imported = importlib.import_module(f"tl_ray.{module}")
         assert imported.__name__ == f"tl_ray.{module}"
         assert callable(getattr(tl_ray, function)) and getattr(tl_ray, function).__module__ == "tl_ray"
+
+
+# ----------------------------------------------------------------------------- options declared once (config.option)
+
+
+def _subparser(command: str):
+    return cli.build_parser()._subparsers._group_actions[0].choices[command]
+
+
+@pytest.mark.parametrize(("command", "config_class"), [("train", TrainConfig), ("tune", TuneConfig)])
+def test_every_option_is_one_flag_with_its_declared_help(command, config_class):
+    """The flags are the config's fields, less its IGNORED ones, plus the command's own; each flag's help is the
+    field's, with the dataclass default appended where the help does not state one."""
+    parser = _subparser(command)
+    actions = {option: action for action in parser._actions for option in action.option_strings}
+    own = {"-h", "--help", "--cpu", "--config", "--verbose", "--print-config", "--no-train-bn", "--no-sync-bn"}
+    if command == "tune":
+        own.add("--no-scratch-baseline")
+    fields = [field for field in dataclasses.fields(config_class) if field.name not in config_class.IGNORED]
+    assert set(actions) == {flag(field.name) for field in fields} | own
+    defaults = config_class()
+    for field in dataclasses.fields(config_class):
+        text = field.metadata["help"]
+        assert text and "%%" not in text, f"{field.name} is declared with option(default, help)"
+        if field.name in config_class.IGNORED:
+            assert flag(field.name) not in actions
+            continue
+        shown = actions[flag(field.name)].help.replace("%%", "%")
+        default = getattr(defaults, field.name)
+        if isinstance(default, bool) or default is None or "default:" in text:
+            assert shown == text
+        else:
+            assert shown == f"{text} (default: {default})"
+    help_text = " ".join(parser.format_help().split())
+    assert "linear LR warm-up length, in epochs (default: 5% of the run, at most 1 epoch)" in help_text
+    assert ("number of epochs (default: 10)" in help_text) is (command == "train")
+    assert ("--freeze-depths FREEZE_DEPTHS" in help_text) is (command == "tune")
+    assert ("--freeze-depth FREEZE_DEPTH " in help_text) is (command == "train")
+
+
+def test_train_takes_the_source_options_as_declared_in_source_options():
+    train_fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
+    train_hints, source_hints = typing.get_type_hints(TrainConfig), typing.get_type_hints(SourceOptions)
+    for field in dataclasses.fields(SourceOptions):
+        assert train_hints[field.name] == source_hints[field.name]
+        assert train_fields[field.name].default == field.default
+        assert train_fields[field.name].metadata == field.metadata
+    actions = {option: action for action in _subparser("predict")._actions for option in action.option_strings}
+    assert actions["--image-column"].help == SourceOptions.__dataclass_fields__["image_column"].metadata["help"]
+    assert "--label-pattern" not in actions  # predict takes only some of them
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--image-size", "1.5"], "argument --image-size: invalid int value: '1.5'"),
+        (["--momentum", "high"], "argument --momentum: invalid float value: 'high'"),
+        (["--head-epochs", "two"], "argument --head-epochs: invalid int value: 'two'"),  # int | None: an int
+        (["--gpu", "--cpu"], "argument --cpu: not allowed with argument --gpu"),
+        (["--train-bn", "yes"], "unrecognized arguments: yes"),  # a switch, as before
+    ],
+)
+def test_flag_types_come_from_the_annotations(capsys, argv, message):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["train", "--data", "/d", *argv])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(message)
+
+
+def test_flags_parse_to_the_declared_types(capsys, no_run):
+    argv = ["train", "--data", "/d", "--num-workers", "1-4", "--lr", "3e-4", "--no-train-bn", "--cpu"]
+    assert cli.main([*argv, "--image-size", "64", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["num_workers"], printed["lr"], printed["train_bn"], printed["gpu"]) == ("1-4", 3e-4, False, False)
+    assert printed["image_size"] == 64
+    assert cli.main(["train", "--data", "/d", "--num-workers", "2", "--gpu", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["num_workers"], printed["gpu"]) == (2, True)  # int | str: a number is an int
+
+
+def _choice_options():
+    return [field for field in dataclasses.fields(TuneConfig) if field.metadata["choices"]]
+
+
+def test_the_options_with_choices_are_the_expected_ones():
+    assert {field.name for field in _choice_options()} == {
+        "arch",
+        "optimizer",
+        "strategy",
+        "class_weights",
+        "monitor",
+        "augment",
+        "logger",
+        "scheduler",
+    }
+
+
+@pytest.mark.parametrize(
+    ("config_class", "field"),
+    [(TrainConfig, field) for field in _choice_options() if field.name in TrainConfig.__dataclass_fields__]
+    + [(TuneConfig, field) for field in _choice_options() if field.name not in TuneConfig.IGNORED],
+    ids=lambda value: getattr(value, "name", getattr(value, "__name__", "")),
+)
+def test_declared_choices_are_checked_with_one_line_naming_the_flag(tmp_path, capsys, no_run, config_class, field):
+    expected = f"{flag(field.name)} must be one of {', '.join(field.metadata['choices'])}; got 'nope'"
+    with pytest.raises(UsageError, match=f"^{expected}$"):
+        merge(config_class, None, {"data": "/d", field.name: "nope"}).validate()
+    for choice in field.metadata["choices"]:  # each declared choice passes the check
+        config.check_options(config_class(**{field.name: choice}))
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(f"data: /d\n{field.name}: nope\n")
+    command = "train" if config_class is TrainConfig else "tune"
+    assert cli.main([command, "--config", str(config_file)]) == 2
+    assert capsys.readouterr().err == f"tl-ray: error: {expected}\n"
+    assert not no_run.calls
+
+
+def test_tune_checks_no_option_it_ignores():
+    """tune takes no flag for the train options it searches (or replaces by --max-epochs), and a --config value
+    of one is not used, so not checked: every trial is checked with the grid's values instead."""
+    assert set(TuneConfig.IGNORED) == {"freeze_depth", "lr", "epochs", "strategy"}
+    sweep_config = merge(TuneConfig, None, {"data": "/d", "strategy": "nope", "epochs": 0, "lr": -1.0}).validate()
+    trials = [sweep_config.trial_config(point, "/runs", "t") for point in sweep_config.search_points()]
+    assert {trial.strategy for trial in trials} == {"plain"} and {trial.epochs for trial in trials} == {5}
+    with pytest.raises(UsageError, match=r"^--max-epochs must be positive; got 0$"):
+        merge(TuneConfig, None, {"data": "/d", "max_epochs": 0}).validate()
+
+
+def _bounded_options():
+    declared = dataclasses.fields(TuneConfig)
+    return [field for field in declared if field.metadata["between"] or field.metadata["positive"]]
+
+
+@pytest.mark.parametrize("field", _bounded_options(), ids=lambda field: field.name)
+def test_declared_bounds_are_checked_with_one_line_naming_the_flag(capsys, no_run, field):
+    config_class = TrainConfig if field.name in TrainConfig.__dataclass_fields__ else TuneConfig
+    hint = typing.get_type_hints(config_class)[field.name]
+    kind = int if int in (typing.get_args(hint) or (hint,)) else float
+    if field.metadata["between"]:
+        low, high = field.metadata["between"]
+        bad, expected = kind(high) + 1, f"must be between {low} and {high}; got {kind(high) + 1}"
+        inside = [kind(low), kind(high)]
+    else:
+        bad, expected, inside = kind(0), f"must be positive; got {kind(0)}", [kind(1)]
+    for value in inside:
+        config.check_options(config_class(**{field.name: value}))
+    with pytest.raises(UsageError, match=f"^{flag(field.name)} {expected}$".replace("(", r"\(").replace(")", r"\)")):
+        merge(config_class, None, {"data": "/d", field.name: bad}).validate()
+    command = "train" if config_class is TrainConfig else "tune"
+    assert cli.main([command, "--data", "/d", flag(field.name), str(bad), "--print-config"]) == 2
+    assert capsys.readouterr().err == f"tl-ray: error: {flag(field.name)} {expected}\n"
+
+
+def test_source_flags_of_the_commands_that_read_data_reach_source_options():
+    parser = cli.build_parser()
+    pattern = r"^(\w+)\."
+    args = parser.parse_args(
+        ["evaluate", "--checkpoint", "c", "--data", "d", "--label-column", "y", "--label-pattern", pattern]
+    )
+    assert cli._source_options(args) == SourceOptions(label_pattern=pattern, label_column="y")
+    predict = ["predict", "--checkpoint", "c", "--data", "d", "--out", "o.csv"]
+    assert cli._source_options(parser.parse_args([*predict, "--image-column", "jpg"])) == SourceOptions(
+        image_column="jpg"
+    )
+    with pytest.raises(SystemExit):  # predict takes only the columns it reads
+        parser.parse_args([*predict, "--label-column", "y"])
+    args = parser.parse_args(["inspect", "--data", "d", "--split-column", "fold"])
+    assert cli._source_options(args) == SourceOptions(split_column="fold")
+    assert args.val_fraction == TrainConfig().val_fraction and args.val_data is None
+    with pytest.raises(UsageError, match="has no group"):
+        cli._source_options(parser.parse_args(["inspect", "--data", "d", "--label-pattern", r"^\w+"]))

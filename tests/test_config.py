@@ -126,9 +126,9 @@ def test_cli_config_file_is_merged_under_flags(tmp_path, capsys):
 
 def test_every_train_option_has_help():
     help_text = cli.build_parser()._subparsers._group_actions[0].choices["train"].format_help()
-    for field in TrainConfig.__dataclass_fields__:
-        if field != "gpu":
-            assert "--" + field.replace("_", "-") in help_text
+    for field in dataclasses.fields(TrainConfig):
+        if field.name != "gpu":
+            assert "--" + field.name.replace("_", "-") in help_text
     assert "--gpu" in help_text and "--cpu" in help_text and "--config" in help_text
 
 

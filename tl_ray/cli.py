@@ -13,20 +13,20 @@ import functools
 import math
 import sys
 import traceback
+import types
+import typing
+from argparse import SUPPRESS
 from collections.abc import Sequence
 from typing import Any
 
 from tl_ray import __version__, recipe
 from tl_ray.config import (
-    ARCHS,
-    CLASS_WEIGHTS,
-    LOGGERS,
-    MONITORS,
     NUM_STAGES,
-    OPTIMIZERS,
+    SOURCE_KEYS,
     SourceOptions,
     TrainConfig,
     TuneConfig,
+    flag,
     forbid_world_writable_files,
     merge,
     to_yaml,
@@ -47,199 +47,47 @@ exit codes:
   130  interrupted (Ctrl-C); rerun the same train or tune command to resume
 """
 
-SOURCE_HELP: dict[str, tuple[Any, str]] = {
-    # How --data's items are labelled and split: every command that reads --data takes these (SourceOptions).
-    "label_pattern": (
-        str,
-        "labels in the file names: a regex searched in each image's name, the label its group 'label' or group 1"
-        " (cat.0.jpg: '^(\\w+)\\.'); files that do not match are skipped and reported",
-    ),
-    "path_column": (str, "a manifest's column of image paths (relative to the manifest's folder, absolute, or URIs)"),
-    "label_column": (str, "a manifest's or Parquet's column of labels: class names, or integer ids"),
-    "split_column": (str, "a manifest's or Parquet's column of splits, train or val (if it has one)"),
-    "image_column": (
-        str,
-        "Parquet's column of encoded images, binary or {bytes, path} (default: the one named image, else the first"
-        " that holds images)",
-    ),
-}
 
-TRAIN_HELP: dict[str, tuple[Any, str]] = {
-    # key: (argparse type, help). Defaults come from TrainConfig so they are stated once.
-    "data": (
-        str,
-        "the dataset: ROOT/train/<class>/*.jpg (+ optional ROOT/val/); a flat folder with --label-pattern; a"
-        " manifest FILE.csv|.tsv|.jsonl|.parquet of path,label[,split]; or Parquet files holding the images (a file,"
-        " folder or glob; Hugging Face's train-*/validation-* recognised). A path or a URI (s3://, gs://, abfs://,"
-        " hdfs://; an S3-compatible endpoint as ?endpoint_override=HOST:PORT&scheme=http or AWS_ENDPOINT_URL)",
-    ),
-    "val_data": (str, "a validation set stored elsewhere, any source --data takes (replaces --data's own val split)"),
-    **SOURCE_HELP,
-    "arch": (str, f"backbone: {', '.join(ARCHS)}"),
-    "weights": (
-        str,
-        "imagenet | a torchvision weights name (IMAGENET1K_V1) | none | a .pth state dict | a tl-ray checkpoint dir"
-        " (paths or URIs)",
-    ),
-    "freeze_depth": (
-        int,
-        f"freeze the first N of the {NUM_STAGES} backbone stages: {NUM_STAGES} = feature extraction, 0 = full"
-        f" fine-tuning (default: {NUM_STAGES}; 0 with --weights none)",
-    ),
-    "epochs": (int, "number of epochs"),
-    "lr": (
-        float,
-        "the head's peak learning rate, after warm-up, then cosine decay (default: the recipe's for the optimizer:"
-        f" {recipe.LR['adamw']} for adamw, {recipe.LR['sgd']} for sgd; at --freeze-depth 5"
-        f" {recipe.HEAD_ONLY_LR['adamw']} and {recipe.HEAD_ONLY_LR['sgd']}; discriminative and probe"
-        f" {recipe.DISCRIMINATIVE_HEAD_LR['adamw']} and {recipe.DISCRIMINATIVE_HEAD_LR['sgd']})",
-    ),
-    "optimizer": (
-        str,
-        f"{' | '.join(OPTIMIZERS)} (default: auto: sgd at --freeze-depth {NUM_STAGES}, where a head alone trains, adamw"
-        " otherwise; tl_ray/recipe.py says why)",
-    ),
-    "momentum": (float, "SGD momentum (with --optimizer sgd; Nesterov)"),
-    "weight_decay": (
-        float,
-        "weight decay, never on BatchNorm weights or biases (default: the recipe's for --optimizer:"
-        f" {recipe.WEIGHT_DECAY['adamw']} for adamw, {recipe.WEIGHT_DECAY['sgd']} for sgd)",
-    ),
-    "warmup_epochs": (float, "linear LR warm-up length, in epochs (default: 5%% of the run, at most 1 epoch)"),
-    "strategy": (
-        str,
-        "how the unfrozen backbone trains: plain (one learning rate) | discriminative (backbone at 0.1 x --lr) |"
-        " probe (the head alone for a fifth of the epochs, then discriminative) | auto (plain, from any start:"
-        " see BENCHMARKS.md)",
-    ),
-    "backbone_lr_mult": (float, "the backbone's learning rate as a multiple of --lr (default: the strategy's)"),
-    "head_epochs": (int, "epochs of the head alone before unfreezing to --freeze-depth (default: the strategy's)"),
-    "train_bn": (
-        bool,
-        "BatchNorm of the fine-tuned stages updates its running statistics (--no-train-bn keeps the starting"
-        " ones: for small per-worker batches)",
-    ),
-    "sync_bn": (bool, "synchronise BatchNorm statistics across GPU workers (SyncBatchNorm)"),
-    "label_smoothing": (float, "label smoothing of the cross-entropy loss"),
-    "class_weights": (
-        str,
-        f"{' | '.join(CLASS_WEIGHTS)}: auto weighs each class's training loss by n / (classes x n_class), from the"
-        " training images' counts, so rare classes count as much as common ones (validation loss stays unweighted)",
-    ),
-    "monitor": (
-        str,
-        f"{' | '.join(MONITORS)}: the validation metric that picks the best checkpoint (val_loss: lowest) and, in"
-        " tune, ranks and early-stops trials; macro_f1 (the mean of per-class F1) suits imbalanced classes",
-    ),
-    "batch_size": (
-        int,
-        "global batch size, split evenly over the workers (default: chosen once the training set is listed:"
-        f" {recipe.BATCH_SIZE}, or the whole set when smaller, and at least 2 a worker)",
-    ),
-    "image_size": (int, "training crop size in pixels"),
-    "val_fraction": (float, "share of train/ held out for validation when there is no val/ folder"),
-    "color_jitter": (float, "colour jitter strength for training augmentation (0 = off)"),
-    "augment": (
-        str,
-        f"auto: none at --freeze-depth {NUM_STAGES} (a head alone), else light below 128 px, else standard |"
-        " standard: random crops of 25-100%% of the image and flips |"
-        " light: crops of 60-100%% and flips | none: training images centre-cropped like validation ones;"
-        " at --freeze-depth 5 with the cache on, the backbone's features are then computed once and only the head"
-        " trains",
-    ),
-    "num_workers": (
-        str,
-        "data-parallel training workers (one GPU each on a GPU cluster); MIN-MAX (1-4): elastic, as many as the"
-        " alive nodes fit: a lost node shrinks the group, a new one grows it at the next --resize-interval check,"
-        " each time from the last checkpoint",
-    ),
-    "cpus_per_worker": (
-        float,
-        "CPUs reserved per worker, and its torch threads on CPU (default: reserve all but one CPU (or half the"
-        " machine) for the data pipeline, and use the node's cores, shared by its workers)",
-    ),
-    "storage": (
-        str,
-        "where runs are written: a local folder or a URI (s3://bucket/path, gs://..., endpoint as for --data); on a"
-        " multi-node cluster or in a Ray job it must be shared storage (a URI or an NFS folder), checked writable"
-        " before the run starts",
-    ),
-    "cache": (
-        str,
-        "decoded-image cache: auto (under --storage/.tl-ray-cache) | a folder or URI | none (decode every epoch);"
-        " images are decoded and resized once, and reused by later epochs, runs and sweep trials",
-    ),
-    "name": (str, "run name: its folder under --storage; rerunning a name resumes it (default: train-<timestamp>)"),
-    "keep_checkpoints": (int, "keep the best N checkpoints by --monitor (the latest is always kept too)"),
-    "max_failures": (int, "restart failed training workers from the last checkpoint up to N times (-1: forever)"),
-    "resource_timeout": (
-        float,
-        "seconds a run may wait for its workers' resources (at the start, or after losing a node) before it fails"
-        " with an error; 0: wait forever",
-    ),
-    "resize_interval": (
-        float,
-        "elastic --num-workers MIN-MAX: seconds between checks for room to grow the worker group (each growth"
-        " restarts the group from the last checkpoint)",
-    ),
-    "seed": (int, "random seed for the new head's initialisation and the workers"),
-    "logger": (
-        str,
-        f"{' | '.join(LOGGERS)}: also log every epoch to Weights & Biases or MLflow (TensorBoard files are always"
-        " written to the run folder's tensorboard/), configured by their variables: WANDB_MODE (offline),"
-        " WANDB_API_KEY, MLFLOW_TRACKING_URI; tune logs one tracker run per trial",
-    ),
-    "logger_project": (
-        str,
-        "the W&B project or MLflow experiment (default: WANDB_PROJECT or MLFLOW_EXPERIMENT_NAME, else tl-ray)",
-    ),
-}
+def _add_options(parser: argparse.ArgumentParser, config_class: type, only: Sequence[str] = ()) -> None:
+    """The flags of a config's options (``only``: some of them), made from its fields: the type from the
+    annotation, the help from ``config.option``, the default from the dataclass. Options the class declares
+    itself come first (tune's before the train ones it inherits); its IGNORED ones get no flag.
 
-
-TUNE_HELP: dict[str, tuple[Any, str]] = {
-    # The list options take comma-separated text here; in --config, a YAML list too (freeze_depths: [0, 3, 5]).
-    "freeze_depths": (str, "comma-separated freeze depths to compare (0,3,5), each a grid point"),
-    "strategies": (
-        str,
-        "comma-separated fine-tuning strategies to compare (plain,probe; see --strategy); depth 5 runs once",
-    ),
-    "lrs": (str, "comma-separated learning rates (1e-3,3e-3), each tried at every depth and strategy"),
-    "lr_min": (float, "without --lrs: lowest learning rate of the grid (default: the recipe's / 3)"),
-    "lr_max": (float, "without --lrs: highest learning rate of the grid (default: the recipe's x 3)"),
-    "num_samples": (
-        int,
-        "without --lrs: learning rates, log-spaced from --lr-min to --lr-max, each tried at every depth and"
-        " strategy (1: the recipe's rate)",
-    ),
-    "max_epochs": (int, "epochs per trial (ASHA may stop a trial sooner)"),
-    "scheduler": (str, "asha: stop weak trials early on --monitor | fifo: run every trial to the end"),
-    "max_concurrent": (int, "trials at once (default: GPUs / --num-workers on a GPU cluster, else 1)"),
-    "scratch_baseline": (
-        bool,
-        "also train from random weights (full fine-tuning, never stopped early): the report shows what transfer gains",
-    ),
-}
-
-
-def _add_option(parser: argparse.ArgumentParser, key: str, kind: Any, text: str, default: Any) -> None:
-    suffix = f" (default: {default})" if default is not None and key != "name" and "default:" not in text else ""
-    if kind is bool:
-        parser.add_argument(
-            "--" + key.replace("_", "-"), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text
-        )
-        return
-    parser.add_argument("--" + key.replace("_", "-"), type=kind, default=argparse.SUPPRESS, help=text + suffix)
-
-
-def _add_train_options(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
-    defaults = TrainConfig()
-    for key, (kind, text) in TRAIN_HELP.items():
-        if key in skip:
+    Every default is SUPPRESS, so the namespace holds only the flags given: they override the --config file.
+    """
+    hints = typing.get_type_hints(config_class)
+    bases = [base for base in config_class.__mro__[1:] if dataclasses.is_dataclass(base)]
+    inherited = {field.name for base in bases for field in dataclasses.fields(base)}
+    fields = sorted(dataclasses.fields(config_class), key=lambda field: field.name in inherited)
+    defaults = config_class()
+    for field in fields:
+        if field.name in getattr(config_class, "IGNORED", ()) or (only and field.name not in only):
             continue
-        _add_option(parser, key, kind, text, getattr(defaults, key))
-    device = parser.add_mutually_exclusive_group()
-    device.add_argument("--gpu", dest="gpu", action="store_true", default=argparse.SUPPRESS, help="train on GPUs")
-    device.add_argument("--cpu", dest="gpu", action="store_false", default=argparse.SUPPRESS, help="train on CPUs")
+        _add_flag(parser, field, hints[field.name], getattr(defaults, field.name))
+
+
+def _add_flag(parser: argparse.ArgumentParser, field: dataclasses.Field, hint: Any, default: Any) -> None:
+    text = _help(field)
+    kinds = set(typing.get_args(hint)) - {type(None)} if isinstance(hint, types.UnionType) else {hint}
+    if "negative" in field.metadata:  # --gpu / --cpu
+        negative, negative_text = field.metadata["negative"]
+        pair = parser.add_mutually_exclusive_group()
+        pair.add_argument(flag(field.name), dest=field.name, action="store_true", default=SUPPRESS, help=text)
+        pair.add_argument(flag(negative), dest=field.name, action="store_false", default=SUPPRESS, help=negative_text)
+    elif bool in kinds:
+        parser.add_argument(flag(field.name), action=argparse.BooleanOptionalAction, default=SUPPRESS, help=text)
+    else:
+        kind = str if str in kinds else kinds.pop()  # num_workers: 4 or 1-4, made an int by merge where it is one
+        suffix = f" (default: {default})" if default is not None and "default:" not in text else ""
+        parser.add_argument(flag(field.name), type=kind, default=SUPPRESS, help=text + suffix)
+
+
+def _help(field: dataclasses.Field) -> str:
+    return field.metadata["help"].replace("%", "%%")  # argparse formats help with %
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of train and tune besides their options'."""
     parser.add_argument(
         "--config",
         default=None,
@@ -254,16 +102,8 @@ def _add_train_options(parser: argparse.ArgumentParser, skip: Sequence[str] = ()
     )
 
 
-def _add_source_options(parser: argparse.ArgumentParser, only: Sequence[str] = ()) -> None:
-    """The source flags (SourceOptions) of a command that reads --data without training (``only``: some of them)."""
-    defaults = SourceOptions()
-    for key, (kind, text) in SOURCE_HELP.items():
-        if not only or key in only:
-            _add_option(parser, key, kind, text, getattr(defaults, key))
-
-
 def _source_options(args: argparse.Namespace) -> SourceOptions:
-    return SourceOptions(**{key: getattr(args, key) for key in SOURCE_HELP if hasattr(args, key)}).validate()
+    return SourceOptions(**{key: getattr(args, key) for key in SOURCE_KEYS if hasattr(args, key)}).validate()
 
 
 def _add_verbose(parser: argparse.ArgumentParser) -> None:
@@ -313,13 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 
     train = commands.add_parser("train", help="fine-tune a pretrained ResNet on a folder of images")
-    _add_train_options(train)
+    _add_options(train, TrainConfig)
+    _add_config_flags(train)
 
     sweep = commands.add_parser("tune", help="compare freeze depths x learning rates with Ray Tune; report the best")
-    defaults = TuneConfig()
-    for key, (kind, text) in TUNE_HELP.items():
-        _add_option(sweep, key, kind, text, getattr(defaults, key))
-    _add_train_options(sweep, skip=("freeze_depth", "lr", "epochs", "strategy"))
+    _add_options(sweep, TuneConfig)
+    _add_config_flags(sweep)
 
     predict = commands.add_parser("predict", help="classify images with a checkpoint (Ray Data batch inference)")
     predict.add_argument("--checkpoint", required=True, help="a tl-ray checkpoint (a sweep's best/): path or URI")
@@ -335,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--concurrency", type=int, default=None, help="model actors (default: one per GPU, or 1 on CPU)"
     )
-    _add_source_options(predict, ("path_column", "image_column"))
+    _add_options(predict, SourceOptions, ("path_column", "image_column"))
     _add_verbose(predict)
 
     evaluate = commands.add_parser("evaluate", help="accuracy, per-class metrics and confusion matrix on DIR/<class>/")
@@ -348,19 +187,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--out", default=None, help="folder or URI: metrics.json, confusion.png, misclassified.csv")
     evaluate.add_argument("--batch-size", type=int, default=64, help="images per model call (default: 64)")
-    _add_source_options(evaluate)
+    _add_options(evaluate, SourceOptions)
     _add_verbose(evaluate)
 
     inspect = commands.add_parser(
         "inspect",
         help="what a run would train on: source, classes and counts per split, skipped items, image sizes",
     )
-    inspect.add_argument("--data", required=True, help=TRAIN_HELP["data"][1])
-    inspect.add_argument("--val-data", default=None, help=TRAIN_HELP["val_data"][1])
+    train_fields = TrainConfig.__dataclass_fields__
+    inspect.add_argument("--data", required=True, help=_help(train_fields["data"]))
+    inspect.add_argument("--val-data", default=None, help=_help(train_fields["val_data"]))
     inspect.add_argument(
-        "--val-fraction", type=float, default=TrainConfig().val_fraction, help=TRAIN_HELP["val_fraction"][1]
+        "--val-fraction", type=float, default=TrainConfig().val_fraction, help=_help(train_fields["val_fraction"])
     )
-    _add_source_options(inspect)
+    _add_options(inspect, SourceOptions)
     inspect.add_argument(
         "--decode",
         action="store_true",

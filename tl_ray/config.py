@@ -8,6 +8,10 @@ them: numbers in any spelling (``lr: 3e-4``, which YAML 1.1 reads as text, ``1_0
 (``freeze_depths: [0, 3, 5]`` as well as ``freeze_depths: 0,3,5``). Every mistake is a
 ``UsageError`` naming the key, the file and what was expected. ``to_yaml`` writes a config
 that ``merge`` reads back into an equal one (``tl-ray ... --print-config``).
+
+Each option is declared once, as a dataclass field made by ``option``: its default, help, choices and bounds.
+The flags (tl_ray.cli builds them from the fields), the YAML coercion (by the field's type), the checks
+(``check_options``) and ``--print-config`` all read that one declaration.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ import os
 import re
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -65,6 +70,57 @@ def flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+# A list-valued option (TuneConfig's freeze_depths, strategies, lrs) holds its canonical comma-separated text,
+# "0,3,5", as its flag takes it; a config file or the Python API may give a list, or a single value, instead.
+LIST_ITEMS = "list_items"  # field metadata: the item type, and how the error messages describe the items
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: Iterable[str] = (),
+    between: tuple[float, float] | None = None,
+    positive: bool = False,
+    items: tuple[type, str, str] | None = None,
+    negative: tuple[str, str] | None = None,
+) -> Any:
+    """A config field declared once: the CLI makes its flag from it (type from the annotation, ``help``, the
+    default from the dataclass), ``merge`` coerces YAML values to that type, ``validate`` checks ``choices``,
+    ``between`` (inclusive bounds) and ``positive`` (``check_options``; None, where allowed, is not checked).
+
+    ``items``: a list option's item type, how errors describe the items, an example (see ``_coerce_list``);
+    ``negative``: a bool option's opposite flag and that flag's help (``--cpu`` for ``--gpu``): one or neither.
+    """
+    metadata: dict[str, Any] = {"help": help, "choices": tuple(choices), "between": between, "positive": positive}
+    if items is not None:
+        metadata[LIST_ITEMS] = items
+    if negative is not None:
+        metadata["negative"] = negative
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def same_option(config_class: type, key: str) -> Any:
+    """Another config's option, for a config that takes it too (TrainConfig the SourceOptions): declared there."""
+    declared = config_class.__dataclass_fields__[key]
+    return dataclasses.field(default=declared.default, metadata=declared.metadata)
+
+
+def check_options(config: Any) -> None:
+    """The checks each option declares (choices, bounds), in field order; the error names the flag. Options the
+    config ignores (its IGNORED: tune's searched ones) are not checked: their values are never used."""
+    for field in dataclasses.fields(config):
+        value, declared = getattr(config, field.name), field.metadata
+        if value is None or field.name in getattr(config, "IGNORED", ()):
+            continue
+        if declared["choices"] and value not in declared["choices"]:
+            raise UsageError(f"{flag(field.name)} must be one of {', '.join(declared['choices'])}; got {value!r}")
+        if declared["between"] is not None:
+            _check_range(field.name, value, *declared["between"])
+        if declared["positive"]:
+            _check_positive(field.name, value)
+
+
 LABEL_PATTERN_HINT = r"^(\w+)\."  # cat.0.jpg -> cat: what the flat-folder error suggests
 
 
@@ -72,11 +128,21 @@ LABEL_PATTERN_HINT = r"^(\w+)\."  # cat.0.jpg -> cat: what the flat-folder error
 class SourceOptions:
     """How a source's items are labelled and split (tl_ray.sources): the flags every command that reads --data takes."""
 
-    label_pattern: str | None = None  # a regex whose group 'label' (or group 1) is the label in a file's name
-    path_column: str = "path"  # a manifest's column of image paths
-    label_column: str = "label"  # a manifest's or Parquet's column of labels
-    split_column: str = "split"  # a manifest's or Parquet's column of splits (train/val), if it has one
-    image_column: str | None = None  # Parquet's column of encoded images (None: the one that holds images)
+    label_pattern: str | None = option(
+        None,
+        "labels in the file names: a regex searched in each image's name, the label its group 'label' or group 1"
+        f" (cat.0.jpg: '{LABEL_PATTERN_HINT}'); files that do not match are skipped and reported",
+    )
+    path_column: str = option(
+        "path", "a manifest's column of image paths (relative to the manifest's folder, absolute, or URIs)"
+    )
+    label_column: str = option("label", "a manifest's or Parquet's column of labels: class names, or integer ids")
+    split_column: str = option("split", "a manifest's or Parquet's column of splits, train or val (if it has one)")
+    image_column: str | None = option(
+        None,
+        "Parquet's column of encoded images, binary or {bytes, path} (default: the one named image, else the first"
+        " that holds images)",
+    )
 
     def validate(self) -> SourceOptions:
         if self.label_pattern is not None:
@@ -101,50 +167,172 @@ SOURCE_KEYS = tuple(field.name for field in dataclasses.fields(SourceOptions))
 
 @dataclass
 class TrainConfig:
-    """Everything `tl-ray train` needs. Field names are the YAML keys and, with dashes, the flags."""
+    """Everything `tl-ray train` needs. Field names are the YAML keys and, with dashes, the flags; each field's
+    ``option`` is the one declaration of its default, help and choices."""
 
-    data: str | None = None
-    val_data: str | None = None  # a validation set stored elsewhere (any source); None: --data's own or held out
-    label_pattern: str | None = None  # see SourceOptions
-    path_column: str = "path"
-    label_column: str = "label"
-    split_column: str = "split"
-    image_column: str | None = None
-    arch: str = "resnet50"
-    weights: str = "imagenet"
-    freeze_depth: int | None = None  # None: 5 (feature extraction), or 0 with --weights none
-    epochs: int = 10
-    lr: float | None = None  # None: the recipe's for the optimizer and depth (tl_ray.recipe)
-    optimizer: str = "auto"  # by what trains: tl_ray.recipe.optimizer
-    momentum: float = 0.9
-    weight_decay: float | None = None  # None: the recipe's for the optimizer
-    warmup_epochs: float | None = None  # None: 5% of the run's steps, at most one epoch
-    strategy: str = "auto"  # see recipe.strategy_options
-    backbone_lr_mult: float | None = None  # None: the strategy's
-    head_epochs: int | None = None  # None: the strategy's
-    train_bn: bool = True  # False: BatchNorm of the fine-tuned stages keeps its running statistics
-    sync_bn: bool = False
-    label_smoothing: float = 0.0
-    class_weights: str = "none"  # see CLASS_WEIGHTS
-    monitor: str = "val_acc"  # see MONITORS
-    batch_size: int | None = None  # None: from the training set's size (recipe.batch_size), once it is listed
-    image_size: int = 224
-    val_fraction: float = 0.2
-    color_jitter: float = 0.0
-    augment: str = "auto"
-    num_workers: int | str = 1  # N, or MIN-MAX ("1-4"): elastic, Ray Train resizes the group to the nodes alive
-    gpu: bool | None = None
-    cpus_per_worker: float | None = None
-    storage: str = "./runs"
-    cache: str = "auto"  # "auto": STORAGE/.tl-ray-cache; "none": no cache; else a folder or URI
-    name: str | None = None
-    keep_checkpoints: int = 2
-    max_failures: int = 3
-    resource_timeout: float = 600.0  # seconds without a running worker group before the run fails; 0: no limit
-    resize_interval: float = 60.0  # elastic runs: seconds between Ray Train's checks for room to grow
-    seed: int = 0
-    logger: str = "none"  # see LOGGERS; TensorBoard files are written whatever it is
-    logger_project: str | None = None  # None: WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME, else "tl-ray"
+    IGNORED: ClassVar[tuple[str, ...]] = ()  # options this command takes no flag for (see TuneConfig)
+
+    data: str | None = option(
+        None,
+        "the dataset: ROOT/train/<class>/*.jpg (+ optional ROOT/val/); a flat folder with --label-pattern; a"
+        " manifest FILE.csv|.tsv|.jsonl|.parquet of path,label[,split]; or Parquet files holding the images (a file,"
+        " folder or glob; Hugging Face's train-*/validation-* recognised). A path or a URI (s3://, gs://, abfs://,"
+        " hdfs://; an S3-compatible endpoint as ?endpoint_override=HOST:PORT&scheme=http or AWS_ENDPOINT_URL)",
+    )
+    val_data: str | None = option(
+        None, "a validation set stored elsewhere, any source --data takes (replaces --data's own val split)"
+    )
+    label_pattern: str | None = same_option(SourceOptions, "label_pattern")
+    path_column: str = same_option(SourceOptions, "path_column")
+    label_column: str = same_option(SourceOptions, "label_column")
+    split_column: str = same_option(SourceOptions, "split_column")
+    image_column: str | None = same_option(SourceOptions, "image_column")
+    arch: str = option("resnet50", f"backbone: {', '.join(ARCHS)}", choices=ARCHS)
+    weights: str = option(
+        "imagenet",
+        "imagenet | a torchvision weights name (IMAGENET1K_V1) | none | a .pth state dict | a tl-ray checkpoint dir"
+        " (paths or URIs)",
+    )
+    freeze_depth: int | None = option(
+        None,
+        f"freeze the first N of the {NUM_STAGES} backbone stages: {NUM_STAGES} = feature extraction, 0 = full"
+        f" fine-tuning (default: {NUM_STAGES}; 0 with --weights none)",
+        between=(0, NUM_STAGES),
+    )
+    epochs: int = option(10, "number of epochs", positive=True)
+    lr: float | None = option(
+        None,
+        "the head's peak learning rate, after warm-up, then cosine decay (default: the recipe's for the optimizer:"
+        f" {recipe.LR['adamw']} for adamw, {recipe.LR['sgd']} for sgd; at --freeze-depth 5"
+        f" {recipe.HEAD_ONLY_LR['adamw']} and {recipe.HEAD_ONLY_LR['sgd']}; discriminative and probe"
+        f" {recipe.DISCRIMINATIVE_HEAD_LR['adamw']} and {recipe.DISCRIMINATIVE_HEAD_LR['sgd']})",
+        positive=True,
+    )
+    optimizer: str = option(
+        "auto",
+        f"{' | '.join(OPTIMIZERS)} (default: auto: sgd at --freeze-depth {NUM_STAGES}, where a head alone trains, adamw"
+        " otherwise; tl_ray/recipe.py says why)",
+        choices=OPTIMIZERS,
+    )
+    momentum: float = option(0.9, "SGD momentum (with --optimizer sgd; Nesterov)", between=(0.0, 1.0))
+    weight_decay: float | None = option(
+        None,
+        "weight decay, never on BatchNorm weights or biases (default: the recipe's for --optimizer:"
+        f" {recipe.WEIGHT_DECAY['adamw']} for adamw, {recipe.WEIGHT_DECAY['sgd']} for sgd)",
+        between=(0.0, 1.0),
+    )
+    warmup_epochs: float | None = option(
+        None, "linear LR warm-up length, in epochs (default: 5% of the run, at most 1 epoch)"
+    )
+    strategy: str = option(
+        "auto",
+        "how the unfrozen backbone trains: plain (one learning rate) | discriminative (backbone at 0.1 x --lr) |"
+        " probe (the head alone for a fifth of the epochs, then discriminative) | auto (plain, from any start:"
+        " see BENCHMARKS.md)",
+        choices=recipe.STRATEGIES,
+    )
+    backbone_lr_mult: float | None = option(
+        None,
+        "the backbone's learning rate as a multiple of --lr (default: the strategy's)",
+        between=(0.0, 100.0),
+    )
+    head_epochs: int | None = option(
+        None, "epochs of the head alone before unfreezing to --freeze-depth (default: the strategy's)"
+    )
+    train_bn: bool = option(
+        True,
+        "BatchNorm of the fine-tuned stages updates its running statistics (--no-train-bn keeps the starting"
+        " ones: for small per-worker batches)",
+    )
+    sync_bn: bool = option(False, "synchronise BatchNorm statistics across GPU workers (SyncBatchNorm)")
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy loss", between=(0.0, 0.99))
+    class_weights: str = option(
+        "none",
+        f"{' | '.join(CLASS_WEIGHTS)}: auto weighs each class's training loss by n / (classes x n_class), from the"
+        " training images' counts, so rare classes count as much as common ones (validation loss stays unweighted)",
+        choices=CLASS_WEIGHTS,
+    )
+    monitor: str = option(
+        "val_acc",
+        f"{' | '.join(MONITORS)}: the validation metric that picks the best checkpoint (val_loss: lowest) and, in"
+        " tune, ranks and early-stops trials; macro_f1 (the mean of per-class F1) suits imbalanced classes",
+        choices=MONITORS,
+    )
+    batch_size: int | None = option(
+        None,
+        "global batch size, split evenly over the workers (default: chosen once the training set is listed:"
+        f" {recipe.BATCH_SIZE}, or the whole set when smaller, and at least 2 a worker)",
+    )
+    image_size: int = option(224, "training crop size in pixels", between=(16, 4096))
+    val_fraction: float = option(0.2, "share of train/ held out for validation when there is no val/ folder")
+    color_jitter: float = option(0.0, "colour jitter strength for training augmentation (0 = off)", between=(0.0, 1.0))
+    augment: str = option(
+        "auto",
+        f"auto: none at --freeze-depth {NUM_STAGES} (a head alone), else light below 128 px, else standard |"
+        " standard: random crops of 25-100% of the image and flips |"
+        " light: crops of 60-100% and flips | none: training images centre-cropped like validation ones;"
+        " at --freeze-depth 5 with the cache on, the backbone's features are then computed once and only the head"
+        " trains",
+        choices=AUGMENTS,
+    )
+    num_workers: int | str = option(
+        1,
+        "data-parallel training workers (one GPU each on a GPU cluster); MIN-MAX (1-4): elastic, as many as the"
+        " alive nodes fit: a lost node shrinks the group, a new one grows it at the next --resize-interval check,"
+        " each time from the last checkpoint",
+    )
+    gpu: bool | None = option(None, "train on GPUs", negative=("cpu", "train on CPUs"))  # None: GPUs if any
+    cpus_per_worker: float | None = option(
+        None,
+        "CPUs reserved per worker, and its torch threads on CPU (default: reserve all but one CPU (or half the"
+        " machine) for the data pipeline, and use the node's cores, shared by its workers)",
+        positive=True,
+    )
+    storage: str = option(
+        "./runs",
+        "where runs are written: a local folder or a URI (s3://bucket/path, gs://..., endpoint as for --data); on a"
+        " multi-node cluster or in a Ray job it must be shared storage (a URI or an NFS folder), checked writable"
+        " before the run starts",
+    )
+    cache: str = option(
+        "auto",
+        "decoded-image cache: auto (under --storage/.tl-ray-cache) | a folder or URI | none (decode every epoch);"
+        " images are decoded and resized once, and reused by later epochs, runs and sweep trials",
+    )
+    name: str | None = option(
+        None, "run name: its folder under --storage; rerunning a name resumes it (default: train-<timestamp>)"
+    )
+    keep_checkpoints: int = option(
+        2, "keep the best N checkpoints by --monitor (the latest is always kept too)", positive=True
+    )
+    max_failures: int = option(
+        3,
+        "restart failed training workers from the last checkpoint up to N times (-1: forever)",
+        between=(-1, 1_000_000),
+    )
+    resource_timeout: float = option(
+        600.0,
+        "seconds a run may wait for its workers' resources (at the start, or after losing a node) before it fails"
+        " with an error; 0: wait forever",
+        between=(0.0, 1e9),
+    )
+    resize_interval: float = option(
+        60.0,
+        "elastic --num-workers MIN-MAX: seconds between checks for room to grow the worker group (each growth"
+        " restarts the group from the last checkpoint)",
+        positive=True,
+    )
+    seed: int = option(0, "random seed for the new head's initialisation and the workers")
+    logger: str = option(
+        "none",
+        f"{' | '.join(LOGGERS)}: also log every epoch to Weights & Biases or MLflow (TensorBoard files are always"
+        " written to the run folder's tensorboard/), configured by their variables: WANDB_MODE (offline),"
+        " WANDB_API_KEY, MLFLOW_TRACKING_URI; tune logs one tracker run per trial",
+        choices=LOGGERS,
+    )
+    logger_project: str | None = option(
+        None, "the W&B project or MLflow experiment (default: WANDB_PROJECT or MLFLOW_EXPERIMENT_NAME, else tl-ray)"
+    )
 
     def validate(self) -> TrainConfig:
         """Raise UsageError naming the first bad option; return the config with defaults resolved.
@@ -152,34 +340,18 @@ class TrainConfig:
         Freeze depth defaults to feature extraction, except from random weights
         (``--weights none``), where a frozen backbone would only compute noise.
         """
+        check_options(self)
         if self.freeze_depth is None:
             default_depth = 0 if self.weights == "none" else NUM_STAGES
             return dataclasses.replace(self, freeze_depth=default_depth).validate()
-        if self.optimizer not in OPTIMIZERS:
-            raise UsageError(f"{flag('optimizer')} must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
-        if self.strategy not in recipe.STRATEGIES:
-            raise UsageError(f"{flag('strategy')} must be one of {', '.join(recipe.STRATEGIES)}; got {self.strategy!r}")
         unresolved = (self.lr, self.weight_decay, self.warmup_epochs, self.backbone_lr_mult, self.head_epochs)
         head_only_auto = self.freeze_depth == NUM_STAGES and self.augment == "auto"
         if None in unresolved or "auto" in (self.strategy, self.optimizer) or head_only_auto:
             return self.with_recipe().validate()
         if not self.data:
             raise UsageError(f"{flag('data')} is required: a folder with train/<class>/ image sub-folders")
-        if self.arch not in ARCHS:
-            raise UsageError(f"{flag('arch')} must be one of {', '.join(ARCHS)}; got {self.arch!r}")
-        if self.augment not in AUGMENTS:
-            raise UsageError(f"{flag('augment')} must be one of {', '.join(AUGMENTS)}; got {self.augment!r}")
-        if self.class_weights not in CLASS_WEIGHTS:
-            raise UsageError(
-                f"{flag('class_weights')} must be one of {', '.join(CLASS_WEIGHTS)}; got {self.class_weights!r}"
-            )
-        if self.monitor not in MONITORS:
-            raise UsageError(f"{flag('monitor')} must be one of {', '.join(MONITORS)}; got {self.monitor!r}")
         check_logger(self.logger)
         self.source_options().validate()
-        _check_range("freeze_depth", self.freeze_depth, 0, NUM_STAGES)
-        _check_positive("epochs", self.epochs)
-        _check_positive("lr", self.lr)
         workers = parse_workers(self.num_workers)
         if workers is None or not 1 <= workers[0] <= workers[1]:
             raise UsageError(
@@ -191,17 +363,7 @@ class TrainConfig:
                 f"{flag('batch_size')} is the global batch, split over {flag('num_workers')}: it must be at least "
                 f"2 per worker ({2 * self.max_workers}); got {self.batch_size}"
             )
-        _check_range("resource_timeout", self.resource_timeout, 0.0, 1e9)
-        _check_positive("resize_interval", self.resize_interval)
-        _check_positive("keep_checkpoints", self.keep_checkpoints)
-        _check_range("image_size", self.image_size, 16, 4096)
-        _check_range("momentum", self.momentum, 0.0, 1.0)
-        _check_range("weight_decay", self.weight_decay, 0.0, 1.0)
-        _check_range("label_smoothing", self.label_smoothing, 0.0, 0.99)
-        _check_range("color_jitter", self.color_jitter, 0.0, 1.0)
-        _check_range("max_failures", self.max_failures, -1, 1_000_000)
-        _check_range("warmup_epochs", self.warmup_epochs, 0.0, float(self.epochs))
-        _check_range("backbone_lr_mult", self.backbone_lr_mult, 0.0, 100.0)
+        _check_range("warmup_epochs", self.warmup_epochs, 0.0, float(self.epochs))  # bounds that depend on epochs
         _check_range("head_epochs", self.head_epochs, 0, self.epochs - 1)
         if self.head_epochs and self.freeze_depth == NUM_STAGES:
             raise UsageError(
@@ -210,8 +372,6 @@ class TrainConfig:
             )
         if not 0.0 < self.val_fraction < 1.0:
             raise UsageError(f"{flag('val_fraction')} must be between 0 and 1 (exclusive); got {self.val_fraction}")
-        if self.cpus_per_worker is not None:
-            _check_positive("cpus_per_worker", self.cpus_per_worker)
         if not self.cache:
             raise UsageError(f"{flag('cache')} must be auto, none, or a folder or URI for the decoded-image cache")
         if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
@@ -298,18 +458,10 @@ def _check_range(key: str, value: float, low: float, high: float) -> None:
         raise UsageError(f"{flag(key)} must be between {low} and {high}; got {value}")
 
 
-# A list-valued option (TuneConfig's freeze_depths, strategies, lrs) holds its canonical comma-separated text,
-# "0,3,5", as its flag takes it; a config file or the Python API may give a list, or a single value, instead.
-LIST_ITEMS = "list_items"  # field metadata: the item type, and how the error messages describe the items
 _TYPE_NAMES = {bool: "bool", int: "int", float: "float", str: "str", type(None): "null"}
 # Numbers as YAML 1.1 (PyYAML) leaves them as text: 3e-4, 1e-3, 1.5e3, -.5 (and 1_000 wherever it is text).
 _NUMBER = re.compile(r"[-+]?(?=\.?\d)(\d[\d_]*)?(\.[\d_]*)?([eE][-+]?\d+)?", re.ASCII)
 _INVALID = object()
-
-
-def list_field(default: str | None, items: type, described: str, example: str) -> Any:
-    """A dataclass field for a list-valued option: ``items`` is the type of each item."""
-    return dataclasses.field(default=default, metadata={LIST_ITEMS: (items, described, example)})
 
 
 def _where(path: str | None, key: str) -> str:
@@ -494,16 +646,47 @@ class TuneConfig(TrainConfig):
     in which each had its own random rate would measure the draws, not the depths.
     """
 
-    freeze_depths: str = list_field("0,1,2,3,4,5", int, "integers", "0,3,5")
-    strategies: str = list_field("auto", str, "strategy names", "discriminative,probe")
-    lrs: str | None = list_field(None, float, "numbers", "1e-3,3e-3")
-    lr_min: float | None = None
-    lr_max: float | None = None
-    num_samples: int = 1
-    max_epochs: int = 5
-    scheduler: str = "asha"
-    max_concurrent: int | None = None
-    scratch_baseline: bool = False
+    IGNORED: ClassVar[tuple[str, ...]] = ("freeze_depth", "lr", "epochs", "strategy")  # searched, or max_epochs
+
+    # The list options take comma-separated text as flags; in --config, a YAML list too (freeze_depths: [0, 3, 5]).
+    freeze_depths: str = option(
+        "0,1,2,3,4,5",
+        "comma-separated freeze depths to compare (0,3,5), each a grid point",
+        items=(int, "integers", "0,3,5"),
+    )
+    strategies: str = option(
+        "auto",
+        "comma-separated fine-tuning strategies to compare (plain,probe; see --strategy); depth 5 runs once",
+        items=(str, "strategy names", "discriminative,probe"),
+    )
+    lrs: str | None = option(
+        None,
+        "comma-separated learning rates (1e-3,3e-3), each tried at every depth and strategy",
+        items=(float, "numbers", "1e-3,3e-3"),
+    )
+    lr_min: float | None = option(
+        None, "without --lrs: lowest learning rate of the grid (default: the recipe's / 3)", positive=True
+    )
+    lr_max: float | None = option(
+        None, "without --lrs: highest learning rate of the grid (default: the recipe's x 3)", positive=True
+    )
+    num_samples: int = option(
+        1,
+        "without --lrs: learning rates, log-spaced from --lr-min to --lr-max, each tried at every depth and"
+        " strategy (1: the recipe's rate)",
+        positive=True,
+    )
+    max_epochs: int = option(5, "epochs per trial (ASHA may stop a trial sooner)", positive=True)
+    scheduler: str = option(
+        "asha", "asha: stop weak trials early on --monitor | fifo: run every trial to the end", choices=SCHEDULERS
+    )
+    max_concurrent: int | None = option(
+        None, "trials at once (default: GPUs / --num-workers on a GPU cluster, else 1)", positive=True
+    )
+    scratch_baseline: bool = option(
+        False,
+        "also train from random weights (full fine-tuning, never stopped early): the report shows what transfer gains",
+    )
 
     def depths(self) -> list[int]:
         depths = sorted(set(_int_list("freeze_depths", self.freeze_depths)))
@@ -577,22 +760,13 @@ class TuneConfig(TrainConfig):
         return min(self.max_epochs, longest_head + max(1, math.ceil(2 * warmup)))
 
     def validate(self) -> TuneConfig:
+        check_options(self)
         check_logger(self.logger)  # the trials' own Train runs log nothing but TensorBoard: see trial_config
         self.depths()
         self.strategy_names()
-        if self.lr_min is not None:
-            _check_positive("lr_min", self.lr_min)
-        if self.lr_max is not None:
-            _check_positive("lr_max", self.lr_max)
         if self.lr_min is not None and self.lr_max is not None and self.lr_min > self.lr_max:
             raise UsageError(f"{flag('lr_min')} ({self.lr_min}) must not exceed {flag('lr_max')} ({self.lr_max})")
-        _check_positive("num_samples", self.num_samples)
         self.learning_rates()
-        _check_positive("max_epochs", self.max_epochs)
-        if self.scheduler not in SCHEDULERS:
-            raise UsageError(f"{flag('scheduler')} must be one of {', '.join(SCHEDULERS)}; got {self.scheduler!r}")
-        if self.max_concurrent is not None:
-            _check_positive("max_concurrent", self.max_concurrent)
         for point in self.search_points():
             TrainConfig.validate(self.trial_config(point, self.storage, self.name or "check"))
         return dataclasses.replace(self, epochs=self.max_epochs)
