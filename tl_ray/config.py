@@ -27,15 +27,14 @@ from typing import Any
 
 import yaml
 
-from tl_ray import recipe
+from tl_ray import backbones, recipe
+from tl_ray.backbones import ARCHS, NUM_STAGES
 from tl_ray.errors import UsageError
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 OPTIMIZERS = recipe.OPTIMIZERS
 # auto: light below 128 px, standard above; light/standard: random crops of at least 60%/25% of the
 # image, and flips; none: training images centre-cropped like validation ones.
 AUGMENTS = ("auto", "standard", "light", "none")
-NUM_STAGES = 5  # stem, layer1..layer4: see docs/architecture.md "freeze depth"
 # none: every sample counts the same; auto: loss weights n / (classes x n_class) from the training counts.
 CLASS_WEIGHTS = ("none", "auto")
 # The metric that picks the best checkpoint (and ranks a sweep's trials), and which way it improves.
@@ -195,6 +194,7 @@ class TrainConfig:
         _check_positive("resize_interval", self.resize_interval)
         _check_positive("keep_checkpoints", self.keep_checkpoints)
         _check_range("image_size", self.image_size, 16, 4096)
+        backbones.check_image_size(self.arch, self.image_size, flag("image_size"))
         _check_range("momentum", self.momentum, 0.0, 1.0)
         _check_range("weight_decay", self.weight_decay, 0.0, 1.0)
         _check_range("label_smoothing", self.label_smoothing, 0.0, 0.99)

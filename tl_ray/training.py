@@ -267,7 +267,7 @@ def run(
     batch_from_size = config.batch_size is None
     config = config.for_training_set(len(layout.train))
     progress.mark("run: data discovered")
-    weights = model.initial_weights(config.arch, config.weights, layout.class_names, config.seed)
+    weights = model.initial_weights(config.arch, config.weights, layout.class_names, config.seed, config.image_size)
     progress.mark("run: initial weights")
     short_side = data.resize_size(config.image_size, weights.crop_fraction)  # validation's resize, as the weights'
     started_locally = data.ensure_ray()
@@ -609,7 +609,7 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, round(loop_config["cpus_per_worker"])))
     torch.manual_seed(options.seed + rank)
 
-    net = model.create_resnet(options.arch, len(class_names))
+    net = model.create_model(options.arch, len(class_names), options.image_size)
     net.load_state_dict(ray.get(loop_config["weights_ref"]))
     if options.sync_bn and world > 1:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
@@ -652,7 +652,7 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
 
     # On cached backbone features only the head runs (and DDP syncs only its gradients).
     on_features = loop_config["inputs"] == "features"
-    trained = transfer.net.fc if on_features else transfer
+    trained = transfer.head if on_features else transfer
     wrapped = None
     weight = _weight_tensor(loop_config["class_weights"], class_names, device)  # --class-weights auto, else None
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=options.label_smoothing)
