@@ -10,8 +10,8 @@ it, is ``bench/feature_cache.py``'s subject).
     python bench/backbones.py      # resnet18, convnext_tiny, efficientnet_b0, vit_b_16; 64 px, batch 16, on CPU
     python bench/backbones.py --archs resnet18,vit_b_16 --image-size 32 --batch-size 4 --steps 1 --warmup 1  # smoke
 
-As ``freeze_depth.py``: the cases of one arch take their steps in turns (round-robin) and
-steps/s is over the fastest timed step (load elsewhere only ever slows a step); the median
+As ``freeze_depth.py``, but across archs too: every case takes its steps in turns (round-robin)
+and steps/s is over the fastest timed step (load elsewhere only ever slows a step); the median
 is in the JSON too. Prints a markdown table and writes JSON (``--out``).
 """
 
@@ -49,34 +49,36 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     archs, depths = args.archs.split(","), [int(d) for d in args.depths.split(",")]
     options = {"batch_size": args.batch_size, "image_size": args.image_size}
-    rows = []
-    for arch in archs:
+    cases = [(arch, depth) for arch in archs for depth in depths]
+    models, steps = {}, []
+    for arch, depth in cases:
         torch.manual_seed(0)
-        models = [TransferModel(create_model(arch, NUM_CLASSES, args.image_size), d).train() for d in depths]
-        parameters = sum(p.numel() for p in models[0].parameters())
-        steps = [make_step(model, device, **options) for model in models]
-        for step in steps:
-            for _ in range(args.warmup):
-                step()
-        seconds = [[] for _ in steps]
-        for _ in range(args.steps):  # round-robin: a burst of load elsewhere slows every case alike
-            for times, step in zip(seconds, steps, strict=True):
-                times.append(step())
-        del steps, models
-        for depth, times in zip(depths, seconds, strict=True):
-            measured = rates(args.batch_size, times)
-            rows.append(
-                {
-                    "arch": arch,
-                    "family": backbones.family(arch).name,
-                    "parameters_m": round(parameters / 1e6, 1),
-                    "feature_dim": backbones.family(arch).archs[arch].feature_dim,
-                    "freeze_depth": depth,
-                    "steps_per_s": measured["images_per_s"] / args.batch_size,
-                    "median_steps_per_s": measured["median_images_per_s"] / args.batch_size,
-                    **measured,
-                }
-            )
+        models[arch, depth] = TransferModel(create_model(arch, NUM_CLASSES, args.image_size), depth).train()
+        steps.append(make_step(models[arch, depth], device, **options))
+    parameters = {arch: sum(p.numel() for p in models[arch, depths[0]].parameters()) for arch in archs}
+    for step in steps:
+        for _ in range(args.warmup):
+            step()
+    seconds = [[] for _ in steps]
+    for _ in range(args.steps):  # round-robin over every case: a burst of load elsewhere slows them alike
+        for times, step in zip(seconds, steps, strict=True):
+            times.append(step())
+    del steps, models
+    rows = []
+    for (arch, depth), times in zip(cases, seconds, strict=True):
+        measured = rates(args.batch_size, times)
+        rows.append(
+            {
+                "arch": arch,
+                "family": backbones.family(arch).name,
+                "parameters_m": round(parameters[arch] / 1e6, 1),
+                "feature_dim": backbones.family(arch).archs[arch].feature_dim,
+                "freeze_depth": depth,
+                "steps_per_s": measured["images_per_s"] / args.batch_size,
+                "median_steps_per_s": measured["median_images_per_s"] / args.batch_size,
+                **measured,
+            }
+        )
     results = {
         "benchmark": "backbones",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
