@@ -1,7 +1,7 @@
 """Freeze-depth benchmark: training-step images/s for each freeze depth 0..5, without any feature cache.
 
 Each case times exactly the step tl-ray's loop does (``tl_ray.training``): uint8 images
-normalised on the device with ``tl_ray.data.normalize``, forward under autocast (CUDA
+normalised on the device with ``tl_ray.inputs.imaging.normalize``, forward under autocast (CUDA
 only) with channels_last (CUDA only), cross-entropy, backward, AdamW over the trainable
 parameters, and ``loss.item()``, on a ``TransferResNet`` in train mode. The input is one
 random uint8 batch, so the numbers are the model's cost alone, not ingest's.

@@ -20,8 +20,8 @@ from helpers import payload as make_payload
 from torch import nn
 from torchvision.models import ResNet
 
-from tl_ray import checkpoint
-from tl_ray.config import ARCHS, NUM_STAGES
+from tl_ray import backbones, checkpoint
+from tl_ray.config import NUM_STAGES
 from tl_ray.errors import TlRayError
 from tl_ray.inputs import imaging
 from tl_ray.model import (
@@ -133,8 +133,8 @@ def save_tl_checkpoint(
 # ----------------------------------------------------------------------------- architectures and heads
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_every_arch_builds_with_requested_head(arch):
+@pytest.mark.parametrize("arch", backbones.BY_ARCH["resnet18"].archs)  # other families: tests/test_backbones.py
+def test_every_resnet_builds_with_requested_head(arch):
     net = create_resnet(arch, 7)
     assert isinstance(net, ResNet)
     assert net.fc.out_features == 7

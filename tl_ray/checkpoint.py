@@ -20,11 +20,9 @@ from typing import Any
 
 import pyarrow.fs as pafs
 import torch
-import torchvision
-from torchvision.models import ResNet
+from torch import nn
 
-from tl_ray import location
-from tl_ray.config import ARCHS
+from tl_ray import backbones, location
 from tl_ray.errors import TlRayError
 
 MODEL_FILE = "model.pt"
@@ -191,14 +189,14 @@ def _local_dir(directory: str | os.PathLike | location.Location) -> Path:
 
 def load_checkpoint(
     directory: str | os.PathLike | location.Location, device: str | torch.device = "cpu"
-) -> tuple[ResNet, dict[str, Any]]:
-    """The trained torchvision ResNet (eval mode, on ``device``) and its meta: all predict needs. ``directory`` may
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The trained torchvision model (eval mode, on ``device``) and its meta: all predict needs. ``directory`` may
     be a URI: the checkpoint is then read from this machine's copy (``fetch``)."""
     directory = _local_dir(directory)
     meta = read_meta(directory)
-    if meta["arch"] not in ARCHS:
+    if meta["arch"] not in backbones.ARCHS:
         raise TlRayError(f"checkpoint {directory}: unknown arch {meta['arch']!r} in {META_FILE}")
-    model = torchvision.models.get_model(meta["arch"], weights=None, num_classes=meta["num_classes"])
+    model = backbones.create(meta["arch"], meta["num_classes"], meta["image_size"])
     try:
         model.load_state_dict(read_model_state(directory))
     except RuntimeError as error:

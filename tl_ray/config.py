@@ -32,15 +32,14 @@ from typing import Any, ClassVar
 
 import yaml
 
-from tl_ray import recipe
+from tl_ray import backbones, recipe
+from tl_ray.backbones import ARCHS, NUM_STAGES
 from tl_ray.errors import UsageError
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 OPTIMIZERS = recipe.OPTIMIZERS
 # auto: light below 128 px, standard above; light/standard: random crops of at least 60%/25% of the
 # image, and flips; none: training images centre-cropped like validation ones.
 AUGMENTS = ("auto", "standard", "light", "none")
-NUM_STAGES = 5  # stem, layer1..layer4: see docs/architecture.md "freeze depth"
 # none: every sample counts the same; auto: loss weights n / (classes x n_class) from the training counts.
 CLASS_WEIGHTS = ("none", "auto")
 # The metric that picks the best checkpoint (and ranks a sweep's trials), and which way it improves.
@@ -363,6 +362,7 @@ class TrainConfig:
                 f"{flag('batch_size')} is the global batch, split over {flag('num_workers')}: it must be at least "
                 f"2 per worker ({2 * self.max_workers}); got {self.batch_size}"
             )
+        backbones.check_image_size(self.arch, self.image_size, flag("image_size"))
         _check_range("warmup_epochs", self.warmup_epochs, 0.0, float(self.epochs))  # bounds that depend on epochs
         _check_range("head_epochs", self.head_epochs, 0, self.epochs - 1)
         if self.head_epochs and self.freeze_depth == NUM_STAGES:

@@ -1,4 +1,4 @@
-"""ResNet construction, weight sources, the new head, and freezing by depth.
+"""Backbone construction, weight sources, the new head, and freezing by depth, for any ``tl_ray.backbones`` arch.
 
 Weights are resolved once, in the driver (``initial_weights``), into a plain state
 dict in torchvision's layout; workers build the bare architecture and load it. So
@@ -17,16 +17,14 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import nn
-from torchvision.models import ResNet
 
-from tl_ray import checkpoint, location, recipe
-from tl_ray.config import ARCHS, NUM_STAGES
+from tl_ray import backbones, checkpoint, location, recipe
+from tl_ray.backbones import NUM_STAGES
 from tl_ray.errors import TlRayError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-STAGE_MODULES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
-assert len(STAGE_MODULES) == NUM_STAGES
+STAGE_MODULES = backbones.RESNET_STAGES  # a ResNet's freeze stages (the bench scripts name them)
 
 
 @dataclass(frozen=True)
@@ -41,15 +39,16 @@ class InitialWeights:
     crop_fraction: float = recipe.EVAL_CROP_FRACTION  # validation's centre crop / resize the weights expect
 
 
-def create_resnet(arch: str, num_classes: int) -> ResNet:
-    """The bare torchvision architecture with a ``num_classes`` head, randomly initialised."""
-    if arch not in ARCHS:
-        raise TlRayError(f"--arch must be one of {', '.join(ARCHS)}; got {arch!r}")
-    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+def create_model(arch: str, num_classes: int, image_size: int = backbones.DEFAULT_IMAGE_SIZE) -> nn.Module:
+    """The bare torchvision architecture with a ``num_classes`` head, randomly initialised (``backbones.create``)."""
+    return backbones.create(arch, num_classes, image_size)
+
+
+create_resnet = create_model  # its name when every backbone was a ResNet
 
 
 def _torchvision_weights(arch: str, name: str) -> torchvision.models.WeightsEnum:
-    enum = torchvision.models.get_model_weights(arch)
+    enum = backbones.weights_enum(arch)
     if name == "imagenet":
         return enum.DEFAULT
     try:
@@ -88,17 +87,21 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _fit_to_model(
-    model: ResNet, weights: dict[str, torch.Tensor], source: str, keep_head: bool
+    model: nn.Module, weights: dict[str, torch.Tensor], source: str, keep_head: bool
 ) -> tuple[dict[str, torch.Tensor], bool]:
     """Load ``weights`` into ``model``; the old head only when ``keep_head`` (its classes are ours) and it fits.
 
     A head is kept for the same class *names*, never for the same count alone: a 4-class model's
     head transferred to another 4-class task would start every output on the wrong class.
+    Weights for another image size are fitted to this one (a ViT's position embeddings).
     """
-    head = weights.get("fc.weight")
-    head_reset = not keep_head or head is None or head.shape != model.fc.weight.shape
+    family = backbones.family_of(model)
+    head = weights.get(f"{family.linear}.weight")
+    head_reset = not keep_head or head is None or head.shape != model.get_submodule(family.linear).weight.shape
     if head_reset:
-        weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}
+        dropped = set(backbones.head_keys(family, weights))
+        weights = {k: v for k, v in weights.items() if k not in dropped}
+    weights = backbones.fit_state(model, weights)
     expected = model.state_dict()
     mismatched = [k for k, v in weights.items() if k in expected and v.shape != expected[k].shape]
     if mismatched:
@@ -106,15 +109,23 @@ def _fit_to_model(
             f"--weights: {source} does not fit this architecture (shape of {mismatched[0]} differs); check --arch"
         )
     result = model.load_state_dict(weights, strict=False)
-    missing = [k for k in result.missing_keys if not (head_reset and k.startswith("fc."))]
+    new_head = set(backbones.head_keys(family, expected)) if head_reset else set()
+    missing = [k for k in result.missing_keys if k not in new_head]
     if missing or result.unexpected_keys:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {result.unexpected_keys[:3]}"
         raise TlRayError(f"--weights: {source} does not fit this architecture ({detail}); check --arch")
     return model.state_dict(), head_reset
 
 
-def initial_weights(arch: str, weights: str, class_names: Sequence[str], seed: int = 0) -> InitialWeights:
-    """Resolve a --weights source (docs/architecture.md) into a state dict for ``arch`` with a head for ``class_names``.
+def initial_weights(
+    arch: str,
+    weights: str,
+    class_names: Sequence[str],
+    seed: int = 0,
+    image_size: int = backbones.DEFAULT_IMAGE_SIZE,
+) -> InitialWeights:
+    """Resolve a --weights source (docs/architecture.md) into a state dict for ``arch`` with a head for ``class_names``
+    (at ``image_size``, for an architecture built for one size).
 
     The source's head is kept only when it is known to predict these very classes: a tl-ray
     checkpoint with the same class names, or torchvision weights whose categories are ours.
@@ -122,7 +133,7 @@ def initial_weights(arch: str, weights: str, class_names: Sequence[str], seed: i
     """
     torch.manual_seed(seed)  # the new head's initialisation is part of the run's reproducibility
     class_names = list(class_names)
-    model = create_resnet(arch, len(class_names))
+    model = create_model(arch, len(class_names), image_size)
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     if weights == "none":
         return InitialWeights(model.state_dict(), mean, std, "none", True)
@@ -186,64 +197,85 @@ def _enum_crop_fraction(enum_value: torchvision.models.WeightsEnum) -> float:
     return transforms.crop_size[0] / transforms.resize_size[0]
 
 
-class TransferResNet(nn.Module):
-    """A torchvision ResNet with its first ``freeze_depth`` stages frozen, in the full sense of the architecture doc.
+class TransferModel(nn.Module):
+    """A torchvision backbone with its first ``freeze_depth`` stages frozen, in the full sense of the architecture doc.
 
-    Frozen stages: no gradients, not in the optimizer (see ``parameter_groups``),
-    BatchNorm kept in eval mode whatever ``train()`` says, and run under
-    ``torch.no_grad`` so no autograd graph (or its activation memory) is built.
+    Frozen stages: no gradients, not in the optimizer (see ``parameter_groups``), in eval mode
+    whatever ``train()`` says (BatchNorm keeps its running statistics, dropout is off), and run
+    under ``torch.no_grad`` so no autograd graph (or its activation memory) is built.
     With ``train_bn=False`` the BatchNorm layers of the fine-tuned stages stay in eval
     mode too (their running statistics are kept; their scale and shift still learn):
     the usual choice when each worker's batch is too small for good batch statistics.
-    ``net`` keeps torchvision's module names, so ``net.state_dict()`` is a plain
-    torchvision state dict.
+    The stages, head and forward come from the net's ``backbones.Family``; ``net`` keeps
+    torchvision's module names, so ``net.state_dict()`` is a plain torchvision state dict.
     """
 
-    def __init__(self, net: ResNet, freeze_depth: int, train_bn: bool = True) -> None:
+    def __init__(self, net: nn.Module, freeze_depth: int, train_bn: bool = True) -> None:
         super().__init__()
         self.net = net
+        self.family = backbones.family_of(net)
+        self.stages = self.family.stages(net)
         self.train_bn = train_bn
         self.freeze_depth = NUM_STAGES
         self.set_freeze_depth(freeze_depth)
+
+    @property
+    def head(self) -> nn.Module:
+        """The module from features to logits (what trains alone on cached features)."""
+        return self.net.get_submodule(self.family.head)
+
+    def _members(self, stages: Sequence[tuple[str, ...]]) -> Iterator[nn.Module | nn.Parameter]:
+        for names in stages:
+            for name in names:
+                try:
+                    yield self.net.get_submodule(name)
+                except AttributeError:  # a bare parameter: a ViT's class token and position embedding
+                    yield self.net.get_parameter(name)
 
     def set_freeze_depth(self, freeze_depth: int) -> None:
         """Freeze the first ``freeze_depth`` stages and unfreeze the rest (a probe-then-fine-tune run moves it)."""
         if not 0 <= freeze_depth <= NUM_STAGES:
             raise TlRayError(f"--freeze-depth must be between 0 and {NUM_STAGES}; got {freeze_depth}")
         self.freeze_depth = freeze_depth
-        for index, names in enumerate(STAGE_MODULES):
-            for name in names:
-                getattr(self.net, name).requires_grad_(index >= freeze_depth)
+        for index, names in enumerate(self.stages):
+            for member in self._members([names]):
+                member.requires_grad_(index >= freeze_depth)
         self.train(self.training)
 
     def _stage_modules(self, stages: Sequence[tuple[str, ...]]) -> Iterator[nn.Module]:
-        for names in stages:
-            for name in names:
-                yield getattr(self.net, name)
+        return (member for member in self._members(stages) if isinstance(member, nn.Module))
+
+    def _stage_parameters(self, stages: Sequence[tuple[str, ...]]) -> list[nn.Parameter]:
+        params = []
+        for member in self._members(stages):
+            params.extend(member.parameters() if isinstance(member, nn.Module) else [member])
+        return params
 
     def frozen_modules(self) -> Iterator[nn.Module]:
-        return self._stage_modules(STAGE_MODULES[: self.freeze_depth])
+        return self._stage_modules(self.stages[: self.freeze_depth])
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
     def parameter_groups(self, lr: float, weight_decay: float, backbone_lr_mult: float = 1.0) -> list[dict]:
         """Optimizer parameter groups: head and backbone apart (the backbone at ``lr * backbone_lr_mult``),
-        each split into weights that decay and BatchNorm weights and biases that do not.
+        each split into weights that decay and norm weights, biases and embeddings that do not.
 
         Decaying a BatchNorm scale or a bias pulls it towards zero for no gain in generalisation
         (the torchvision reference recipes and timm leave them out too). The groups hold the stages
         unfrozen at the current depth: a probe-then-fine-tune run builds its optimizer once, at its
         final depth, before freezing to the head phase, so its state survives the switch and a resume.
         """
-        parts = {"head": [self.net.fc]}
-        parts["backbone"] = list(self._stage_modules(STAGE_MODULES[self.freeze_depth :]))
+        parts = {
+            "head": list(self.head.parameters()),
+            "backbone": self._stage_parameters(self.stages[self.freeze_depth :]),
+        }
+        never_decayed = {id(self.net.get_parameter(name)) for name in self.family.no_decay}
         groups = []
-        for part, modules in parts.items():
-            params = [p for module in modules for p in module.parameters()]
+        for part, params in parts.items():
             scale = backbone_lr_mult if part == "backbone" else 1.0
-            decay = [p for p in params if p.ndim > 1]
-            no_decay = [p for p in params if p.ndim <= 1]
+            decay = [p for p in params if p.ndim > 1 and id(p) not in never_decayed]
+            no_decay = [p for p in params if p.ndim <= 1 or id(p) in never_decayed]
             for suffix, chosen, decay_value in (("", decay, weight_decay), ("_no_decay", no_decay, 0.0)):
                 if chosen:
                     groups.append(
@@ -251,7 +283,7 @@ class TransferResNet(nn.Module):
                     )
         return groups
 
-    def train(self, mode: bool = True) -> TransferResNet:
+    def train(self, mode: bool = True) -> TransferModel:
         super().train(mode)
         for module in self.frozen_modules():
             module.eval()
@@ -261,20 +293,18 @@ class TransferResNet(nn.Module):
                     module.eval()
         return self
 
-    def _stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        net = self.net
-        if index == 0:
-            return net.maxpool(net.relu(net.bn1(net.conv1(x))))
-        return getattr(net, f"layer{index}")(x)
-
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled backbone output the head sees: at depth 5 a fixed function of the image, so cacheable."""
+        run_stage = self.family.run_stage
         with torch.no_grad():
             for index in range(self.freeze_depth):
-                x = self._stage(index, x)
+                x = run_stage(self.net, index, x)
         for index in range(self.freeze_depth, NUM_STAGES):
-            x = self._stage(index, x)
-        return torch.flatten(self.net.avgpool(x), 1)
+            x = run_stage(self.net, index, x)
+        return self.family.pool(self.net, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.fc(self.features(x))
+        return self.head(self.features(x))
+
+
+TransferResNet = TransferModel  # its name when every backbone was a ResNet

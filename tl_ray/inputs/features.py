@@ -30,15 +30,15 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from tl_ray import location, model, progress
-from tl_ray.config import NUM_STAGES
+from tl_ray import backbones, location, model, progress
+from tl_ray.backbones import NUM_STAGES
 from tl_ray.inputs import cache, imaging, pipelines, skiplog
 from tl_ray.inputs.layout import Layout
 
 FEATURES_VERSION = 1
 EXTRACT_BATCH = 64
 IN_MEMORY_BYTES = 1 << 30  # a worker's copy of both splits' features, at most
-MAX_FEATURE_WIDTH = 2048  # resnet50 and up; resnet18/34 have 512
+MAX_FEATURE_WIDTH = backbones.MAX_FEATURE_DIM  # the widest arch's (2048: resnet50 and up); sizes the in-memory test
 
 
 @dataclass(frozen=True)
@@ -54,11 +54,13 @@ def applies(freeze_depth: int, augment: str, cache_root: location.Location | Non
     return freeze_depth == NUM_STAGES and augment == "none" and cache_root is not None
 
 
-def backbone_digest(weights: model.InitialWeights) -> str:
-    """Changes whenever the features would: any backbone tensor, or the normalisation."""
+def backbone_digest(weights: model.InitialWeights, arch: str) -> str:
+    """Changes whenever the features would: any backbone tensor, or the normalisation. (``arch`` names the head's
+    keys, which are left out: a ResNet's ``fc.``, as before there were other families.)"""
     digest = hashlib.sha256(json.dumps([FEATURES_VERSION, list(weights.mean), list(weights.std)]).encode())
+    head = set(backbones.head_keys(arch, weights.state_dict))
     for key in sorted(weights.state_dict):
-        if not key.startswith("fc."):
+        if key not in head:
             digest.update(key.encode())
             digest.update(weights.state_dict[key].detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:24]
@@ -71,6 +73,7 @@ class _Backbone:
         self,
         arch: str,
         num_classes: int,
+        image_size: int,
         weights: list[ray.ObjectRef],  # in a list: Ray Data passes it on unresolved
         mean: list[float],
         std: list[float],
@@ -78,9 +81,9 @@ class _Backbone:
         folder: str,
     ) -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        net = model.create_resnet(arch, num_classes)
+        net = model.create_model(arch, num_classes, image_size)
         net.load_state_dict(ray.get(weights[0]))
-        self.backbone = model.TransferResNet(net, NUM_STAGES).eval().to(self.device)
+        self.backbone = model.TransferModel(net, NUM_STAGES).eval().to(self.device)
         self.mean = torch.tensor(mean, device=self.device)
         self.std = torch.tensor(std, device=self.device)
         self.filesystem, self.folder = filesystem, folder
@@ -105,7 +108,7 @@ def prepare(
 ) -> FeatureSplit:
     """The backbone features of a cached split: reused when computed before with the same backbone, else built."""
     filesystem = split.filesystem
-    folder = f"{split.folder}/features-{arch}-{image_size}-{backbone_digest(weights)}"
+    folder = f"{split.folder}/features-{arch}-{image_size}-{backbone_digest(weights, arch)}"
     manifest = cache.read_manifest(filesystem, folder, FEATURES_VERSION)
     built = manifest is None
     if manifest is None:
@@ -118,6 +121,7 @@ def prepare(
             fn_constructor_kwargs={
                 "arch": arch,
                 "num_classes": num_classes,
+                "image_size": image_size,
                 "weights": [ray.put(weights.state_dict)],
                 "mean": list(weights.mean),
                 "std": list(weights.std),

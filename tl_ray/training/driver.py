@@ -22,7 +22,7 @@ import ray.train
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from tl_ray import checkpoint, classes, cluster, location, model, places, progress, tracking
+from tl_ray import backbones, checkpoint, classes, cluster, location, model, places, progress, tracking
 from tl_ray.config import NUM_STAGES, TrainConfig, to_yaml
 from tl_ray.errors import RunError, TlRayError, UsageError
 from tl_ray.inputs import imaging, plan, skiplog, sources
@@ -155,7 +155,7 @@ def run(
     batch_from_size = config.batch_size is None
     config = config.for_training_set(len(layout.train))
     progress.mark("run: data discovered")
-    weights = model.initial_weights(config.arch, config.weights, layout.class_names, config.seed)
+    weights = model.initial_weights(config.arch, config.weights, layout.class_names, config.seed, config.image_size)
     progress.mark("run: initial weights")
     short_side = imaging.resize_size(config.image_size, weights.crop_fraction)  # validation's resize, as the weights'
     started_locally = cluster.ensure_ray()
@@ -303,7 +303,8 @@ def _check_batch_norm(config: TrainConfig, use_gpu: bool) -> None:
     if config.sync_bn and not use_gpu:
         raise UsageError("--sync-bn: synchronised BatchNorm needs GPU workers; on CPU use --no-train-bn instead")
     worker_batch = config.batch_size // config.max_workers
-    trains_batch_norm = config.train_bn and config.freeze_depth < NUM_STAGES
+    has_batch_norm = backbones.family(config.arch).batch_norm  # LayerNorm (ConvNeXt, ViT) has no batch statistics
+    trains_batch_norm = has_batch_norm and config.train_bn and config.freeze_depth < NUM_STAGES
     if config.max_workers > 1 and not config.sync_bn and trains_batch_norm and worker_batch < SMALL_WORKER_BATCH:
         logger.warning(
             "each of the %d workers normalises BatchNorm over %d images only (--batch-size %d split over "

@@ -115,7 +115,7 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
     progress.mark("worker: model ready", rank=rank)
 
     # On cached backbone features only the head runs (and DDP syncs only its gradients).
-    trained = transfer.net.fc if loop.inputs.on_features else transfer
+    trained = transfer.head if loop.inputs.on_features else transfer
     wrapped = None
     weight = _weight_tensor(loop.class_weights, class_names, device)  # --class-weights auto, else None
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=options.label_smoothing)
@@ -197,7 +197,7 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
 def _transfer_model(loop: LoopConfig, world: int, device: torch.device) -> model.TransferResNet:
     """The model at its starting weights, its first stages frozen (SyncBatchNorm across GPU workers if asked)."""
     options = loop.options
-    net = model.create_resnet(options.arch, len(loop.class_names))
+    net = model.create_model(options.arch, len(loop.class_names), options.image_size)
     net.load_state_dict(ray.get(loop.weights_ref))
     if options.sync_bn and world > 1:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
