@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -108,3 +109,29 @@ def wandb_offline_history(run_folder: Path) -> list[dict]:
         elif kind == 0:
             break
     return rows
+
+
+@functools.cache
+def initial_state(arch: str, num_classes: int = 3, size: int = 32) -> dict:
+    """A fresh model's state dict, the same every call (seeded once, then cached: building is slow)."""
+    import torch
+
+    from tl_ray import model
+
+    torch.manual_seed(0)
+    return model.create_model(arch, num_classes, size).state_dict()
+
+
+def checkpoint_meta(arch: str, num_classes: int, size: int = 32) -> dict:
+    """The meta.json of a checkpoint of ``arch`` with classes c0, c1, ...: what loading one reads."""
+    from tl_ray.inputs import imaging
+
+    return {
+        "arch": arch,
+        "num_classes": num_classes,
+        "class_names": [f"c{i}" for i in range(num_classes)],
+        "image_size": size,
+        "resize_size": imaging.resize_size(size),
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+    }

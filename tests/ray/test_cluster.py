@@ -30,7 +30,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from tl_ray.console import EPOCH_HEADER, TRIAL_HEADER
 from tl_ray.sample import write_sample_data
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 

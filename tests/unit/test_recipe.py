@@ -6,7 +6,6 @@ Real torch on resnet18 at 32 px; no Ray (the loop's own use of these is covered 
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
@@ -17,7 +16,7 @@ from tl_ray import recipe
 from tl_ray.config import NUM_STAGES, TrainConfig, TuneConfig
 from tl_ray.errors import TlRayError
 from tl_ray.model import STAGE_MODULES, TransferResNet, create_resnet
-from tl_ray.training.schedule import lr_factor, make_optimizer, steps_per_epoch
+from tl_ray.training.schedule import make_optimizer, steps_per_epoch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -141,47 +140,6 @@ def test_a_head_alone_trains_on_centre_crops_by_default_and_so_on_cached_feature
 
 
 # ----------------------------------------------------------------------------- the LR schedule
-
-
-def schedule(steps: int, epochs: int, warmup_epochs: float, head_epochs: int = 0) -> list[float]:
-    return [lr_factor(step, steps, epochs, warmup_epochs, head_epochs) for step in range(steps * epochs)]
-
-
-def test_one_epoch_run_warms_up_for_its_first_twentieth_only():
-    config = resolved(epochs=1, weights="none")
-    assert config.warmup_epochs == pytest.approx(0.05)
-    factors = schedule(100, 1, config.warmup_epochs)
-    peak = max(range(100), key=factors.__getitem__)
-    assert peak == 5, "warm-up takes 5% of the steps, then the peak"
-    assert factors[0] < 0.2 and factors[peak] == pytest.approx(1.0)
-    assert all(a <= b for a, b in itertools.pairwise(factors[: peak + 1]))
-    assert all(a >= b for a, b in itertools.pairwise(factors[peak:]))
-    assert 0 < factors[-1] < 0.01, "decays towards zero at the last step, and not before"
-    assert sum(factors) / len(factors) > 0.45, "most of a one-epoch run trains near its peak rate, not in warm-up"
-
-
-def test_warm_up_never_exceeds_one_epoch():
-    assert resolved(epochs=50, weights="none").warmup_epochs == 1.0
-    assert resolved(epochs=10, weights="none").warmup_epochs == pytest.approx(0.5)
-
-
-def test_probe_schedule_warms_up_and_decays_in_each_phase():
-    factors = schedule(10, 5, 0.5, head_epochs=1)
-    head, rest = factors[:10], factors[10:]
-    assert head[-1] < 0.05 and max(head) == pytest.approx(1.0)
-    assert rest[0] < 0.5 and max(rest) == pytest.approx(1.0), "the unfrozen backbone starts gently again"
-    assert 0 < rest[-1] < 0.01
-
-
-@pytest.mark.parametrize(
-    ("num_train", "batch_size", "world", "steps"),
-    [(100, 32, 1, 4), (97, 32, 1, 3), (65, 32, 1, 2), (66, 32, 1, 3), (100, 32, 2, 4), (100, 32, 8, 3), (33, 32, 1, 1)],
-)
-def test_steps_per_epoch_is_what_each_worker_runs(num_train, batch_size, world, steps):
-    """Each worker gets num_train // world images in batches of batch_size // world, a last batch of one skipped."""
-    shard, worker_batch = num_train // world, batch_size // world
-    taken = sum(1 for start in range(0, shard, worker_batch) if min(worker_batch, shard - start) >= 2)
-    assert steps_per_epoch(num_train, batch_size, world) == taken == steps
 
 
 # ----------------------------------------------------------------------------- strategies: parameter groups

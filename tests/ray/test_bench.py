@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Each benchmark runs as its own process with its own Ray: minutes in all, so out of `make test-fast`.
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow, pytest.mark.extended]

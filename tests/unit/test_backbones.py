@@ -6,11 +6,10 @@ run of the new archs through Ray (marked slow).
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 import torchvision
+from helpers import checkpoint_meta, initial_state
 from torch import nn
 from torchvision.models.vision_transformer import interpolate_embeddings
 
@@ -29,16 +28,10 @@ DEPTHS = range(NUM_STAGES + 1)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@functools.cache
-def _initial_state(arch: str, num_classes: int = NUM_CLASSES, size: int = SIZE) -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    return model.create_model(arch, num_classes, size).state_dict()
-
-
 def build(arch: str, depth: int, num_classes: int = NUM_CLASSES, size: int = SIZE) -> model.TransferModel:
     """The same weights every call (building is random; loading a cached state is cheaper than seeding twice)."""
     net = model.create_model(arch, num_classes, size)
-    net.load_state_dict(_initial_state(arch, num_classes, size))
+    net.load_state_dict(initial_state(arch, num_classes, size))
     return model.TransferModel(net, depth)
 
 
@@ -193,23 +186,11 @@ def test_head_alone_on_features_is_the_model_at_depth_5(arch):
 # ----------------------------------------------------------------------------- weights and checkpoints
 
 
-def _meta(arch: str, num_classes: int, size: int = SIZE) -> dict:
-    return {
-        "arch": arch,
-        "num_classes": num_classes,
-        "class_names": [f"c{i}" for i in range(num_classes)],
-        "image_size": size,
-        "resize_size": imaging.resize_size(size),
-        "mean": [0.485, 0.456, 0.406],
-        "std": [0.229, 0.224, 0.225],
-    }
-
-
 @pytest.mark.parametrize("arch", NEW_ARCHS)
 def test_checkpoint_round_trip_and_weights_from_a_checkpoint_with_other_classes(arch, tmp_path):
-    state = _initial_state(arch)
+    state = initial_state(arch)
     assert list(state) == list(model.create_model(arch, NUM_CLASSES, SIZE).state_dict())  # torchvision's keys
-    checkpoint.save_checkpoint(tmp_path / "ckpt", state, _meta(arch, NUM_CLASSES))
+    checkpoint.save_checkpoint(tmp_path / "ckpt", state, checkpoint_meta(arch, NUM_CLASSES))
     loaded, meta = checkpoint.load_checkpoint(tmp_path / "ckpt")
     assert type(loaded).__name__ == backbones.family(arch).model_class and not loaded.training
     reference = build(arch, 0).net.eval()
@@ -229,7 +210,7 @@ def test_checkpoint_round_trip_and_weights_from_a_checkpoint_with_other_classes(
 
 
 def test_a_bare_state_dict_of_another_arch_does_not_fit(tmp_path):
-    torch.save(_initial_state("convnext_tiny"), tmp_path / "convnext.pth")
+    torch.save(initial_state("convnext_tiny"), tmp_path / "convnext.pth")
     with pytest.raises(TlRayError, match="does not fit this architecture"):
         model.initial_weights("efficientnet_b0", str(tmp_path / "convnext.pth"), ["a", "b", "c"], image_size=SIZE)
 
@@ -274,7 +255,7 @@ def test_vit_needs_an_image_size_that_is_a_multiple_of_its_patch(size, tmp_path)
 def test_export_gives_the_checkpoints_probabilities(arch, fmt, tmp_path):
     if fmt == "onnx":
         onnxruntime = pytest.importorskip("onnxruntime")
-    checkpoint.save_checkpoint(tmp_path / "ckpt", _initial_state(arch), _meta(arch, NUM_CLASSES))
+    checkpoint.save_checkpoint(tmp_path / "ckpt", initial_state(arch), checkpoint_meta(arch, NUM_CLASSES))
     result = deployable.export(str(tmp_path / "ckpt"), str(tmp_path / f"model.{fmt}"), fmt)
     assert result.metadata["arch"] == arch
     crops = torch.randint(0, 256, (2, 3, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -288,58 +269,3 @@ def test_export_gives_the_checkpoints_probabilities(arch, fmt, tmp_path):
         session = onnxruntime.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
         actual = torch.tensor(session.run(None, {deployable.INPUT_NAME: crops.numpy()})[0])
     assert torch.allclose(actual, expected, atol=1e-5)
-
-
-# ----------------------------------------------------------------------------- end to end, through Ray
-
-
-def _images(root, class_names: str, per_class: int):
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for name in class_names:
-        for index in range(per_class):
-            path = root / "train" / name / f"{index}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(path)
-    return root
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_new_archs_train_through_ray_on_features_on_images_and_from_a_checkpoint_then_predict(tmp_path, ray_cluster):
-    """One run each, on the three paths: a head on cached features (convnext_tiny, depth 5), full fine-tuning
-    on images (efficientnet_b0, depth 0, BatchNorm training), and a transfer from a tl-ray checkpoint with other
-    classes and another image size (vit_b_16, depth 3, discriminative); predict on the last."""
-    import tl_ray
-
-    three = _images(tmp_path / "three", "abc", 5)
-    two = _images(tmp_path / "two", "xy", 5)
-    common = {"image_size": SIZE, "epochs": 1, "batch_size": 4, "num_workers": 1, "storage": str(tmp_path / "runs")}
-
-    head = tl_ray.train(data=str(three), arch="convnext_tiny", weights="none", freeze_depth=5, augment="none", **common)
-    assert list((tmp_path / "runs" / ".tl-ray-cache").glob(f"*/features-convnext_tiny-{SIZE}-*/manifest.json"))
-    assert checkpoint.read_meta(head.best_checkpoint)["arch"] == "convnext_tiny"
-
-    scratch = tl_ray.train(data=str(three), arch="efficientnet_b0", weights="none", freeze_depth=0, **common)
-    before, after = _initial_state("efficientnet_b0"), checkpoint.read_model_state(scratch.best_checkpoint)
-    assert after["features.0.1.num_batches_tracked"] > 0  # the stem's BatchNorm trained
-    assert after["classifier.1.weight"].shape == (3, 1280) and before.keys() == after.keys()
-
-    source = _meta("vit_b_16", 5, size=48)  # another class count and image size: its position embeddings adapt
-    checkpoint.save_checkpoint(tmp_path / "vit", _initial_state("vit_b_16", 5, 48), source)
-    tuned = tl_ray.train(
-        data=str(two),
-        arch="vit_b_16",
-        weights=str(tmp_path / "vit"),
-        freeze_depth=3,
-        strategy="discriminative",
-        **common,
-    )
-    state, start = checkpoint.read_model_state(tuned.best_checkpoint), _initial_state("vit_b_16", 5, 48)
-    assert state["heads.head.weight"].shape == (2, 768) and state["encoder.pos_embedding"].shape == (1, 5, 768)
-    assert torch.equal(state["conv_proj.weight"], start["conv_proj.weight"])  # frozen at depth 3
-    assert not torch.equal(state["encoder.ln.weight"], start["encoder.ln.weight"])  # the last stage learned
-    rows = tl_ray.predict(tuned.best_checkpoint, str(two / "train"))
-    assert len(rows) == 10 and set(rows["predicted"]) <= {"x", "y"} and not rows["error"].any()

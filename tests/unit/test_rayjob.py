@@ -31,9 +31,9 @@ from packaging.version import Version
 from tl_ray import cli
 from tl_ray.config import TrainConfig, TuneConfig, merge
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = ROOT / "jobs" / "rayjob.yaml"
-CRD = Path(__file__).resolve().parent / "data" / "kuberay" / "ray.io_rayjobs.yaml"
+CRD = Path(__file__).resolve().parents[1] / "data" / "kuberay" / "ray.io_rayjobs.yaml"
 CONFIGS = {"train": TrainConfig, "tune": TuneConfig}
 INT_RANGES = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
 SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}  # KubeRay's RayJob modes

@@ -11,7 +11,6 @@ from ray.train.v2._internal.execution.controller.state import RestartingState, R
 from tl_ray.cluster import ResourceTimeoutError, ResourceWait, cpus_per_worker, on_one_host
 from tl_ray.config import TrainConfig, parse_workers
 from tl_ray.errors import UsageError
-from tl_ray.training.schedule import lr_factor, planned_position, steps_per_epoch
 
 
 def _node(host: str, address: str, alive: bool = True) -> dict:
@@ -58,32 +57,6 @@ def test_a_worker_is_never_larger_than_the_largest_node():
     assert cpus_per_worker(6, 1, largest_node=2) == 2.0
     assert cpus_per_worker(6, 2, largest_node=2) == 2.0
     assert cpus_per_worker(2, 2, largest_node=2) == 0.5  # one node: unchanged
-
-
-def _curve(num_train: int, batch: int, worlds_per_epoch: list[int], planned_world: int) -> list[tuple[float, float]]:
-    """(epoch progress, LR factor) after every step of a run whose worker count changes between epochs."""
-    planned = steps_per_epoch(num_train, batch, planned_world)
-    epochs = len(worlds_per_epoch)
-    points = []
-    for epoch, world in enumerate(worlds_per_epoch, start=1):
-        now = steps_per_epoch(num_train, batch, world)
-        for stepped in range(1, now + 1):
-            position = planned_position(epoch, stepped, now, planned)
-            points.append((epoch - 1 + stepped / now, lr_factor(position, planned, epochs, 0.5)))
-    return points
-
-
-def test_a_resized_worker_group_follows_the_planned_lr_curve():
-    fixed = dict(_curve(600, 16, [2, 2, 2, 2], planned_world=2))
-    resized = _curve(600, 16, [2, 1, 3, 2], planned_world=2)
-    # Wherever both runs reach the same share of the run, the learning rate is the same.
-    common = [(progress, factor) for progress, factor in resized if progress in fixed]
-    assert len(common) >= 4 * 18
-    assert all(factor == pytest.approx(fixed[progress]) for progress, factor in common)
-    # Every epoch ends where the planned curve puts the end of that epoch, and the run ends at zero.
-    ends = [factor for progress, factor in resized if progress.is_integer()]
-    assert ends == pytest.approx([fixed[float(epoch)] for epoch in range(1, 5)])
-    assert ends[-1] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_a_run_waiting_too_long_for_its_workers_fails_and_a_running_one_does_not():
