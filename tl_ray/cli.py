@@ -128,7 +128,7 @@ def _per_class(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tl-ray",
-        description="Transfer learning of ResNet image classifiers on Ray (Data, Train, Tune).",
+        description="Transfer learning of torchvision image classifiers (ResNet, ConvNeXt, EfficientNet, ViT) on Ray (Data, Train, Tune).",
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 
-    train = commands.add_parser("train", help="fine-tune a pretrained ResNet on a folder of images")
+    train = commands.add_parser("train", help="fine-tune a pretrained backbone on your images")
     _add_options(train, TrainConfig)
     _add_config_flags(train)
 

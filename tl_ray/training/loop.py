@@ -194,14 +194,14 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
         progress.send(events, progress.Epoch(metrics, options.epochs))
 
 
-def _transfer_model(loop: LoopConfig, world: int, device: torch.device) -> model.TransferResNet:
+def _transfer_model(loop: LoopConfig, world: int, device: torch.device) -> model.TransferModel:
     """The model at its starting weights, its first stages frozen (SyncBatchNorm across GPU workers if asked)."""
     options = loop.options
     net = model.create_model(options.arch, len(loop.class_names), options.image_size)
     net.load_state_dict(ray.get(loop.weights_ref))
     if options.sync_bn and world > 1:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    transfer = model.TransferResNet(net, options.freeze_depth, train_bn=options.train_bn)
+    transfer = model.TransferModel(net, options.freeze_depth, train_bn=options.train_bn)
     if device.type == "cuda":
         transfer = transfer.to(memory_format=torch.channels_last)
     return transfer
@@ -210,7 +210,7 @@ def _transfer_model(loop: LoopConfig, world: int, device: torch.device) -> model
 def _resume(
     resume_from: Checkpoint | None,
     loop: LoopConfig,
-    transfer: model.TransferResNet,
+    transfer: model.TransferModel,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
@@ -391,7 +391,7 @@ def _report(
     epoch: int,
     metrics: dict[str, Any],
     history: list[dict[str, Any]],
-    transfer: model.TransferResNet,
+    transfer: model.TransferModel,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,

@@ -44,7 +44,7 @@ def lr_factor(step: int, steps_per_epoch: int, epochs: int, warmup_epochs: float
 
 
 def make_optimizer(groups: list[dict], options: TrainConfig) -> torch.optim.Optimizer:
-    """The optimizer over ``TransferResNet.parameter_groups`` (each group carries its own lr and weight decay)."""
+    """The optimizer over ``TransferModel.parameter_groups`` (each group carries its own lr and weight decay)."""
     if options.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=options.lr)
     if options.optimizer == "sgd":
