@@ -133,7 +133,7 @@ def save_tl_checkpoint(
 # ----------------------------------------------------------------------------- architectures and heads
 
 
-@pytest.mark.parametrize("arch", backbones.BY_ARCH["resnet18"].archs)  # other families: tests/test_backbones.py
+@pytest.mark.parametrize("arch", backbones.BY_ARCH["resnet18"].archs)  # other families: tests/unit/test_backbones.py
 def test_every_resnet_builds_with_requested_head(arch):
     net = create_resnet(arch, 7)
     assert isinstance(net, ResNet)
