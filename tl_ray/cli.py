@@ -128,7 +128,7 @@ def _per_class(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tl-ray",
-        description="Transfer learning of torchvision image classifiers (ResNet, ConvNeXt, EfficientNet, ViT) on Ray (Data, Train, Tune).",
+        description="Transfer learning of torchvision image classifiers (ResNet, ConvNeXt, EfficientNet, ViT) on Ray.",
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
