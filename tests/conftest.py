@@ -25,6 +25,14 @@ if "AWS_ACCESS_KEY_ID" not in os.environ:
 CHECKPOINT_CACHE = os.environ.setdefault("TL_RAY_CHECKPOINT_CACHE", tempfile.mkdtemp(prefix="tl-ray-checkpoints-"))
 
 
+def pytest_collection_modifyitems(items):
+    """Mark ``ray`` every test that starts Ray: all of tests/ray/, and any other that uses the session's cluster, so
+    ``pytest -m "not ray"`` runs exactly those that need no Ray."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()) or item.path.parent.name == "ray":
+            item.add_marker(pytest.mark.ray)
+
+
 def pytest_sessionfinish(session, exitstatus):
     if Path(CHECKPOINT_CACHE).name.startswith("tl-ray-checkpoints-"):
         shutil.rmtree(CHECKPOINT_CACHE, ignore_errors=True)

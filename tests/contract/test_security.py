@@ -29,6 +29,7 @@ ray.shutdown()
 """
 
 
+@pytest.mark.ray
 def test_local_ray_listens_on_loopback_only_and_refuses_requests_without_the_token():
     env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     done = subprocess.run([sys.executable, "-c", LOCAL_RAY], env=env, capture_output=True, text=True, timeout=240)
