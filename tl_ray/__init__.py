@@ -1,8 +1,8 @@
 """tl-ray: transfer learning of image classifiers with Ray Data, Ray Train and Ray Tune.
 
 The Python API mirrors the CLI: ``tl_ray.train(data=..., arch=..., epochs=...)``,
-``tl_ray.tune(...)``, ``tl_ray.predict(...)``, ``tl_ray.evaluate(...)``, ``tl_ray.inspect(...)``,
-``tl_ray.export(...)``.
+``tl_ray.lr_find(...)``, ``tl_ray.tune(...)``, ``tl_ray.predict(...)``, ``tl_ray.evaluate(...)``,
+``tl_ray.inspect(...)``, ``tl_ray.export(...)``.
 The modules are named apart from these functions (``tl_ray.training``, ``tl_ray.sweep``,
 ``tl_ray.inference``, ``tl_ray.deployable``), so importing one never replaces a function.
 Importing the package is cheap (``tl-ray --help`` should not wait ~8 s for torch and
@@ -20,11 +20,11 @@ if TYPE_CHECKING:
     import pandas as pd
     import torch
 
-    from tl_ray.config import TrainConfig, TuneConfig
+    from tl_ray.config import LrFindConfig, TrainConfig, TuneConfig
     from tl_ray.deployable import ExportResult
     from tl_ray.inference import Evaluation
     from tl_ray.sweep import SweepSummary
-    from tl_ray.training import TrainResult
+    from tl_ray.training import LrFinding, TrainResult
 
 
 def _config(config_class: type, config: Any, options: dict[str, Any]) -> Any:
@@ -41,6 +41,14 @@ def train(config: TrainConfig | None = None, /, **options: Any) -> TrainResult:
     from tl_ray.training import run
 
     return run(_config(TrainConfig, config, options).validate())
+
+
+def lr_find(config: LrFindConfig | None = None, /, **options: Any) -> LrFinding:
+    """Run `tl-ray lr-find` from Python: the LR range test's suggestion (``.suggestion``), curve and plot."""
+    from tl_ray.config import LrFindConfig
+    from tl_ray.training import find_lr
+
+    return find_lr(_config(LrFindConfig, config, options).validate())
 
 
 def tune(config: TuneConfig | None = None, /, **options: Any) -> tuple[SweepSummary, dict[str, str]]:

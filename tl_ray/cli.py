@@ -23,6 +23,7 @@ from tl_ray import __version__, recipe
 from tl_ray.config import (
     NUM_STAGES,
     SOURCE_KEYS,
+    LrFindConfig,
     SourceOptions,
     TrainConfig,
     TuneConfig,
@@ -156,6 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_options(train, TrainConfig)
     _add_config_flags(train)
 
+    lr_find = commands.add_parser(
+        "lr-find",
+        help="suggest a learning rate: an LR range test on your data (what --lr auto runs), with its plot",
+        description="Trains from the run's starting weights for up to --steps optimizer steps while the learning"
+        " rate grows exponentially from --start-lr to --end-lr, on the batches train would take (same data, cache,"
+        " model, freeze depth, optimizer and batch size), and stops when the loss diverges. Suggests fastai's valley"
+        " rate and writes lr_find.png (loss against rate) and lr_find.json to STORAGE/NAME. Pass the suggestion to"
+        " train as --lr, or let train --lr auto run the same test.",
+    )
+    _add_options(lr_find, LrFindConfig)
+    _add_config_flags(lr_find)
+
     sweep = commands.add_parser("tune", help="compare freeze depths x learning rates with Ray Tune; report the best")
     _add_options(sweep, TuneConfig)
     _add_config_flags(sweep)
@@ -256,6 +269,15 @@ def _print_train_result(result, rows_printed: int) -> None:
         print(f"  {item['path']}: {item['reason']}")
     if len(result.skipped_files) > 20:
         print(f"  ... and {len(result.skipped_files) - 20} more, listed in result.json")
+
+
+def _print_lr_finding(finding) -> None:
+    curve = finding.curve
+    how = "the loss diverged" if curve.stopped == "diverged" else "it reached --end-lr"
+    print(f"suggested lr     {finding.suggestion:.2e} (valley; pass it to train as --lr, or use --lr auto)")
+    print(f"range test       {len(curve.lrs)} steps, {curve.lrs[0]:.1e} to {curve.lrs[-1]:.1e} ({how})")
+    print(f"plot             {finding.plot}")
+    print(f"curve            {finding.json}")
 
 
 def _print_sweep(summary, written: dict[str, str]) -> None:
@@ -409,8 +431,8 @@ def _run(args: argparse.Namespace) -> int:
         for task, count in counts.items():
             print(f"wrote {count} images to {args.out}/{task}")
         return EXIT_OK
-    if args.command in ("train", "tune"):
-        config_class = TrainConfig if args.command == "train" else TuneConfig
+    if args.command in ("train", "tune", "lr-find"):
+        config_class = {"train": TrainConfig, "tune": TuneConfig, "lr-find": LrFindConfig}[args.command]
         config = merge(config_class, args.config, _options(args, ("command", "config", "print_config", "verbose")))
         if args.print_config:
             print(_resolved_yaml(args.command, config), end="")
@@ -423,6 +445,13 @@ def _run(args: argparse.Namespace) -> int:
             with _console() as console:
                 result = run_training(config, on_event=console)
             _print_train_result(result, console.rows)
+            return EXIT_OK
+        if args.command == "lr-find":
+            from tl_ray.training import find_lr
+
+            with _console() as console:
+                finding = find_lr(config, on_event=console)
+            _print_lr_finding(finding)
             return EXIT_OK
         from tl_ray.sweep import sweep
 

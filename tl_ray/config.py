@@ -199,13 +199,13 @@ class TrainConfig:
         between=(0, NUM_STAGES),
     )
     epochs: int = option(10, "number of epochs", positive=True)
-    lr: float | None = option(
+    lr: float | str | None = option(
         None,
-        "the head's peak learning rate, after warm-up, then cosine decay (default: the recipe's for the optimizer:"
-        f" {recipe.LR['adamw']} for adamw, {recipe.LR['sgd']} for sgd; at --freeze-depth 5"
-        f" {recipe.HEAD_ONLY_LR['adamw']} and {recipe.HEAD_ONLY_LR['sgd']}; discriminative and probe"
-        f" {recipe.DISCRIMINATIVE_HEAD_LR['adamw']} and {recipe.DISCRIMINATIVE_HEAD_LR['sgd']})",
-        positive=True,
+        "the head's peak learning rate, after warm-up, then cosine decay; auto: found by an LR range test on the"
+        " run's own batches before it trains (as tl-ray lr-find runs it: fastai's valley rule) (default: the"
+        f" recipe's for the optimizer: {recipe.LR['adamw']} for adamw, {recipe.LR['sgd']} for sgd; at"
+        f" --freeze-depth 5 {recipe.HEAD_ONLY_LR['adamw']} and {recipe.HEAD_ONLY_LR['sgd']}; discriminative and"
+        f" probe {recipe.DISCRIMINATIVE_HEAD_LR['adamw']} and {recipe.DISCRIMINATIVE_HEAD_LR['sgd']})",
     )
     optimizer: str = option(
         "auto",
@@ -340,6 +340,8 @@ class TrainConfig:
         (``--weights none``), where a frozen backbone would only compute noise.
         """
         check_options(self)
+        if "lr" not in self.IGNORED:
+            _check_lr(self.lr)
         if self.freeze_depth is None:
             default_depth = 0 if self.weights == "none" else NUM_STAGES
             return dataclasses.replace(self, freeze_depth=default_depth).validate()
@@ -436,6 +438,43 @@ class TrainConfig:
             return self
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         return dataclasses.replace(self, name=f"train-{stamp}")
+
+
+@dataclass
+class LrFindConfig(TrainConfig):
+    """`tl-ray lr-find`: the LR range test ``--lr auto`` runs before training, on its own: train's options say
+    what it runs on (data, model, depth, optimizer, batch), and these how far it goes."""
+
+    # What a range test does not use: its rates are its own, it trains no epoch and keeps no checkpoint.
+    IGNORED: ClassVar[tuple[str, ...]] = ("lr", "epochs", "keep_checkpoints", "monitor", "logger", "logger_project")
+
+    steps: int = option(recipe.RANGE_TEST_STEPS, "optimizer steps the test takes at most (it stops on divergence)")
+    start_lr: float = option(recipe.RANGE_TEST_START_LR, "the test's first learning rate", positive=True)
+    end_lr: float = option(recipe.RANGE_TEST_END_LR, "the rate the test reaches at --steps", positive=True)
+
+    def validate(self) -> LrFindConfig:
+        if self.steps < MIN_RANGE_TEST_STEPS:
+            raise UsageError(f"{flag('steps')} must be at least {MIN_RANGE_TEST_STEPS}; got {self.steps}")
+        if self.start_lr >= self.end_lr:
+            raise UsageError(f"{flag('start_lr')} ({self.start_lr}) must be below {flag('end_lr')} ({self.end_lr})")
+        return super().validate()
+
+    def with_run_name(self) -> LrFindConfig:
+        if self.name:
+            return self
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        return dataclasses.replace(self, name=f"lr-find-{stamp}")
+
+
+MIN_RANGE_TEST_STEPS = 6  # as fastai: fewer leaves no curve to read
+
+
+def _check_lr(lr: float | str | None) -> None:
+    if isinstance(lr, str):
+        if lr != "auto":
+            raise UsageError(f"{flag('lr')} must be a positive number or auto; got {lr!r}")
+    elif lr is not None:
+        _check_positive("lr", lr)
 
 
 def parse_workers(value: int | str) -> tuple[int, int] | None:

@@ -78,7 +78,14 @@ class Notice:
 def batch_plan(num_train: int, batch_size: int, steps: int, chosen: bool) -> Notice:
     """How the training set is cut into batches: ``chosen`` when the batch came from its size (recipe.batch_size)."""
     how = " (from the training set's size)" if chosen else ""
-    return Notice(f"{num_train} training images: batch {batch_size}{how}, {steps} steps an epoch")
+    plural = "s" if steps != 1 else ""
+    return Notice(f"{num_train} training images: batch {batch_size}{how}, {steps} step{plural} an epoch")
+
+
+def found_lr(lr: float, steps: int, stopped: str) -> Notice:
+    """What --lr auto's range test chose."""
+    how = "the loss diverged" if stopped == "diverged" else "the test reached its highest rate"
+    return Notice(f"--lr auto: peak learning rate {lr:.2e}, from an LR range test of {steps} steps ({how})")
 
 
 def resumed_run(checkpoint: str, epochs_done: int, epochs: int) -> Notice:

@@ -61,6 +61,12 @@ LIGHT_CROP_SCALE = (0.6, 1.0)
 EVAL_CROP_FRACTION = 0.875
 
 
+# --lr auto and `tl-ray lr-find`: the LR range test's steps and rates (fastai's lr_find defaults).
+RANGE_TEST_STEPS = 100
+RANGE_TEST_START_LR = 1e-7
+RANGE_TEST_END_LR = 10.0
+
+
 # The batch a run takes when --batch-size is left out (see the module's docstring), at least two images a worker.
 BATCH_SIZE = 32
 

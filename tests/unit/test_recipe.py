@@ -60,7 +60,7 @@ def test_the_batch_plan_is_one_console_line():
     console(progress.batch_plan(50, 16, steps_per_epoch(50, 16, 1), chosen=False))
     console.close()
     assert out.getvalue().splitlines() == [
-        "25 training images: batch 25 (from the training set's size), 1 steps an epoch",
+        "25 training images: batch 25 (from the training set's size), 1 step an epoch",
         "50 training images: batch 16, 4 steps an epoch",
     ]
 

@@ -1,6 +1,6 @@
-"""Training one model: the driver that sets a run up (``driver``), the loop every Ray Train worker runs (``loop``)
-and the learning-rate schedule they share (``schedule``)."""
+"""Training one model: the driver that sets a run up (``driver``), the loop every Ray Train worker runs (``loop``),
+the learning-rate schedule they share (``schedule``) and the LR range test of ``--lr auto`` (``lr_range``)."""
 
-from tl_ray.training.driver import TrainResult, run
+from tl_ray.training.driver import LrFinding, TrainResult, find_lr, run
 
-__all__ = ["TrainResult", "run"]
+__all__ = ["LrFinding", "TrainResult", "find_lr", "run"]

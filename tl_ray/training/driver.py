@@ -22,13 +22,20 @@ import ray.train
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from tl_ray import backbones, checkpoint, classes, cluster, location, model, places, progress, tracking
-from tl_ray.config import NUM_STAGES, TrainConfig, to_yaml
+from tl_ray import backbones, checkpoint, classes, cluster, location, model, places, progress, report, tracking
+from tl_ray.config import NUM_STAGES, LrFindConfig, TrainConfig, to_yaml
 from tl_ray.errors import RunError, TlRayError, UsageError
 from tl_ray.inputs import imaging, plan, skiplog, sources
 from tl_ray.inputs.layout import Layout
-from tl_ray.training import schedule
-from tl_ray.training.loop import LOOP_CONFIG, RANK_SCORE, LoopConfig, train_loop_per_worker
+from tl_ray.training import lr_range, schedule
+from tl_ray.training.loop import (
+    LOOP_CONFIG,
+    LR_RANGE_TEST,
+    LR_RANGE_TEST_FILE,
+    RANK_SCORE,
+    LoopConfig,
+    train_loop_per_worker,
+)
 
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.yaml"
@@ -58,6 +65,7 @@ class TrainResult:
     class_names: list[str]
     monitor: str = "val_acc"  # the metric that picked the best checkpoint
     tensorboard: str = ""  # the folder of the run's TensorBoard event files: `tensorboard --logdir` it
+    lr_range_test: dict[str, Any] | None = None  # --lr auto: the range test's curve (lr_range.LrCurve as JSON)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -132,6 +140,36 @@ def _train_env(config: TrainConfig) -> Iterator[None]:
             os.environ.pop(key, None)
 
 
+@dataclass(frozen=True)
+class LrFinding:
+    """What `tl-ray lr-find` leaves: the range test's curve and suggestion, and where its plot and JSON went."""
+
+    run_dir: str
+    curve: lr_range.LrCurve
+    plot: str  # lr_find.png
+    json: str  # lr_find.json
+
+    @property
+    def suggestion(self) -> float:
+        return self.curve.suggestion
+
+
+@dataclass
+class _Setup:
+    """A run made ready by ``_set_up``: what its TorchTrainer and its result collection need."""
+
+    config: TrainConfig
+    where: places.RunPlaces
+    layout: Layout
+    loop_config: LoopConfig
+    datasets: dict[str, ray.data.Dataset]
+    use_gpu: bool
+    worker_cpus: float
+    train_per_class: list[int]
+    skipped: skiplog.Skips
+    tracker: Any
+
+
 def run(
     config: TrainConfig,
     callbacks: list[ray.train.UserCallback] | None = None,
@@ -146,7 +184,61 @@ def run(
     ``config`` here, and its outputs checked before anything starts).
     """
     progress.mark("run: start")
+    setup = _set_up(config, where, on_event)
+    config = setup.config
+    run_dir = setup.where.run_dir(config.name)
+    tracked = tracking.train_callbacks(run_dir, config.epochs, setup.tracker, dataclasses.asdict(config))
+    result, skipped_files = _fit(setup, [*tracked, *(callbacks or [])], on_event)
+    outcome = collect(result, setup.where.storage, setup.layout.class_names, skipped_files, config.monitor)
+    if outcome.lr_range_test is not None:  # --lr auto: the test's plot beside the run's result
+        _write_lr_find(lr_range.LrCurve.from_json(outcome.lr_range_test), setup.where.storage.at(result.path))
+    progress.mark("run: end")
+    return outcome
+
+
+def find_lr(
+    config: LrFindConfig, on_event: progress.OnEvent | None = None, where: places.RunPlaces | None = None
+) -> LrFinding:
+    """`tl-ray lr-find`: the LR range test ``--lr auto`` starts a run with, on its own, set up as ``run`` sets a run
+    up (the same data, cache, model, depth, optimizer and batch); the curve's plot and JSON go in the run folder."""
+    setup = _set_up(config, where, on_event, range_test_only=True)
+    result, _ = _fit(setup, [], on_event)
+    if result.checkpoint is None:
+        raise RunError(f"the LR range test ended without a result in {result.path}")
+    with result.checkpoint.as_directory() as directory, open(os.path.join(directory, LR_RANGE_TEST_FILE)) as file:
+        curve = lr_range.LrCurve.from_json(json.load(file))
+    run_dir = setup.where.storage.at(result.path)
+    plot, curve_json = _write_lr_find(curve, run_dir)
+    return LrFinding(run_dir.uri, curve, plot, curve_json)
+
+
+LR_FIND_PLOT, LR_FIND_JSON = "lr_find.png", "lr_find.json"
+
+
+def _write_lr_find(curve: lr_range.LrCurve, run_dir: location.Location) -> tuple[str, str]:
+    """The range test's plot and curve in the run folder; (their URIs)."""
+    plot, curve_json = run_dir.join(LR_FIND_PLOT), run_dir.join(LR_FIND_JSON)
+    filesystem = run_dir.filesystem
+    with filesystem.open_output_stream(curve_json.path) as stream:
+        stream.write((json.dumps(curve.to_json(), indent=2) + "\n").encode())
+    with filesystem.open_output_stream(plot.path) as stream:
+        stream.write(report.lr_find_png(curve))
+    return plot.uri, curve_json.uri
+
+
+def _set_up(
+    config: TrainConfig,
+    where: places.RunPlaces | None,
+    on_event: progress.OnEvent | None,
+    range_test_only: bool = False,
+) -> _Setup:
+    """Everything before the TorchTrainer: the data listed, the weights resolved, the input plan prepared."""
     config = config.validate().with_run_name()
+    range_test = None
+    if isinstance(config, LrFindConfig):
+        range_test = lr_range.RangeTest(config.steps, config.start_lr, config.end_lr)
+    elif range_test_only or config.lr == "auto":
+        range_test = lr_range.RangeTest()
     tracker = tracking.logger_settings(config.logger, config.logger_project)  # refused here, not after an epoch
     if where is None:
         where = places.resolve(config)
@@ -204,32 +296,41 @@ def run(
         cpus_per_worker=worker_cpus,
         skipped=skipped,
         inputs=prepared.plan,
+        range_test=range_test,
+        range_test_only=range_test_only,
     )
+    return _Setup(
+        config, where, layout, loop_config, prepared.datasets, use_gpu, worker_cpus, train_per_class, skipped, tracker
+    )
+
+
+def _fit(
+    setup: _Setup, callbacks: list[ray.train.UserCallback], on_event: progress.OnEvent | None
+) -> tuple[ray.train.Result, dict[str, str]]:
+    """Run the set-up run's TorchTrainer; (its result, the files skipped)."""
+    config, skipped = setup.config, setup.skipped
     try:
         with progress.relay(on_event) as events:
             if on_event is not None:
                 noun = "worker" if config.max_workers == 1 else "workers"
                 on_event(progress.Stage(f"starting {config.num_workers} training {noun}"))
-            loop_config = dataclasses.replace(loop_config, progress=events)
-            run_dir = where.run_dir(config.name)
-            tracked = tracking.train_callbacks(run_dir, config.epochs, tracker, dataclasses.asdict(config))
-            callbacks = [*tracked, *(callbacks or [])]
-            trainer = _trainer(config, loop_config, prepared.datasets, use_gpu, worker_cpus, storage, callbacks)
+            loop_config = dataclasses.replace(setup.loop_config, progress=events)
+            trainer = _trainer(
+                config, loop_config, setup.datasets, setup.use_gpu, setup.worker_cpus, setup.where.storage, callbacks
+            )
             progress.mark("run: fit")
             with _train_env(config):
                 result = trainer.fit()
             progress.mark("run: fit returned")
         skipped_files = skiplog.skipped_files(skipped)
-        lost = skiplog.labels_without_images(train_per_class, skiplog.skipped_train_counts(skipped))
+        lost = skiplog.labels_without_images(setup.train_per_class, skiplog.skipped_train_counts(skipped))
     except ray.train.TrainingFailedError as error:
         raise RunError(f"training failed: {_root_cause(error)}") from error
     finally:
         skiplog.release_skips(skipped)
     if lost:
-        raise TlRayError(describe_lost_classes(layout, lost, skipped_files))
-    outcome = collect(result, storage, layout.class_names, skipped_files, config.monitor)
-    progress.mark("run: end")
-    return outcome
+        raise TlRayError(describe_lost_classes(setup.layout, lost, skipped_files))
+    return result, skipped_files
 
 
 def _trainer(
@@ -373,6 +474,7 @@ def collect(
         class_names=class_names,
         monitor=monitor,
         tensorboard=storage.at(result.path).join(tracking.TENSORBOARD_DIR).uri,
+        lr_range_test=train_state.get(LR_RANGE_TEST),
     )
     with result.filesystem.open_output_stream(f"{result.path}/{RESULT_FILE}") as stream:
         stream.write((json.dumps(outcome.to_json(), indent=2) + "\n").encode())

@@ -8,9 +8,12 @@ lost) starts from the checkpoint Ray Train hands it, which carries the optimizer
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,11 +30,14 @@ from tl_ray.config import NUM_STAGES, TrainConfig, forbid_world_writable_files
 from tl_ray.errors import TlRayError
 from tl_ray.inputs import skiplog
 from tl_ray.inputs.plan import InputPlan, WorkerBatches
-from tl_ray.training import schedule
+from tl_ray.training import lr_range, schedule
 
 # The epoch metric Ray Train keeps checkpoints by: classes.rank_score, the ranking that picks the best checkpoint.
 RANK_SCORE = "rank_score"
 LOOP_CONFIG = "tl_ray_loop_config"  # the one key of the TorchTrainer's train_loop_config: an object ref
+# The range test's curve (lr_range.LrCurve as JSON): `tl-ray lr-find`'s one report, and a --lr auto run's train state.
+LR_RANGE_TEST = "lr_range_test"
+LR_RANGE_TEST_FILE = "lr_range_test.json"
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,9 @@ class LoopConfig:
     skipped: skiplog.Skips
     inputs: InputPlan
     progress: Any = None  # progress.relay's queue: rank 0 sends its events to the driver
+    # --lr auto, or `tl-ray lr-find`: the LR range test a new run starts with (its suggestion is the peak rate)
+    range_test: lr_range.RangeTest | None = None
+    range_test_only: bool = False  # `tl-ray lr-find`: report the range test's curve and train no epoch
 
 
 @dataclass
@@ -95,11 +104,33 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
     torch.manual_seed(options.seed + rank)
 
     transfer = _transfer_model(loop, world, device)
-    optimizer = schedule.make_optimizer(
-        transfer.parameter_groups(options.lr, options.weight_decay, options.backbone_lr_mult), options
-    )
+    # With --lr auto the groups hold their shares of the rate (1, or the backbone's multiplier) until the range
+    # test has found it. They are built at the run's freeze depth, before a probe run freezes to its head phase.
+    auto_lr = loop.range_test is not None
+    groups = transfer.parameter_groups(1.0 if auto_lr else options.lr, options.weight_decay, options.backbone_lr_mult)
+    optimizer = schedule.make_optimizer(groups, options)
     worker_batch = options.batch_size // world  # --batch-size is global: same optimisation on 1 or 8 workers
     steps_now = schedule.steps_per_epoch(loop.num_train, options.batch_size, world)
+    amp_dtype = amp_dtype_of(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    # On cached backbone features only the head runs (and DDP syncs only its gradients).
+    trained = transfer.head if loop.inputs.on_features else transfer
+    weight = _weight_tensor(loop.class_weights, class_names, device)  # --class-weights auto, else None
+    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=options.label_smoothing)
+    mean, std = torch.tensor(loop.mean, device=device), torch.tensor(loop.std, device=device)
+    batches = loop.inputs.batches(worker_batch, rank, world, device, mean, std)
+    events = loop.progress if rank == 0 else None
+    resume_from = ray.train.get_checkpoint()
+
+    wrapped, lr_curve = None, None
+    if auto_lr and resume_from is None:
+        wrapped = _wrap_first_phase(transfer, trained, options)
+        lr_curve = _find_lr(loop, transfer, wrapped, batches, criterion, amp_dtype, device, events)
+        if loop.range_test_only:
+            _report_range_test(lr_curve, rank)
+            return
+        for group in optimizer.param_groups:
+            group["lr"] *= lr_curve.suggestion
     curve = _Curve(steps_now)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -107,25 +138,14 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
             curve.position, curve.steps_per_epoch, options.epochs, options.warmup_epochs, options.head_epochs
         ),
     )
-    amp_dtype = amp_dtype_of(device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    resume_from = ray.train.get_checkpoint()
-    start_epoch, history = _resume(resume_from, loop, transfer, optimizer, scheduler, scaler, curve)
+    start_epoch, history, resumed_curve = _resume(resume_from, loop, transfer, optimizer, scheduler, scaler, curve)
+    lr_curve = lr_curve or resumed_curve
     node_ids = _worker_node_ids()
     progress.mark("worker: model ready", rank=rank)
-
-    # On cached backbone features only the head runs (and DDP syncs only its gradients).
-    trained = transfer.head if loop.inputs.on_features else transfer
-    wrapped = None
-    weight = _weight_tensor(loop.class_weights, class_names, device)  # --class-weights auto, else None
-    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=options.label_smoothing)
     # Validation loss is never class-weighted: it stays comparable between runs with and without weights.
     val_criterion = nn.CrossEntropyLoss(label_smoothing=options.label_smoothing)
-    mean, std = torch.tensor(loop.mean, device=device), torch.tensor(loop.std, device=device)
-    batches = loop.inputs.batches(worker_batch, rank, world, device, mean, std)
 
     progress.mark("worker: data ready", rank=rank)
-    events = loop.progress if rank == 0 else None
     if resume_from is not None:
         progress.send(events, progress.resumed_run(resume_from.path, start_epoch, options.epochs))
     for epoch in range(start_epoch + 1, options.epochs + 1):
@@ -178,6 +198,8 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
             # time it could not keep up.
             "data_wait_s": trained_epoch.waited,
             "head_lr_now": scheduler.get_last_lr()[0],  # the scheduled rate at the epoch's end, not the peak
+            # The head's peak rate: --lr, or what the range test found for --lr auto.
+            "peak_lr": lr_curve.suggestion if lr_curve is not None else options.lr,
             "frozen_stages": depth,
             "train_images": int(totals[2]),
             "val_images": int(totals[5]),
@@ -190,8 +212,80 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
         }
         history.append({**metrics, "node_ids": sorted(set(node_ids))})
         progress.mark("worker: validated", rank=rank, epoch=epoch)
-        _report(epoch, metrics, history, transfer, optimizer, scheduler, scaler, curve, loop, rank)
+        _report(epoch, metrics, history, transfer, optimizer, scheduler, scaler, curve, loop, rank, lr_curve)
         progress.send(events, progress.Epoch(metrics, options.epochs))
+
+
+def _wrap_first_phase(transfer: model.TransferModel, trained: nn.Module, options: TrainConfig) -> nn.Module:
+    """What the first epoch trains (the head alone in a probe run's first phase), prepared for data parallelism."""
+    transfer.set_freeze_depth(NUM_STAGES if options.head_epochs else options.freeze_depth)
+    return ray.train.torch.prepare_model(trained)
+
+
+def _find_lr(
+    loop: LoopConfig,
+    transfer: model.TransferModel,
+    wrapped: nn.Module,
+    batches: WorkerBatches,
+    criterion: nn.Module,
+    amp_dtype: torch.dtype | None,
+    device: torch.device,
+    events: Any,
+) -> lr_range.LrCurve:
+    """The range test from the run's starting weights, on a throwaway optimizer of the run's kind; the model is
+    put back as it started (head initialisation and BatchNorm statistics included)."""
+    options, test = loop.options, loop.range_test
+    assert test is not None
+    progress.send(events, progress.Stage(f"LR range test: up to {test.steps} steps"))
+    start = {key: value.detach().clone() for key, value in transfer.net.state_dict().items()}
+    tester = schedule.make_optimizer(
+        transfer.parameter_groups(1.0, options.weight_decay, options.backbone_lr_mult), options
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    def mean_over_workers(loss_sum: float, images: int) -> float:
+        total, seen = _sum_across_workers([loss_sum, float(images)], device)
+        return total / max(seen, 1.0)
+
+    # The random state (crops, dropout) is put back too: the run then trains as one given --lr SUGGESTION would.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _range_test_errors():
+        found = lr_range.run(
+            wrapped,
+            batches.train,
+            batches.model_input,
+            criterion,
+            tester,
+            scaler,
+            amp_dtype,
+            device,
+            test,
+            mean_over_workers,
+        )
+    transfer.net.load_state_dict(start)
+    if not loop.range_test_only:
+        progress.send(events, progress.found_lr(found.suggestion, len(found.lrs), found.stopped))
+    return found
+
+
+@contextlib.contextmanager
+def _range_test_errors() -> Iterator[None]:
+    try:
+        yield
+    except ValueError as error:
+        raise TlRayError(f"--lr auto: the LR range test could not run: {error}") from error
+
+
+def _report_range_test(curve: lr_range.LrCurve, rank: int) -> None:
+    """`tl-ray lr-find`'s one report: the curve as a checkpoint of one JSON file (Ray Train keeps a run's
+    metrics only with a checkpoint), ranked lowest so that no checkpoint of the run could be pruned for it."""
+    with tempfile.TemporaryDirectory() as directory:
+        saved = None
+        if rank == 0:
+            with open(os.path.join(directory, LR_RANGE_TEST_FILE), "w") as file:
+                json.dump(curve.to_json(), file)
+            saved = Checkpoint.from_directory(directory)
+        metrics = {"epoch": 0, RANK_SCORE: -1.0, "lr_suggestion": curve.suggestion}
+        ray.train.report(metrics, checkpoint=saved, checkpoint_dir_name=LR_RANGE_TEST)
 
 
 def _transfer_model(loop: LoopConfig, world: int, device: torch.device) -> model.TransferModel:
@@ -215,10 +309,11 @@ def _resume(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
     curve: _Curve,
-) -> tuple[int, list[dict[str, Any]]]:
-    """(the last epoch done, the history) from the checkpoint Ray Train hands a resumed group; (0, []) at the start."""
+) -> tuple[int, list[dict[str, Any]], lr_range.LrCurve | None]:
+    """(the last epoch done, the history, a --lr auto run's range test) from the checkpoint Ray Train hands a
+    resumed group; (0, [], None) at the start."""
     if resume_from is None:
-        return 0, []
+        return 0, [], None
     with resume_from.as_directory() as directory:
         meta = checkpoint.read_meta(directory)
         check_resumable(meta, loop.options, loop.class_names, loop.class_weights)
@@ -228,7 +323,8 @@ def _resume(
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     curve.steps_per_epoch = state.get("steps_per_epoch", curve.steps_per_epoch)
-    return state["epoch"], state["history"]
+    found = state.get(LR_RANGE_TEST)
+    return state["epoch"], state["history"], lr_range.LrCurve.from_json(found) if found else None
 
 
 @dataclass(frozen=True)
@@ -398,6 +494,7 @@ def _report(
     curve: _Curve,
     loop: LoopConfig,
     rank: int,
+    lr_curve: lr_range.LrCurve | None,
 ) -> None:
     """Every worker reports (it is a barrier); only rank 0 writes the checkpoint."""
     options = loop.options
@@ -427,6 +524,7 @@ def _report(
                 "scaler": scaler.state_dict(),
                 "steps_per_epoch": curve.steps_per_epoch,  # the LR curve's plan, kept across resizes
                 "history": history,
+                LR_RANGE_TEST: lr_curve.to_json() if lr_curve is not None else None,
             }
             checkpoint.save_checkpoint(directory, transfer.net.state_dict(), meta, train_state)
             saved = Checkpoint.from_directory(directory)

@@ -44,11 +44,12 @@ def lr_factor(step: int, steps_per_epoch: int, epochs: int, warmup_epochs: float
 
 
 def make_optimizer(groups: list[dict], options: TrainConfig) -> torch.optim.Optimizer:
-    """The optimizer over ``TransferModel.parameter_groups`` (each group carries its own lr and weight decay)."""
+    """The optimizer over ``TransferModel.parameter_groups`` (each group carries its own lr and weight decay, so
+    the optimizer's own default rate is never used)."""
     if options.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=options.lr)
+        return torch.optim.AdamW(groups)
     if options.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=options.lr, momentum=options.momentum, nesterov=options.momentum > 0)
+        return torch.optim.SGD(groups, momentum=options.momentum, nesterov=options.momentum > 0)
     raise ValueError(f"optimizer {options.optimizer!r} was not resolved (TrainConfig.validate)")
 
 
