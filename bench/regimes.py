@@ -466,8 +466,10 @@ def tl_ray_commit() -> str:
     return commit + ("-dirty" if run("status", "--porcelain", "--", ".") else "")
 
 
-def tl_ray_train(task_root: Path, weights: str, depth: int, *, epochs: int, seed: int, storage: str, name: str):
-    """tl-ray with only what defines the regime: every other option is its default."""
+def tl_ray_train(
+    task_root: Path, weights: str, depth: int, *, epochs: int, seed: int, storage: str, name: str, **chosen
+):
+    """tl-ray with only what defines the regime: every other option is its default (``chosen``: but these)."""
     return tl_ray.train(
         data=str(task_root),
         arch="resnet18",
@@ -479,6 +481,7 @@ def tl_ray_train(task_root: Path, weights: str, depth: int, *, epochs: int, seed
         storage=storage,
         name=name,
         keep_checkpoints=1,
+        **chosen,
     )
 
 
@@ -575,9 +578,12 @@ def reference_key(
     return f"{dataset}|n{size}|{start}|d{regime.depth}|{point.name}|{variant.name}|seed{seed}|ep{epochs}"
 
 
-def tl_ray_key(commit: str, dataset: str, size: int, regime: Regime, seed: int, epochs: int, source: str) -> str:
+def tl_ray_key(
+    commit: str, dataset: str, size: int, regime: Regime, seed: int, epochs: int, source: str, lr: str = ""
+) -> str:
+    """``lr``: "auto" for the --lr auto column (its key ends in |lr-auto), "" for the defaults'."""
     start = regime.start if regime.start == "none" else source
-    return f"{commit}|{dataset}|n{size}|{start}|d{regime.depth}|seed{seed}|ep{epochs}"
+    return f"{commit}|{dataset}|n{size}|{start}|d{regime.depth}|seed{seed}|ep{epochs}" + (f"|lr-{lr}" if lr else "")
 
 
 @dataclass
@@ -628,15 +634,27 @@ def grid_scores(store: Store, cell: Cell, seeds: int, top: int, grid: tuple[Grid
     return scores
 
 
-def run_tl_ray(store: Store, cell: Cell, seed: int, commit: str, storage: str) -> float:
-    key = tl_ray_key(commit, cell.dataset, cell.size, cell.regime, seed, cell.epochs, cell.source())
+def run_tl_ray(store: Store, cell: Cell, seed: int, commit: str, storage: str, lr: str = "") -> float:
+    """tl-ray's defaults on a cell (``lr`` "auto": with --lr auto, the one option changed)."""
+    key = tl_ray_key(commit, cell.dataset, cell.size, cell.regime, seed, cell.epochs, cell.source(), lr)
     if key not in store.tl_ray or commit.endswith("-dirty"):
         began = time.perf_counter()
-        name = f"{cell.dataset}-n{cell.size}-{cell.regime.start}-d{cell.regime.depth}-s{seed}"
+        name = f"{cell.dataset}-n{cell.size}-{cell.regime.start}-d{cell.regime.depth}-s{seed}" + (
+            f"-lr{lr}" if lr else ""
+        )
         result = tl_ray_train(
-            cell.task_root, cell.weights(), cell.regime.depth, epochs=cell.epochs, seed=seed, storage=storage, name=name
+            cell.task_root,
+            cell.weights(),
+            cell.regime.depth,
+            epochs=cell.epochs,
+            seed=seed,
+            storage=storage,
+            name=name,
+            **({"lr": lr} if lr else {}),
         )
         store.tl_ray[key] = {"val_acc": result.metrics["val_acc"], "seconds": time.perf_counter() - began}
+        if lr:
+            store.tl_ray[key]["peak_lr"] = result.metrics["peak_lr"]
         store.save()
         print(f"  tl-ray {key}: {result.metrics['val_acc']:.3f} ({time.perf_counter() - began:.0f} s)", flush=True)
     return store.tl_ray[key]["val_acc"]
@@ -661,16 +679,24 @@ def best_point(scores: dict[str, list[float]]) -> str | None:
     return max(full, key=lambda name: mean(full[name])) if full else None
 
 
-def summary(store: Store, cell: Cell, commit: str) -> dict:
-    """A table row from whatever is stored for the cell: the grid, its candidates and tl-ray at this commit."""
-    scores = stored_scores(store, cell)
-    best = best_point(scores)
-    tl = []
+def tl_ray_runs(store: Store, cell: Cell, commit: str, lr: str = "") -> list[dict]:
+    """The stored tl-ray runs of a cell at ``commit``, in seed order."""
+    runs = []
     for seed in range(10):
-        key = tl_ray_key(commit, cell.dataset, cell.size, cell.regime, seed, cell.epochs, cell.source())
+        key = tl_ray_key(commit, cell.dataset, cell.size, cell.regime, seed, cell.epochs, cell.source(), lr)
         if key not in store.tl_ray:
             break
-        tl.append(store.tl_ray[key]["val_acc"])
+        runs.append(store.tl_ray[key])
+    return runs
+
+
+def summary(store: Store, cell: Cell, commit: str, auto_commit: str = "") -> dict:
+    """A table row from whatever is stored for the cell: the grid, its candidates, tl-ray's defaults at ``commit``
+    and tl-ray with --lr auto at ``auto_commit``."""
+    scores = stored_scores(store, cell)
+    best = best_point(scores)
+    tl = [run["val_acc"] for run in tl_ray_runs(store, cell, commit)]
+    auto = tl_ray_runs(store, cell, auto_commit, "auto") if auto_commit else []
     candidates = {}  # the candidate causes, A/B at the 40-line script's point: its values, and the default's
     for variant in CANDIDATES:
         values = stored_scores(store, cell, variant).get(SCRIPT_POINT)
@@ -683,6 +709,8 @@ def summary(store: Store, cell: Cell, commit: str) -> dict:
         "depth": cell.regime.depth,
         "epochs": cell.epochs,
         "tl_ray": tl,
+        "tl_ray_lr_auto": [run["val_acc"] for run in auto],
+        "lr_auto_peaks": [run["peak_lr"] for run in auto],
         "grid_best_point": best,
         "grid_best": scores.get(best, []) if best else [],
         "script": scores.get(SCRIPT_POINT, []),
@@ -752,6 +780,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--table", action="store_true", help="train nothing: the table of what --out holds")
     parser.add_argument("--tl-ray-commit", default="", help="the tl-ray column of this stored commit (default: HEAD's)")
     parser.add_argument(
+        "--lr-auto",
+        action="store_true",
+        help="also train tl-ray with --lr auto (at HEAD's tl-ray commit; its own column), the defaults otherwise",
+    )
+    parser.add_argument("--lr-auto-commit", default="", help="the --lr auto column of this stored commit")
+    parser.add_argument(
         "--quick", action="store_true", help="digits, 10 a class, none-0 and source-3, 4 points, 4 epochs"
     )
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads (per process)")
@@ -775,6 +809,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     store = Store(Path(args.out))
     commit = args.tl_ray_commit or tl_ray_commit()
+    auto_commit = args.lr_auto_commit or tl_ray_commit()
     started = time.perf_counter()
     table, cells_seen = [], []
     with tempfile.TemporaryDirectory() as storage:
@@ -790,8 +825,11 @@ def main(argv: list[str] | None = None) -> dict:
                             run_reference(store, cell, point, seed, variant)
             if not args.no_tl_ray and not args.table:
                 for seed in range(args.seeds):
-                    run_tl_ray(store, cell, seed, commit, storage)
-            row = summary(store, cell, commit)
+                    if not args.tl_ray_commit:  # a stored commit's column is read, never retrained
+                        run_tl_ray(store, cell, seed, commit, storage)
+                    if args.lr_auto and not args.lr_auto_commit:
+                        run_tl_ray(store, cell, seed, auto_commit, storage, "auto")
+            row = summary(store, cell, commit, auto_commit)
             table.append(row)
             cells_seen.append(cell)
             store.save(rows={f"{row['dataset']}|n{row['size']}|{row['start']}|d{row['depth']}": row for row in table})
@@ -829,12 +867,13 @@ def grid_markdown(store: Store, cells: list[Cell]) -> str:
 
 def markdown(table: list[dict]) -> str:
     lines = [
-        "| dataset | size/class | start | depth | epochs | tl-ray default | grid best (point) | 40-line script "
-        "| tl-ray - best | target met? |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| dataset | size/class | start | depth | epochs | tl-ray default | tl-ray --lr auto (peak) | grid best (point)"
+        " | 40-line script | tl-ray - best | target met? |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in table:
         tl, best, script = row["tl_ray"], row["grid_best"], row["script"]
+        auto, peaks = row.get("tl_ray_lr_auto", []), row.get("lr_auto_peaks", [])
         gap = mean(tl) - mean(best) if tl and best else float("nan")
         met = (
             "-"
@@ -848,6 +887,7 @@ def markdown(table: list[dict]) -> str:
             row["depth"],
             row["epochs"],
             spread(tl) if tl else "-",
+            f"{spread(auto)} ({', '.join(f'{peak:.1e}' for peak in peaks)})" if auto else "-",
             f"{spread(best)} ({row['grid_best_point']})" if best else "-",
             spread(script) if script else "-",
             "-" if math.isnan(gap) else f"{gap:+.3f}",
