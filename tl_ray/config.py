@@ -72,6 +72,7 @@ def flag(key: str) -> str:
 # A list-valued option (TuneConfig's freeze_depths, strategies, lrs) holds its canonical comma-separated text,
 # "0,3,5", as its flag takes it; a config file or the Python API may give a list, or a single value, instead.
 LIST_ITEMS = "list_items"  # field metadata: the item type, and how the error messages describe the items
+WORDS = "words"  # field metadata: the texts a number option takes besides numbers (lr: auto)
 
 
 def option(
@@ -83,19 +84,23 @@ def option(
     positive: bool = False,
     items: tuple[type, str, str] | None = None,
     negative: tuple[str, str] | None = None,
+    words: tuple[str, ...] = (),
 ) -> Any:
     """A config field declared once: the CLI makes its flag from it (type from the annotation, ``help``, the
     default from the dataclass), ``merge`` coerces YAML values to that type, ``validate`` checks ``choices``,
     ``between`` (inclusive bounds) and ``positive`` (``check_options``; None, where allowed, is not checked).
 
     ``items``: a list option's item type, how errors describe the items, an example (see ``_coerce_list``);
-    ``negative``: a bool option's opposite flag and that flag's help (``--cpu`` for ``--gpu``): one or neither.
+    ``negative``: a bool option's opposite flag and that flag's help (``--cpu`` for ``--gpu``): one or neither;
+    ``words``: the only texts a number option also takes (``--lr auto``).
     """
     metadata: dict[str, Any] = {"help": help, "choices": tuple(choices), "between": between, "positive": positive}
     if items is not None:
         metadata[LIST_ITEMS] = items
     if negative is not None:
         metadata["negative"] = negative
+    if words:
+        metadata[WORDS] = words
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -112,6 +117,11 @@ def check_options(config: Any) -> None:
         value, declared = getattr(config, field.name), field.metadata
         if value is None or field.name in getattr(config, "IGNORED", ()):
             continue
+        words = declared.get(WORDS, ())
+        if words and isinstance(value, str):  # a number option's word (lr: auto); merge coerced, the API may not
+            if value in words:
+                continue
+            raise UsageError(f"{flag(field.name)} must be a number or {' or '.join(words)}; got {value!r}")
         if declared["choices"] and value not in declared["choices"]:
             raise UsageError(f"{flag(field.name)} must be one of {', '.join(declared['choices'])}; got {value!r}")
         if declared["between"] is not None:
@@ -206,6 +216,8 @@ class TrainConfig:
         f" recipe's for the optimizer: {recipe.LR['adamw']} for adamw, {recipe.LR['sgd']} for sgd; at"
         f" --freeze-depth 5 {recipe.HEAD_ONLY_LR['adamw']} and {recipe.HEAD_ONLY_LR['sgd']}; discriminative and"
         f" probe {recipe.DISCRIMINATIVE_HEAD_LR['adamw']} and {recipe.DISCRIMINATIVE_HEAD_LR['sgd']})",
+        positive=True,
+        words=("auto",),
     )
     optimizer: str = option(
         "auto",
@@ -340,8 +352,6 @@ class TrainConfig:
         (``--weights none``), where a frozen backbone would only compute noise.
         """
         check_options(self)
-        if "lr" not in self.IGNORED:
-            _check_lr(self.lr)
         if self.freeze_depth is None:
             default_depth = 0 if self.weights == "none" else NUM_STAGES
             return dataclasses.replace(self, freeze_depth=default_depth).validate()
@@ -453,6 +463,7 @@ class LrFindConfig(TrainConfig):
     end_lr: float = option(recipe.RANGE_TEST_END_LR, "the rate the test reaches at --steps", positive=True)
 
     def validate(self) -> LrFindConfig:
+        check_options(self)
         if self.steps < MIN_RANGE_TEST_STEPS:
             raise UsageError(f"{flag('steps')} must be at least {MIN_RANGE_TEST_STEPS}; got {self.steps}")
         if self.start_lr >= self.end_lr:
@@ -467,14 +478,6 @@ class LrFindConfig(TrainConfig):
 
 
 MIN_RANGE_TEST_STEPS = 6  # as fastai: fewer leaves no curve to read
-
-
-def _check_lr(lr: float | str | None) -> None:
-    if isinstance(lr, str):
-        if lr != "auto":
-            raise UsageError(f"{flag('lr')} must be a positive number or auto; got {lr!r}")
-    elif lr is not None:
-        _check_positive("lr", lr)
 
 
 def parse_workers(value: int | str) -> tuple[int, int] | None:
@@ -545,20 +548,35 @@ def _convert(value: Any, kind: Any, text: str | None = None) -> Any:
     return _INVALID
 
 
-def _coerce(key: str, value: Any, hint: Any, path: str | None, items: Any = None, text: str | None = None) -> Any:
+def _coerce(
+    key: str,
+    value: Any,
+    hint: Any,
+    path: str | None,
+    items: Any = None,
+    text: str | None = None,
+    words: tuple[str, ...] = (),
+) -> Any:
     """One value from a config file (``path``), a flag or a keyword (``path`` None), checked against its field's
     type and converted where that loses nothing: numbers in any YAML spelling (3e-4, 1_000, .5; an int for a
-    float, an integral float for an int), booleans only as booleans, list options as ``_coerce_list`` says."""
+    float, an integral float for an int), booleans only as booleans, list options as ``_coerce_list`` says; a
+    number option with ``words`` takes those texts too, and no other."""
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if value is None and type(None) in allowed:
         return None
     if items is not None:
         return _coerce_list(key, value, path, *items)
+    if words:
+        if isinstance(value, str) and value.strip() in words:
+            return value.strip()
+        allowed = tuple(kind for kind in allowed if kind is not str)
     for kind in allowed:
         converted = _convert(value, kind, text)
         if converted is not _INVALID:
             return converted
     names = " or ".join(_TYPE_NAMES.get(kind, getattr(kind, "__name__", str(kind))) for kind in allowed)
+    if words:
+        names = names.replace(" or null", "") + "".join(f" or {word}" for word in words)
     hint = " (YAML reads yes, no, on, off as booleans: quote the text)" if isinstance(value, bool) else ""
     raise UsageError(f"{_where(path, key)} must be {names}; got {value!r}{hint if str in allowed else ''}")
 
@@ -597,12 +615,15 @@ def merge(config_class: type, yaml_path: str | None, overrides: dict[str, Any]):
     if yaml_path:
         loaded, texts = _read_yaml(yaml_path, set(fields))
         for key, value in loaded.items():
-            items = fields[key].metadata.get(LIST_ITEMS)
-            values[key] = _coerce(key, value, hints[key], yaml_path, items, texts.get(key))
+            declared = fields[key].metadata
+            values[key] = _coerce(
+                key, value, hints[key], yaml_path, declared.get(LIST_ITEMS), texts.get(key), declared.get(WORDS, ())
+            )
     for key, value in overrides.items():
         if key not in fields:
             raise UsageError(f"unknown option {key!r}; known: {', '.join(sorted(fields))}")
-        values[key] = _coerce(key, value, hints[key], None, fields[key].metadata.get(LIST_ITEMS))
+        declared = fields[key].metadata
+        values[key] = _coerce(key, value, hints[key], None, declared.get(LIST_ITEMS), None, declared.get(WORDS, ()))
     return config_class(**values)
 
 

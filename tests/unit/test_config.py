@@ -25,7 +25,7 @@ def test_yaml_values_apply_and_flags_override(tmp_path):
     [
         ("epochs: three\n", "epochs must be int; got 'three'"),
         ("freeze_depth: 2.5\n", "freeze_depth must be int or null; got 2.5"),
-        ("lr: true\n", "lr must be float or null; got True"),
+        ("lr: true\n", "lr must be float or auto; got True"),
         ("learning_rate: 0.1\n", "unknown keys: learning_rate"),
         ("- a\n- b\n", "must hold a mapping"),
         ("epochs: [1\n", "is not valid YAML"),
@@ -228,9 +228,9 @@ def test_bad_list_flag_names_the_flag():
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("lr: fast", "lr must be float or null; got 'fast'"),
-        ("lr: .inf", "lr must be float or null; got inf"),
-        ("lr: .nan", "lr must be float or null; got nan"),
+        ("lr: fast", "lr must be float or auto; got 'fast'"),
+        ("lr: .inf", "lr must be float or auto; got inf"),
+        ("lr: .nan", "lr must be float or auto; got nan"),
         ("epochs: 2.5", "epochs must be int; got 2.5"),
         ("epochs: 1e-3", "epochs must be int; got '1e-3'"),
         ("epochs: true", "epochs must be int; got True"),
@@ -291,3 +291,50 @@ def test_to_yaml_reads_back_into_an_equal_config(tmp_path, config_class):
     if config_class is TuneConfig:
         assert "freeze_depths: [5, 0, 3]\n" in written and "lrs: [0.001, 0.003]\n" in written
         assert "strategies: [probe]\n" in written
+
+
+# ----------------------------------------------------------------------------- --lr auto and tl-ray lr-find
+
+
+def test_lr_takes_a_number_or_auto_in_every_spelling(tmp_path, capsys):
+    assert merge(TrainConfig, None, {"data": "/d", "lr": "auto"}).validate().lr == "auto"
+    assert merge(TrainConfig, None, {"data": "/d", "lr": "3e-4"}).validate().lr == pytest.approx(3e-4)
+    assert _merged(tmp_path, "data: /d\nlr: auto\n").validate().lr == "auto"
+    assert _merged(tmp_path, "data: /d\nlr: 3e-4\n").validate().lr == pytest.approx(3e-4)  # YAML 1.1 reads text
+    # auto survives the recipe (nothing fills it in) and the resolved YAML reads back.
+    config = merge(TrainConfig, None, {"data": "/d", "lr": "auto", "freeze_depth": 3}).validate()
+    (tmp_path / "back.yaml").write_text(to_yaml(config))
+    assert merge(TrainConfig, str(tmp_path / "back.yaml"), {}).lr == "auto"
+    with pytest.raises(UsageError, match="--lr must be a number or auto; got 'fast'"):
+        TrainConfig(data="/d", lr="fast").validate()  # the API's dataclass, never coerced
+    for bad, message in (("fast", "--lr must be float or auto; got 'fast'"), ("0", "--lr must be positive")):
+        assert cli.main(["train", "--data", "x", "--lr", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"tl-ray: error: {message}") and len(err.strip().splitlines()) == 1
+    assert cli.main(["train", "--data", "x", "--lr", "auto", "--weights", "none", "--print-config"]) == 0
+    assert "\nlr: auto\n" in capsys.readouterr().out
+
+
+def test_lr_find_takes_the_train_options_and_its_own(capsys):
+    from tl_ray.config import LrFindConfig
+
+    config = merge(LrFindConfig, None, {"data": "/d", "weights": "none", "steps": 50}).validate()
+    assert (config.steps, config.start_lr, config.end_lr) == (50, 1e-7, 10.0)
+    assert config.with_run_name().name.startswith("lr-find-")
+    assert config.freeze_depth == 0 and config.optimizer == "adamw"  # resolved as train resolves them
+    help_text = cli.build_parser()._subparsers._group_actions[0].choices["lr-find"].format_help()
+    for flag in ("--steps", "--start-lr", "--end-lr", "--data", "--freeze-depth", "--batch-size", "--optimizer"):
+        assert flag in help_text
+    for ignored in ("--lr LR", "--epochs", "--keep-checkpoints", "--monitor"):
+        assert ignored not in help_text
+    for argv, message in (
+        (["--steps", "3"], "--steps must be at least 6; got 3"),
+        (["--start-lr", "1", "--end-lr", "0.1"], "--start-lr (1.0) must be below --end-lr (0.1)"),
+        (["--end-lr", "-1"], "--end-lr must be positive; got -1.0"),
+    ):
+        assert cli.main(["lr-find", "--data", "x", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"tl-ray: error: {message}") and len(err.strip().splitlines()) == 1
+    assert cli.main(["lr-find", "--data", "x", "--weights", "none", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "\nsteps: 100\n" in printed and "tl-ray lr-find --config FILE" in printed
