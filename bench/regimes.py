@@ -653,8 +653,9 @@ def run_tl_ray(store: Store, cell: Cell, seed: int, commit: str, storage: str, l
             **({"lr": lr} if lr else {}),
         )
         store.tl_ray[key] = {"val_acc": result.metrics["val_acc"], "seconds": time.perf_counter() - began}
-        if lr:
+        if lr:  # the rate it found, and the curve it found it on (other rules can be read off it)
             store.tl_ray[key]["peak_lr"] = result.metrics["peak_lr"]
+            store.tl_ray[key]["lr_range_test"] = result.lr_range_test
         store.save()
         print(f"  tl-ray {key}: {result.metrics['val_acc']:.3f} ({time.perf_counter() - began:.0f} s)", flush=True)
     return store.tl_ray[key]["val_acc"]
