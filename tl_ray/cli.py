@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import os
 import sys
 import traceback
 import types
@@ -402,7 +403,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     forbid_world_writable_files()
     resume = "; rerun the same command to resume" if args.command in ("train", "tune") else ""
     try:
-        return _run(args)
+        code = _run(args)
+        sys.stdout.flush()  # a reader that left (`tl-ray inspect ... | head`) is found here, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader has what it wanted; the command's work is done (a run's checkpoints are written). Python's
+        # own recipe: point stdout at /dev/null so that the flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except KeyboardInterrupt as error:
         print(f"tl-ray: interrupted{resume}", file=sys.stderr)
         return exit_code(error)

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tl_ray import cli, config, recipe, sweep, training
-from tl_ray.config import SourceOptions, TrainConfig, TuneConfig, flag, merge
+from tl_ray.config import LrFindConfig, SourceOptions, TrainConfig, TuneConfig, flag, merge
 from tl_ray.errors import RunError, TlRayError, UsageError
 from tl_ray.inputs import class_folders
 from tl_ray.training import schedule
@@ -40,6 +40,7 @@ def no_run(monkeypatch):
         return run
 
     monkeypatch.setattr(training, "run", stand_in("train"))
+    monkeypatch.setattr(training, "find_lr", stand_in("lr-find"))
     monkeypatch.setattr(sweep, "sweep", stand_in("tune"))
     return types.SimpleNamespace(calls=calls, outcome=outcome)
 
@@ -47,7 +48,10 @@ def no_run(monkeypatch):
 # ----------------------------------------------------------------------------- --print-config
 
 
-@pytest.mark.parametrize("command", ["train", "tune"])
+CONFIGS = {"train": TrainConfig, "tune": TuneConfig, "lr-find": LrFindConfig}
+
+
+@pytest.mark.parametrize("command", ["train", "tune", "lr-find"])
 def test_print_config_round_trips_through_config(tmp_path, capsys, no_run, command):
     config_file = tmp_path / "base.yaml"
     lines = ["data: /data/dogs", "lr: 3e-4", "epochs: 7", "train_bn: no", "name: 007", "batch-size: 1_000"]
@@ -63,7 +67,7 @@ def test_print_config_round_trips_through_config(tmp_path, capsys, no_run, comma
     assert not no_run.calls, "--print-config must not run anything"
     assert isinstance(yaml.safe_load(printed), dict)
 
-    config_class = TrainConfig if command == "train" else TuneConfig
+    config_class = CONFIGS[command]
     overrides = {"arch": "resnet18", "weights": "none", "seed": 3}
     if command == "tune":
         overrides.update(max_epochs=4, scratch_baseline=True)
@@ -289,7 +293,7 @@ def test_exit_code_rules():
     assert issubclass(UsageError, TlRayError) and issubclass(RunError, TlRayError)
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["tune", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["tune", "--help"], ["lr-find", "--help"]])
 def test_help_documents_the_exit_codes_and_print_config(capsys, argv):
     with pytest.raises(SystemExit) as exited:
         cli.main(argv)
@@ -321,7 +325,7 @@ def _subparser(command: str):
     return cli.build_parser()._subparsers._group_actions[0].choices[command]
 
 
-@pytest.mark.parametrize(("command", "config_class"), [("train", TrainConfig), ("tune", TuneConfig)])
+@pytest.mark.parametrize(("command", "config_class"), list(CONFIGS.items()))
 def test_every_option_is_one_flag_with_its_declared_help(command, config_class):
     """The flags are the config's fields, less its IGNORED ones, plus the command's own; each flag's help is the
     field's, with the dataclass default appended where the help does not state one."""
@@ -349,7 +353,8 @@ def test_every_option_is_one_flag_with_its_declared_help(command, config_class):
     assert "linear LR warm-up length, in epochs (default: 5% of the run, at most 1 epoch)" in help_text
     assert ("number of epochs (default: 10)" in help_text) is (command == "train")
     assert ("--freeze-depths FREEZE_DEPTHS" in help_text) is (command == "tune")
-    assert ("--freeze-depth FREEZE_DEPTH " in help_text) is (command == "train")
+    assert ("--freeze-depth FREEZE_DEPTH " in help_text) is (command != "tune")
+    assert ("--lr LR " in help_text) is (command == "train")
 
 
 def test_train_takes_the_source_options_as_declared_in_source_options():
@@ -483,3 +488,25 @@ def test_source_flags_of_the_commands_that_read_data_reach_source_options():
     assert args.val_fraction == TrainConfig().val_fraction and args.val_data is None
     with pytest.raises(UsageError, match="has no group"):
         cli._source_options(parser.parse_args(["inspect", "--data", "d", "--label-pattern", r"^\w+"]))
+
+
+def test_a_reader_that_leaves_early_ends_nothing_in_a_traceback(tmp_path):
+    """`tl-ray inspect ... | head -1`: more output than a pipe holds, its reader gone after the first line."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    for index in range(3000):  # one line per class: ~130 KB, twice what a pipe buffers
+        folder = tmp_path / "data" / "train" / f"class_{index:04d}"
+        folder.mkdir(parents=True)
+        Image.new("RGB", (4, 4)).save(folder / "a.png")
+    command = [sys.executable, "-m", "tl_ray.cli", "inspect", "--data", str(tmp_path / "data")]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        first = process.stdout.readline()
+        process.stdout.close()  # what head does after its line
+        errors = process.stderr.read().decode()
+        code = process.wait(timeout=120)
+    assert first.startswith(b"data ")
+    assert "Traceback" not in errors and "BrokenPipeError" not in errors, errors
+    assert code == 0
