@@ -55,11 +55,16 @@ class InputPlan:
         self, worker_batch: int, rank: int, world: int, device: torch.device, mean: torch.Tensor, std: torch.Tensor
     ) -> WorkerBatches:
         """This worker's batches under the plan (on a Ray Train worker: streamed splits are its dataset shards)."""
-        return WorkerBatches(self, worker_batch, rank, world, device, mean, std)
+        if self.held is None:
+            kind: type[WorkerBatches] = StreamedBatches
+        else:
+            kind = HeldFeatureBatches if self.on_features else HeldImageBatches
+        return kind(self, worker_batch, rank, world, device, mean, std)
 
 
 class WorkerBatches:
-    """A worker's training batches of each epoch, its validation batches, and the tensor the model takes from one."""
+    """A worker's training batches of each epoch, its validation batches, and the tensor the model takes from one;
+    one subclass per input path, chosen once by ``InputPlan.batches``."""
 
     def __init__(
         self,
@@ -73,35 +78,12 @@ class WorkerBatches:
     ) -> None:
         self.plan, self.worker_batch, self.rank, self.world = plan, worker_batch, rank, world
         self.device, self.mean, self.std = device, mean, std
-        held = plan.held
-        if held is not None and plan.on_features:  # read once; each epoch is a new deal of rows already in memory
-            self._train_rows, self._val_rows = features.load(held["train"], device), features.load(held["val"], device)
-        elif held is not None:
-            self._train_set = cache.HeldImages(held["train"], plan.image_size, True, plan.crop_scale, plan.color_jitter)
-            self._val_set = cache.HeldImages(held["val"], plan.image_size, False, None)
-        else:
-            self._train_shard, self._val_shard = (
-                ray.train.get_dataset_shard("train"),
-                ray.train.get_dataset_shard("val"),
-            )
 
     def train(self, epoch: int) -> Iterator[Batch]:
-        plan, batch = self.plan, self.worker_batch
-        if plan.held is not None and plan.on_features:
-            return features.epoch_batches(*self._train_rows, batch, self.rank, self.world, True, plan.seed, epoch)
-        if plan.held is not None:
-            return self._train_set.batches(batch, self.rank, self.world, plan.seed, epoch)
-        return self._train_shard.iter_torch_batches(
-            batch_size=batch, prefetch_batches=2, local_shuffle_buffer_size=4 * batch
-        )
+        raise NotImplementedError
 
     def val(self) -> Iterator[Batch]:
-        plan, batch = self.plan, 2 * self.worker_batch
-        if plan.held is not None and plan.on_features:
-            return features.epoch_batches(*self._val_rows, batch, self.rank, self.world, False)
-        if plan.held is not None:
-            return self._val_set.batches(batch, self.rank, self.world)
-        return self._val_shard.iter_torch_batches(batch_size=batch, prefetch_batches=2)
+        raise NotImplementedError
 
     def model_input(self, batch: Batch) -> torch.Tensor:
         """Features as they are; images normalised on the device (the pipeline ships uint8, 4x fewer bytes)."""
@@ -109,6 +91,54 @@ class WorkerBatches:
             return batch["features"]
         images = imaging.normalize(batch["image"], self.mean, self.std)
         return images.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else images
+
+
+class HeldFeatureBatches(WorkerBatches):
+    """The backbone's cached features, read once; each epoch is a new deal of rows already in memory."""
+
+    def __init__(self, plan: InputPlan, *args: Any) -> None:
+        super().__init__(plan, *args)
+        assert plan.held is not None
+        self._train = features.load(plan.held["train"], self.device)
+        self._val = features.load(plan.held["val"], self.device)
+
+    def train(self, epoch: int) -> Iterator[Batch]:
+        batch, plan = self.worker_batch, self.plan
+        return features.epoch_batches(*self._train, batch, self.rank, self.world, True, plan.seed, epoch)
+
+    def val(self) -> Iterator[Batch]:
+        return features.epoch_batches(*self._val, 2 * self.worker_batch, self.rank, self.world, False)
+
+
+class HeldImageBatches(WorkerBatches):
+    """The cached images in this worker's memory, cropped here each epoch (``cache.HeldImages``)."""
+
+    def __init__(self, plan: InputPlan, *args: Any) -> None:
+        super().__init__(plan, *args)
+        assert plan.held is not None
+        self._train = cache.HeldImages(plan.held["train"], plan.image_size, True, plan.crop_scale, plan.color_jitter)
+        self._val = cache.HeldImages(plan.held["val"], plan.image_size, False, None)
+
+    def train(self, epoch: int) -> Iterator[Batch]:
+        return self._train.batches(self.worker_batch, self.rank, self.world, self.plan.seed, epoch)
+
+    def val(self) -> Iterator[Batch]:
+        return self._val.batches(2 * self.worker_batch, self.rank, self.world)
+
+
+class StreamedBatches(WorkerBatches):
+    """This worker's shards of the Ray Data datasets the driver built (images or features)."""
+
+    def __init__(self, plan: InputPlan, *args: Any) -> None:
+        super().__init__(plan, *args)
+        self._train, self._val = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+
+    def train(self, epoch: int) -> Iterator[Batch]:
+        batch = self.worker_batch
+        return self._train.iter_torch_batches(batch_size=batch, prefetch_batches=2, local_shuffle_buffer_size=4 * batch)
+
+    def val(self) -> Iterator[Batch]:
+        return self._val.iter_torch_batches(batch_size=2 * self.worker_batch, prefetch_batches=2)
 
 
 @dataclass
