@@ -187,7 +187,11 @@ def run(
     setup = _set_up(config, where, on_event)
     config = setup.config
     run_dir = setup.where.run_dir(config.name)
-    tracked = tracking.train_callbacks(run_dir, config.epochs, setup.tracker, dataclasses.asdict(config))
+    try:
+        tracked = tracking.train_callbacks(run_dir, config.epochs, setup.tracker, dataclasses.asdict(config))
+    except BaseException:
+        skiplog.release_skips(setup.skipped)  # _fit releases it from here on
+        raise
     result, skipped_files = _fit(setup, [*tracked, *(callbacks or [])], on_event)
     outcome = collect(result, setup.where.storage, setup.layout.class_names, skipped_files, config.monitor)
     if outcome.lr_range_test is not None:  # --lr auto: the test's plot beside the run's result

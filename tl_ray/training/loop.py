@@ -272,7 +272,7 @@ def _range_test_errors() -> Iterator[None]:
     try:
         yield
     except ValueError as error:
-        raise TlRayError(f"--lr auto: the LR range test could not run: {error}") from error
+        raise TlRayError(f"the LR range test could not run: {error}") from error
 
 
 def _report_range_test(curve: lr_range.LrCurve, rank: int) -> None:
