@@ -13,10 +13,10 @@ the sample shapes and digits), not guessed:
   synthetic shapes, gave 0.416). Glyph transfer (depths 0 and 3) wanted a third of it and
   missed by 0.05-0.10: a rate per dataset is what an LR range test would add.
 - ``--lr auto`` (an LR range test, fastai's valley rule: ``training/lr_range.py``) is an option,
-  not the default: against these rates on the same 20 digits and glyphs rows (seed 0) it was
-  better on 4 and worse on 14, by 0.11 on average. It picks 20-75x below 0.03 for a head alone
-  on SGD (0.26-0.76 against 0.59-0.93) and 1e-4 to 3e-4 from scratch. Only glyph transfer at
-  depth 0, where 1e-3 is three times too high, gained (0.69 against 0.60).
+  not the default: against these rates on the same 28 digits, glyphs and icons rows (seed 0) it
+  was better on 7 and worse on 19, by 0.085 on average. It picks 20-75x below 0.03 for a head
+  alone on SGD (0.26-0.76 against 0.59-0.93) and 1e-4 to 3e-4 from scratch. It gained where 1e-3
+  is too high for the data: glyph and icon transfer at depth 0 (0.69 against 0.60, 0.36 against 0.30).
 - A head alone (depth 5) trains with SGD (Nesterov momentum 0.9) at 0.03: ``--optimizer auto``,
   the default, picks it for depth 5 and AdamW for every other depth. On digits' depth-5 rows
   (10 a class, three seeds) SGD at 0.01-0.03 reached 0.61-0.66 and AdamW 0.52-0.59 at any rate
