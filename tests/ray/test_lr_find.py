@@ -41,6 +41,13 @@ def test_lr_find_writes_its_curve_and_plot_and_trains_nothing(sample_root, tmp_p
     assert f"plot             {run_dir / 'lr_find.png'}" in printed
     assert (run_dir / "config.yaml").exists() and not list(run_dir.glob("checkpoint_epoch*"))
 
+    # Run again under the same name: a new test with the new settings (nothing to resume), its files replaced.
+    rerun = [*argv[:-4], "--steps", "20", "--storage", str(storage)]
+    assert cli.main([*rerun, "--name", "find", "--num-workers", "1"]) == 0
+    again = json.loads((run_dir / "lr_find.json").read_text())
+    assert again["steps"] == 20 and len(again["lrs"]) <= 20
+    assert again["lrs"][:5] != curve["lrs"][:5]  # 10^(8/20) a step now, not 10^(8/40)
+
 
 @pytest.mark.slow
 def test_train_lr_auto_trains_as_the_suggested_rate_would_and_resumes_without_a_new_test(

@@ -123,7 +123,7 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
     resume_from = ray.train.get_checkpoint()
 
     wrapped, lr_curve = None, None
-    if auto_lr and resume_from is None:
+    if auto_lr and (resume_from is None or loop.range_test_only):  # lr-find run again: a new test, not a resume
         wrapped = _wrap_first_phase(transfer, trained, options)
         lr_curve = _find_lr(loop, transfer, wrapped, batches, criterion, amp_dtype, device, events)
         if loop.range_test_only:
