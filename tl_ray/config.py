@@ -28,7 +28,7 @@ import typing
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import yaml
 
@@ -180,6 +180,7 @@ class TrainConfig:
     ``option`` is the one declaration of its default, help and choices."""
 
     IGNORED: ClassVar[tuple[str, ...]] = ()  # options this command takes no flag for (see TuneConfig)
+    RUN_PREFIX: ClassVar[str] = "train"  # a run left unnamed is <prefix>-<timestamp>
 
     data: str | None = option(
         None,
@@ -442,12 +443,12 @@ class TrainConfig:
             return recipe.crop_scale(self.image_size)
         return recipe.LIGHT_CROP_SCALE if self.augment == "light" else recipe.STANDARD_CROP_SCALE
 
-    def with_run_name(self) -> TrainConfig:
+    def with_run_name(self) -> Self:
         """Fill in a timestamped name, so every run lands in its own folder unless told otherwise."""
         if self.name:
             return self
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        return dataclasses.replace(self, name=f"train-{stamp}")
+        return dataclasses.replace(self, name=f"{self.RUN_PREFIX}-{stamp}")
 
 
 @dataclass
@@ -457,6 +458,7 @@ class LrFindConfig(TrainConfig):
 
     # What a range test does not use: its rates are its own, it trains no epoch and keeps no checkpoint.
     IGNORED: ClassVar[tuple[str, ...]] = ("lr", "epochs", "keep_checkpoints", "monitor", "logger", "logger_project")
+    RUN_PREFIX: ClassVar[str] = "lr-find"
 
     steps: int = option(recipe.RANGE_TEST_STEPS, "optimizer steps the test takes at most (it stops on divergence)")
     start_lr: float = option(recipe.RANGE_TEST_START_LR, "the test's first learning rate", positive=True)
@@ -469,12 +471,6 @@ class LrFindConfig(TrainConfig):
         if self.start_lr >= self.end_lr:
             raise UsageError(f"{flag('start_lr')} ({self.start_lr}) must be below {flag('end_lr')} ({self.end_lr})")
         return super().validate()
-
-    def with_run_name(self) -> LrFindConfig:
-        if self.name:
-            return self
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        return dataclasses.replace(self, name=f"lr-find-{stamp}")
 
 
 MIN_RANGE_TEST_STEPS = 6  # as fastai: fewer leaves no curve to read
@@ -707,6 +703,7 @@ class TuneConfig(TrainConfig):
     """
 
     IGNORED: ClassVar[tuple[str, ...]] = ("freeze_depth", "lr", "epochs", "strategy")  # searched, or max_epochs
+    RUN_PREFIX: ClassVar[str] = "tune"
 
     # The list options take comma-separated text as flags; in --config, a YAML list too (freeze_depths: [0, 3, 5]).
     freeze_depths: str = option(
@@ -830,12 +827,6 @@ class TuneConfig(TrainConfig):
         for point in self.search_points():
             TrainConfig.validate(self.trial_config(point, self.storage, self.name or "check"))
         return dataclasses.replace(self, epochs=self.max_epochs)
-
-    def with_run_name(self) -> TuneConfig:
-        if self.name:
-            return self
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        return dataclasses.replace(self, name=f"tune-{stamp}")
 
     def trial_config(self, point: dict[str, Any], storage: str, name: str) -> TrainConfig:
         """The TrainConfig of one trial: this sweep's train options with one point of the search space."""
