@@ -809,8 +809,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     torch.set_num_threads(args.threads)
     store = Store(Path(args.out))
-    commit = args.tl_ray_commit or tl_ray_commit()
-    auto_commit = args.lr_auto_commit or tl_ray_commit()
+    head = tl_ray_commit()
+    commit = args.tl_ray_commit or head
+    auto_commit = args.lr_auto_commit or head
     started = time.perf_counter()
     table, cells_seen = [], []
     with tempfile.TemporaryDirectory() as storage:

@@ -185,15 +185,8 @@ def run(
     """
     progress.mark("run: start")
     setup = _set_up(config, where, on_event)
-    config = setup.config
-    run_dir = setup.where.run_dir(config.name)
-    try:
-        tracked = tracking.train_callbacks(run_dir, config.epochs, setup.tracker, dataclasses.asdict(config))
-    except BaseException:
-        skiplog.release_skips(setup.skipped)  # _fit releases it from here on
-        raise
-    result, skipped_files = _fit(setup, [*tracked, *(callbacks or [])], on_event)
-    outcome = collect(result, setup.where.storage, setup.layout.class_names, skipped_files, config.monitor)
+    result, skipped_files = _fit(setup, callbacks or [], on_event, tracked=True)
+    outcome = collect(result, setup.where.storage, setup.layout.class_names, skipped_files, setup.config.monitor)
     if outcome.lr_range_test is not None:  # --lr auto: the test's plot beside the run's result
         _write_lr_find(lr_range.LrCurve.from_json(outcome.lr_range_test), setup.where.storage.at(result.path))
     progress.mark("run: end")
@@ -309,11 +302,18 @@ def _set_up(
 
 
 def _fit(
-    setup: _Setup, callbacks: list[ray.train.UserCallback], on_event: progress.OnEvent | None
+    setup: _Setup, callbacks: list[ray.train.UserCallback], on_event: progress.OnEvent | None, tracked: bool = False
 ) -> tuple[ray.train.Result, dict[str, str]]:
-    """Run the set-up run's TorchTrainer; (its result, the files skipped)."""
+    """Run the set-up run's TorchTrainer; (its result, the files skipped). ``tracked``: with the run's TensorBoard
+    (and --logger) callbacks before ``callbacks``."""
     config, skipped = setup.config, setup.skipped
     try:
+        if tracked:
+            run_dir = setup.where.run_dir(config.name)
+            tracking_callbacks = tracking.train_callbacks(
+                run_dir, config.epochs, setup.tracker, dataclasses.asdict(config)
+            )
+            callbacks = [*tracking_callbacks, *callbacks]
         with progress.relay(on_event) as events:
             if on_event is not None:
                 noun = "worker" if config.max_workers == 1 else "workers"
