@@ -541,12 +541,21 @@ def _resolved_yaml(command: str, config: TrainConfig) -> str:
     lines = [f"# tl-ray {command}: the resolved configuration (tl-ray {__version__}); run it with"]
     lines.append(f"#   tl-ray {command} --config FILE")
     rule = f"{recipe.BATCH_SIZE}, or the whole training set when smaller, at least 2 a worker"
+    lr_rule = ""
+    if resolved.lr is None and "lr" not in resolved.IGNORED:
+        rates = ", ".join(f"{rate:.2g}" for rate in recipe.lr_candidates(resolved.recipe_lr()))
+        lr_rule = (
+            f"select (tries {rates} for all the epochs, then trains at the best) for at most"
+            f" {recipe.SELECT_MAX_TRAIN} training images, else {resolved.recipe_lr():g}"
+        )
     if not config.data:
         resolved = dataclasses.replace(resolved, data=None)
         lines.append("# data is not set: fill it in, or pass --data, before running")
         if resolved.batch_size is None:
             lines.append(f"# batch_size: null: chosen from the training set's size when it runs ({rule})")
-    elif resolved.batch_size is None:
+        if lr_rule:
+            lines.append(f"# lr: null: chosen from the training set's size when it runs: {lr_rule}")
+    elif resolved.batch_size is None or resolved.lr is None:
         from tl_ray.inputs import sources  # imports Ray: only when the training set must be listed
         from tl_ray.training.schedule import steps_per_epoch
 
@@ -554,15 +563,23 @@ def _resolved_yaml(command: str, config: TrainConfig) -> str:
             options = resolved.source_options()
             num_train = len(sources.discover(resolved.data, resolved.val_fraction, options, resolved.val_data).train)
         except TlRayError as error:  # the run itself will refuse it; the template is still worth printing
-            lines.append(f"# batch_size: null: chosen from the training set's size when it runs ({rule});")
+            if resolved.batch_size is None:
+                lines.append(f"# batch_size: null: chosen from the training set's size when it runs ({rule});")
+            if lr_rule:
+                lines.append(f"# lr: null: chosen from the training set's size when it runs: {lr_rule};")
             lines.append(f"#   the training set could not be listed: {error}")
         else:
+            batch_from_size = resolved.batch_size is None
             resolved = resolved.for_training_set(num_train)
             steps = steps_per_epoch(num_train, resolved.batch_size, resolved.max_workers)
-            lines.append(
-                f"# batch_size: from the training set's size: {num_train} training images -> {resolved.batch_size},"
-                f" {steps} steps an epoch ({rule})"
-            )
+            if batch_from_size:
+                lines.append(
+                    f"# batch_size: from the training set's size: {num_train} training images ->"
+                    f" {resolved.batch_size}, {steps} steps an epoch ({rule})"
+                )
+            if lr_rule:
+                chosen = resolved.lr if isinstance(resolved.lr, str) else f"{resolved.lr:g}"
+                lines.append(f"# lr: from the training set's size: {num_train} training images -> {chosen} ({lr_rule})")
     if isinstance(resolved, TuneConfig):
         points = resolved.search_points()
         trials: dict[tuple[int, str], list[str]] = {}

@@ -121,7 +121,7 @@ def check_options(config: Any) -> None:
         if words and isinstance(value, str):  # a number option's word (lr: auto); merge coerced, the API may not
             if value in words:
                 continue
-            raise UsageError(f"{flag(field.name)} must be a number or {' or '.join(words)}; got {value!r}")
+            raise UsageError(f"{flag(field.name)} must be {number_or_words(words)}; got {value!r}")
         if declared["choices"] and value not in declared["choices"]:
             raise UsageError(f"{flag(field.name)} must be one of {', '.join(declared['choices'])}; got {value!r}")
         if declared["between"] is not None:
@@ -213,12 +213,15 @@ class TrainConfig:
     lr: float | str | None = option(
         None,
         "the head's peak learning rate, after warm-up, then cosine decay; auto: found by an LR range test on the"
-        " run's own batches before it trains (as tl-ray lr-find runs it: fastai's valley rule) (default: the"
-        f" recipe's for the optimizer: {recipe.LR['adamw']} for adamw, {recipe.LR['sgd']} for sgd; at"
-        f" --freeze-depth 5 {recipe.HEAD_ONLY_LR['adamw']} and {recipe.HEAD_ONLY_LR['sgd']}; discriminative and"
-        f" probe {recipe.DISCRIMINATIVE_HEAD_LR['adamw']} and {recipe.DISCRIMINATIVE_HEAD_LR['sgd']})",
+        " run's own batches before it trains (as tl-ray lr-find runs it: fastai's valley rule); select: the run"
+        " first trains at the recipe's rate / 3, x 1 and x 3, all its epochs each, then at the one whose best epoch"
+        " scored best (default: select for a training set of at most"
+        f" {recipe.SELECT_MAX_TRAIN} images, else the recipe's rate for the optimizer: {recipe.LR['adamw']} for"
+        f" adamw, {recipe.LR['sgd']} for sgd; at --freeze-depth 5 {recipe.HEAD_ONLY_LR['adamw']} and"
+        f" {recipe.HEAD_ONLY_LR['sgd']}; discriminative and probe {recipe.DISCRIMINATIVE_HEAD_LR['adamw']} and"
+        f" {recipe.DISCRIMINATIVE_HEAD_LR['sgd']})",
         positive=True,
-        words=("auto",),
+        words=("auto", "select"),
     )
     optimizer: str = option(
         "auto",
@@ -356,7 +359,7 @@ class TrainConfig:
         if self.freeze_depth is None:
             default_depth = 0 if self.weights == "none" else NUM_STAGES
             return dataclasses.replace(self, freeze_depth=default_depth).validate()
-        unresolved = (self.lr, self.weight_decay, self.warmup_epochs, self.backbone_lr_mult, self.head_epochs)
+        unresolved = (self.weight_decay, self.warmup_epochs, self.backbone_lr_mult, self.head_epochs)
         head_only_auto = self.freeze_depth == NUM_STAGES and self.augment == "auto"
         if None in unresolved or "auto" in (self.strategy, self.optimizer) or head_only_auto:
             return self.with_recipe().validate()
@@ -420,7 +423,6 @@ class TrainConfig:
             self,
             augment=recipe.augment(self.augment, head_only),
             optimizer=optimizer,
-            lr=recipe.peak_lr(optimizer, head_only, strategy) if self.lr is None else self.lr,
             weight_decay=recipe.WEIGHT_DECAY[optimizer] if self.weight_decay is None else self.weight_decay,
             warmup_epochs=min(1.0, steps_share) if self.warmup_epochs is None else self.warmup_epochs,
             strategy=strategy,
@@ -428,12 +430,21 @@ class TrainConfig:
             head_epochs=head_epochs if self.head_epochs is None else self.head_epochs,
         )
 
-    def for_training_set(self, num_train: int) -> TrainConfig:
+    def for_training_set(self, num_train: int) -> Self:
         """The config for a training set of ``num_train`` images: a batch size left out comes from its size
-        (``recipe.batch_size``), so that a small set still gets enough optimizer steps an epoch."""
-        if self.batch_size is not None:
-            return self.validate()
-        return dataclasses.replace(self, batch_size=recipe.batch_size(num_train, self.max_workers)).validate()
+        (``recipe.batch_size``), so that a small set still gets enough optimizer steps an epoch, and a learning
+        rate left out is ``select`` on a small set (``recipe.selects_lr``), else the recipe's rate."""
+        config = self.validate()
+        batch_size = config.batch_size or recipe.batch_size(num_train, config.max_workers)
+        lr = config.lr
+        if lr is None and "lr" not in config.IGNORED:  # tune's trials and lr-find set their rates themselves
+            lr = "select" if recipe.selects_lr(num_train) else config.recipe_lr()
+        return dataclasses.replace(config, batch_size=batch_size, lr=lr).validate()
+
+    def recipe_lr(self) -> float:
+        """The recipe's peak rate for this optimizer, depth and strategy (resolved ones): what ``--lr`` left out
+        trains at, and the centre of what ``select`` tries."""
+        return recipe.peak_lr(self.optimizer, self.freeze_depth == NUM_STAGES, self.strategy)
 
     def crop_scale(self) -> tuple[float, float] | None:
         """The training crops' smallest and largest share of the image; None: centre crops (no augmentation)."""
@@ -572,9 +583,15 @@ def _coerce(
             return converted
     names = " or ".join(_TYPE_NAMES.get(kind, getattr(kind, "__name__", str(kind))) for kind in allowed)
     if words:
-        names = names.replace(" or null", "") + "".join(f" or {word}" for word in words)
+        names = number_or_words(words, nullable=type(None) in allowed and path is not None)  # YAML's null
     hint = " (YAML reads yes, no, on, off as booleans: quote the text)" if isinstance(value, bool) else ""
     raise UsageError(f"{_where(path, key)} must be {names}; got {value!r}{hint if str in allowed else ''}")
+
+
+def number_or_words(words: tuple[str, ...], nullable: bool = False) -> str:
+    """What a number option with ``words`` takes, as an error says it: "a number, auto, select or null"."""
+    choices = ["a number", *words, *(["null"] if nullable else [])]
+    return ", ".join(choices[:-1]) + " or " + choices[-1]
 
 
 def _coerce_list(key: str, value: Any, path: str | None, items: type, described: str, example: str) -> str:

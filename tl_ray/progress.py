@@ -88,6 +88,31 @@ def found_lr(lr: float, steps: int, stopped: str) -> Notice:
     return Notice(f"--lr auto: peak learning rate {lr:.2e}, from an LR range test of {steps} steps ({how})")
 
 
+def selecting_lr(rates: tuple[float, ...], epochs: int, monitor: str, from_size: bool) -> Notice:
+    """What --lr select will do before the run (``from_size``: --lr was left out on a small training set)."""
+    why = " (--lr left out on a small training set)" if from_size else ""
+    listed = ", ".join(f"{rate:.2g}" for rate in rates)
+    return Notice(
+        f"--lr select{why}: trying peak rates {listed} for {epochs} epochs each, then training at the best by {monitor}"
+    )
+
+
+def trying_lr(rate: float, index: int, count: int, epochs: int) -> Stage:
+    return Stage(f"--lr select: rate {index + 1} of {count}, {rate:.2g}, {epochs} epochs")
+
+
+def tried_lr(rate: float, best: dict[str, float], monitor: str, epochs: int) -> Notice:
+    """One candidate's outcome: its best epoch."""
+    shown = "" if monitor == "val_acc" else f"{monitor} {best[monitor]:.3f}, "
+    return Notice(
+        f"--lr select: {rate:.2g}: {shown}val_acc {best['val_acc']:.3f} at epoch {int(best['epoch'])} of {epochs}"
+    )
+
+
+def selected_lr(rate: float, monitor: str) -> Notice:
+    return Notice(f"--lr select: training at {rate:.2g}, the best by {monitor}")
+
+
 def resumed_run(checkpoint: str, epochs_done: int, epochs: int) -> Notice:
     left = epochs - epochs_done
     plural = "s" if left != 1 else ""

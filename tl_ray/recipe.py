@@ -66,6 +66,23 @@ LIGHT_CROP_SCALE = (0.6, 1.0)
 EVAL_CROP_FRACTION = 0.875
 
 
+# --lr select, and --lr left out on a training set of at most SELECT_MAX_TRAIN images: the run first trains at
+# each of these multiples of the recipe's rate, for all its epochs, and then at the one whose best epoch scored best
+# (see the module's docstring).
+SELECT_MAX_TRAIN = 250
+SELECT_FACTORS = (1 / 3, 1.0, 3.0)
+
+
+def selects_lr(num_train: int) -> bool:
+    """Whether a run whose ``--lr`` is left out chooses its rate by trying ``SELECT_FACTORS`` of the recipe's."""
+    return num_train <= SELECT_MAX_TRAIN
+
+
+def lr_candidates(peak: float) -> tuple[float, ...]:
+    """The rates ``--lr select`` tries around the recipe's ``peak``, lowest first."""
+    return tuple(peak * factor for factor in SELECT_FACTORS)
+
+
 # --lr auto and `tl-ray lr-find`: the LR range test's steps and rates (fastai's lr_find defaults).
 RANGE_TEST_STEPS = 100
 RANGE_TEST_START_LR = 1e-7

@@ -25,7 +25,7 @@ def test_yaml_values_apply_and_flags_override(tmp_path):
     [
         ("epochs: three\n", "epochs must be int; got 'three'"),
         ("freeze_depth: 2.5\n", "freeze_depth must be int or null; got 2.5"),
-        ("lr: true\n", "lr must be float or auto; got True"),
+        ("lr: true\n", "lr must be a number, auto, select or null; got True"),
         ("learning_rate: 0.1\n", "unknown keys: learning_rate"),
         ("- a\n- b\n", "must hold a mapping"),
         ("epochs: [1\n", "is not valid YAML"),
@@ -228,9 +228,9 @@ def test_bad_list_flag_names_the_flag():
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("lr: fast", "lr must be float or auto; got 'fast'"),
-        ("lr: .inf", "lr must be float or auto; got inf"),
-        ("lr: .nan", "lr must be float or auto; got nan"),
+        ("lr: fast", "lr must be a number, auto, select or null; got 'fast'"),
+        ("lr: .inf", "lr must be a number, auto, select or null; got inf"),
+        ("lr: .nan", "lr must be a number, auto, select or null; got nan"),
         ("epochs: 2.5", "epochs must be int; got 2.5"),
         ("epochs: 1e-3", "epochs must be int; got '1e-3'"),
         ("epochs: true", "epochs must be int; got True"),
@@ -305,9 +305,9 @@ def test_lr_takes_a_number_or_auto_in_every_spelling(tmp_path, capsys):
     config = merge(TrainConfig, None, {"data": "/d", "lr": "auto", "freeze_depth": 3}).validate()
     (tmp_path / "back.yaml").write_text(to_yaml(config))
     assert merge(TrainConfig, str(tmp_path / "back.yaml"), {}).lr == "auto"
-    with pytest.raises(UsageError, match="--lr must be a number or auto; got 'fast'"):
+    with pytest.raises(UsageError, match="--lr must be a number, auto or select; got 'fast'"):
         TrainConfig(data="/d", lr="fast").validate()  # the API's dataclass, never coerced
-    for bad, message in (("fast", "--lr must be float or auto; got 'fast'"), ("0", "--lr must be positive")):
+    for bad, message in (("fast", "--lr must be a number, auto or select; got 'fast'"), ("0", "--lr must be positive")):
         assert cli.main(["train", "--data", "x", "--lr", bad]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"tl-ray: error: {message}") and len(err.strip().splitlines()) == 1

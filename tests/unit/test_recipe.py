@@ -22,7 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def resolved(**options) -> TrainConfig:
-    return TrainConfig(data="d", **options).validate()
+    """Resolved for a training set large enough that a left-out --lr is the recipe's one rate."""
+    return TrainConfig(data="d", **options).validate().for_training_set(recipe.SELECT_MAX_TRAIN + 1)
 
 
 # ----------------------------------------------------------------------------- defaults
@@ -46,6 +47,40 @@ def test_a_left_out_batch_size_follows_the_training_set(num_train, workers, batc
     assert sized.batch_size == recipe.batch_size(num_train, workers) == batch
     assert steps_per_epoch(num_train, sized.batch_size, workers) == steps
     assert TrainConfig(data="d", batch_size=64).validate().for_training_set(num_train).batch_size == 64
+
+
+@pytest.mark.parametrize(
+    ("num_train", "depth", "expected"),
+    [
+        (25, 0, "select"),
+        (recipe.SELECT_MAX_TRAIN, 3, "select"),
+        (recipe.SELECT_MAX_TRAIN + 1, 0, recipe.LR["adamw"]),
+        (40, NUM_STAGES, "select"),
+        (100_000, NUM_STAGES, recipe.HEAD_ONLY_LR["sgd"]),
+    ],
+)
+def test_a_left_out_lr_is_select_on_a_small_training_set(num_train, depth, expected):
+    config = TrainConfig(data="d", weights="imagenet", freeze_depth=depth).validate()
+    assert config.lr is None  # like the batch, not known before the training set is listed
+    sized = config.for_training_set(num_train)
+    assert sized.lr == expected
+    assert sized.recipe_lr() == (recipe.HEAD_ONLY_LR["sgd"] if depth == NUM_STAGES else recipe.LR["adamw"])
+    given = TrainConfig(data="d", weights="imagenet", freeze_depth=depth, lr=0.2).validate()
+    assert given.for_training_set(num_train).lr == 0.2, "a given --lr is never replaced"
+    assert TrainConfig(data="d", lr="select").validate().for_training_set(100_000).lr == "select", "asked for: kept"
+
+
+def test_select_tries_a_third_of_the_recipes_rate_it_and_three_times_it():
+    assert recipe.lr_candidates(1e-3) == pytest.approx((1e-3 / 3, 1e-3, 3e-3))
+    assert recipe.lr_candidates(recipe.HEAD_ONLY_LR["sgd"]) == pytest.approx((0.01, 0.03, 0.09))
+
+
+def test_commands_that_set_each_runs_rate_never_select():
+    from tl_ray.config import LrFindConfig, TuneConfig
+
+    for kind in (LrFindConfig, TuneConfig):
+        sized = kind(data="d", weights="none").validate().for_training_set(25)
+        assert sized.lr is None and sized.batch_size == 25, kind.__name__
 
 
 def test_the_batch_plan_is_one_console_line():

@@ -169,7 +169,7 @@ def _decode_to_file(
 
     The task writes its own file (rather than handing pixels on to a Ray Data write) so a cache file is exactly
     one block of images, and only a summary (files, images, bytes, and the few files that failed) travels back
-    to the driver: a million images are ~31,000 rows, not a million.
+    to the driver: a million images are 1,000 rows, not a million. Read back, a cache file is one block again.
     """
     decoded: dict[str, list] = {"label": [], "height": [], "width": [], "pixels": []}
     bad = []
@@ -284,7 +284,10 @@ def _build(
     columns = {"path": [files[index][0] for index in order], "label": [files[index][1] for index in order]}
     decoded = pipelines.file_columns(columns).map_batches(
         _decode_to_file,
-        batch_size=pipelines.BLOCK_ROWS,
+        # One file per block: 32 images, more above 32,000 (pipelines.MAX_BLOCKS), so that reading a cache of a
+        # million images back is 1,000 blocks, not the 31,000 whose making and scheduling took longer than an epoch's
+        # first step (bench/scale.py).
+        batch_size=pipelines.rows_per_block(len(files)),
         num_cpus=0.5,  # fits beside a sweep's token-CPU trial drivers, as the uncached pipeline does
         compute=cluster.task_pool(pipelines.row_blocks(len(files))),
         batch_format="numpy",
@@ -298,7 +301,7 @@ def _build(
     )
     del columns
     names, skipped, done, images, size = [], [], 0, 0, 0
-    for summary in decoded.iter_rows():  # one per block of BLOCK_ROWS files
+    for summary in decoded.iter_rows():  # one per block of files
         if summary["file"]:
             names.append(f"{attempt}/{summary['file']}")
         skipped += json.loads(summary["skipped"])

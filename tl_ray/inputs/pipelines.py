@@ -21,6 +21,9 @@ from tl_ray.inputs.layout import Layout
 logger = logging.getLogger(__name__)
 
 BLOCK_ROWS = 32  # files per Ray Data block: small blocks keep epochs well mixed and decode tasks short
+# At most this many blocks, however many files: each block is an object and a task, and past a few thousand the
+# driver spends longer making and scheduling them than a larger block costs (a million files: 1000 of 1000).
+MAX_BLOCKS = 1000
 
 
 def deal_rows(count: int, rank: int, world: int, training: bool, seed: int = 0, epoch: int = 0) -> torch.Tensor:
@@ -68,7 +71,7 @@ def _decode_batch(
 
 
 def file_rows(rows: list[dict]) -> ray.data.Dataset:
-    """One row per file, ``BLOCK_ROWS`` files to a block (at most 1000 blocks): what every decode pass reads."""
+    """One row per file, ``BLOCK_ROWS`` files to a block (at most MAX_BLOCKS blocks): what every decode pass reads."""
     return ray.data.from_items(rows, override_num_blocks=row_blocks(len(rows)))
 
 
@@ -83,7 +86,12 @@ def file_columns(columns: dict[str, list | np.ndarray]) -> ray.data.Dataset:
 
 def row_blocks(count: int) -> int:
     """The blocks ``file_rows`` makes of ``count`` files."""
-    return max(1, min(1000, math.ceil(count / BLOCK_ROWS)))
+    return max(1, min(MAX_BLOCKS, math.ceil(count / BLOCK_ROWS)))
+
+
+def rows_per_block(count: int) -> int:
+    """The files in each of ``file_rows``' blocks of ``count`` files: BLOCK_ROWS, more above MAX_BLOCKS blocks."""
+    return max(1, math.ceil(count / row_blocks(count)))
 
 
 def image_dataset(

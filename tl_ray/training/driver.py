@@ -22,7 +22,7 @@ import ray.train
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from tl_ray import backbones, checkpoint, classes, cluster, location, model, places, progress, report, tracking
+from tl_ray import backbones, checkpoint, classes, cluster, location, model, places, progress, recipe, report, tracking
 from tl_ray.config import NUM_STAGES, LrFindConfig, TrainConfig, to_yaml
 from tl_ray.errors import RunError, TlRayError, UsageError
 from tl_ray.inputs import imaging, plan, skiplog, sources
@@ -32,6 +32,7 @@ from tl_ray.training.loop import (
     LOOP_CONFIG,
     LR_RANGE_TEST,
     LR_RANGE_TEST_FILE,
+    LR_SELECTION,
     RANK_SCORE,
     LoopConfig,
     train_loop_per_worker,
@@ -66,6 +67,7 @@ class TrainResult:
     monitor: str = "val_acc"  # the metric that picked the best checkpoint
     tensorboard: str = ""  # the folder of the run's TensorBoard event files: `tensorboard --logdir` it
     lr_range_test: dict[str, Any] | None = None  # --lr auto: the range test's curve (lr_range.LrCurve as JSON)
+    lr_selection: dict[str, Any] | None = None  # --lr select: the rates tried and chosen (lr_select.LrChoice as JSON)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -241,8 +243,9 @@ def _set_up(
         where = places.resolve(config)
         places.check_outputs(config, where)
     layout = sources.discover(where.data, config.val_fraction, config.source_options(), where.val_data)
-    batch_from_size = config.batch_size is None
+    batch_from_size, lr_from_size = config.batch_size is None, config.lr is None
     config = config.for_training_set(len(layout.train))
+    lr_candidates = recipe.lr_candidates(config.recipe_lr()) if config.lr == "select" and not range_test else ()
     progress.mark("run: data discovered")
     weights = model.initial_weights(config.arch, config.weights, layout.class_names, config.seed, config.image_size)
     progress.mark("run: initial weights")
@@ -295,6 +298,8 @@ def _set_up(
         inputs=prepared.plan,
         range_test=range_test,
         range_test_only=range_test_only,
+        lr_candidates=lr_candidates,
+        lr_from_size=lr_from_size,
     )
     return _Setup(
         config, where, layout, loop_config, prepared.datasets, use_gpu, worker_cpus, train_per_class, skipped, tracker
@@ -479,6 +484,7 @@ def collect(
         monitor=monitor,
         tensorboard=storage.at(result.path).join(tracking.TENSORBOARD_DIR).uri,
         lr_range_test=train_state.get(LR_RANGE_TEST),
+        lr_selection=train_state.get(LR_SELECTION),
     )
     with result.filesystem.open_output_stream(f"{result.path}/{RESULT_FILE}") as stream:
         stream.write((json.dumps(outcome.to_json(), indent=2) + "\n").encode())

@@ -30,7 +30,7 @@ from tl_ray.config import NUM_STAGES, TrainConfig, forbid_world_writable_files
 from tl_ray.errors import TlRayError
 from tl_ray.inputs import skiplog
 from tl_ray.inputs.plan import InputPlan, WorkerBatches
-from tl_ray.training import lr_range, schedule
+from tl_ray.training import lr_range, lr_select, schedule
 
 # The epoch metric Ray Train keeps checkpoints by: classes.rank_score, the ranking that picks the best checkpoint.
 RANK_SCORE = "rank_score"
@@ -38,6 +38,9 @@ LOOP_CONFIG = "tl_ray_loop_config"  # the one key of the TorchTrainer's train_lo
 # The range test's curve (lr_range.LrCurve as JSON): `tl-ray lr-find`'s one report, and a --lr auto run's train state.
 LR_RANGE_TEST = "lr_range_test"
 LR_RANGE_TEST_FILE = "lr_range_test.json"
+# --lr select: each candidate rate's validated epochs and the rate chosen (lr_select.LrChoice as JSON), in the train
+# state (a resumed run does not select again) and result.json.
+LR_SELECTION = "lr_selection"
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,8 @@ class LoopConfig:
     # --lr auto, or `tl-ray lr-find`: the LR range test a new run starts with (its suggestion is the peak rate)
     range_test: lr_range.RangeTest | None = None
     range_test_only: bool = False  # `tl-ray lr-find`: report the range test's curve and train no epoch
+    lr_candidates: tuple[float, ...] = ()  # --lr select: the rates tried before the run (recipe.lr_candidates)
+    lr_from_size: bool = False  # --lr was left out (select, from the training set's size) rather than given
 
 
 @dataclass
@@ -107,7 +112,10 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
     # With --lr auto the groups hold their shares of the rate (1, or the backbone's multiplier) until the range
     # test has found it. They are built at the run's freeze depth, before a probe run freezes to its head phase.
     auto_lr = loop.range_test is not None
-    groups = transfer.parameter_groups(1.0 if auto_lr else options.lr, options.weight_decay, options.backbone_lr_mult)
+    rate_found_first = auto_lr or bool(loop.lr_candidates)
+    groups = transfer.parameter_groups(
+        1.0 if rate_found_first else options.lr, options.weight_decay, options.backbone_lr_mult
+    )
     optimizer = schedule.make_optimizer(groups, options)
     worker_batch = options.batch_size // world  # --batch-size is global: same optimisation on 1 or 8 workers
     steps_now = schedule.steps_per_epoch(loop.num_train, options.batch_size, world)
@@ -121,8 +129,10 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
     batches = loop.inputs.batches(worker_batch, rank, world, device, mean, std)
     events = loop.progress if rank == 0 else None
     resume_from = ray.train.get_checkpoint()
+    # Validation loss is never class-weighted: it stays comparable between runs with and without weights.
+    val_criterion = nn.CrossEntropyLoss(label_smoothing=options.label_smoothing)
 
-    wrapped, lr_curve = None, None
+    wrapped, lr_curve, lr_choice = None, None, None
     if auto_lr and (resume_from is None or loop.range_test_only):  # lr-find run again: a new test, not a resume
         wrapped = _wrap_first_phase(transfer, trained, options)
         lr_curve = _find_lr(loop, transfer, wrapped, batches, criterion, amp_dtype, device, events)
@@ -131,6 +141,10 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
             return
         for group in optimizer.param_groups:
             group["lr"] *= lr_curve.suggestion
+    if loop.lr_candidates and resume_from is None:
+        lr_choice = _select_lr(loop, transfer, trained, batches, criterion, val_criterion, amp_dtype, events)
+        for group in optimizer.param_groups:
+            group["lr"] *= lr_choice.chosen
     curve = _Curve(steps_now)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -138,12 +152,13 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
             curve.position, curve.steps_per_epoch, options.epochs, options.warmup_epochs, options.head_epochs
         ),
     )
-    start_epoch, history, resumed_curve = _resume(resume_from, loop, transfer, optimizer, scheduler, scaler, curve)
-    lr_curve = lr_curve or resumed_curve
+    start_epoch, history, resumed = _resume(resume_from, loop, transfer, optimizer, scheduler, scaler, curve)
+    lr_curve = lr_curve or resumed.lr_curve
+    lr_choice = lr_choice or resumed.lr_choice
+    # The head's peak rate: --lr, or what the range test found (--lr auto) or the candidates chose (--lr select).
+    peak_lr = lr_curve.suggestion if lr_curve else lr_choice.chosen if lr_choice else options.lr
     node_ids = _worker_node_ids()
     progress.mark("worker: model ready", rank=rank)
-    # Validation loss is never class-weighted: it stays comparable between runs with and without weights.
-    val_criterion = nn.CrossEntropyLoss(label_smoothing=options.label_smoothing)
 
     progress.mark("worker: data ready", rank=rank)
     if resume_from is not None:
@@ -166,17 +181,9 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
             # model that cannot know the class).
             ray.train.report({"epoch": epoch, "stopped": "a class has no decodable training image"})
             return
-        _sync_buffers_from_rank0(transfer)
-        val_loss, val_correct, val_seen, val_counts = evaluate(
-            trained, batches.val(), batches.model_input, val_criterion, device, amp_dtype, len(class_names)
+        totals, per_class, validation = _validate(
+            transfer, trained, batches, val_criterion, amp_dtype, len(class_names), trained_epoch.totals
         )
-        totals = _sum_across_workers([*trained_epoch.totals, val_loss, val_correct, val_seen, *val_counts], device)
-        per_class = classes.class_metrics(*split_counts(totals[6:], 3))
-        validation = {
-            "val_acc": totals[4] / max(totals[5], 1),
-            "val_loss": totals[3] / max(totals[5], 1),
-            "macro_f1": per_class["macro_f1"],
-        }
         monitored = [*(row[options.monitor] for row in history), validation[options.monitor]]
         # Tune's live table shows the first four metrics: the ones a sweep is judged on come first.
         metrics = {
@@ -198,8 +205,7 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
             # time it could not keep up.
             "data_wait_s": trained_epoch.waited,
             "head_lr_now": scheduler.get_last_lr()[0],  # the scheduled rate at the epoch's end, not the peak
-            # The head's peak rate: --lr, or what the range test found for --lr auto.
-            "peak_lr": lr_curve.suggestion if lr_curve is not None else options.lr,
+            "peak_lr": peak_lr,
             "frozen_stages": depth,
             "train_images": int(totals[2]),
             "val_images": int(totals[5]),
@@ -212,7 +218,8 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
         }
         history.append({**metrics, "node_ids": sorted(set(node_ids))})
         progress.mark("worker: validated", rank=rank, epoch=epoch)
-        _report(epoch, metrics, history, transfer, optimizer, scheduler, scaler, curve, loop, rank, lr_curve)
+        found = _FoundLr(lr_curve, lr_choice)
+        _report(epoch, metrics, history, transfer, optimizer, scheduler, scaler, curve, loop, rank, found)
         progress.send(events, progress.Epoch(metrics, options.epochs))
 
 
@@ -301,6 +308,15 @@ def _transfer_model(loop: LoopConfig, world: int, device: torch.device) -> model
     return transfer
 
 
+@dataclass(frozen=True)
+class _FoundLr:
+    """How the run's peak rate was found, when it was not given: a --lr auto run's range test, a --lr select
+    run's candidates. Kept in the train state, so a resumed run trains on at the same rate."""
+
+    lr_curve: lr_range.LrCurve | None = None
+    lr_choice: lr_select.LrChoice | None = None
+
+
 def _resume(
     resume_from: Checkpoint | None,
     loop: LoopConfig,
@@ -309,11 +325,11 @@ def _resume(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
     curve: _Curve,
-) -> tuple[int, list[dict[str, Any]], lr_range.LrCurve | None]:
-    """(the last epoch done, the history, a --lr auto run's range test) from the checkpoint Ray Train hands a
-    resumed group; (0, [], None) at the start."""
+) -> tuple[int, list[dict[str, Any]], _FoundLr]:
+    """(the last epoch done, the history, how the peak rate was found) from the checkpoint Ray Train hands a
+    resumed group; (0, [], nothing found) at the start."""
     if resume_from is None:
-        return 0, [], None
+        return 0, [], _FoundLr()
     with resume_from.as_directory() as directory:
         meta = checkpoint.read_meta(directory)
         check_resumable(meta, loop.options, loop.class_names, loop.class_weights)
@@ -323,8 +339,12 @@ def _resume(
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     curve.steps_per_epoch = state.get("steps_per_epoch", curve.steps_per_epoch)
-    found = state.get(LR_RANGE_TEST)
-    return state["epoch"], state["history"], lr_range.LrCurve.from_json(found) if found else None
+    tested, selected = state.get(LR_RANGE_TEST), state.get(LR_SELECTION)
+    found = _FoundLr(
+        lr_range.LrCurve.from_json(tested) if tested else None,
+        lr_select.LrChoice.from_json(selected) if selected else None,
+    )
+    return state["epoch"], state["history"], found
 
 
 @dataclass(frozen=True)
@@ -372,6 +392,87 @@ def _train_epoch(
         pacer.step(stepped)
         asked = time.perf_counter()
     return _EpochTotals([loss_sum, correct, seen], waited)
+
+
+def _validate(
+    transfer: model.TransferModel,
+    trained: nn.Module,
+    batches: WorkerBatches,
+    criterion: nn.Module,
+    amp_dtype: torch.dtype | None,
+    num_classes: int,
+    train_totals: list[float],
+) -> tuple[list[float], dict[str, Any], dict[str, float]]:
+    """Validate rank 0's model on every worker's share: (this epoch's training and validation totals summed
+    across workers, the per-class metrics, {val_acc, val_loss, macro_f1})."""
+    device = batches.device
+    _sync_buffers_from_rank0(transfer)
+    val_loss, val_correct, val_seen, val_counts = evaluate(
+        trained, batches.val(), batches.model_input, criterion, device, amp_dtype, num_classes
+    )
+    totals = _sum_across_workers([*train_totals, val_loss, val_correct, val_seen, *val_counts], device)
+    per_class = classes.class_metrics(*split_counts(totals[6:], 3))
+    validation = {
+        "val_acc": totals[4] / max(totals[5], 1),
+        "val_loss": totals[3] / max(totals[5], 1),
+        "macro_f1": per_class["macro_f1"],
+    }
+    return totals, per_class, validation
+
+
+def _select_lr(
+    loop: LoopConfig,
+    transfer: model.TransferModel,
+    trained: nn.Module,
+    batches: WorkerBatches,
+    criterion: nn.Module,
+    val_criterion: nn.Module,
+    amp_dtype: torch.dtype | None,
+    events: Any,
+) -> lr_select.LrChoice:
+    """--lr select: train the whole run at each candidate rate from the run's start, validating every epoch; the
+    model and the random state are put back after each, so the run then trains as one given --lr CHOSEN would."""
+    options, device = loop.options, batches.device
+    world = ray.train.get_context().get_world_size()
+    steps_now = schedule.steps_per_epoch(loop.num_train, options.batch_size, world)
+    start = {key: value.detach().clone() for key, value in transfer.net.state_dict().items()}
+    tried = []
+    progress.send(events, progress.selecting_lr(loop.lr_candidates, options.epochs, options.monitor, loop.lr_from_size))
+    for index, rate in enumerate(loop.lr_candidates):
+        progress.send(events, progress.trying_lr(rate, index, len(loop.lr_candidates), options.epochs))
+        optimizer = schedule.make_optimizer(
+            transfer.parameter_groups(rate, options.weight_decay, options.backbone_lr_mult), options
+        )
+        curve = _Curve(steps_now)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda _, curve=curve: schedule.lr_factor(
+                curve.position, curve.steps_per_epoch, options.epochs, options.warmup_epochs, options.head_epochs
+            ),
+        )
+        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        epochs, wrapped = [], None
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for epoch in range(1, options.epochs + 1):
+                depth = NUM_STAGES if epoch <= options.head_epochs else options.freeze_depth
+                if wrapped is None or depth != transfer.freeze_depth:
+                    transfer.set_freeze_depth(depth)
+                    wrapped = ray.train.torch.prepare_model(trained)
+                pacer = progress.StepPacer(events, epoch, options.epochs, steps_now)
+                trained_epoch = _train_epoch(
+                    wrapped, batches, epoch, criterion, optimizer, scheduler, scaler, amp_dtype, curve, steps_now, pacer
+                )
+                _, _, validation = _validate(
+                    transfer, trained, batches, val_criterion, amp_dtype, len(loop.class_names), trained_epoch.totals
+                )
+                epochs.append({"epoch": epoch, **validation})
+        transfer.net.load_state_dict(start)
+        tried.append(epochs)
+        best = max(epochs, key=lambda row: classes.rank_key(row, options.monitor))
+        progress.send(events, progress.tried_lr(rate, best, options.monitor, options.epochs))
+    choice = lr_select.choose(list(loop.lr_candidates), tried, options.monitor, centre=options.recipe_lr())
+    progress.send(events, progress.selected_lr(choice.chosen, options.monitor))
+    return choice
 
 
 def _worker_node_ids() -> list[str]:
@@ -494,7 +595,7 @@ def _report(
     curve: _Curve,
     loop: LoopConfig,
     rank: int,
-    lr_curve: lr_range.LrCurve | None,
+    found: _FoundLr,
 ) -> None:
     """Every worker reports (it is a barrier); only rank 0 writes the checkpoint."""
     options = loop.options
@@ -524,7 +625,8 @@ def _report(
                 "scaler": scaler.state_dict(),
                 "steps_per_epoch": curve.steps_per_epoch,  # the LR curve's plan, kept across resizes
                 "history": history,
-                LR_RANGE_TEST: lr_curve.to_json() if lr_curve is not None else None,
+                LR_RANGE_TEST: found.lr_curve.to_json() if found.lr_curve is not None else None,
+                LR_SELECTION: found.lr_choice.to_json() if found.lr_choice is not None else None,
             }
             checkpoint.save_checkpoint(directory, transfer.net.state_dict(), meta, train_state)
             saved = Checkpoint.from_directory(directory)

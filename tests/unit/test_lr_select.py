@@ -1,0 +1,76 @@
+"""--lr select's choice (tl_ray.training.lr_select): the candidate whose best epoch ranks first by the run's one
+ranking, ties to the recipe's rate; and its console lines."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from tl_ray import progress
+from tl_ray.training import lr_select
+
+
+def epochs(*scores: tuple[float, float]) -> list[dict[str, float]]:
+    """Epoch rows of (val_acc, val_loss)."""
+    return [
+        {"epoch": index + 1, "val_acc": acc, "val_loss": loss, "macro_f1": acc}
+        for index, (acc, loss) in enumerate(scores)
+    ]
+
+
+RATES = [1e-3 / 3, 1e-3, 3e-3]
+
+
+def test_the_rate_whose_best_epoch_is_best_wins_not_the_one_whose_last_epoch_is():
+    tried = [
+        epochs((0.50, 1.0), (0.71, 0.8), (0.60, 0.9)),  # the best epoch of all, then worse
+        epochs((0.55, 1.0), (0.65, 0.9), (0.70, 0.7)),  # the best last epoch
+        epochs((0.30, 2.0), (0.40, 1.5), (0.45, 1.4)),
+    ]
+    choice = lr_select.choose(RATES, tried, "val_acc", centre=1e-3)
+    assert choice.chosen == RATES[0]
+    assert choice.best(0)["epoch"] == 2 and choice.best(1)["epoch"] == 3
+
+
+def test_ties_on_accuracy_go_to_the_lower_loss_then_to_the_recipes_rate():
+    tied_acc = [epochs((0.6, 0.9)), epochs((0.6, 1.1)), epochs((0.6, 0.8))]
+    assert lr_select.choose(RATES, tied_acc, "val_acc", centre=1e-3).chosen == RATES[2]
+    exact = [epochs((0.6, 0.9)), epochs((0.6, 0.9)), epochs((0.6, 0.9))]
+    assert lr_select.choose(RATES, exact, "val_acc", centre=1e-3).chosen == RATES[1]
+    # Without the centre among them, the nearer (by ratio) wins, the lower of two as near.
+    assert lr_select.choose([1e-4, 1e-2], exact[:2], "val_acc", centre=1e-3).chosen == 1e-4
+
+
+def test_the_monitor_decides():
+    tried = [epochs((0.70, 0.9)), epochs((0.65, 0.5))]
+    assert lr_select.choose(RATES[:2], tried, "val_acc", centre=1e-3).chosen == RATES[0]
+    assert lr_select.choose(RATES[:2], tried, "val_loss", centre=1e-3).chosen == RATES[1]
+
+
+def test_a_choice_reads_back_from_json():
+    choice = lr_select.choose(RATES, [epochs((0.5, 1.0))] * 3, "val_acc", centre=1e-3)
+    again = lr_select.LrChoice.from_json(choice.to_json())
+    assert again == choice
+
+
+def test_no_validated_epoch_is_an_error():
+    with pytest.raises(ValueError, match="at least one validated epoch"):
+        lr_select.choose(RATES, [epochs((0.5, 1.0)), [], epochs((0.5, 1.0))], "val_acc", centre=1e-3)
+
+
+def test_the_console_says_what_select_does_tries_and_chose():
+    from tl_ray.console import Console
+
+    out = io.StringIO()
+    console = Console(out=out, err=io.StringIO())
+    console(progress.selecting_lr(tuple(RATES), 10, "val_acc", from_size=True))
+    console(progress.tried_lr(RATES[0], epochs((0.5, 1.0), (0.703, 0.8))[1], "val_acc", 10))
+    console(progress.selected_lr(RATES[0], "val_acc"))
+    console.close()
+    assert out.getvalue().splitlines() == [
+        "--lr select (--lr left out on a small training set): trying peak rates 0.00033, 0.001, 0.003 for 10 epochs"
+        " each, then training at the best by val_acc",
+        "--lr select: 0.00033: val_acc 0.703 at epoch 2 of 10",
+        "--lr select: training at 0.00033, the best by val_acc",
+    ]
