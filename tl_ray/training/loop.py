@@ -153,10 +153,7 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
         ),
     )
     start_epoch, history, resumed = _resume(resume_from, loop, transfer, optimizer, scheduler, scaler, curve)
-    lr_curve = lr_curve or resumed.lr_curve
-    lr_choice = lr_choice or resumed.lr_choice
-    # The head's peak rate: --lr, or what the range test found (--lr auto) or the candidates chose (--lr select).
-    peak_lr = lr_curve.suggestion if lr_curve else lr_choice.chosen if lr_choice else options.lr
+    found = _FoundLr(lr_curve or resumed.lr_curve, lr_choice or resumed.lr_choice)
     node_ids = _worker_node_ids()
     progress.mark("worker: model ready", rank=rank)
 
@@ -205,7 +202,7 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
             # time it could not keep up.
             "data_wait_s": trained_epoch.waited,
             "head_lr_now": scheduler.get_last_lr()[0],  # the scheduled rate at the epoch's end, not the peak
-            "peak_lr": peak_lr,
+            "peak_lr": found.peak_lr(options.lr),
             "frozen_stages": depth,
             "train_images": int(totals[2]),
             "val_images": int(totals[5]),
@@ -218,7 +215,6 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
         }
         history.append({**metrics, "node_ids": sorted(set(node_ids))})
         progress.mark("worker: validated", rank=rank, epoch=epoch)
-        found = _FoundLr(lr_curve, lr_choice)
         _report(epoch, metrics, history, transfer, optimizer, scheduler, scaler, curve, loop, rank, found)
         progress.send(events, progress.Epoch(metrics, options.epochs))
 
@@ -315,6 +311,12 @@ class _FoundLr:
 
     lr_curve: lr_range.LrCurve | None = None
     lr_choice: lr_select.LrChoice | None = None
+
+    def peak_lr(self, given: Any) -> float:
+        """The head's peak rate: what the range test found or the candidates chose, else ``given`` (--lr)."""
+        if self.lr_curve is not None:
+            return self.lr_curve.suggestion
+        return self.lr_choice.chosen if self.lr_choice is not None else given
 
 
 def _resume(
