@@ -652,10 +652,15 @@ def run_tl_ray(store: Store, cell: Cell, seed: int, commit: str, storage: str, l
             name=name,
             **({"lr": lr} if lr else {}),
         )
-        store.tl_ray[key] = {"val_acc": result.metrics["val_acc"], "seconds": time.perf_counter() - began}
-        if lr:  # the rate it found, and the curve it found it on (other rules can be read off it)
-            store.tl_ray[key]["peak_lr"] = result.metrics["peak_lr"]
+        store.tl_ray[key] = {
+            "val_acc": result.metrics["val_acc"],
+            "seconds": time.perf_counter() - began,
+            "peak_lr": result.metrics["peak_lr"],  # the rate trained at: the recipe's, found, or selected
+        }
+        if lr:  # the curve it found its rate on (other rules can be read off it)
             store.tl_ray[key]["lr_range_test"] = result.lr_range_test
+        if result.lr_selection:  # --lr select (left out on a small set): every candidate's epochs
+            store.tl_ray[key]["lr_selection"] = result.lr_selection
         store.save()
         print(f"  tl-ray {key}: {result.metrics['val_acc']:.3f} ({time.perf_counter() - began:.0f} s)", flush=True)
     return store.tl_ray[key]["val_acc"]
