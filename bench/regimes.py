@@ -637,7 +637,8 @@ def grid_scores(store: Store, cell: Cell, seeds: int, top: int, grid: tuple[Grid
 def run_tl_ray(store: Store, cell: Cell, seed: int, commit: str, storage: str, lr: str = "") -> float:
     """tl-ray's defaults on a cell (``lr`` "auto": with --lr auto, the one option changed)."""
     key = tl_ray_key(commit, cell.dataset, cell.size, cell.regime, seed, cell.epochs, cell.source(), lr)
-    if key not in store.tl_ray or commit.endswith("-dirty"):
+    # Runs stored before the peak rate was recorded are run again: which rate a run trained at is half its result.
+    if key not in store.tl_ray or "peak_lr" not in store.tl_ray[key] or commit.endswith("-dirty"):
         began = time.perf_counter()
         name = f"{cell.dataset}-n{cell.size}-{cell.regime.start}-d{cell.regime.depth}-s{seed}" + (
             f"-lr{lr}" if lr else ""
