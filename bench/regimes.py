@@ -77,6 +77,7 @@ from torch import nn
 from torchvision.transforms import v2
 
 import tl_ray
+from tl_ray import recipe
 from tl_ray.checkpoint import MODEL_FILE, read_model_state
 from tl_ray.model import IMAGENET_MEAN, IMAGENET_STD, STAGE_MODULES
 
@@ -702,7 +703,12 @@ def summary(store: Store, cell: Cell, commit: str, auto_commit: str = "") -> dic
     and tl-ray with --lr auto at ``auto_commit``."""
     scores = stored_scores(store, cell)
     best = best_point(scores)
-    tl = [run["val_acc"] for run in tl_ray_runs(store, cell, commit)]
+    runs = tl_ray_runs(store, cell, commit)
+    tl = [run["val_acc"] for run in runs]
+    # --lr select's candidate at the recipe's rate is, bit for bit, the run the rate alone would be: what the
+    # choice added, on the same seeds at the same commit.
+    centre = recipe.SELECT_FACTORS.index(1.0)
+    selected = [run["lr_selection"] for run in runs if run.get("lr_selection")]
     auto = tl_ray_runs(store, cell, auto_commit, "auto") if auto_commit else []
     candidates = {}  # the candidate causes, A/B at the 40-line script's point: its values, and the default's
     for variant in CANDIDATES:
@@ -716,6 +722,8 @@ def summary(store: Store, cell: Cell, commit: str, auto_commit: str = "") -> dic
         "depth": cell.regime.depth,
         "epochs": cell.epochs,
         "tl_ray": tl,
+        "tl_ray_peaks": [run.get("peak_lr") for run in runs],
+        "tl_ray_recipe_rate": [max(row["val_acc"] for row in chosen["epochs"][centre]) for chosen in selected],
         "tl_ray_lr_auto": [run["val_acc"] for run in auto],
         "lr_auto_peaks": [run["peak_lr"] for run in auto],
         "grid_best_point": best,
@@ -875,9 +883,9 @@ def grid_markdown(store: Store, cells: list[Cell]) -> str:
 
 def markdown(table: list[dict]) -> str:
     lines = [
-        "| dataset | size/class | start | depth | epochs | tl-ray default | tl-ray --lr auto (peak) | grid best (point)"
-        " | 40-line script | tl-ray - best | target met? |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dataset | size/class | start | depth | epochs | tl-ray default | its rates | its recipe-rate candidate"
+        " | tl-ray --lr auto (peak) | grid best (point) | 40-line script | tl-ray - best | target met? |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in table:
         tl, best, script = row["tl_ray"], row["grid_best"], row["script"]
@@ -895,6 +903,8 @@ def markdown(table: list[dict]) -> str:
             row["depth"],
             row["epochs"],
             spread(tl) if tl else "-",
+            ", ".join(f"{peak:.0e}" for peak in row.get("tl_ray_peaks", []) if peak) or "-",
+            spread(row["tl_ray_recipe_rate"]) if row.get("tl_ray_recipe_rate") else "-",
             f"{spread(auto)} ({', '.join(f'{peak:.1e}' for peak in peaks)})" if auto else "-",
             f"{spread(best)} ({row['grid_best_point']})" if best else "-",
             spread(script) if script else "-",
