@@ -142,11 +142,22 @@ def test_print_config_states_the_batch_it_chose_from_the_training_set(tmp_path, 
     stated = f"# batch_size: from the training set's size: {num_train} training images -> {batch}, {steps} steps"
     assert stated in printed
     assert yaml.safe_load(printed)["batch_size"] == batch
-    # Without a listable training set, the rule is stated and the batch left to the run.
+    # A small set: the rate is chosen by validation among three (--lr select), and the rule says where that stops.
+    assert (
+        f"# lr: from the training set's size: {num_train} training images -> select (at most"
+        f" {recipe.SELECT_MAX_TRAIN} training images: select, trying 0.00033, 0.001, 0.003 for all the epochs each,"
+        " then training at the best; more: the recipe's 0.001)"
+    ) in printed
+    assert yaml.safe_load(printed)["lr"] == "select"
+    assert cli.main(["train", "--data", root, "--weights", "none", "--lr", "0.01", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "# lr:" not in printed and yaml.safe_load(printed)["lr"] == 0.01
+    # Without a listable training set, the rules are stated and the batch and rate left to the run.
     assert cli.main(["train", "--data", str(tmp_path / "none"), "--print-config"]) == 0
     printed = capsys.readouterr().out
     assert "# batch_size: null: chosen from the training set's size when it runs" in printed
-    assert yaml.safe_load(printed)["batch_size"] is None
+    assert "# lr: null: chosen from the training set's size when it runs (at most 250 training images" in printed
+    assert yaml.safe_load(printed)["batch_size"] is None and yaml.safe_load(printed)["lr"] is None
 
 
 def test_print_config_without_data_is_a_template(tmp_path, capsys, no_run):
