@@ -187,7 +187,7 @@ def bench_local(base: Path, count: int, timeout: float, first_step: bool = True)
     return result
 
 
-def bench_s3(base: Path, count: int, timeout: float) -> dict:
+def bench_s3(base: Path, count: int, timeout: float, build: bool = True) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from s3server import CREDENTIALS, S3Server
 
@@ -212,7 +212,8 @@ def bench_s3(base: Path, count: int, timeout: float) -> dict:
         mark = server.mark()
         result["listing"] = in_child("listing", timeout, uri)
         result["listing"]["requests"] = len(server.requests(since=mark))
-        for name in ("build", "rerun"):
+        result["listing"]["requests_per_1000_images"] = 1000 * result["listing"]["requests"] / count
+        for name in ("build", "rerun") if build else ():
             mark = server.mark()
             result[name] = in_child("cache", timeout, uri, cache_root)
             requests = server.requests(since=mark)
@@ -236,6 +237,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds a measuring process may take")
     parser.add_argument(
         "--first-step", action=argparse.BooleanOptionalAction, default=True, help="time a rerun's first step"
+    )
+    parser.add_argument(
+        "--s3-build",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="build the S3 dataset's cache and rerun over it (without: upload and list only; a rerun's requests are"
+        " the listing's, as the smaller runs show)",
     )
     parser.add_argument("--clean", action="store_true", help="delete the generated local dataset at the end")
     parser.add_argument("--out", default="bench/results/scale.json")
@@ -267,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.clean:
             shutil.rmtree(base / f"local-{args.local}", ignore_errors=True)
     if args.s3:
-        results["s3"] = bench_s3(base, args.s3, args.timeout)
+        results["s3"] = bench_s3(base, args.s3, args.timeout, args.s3_build)
     print(json.dumps(results, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
