@@ -106,8 +106,10 @@ def test_print_config_resolves_the_recipe_and_keeps_flags_over_the_file(tmp_path
     resolved = TrainConfig(data="/data/dogs", epochs=4, optimizer="sgd", freeze_depth=2).with_recipe()
     assert printed["epochs"] == 4 and printed["freeze_depth"] == 2
     assert printed["strategy"] == "plain"  # auto, from any start
-    for key in ("lr", "weight_decay", "warmup_epochs", "backbone_lr_mult", "head_epochs"):
+    for key in ("weight_decay", "warmup_epochs", "backbone_lr_mult", "head_epochs"):
         assert printed[key] == getattr(resolved, key) is not None
+    # The rate, like the batch, waits for the training set's size (this one cannot be listed).
+    assert printed["lr"] is None and printed["batch_size"] is None
 
 
 def test_print_config_of_a_sweep_states_its_grid(capsys, no_run):
