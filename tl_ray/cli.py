@@ -545,8 +545,8 @@ def _resolved_yaml(command: str, config: TrainConfig) -> str:
     if resolved.lr is None and "lr" not in resolved.IGNORED:
         rates = ", ".join(f"{rate:.2g}" for rate in recipe.lr_candidates(resolved.recipe_lr()))
         lr_rule = (
-            f"select (tries {rates} for all the epochs, then trains at the best) for at most"
-            f" {recipe.SELECT_MAX_TRAIN} training images, else {resolved.recipe_lr():g}"
+            f"at most {recipe.SELECT_MAX_TRAIN} training images: select, trying {rates} for all the epochs each,"
+            f" then training at the best; more: the recipe's {resolved.recipe_lr():g}"
         )
     if not config.data:
         resolved = dataclasses.replace(resolved, data=None)
@@ -554,7 +554,7 @@ def _resolved_yaml(command: str, config: TrainConfig) -> str:
         if resolved.batch_size is None:
             lines.append(f"# batch_size: null: chosen from the training set's size when it runs ({rule})")
         if lr_rule:
-            lines.append(f"# lr: null: chosen from the training set's size when it runs: {lr_rule}")
+            lines.append(f"# lr: null: chosen from the training set's size when it runs ({lr_rule})")
     elif resolved.batch_size is None or resolved.lr is None:
         from tl_ray.inputs import sources  # imports Ray: only when the training set must be listed
         from tl_ray.training.schedule import steps_per_epoch
@@ -566,7 +566,7 @@ def _resolved_yaml(command: str, config: TrainConfig) -> str:
             if resolved.batch_size is None:
                 lines.append(f"# batch_size: null: chosen from the training set's size when it runs ({rule});")
             if lr_rule:
-                lines.append(f"# lr: null: chosen from the training set's size when it runs: {lr_rule};")
+                lines.append(f"# lr: null: chosen from the training set's size when it runs ({lr_rule});")
             lines.append(f"#   the training set could not be listed: {error}")
         else:
             batch_from_size = resolved.batch_size is None
@@ -575,7 +575,7 @@ def _resolved_yaml(command: str, config: TrainConfig) -> str:
             if batch_from_size:
                 lines.append(
                     f"# batch_size: from the training set's size: {num_train} training images ->"
-                    f" {resolved.batch_size}, {steps} steps an epoch ({rule})"
+                    f" {resolved.batch_size}, {steps} step{'s' if steps != 1 else ''} an epoch ({rule})"
                 )
             if lr_rule:
                 chosen = resolved.lr if isinstance(resolved.lr, str) else f"{resolved.lr:g}"

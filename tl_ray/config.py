@@ -412,7 +412,8 @@ class TrainConfig:
         return self.min_workers != self.max_workers
 
     def with_recipe(self) -> TrainConfig:
-        """Options left out (None) filled in from the recipe (tl_ray.recipe), for this start and optimizer."""
+        """Options left out (None) filled in from the recipe (tl_ray.recipe), for this start and optimizer; not the
+        batch size and the learning rate, which depend on the training set's size (``for_training_set``)."""
         strategy, backbone_lr_mult, head_epochs = recipe.strategy_options(self.strategy, self.epochs)
         if self.freeze_depth == NUM_STAGES:
             head_epochs = 0  # feature extraction: the head is all that ever trains

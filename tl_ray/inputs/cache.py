@@ -191,8 +191,9 @@ def _decode_to_file(
         # the same order, so a seeded run that holds them in memory deals the same images.
         name = hashlib.sha256("\n".join(batch["path"]).encode()).hexdigest()[:32] + ".parquet"
         sink = pa.BufferOutputStream()
-        # Raw pixels barely compress and encoded ones are compressed already: snappy would only cost CPU.
-        pq.write_table(pa.table(decoded, schema=CACHE_SCHEMA), sink, compression="none")
+        # Raw pixels barely compress and encoded ones are compressed already: snappy would only cost CPU, and so
+        # would a dictionary of images that are all distinct.
+        pq.write_table(pa.table(decoded, schema=CACHE_SCHEMA), sink, compression="none", use_dictionary=False)
         written = sink.getvalue()
         with cache_filesystem.open_output_stream(f"{folder}/{name}") as stream:  # one PUT on an object store
             stream.write(written)
