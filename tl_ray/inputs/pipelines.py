@@ -78,10 +78,8 @@ def file_rows(rows: list[dict]) -> ray.data.Dataset:
 def file_columns(columns: dict[str, list | np.ndarray]) -> ray.data.Dataset:
     """``file_rows`` from columns: a million files go to Ray as Arrow blocks, not a million row dicts."""
     table = pa.table(columns)
-    count = table.num_rows
-    blocks = row_blocks(count)
-    size = math.ceil(count / blocks) if count else 0
-    return ray.data.from_arrow([table.slice(start, size) for start in range(0, max(count, 1), max(size, 1))])
+    count, size = table.num_rows, rows_per_block(table.num_rows)
+    return ray.data.from_arrow([table.slice(start, size) for start in range(0, max(count, 1), size)])
 
 
 def row_blocks(count: int) -> int:

@@ -142,16 +142,11 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
         for group in optimizer.param_groups:
             group["lr"] *= lr_curve.suggestion
     if loop.lr_candidates and resume_from is None:
-        lr_choice = _select_lr(loop, transfer, trained, batches, criterion, val_criterion, amp_dtype, events)
+        lr_choice = _select_lr(loop, transfer, trained, batches, criterion, val_criterion, amp_dtype, steps_now, events)
         for group in optimizer.param_groups:
             group["lr"] *= lr_choice.chosen
     curve = _Curve(steps_now)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda _: schedule.lr_factor(
-            curve.position, curve.steps_per_epoch, options.epochs, options.warmup_epochs, options.head_epochs
-        ),
-    )
+    scheduler = _lr_scheduler(optimizer, curve, options)
     start_epoch, history, resumed = _resume(resume_from, loop, transfer, optimizer, scheduler, scaler, curve)
     found = _FoundLr(lr_curve or resumed.lr_curve, lr_choice or resumed.lr_choice)
     node_ids = _worker_node_ids()
@@ -163,11 +158,7 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
     for epoch in range(start_epoch + 1, options.epochs + 1):
         started = time.perf_counter()
         pacer = progress.StepPacer(events, epoch, options.epochs, steps_now)
-        # A probe-then-fine-tune run trains the head alone first; DDP is (re)built for what trains now.
-        depth = NUM_STAGES if epoch <= options.head_epochs else options.freeze_depth
-        if wrapped is None or depth != transfer.freeze_depth:
-            transfer.set_freeze_depth(depth)
-            wrapped = ray.train.torch.prepare_model(trained)
+        depth, wrapped = _epoch_phase(epoch, options, transfer, trained, wrapped)
         trained_epoch = _train_epoch(
             wrapped, batches, epoch, criterion, optimizer, scheduler, scaler, amp_dtype, curve, steps_now, pacer
         )
@@ -217,6 +208,30 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
         progress.mark("worker: validated", rank=rank, epoch=epoch)
         _report(epoch, metrics, history, transfer, optimizer, scheduler, scaler, curve, loop, rank, found)
         progress.send(events, progress.Epoch(metrics, options.epochs))
+
+
+def _lr_scheduler(
+    optimizer: torch.optim.Optimizer, curve: _Curve, options: TrainConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The planned LR curve (warm-up, cosine; a probe run's two phases) at ``curve``'s position, step by step."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda _: schedule.lr_factor(
+            curve.position, curve.steps_per_epoch, options.epochs, options.warmup_epochs, options.head_epochs
+        ),
+    )
+
+
+def _epoch_phase(
+    epoch: int, options: TrainConfig, transfer: model.TransferModel, trained: nn.Module, wrapped: nn.Module | None
+) -> tuple[int, nn.Module]:
+    """(the stages frozen in ``epoch``, what trains, prepared for data parallelism): a probe-then-fine-tune run
+    trains the head alone first; DDP is (re)built only when what trains changes."""
+    depth = NUM_STAGES if epoch <= options.head_epochs else options.freeze_depth
+    if wrapped is None or depth != transfer.freeze_depth:
+        transfer.set_freeze_depth(depth)
+        wrapped = ray.train.torch.prepare_model(trained)
+    return depth, wrapped
 
 
 def _wrap_first_phase(transfer: model.TransferModel, trained: nn.Module, options: TrainConfig) -> nn.Module:
@@ -430,13 +445,12 @@ def _select_lr(
     criterion: nn.Module,
     val_criterion: nn.Module,
     amp_dtype: torch.dtype | None,
+    steps_now: int,
     events: Any,
 ) -> lr_select.LrChoice:
     """--lr select: train the whole run at each candidate rate from the run's start, validating every epoch; the
     model and the random state are put back after each, so the run then trains as one given --lr CHOSEN would."""
     options, device = loop.options, batches.device
-    world = ray.train.get_context().get_world_size()
-    steps_now = schedule.steps_per_epoch(loop.num_train, options.batch_size, world)
     start = {key: value.detach().clone() for key, value in transfer.net.state_dict().items()}
     tried = []
     progress.send(events, progress.selecting_lr(loop.lr_candidates, options.epochs, options.monitor, loop.lr_from_size))
@@ -446,20 +460,12 @@ def _select_lr(
             transfer.parameter_groups(rate, options.weight_decay, options.backbone_lr_mult), options
         )
         curve = _Curve(steps_now)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda _, curve=curve: schedule.lr_factor(
-                curve.position, curve.steps_per_epoch, options.epochs, options.warmup_epochs, options.head_epochs
-            ),
-        )
+        scheduler = _lr_scheduler(optimizer, curve, options)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         epochs, wrapped = [], None
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for epoch in range(1, options.epochs + 1):
-                depth = NUM_STAGES if epoch <= options.head_epochs else options.freeze_depth
-                if wrapped is None or depth != transfer.freeze_depth:
-                    transfer.set_freeze_depth(depth)
-                    wrapped = ray.train.torch.prepare_model(trained)
+                _, wrapped = _epoch_phase(epoch, options, transfer, trained, wrapped)
                 pacer = progress.StepPacer(events, epoch, options.epochs, steps_now)
                 trained_epoch = _train_epoch(
                     wrapped, batches, epoch, criterion, optimizer, scheduler, scaler, amp_dtype, curve, steps_now, pacer
@@ -470,7 +476,7 @@ def _select_lr(
                 epochs.append({"epoch": epoch, **validation})
         transfer.net.load_state_dict(start)
         tried.append(epochs)
-        best = max(epochs, key=lambda row: classes.rank_key(row, options.monitor))
+        best = lr_select.best_epoch(epochs, options.monitor)
         progress.send(events, progress.tried_lr(rate, best, options.monitor, options.epochs))
     choice = lr_select.choose(list(loop.lr_candidates), tried, options.monitor, centre=options.recipe_lr())
     progress.send(events, progress.selected_lr(choice.chosen, options.monitor))

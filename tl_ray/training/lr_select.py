@@ -27,8 +27,8 @@ class LrChoice:
     monitor: str
 
     def best(self, index: int) -> dict[str, float]:
-        """The best epoch of candidate ``index`` by the run's one ranking (``classes.rank_key``)."""
-        return max(self.epochs[index], key=lambda row: classes.rank_key(row, self.monitor))
+        """The best epoch of candidate ``index``."""
+        return best_epoch(self.epochs[index], self.monitor)
 
     def to_json(self) -> dict[str, Any]:
         return {"rates": self.rates, "epochs": self.epochs, "chosen": self.chosen, "monitor": self.monitor}
@@ -38,6 +38,11 @@ class LrChoice:
         return cls([float(rate) for rate in data["rates"]], data["epochs"], float(data["chosen"]), data["monitor"])
 
 
+def best_epoch(epochs: list[dict[str, float]], monitor: str) -> dict[str, float]:
+    """The best of a candidate's epochs by the run's one ranking (``classes.rank_key``)."""
+    return max(epochs, key=lambda row: classes.rank_key(row, monitor))
+
+
 def choose(rates: list[float], epochs: list[list[dict[str, float]]], monitor: str, centre: float) -> LrChoice:
     """The rate whose best epoch ranks first; of exact ties the one nearest ``centre`` (the recipe's rate; then the
     lower), so a validation set too small to tell rates apart leaves the run at the recipe's."""
@@ -45,8 +50,7 @@ def choose(rates: list[float], epochs: list[list[dict[str, float]]], monitor: st
         raise ValueError("every candidate rate needs at least one validated epoch")
 
     def key(index: int) -> tuple[tuple[float, float, float], float]:
-        best = max(epochs[index], key=lambda row: classes.rank_key(row, monitor))
-        return classes.rank_key(best, monitor), -abs(math.log(rates[index] / centre))
+        return classes.rank_key(best_epoch(epochs[index], monitor), monitor), -abs(math.log(rates[index] / centre))
 
     winner = max(range(len(rates)), key=key)
     return LrChoice(list(rates), epochs, rates[winner], monitor)
