@@ -257,6 +257,7 @@ def test_train_from_hugging_face_parquet_then_evaluate_a_manifest(tmp_path, ray_
     root = _hf_parquet(tmp_path / "hf", {"train": 12, "validation": 6}, broken_row=3)
     storage = tmp_path / "runs"
     argv = ["train", "--data", str(root), "--arch", "resnet18", "--weights", "none", "--image-size", "32"]
+    argv += ["--lr", "1e-3"]  # the sources are under test, not --lr select (4 trainings on a set this small)
     assert cli.main([*argv, "--epochs", "1", "--storage", str(storage), "--name", "hf", "--num-workers", "1"]) == 0
     result = json.loads((storage / "hf" / "result.json").read_text())
     train_file = f"{root}/data/train-00000-of-00001.parquet"
