@@ -134,7 +134,7 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
 
     wrapped, lr_curve, lr_choice = None, None, None
     if auto_lr and (resume_from is None or loop.range_test_only):  # lr-find run again: a new test, not a resume
-        wrapped = _wrap_first_phase(transfer, trained, options)
+        _, wrapped = _epoch_phase(1, options, transfer, trained, None)
         lr_curve = _find_lr(loop, transfer, wrapped, batches, criterion, amp_dtype, device, events)
         if loop.range_test_only:
             _report_range_test(lr_curve, rank)
@@ -232,12 +232,6 @@ def _epoch_phase(
         transfer.set_freeze_depth(depth)
         wrapped = ray.train.torch.prepare_model(trained)
     return depth, wrapped
-
-
-def _wrap_first_phase(transfer: model.TransferModel, trained: nn.Module, options: TrainConfig) -> nn.Module:
-    """What the first epoch trains (the head alone in a probe run's first phase), prepared for data parallelism."""
-    transfer.set_freeze_depth(NUM_STAGES if options.head_epochs else options.freeze_depth)
-    return ray.train.torch.prepare_model(trained)
 
 
 def _find_lr(
