@@ -8,6 +8,7 @@ import json
 import os
 import shlex
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -60,6 +61,22 @@ def kill_a_training_worker(gcs_address: str) -> int | None:
         return None
     os.kill(workers[0].pid, signal.SIGKILL)
     return workers[0].pid
+
+
+def wait_for_free_cpus(ray, timeout_s: float = 180) -> None:
+    """Wait until every CPU of the cluster is free again: a SIGKILLed driver's actors and placement groups are
+    released by Ray some seconds after its death, and a run started before that can starve past Ray Train's
+    60 s worker-startup timeout on 2 CPUs."""
+    from ray.util.state import list_actors
+
+    total = ray.cluster_resources().get("CPU", 0)
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0) < total:
+        if time.monotonic() > deadline:
+            alive = list_actors(filters=[("state", "=", "ALIVE")])
+            holders = sorted({actor.class_name for actor in alive})
+            raise AssertionError(f"CPUs still held {timeout_s:.0f} s after the kill; live actors: {holders}")
+        time.sleep(0.5)
 
 
 def encode(image: Image.Image, fmt: str, **options) -> bytes:

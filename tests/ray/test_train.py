@@ -19,7 +19,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SOURCE_BATCH, SOURCE_EPOCHS, as_reported, kill_a_training_worker, recorded, tensorboard_scalars
+from helpers import (
+    SOURCE_BATCH,
+    SOURCE_EPOCHS,
+    as_reported,
+    kill_a_training_worker,
+    recorded,
+    tensorboard_scalars,
+    wait_for_free_cpus,
+)
 
 import tl_ray
 from tl_ray import cli
@@ -159,6 +167,7 @@ def test_transfer_to_new_classes_survives_a_killed_driver(source_model, sample_r
     driver.wait()
     assert not (tmp_path / "target" / "result.json").exists(), f"the run ended before the kill: {log.read_text()}"
     epoch_one = read_meta(first)["metrics"]
+    wait_for_free_cpus(ray_cluster)
 
     with pytest.MonkeyPatch.context() as patch:
         printed = io.StringIO()

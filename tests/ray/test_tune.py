@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import kill_a_training_worker, recorded, tensorboard_scalars
+from helpers import kill_a_training_worker, recorded, tensorboard_scalars, wait_for_free_cpus
 
 import tl_ray
 from tl_ray import cli, report
@@ -113,6 +113,7 @@ def sweep(source_model, sweep_data, tmp_path_factory, ray_cluster):
     assert len(_ended_trials(run_dir)) == 2, f"two trials did not end in time: {log.read_text()[-3000:]}"
 
     assert killed is not None, "no training worker of the first trial was found to kill"
+    wait_for_free_cpus(ray_cluster)
 
     with pytest.MonkeyPatch.context() as patch:
         for key, value in tracking_env.items():
