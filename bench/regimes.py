@@ -658,6 +658,7 @@ def run_tl_ray(store: Store, cell: Cell, seed: int, commit: str, storage: str, l
             "val_acc": result.metrics["val_acc"],
             "seconds": time.perf_counter() - began,
             "peak_lr": result.metrics["peak_lr"],  # the rate trained at: the recipe's, found, or selected
+            "batch_size": result.metrics.get("batch_size"),  # the batch trained at (select may halve the rule's)
         }
         if lr:  # the curve it found its rate on (other rules can be read off it)
             store.tl_ray[key]["lr_range_test"] = result.lr_range_test
@@ -723,6 +724,7 @@ def summary(store: Store, cell: Cell, commit: str, auto_commit: str = "") -> dic
         "epochs": cell.epochs,
         "tl_ray": tl,
         "tl_ray_peaks": [run.get("peak_lr") for run in runs],
+        "tl_ray_batches": [run.get("batch_size") for run in runs],
         "tl_ray_recipe_rate": [max(row["val_acc"] for row in chosen["epochs"][centre]) for chosen in selected],
         "tl_ray_lr_auto": [run["val_acc"] for run in auto],
         "lr_auto_peaks": [run["peak_lr"] for run in auto],
@@ -881,6 +883,16 @@ def grid_markdown(store: Store, cells: list[Cell]) -> str:
     return "\n".join(lines)
 
 
+def chosen_points(row: dict) -> str:
+    """The rate (and, where recorded, the batch) each tl-ray seed trained at: "1e-03 b16, 3e-03 b32"."""
+    peaks, batches = row.get("tl_ray_peaks", []), row.get("tl_ray_batches", [])
+    batches = [*batches, *[None] * (len(peaks) - len(batches))]
+    shown = [
+        f"{peak:.0e}" + (f" b{batch}" if batch else "") for peak, batch in zip(peaks, batches, strict=True) if peak
+    ]
+    return ", ".join(shown) or "-"
+
+
 def markdown(table: list[dict]) -> str:
     lines = [
         "| dataset | size/class | start | depth | epochs | tl-ray default | its rates | its recipe-rate candidate"
@@ -903,7 +915,7 @@ def markdown(table: list[dict]) -> str:
             row["depth"],
             row["epochs"],
             spread(tl) if tl else "-",
-            ", ".join(f"{peak:.0e}" for peak in row.get("tl_ray_peaks", []) if peak) or "-",
+            chosen_points(row),
             spread(row["tl_ray_recipe_rate"]) if row.get("tl_ray_recipe_rate") else "-",
             f"{spread(auto)} ({', '.join(f'{peak:.1e}' for peak in peaks)})" if auto else "-",
             f"{spread(best)} ({row['grid_best_point']})" if best else "-",

@@ -88,29 +88,35 @@ def found_lr(lr: float, steps: int, stopped: str) -> Notice:
     return Notice(f"--lr auto: peak learning rate {lr:.2e}, from an LR range test of {steps} steps ({how})")
 
 
-def selecting_lr(rates: tuple[float, ...], epochs: int, monitor: str, from_size: bool) -> Notice:
+def selecting_lr(candidates: tuple[tuple[float, int], ...], epochs: int, monitor: str, from_size: bool) -> Notice:
     """What --lr select will do before the run (``from_size``: --lr was left out on a small training set)."""
     why = " (--lr left out on a small training set)" if from_size else ""
-    listed = ", ".join(f"{rate:.2g}" for rate in rates)
+    by_batch: dict[int, list[float]] = {}
+    for rate, batch in candidates:
+        by_batch.setdefault(batch, []).append(rate)
+    listed = " and ".join(
+        f"{', '.join(f'{rate:.2g}' for rate in rates)} at batch {batch}" for batch, rates in by_batch.items()
+    )
     return Notice(
         f"--lr select{why}: trying peak rates {listed} for {epochs} epochs each, then training at the best by {monitor}"
     )
 
 
-def trying_lr(rate: float, index: int, count: int, epochs: int) -> Stage:
-    return Stage(f"--lr select: rate {index + 1} of {count}, {rate:.2g}, {epochs} epochs")
+def trying_lr(rate: float, batch: int, index: int, count: int, epochs: int) -> Stage:
+    return Stage(f"--lr select: candidate {index + 1} of {count}, {rate:.2g} at batch {batch}, {epochs} epochs")
 
 
-def tried_lr(rate: float, best: dict[str, float], monitor: str, epochs: int) -> Notice:
+def tried_lr(rate: float, batch: int, best: dict[str, float], monitor: str, epochs: int) -> Notice:
     """One candidate's outcome: its best epoch."""
     shown = "" if monitor == "val_acc" else f"{monitor} {best[monitor]:.3f}, "
     return Notice(
-        f"--lr select: {rate:.2g}: {shown}val_acc {best['val_acc']:.3f} at epoch {int(best['epoch'])} of {epochs}"
+        f"--lr select: {rate:.2g} at batch {batch}: {shown}val_acc {best['val_acc']:.3f}"
+        f" at epoch {int(best['epoch'])} of {epochs}"
     )
 
 
-def selected_lr(rate: float, monitor: str) -> Notice:
-    return Notice(f"--lr select: training at {rate:.2g}, the best by {monitor}")
+def selected_lr(rate: float, batch: int, monitor: str) -> Notice:
+    return Notice(f"--lr select: training at {rate:.2g}, batch {batch}, the best by {monitor}")
 
 
 def resumed_run(checkpoint: str, epochs_done: int, epochs: int) -> Notice:

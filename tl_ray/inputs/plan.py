@@ -15,6 +15,7 @@ The worker asks the plan for its ``WorkerBatches`` and never chooses again.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -78,6 +79,13 @@ class WorkerBatches:
     ) -> None:
         self.plan, self.worker_batch, self.rank, self.world = plan, worker_batch, rank, world
         self.device, self.mean, self.std = device, mean, std
+
+    def at_worker_batch(self, worker_batch: int) -> WorkerBatches:
+        """The same splits (held in memory or streamed: nothing is read again) dealt in batches of ``worker_batch``:
+        --lr select trains candidates at two batch sizes."""
+        other = copy.copy(self)
+        other.worker_batch = worker_batch
+        return other
 
     def train(self, epoch: int) -> Iterator[Batch]:
         raise NotImplementedError

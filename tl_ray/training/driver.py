@@ -245,7 +245,11 @@ def _set_up(
     layout = sources.discover(where.data, config.val_fraction, config.source_options(), where.val_data)
     batch_from_size, lr_from_size = config.batch_size is None, config.lr is None
     config = config.for_training_set(len(layout.train))
-    lr_candidates = recipe.lr_candidates(config.recipe_lr()) if config.lr == "select" else ()
+    lr_candidates = ()
+    if config.lr == "select":
+        lr_candidates = recipe.select_candidates(
+            config.recipe_lr(), config.batch_size, batch_from_size, config.max_workers
+        )
     progress.mark("run: data discovered")
     weights = model.initial_weights(config.arch, config.weights, layout.class_names, config.seed, config.image_size)
     progress.mark("run: initial weights")

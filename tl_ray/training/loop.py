@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
@@ -65,7 +65,8 @@ class LoopConfig:
     # --lr auto, or `tl-ray lr-find`: the LR range test a new run starts with (its suggestion is the peak rate)
     range_test: lr_range.RangeTest | None = None
     range_test_only: bool = False  # `tl-ray lr-find`: report the range test's curve and train no epoch
-    lr_candidates: tuple[float, ...] = ()  # --lr select: the rates tried before the run (recipe.lr_candidates)
+    # --lr select: the (peak rate, global batch) pairs tried before the run (recipe.select_candidates)
+    lr_candidates: tuple[tuple[float, int], ...] = ()
     lr_from_size: bool = False  # --lr was left out (select, from the training set's size) rather than given
 
 
@@ -142,12 +143,17 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
         for group in optimizer.param_groups:
             group["lr"] *= lr_curve.suggestion
     if loop.lr_candidates and resume_from is None:
-        lr_choice = _select_lr(loop, transfer, trained, batches, criterion, val_criterion, amp_dtype, steps_now, events)
+        lr_choice = _select_lr(loop, transfer, trained, batches, criterion, val_criterion, amp_dtype, events)
         for group in optimizer.param_groups:
             group["lr"] *= lr_choice.chosen
+        loop, batches, steps_now = _at_batch(loop, batches, lr_choice.chosen_batch_size, world)
+        options = loop.options
     curve = _Curve(steps_now)
     scheduler = _lr_scheduler(optimizer, curve, options)
     start_epoch, history, resumed = _resume(resume_from, loop, transfer, optimizer, scheduler, scaler, curve)
+    if resumed.lr_choice is not None:  # a resumed --lr select run trains on at the batch it chose
+        loop, batches, steps_now = _at_batch(loop, batches, resumed.lr_choice.chosen_batch_size, world)
+        options = loop.options
     found = _FoundLr(lr_curve or resumed.lr_curve, lr_choice or resumed.lr_choice)
     node_ids = _worker_node_ids()
     progress.mark("worker: model ready", rank=rank)
@@ -194,6 +200,7 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
             "data_wait_s": trained_epoch.waited,
             "head_lr_now": scheduler.get_last_lr()[0],  # the scheduled rate at the epoch's end, not the peak
             "peak_lr": found.peak_lr(options.lr),
+            "batch_size": options.batch_size,  # global; --lr select may have chosen half the rule's
             "frozen_stages": depth,
             "train_images": int(totals[2]),
             "val_images": int(totals[5]),
@@ -431,6 +438,17 @@ def _validate(
     return totals, per_class, validation
 
 
+def _at_batch(
+    loop: LoopConfig, batches: WorkerBatches, batch_size: int, world: int
+) -> tuple[LoopConfig, WorkerBatches, int]:
+    """(the loop's config, this worker's batches, the steps an epoch) at the global ``batch_size``."""
+    if batch_size != loop.options.batch_size:
+        loop = replace(loop, options=replace(loop.options, batch_size=batch_size))
+    if batch_size // world != batches.worker_batch:
+        batches = batches.at_worker_batch(batch_size // world)
+    return loop, batches, schedule.steps_per_epoch(loop.num_train, batch_size, world)
+
+
 def _select_lr(
     loop: LoopConfig,
     transfer: model.TransferModel,
@@ -439,17 +457,18 @@ def _select_lr(
     criterion: nn.Module,
     val_criterion: nn.Module,
     amp_dtype: torch.dtype | None,
-    steps_now: int,
     events: Any,
 ) -> lr_select.LrChoice:
-    """--lr select: train the whole run at each candidate rate from the run's start, validating every epoch; the
-    model and the random state are put back after each, so the run then trains as one given --lr CHOSEN would."""
-    options, device = loop.options, batches.device
+    """--lr select: train the whole run at each candidate rate and batch from the run's start, validating every
+    epoch; the model and the random state are put back after each, so the run then trains as one given --lr CHOSEN
+    --batch-size ITS_BATCH would."""
+    options, device, world = loop.options, batches.device, batches.world
     start = {key: value.detach().clone() for key, value in transfer.net.state_dict().items()}
     tried = []
     progress.send(events, progress.selecting_lr(loop.lr_candidates, options.epochs, options.monitor, loop.lr_from_size))
-    for index, rate in enumerate(loop.lr_candidates):
-        progress.send(events, progress.trying_lr(rate, index, len(loop.lr_candidates), options.epochs))
+    for index, (rate, batch_size) in enumerate(loop.lr_candidates):
+        _, candidate_batches, steps_now = _at_batch(loop, batches, batch_size, world)
+        progress.send(events, progress.trying_lr(rate, batch_size, index, len(loop.lr_candidates), options.epochs))
         optimizer = schedule.make_optimizer(
             transfer.parameter_groups(rate, options.weight_decay, options.backbone_lr_mult), options
         )
@@ -462,18 +481,35 @@ def _select_lr(
                 _, wrapped = _epoch_phase(epoch, options, transfer, trained, wrapped)
                 pacer = progress.StepPacer(events, epoch, options.epochs, steps_now)
                 trained_epoch = _train_epoch(
-                    wrapped, batches, epoch, criterion, optimizer, scheduler, scaler, amp_dtype, curve, steps_now, pacer
+                    wrapped,
+                    candidate_batches,
+                    epoch,
+                    criterion,
+                    optimizer,
+                    scheduler,
+                    scaler,
+                    amp_dtype,
+                    curve,
+                    steps_now,
+                    pacer,
                 )
                 _, _, validation = _validate(
-                    transfer, trained, batches, val_criterion, amp_dtype, len(loop.class_names), trained_epoch.totals
+                    transfer,
+                    trained,
+                    candidate_batches,
+                    val_criterion,
+                    amp_dtype,
+                    len(loop.class_names),
+                    trained_epoch.totals,
                 )
                 epochs.append({"epoch": epoch, **validation})
         transfer.net.load_state_dict(start)
         tried.append(epochs)
         best = lr_select.best_epoch(epochs, options.monitor)
-        progress.send(events, progress.tried_lr(rate, best, options.monitor, options.epochs))
-    choice = lr_select.choose(list(loop.lr_candidates), tried, options.monitor, centre=options.recipe_lr())
-    progress.send(events, progress.selected_lr(choice.chosen, options.monitor))
+        progress.send(events, progress.tried_lr(rate, batch_size, best, options.monitor, options.epochs))
+    centre = (options.recipe_lr(), options.batch_size)
+    choice = lr_select.choose(list(loop.lr_candidates), tried, options.monitor, centre=centre)
+    progress.send(events, progress.selected_lr(choice.chosen, choice.chosen_batch_size, options.monitor))
     return choice
 
 

@@ -1,11 +1,13 @@
-"""``--lr select``: the peak rate chosen by training at a few and keeping the one that validated best.
+"""``--lr select``: the peak rate (and batch) chosen by training at a few and keeping the one that validated best.
 
 On a small training set (``recipe.SELECT_MAX_TRAIN`` images or fewer, where ``--lr`` left out means ``select``) no
 one rate suits every dataset: bench/regimes.py found glyph transfer wanting a third of the rate digits want, and
 an LR range test misjudges a set this small (its 100 steps are many epochs of it). A careful user tries a few rates
 and keeps the best by validation; the candidates are cheap at this size, so the run does the same: each candidate
 trains the whole run from the same start, and the run then trains at the winner (bit for bit the run ``--lr
-WINNER`` would be, where the input plan holds the images in memory), reporting and checkpointing only that.
+WINNER --batch-size ITS_BATCH`` would be, where the input plan holds the images in memory), reporting and
+checkpointing only that. Where the batch came from the set's size, half that batch is a candidate too
+(``recipe.select_candidates``): icons at 30 a class wanted 16, digits at 10 a class 32.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from tl_ray import classes
 
 @dataclass(frozen=True)
 class LrChoice:
-    """Each candidate rate's epochs (their validation metrics) and the rate chosen from them."""
+    """Each candidate's (peak rate, global batch) epochs (their validation metrics) and the candidate chosen."""
 
     rates: list[float]
-    epochs: list[list[dict[str, float]]]  # per rate: per epoch {"epoch", "val_acc", "val_loss", "macro_f1"}
+    batch_sizes: list[int]  # per candidate, alongside rates
+    epochs: list[list[dict[str, float]]]  # per candidate: per epoch {"epoch", "val_acc", "val_loss", "macro_f1"}
     chosen: float
+    chosen_batch_size: int
     monitor: str
 
     def best(self, index: int) -> dict[str, float]:
@@ -31,11 +35,25 @@ class LrChoice:
         return best_epoch(self.epochs[index], self.monitor)
 
     def to_json(self) -> dict[str, Any]:
-        return {"rates": self.rates, "epochs": self.epochs, "chosen": self.chosen, "monitor": self.monitor}
+        return {
+            "rates": self.rates,
+            "batch_sizes": self.batch_sizes,
+            "epochs": self.epochs,
+            "chosen": self.chosen,
+            "chosen_batch_size": self.chosen_batch_size,
+            "monitor": self.monitor,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LrChoice:
-        return cls([float(rate) for rate in data["rates"]], data["epochs"], float(data["chosen"]), data["monitor"])
+        return cls(
+            [float(rate) for rate in data["rates"]],
+            [int(batch) for batch in data["batch_sizes"]],
+            data["epochs"],
+            float(data["chosen"]),
+            int(data["chosen_batch_size"]),
+            data["monitor"],
+        )
 
 
 def best_epoch(epochs: list[dict[str, float]], monitor: str) -> dict[str, float]:
@@ -43,14 +61,21 @@ def best_epoch(epochs: list[dict[str, float]], monitor: str) -> dict[str, float]
     return max(epochs, key=lambda row: classes.rank_key(row, monitor))
 
 
-def choose(rates: list[float], epochs: list[list[dict[str, float]]], monitor: str, centre: float) -> LrChoice:
-    """The rate whose best epoch ranks first; of exact ties the one nearest ``centre`` (the recipe's rate; then the
-    lower), so a validation set too small to tell rates apart leaves the run at the recipe's."""
-    if not rates or len(rates) != len(epochs) or not all(epochs):
-        raise ValueError("every candidate rate needs at least one validated epoch")
+def choose(
+    candidates: list[tuple[float, int]], epochs: list[list[dict[str, float]]], monitor: str, centre: tuple[float, int]
+) -> LrChoice:
+    """The (rate, batch) candidate whose best epoch ranks first; of exact ties the one at ``centre``'s batch (the
+    run's own), then the rate nearest ``centre``'s (the recipe's; then the lower), so a validation set too small to
+    tell candidates apart leaves the run at the recipe's rate and batch."""
+    if not candidates or len(candidates) != len(epochs) or not all(epochs):
+        raise ValueError("every candidate needs at least one validated epoch")
+    centre_rate, centre_batch = centre
 
-    def key(index: int) -> tuple[tuple[float, float, float], float]:
-        return classes.rank_key(best_epoch(epochs[index], monitor), monitor), -abs(math.log(rates[index] / centre))
+    def key(index: int) -> tuple[tuple[float, float, float], bool, float]:
+        rate, batch = candidates[index]
+        ranked = classes.rank_key(best_epoch(epochs[index], monitor), monitor)
+        return ranked, batch == centre_batch, -abs(math.log(rate / centre_rate))
 
-    winner = max(range(len(rates)), key=key)
-    return LrChoice(list(rates), epochs, rates[winner], monitor)
+    winner = max(range(len(candidates)), key=key)
+    rates, batch_sizes = [rate for rate, _ in candidates], [batch for _, batch in candidates]
+    return LrChoice(rates, batch_sizes, epochs, rates[winner], batch_sizes[winner], monitor)
