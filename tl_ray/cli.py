@@ -545,10 +545,9 @@ def _resolved_yaml(command: str, config: TrainConfig) -> str:
     if resolved.lr is None and "lr" not in resolved.IGNORED:
         rates = ", ".join(f"{rate:.2g}" for rate in recipe.lr_candidates(resolved.recipe_lr()))
         halves = ", ".join(f"{resolved.recipe_lr() * factor:.2g}" for factor in recipe.SELECT_HALF_BATCH_FACTORS)
-        at_half = f", and {halves} at half the batch," if resolved.batch_size is None else ""
         lr_rule = (
-            f"at most {recipe.SELECT_MAX_TRAIN} training images: select, trying {rates}{at_half} for all the epochs"
-            f" each, then training at the best; more: the recipe's {resolved.recipe_lr():g}"
+            f"at most {recipe.SELECT_MAX_TRAIN} training images: select, trying {rates}, and {halves} at half the"
+            f" batch, for all the epochs each, then training at the best; more: the recipe's {resolved.recipe_lr():g}"
         )
     if not config.data:
         resolved = dataclasses.replace(resolved, data=None)

@@ -78,8 +78,7 @@ EVAL_CROP_FRACTION = 0.875
 
 # --lr select, and --lr left out on a training set of at most SELECT_MAX_TRAIN images: the run first trains at
 # each of these multiples of the recipe's rate, for all its epochs, and then at the one whose best epoch scored best
-# (see the module's docstring). When the batch came from the set's size, it also tries these multiples at half that
-# batch (twice the steps an epoch).
+# (see the module's docstring), and SELECT_HALF_BATCH_FACTORS of it at half the batch (twice the steps an epoch).
 SELECT_MAX_TRAIN = 250
 SELECT_FACTORS = (1 / 3, 1.0, 3.0)
 SELECT_HALF_BATCH_FACTORS = (1.0, 3.0)
@@ -95,16 +94,14 @@ def lr_candidates(peak: float) -> tuple[float, ...]:
     return tuple(peak * factor for factor in SELECT_FACTORS)
 
 
-def select_candidates(
-    peak: float, batch_size: int, batch_from_size: bool, workers: int = 1
-) -> tuple[tuple[float, int], ...]:
-    """The (peak rate, global batch) pairs ``--lr select`` trains: ``lr_candidates`` at the run's batch, then, when
-    the batch came from the training set's size (``--batch-size`` left out), ``SELECT_HALF_BATCH_FACTORS`` of the
-    rate at half of it (never below two images a worker): the rows the batch rule's 32 missed wanted a batch of 16
-    (see the module's docstring)."""
+def select_candidates(peak: float, batch_size: int, workers: int = 1) -> tuple[tuple[float, int], ...]:
+    """The (peak rate, global batch) pairs ``--lr select`` trains: ``lr_candidates`` at the run's batch, then
+    ``SELECT_HALF_BATCH_FACTORS`` of the rate at half of it (never below two images a worker): the rows the batch
+    rule's 32 missed wanted a batch of 16 (see the module's docstring). Whoever set the batch, so that a run's
+    config.yaml, which writes the rule's batch out, reruns the same candidates."""
     pairs = [(rate, batch_size) for rate in lr_candidates(peak)]
     half = max(batch_size // 2, 2 * workers)
-    if batch_from_size and half < batch_size:
+    if half < batch_size:
         pairs += [(peak * factor, half) for factor in SELECT_HALF_BATCH_FACTORS]
     return tuple(pairs)
 

@@ -28,7 +28,7 @@ def test_a_small_training_set_selects_its_rate_and_trains_as_the_winner_did(samp
     result = json.loads((run_dir / "result.json").read_text())
     selection = result["lr_selection"]
     rate = recipe.LR["adamw"]  # from random weights: AdamW's rate, whole network
-    candidates = recipe.select_candidates(rate, 32, batch_from_size=True)
+    candidates = recipe.select_candidates(rate, 32)
 
     tried = list(zip(selection["rates"], selection["batch_sizes"], strict=True))
     assert [batch for _, batch in tried] == [32, 32, 32, 16, 16]

@@ -75,16 +75,16 @@ def test_select_tries_a_third_of_the_recipes_rate_it_and_three_times_it():
     assert recipe.lr_candidates(recipe.HEAD_ONLY_LR["sgd"]) == pytest.approx((0.01, 0.03, 0.09))
 
 
-def test_select_tries_two_rates_at_half_the_batch_only_when_the_batch_came_from_the_sets_size():
+def test_select_tries_two_rates_at_half_the_batch_too():
     def pairs(*args, **kwargs) -> list[tuple[str, int]]:
         return [(f"{rate:.3g}", batch) for rate, batch in recipe.select_candidates(*args, **kwargs)]
 
     thirds = ("0.000333", "0.001", "0.003")
-    assert pairs(1e-3, 32, batch_from_size=True) == [*((rate, 32) for rate in thirds), ("0.001", 16), ("0.003", 16)]
-    assert pairs(1e-3, 32, batch_from_size=False) == [(rate, 32) for rate in thirds]
-    # Never below two images a worker: on 8 workers a rule batch of 16 has no half to try; on 4 it is 8.
-    assert pairs(1e-3, 16, batch_from_size=True, workers=8) == [(rate, 16) for rate in thirds]
-    assert pairs(1e-3, 16, batch_from_size=True, workers=4)[3:] == [("0.001", 8), ("0.003", 8)]
+    assert pairs(1e-3, 32) == [*((rate, 32) for rate in thirds), ("0.001", 16), ("0.003", 16)]
+    assert pairs(recipe.HEAD_ONLY_LR["sgd"], 25)[3:] == [("0.03", 12), ("0.09", 12)]
+    # Never below two images a worker: on 8 workers a batch of 16 has no half to try; on 4 it is 8.
+    assert pairs(1e-3, 16, workers=8) == [(rate, 16) for rate in thirds]
+    assert pairs(1e-3, 16, workers=4)[3:] == [("0.001", 8), ("0.003", 8)]
 
 
 def test_commands_that_set_each_runs_rate_never_select():

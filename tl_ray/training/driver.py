@@ -247,9 +247,7 @@ def _set_up(
     config = config.for_training_set(len(layout.train))
     lr_candidates = ()
     if config.lr == "select":
-        lr_candidates = recipe.select_candidates(
-            config.recipe_lr(), config.batch_size, batch_from_size, config.max_workers
-        )
+        lr_candidates = recipe.select_candidates(config.recipe_lr(), config.batch_size, config.max_workers)
     progress.mark("run: data discovered")
     weights = model.initial_weights(config.arch, config.weights, layout.class_names, config.seed, config.image_size)
     progress.mark("run: initial weights")

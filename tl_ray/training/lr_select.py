@@ -6,8 +6,8 @@ an LR range test misjudges a set this small (its 100 steps are many epochs of it
 and keeps the best by validation; the candidates are cheap at this size, so the run does the same: each candidate
 trains the whole run from the same start, and the run then trains at the winner (bit for bit the run ``--lr
 WINNER --batch-size ITS_BATCH`` would be, where the input plan holds the images in memory), reporting and
-checkpointing only that. Where the batch came from the set's size, half that batch is a candidate too
-(``recipe.select_candidates``): icons at 30 a class wanted 16, digits at 10 a class 32.
+checkpointing only that. Half the run's batch is a candidate too (``recipe.select_candidates``): icons at 30 a
+class wanted 16, digits at 10 a class 32.
 """
 
 from __future__ import annotations
