@@ -147,7 +147,7 @@ def _checkpoint(path: Path, class_names: list[str]) -> str:
 
 
 def _train(root: Path, weights: str) -> list[str]:
-    return ["train", "--data", str(root), "--arch", "resnet18", "--weights", weights, "--epochs", "1"]
+    return ["train", "--data", str(root), "--arch", "resnet18", "--weights", weights, "--epochs", "1", "--lr", "1e-3"]
 
 
 def _saved(path: Path, obj: object) -> str:
@@ -227,7 +227,7 @@ def test_class_whose_files_are_all_bad_stops_training_with_a_clear_error(tmp_pat
     (root / "train" / "b" / "0.jpg").write_bytes(b"")
     (root / "train" / "b" / "1.jpg").write_text("not a picture")
     argv = ["train", "--data", str(root), "--arch", "resnet18", "--weights", "none", "--image-size", str(SIZE)]
-    argv += ["--epochs", "3", "--batch-size", "2", "--storage", str(tmp_path / "runs"), "--name", "r"]
+    argv += ["--epochs", "3", "--batch-size", "2", "--lr", "1e-3", "--storage", str(tmp_path / "runs"), "--name", "r"]
     assert cli.main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (  # after Ray's own log lines
         "tl-ray: error: --data: no training image of class b could be decoded, so the model could not learn it "

@@ -35,7 +35,9 @@ def test_new_archs_train_through_ray_on_features_on_images_and_from_a_checkpoint
 
     three = _images(tmp_path / "three", "abc", 5)
     two = _images(tmp_path / "two", "xy", 5)
+    # A rate given: --lr select (the default on a set this small) would train each run six times.
     common = {"image_size": SIZE, "epochs": 1, "batch_size": 4, "num_workers": 1, "storage": str(tmp_path / "runs")}
+    common["lr"] = 1e-3
 
     head = tl_ray.train(data=str(three), arch="convnext_tiny", weights="none", freeze_depth=5, augment="none", **common)
     assert list((tmp_path / "runs" / ".tl-ray-cache").glob(f"*/features-convnext_tiny-{SIZE}-*/manifest.json"))

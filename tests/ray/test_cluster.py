@@ -157,7 +157,7 @@ TINY = ["--arch", "resnet18", "--weights", "none", "--image-size", "32", "--batc
 def test_train_job_succeeds_and_writes_its_result(ray_head, job_data, tmp_path):
     address, env = ray_head
     status, logs, job_id = _submit(
-        address, env, "jobs/train.py", "--data", str(job_data / "source"), *TINY, "--epochs", "1",
+        address, env, "jobs/train.py", "--data", str(job_data / "source"), *TINY, "--epochs", "1", "--lr", "1e-3",
         "--storage", str(tmp_path), "--name", "j1",
     )  # fmt: skip
     assert f"'{job_id}' succeeded" in status, logs[-3000:]

@@ -88,7 +88,7 @@ def test_train_logs_to_wandb_offline_in_the_run_folder(sample_root, tmp_path, mo
                 shutil.copy(image, root / split / folder.name / image.name)
     argv = [
         "train", "--data", str(root), "--weights", "none", "--arch", "resnet18", "--image-size", "32",
-        "--num-workers", "1", "--epochs", "2", "--batch-size", "8", "--storage", str(tmp_path / "runs"),
+        "--num-workers", "1", "--epochs", "2", "--batch-size", "8", "--lr", "1e-3", "--storage", str(tmp_path / "runs"),
         "--name", "tracked", "--logger", "wandb", "--logger-project", "shapes",
     ]  # fmt: skip
     assert cli.main(argv) == 0

@@ -151,7 +151,8 @@ def test_transfer_to_new_classes_survives_a_killed_driver(source_model, sample_r
     source_checkpoint = source_model
     argv = [
         "train", "--data", str(sample_root / "target"), "--weights", source_checkpoint, "--freeze-depth", "4",
-        "--strategy", "probe", "--epochs", "2", "--arch", "resnet18", "--image-size", "64", "--num-workers", "2",
+        "--strategy", "probe", "--lr", "3e-3", "--epochs", "2", "--arch", "resnet18", "--image-size", "64",
+        "--num-workers", "2",
         "--storage", str(tmp_path), "--name", "target",
     ]  # fmt: skip
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
@@ -210,7 +211,7 @@ def test_imbalanced_classes_with_auto_weights_keep_the_best_macro_f1_checkpoint(
                 shutil.copy(image, root / split / name / image.name)
     argv = [
         "train", "--data", str(root), "--weights", "none", "--arch", "resnet18", "--image-size", "32",
-        "--num-workers", "1", "--epochs", "2", "--batch-size", "16", "--class-weights", "auto",
+        "--num-workers", "1", "--epochs", "2", "--batch-size", "16", "--lr", "1e-3", "--class-weights", "auto",
         "--monitor", "macro_f1", "--storage", str(tmp_path / "runs"), "--name", "imbalanced",
     ]  # fmt: skip
     assert cli.main(argv) == 0
