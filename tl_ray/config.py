@@ -214,8 +214,8 @@ class TrainConfig:
         None,
         "the head's peak learning rate, after warm-up, then cosine decay; auto: found by an LR range test on the"
         " run's own batches before it trains (as tl-ray lr-find runs it: fastai's valley rule); select: the run"
-        " first trains at the recipe's rate / 3, x 1 and x 3, all its epochs each, then at the one whose best epoch"
-        " scored best (default: select for a training set of at most"
+        " first trains at the recipe's rate / 3, x 1 and x 3, and x 1 and x 3 at half the batch, all its epochs each,"
+        " then at the one whose best epoch scored best (default: select for a training set of at most"
         f" {recipe.SELECT_MAX_TRAIN} images, else the recipe's rate for the optimizer: {recipe.LR['adamw']} for"
         f" adamw, {recipe.LR['sgd']} for sgd; at --freeze-depth 5 {recipe.HEAD_ONLY_LR['adamw']} and"
         f" {recipe.HEAD_ONLY_LR['sgd']}; discriminative and probe {recipe.DISCRIMINATIVE_HEAD_LR['adamw']} and"
