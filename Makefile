@@ -29,7 +29,8 @@ demo: install
 			$(DEMO_DIR)/runs/source/result.json)" \
 		--freeze-depths 0,3,5 --max-epochs 15 --scheduler fifo --scratch-baseline --storage $(DEMO_DIR)/runs --name sweep
 
-# What CI runs: everything but the tests marked extended (benchmark smoke runs, the 4-node cluster).
+# What CI runs: everything but the tests marked extended (benchmark smoke runs, the 4-node cluster, the new
+# backbones through Ray).
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not extended" tests
 
@@ -37,8 +38,9 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow and not extended" tests
 
-# The benchmark scripts on tiny settings and a real 4-node Ray cluster losing and gaining nodes: before a
-# benchmark run, a release, or a change to bench/, fault tolerance or cluster resources.
+# The benchmark scripts on tiny settings, a real 4-node Ray cluster losing and gaining nodes, and the new
+# backbones through Ray: before a benchmark run, a release, or a change to bench/, fault tolerance, cluster
+# resources or backbones.
 test-extended: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m extended tests
 

@@ -25,7 +25,10 @@ def _images(root, class_names: str, per_class: int):
     return root
 
 
+# Extended: 145 s of Ray Train start-ups for three archs whose models, checkpoints and exports the unit tests cover;
+# make test ran 30 min 12 s with it on 2026-12-03.
 @pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.timeout(600)
 def test_new_archs_train_through_ray_on_features_on_images_and_from_a_checkpoint_then_predict(tmp_path, ray_cluster):
     """One run each, on the three paths: a head on cached features (convnext_tiny, depth 5), full fine-tuning

@@ -52,8 +52,13 @@ def test_the_monitor_decides():
 
 def test_a_choice_reads_back_from_json():
     choice = lr_select.choose(AT_32, [epochs((0.5, 1.0))] * 3, "val_acc", centre=CENTRE)
-    again = lr_select.LrChoice.from_json(choice.to_json())
+    again = lr_select.LrChoice.from_json(choice.to_json(), 32)
     assert again == choice
+    # A run started before batches were candidates resumes at its own batch.
+    older = {key: value for key, value in choice.to_json().items() if "batch" not in key}
+    assert lr_select.LrChoice.from_json(older, 24) == lr_select.LrChoice(
+        choice.rates, [24] * 3, choice.epochs, choice.chosen, 24, "val_acc"
+    )
 
 
 def test_no_validated_epoch_is_an_error():

@@ -360,7 +360,7 @@ def _resume(
     tested, selected = state.get(LR_RANGE_TEST), state.get(LR_SELECTION)
     found = _FoundLr(
         lr_range.LrCurve.from_json(tested) if tested else None,
-        lr_select.LrChoice.from_json(selected) if selected else None,
+        lr_select.LrChoice.from_json(selected, loop.options.batch_size) if selected else None,
     )
     return state["epoch"], state["history"], found
 

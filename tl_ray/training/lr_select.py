@@ -45,13 +45,15 @@ class LrChoice:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> LrChoice:
+    def from_json(cls, data: dict[str, Any], run_batch_size: int) -> LrChoice:
+        """A stored choice; one recorded before batches were candidates tried every rate at ``run_batch_size``."""
+        rates = [float(rate) for rate in data["rates"]]
         return cls(
-            [float(rate) for rate in data["rates"]],
-            [int(batch) for batch in data["batch_sizes"]],
+            rates,
+            [int(batch) for batch in data.get("batch_sizes", [run_batch_size] * len(rates))],
             data["epochs"],
             float(data["chosen"]),
-            int(data["chosen_batch_size"]),
+            int(data.get("chosen_batch_size", run_batch_size)),
             data["monitor"],
         )
 
