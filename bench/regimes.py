@@ -53,6 +53,7 @@ tl-ray commit with a clean tl_ray/ tree).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import hashlib
 import json
@@ -79,6 +80,7 @@ from torchvision.transforms import v2
 import tl_ray
 from tl_ray import recipe
 from tl_ray.checkpoint import MODEL_FILE, read_model_state
+from tl_ray.inputs import cache, imaging
 from tl_ray.model import IMAGENET_MEAN, IMAGENET_STD, STAGE_MODULES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,9 +141,14 @@ class Variant:
     crop_scale: tuple[float, float] = CROP_SCALE
     warmup_share: float = 0.0
     crop_from_resized: bool = False  # random crops from the image resized like tl-ray's cache (short side size/0.875)
+    jpeg_cache: bool = False  # training crops from tl-ray's cached image: PIL-resized, then a JPEG (cache.ENCODINGS)
+    pil_crops: bool = False  # crops and flips of PIL images (tl-ray's imaging.train_transform), not of tensors
+    decay_norm: bool = True  # False: no weight decay on BatchNorm weights and biases (tl-ray's parameter groups)
 
     @property
     def name(self) -> str:
+        if self == TL_RAY_PIPELINE:
+            return "tl-ray-pipeline"
         parts = []
         if self.eval_crop is not None:
             parts.append(f"evalcrop{self.eval_crop:g}")
@@ -151,7 +158,20 @@ class Variant:
             parts.append(f"warmup{self.warmup_share:g}")
         if self.crop_from_resized:
             parts.append("cropfromresized")
+        if self.jpeg_cache:
+            parts.append("jpegcache")
+        if self.pil_crops:
+            parts.append("pilcrops")
+        if not self.decay_norm:
+            parts.append("nodecaynorm")
         return "+".join(parts) or "default"
+
+
+# Every difference between the script and tl-ray's pipeline that the script can take on, at once: where this scores
+# as the default does, the gap to tl-ray is in none of them.
+TL_RAY_PIPELINE = Variant(
+    eval_crop=0.875, warmup_share=0.05, crop_from_resized=True, jpeg_cache=True, pil_crops=True, decay_norm=False
+)
 
 
 # The issue's candidates for tl-ray's remaining gap, each alone, A/B against the default pipeline.
@@ -161,6 +181,11 @@ CANDIDATES = (
     Variant(eval_crop=0.875, crop_from_resized=True),  # tl-ray's pipeline
     Variant(warmup_share=0.05),
     Variant(crop_scale=(0.35, 1.0)),
+    Variant(jpeg_cache=True),
+    Variant(pil_crops=True),
+    Variant(decay_norm=False),
+    TL_RAY_PIPELINE,
+    dataclasses.replace(TL_RAY_PIPELINE, jpeg_cache=False),
 )
 
 
@@ -373,6 +398,10 @@ def eval_images(images: list[torch.Tensor], variant: Variant) -> torch.Tensor:
     return torch.stack([transform(x) for x in images])
 
 
+def as_tensor(image: torch.Tensor | Image.Image) -> torch.Tensor:
+    return v2.functional.pil_to_tensor(image) if isinstance(image, Image.Image) else image
+
+
 def normalise(images: torch.Tensor) -> torch.Tensor:
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (images.float() / 255 - mean) / std
@@ -397,9 +426,20 @@ def reference_train(
     generator = random.Random(seed)
     train_x, train_y = load_images(task_root, "train")
     val_x, val_y = load_images(task_root, "val")
-    if variant.crop_from_resized:
-        short_side = math.ceil(IMAGE_SIZE / 0.875 - 1e-6)
+    short_side = math.ceil(IMAGE_SIZE / 0.875 - 1e-6)
+    if variant.jpeg_cache:
+        train_x = [
+            cache.decode(
+                cache.encode(imaging.resize_short_side(v2.functional.to_pil_image(x), short_side), "jpeg"), 0, 0, "jpeg"
+            )
+            for x in train_x
+        ]
+    elif variant.crop_from_resized:
         train_x = [v2.functional.resize(x, short_side, antialias=True) for x in train_x]
+    if variant.pil_crops:
+        train_x = [x if isinstance(x, Image.Image) else v2.functional.to_pil_image(x) for x in train_x]
+    elif variant.jpeg_cache:
+        train_x = [v2.functional.pil_to_tensor(x) for x in train_x]
     net = torchvision.models.resnet18(num_classes=int(train_y.max()) + 1)
     if init is not None:
         net.load_state_dict({k: v for k, v in init.items() if not k.startswith("fc.")}, strict=False)
@@ -409,11 +449,15 @@ def reference_train(
     rest = nn.Sequential(*(getattr(net, name) for name in rest_names), net.avgpool, nn.Flatten(), net.fc)
     trunk.requires_grad_(False)
     trunk.eval()
-    params = list(rest.parameters())
+    decay = ADAMW_WEIGHT_DECAY if point.optimizer == "adamw" else SGD_WEIGHT_DECAY
+    params = [
+        {"params": [p for p in rest.parameters() if variant.decay_norm or p.ndim > 1], "weight_decay": decay},
+        {"params": [p for p in rest.parameters() if not variant.decay_norm and p.ndim <= 1], "weight_decay": 0.0},
+    ]
     if point.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=point.lr, weight_decay=ADAMW_WEIGHT_DECAY)
+        optimizer = torch.optim.AdamW(params, lr=point.lr)
     else:
-        optimizer = torch.optim.SGD(params, lr=point.lr, momentum=0.9, nesterov=True, weight_decay=SGD_WEIGHT_DECAY)
+        optimizer = torch.optim.SGD(params, lr=point.lr, momentum=0.9, nesterov=True)
     batches_per_epoch = max(1, math.ceil(len(train_x) / point.batch_size))
     total_steps = epochs * batches_per_epoch
     warmup_steps = variant.warmup_share * total_steps
@@ -437,7 +481,7 @@ def reference_train(
                 factor = 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1.0, total_steps - warmup_steps)))
             for group in optimizer.param_groups:
                 group["lr"] = point.lr * factor
-            images = normalise(torch.stack([crop(train_x[i]) for i in index]))
+            images = normalise(torch.stack([as_tensor(crop(train_x[i])) for i in index]))
             with torch.no_grad():
                 features = trunk(images)
             loss = nn.functional.cross_entropy(rest(features), train_y[index])
@@ -580,11 +624,35 @@ def reference_key(
 
 
 def tl_ray_key(
-    commit: str, dataset: str, size: int, regime: Regime, seed: int, epochs: int, source: str, lr: str = ""
+    commit: str,
+    dataset: str,
+    size: int,
+    regime: Regime,
+    seed: int,
+    epochs: int,
+    source: str,
+    lr: str = "",
+    options: str = "",
 ) -> str:
-    """``lr``: "auto" for the --lr auto column (its key ends in |lr-auto), "" for the defaults'."""
+    """``lr``: "auto" for the --lr auto column (its key ends in |lr-auto), "" for the defaults'; ``options``:
+    --tl-ray-options (its key ends in |opts-OPTIONS)."""
     start = regime.start if regime.start == "none" else source
-    return f"{commit}|{dataset}|n{size}|{start}|d{regime.depth}|seed{seed}|ep{epochs}" + (f"|lr-{lr}" if lr else "")
+    key = f"{commit}|{dataset}|n{size}|{start}|d{regime.depth}|seed{seed}|ep{epochs}" + (f"|lr-{lr}" if lr else "")
+    return key + (f"|opts-{options}" if options else "")
+
+
+def parse_options(text: str) -> dict[str, int | float | str]:
+    """--tl-ray-options "lr=0.003,batch_size=16,cache=none" as tl_ray.train keywords (numbers as numbers)."""
+    options: dict[str, int | float | str] = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        for kind in (int, float, str):
+            try:
+                options[name] = kind(value)
+                break
+            except ValueError:
+                continue
+    return options
 
 
 @dataclass
@@ -635,14 +703,19 @@ def grid_scores(store: Store, cell: Cell, seeds: int, top: int, grid: tuple[Grid
     return scores
 
 
-def run_tl_ray(store: Store, cell: Cell, seed: int, commit: str, storage: str, lr: str = "") -> float:
-    """tl-ray's defaults on a cell (``lr`` "auto": with --lr auto, the one option changed)."""
-    key = tl_ray_key(commit, cell.dataset, cell.size, cell.regime, seed, cell.epochs, cell.source(), lr)
+def run_tl_ray(
+    store: Store, cell: Cell, seed: int, commit: str, storage: str, lr: str = "", options: str = ""
+) -> float:
+    """tl-ray's defaults on a cell (``lr`` "auto": with --lr auto, the one option changed; ``options``: these
+    tl_ray.train options changed, an A/B of tl-ray against itself)."""
+    key = tl_ray_key(commit, cell.dataset, cell.size, cell.regime, seed, cell.epochs, cell.source(), lr, options)
     # Runs stored before the peak rate was recorded are run again: which rate a run trained at is half its result.
     if key not in store.tl_ray or "peak_lr" not in store.tl_ray[key] or commit.endswith("-dirty"):
         began = time.perf_counter()
-        name = f"{cell.dataset}-n{cell.size}-{cell.regime.start}-d{cell.regime.depth}-s{seed}" + (
-            f"-lr{lr}" if lr else ""
+        name = (
+            f"{cell.dataset}-n{cell.size}-{cell.regime.start}-d{cell.regime.depth}-s{seed}"
+            + (f"-lr{lr}" if lr else "")
+            + (f"-opts{hashlib.sha1(options.encode()).hexdigest()[:8]}" if options else "")
         )
         result = tl_ray_train(
             cell.task_root,
@@ -653,6 +726,7 @@ def run_tl_ray(store: Store, cell: Cell, seed: int, commit: str, storage: str, l
             storage=storage,
             name=name,
             **({"lr": lr} if lr else {}),
+            **parse_options(options),
         )
         store.tl_ray[key] = {
             "val_acc": result.metrics["val_acc"],
@@ -688,11 +762,11 @@ def best_point(scores: dict[str, list[float]]) -> str | None:
     return max(full, key=lambda name: mean(full[name])) if full else None
 
 
-def tl_ray_runs(store: Store, cell: Cell, commit: str, lr: str = "") -> list[dict]:
+def tl_ray_runs(store: Store, cell: Cell, commit: str, lr: str = "", options: str = "") -> list[dict]:
     """The stored tl-ray runs of a cell at ``commit``, in seed order."""
     runs = []
     for seed in range(10):
-        key = tl_ray_key(commit, cell.dataset, cell.size, cell.regime, seed, cell.epochs, cell.source(), lr)
+        key = tl_ray_key(commit, cell.dataset, cell.size, cell.regime, seed, cell.epochs, cell.source(), lr, options)
         if key not in store.tl_ray:
             break
         runs.append(store.tl_ray[key])
@@ -711,11 +785,11 @@ def summary(store: Store, cell: Cell, commit: str, auto_commit: str = "") -> dic
     centre = recipe.SELECT_FACTORS.index(1.0)
     selected = [run["lr_selection"] for run in runs if run.get("lr_selection")]
     auto = tl_ray_runs(store, cell, auto_commit, "auto") if auto_commit else []
-    candidates = {}  # the candidate causes, A/B at the 40-line script's point: its values, and the default's
+    candidates = {}  # the candidate causes, A/B at a grid point ("VARIANT@POINT"): its values, and the default's
     for variant in CANDIDATES:
-        values = stored_scores(store, cell, variant).get(SCRIPT_POINT)
-        if values:
-            candidates[variant.name] = {"values": values, "default": scores.get(SCRIPT_POINT, [])[: len(values)]}
+        for point, values in stored_scores(store, cell, variant).items():
+            default = scores.get(point, [])[: len(values)]
+            candidates[f"{variant.name}@{point}"] = {"values": values, "default": default}
     return {
         "dataset": cell.dataset,
         "size": cell.size,
@@ -788,7 +862,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--candidates",
         default="",
-        help="also A/B the issue's candidate causes (variant names, or 'all') at the 40-line script's point",
+        help="also A/B the issue's candidate causes (variant names, or 'all') at --candidates-at",
+    )
+    parser.add_argument(
+        "--candidates-at", default=SCRIPT_POINT, help="the grid point the candidates run at (the 40-line script's)"
     )
     parser.add_argument(
         "--only-tl-ray", action="store_true", help="train only the tl-ray column; the grid must be stored"
@@ -802,6 +879,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="also train tl-ray with --lr auto (at HEAD's tl-ray commit; its own column), the defaults otherwise",
     )
     parser.add_argument("--lr-auto-commit", default="", help="the --lr auto column of this stored commit")
+    parser.add_argument(
+        "--tl-ray-options",
+        default="",
+        help="train tl-ray with these options instead of its defaults (an A/B of tl-ray against itself, stored"
+        " apart: e.g. lr=0.003,batch_size=16,cache=none), on --seeds seeds",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="digits, 10 a class, none-0 and source-3, 4 points, 4 epochs"
     )
@@ -836,18 +919,23 @@ def main(argv: list[str] | None = None) -> dict:
             if not args.only_tl_ray and not args.table:
                 grid_scores(store, cell, args.seeds, args.top, args.grid_points)
                 if args.candidates:
-                    point = next(point for point in GRID if point.name == SCRIPT_POINT)
+                    point = next(point for point in GRID if point.name == args.candidates_at)
                     wanted = args.candidates.split(",")
                     for variant in (v for v in CANDIDATES if "all" in wanted or v.name in wanted):
                         for seed in range(args.seeds):
                             run_reference(store, cell, point, seed, variant)
             if not args.no_tl_ray and not args.table:
                 for seed in range(args.seeds):
-                    if not args.tl_ray_commit:  # a stored commit's column is read, never retrained
+                    if args.tl_ray_options:
+                        run_tl_ray(store, cell, seed, head, storage, options=args.tl_ray_options)
+                    elif not args.tl_ray_commit:  # a stored commit's column is read, never retrained
                         run_tl_ray(store, cell, seed, commit, storage)
                     if args.lr_auto and not args.lr_auto_commit:
                         run_tl_ray(store, cell, seed, auto_commit, storage, "auto")
             row = summary(store, cell, commit, auto_commit)
+            if args.tl_ray_options:
+                values = [run["val_acc"] for run in tl_ray_runs(store, cell, head, options=args.tl_ray_options)]
+                print(f"  tl-ray with {args.tl_ray_options}: {spread(values)}", flush=True)
             table.append(row)
             cells_seen.append(cell)
             store.save(rows={f"{row['dataset']}|n{row['size']}|{row['start']}|d{row['depth']}": row for row in table})
