@@ -48,6 +48,12 @@ tl-ray commit with a clean tl_ray/ tree).
 
     python bench/regimes.py            # everything (see BENCHMARKS.md for its time)
     python bench/regimes.py --quick    # digits, 10 a class, 2 rows, 4 grid points, 4 epochs: minutes
+
+Looking for the cause of a gap: ``--candidates all --candidates-at POINT`` trains the script at one
+grid point with each of tl-ray's pipeline differences (``CANDIDATES``: its validation crop, its
+JPEG training cache, its warm-up, ...; ``tl-ray-pipeline`` all at once), and
+``--tl-ray-options lr=0.003,batch_size=16,cache=none`` trains tl-ray itself with options set
+(stored apart from the defaults' column), so tl-ray at the grid's point is one A/B away.
 """
 
 from __future__ import annotations
@@ -855,6 +861,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", default="", help="SIZE=EPOCHS overrides, e.g. 10=12,100=8")
     parser.add_argument("--source-epochs", type=int, default=SOURCE_EPOCHS)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="tl-ray's first seed (--seeds is one past its last): a split of one row's seeds over processes",
+    )
     parser.add_argument("--top", type=int, default=3, help="grid points (best on seed 0) rerun on the other seeds")
     parser.add_argument(
         "--grid", default="", help="only these grid points (names like adamw-0.001-b16), comma-separated"
@@ -925,7 +937,7 @@ def main(argv: list[str] | None = None) -> dict:
                         for seed in range(args.seeds):
                             run_reference(store, cell, point, seed, variant)
             if not args.no_tl_ray and not args.table:
-                for seed in range(args.seeds):
+                for seed in range(args.first_seed, args.seeds):
                     if args.tl_ray_options:
                         run_tl_ray(store, cell, seed, head, storage, options=args.tl_ray_options)
                     elif not args.tl_ray_commit:  # a stored commit's column is read, never retrained
