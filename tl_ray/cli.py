@@ -547,7 +547,8 @@ def _resolved_yaml(command: str, config: TrainConfig) -> str:
         halves = ", ".join(f"{resolved.recipe_lr() * factor:.2g}" for factor in recipe.SELECT_HALF_BATCH_FACTORS)
         lr_rule = (
             f"at most {recipe.SELECT_MAX_TRAIN} training images: select, trying {rates}, and {halves} at half the"
-            f" batch, for all the epochs each, then training at the best; more: the recipe's {resolved.recipe_lr():g}"
+            " batch where that is still 2 images a worker, for all the epochs each, then training at the best; more:"
+            f" the recipe's {resolved.recipe_lr():g}"
         )
     if not config.data:
         resolved = dataclasses.replace(resolved, data=None)

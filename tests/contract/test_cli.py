@@ -149,7 +149,8 @@ def test_print_config_states_the_batch_it_chose_from_the_training_set(tmp_path, 
     assert (
         f"# lr: from the training set's size: {num_train} training images -> select (at most"
         f" {recipe.SELECT_MAX_TRAIN} training images: select, trying 0.00033, 0.001, 0.003, and 0.001, 0.003 at half"
-        " the batch, for all the epochs each, then training at the best; more: the recipe's 0.001)"
+        " the batch where that is still 2 images a worker, for all the epochs each, then training at the best; more:"
+        " the recipe's 0.001)"
     ) in printed
     assert yaml.safe_load(printed)["lr"] == "select"
     assert cli.main(["train", "--data", root, "--weights", "none", "--lr", "0.01", "--print-config"]) == 0
