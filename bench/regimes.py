@@ -877,7 +877,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="also A/B the issue's candidate causes (variant names, or 'all') at --candidates-at",
     )
     parser.add_argument(
-        "--candidates-at", default=SCRIPT_POINT, help="the grid point the candidates run at (the 40-line script's)"
+        "--candidates-at",
+        default=SCRIPT_POINT,
+        choices=[point.name for point in GRID],
+        help="the grid point the candidates run at (the 40-line script's)",
     )
     parser.add_argument(
         "--only-tl-ray", action="store_true", help="train only the tl-ray column; the grid must be stored"
