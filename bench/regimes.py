@@ -184,7 +184,7 @@ TL_RAY_PIPELINE = Variant(
 CANDIDATES = (
     Variant(eval_crop=0.875),
     Variant(crop_from_resized=True),
-    Variant(eval_crop=0.875, crop_from_resized=True),  # tl-ray's pipeline
+    Variant(eval_crop=0.875, crop_from_resized=True),  # tl-ray's training and validation crops
     Variant(warmup_share=0.05),
     Variant(crop_scale=(0.35, 1.0)),
     Variant(jpeg_cache=True),
@@ -399,7 +399,7 @@ def eval_images(images: list[torch.Tensor], variant: Variant) -> torch.Tensor:
     if variant.eval_crop is None:
         resize = v2.Resize((IMAGE_SIZE, IMAGE_SIZE), antialias=True)
         return torch.stack([resize(x) for x in images])
-    short_side = math.ceil(IMAGE_SIZE / variant.eval_crop - 1e-6)
+    short_side = imaging.resize_size(IMAGE_SIZE, variant.eval_crop)
     transform = v2.Compose([v2.Resize(short_side, antialias=True), v2.CenterCrop(IMAGE_SIZE)])
     return torch.stack([transform(x) for x in images])
 
@@ -432,7 +432,7 @@ def reference_train(
     generator = random.Random(seed)
     train_x, train_y = load_images(task_root, "train")
     val_x, val_y = load_images(task_root, "val")
-    short_side = math.ceil(IMAGE_SIZE / 0.875 - 1e-6)
+    short_side = imaging.resize_size(IMAGE_SIZE)  # the short side tl-ray caches training images at
     if variant.jpeg_cache:
         train_x = [
             cache.decode(
