@@ -139,6 +139,11 @@ GRID = tuple(
 )
 
 
+# The JPEG training cache's chroma (cache.ENCODINGS): the runs stored before it kept chroma at every pixel (4:2:0,
+# PIL's default) are named without this tag, those since with it, so neither is reused for the other.
+JPEG_TAG = "444" if cache.ENCODINGS["jpeg"].get("subsampling") == 0 else ""
+
+
 @dataclass(frozen=True)
 class Variant:
     """The reference's data pipeline and schedule: the default one, or one of the issue's candidate causes."""
@@ -154,7 +159,7 @@ class Variant:
     @property
     def name(self) -> str:
         if self == TL_RAY_PIPELINE:
-            return "tl-ray-pipeline"
+            return "tl-ray-pipeline" + JPEG_TAG
         parts = []
         if self.eval_crop is not None:
             parts.append(f"evalcrop{self.eval_crop:g}")
@@ -165,7 +170,7 @@ class Variant:
         if self.crop_from_resized:
             parts.append("cropfromresized")
         if self.jpeg_cache:
-            parts.append("jpegcache")
+            parts.append("jpegcache" + JPEG_TAG)
         if self.pil_crops:
             parts.append("pilcrops")
         if not self.decay_norm:

@@ -45,14 +45,17 @@ from tl_ray.errors import TlRayError
 from tl_ray.inputs import imaging, pipelines, skiplog
 from tl_ray.inputs.layout import Layout, resolve_filesystem
 
-CACHE_VERSION = 2  # 2: keyed by the listing's stats, folders named by family, encoded formats
+CACHE_VERSION = 3  # 2: keyed by the listing's stats, folders named by family, encoded formats; 3: JPEG 4:4:4
 MANIFEST = "manifest.json"
 # How "pixels" holds a cached image: raw RGB, or an image file of it (PIL's save options). Sizes and decode costs
 # of each: BENCHMARKS.md, section 8 (bench/cache_format.py).
 ENCODINGS: dict[str, dict] = {
     "raw": {},
     "png": {"format": "PNG", "compress_level": 1},
-    "jpeg": {"format": "JPEG", "quality": 90},
+    # Chroma at every pixel (4:4:4), not PIL's default 4:2:0: at the cache's small sizes (37 px for 32 px crops)
+    # colour averaged over 2x2 pixels blurs shapes told from their background by hue (the sample shapes at 100 a
+    # class from scratch: 0.581 with 4:2:0 against 0.657 from the files; BENCHMARKS.md section 10).
+    "jpeg": {"format": "JPEG", "quality": 90, "subsampling": 0},
 }
 # Training images as JPEG: 7.7x smaller than raw at 224 px (34 vs 260 KB), for ~1 ms more decoding per image
 # and epoch when streamed (held in memory, once per run); crops and flips make its loss invisible to training.
