@@ -139,8 +139,8 @@ GRID = tuple(
 )
 
 
-# The JPEG training cache's chroma (cache.ENCODINGS): the runs stored before it kept chroma at every pixel (4:2:0,
-# PIL's default) are named without this tag, those since with it, so neither is reused for the other.
+# The JPEG training cache's chroma (cache.ENCODINGS): runs stored while it averaged colour over 2x2 pixels (4:2:0,
+# PIL's default) are named without this tag, those since (4:4:4) with it, so neither is reused for the other.
 JPEG_TAG = "444" if cache.ENCODINGS["jpeg"].get("subsampling") == 0 else ""
 
 
