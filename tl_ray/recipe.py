@@ -52,6 +52,12 @@ the sample shapes and digits), not guessed:
   at 10 a class, where the grid's 32 beat 16 by 0.13, keeps 32 by the same choice. Not the
   third of the rate at half the batch: where the grid's best was that point (glyph transfer at
   depth 0, 5 and 30 a class, seed 0), a batch of 32 was within 0.014 of it, or tl-ray above it.
+- Rows that three seeds left in doubt were run on six (glyphs at 5 a class from scratch, icons
+  at 5 from the source at depth 0 and at 30 from scratch): each met the target, and no default
+  changed for them. Left open: the sample shapes at 100 a class from scratch, where a batch of 16
+  beat 32 by 0.048 in the plain script and tl-ray misses by 0.035; on 300 images ``--lr select``
+  (whose half-batch candidate would try 16) does not run, and digits and glyphs at 99 a class met
+  the target at 32.
 """
 
 from __future__ import annotations
