@@ -62,6 +62,7 @@ import argparse
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -758,7 +759,7 @@ def stored_scores(store: Store, cell: Cell, variant: Variant = Variant()) -> dic
     """Best-epoch val_acc of every stored reference run of a cell, per grid point, in seed order."""
     scores: dict[str, list[float]] = {}
     for point in GRID:
-        for seed in range(10):
+        for seed in itertools.count():
             key = reference_key(cell.dataset, cell.size, cell.regime, point, variant, seed, cell.epochs, cell.source())
             if key not in store.reference:
                 break
@@ -776,7 +777,7 @@ def best_point(scores: dict[str, list[float]]) -> str | None:
 def tl_ray_runs(store: Store, cell: Cell, commit: str, lr: str = "", options: str = "") -> list[dict]:
     """The stored tl-ray runs of a cell at ``commit``, in seed order."""
     runs = []
-    for seed in range(10):
+    for seed in itertools.count():
         key = tl_ray_key(commit, cell.dataset, cell.size, cell.regime, seed, cell.epochs, cell.source(), lr, options)
         if key not in store.tl_ray:
             break
