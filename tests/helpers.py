@@ -67,15 +67,30 @@ def wait_for_free_cpus(ray, timeout_s: float = 180) -> None:
     """Wait until every CPU of the cluster is free again: a SIGKILLed driver's actors and placement groups are
     released by Ray some seconds after its death, and a run started before that can starve past Ray Train's
     60 s worker-startup timeout on 2 CPUs."""
+    from ray.util.placement_group import placement_group_table
     from ray.util.state import list_actors
+
+    def settled() -> bool:
+        # A placement group the dead driver's trial was still creating can be granted after its CPUs were
+        # briefly free: wait until every group is removed too, and the CPUs stay free for a few seconds.
+        groups = [group["state"] for group in placement_group_table().values()]
+        return ray.available_resources().get("CPU", 0) >= total and all(state == "REMOVED" for state in groups)
 
     total = ray.cluster_resources().get("CPU", 0)
     deadline = time.monotonic() + timeout_s
-    while ray.available_resources().get("CPU", 0) < total:
+    free_since = None
+    while free_since is None or time.monotonic() - free_since < 3:
+        if not settled():
+            free_since = None
+        elif free_since is None:
+            free_since = time.monotonic()
         if time.monotonic() > deadline:
             alive = list_actors(filters=[("state", "=", "ALIVE")])
             holders = sorted({actor.class_name for actor in alive})
-            raise AssertionError(f"CPUs still held {timeout_s:.0f} s after the kill; live actors: {holders}")
+            groups = sorted(group["state"] for group in placement_group_table().values())
+            raise AssertionError(
+                f"CPUs still held {timeout_s:.0f} s after the kill; live actors: {holders}; placement groups: {groups}"
+            )
         time.sleep(0.5)
 
 

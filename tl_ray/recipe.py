@@ -54,10 +54,14 @@ the sample shapes and digits), not guessed:
   depth 0, 5 and 30 a class, seed 0), a batch of 32 was within 0.014 of it, or tl-ray above it.
 - Rows that three seeds left in doubt were run on six (glyphs at 5 a class from scratch, icons
   at 5 from the source at depth 0 and at 30 from scratch): each met the target, and no default
-  changed for them. Left open: the sample shapes at 100 a class from scratch, where a batch of 16
-  beat 32 by 0.048 in the plain script and tl-ray misses by 0.035; on 300 images ``--lr select``
-  (whose half-batch candidate would try 16) does not run, and digits and glyphs at 99 a class met
-  the target at 32.
+  changed for them. The sample shapes at 100 a class from scratch, a miss on three and six seeds
+  (-0.035), met on twelve: 0.647 against the grid's 0.664 (-0.017) and the 40-line script's 0.657;
+  the script's 16 beat its 32 on seeds 0-5 and lost on 6-11, so the batch was not the cause.
+- Left open, the next candidate default: a batch of 16 on 251 to ~600 training images, where
+  ``--lr select`` no longer tries it. tl-ray at 16 against its 32 on the four such rows measured:
+  sample 100 from scratch +0.029 (12 seeds), from the source at depth 0 +0.059, digits and glyphs
+  at 99 from scratch +0.010 and +0.013 (three seeds). Depths 3 and 5 at that size are unmeasured
+  at 16, and the band's upper end (the source tasks have 600-1500 images) is a guess.
 """
 
 from __future__ import annotations

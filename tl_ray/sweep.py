@@ -111,6 +111,11 @@ class _BaselineKeepingASHA(tune.schedulers.ASHAScheduler):
     def on_trial_result(self, tune_controller, trial, result):
         if is_scratch_baseline(trial.config.get("point", {})):
             return tune.schedulers.TrialScheduler.CONTINUE
+        if result.get(self._time_attr, 0) >= self._max_t:
+            # ASHA puts a rung at the budget too, but stopping a trial at its last epoch saves nothing: it would
+            # only kill its Train run before it writes result.json (and while it frees its placement group, see
+            # stop_last_trials below). The trial ends on its own; on_trial_complete still records it.
+            return tune.schedulers.TrialScheduler.CONTINUE
         return super().on_trial_result(tune_controller, trial, result)
 
     def on_trial_complete(self, tune_controller, trial, result):
