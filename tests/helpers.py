@@ -70,13 +70,14 @@ def wait_for_free_cpus(ray, timeout_s: float = 180) -> None:
     from ray.util.placement_group import placement_group_table
     from ray.util.state import list_actors
 
+    total = ray.cluster_resources().get("CPU", 0)
+
     def settled() -> bool:
         # A placement group the dead driver's trial was still creating can be granted after its CPUs were
         # briefly free: wait until every group is removed too, and the CPUs stay free for a few seconds.
         groups = [group["state"] for group in placement_group_table().values()]
         return ray.available_resources().get("CPU", 0) >= total and all(state == "REMOVED" for state in groups)
 
-    total = ray.cluster_resources().get("CPU", 0)
     deadline = time.monotonic() + timeout_s
     free_since = None
     while free_since is None or time.monotonic() - free_since < 3:

@@ -113,8 +113,8 @@ class _BaselineKeepingASHA(tune.schedulers.ASHAScheduler):
             return tune.schedulers.TrialScheduler.CONTINUE
         if result.get(self._time_attr, 0) >= self._max_t:
             # ASHA puts a rung at the budget too, but stopping a trial at its last epoch saves nothing: it would
-            # only kill its Train run before it writes result.json (and while it frees its placement group, see
-            # stop_last_trials below). The trial ends on its own; on_trial_complete still records it.
+            # only kill its Train run before it writes result.json, and while it frees its placement group (see
+            # stop_last_trials in sweep()). The trial ends on its own; on_trial_complete still records it.
             return tune.schedulers.TrialScheduler.CONTINUE
         return super().on_trial_result(tune_controller, trial, result)
 
@@ -254,7 +254,8 @@ def sweep(config: TuneConfig, on_event: progress.OnEvent | None = None) -> tuple
             # stop_last_trials=False: a trial that reached the budget ends on its own. Stopping it there
             # kills its Train controller while it shuts down, after it has released its placement-group
             # cleaner and before it has freed its workers' placement group: the CPUs leak and the next
-            # trial waits for them forever.
+            # trial waits for them forever. (It does not cover ASHA's rung at the budget, which would stop the
+            # weaker trials there just the same: _BaselineKeepingASHA.on_trial_result skips that one.)
             _BaselineKeepingASHA(
                 time_attr="epoch",
                 max_t=config.max_epochs,

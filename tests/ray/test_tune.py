@@ -3,8 +3,8 @@
 Three trials on a small subset of the source task: freeze depth 4 from the source model
 trained in conftest at two shared learning rates, a gentle one (3e-3) and an absurd one (40
 for AdamW), and the from-scratch baseline, for 3 epochs. ASHA stops the absurd trial before
-its budget (after its first epoch; CI once recorded a second one, a result already under way
-when the stop was decided, which a 2-epoch budget could not tell from a finished trial); then
+its budget (after its first epoch; CI once saw it pass that rung, for a reason not found, and
+run a second epoch, which a 2-epoch budget could not tell from a finished trial); then
 the baseline must still get the CPUs (a stopped trial that kept its workers'
 placement group would make it wait forever), and ASHA must let it run its whole budget
 although it trails. The sweep's driver is SIGKILLed once the first two trials have ended,
