@@ -12,6 +12,7 @@ import torch
 
 from tl_ray import cli
 from tl_ray.checkpoint import read_meta
+from tl_ray.training.lr_range import suggest
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -32,10 +33,15 @@ def test_lr_find_writes_its_curve_and_plot_and_trains_nothing(sample_root, tmp_p
     assert [b / a for a, b in zip(curve["lrs"], curve["lrs"][1:], strict=False)] == pytest.approx(
         [10 ** (8 / 40)] * (len(curve["lrs"]) - 1)
     )
-    assert curve["suggestion"] == curve["lrs"][curve["suggestion_index"]]
-    # From random weights, 3 classes: the loss starts near ln 3 and the suggestion is where it falls.
+    # The file's suggestion is the valley rule's on the file's own curve, before the divergence that ended it.
+    assert (curve["suggestion"], curve["suggestion_index"]) == suggest(curve["lrs"], curve["losses"], 40)
+    assert curve["suggestion_index"] < len(curve["lrs"]) - 1
+    # From random weights, 3 classes: the loss starts near ln 3 and falls somewhere on the way. (Not necessarily
+    # at the suggestion: the valley rule's point lies inside the longest descending subsequence, which a noisy
+    # 40-step curve can enter above its first loss: CI saw 1.175 there against 1.154 first, a local run 1.162
+    # against 1.132, while that run's curve fell to 0.893.)
     assert curve["losses"][0] == pytest.approx(1.1, abs=0.35)
-    assert curve["losses"][curve["suggestion_index"]] < curve["losses"][0]
+    assert min(curve["losses"]) < curve["losses"][0] - 0.02
     assert (run_dir / "lr_find.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"suggested lr     {curve['suggestion']:.2e}" in printed
     assert f"plot             {run_dir / 'lr_find.png'}" in printed
