@@ -38,3 +38,25 @@ def test_training_cache_stays_jpeg_and_smaller_than_raw() -> None:
     jpeg, raw = cache.encode(image, "jpeg"), cache.encode(image, "raw")
     assert Image.open(io.BytesIO(jpeg)).format == "JPEG"
     assert len(jpeg) < len(raw)
+
+
+def test_an_encodings_save_options_key_a_new_build(tmp_path, monkeypatch) -> None:
+    """The chroma fix needed a CACHE_VERSION bump by hand: the key now holds the format's save options, so a cache
+    written under other options is never read as this one."""
+    from tl_ray.inputs import sources
+
+    for label in ("a", "b"):
+        folder = tmp_path / "train" / label
+        folder.mkdir(parents=True)
+        Image.fromarray(colour_only_stripes()).save(folder / "0.png")
+    layout = sources.discover(tmp_path)
+    files = layout.train
+
+    def key(image_format: str) -> str:
+        return cache.split_key(files, layout.stats_of(files), layout, 37, image_format)
+
+    jpeg, raw = key("jpeg"), key("raw")
+    assert key("jpeg") == jpeg  # the same files and options: the same build
+    monkeypatch.setitem(cache.ENCODINGS, "jpeg", {**cache.ENCODINGS["jpeg"], "subsampling": 2})
+    assert key("jpeg") != jpeg
+    assert key("raw") == raw  # another format's options are not in its key

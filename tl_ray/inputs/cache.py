@@ -96,8 +96,10 @@ def split_key(
     files: list[tuple[str, int]], stats: np.ndarray, layout: Layout, short_side: int, image_format: str
 ) -> str:
     """A fingerprint of the split's files (path, label, and the size and mtime the listing returned), the cached
-    resolution and format: validating a cache is reading the manifest this names, with no request per file."""
-    digest = hashlib.sha256(json.dumps([CACHE_VERSION, short_side, image_format, layout.uri_prefix]).encode())
+    resolution and format with its save options: validating a cache is reading the manifest this names, with no
+    request per file, and a change to an encoding (JPEG's chroma, say) keys a new build without a version bump."""
+    encoding = [image_format, ENCODINGS.get(image_format)]
+    digest = hashlib.sha256(json.dumps([CACHE_VERSION, short_side, encoding, layout.uri_prefix]).encode())
     if len(stats) != len(files):
         raise ValueError(f"{len(files)} files but {len(stats)} stats")
     for start in range(0, len(files), 10_000):  # a million stats as Python ints at once would be ~120 MB
