@@ -57,6 +57,11 @@ the sample shapes and digits), not guessed:
   changed for them. The sample shapes at 100 a class from scratch, a miss on three and six seeds
   (-0.035), met on twelve: 0.647 against the grid's 0.664 (-0.017) and the 40-line script's 0.657;
   the script's 16 beat its 32 on seeds 0-5 and lost on 6-11, so the batch was not the cause.
+- The colour rows (icons; the sample shapes) were measured with a 4:2:0 JPEG training cache until the
+  cache went to full chroma; all 22 rows that had been were rerun with it (icons on three seeds,
+  sample on one): each within 0.03 of the grid and at or above the 40-line script, and no default
+  changed for them. The cache alone lifted icons at 30 a class from scratch by 0.037 on each of
+  three seeds.
 - Left open, the next candidate default: a batch of 16 on 251 to ~600 training images, where
   ``--lr select`` no longer tries it. tl-ray at 16 against its 32 on the four such rows measured:
   sample 100 from scratch +0.029 (12 seeds), from the source at depth 0 +0.059, digits and glyphs
