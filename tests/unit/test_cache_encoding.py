@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tl_ray.inputs import cache
+from tl_ray.inputs import cache, sources
 
 
 def colour_only_stripes(size: int = 37) -> np.ndarray:
@@ -43,8 +43,6 @@ def test_training_cache_stays_jpeg_and_smaller_than_raw() -> None:
 def test_an_encodings_save_options_key_a_new_build(tmp_path, monkeypatch) -> None:
     """The chroma fix needed a CACHE_VERSION bump by hand: the key now holds the format's save options, so a cache
     written under other options is never read as this one."""
-    from tl_ray.inputs import sources
-
     for label in ("a", "b"):
         folder = tmp_path / "train" / label
         folder.mkdir(parents=True)

@@ -98,7 +98,7 @@ def split_key(
     """A fingerprint of the split's files (path, label, and the size and mtime the listing returned), the cached
     resolution and format with its save options: validating a cache is reading the manifest this names, with no
     request per file, and a change to an encoding (JPEG's chroma, say) keys a new build without a version bump."""
-    encoding = [image_format, ENCODINGS.get(image_format)]
+    encoding = [image_format, ENCODINGS[image_format]]
     digest = hashlib.sha256(json.dumps([CACHE_VERSION, short_side, encoding, layout.uri_prefix]).encode())
     if len(stats) != len(files):
         raise ValueError(f"{len(files)} files but {len(stats)} stats")
