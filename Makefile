@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo
 
-.PHONY: install demo test test-fast test-extended lint clean
+.PHONY: install demo test test-unit test-fast test-extended lint clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: install
 		--weights "$$($(BIN)/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["best_checkpoint"])' \
 			$(DEMO_DIR)/runs/source/result.json)" \
 		--freeze-depths 0,3,5 --max-epochs 15 --scheduler fifo --scratch-baseline --storage $(DEMO_DIR)/runs --name sweep
+
+# The unit tests alone (no Ray, no servers): the edit-test loop's first command, under 2 minutes.
+test-unit: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
 
 # What CI runs: everything but the tests marked extended (benchmark smoke runs, the 4-node cluster, the new
 # backbones through Ray).

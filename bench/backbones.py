@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     accuracy = accuracy_rows(archs, args) if args.accuracy else []
     results = {
         "benchmark": "backbones",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(device),
         "settings": {**options, "archs": archs, "depths": depths, "steps": args.steps, "warmup": args.warmup},
         "rows": rows,

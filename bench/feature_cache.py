@@ -23,16 +23,16 @@ import platform
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 from ingest import write_photos
 
 from tl_ray import cluster
-from tl_ray.config import TrainConfig
 from tl_ray.inputs import features
-from tl_ray.training import run
+from tl_ray.training.config import TrainConfig
+from tl_ray.training.driver import run
 
 
 def train(root: Path, args: argparse.Namespace, storage: str, name: str) -> dict:
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {
         "benchmark": "feature_cache",
         "command": "python bench/feature_cache.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}, torch {torch.__version__}",
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "data")},
     }

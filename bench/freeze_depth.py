@@ -30,16 +30,17 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from tl_ray.config import NUM_STAGES, TrainConfig
+from tl_ray.backbones import NUM_STAGES
 from tl_ray.inputs import imaging
 from tl_ray.model import IMAGENET_MEAN, IMAGENET_STD, STAGE_MODULES, TransferResNet, create_resnet
+from tl_ray.training.config import TrainConfig
 from tl_ray.training.loop import amp_dtype_of
 from tl_ray.training.schedule import make_optimizer
 
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = {
         "benchmark": "freeze_depth",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(device),
         "settings": settings,
         "rows": rows,

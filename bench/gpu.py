@@ -26,7 +26,7 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import ray
@@ -34,9 +34,9 @@ import torch
 from freeze_depth import NUM_CLASSES, machine, measure, pick_device
 from ingest import write_photos
 
-from tl_ray.config import TrainConfig
 from tl_ray.model import TransferResNet, create_resnet
-from tl_ray.training import run
+from tl_ray.training.config import TrainConfig
+from tl_ray.training.driver import run
 from tl_ray.training.loop import amp_dtype_of
 
 TARGETS = {0: 2500.0, 5: 7000.0}  # issue 7, images/s with bf16 on an H100/H200
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
         targets[f"depth{depth}"] = {"target": target, "best_bf16": best, "met": best is not None and best >= target}
     results = {
         "benchmark": "gpu",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(device),
         "settings": settings,
         "steps": steps,

@@ -27,7 +27,7 @@ import platform
 import shutil
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {
         "benchmark": "ingest",
         "command": "python bench/ingest.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "images": args.images,
         "mean_kb": data_bytes / args.images / 1024,

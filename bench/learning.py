@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
         print("| " + " | ".join(map(str, cells)) + f" | {r['difference']:+.3f} |")
     report = {
         "benchmark": "learning",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"Python {sys.version.split()[0]}",
         "settings": vars(args),

@@ -75,7 +75,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -968,7 +968,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "benchmark": "regimes",
         "tl_ray_commit": commit,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"Python {sys.version.split()[0]}",
         "settings": {k: v for k, v in vars(args).items() if k not in ("regimes", "grid_points")},

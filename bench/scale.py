@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,8 +126,8 @@ def child_first_step(data_uri: str, cache_root: str, storage: str, started: floa
     """`tl-ray train` as the CLI runs it (``training.run`` with an ``on_event``), stopped (Ctrl-C) at its first
     training step."""
     from tl_ray import progress
-    from tl_ray.config import TrainConfig
-    from tl_ray.training import run
+    from tl_ray.training.config import TrainConfig
+    from tl_ray.training.driver import run
 
     first: dict = {}
 
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {
         "benchmark": "scale",
         "command": "python bench/scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
     }
     if args.local:

@@ -27,7 +27,7 @@ import platform
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import tl_ray
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {
         "benchmark": "sweep_cost",
         "command": "python bench/sweep_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "settings": {key: value for key, value in vars(args).items() if key != "out"},
     }

@@ -31,7 +31,7 @@ import platform
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -39,8 +39,8 @@ from ingest import write_photos
 
 from tl_ray import cluster, model
 from tl_ray.cluster import torch_threads
-from tl_ray.config import TrainConfig
 from tl_ray.inputs import imaging
+from tl_ray.training.config import TrainConfig
 from tl_ray.training.schedule import make_optimizer
 
 DEFAULT_THREADS = torch.get_num_threads()  # before anything changes it: what a user's script gets
@@ -85,7 +85,7 @@ def plain_loop(
 
 def tl_ray_train(root: Path, arch: str, depth: int, image_size: int, batch_size: int, epochs: int, storage: str):
     """`tl-ray train` through its Python API, under its defaults: its per-epoch metrics."""
-    from tl_ray.training import run
+    from tl_ray.training.driver import run
 
     config = TrainConfig(
         data=str(root),
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {
         "benchmark": "train_loop",
         "command": "python bench/train_loop.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {cpus} CPUs, {platform.platform()}, torch {torch.__version__}",
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "data")}
         | {"plain (torch threads, loader processes)": settings},

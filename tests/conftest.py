@@ -75,7 +75,7 @@ def s3_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sample_root(tmp_path_factory) -> Path:
     """The synthetic source/target datasets, at the size `tl-ray sample-data` writes by default."""
-    from tl_ray.sample import write_sample_data
+    from tl_ray import write_sample_data
 
     root = tmp_path_factory.mktemp("sample")
     write_sample_data(root, per_class=200, seed=0)

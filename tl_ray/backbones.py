@@ -9,7 +9,7 @@ first N; depth 5 leaves only the head to learn), how to run them one at a time, 
 torchvision's weights API (``weights_enum``). Adding a backbone is one entry in
 ``FAMILIES``; ``tl_ray.model.TransferModel`` is the generic code around it.
 
-This module imports torch only when a model is built, so ``tl_ray.config`` (and the CLI's
+This module imports torch only when a model is built, so ``tl_ray.training.config`` (and the CLI's
 ``--help``) can list ``ARCHS`` without loading it.
 """
 

@@ -145,3 +145,12 @@ def check_writable(location: Location, option: str) -> None:
             f"{option}: {location.uri} can be written but not deleted from ({describe(error)}); tl-ray replaces"
             " checkpoints and reports, so it needs both"
         ) from error
+
+
+def forbid_world_writable_files() -> None:
+    """Clear the umask's "others may write" bit in this process, whatever the shell set.
+
+    A world-writable checkpoint or report is one anybody on the machine can replace.
+    Called by every process tl-ray runs code in: the CLI, training workers, sweep trials.
+    """
+    os.umask(os.umask(0o022) | 0o002)

@@ -19,9 +19,9 @@ import os
 from dataclasses import dataclass
 
 from tl_ray import location
-from tl_ray.config import TrainConfig
 from tl_ray.errors import UsageError
 from tl_ray.inputs import cache
+from tl_ray.training.config import TrainConfig
 
 DEFAULT_STORAGE = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "storage")
 # Ray's runtime_env puts a job's working dir under <session>/runtime_resources/working_dir_files/<package>/.

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
 
+from tl_ray.errors import UsageError
+from tl_ray.options import check_options, check_required, option
+
 SOURCE_CLASSES = ("circle", "square", "star", "triangle")
 TARGET_CLASSES = ("cross", "diamond", "hexagon")
 VAL_SHARE = 0.25
+MIN_PER_CLASS = 4  # a class's train and val images: see sample_sizes
 # Shapes stand roughly upright: their edge orientations then tell them apart, which even
 # a from-scratch ResNet picks up within a few hundred steps (fully random rotations take
 # thousands), so the offline demo learns in minutes on a CPU.
@@ -130,16 +135,39 @@ def sample_sizes(per_class: int) -> dict[str, tuple[int, int]]:
     return {"source": (per_class - val, val), "target": (max(2, per_class // 10), val)}
 
 
-def write_sample_data(out: str | Path, per_class: int = 200, seed: int = 0) -> dict[str, int]:
+@dataclass
+class SampleDataConfig:
+    """`tl-ray sample-data`: where the sample datasets go and how many images they hold."""
+
+    out: str | None = option(
+        None, "folder to write OUT/source/ and OUT/target/ into", required="a folder to write into", positional=True
+    )
+    per_class: int = option(
+        200,
+        "images per class of source/; target/ gets a tenth as many training images",
+    )
+    seed: int = option(0, "random seed")
+
+    def validate(self) -> SampleDataConfig:
+        check_options(self)
+        check_required(self)
+        if self.per_class < MIN_PER_CLASS:
+            raise UsageError(
+                f"--per-class must be at least {MIN_PER_CLASS} (every class needs train and val images); got"
+                f" {self.per_class}"
+            )
+        return self
+
+
+def write_sample_data(config: SampleDataConfig) -> dict[str, int]:
     """Write ``out/source`` (4 shapes) and ``out/target`` (3 other shapes, few training labels); see ``sample_sizes``.
 
     Returns the number of images written per task.
     """
-    if per_class < 4:
-        raise ValueError("per_class must be at least 4, so that every class has train and val images")
-    out = Path(out)
-    rng = random.Random(seed)
-    sizes = sample_sizes(per_class)
+    config = config.validate()
+    out = Path(config.out)
+    rng = random.Random(config.seed)
+    sizes = sample_sizes(config.per_class)
     return {
         "source": _write_task(out / "source", SOURCE_CLASSES, *sizes["source"], rng),
         "target": _write_task(out / "target", TARGET_CLASSES, *sizes["target"], rng),

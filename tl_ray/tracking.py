@@ -28,8 +28,8 @@ import pyarrow.fs as pafs
 import ray.train
 
 from tl_ray import location
-from tl_ray.config import check_logger
 from tl_ray.errors import UsageError
+from tl_ray.training.config import check_logger
 
 TENSORBOARD_DIR = "tensorboard"
 DEFAULT_PROJECT = "tl-ray"

@@ -1,7 +1,7 @@
 """The `tl-ray` command's contract without running anything: --print-config, and the exit codes.
 
 Exit codes: 2 for usage errors (bad flags, bad config, inputs tl-ray refuses), 1 for a run that started
-and failed, 130 for Ctrl-C. The run itself (tl_ray.training, tl_ray.sweep) is replaced by a stand-in that
+and failed, 130 for Ctrl-C. The run itself (tl_ray.training.driver, tl_ray.tuning.sweep) is replaced by a stand-in that
 raises, so no Ray cluster starts and nothing trains.
 """
 
@@ -14,11 +14,18 @@ import typing
 import pytest
 import yaml
 
-from tl_ray import cli, config, recipe, sweep, training
-from tl_ray.config import LrFindConfig, SourceOptions, TrainConfig, TuneConfig, flag, merge
+from tl_ray import cli, errors, options, recipe
+from tl_ray.cli import parser as cli_parser
+from tl_ray.cli import render
 from tl_ray.errors import RunError, TlRayError, UsageError
 from tl_ray.inputs import class_folders
+from tl_ray.inputs.config import InspectConfig, SourceOptions
+from tl_ray.options import flag, merge
+from tl_ray.training import driver as training
 from tl_ray.training import schedule
+from tl_ray.training.config import LrFindConfig, TrainConfig
+from tl_ray.tuning import sweep
+from tl_ray.tuning.config import TuneConfig
 
 # What Ray raises when training fails (ray.train.TrainingFailedError), without importing Ray here.
 TrainingFailedError = type("TrainingFailedError", (Exception,), {"__module__": "ray.train"})
@@ -190,12 +197,13 @@ def test_bad_flags_exit_2_through_argparse(capsys):
         ["train", "--epochs", "three"],
         ["train", "--no-such-flag"],
         ["nope"],
-        ["sample-data", "x", "--per-class", "2"],
     ):
         with pytest.raises(SystemExit) as exited:
             cli.main(argv)
         assert exited.value.code == 2
-    assert "--per-class: must be at least 4" in capsys.readouterr().err
+    capsys.readouterr()
+    assert cli.main(["sample-data", "x", "--per-class", "2"]) == 2  # the option's own check, as from --config
+    assert "--per-class must be at least 4 (every class needs train and val images); got 2" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -276,7 +284,7 @@ def test_ray_trains_ctrl_c_handler_exiting_0_is_an_interruption(capsys, no_run):
 def test_a_sweep_in_which_no_trial_finished_exits_1(capsys, monkeypatch):
     summary = types.SimpleNamespace(best=None, run_dir="/runs/sweep")
     monkeypatch.setattr(sweep, "sweep", lambda config, on_event=None: (summary, {}))
-    monkeypatch.setattr(cli, "_print_sweep", lambda summary, written: print("the table"))
+    monkeypatch.setattr(render, "sweep", lambda summary, written: print("the table"))
     assert cli.main(["tune", "--data", "/d"]) == 1
     captured = capsys.readouterr()
     assert captured.out == "the table\n"
@@ -296,15 +304,15 @@ def test_exit_code_rules():
     # Ray re-raises a TlRayError from a task as a class derived from both, in module ray.exceptions.
     from_task = type("RayTaskError(TlRayError)", (TlRayError,), {"__module__": "ray.exceptions"})("traceback text")
     from_task.cause = TlRayError("--data: unreadable")
-    assert cli.exit_code(UsageError("x")) == cli.EXIT_USAGE == 2
-    assert cli.exit_code(TlRayError("x")) == 2
-    assert cli.exit_code(suppressed) == 2
-    assert cli.exit_code(RunError("x")) == cli.EXIT_FAILED == 1
-    assert cli.exit_code(wrapped) == 1
-    assert cli.exit_code(in_context) == 1
-    assert cli.exit_code(from_task) == 1 and cli._message(from_task) == "--data: unreadable"
-    assert cli.exit_code(ValueError("a bug")) == 1
-    assert cli.exit_code(KeyboardInterrupt()) == cli.EXIT_INTERRUPTED == 130
+    assert errors.exit_code(UsageError("x")) == errors.EXIT_USAGE == 2
+    assert errors.exit_code(TlRayError("x")) == 2
+    assert errors.exit_code(suppressed) == 2
+    assert errors.exit_code(RunError("x")) == errors.EXIT_FAILED == 1
+    assert errors.exit_code(wrapped) == 1
+    assert errors.exit_code(in_context) == 1
+    assert errors.exit_code(from_task) == 1 and cli.message(from_task) == "--data: unreadable"
+    assert errors.exit_code(ValueError("a bug")) == 1
+    assert errors.exit_code(KeyboardInterrupt()) == errors.EXIT_INTERRUPTED == 130
     assert issubclass(UsageError, TlRayError) and issubclass(RunError, TlRayError)
 
 
@@ -326,18 +334,18 @@ def test_importing_a_module_keeps_the_api_function_of_its_command():
 
     import tl_ray
 
-    commands = {"training": "train", "sweep": "tune", "inference": "predict", "deployable": "export"}
+    commands = {"training": "train", "tuning": "tune", "inference": "predict", "inputs": "inspect"}
     for module, function in commands.items():
         imported = importlib.import_module(f"tl_ray.{module}")
         assert imported.__name__ == f"tl_ray.{module}"
         assert callable(getattr(tl_ray, function)) and getattr(tl_ray, function).__module__ == "tl_ray"
 
 
-# ----------------------------------------------------------------------------- options declared once (config.option)
+# ----------------------------------------------------------------------------- options declared once (options.option)
 
 
 def _subparser(command: str):
-    return cli.build_parser()._subparsers._group_actions[0].choices[command]
+    return cli_parser.build_parser()._subparsers._group_actions[0].choices[command]
 
 
 @pytest.mark.parametrize(("command", "config_class"), list(CONFIGS.items()))
@@ -440,7 +448,7 @@ def test_declared_choices_are_checked_with_one_line_naming_the_flag(tmp_path, ca
     with pytest.raises(UsageError, match=f"^{expected}$"):
         merge(config_class, None, {"data": "/d", field.name: "nope"}).validate()
     for choice in field.metadata["choices"]:  # each declared choice passes the check
-        config.check_options(config_class(**{field.name: choice}))
+        options.check_options(config_class(**{field.name: choice}))
     config_file = tmp_path / "run.yaml"
     config_file.write_text(f"data: /d\n{field.name}: nope\n")
     command = "train" if config_class is TrainConfig else "tune"
@@ -477,7 +485,7 @@ def test_declared_bounds_are_checked_with_one_line_naming_the_flag(capsys, no_ru
     else:
         bad, expected, inside = kind(0), f"must be positive; got {kind(0)}", [kind(1)]
     for value in inside:
-        config.check_options(config_class(**{field.name: value}))
+        options.check_options(config_class(**{field.name: value}))
     with pytest.raises(UsageError, match=f"^{flag(field.name)} {expected}$".replace("(", r"\(").replace(")", r"\)")):
         merge(config_class, None, {"data": "/d", field.name: bad}).validate()
     command = "train" if config_class is TrainConfig else "tune"
@@ -486,23 +494,25 @@ def test_declared_bounds_are_checked_with_one_line_naming_the_flag(capsys, no_ru
 
 
 def test_source_flags_of_the_commands_that_read_data_reach_source_options():
-    parser = cli.build_parser()
+    parser = cli_parser.build_parser()
+
+    def source_options(argv):
+        command = cli_parser.BY_NAME[argv[0]]
+        given = cli_parser.given_options(parser.parse_args(argv))
+        return merge(command.config_class, None, given).validate().source_options()
+
     pattern = r"^(\w+)\."
-    args = parser.parse_args(
-        ["evaluate", "--checkpoint", "c", "--data", "d", "--label-column", "y", "--label-pattern", pattern]
-    )
-    assert cli._source_options(args) == SourceOptions(label_pattern=pattern, label_column="y")
+    evaluate = ["evaluate", "--checkpoint", "c", "--data", "d", "--label-column", "y", "--label-pattern", pattern]
+    assert source_options(evaluate) == SourceOptions(label_pattern=pattern, label_column="y")
     predict = ["predict", "--checkpoint", "c", "--data", "d", "--out", "o.csv"]
-    assert cli._source_options(parser.parse_args([*predict, "--image-column", "jpg"])) == SourceOptions(
-        image_column="jpg"
-    )
+    assert source_options([*predict, "--image-column", "jpg"]) == SourceOptions(image_column="jpg")
     with pytest.raises(SystemExit):  # predict takes only the columns it reads
         parser.parse_args([*predict, "--label-column", "y"])
-    args = parser.parse_args(["inspect", "--data", "d", "--split-column", "fold"])
-    assert cli._source_options(args) == SourceOptions(split_column="fold")
-    assert args.val_fraction == TrainConfig().val_fraction and args.val_data is None
+    assert source_options(["inspect", "--data", "d", "--split-column", "fold"]) == SourceOptions(split_column="fold")
+    inspect = merge(InspectConfig, None, {"data": "d"})
+    assert inspect.val_fraction == TrainConfig().val_fraction and inspect.val_data is None
     with pytest.raises(UsageError, match="has no group"):
-        cli._source_options(parser.parse_args(["inspect", "--data", "d", "--label-pattern", r"^\w+"]))
+        source_options(["inspect", "--data", "d", "--label-pattern", r"^\w+"])
 
 
 def test_a_reader_that_leaves_early_ends_nothing_in_a_traceback(tmp_path):

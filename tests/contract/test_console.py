@@ -9,7 +9,7 @@ import pytest
 import ray
 
 from tl_ray import progress
-from tl_ray.console import EPOCH_HEADER, TRIAL_HEADER, Console, duration
+from tl_ray.cli.console import EPOCH_HEADER, TRIAL_HEADER, Console, duration
 
 
 def _epoch(epoch: int, val_acc: float, seconds: float, best: float, best_epoch: int) -> progress.Epoch:

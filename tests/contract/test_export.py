@@ -21,10 +21,10 @@ import torch
 import torchvision
 from PIL import Image
 
-from tl_ray import cli
+from tl_ray import cli, export
 from tl_ray.checkpoint import load_checkpoint, save_checkpoint
-from tl_ray.deployable import FORMATS, export
 from tl_ray.errors import UsageError
+from tl_ray.inference.config import FORMATS
 from tl_ray.inputs import imaging
 from tl_ray.sample import SOURCE_CLASSES, render
 

@@ -26,7 +26,7 @@ TINY += ["--lr", "1e-3"]
 @pytest.fixture(scope="module")
 def buckets(s3_server, tmp_path_factory):
     """Buckets `data` (the sample source task at 8 images a class) and `results` (empty)."""
-    from tl_ray.sample import write_sample_data
+    from tl_ray import write_sample_data
 
     local = tmp_path_factory.mktemp("tiny")
     write_sample_data(local, per_class=8, seed=0)

@@ -19,7 +19,8 @@ import ray
 import torch
 from PIL import Image
 
-from tl_ray import console, progress
+from tl_ray import progress
+from tl_ray.cli import console
 from tl_ray.inputs import cache, class_folders, imaging, pipelines, skiplog
 
 pytestmark = pytest.mark.timeout(300)

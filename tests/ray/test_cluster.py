@@ -27,8 +27,8 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from tl_ray.console import EPOCH_HEADER, TRIAL_HEADER
-from tl_ray.sample import write_sample_data
+from tl_ray import write_sample_data
+from tl_ray.cli.console import EPOCH_HEADER, TRIAL_HEADER
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))

@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 from helpers import as_reported, recorded
 
+from tl_ray import write_sample_data
 from tl_ray.checkpoint import read_meta
-from tl_ray.sample import write_sample_data
 
 pytestmark = [pytest.mark.slow, pytest.mark.extended, pytest.mark.timeout(420)]
 

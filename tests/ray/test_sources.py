@@ -17,10 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tl_ray import cli, inference, inspection
-from tl_ray.config import SourceOptions
+import tl_ray
+from tl_ray import cli
 from tl_ray.errors import TlRayError, UsageError
+from tl_ray.inference import predict as inference
 from tl_ray.inputs import cache, class_folders, imaging, sources
+from tl_ray.inputs.config import SourceOptions
 
 COLOURS = {"zebra": (230, 30, 30), "ant": (30, 30, 230), "moose": (30, 200, 30)}
 
@@ -241,7 +243,7 @@ def test_val_data_from_another_source(tmp_path):
 
 def test_inspect_and_predict_inputs_without_ray(tmp_path):
     root = _hf_parquet(tmp_path / "hf", {"train": 6, "validation": 3}, broken_row=2)
-    found = inspection.inspect(str(root), decode=True)
+    found = tl_ray.inspect(str(root), decode=True)
     assert found.counts == {"train": {"zebra": 2, "ant": 2, "moose": 2}, "val": {"zebra": 1, "ant": 1, "moose": 1}}
     assert found.skipped == [(f"{root}/data/train-00000-of-00001.parquet#2", "not an image file PIL can identify")]
     assert found.sizes["width"] == [24] * 8 and found.imbalance == 1.0
@@ -308,7 +310,7 @@ def test_train_from_hugging_face_parquet_then_evaluate_a_manifest(tmp_path, ray_
     skipped = {Path(item["path"]).name for item in flat_result["skipped_files"]}
     assert {"notes.png", "bad.png", "missing.png"} <= skipped, skipped
 
-    rows = inference.predict(result["best_checkpoint"], f"{root}/data/validation-*.parquet")
+    rows = tl_ray.predict(result["best_checkpoint"], f"{root}/data/validation-*.parquet")
     assert rows["path"].tolist() == [f"{root}/data/validation-00000-of-00001.parquet#{row}" for row in range(6)]
     assert (rows["error"] == "").all() and set(rows["predicted"]) <= set(meta["class_names"])
     shutil.rmtree(storage, ignore_errors=True)

@@ -30,9 +30,12 @@ import pytest
 from helpers import kill_a_training_worker, recorded, tensorboard_scalars, wait_for_free_cpus
 
 import tl_ray
-from tl_ray import cli, report
-from tl_ray.config import TrainConfig, TuneConfig, merge
+from tl_ray import cli
 from tl_ray.inputs import class_folders
+from tl_ray.options import merge
+from tl_ray.training.config import TrainConfig
+from tl_ray.tuning import report
+from tl_ray.tuning.config import TuneConfig
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -270,7 +273,7 @@ def test_a_sweep_monitoring_val_loss_ranks_by_the_lowest_val_loss(ray_cluster, t
     val_loss, as Tune's own best result says."""
     from ray import tune
 
-    from tl_ray.sweep import load_summary
+    from tl_ray.tuning.sweep import load_summary
 
     curves = {  # (val_acc, val_loss, macro_f1) per epoch
         0: [(0.90, 0.60, 0.70), (0.95, 0.50, 0.80)],  # the most accurate trial ...

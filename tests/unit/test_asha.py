@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 from ray.tune.schedulers import TrialScheduler
 
-from tl_ray.sweep import _BaselineKeepingASHA
+from tl_ray.tuning.sweep import _BaselineKeepingASHA
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
 

@@ -13,10 +13,13 @@ from helpers import checkpoint_meta, initial_state
 from torch import nn
 from torchvision.models.vision_transformer import interpolate_embeddings
 
-from tl_ray import backbones, checkpoint, config, deployable, model
+import tl_ray
+from tl_ray import backbones, checkpoint, model
 from tl_ray.backbones import NUM_STAGES
 from tl_ray.errors import TlRayError, UsageError
+from tl_ray.inference import export as deployable
 from tl_ray.inputs import imaging
+from tl_ray.training import config
 
 NEW_ARCHS = ("convnext_tiny", "efficientnet_b0", "vit_b_16")
 ARCHS = ("resnet18", *NEW_ARCHS)
@@ -256,7 +259,7 @@ def test_export_gives_the_checkpoints_probabilities(arch, fmt, tmp_path):
     if fmt == "onnx":
         onnxruntime = pytest.importorskip("onnxruntime")
     checkpoint.save_checkpoint(tmp_path / "ckpt", initial_state(arch), checkpoint_meta(arch, NUM_CLASSES))
-    result = deployable.export(str(tmp_path / "ckpt"), str(tmp_path / f"model.{fmt}"), fmt)
+    result = tl_ray.export(str(tmp_path / "ckpt"), str(tmp_path / f"model.{fmt}"), fmt)
     assert result.metadata["arch"] == arch
     crops = torch.randint(0, 256, (2, 3, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     loaded, meta = checkpoint.load_checkpoint(tmp_path / "ckpt")

@@ -8,12 +8,13 @@ import types
 import pytest
 import torch
 
-from tl_ray import classes, location, report
+from tl_ray import classes, location
 from tl_ray.classes import rank_key
-from tl_ray.config import TrainConfig
-from tl_ray.sweep import SweepSummary, TrialSummary
+from tl_ray.training.config import TrainConfig
 from tl_ray.training.driver import loss_weights
 from tl_ray.training.loop import count_classes
+from tl_ray.tuning import report
+from tl_ray.tuning.sweep import SweepSummary, TrialSummary
 
 
 def test_balanced_weights_give_every_class_the_same_total_and_a_mean_of_one():

@@ -7,8 +7,10 @@ import dataclasses
 import pytest
 
 from tl_ray import cli
-from tl_ray.config import TrainConfig, TuneConfig, merge, to_yaml
 from tl_ray.errors import TlRayError, UsageError
+from tl_ray.options import merge, to_yaml
+from tl_ray.training.config import TrainConfig
+from tl_ray.tuning.config import TuneConfig
 
 
 def test_yaml_values_apply_and_flags_override(tmp_path):
@@ -316,7 +318,7 @@ def test_lr_takes_a_number_or_auto_in_every_spelling(tmp_path, capsys):
 
 
 def test_lr_find_takes_the_train_options_and_its_own(capsys):
-    from tl_ray.config import LrFindConfig
+    from tl_ray.training.config import LrFindConfig
 
     config = merge(LrFindConfig, None, {"data": "/d", "weights": "none", "steps": 50}).validate()
     assert (config.steps, config.start_lr, config.end_lr) == (50, 1e-7, 10.0)

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from tl_ray import classes
-from tl_ray.config import TrainConfig
 from tl_ray.errors import TlRayError
+from tl_ray.training.config import TrainConfig
 from tl_ray.training.loop import check_resumable, count_classes, evaluate, split_counts, strategy_meta
 
 LABELS = [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1]

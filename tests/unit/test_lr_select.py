@@ -78,7 +78,7 @@ def test_a_half_batch_candidate_wins_on_its_score_and_loses_exact_ties_to_the_ru
 
 
 def test_the_console_says_what_select_does_tries_and_chose():
-    from tl_ray.console import Console
+    from tl_ray.cli.console import Console
 
     out = io.StringIO()
     console = Console(out=out, err=io.StringIO())

@@ -21,7 +21,7 @@ from torch import nn
 from torchvision.models import ResNet
 
 from tl_ray import backbones, checkpoint
-from tl_ray.config import NUM_STAGES
+from tl_ray.backbones import NUM_STAGES
 from tl_ray.errors import TlRayError
 from tl_ray.inputs import imaging
 from tl_ray.model import (

@@ -9,8 +9,8 @@ import pytest
 from ray.train.v2._internal.execution.controller.state import RestartingState, RunningState
 
 from tl_ray.cluster import ResourceTimeoutError, ResourceWait, cpus_per_worker, on_one_host
-from tl_ray.config import TrainConfig, parse_workers
 from tl_ray.errors import UsageError
+from tl_ray.training.config import TrainConfig, parse_workers
 
 
 def _node(host: str, address: str, alive: bool = True) -> dict:

@@ -29,7 +29,9 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from tl_ray import cli
-from tl_ray.config import TrainConfig, TuneConfig, merge
+from tl_ray.options import merge
+from tl_ray.training.config import TrainConfig
+from tl_ray.tuning.config import TuneConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = ROOT / "jobs" / "rayjob.yaml"

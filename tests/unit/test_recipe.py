@@ -13,10 +13,12 @@ import torch
 from torch import nn
 
 from tl_ray import recipe
-from tl_ray.config import NUM_STAGES, TrainConfig, TuneConfig
+from tl_ray.backbones import NUM_STAGES
 from tl_ray.errors import TlRayError
 from tl_ray.model import STAGE_MODULES, TransferResNet, create_resnet
+from tl_ray.training.config import TrainConfig
 from tl_ray.training.schedule import make_optimizer, steps_per_epoch
+from tl_ray.tuning.config import TuneConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -88,7 +90,8 @@ def test_select_tries_two_rates_at_half_the_batch_too():
 
 
 def test_commands_that_set_each_runs_rate_never_select():
-    from tl_ray.config import LrFindConfig, TuneConfig
+    from tl_ray.training.config import LrFindConfig
+    from tl_ray.tuning.config import TuneConfig
 
     for kind in (LrFindConfig, TuneConfig):
         sized = kind(data="d", weights="none").validate().for_training_set(25)
@@ -99,7 +102,7 @@ def test_the_batch_plan_is_one_console_line():
     import io
 
     from tl_ray import progress
-    from tl_ray.console import Console
+    from tl_ray.cli.console import Console
 
     out = io.StringIO()
     console = Console(out=out, err=io.StringIO())

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tl_ray import report
-from tl_ray.sweep import SweepSummary, TrialSummary
+from tl_ray.tuning import report
+from tl_ray.tuning.sweep import SweepSummary, TrialSummary
 
 
 def trial(trial_id: str, depth: int, strategy: str, val_acc: float, status: str = "finished", epochs: int = 4):
@@ -71,14 +71,14 @@ def test_report_files_show_strategy_baseline_and_asha_stops(tmp_path):
 
 
 def test_a_sweep_with_trials_neither_ended_nor_failed_was_interrupted():
-    from tl_ray.sweep import was_interrupted
+    from tl_ray.tuning.sweep import was_interrupted
 
     assert not was_interrupted(summary(trial("a", 3, "plain", 0.9), trial("b", 5, "plain", 0.8, status="error")))
     assert was_interrupted(summary(trial("a", 3, "plain", 0.9), trial("b", 5, "plain", 0.0, status="incomplete")))
 
 
 def test_a_trials_images_per_second_leaves_out_its_first_epoch_when_it_has_others():
-    from tl_ray.sweep import _steady_rate
+    from tl_ray.tuning.sweep import _steady_rate
 
     assert _steady_rate([{"images_per_s": 50.0}, {"images_per_s": 200.0}, {"images_per_s": 220.0}]) == 210.0
     assert _steady_rate([{"images_per_s": 50.0}]) == 50.0

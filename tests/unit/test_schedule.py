@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from tl_ray.config import TrainConfig
+from tl_ray.training.config import TrainConfig
 from tl_ray.training.schedule import lr_factor, planned_position, steps_per_epoch
 
 

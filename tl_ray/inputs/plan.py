@@ -30,7 +30,7 @@ from tl_ray.inputs.layout import Layout
 
 if TYPE_CHECKING:
     from tl_ray import location, model
-    from tl_ray.config import TrainConfig
+    from tl_ray.training.config import TrainConfig
 
 Batch = dict[str, torch.Tensor]
 

@@ -22,12 +22,14 @@ import ray.train
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from tl_ray import backbones, checkpoint, classes, cluster, location, model, places, progress, recipe, report, tracking
-from tl_ray.config import NUM_STAGES, LrFindConfig, TrainConfig, to_yaml
+from tl_ray import backbones, checkpoint, classes, cluster, location, model, places, progress, recipe, tracking
+from tl_ray.backbones import NUM_STAGES
 from tl_ray.errors import RunError, TlRayError, UsageError
 from tl_ray.inputs import imaging, plan, skiplog, sources
 from tl_ray.inputs.layout import Layout
+from tl_ray.options import to_yaml
 from tl_ray.training import lr_range, schedule
+from tl_ray.training.config import LrFindConfig, TrainConfig
 from tl_ray.training.loop import (
     LOOP_CONFIG,
     LR_RANGE_TEST,
@@ -172,6 +174,12 @@ class _Setup:
     tracker: Any
 
 
+def list_training_set(config: TrainConfig) -> Layout:
+    """What the run would train and validate on, listed as the run lists it (before any place is resolved):
+    `--print-config` says from it what the training set's size decides."""
+    return sources.discover(config.data, config.val_fraction, config.source_options(), config.val_data)
+
+
 def run(
     config: TrainConfig,
     callbacks: list[ray.train.UserCallback] | None = None,
@@ -221,7 +229,7 @@ def _write_lr_find(curve: lr_range.LrCurve, run_dir: location.Location) -> tuple
     with filesystem.open_output_stream(curve_json.path) as stream:
         stream.write((json.dumps(curve.to_json(), indent=2) + "\n").encode())
     with filesystem.open_output_stream(plot.path) as stream:
-        stream.write(report.lr_find_png(curve))
+        stream.write(lr_range.lr_find_png(curve))
     return plot.uri, curve_json.uri
 
 

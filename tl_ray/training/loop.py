@@ -25,12 +25,15 @@ import torch.distributed as dist
 from ray.train import Checkpoint
 from torch import nn
 
-from tl_ray import __version__, checkpoint, classes, cluster, model, progress
-from tl_ray.config import NUM_STAGES, TrainConfig, forbid_world_writable_files
+from tl_ray import checkpoint, classes, cluster, model, progress
+from tl_ray.backbones import NUM_STAGES
 from tl_ray.errors import TlRayError
 from tl_ray.inputs import skiplog
 from tl_ray.inputs.plan import InputPlan, WorkerBatches
+from tl_ray.location import forbid_world_writable_files
 from tl_ray.training import lr_range, lr_select, schedule
+from tl_ray.training.config import TrainConfig
+from tl_ray.version import __version__
 
 # The epoch metric Ray Train keeps checkpoints by: classes.rank_score, the ranking that picks the best checkpoint.
 RANK_SCORE = "rank_score"

@@ -12,6 +12,7 @@ The caller restores the model afterwards: the test only chooses a rate.
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -152,3 +153,29 @@ def run(
             raise ValueError("the training set gave no batch of two or more images")
     suggestion, index = suggest(lrs, losses, test.steps)
     return LrCurve(lrs, losses, suggestion, index, stopped, test.steps)
+
+
+def lr_find_png(curve) -> bytes:
+    """The LR range test's loss against the learning rate (log scale), its suggestion marked: fastai's plot
+    (``curve``: an ``LrCurve``; its last few points, already diverging, left out as fastai does). matplotlib is
+    imported here, by the driver, never by a worker that only runs the test."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # before pyplot: files only, never a window
+    import matplotlib.pyplot as plt
+
+    shown = max(2, len(curve.lrs) - 5) if len(curve.lrs) > 10 else len(curve.lrs)
+    figure, axes = plt.subplots(figsize=(6.4, 4.2))
+    axes.plot(curve.lrs[:shown], curve.losses[:shown], color="tab:blue")
+    index = curve.suggestion_index
+    axes.plot(
+        [curve.lrs[index]], [curve.losses[index]], "o", color="tab:orange", label=f"valley: {curve.suggestion:.2e}"
+    )
+    axes.set_xscale("log")
+    axes.set(xlabel="learning rate", ylabel="training loss (smoothed)", title="LR range test")
+    axes.legend(loc="best")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from tl_ray.config import TrainConfig
+from tl_ray.training.config import TrainConfig
 
 
 def steps_per_epoch(num_train: int, batch_size: int, world_size: int) -> int:

@@ -24,12 +24,13 @@ import pyarrow.fs as pafs
 import torch
 from torch import nn
 
-from tl_ray import __version__, location
 from tl_ray import checkpoint as checkpoints
+from tl_ray import location
 from tl_ray.errors import TlRayError, UsageError
+from tl_ray.inference.config import ExportConfig
 from tl_ray.inputs import imaging
+from tl_ray.version import __version__
 
-FORMATS = ("torchscript", "onnx")
 METADATA_KEY = "tl_ray.json"
 INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
 ONNX_PACKAGES = ("onnx", "onnxscript")  # torch.onnx's exporter (dynamo) needs both
@@ -71,10 +72,10 @@ class ExportResult:
     size: int = 0  # the model file's bytes
 
 
-def export(checkpoint: str | os.PathLike, out: str | os.PathLike, format: str) -> ExportResult:
-    """Write ``checkpoint`` as a ``format`` file at ``out`` and its metadata at ``<out>.json``; replaces both."""
-    if format not in FORMATS:
-        raise UsageError(f"--format must be one of {', '.join(FORMATS)}; got {format!r}")
+def export(config: ExportConfig) -> ExportResult:
+    """Write the checkpoint as a ``format`` file at ``out`` and its metadata at ``<out>.json``; replaces both."""
+    config = config.validate()
+    checkpoint, out, format = config.checkpoint, config.out, config.format
     target = location.resolve(out, "--out")
     if target.info("--out").type == pafs.FileType.Directory:
         example = target.join("model.onnx").uri

@@ -29,14 +29,17 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from tl_ray import classes, cluster, location, model, places, progress, report, tracking
+from tl_ray import classes, cluster, location, model, places, progress, tracking
 from tl_ray.checkpoint import META_FILE, MODEL_FILE
-from tl_ray.config import MONITORS, TuneConfig, forbid_world_writable_files
+from tl_ray.classes import MONITORS
 from tl_ray.errors import TlRayError, UsageError
 from tl_ray.inputs import cache, imaging, sources
+from tl_ray.location import forbid_world_writable_files
 from tl_ray.training.driver import CONFIG_FILE, write_config
 from tl_ray.training.driver import run as run_training
 from tl_ray.training.schedule import steps_per_epoch
+from tl_ray.tuning import report
+from tl_ray.tuning.config import TuneConfig
 
 BEST_DIR = "best"
 TRIALS_DIR = "trials"  # Tune's experiment: one folder per trial, named by the trial's id

@@ -26,7 +26,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from tl_ray import classes
-from tl_ray.config import NUM_STAGES
+from tl_ray.backbones import NUM_STAGES
 
 CSV_COLUMNS = (
     "trial_id",
@@ -284,26 +284,6 @@ def plot(summary, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
-
-
-def lr_find_png(curve) -> bytes:
-    """The LR range test's loss against the learning rate (log scale), its suggestion marked: fastai's plot
-    (``curve``: a ``training.lr_range.LrCurve``; its last few points, already diverging, left out as fastai does)."""
-    shown = max(2, len(curve.lrs) - 5) if len(curve.lrs) > 10 else len(curve.lrs)
-    figure, axes = plt.subplots(figsize=(6.4, 4.2))
-    axes.plot(curve.lrs[:shown], curve.losses[:shown], color="tab:blue")
-    index = curve.suggestion_index
-    axes.plot(
-        [curve.lrs[index]], [curve.losses[index]], "o", color="tab:orange", label=f"valley: {curve.suggestion:.2e}"
-    )
-    axes.set_xscale("log")
-    axes.set(xlabel="learning rate", ylabel="training loss (smoothed)", title="LR range test")
-    axes.legend(loc="best")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    return buffer.getvalue()
 
 
 def write_report(summary, out_dir: str | Path) -> dict[str, Path]:

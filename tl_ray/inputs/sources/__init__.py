@@ -33,10 +33,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from tl_ray import location
-from tl_ray.config import LABEL_PATTERN_HINT as PATTERN_HINT
-from tl_ray.config import SourceOptions
 from tl_ray.errors import TlRayError, UsageError
 from tl_ray.inputs import class_folders
+from tl_ray.inputs.config import LABEL_PATTERN_HINT as PATTERN_HINT
+from tl_ray.inputs.config import SourceOptions
 from tl_ray.inputs.layout import FileOpener, Layout, is_local, no_stats, read_bytes
 
 CLASS_FOLDERS, FILE_NAMES, MANIFEST, PARQUET = "class folders", "file names", "manifest", "parquet images"

@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image
 
 from tl_ray import location
-from tl_ray.config import SourceOptions
 from tl_ray.inputs import imaging, sources
+from tl_ray.inputs.config import InspectConfig
 from tl_ray.inputs.layout import Layout
 
 SAMPLE = 64  # images whose sizes are read (headers only) for the size distribution
@@ -45,18 +45,12 @@ class Inspection:
         return max(train) / min(train) if train else 0.0
 
 
-def inspect(
-    data_path: str,
-    val_fraction: float = 0.2,
-    options: SourceOptions | None = None,
-    val_data: str | None = None,
-    decode: bool = False,
-    sample: int = SAMPLE,
-    threads: int = 8,
-) -> Inspection:
-    """Summarise the dataset ``data_path`` names as a run would see it (see the module's docstring)."""
-    options = (options or SourceOptions()).validate()
-    layout = sources.discover(location.resolve(data_path, "--data"), val_fraction, options, val_data)
+def inspect(config: InspectConfig, sample: int = SAMPLE, threads: int = 8) -> Inspection:
+    """Summarise the dataset ``config.data`` names as a run would see it (see the module's docstring)."""
+    config = config.validate()
+    data_path, decode = config.data, config.decode
+    where = location.resolve(data_path, "--data")
+    layout = sources.discover(where, config.val_fraction, config.source_options(), config.val_data)
     counts = {}
     for split, files in (("train", layout.train), ("val", layout.val)):
         found = collections.Counter(label for _, label in files)

@@ -1,0 +1,126 @@
+"""What the CLI prints when a command ends: the outcome of a run, a sweep, an evaluation, an inspection, an export.
+The tables printed while a run goes are ``console``'s."""
+
+from __future__ import annotations
+
+import math
+
+
+def train_result(result, rows_printed: int) -> None:
+    """The run's outcome; its epochs too when none were printed as they ended (a run resumed after its last)."""
+    from tl_ray.cli.console import EPOCH_HEADER, epoch_row
+
+    if not rows_printed:
+        print(EPOCH_HEADER)
+        for row in result.history:
+            print(epoch_row(row, len(result.history), 0.0))
+    print()
+    if result.monitor != "val_acc":
+        print(f"best {result.monitor:<11} {result.metrics[result.monitor]:.3f} (epoch {result.metrics['epoch']})")
+        print(f"val_acc          {result.metrics['val_acc']:.3f} (that epoch)")
+    else:
+        print(f"best val_acc     {result.metrics['val_acc']:.3f} (epoch {result.metrics['epoch']})")
+    recall = result.metrics.get("val_recall") or {}
+    if recall:
+        lowest = sorted(recall.items(), key=lambda item: math.inf if item[1] is None else item[1])
+        shown = ", ".join(f"{name} {'-' if value is None else f'{value:.3f}'}" for name, value in lowest[:10])
+        more = f"; {len(lowest) - 10} more in result.json" if len(lowest) > 10 else ""
+        print(f"val recall       {shown} (lowest first{more})")
+    print(f"best checkpoint  {result.best_checkpoint}")
+    print(f"run folder       {result.run_dir} (result.json)")
+    print(f"tensorboard      {result.tensorboard}")
+    print(f"skipped files    {len(result.skipped_files)}")
+    for item in result.skipped_files[:20]:
+        print(f"  {item['path']}: {item['reason']}")
+    if len(result.skipped_files) > 20:
+        print(f"  ... and {len(result.skipped_files) - 20} more, listed in result.json")
+
+
+def lr_finding(finding) -> None:
+    curve = finding.curve
+    how = "the loss diverged" if curve.stopped == "diverged" else "it reached --end-lr"
+    print(f"suggested lr     {finding.suggestion:.2e} (valley; pass it to train as --lr, or use --lr auto)")
+    print(f"range test       {len(curve.lrs)} steps, {curve.lrs[0]:.1e} to {curve.lrs[-1]:.1e} ({how})")
+    print(f"plot             {finding.plot}")
+    print(f"curve            {finding.json}")
+
+
+def sweep(summary, written: dict[str, str]) -> None:
+    from tl_ray.tuning.report import table, verdict
+
+    print()
+    print(table(summary))
+    print()
+    best = summary.best
+    for line in verdict(summary):
+        print(line.removeprefix("- ").replace("**", ""))
+    if best is not None:
+        score = "" if summary.monitor == "val_acc" else f" {summary.monitor} {getattr(best, summary.monitor):.3f},"
+        print(
+            f"best trial       freeze depth {best.freeze_depth}, {best.strategy}, lr {best.lr:.2e}:{score}"
+            f" val_acc {best.val_acc:.3f}"
+        )
+        print(f"best checkpoint  {summary.best_checkpoint or best.checkpoint}")
+    print(f"report           {written['markdown']}")
+    print(f"plot             {written['plot']}")
+    print(f"results          {written['csv']}")
+    print(f"tensorboard      tensorboard --logdir {summary.run_dir}")
+
+
+def evaluation(evaluation, out: str | None) -> None:
+    metrics = evaluation.metrics
+    print(f"{'class':<20} {'precision':>9} {'recall':>7} {'f1':>6} {'support':>8}")
+    for name, row in metrics["per_class"].items():
+        print(f"{name:<20} {row['precision']:>9.3f} {row['recall']:>7.3f} {row['f1']:>6.3f} {row['support']:>8}")
+    macro = metrics["macro"]
+    print(
+        f"{'macro':<20} {macro['precision']:>9.3f} {macro['recall']:>7.3f} {macro['f1']:>6.3f} {metrics['images']:>8}"
+    )
+    print()
+    print(f"accuracy         {metrics['accuracy']:.4f} on {metrics['images']} images")
+    print(f"misclassified    {len(evaluation.misclassified)}")
+    if metrics["undecodable"]:
+        print(f"undecodable      {len(metrics['undecodable'])}")
+    if out:
+        print(f"written to       {out}/metrics.json, confusion.png, misclassified.csv")
+
+
+def inspection(found) -> None:
+    from tl_ray.inputs.inspect import size_summary
+
+    print(f"data             {found.data}")
+    print(f"source           {found.source}")
+    print(f"validation       {found.val_rule}")
+    train, val = found.counts["train"], found.counts["val"]
+    print(f"classes          {len(found.class_names)} (in this order; the checkpoint records it)")
+    print(f"  {'class':<24} {'train':>8} {'val':>8}")
+    for name in found.class_names:
+        print(f"  {name:<24} {train[name]:>8} {val[name]:>8}")
+    print(f"  {'total':<24} {sum(train.values()):>8} {sum(val.values()):>8}")
+    low = min(train, key=train.get)
+    print(f"imbalance        {found.imbalance:.1f}x (largest training class over the smallest, {low})")
+    what = "decoded every item" if found.decoded else "the listing's checks; --decode decodes every item"
+    print(f"skipped          {len(found.skipped)} ({what})")
+    for shown, reason in found.skipped[:20]:
+        print(f"  {shown}: {reason}")
+    if len(found.skipped) > 20:
+        print(f"  ... and {len(found.skipped) - 20} more")
+    for note in found.notes:
+        print(f"note             {note}")
+    sizes = found.sizes
+    print(
+        f"image sizes      width {size_summary(sizes['width'])}, height {size_summary(sizes['height'])}"
+        f" (min / median / max of {len(sizes['width'])} of {found.sampled} {'items' if found.decoded else 'sampled'})"
+    )
+
+
+def export_result(result) -> None:
+    from tl_ray.inference.export import METADATA_KEY
+
+    meta = result.metadata
+    size, resize, names = meta["image_size"], meta["resize_size"], meta["class_names"]
+    print(f"wrote {result.format} {result.path} ({result.size / 1e6:.1f} MB)")
+    print(f"input            {meta['input']['name']}: uint8 RGB (N, 3, {size}, {size}), values 0-255")
+    print(f"                 (resize the short side to {resize}, centre-crop {size}: not in the file)")
+    print(f"output           {meta['output']['name']}: float32 (N, {len(names)}), softmax over {', '.join(names)}")
+    print(f"metadata         {result.sidecar} (also inside the file: {METADATA_KEY})")

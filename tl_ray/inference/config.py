@@ -1,0 +1,87 @@
+"""The options of `tl-ray predict`, `tl-ray evaluate` and `tl-ray export`, each declared once (``tl_ray.options``):
+the CLI's flags, the YAML keys and the Python API's keywords all come from these fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tl_ray.inputs.config import InspectConfig, SourceOptions, source_options
+from tl_ray.options import check_options, check_required, option, same_option
+
+CHECKPOINT_HELP = "a tl-ray checkpoint folder (e.g. a sweep's best/): a path or URI"
+FORMATS = ("torchscript", "onnx")
+
+
+@dataclass
+class PredictConfig:
+    """`tl-ray predict`: classify images with a checkpoint (``inference.predict``)."""
+
+    checkpoint: str | None = option(None, CHECKPOINT_HELP, required="a tl-ray checkpoint folder")
+    data: str | None = option(
+        None,
+        "an image, a folder of images (recursive), a manifest (.csv, .tsv, .jsonl, .parquet of paths) or Parquet"
+        " files holding images (a file, folder or glob; rows written as FILE#ROW); a path or URI",
+        required="the images to classify",
+    )
+    out: str | None = option(
+        None, "predictions file: .csv or .parquet, a path or URI (the Python API: none, only returned)"
+    )
+    top_k: int = option(3, "classes listed per image", positive=True)
+    batch_size: int = option(64, "images per model call", positive=True)
+    concurrency: int | None = option(None, "model actors (default: one per GPU, or 1 on CPU)", positive=True)
+    path_column: str = same_option(SourceOptions, "path_column")
+    image_column: str | None = same_option(SourceOptions, "image_column")
+
+    def validate(self) -> PredictConfig:
+        check_options(self)
+        check_required(self)
+        self.source_options().validate()
+        return self
+
+    def source_options(self) -> SourceOptions:
+        return source_options(self)
+
+
+@dataclass
+class EvaluateConfig:
+    """`tl-ray evaluate`: accuracy, per-class metrics and the confusion matrix on labelled images."""
+
+    checkpoint: str | None = option(None, CHECKPOINT_HELP, required="a tl-ray checkpoint folder")
+    data: str | None = option(
+        None,
+        "labelled images: a folder of <class>/ image folders named as in training, or any source train reads"
+        " (every item of it is scored)",
+        required="labelled images",
+    )
+    out: str | None = option(None, "folder or URI: metrics.json, confusion.png, misclassified.csv")
+    batch_size: int = same_option(PredictConfig, "batch_size")
+    label_pattern: str | None = same_option(InspectConfig, "label_pattern")
+    path_column: str = same_option(InspectConfig, "path_column")
+    label_column: str = same_option(InspectConfig, "label_column")
+    split_column: str = same_option(InspectConfig, "split_column")
+    image_column: str | None = same_option(InspectConfig, "image_column")
+
+    def validate(self) -> EvaluateConfig:
+        check_options(self)
+        check_required(self)
+        self.source_options().validate()
+        return self
+
+    def source_options(self) -> SourceOptions:
+        return source_options(self)
+
+
+@dataclass
+class ExportConfig:
+    """`tl-ray export`: a checkpoint as one TorchScript or ONNX file and its metadata."""
+
+    checkpoint: str | None = option(None, CHECKPOINT_HELP, required="a tl-ray checkpoint folder")
+    format: str | None = option(None, " | ".join(FORMATS), choices=FORMATS, required=" | ".join(FORMATS))
+    out: str | None = option(
+        None, "file or URI to write: model.ts, model.onnx; OUT.json beside", required="the file to write"
+    )
+
+    def validate(self) -> ExportConfig:
+        check_options(self)
+        check_required(self)
+        return self
