@@ -4,7 +4,7 @@ For each format the cache can store (``tl_ray.cache.ENCODINGS``: raw RGB, PNG, J
 size (the cache's short side is validation's resize: 256 for 224, 74 for 64), on the photo-like JPEGs of
 bench/ingest.py: bytes per cached image (the Parquet files a real build writes), the decode cost of a cached
 image alone and with the training crop + flip (one core, this process), and the images/s of a streamed epoch
-through the pipeline a GPU run uses (``cache.cached_dataset``, Ray Data).
+through the pipeline a GPU run uses (``streaming.cached_dataset``, Ray Data).
 
     python bench/cache_format.py                   # 400 images
     python bench/cache_format.py --images 40       # smoke test
@@ -33,7 +33,7 @@ def measure(root: Path, cache_root: Path, image_size: int, image_format: str, re
     import pyarrow.parquet as pq
 
     from tl_ray import recipe
-    from tl_ray.inputs import cache, class_folders, imaging
+    from tl_ray.inputs import cache, class_folders, imaging, streaming
 
     layout = class_folders.discover(str(root), val_fraction=0.0)
     started = time.perf_counter()
@@ -54,7 +54,7 @@ def measure(root: Path, cache_root: Path, image_size: int, image_format: str, re
         for _, height, width, pixels in rows:
             crop(cache.decode(pixels, height, width, image_format))
     crop_ms = (time.perf_counter() - started) / (repeats * len(rows)) * 1000
-    dataset = cache.cached_dataset(split, image_size, training=True)
+    dataset = streaming.cached_dataset(split, image_size, training=True)
     epochs = []
     for _ in range(2):
         started, seen = time.perf_counter(), 0

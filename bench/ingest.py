@@ -64,7 +64,7 @@ def bench_tl_ray(root: Path, image_size: int, batch_size: int, epochs: int, cach
     import torch
 
     from tl_ray import cluster
-    from tl_ray.inputs import cache, class_folders, imaging, skiplog
+    from tl_ray.inputs import cache, class_folders, imaging, skiplog, streaming
 
     cluster.ensure_ray()
     layout = class_folders.discover(str(root), val_fraction=0.0)
@@ -74,7 +74,7 @@ def bench_tl_ray(root: Path, image_size: int, batch_size: int, epochs: int, cach
     rows = []
     started = time.perf_counter()
     splits = cache.prepare_splits(layout, image_size, cache_root, skipped)
-    dataset = cache.streaming_datasets(layout, splits, image_size, skipped)["train"]
+    dataset = streaming.streaming_datasets(layout, splits, image_size, skipped)["train"]
     for epoch in range(1, epochs + 1):
         seen = 0
         for batch in dataset.iter_torch_batches(batch_size=batch_size, prefetch_batches=2):
@@ -92,7 +92,7 @@ def bench_held(root: Path, image_size: int, batch_size: int, epochs: int, cache_
     import torch
 
     from tl_ray import cluster, recipe
-    from tl_ray.inputs import cache, class_folders, imaging, skiplog
+    from tl_ray.inputs import cache, class_folders, held, imaging, skiplog
 
     cluster.ensure_ray()
     layout = class_folders.discover(str(root), val_fraction=0.0)
@@ -102,7 +102,7 @@ def bench_held(root: Path, image_size: int, batch_size: int, epochs: int, cache_
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
     rows = []
     started = time.perf_counter()
-    held = cache.HeldImages(split, image_size, True, recipe.STANDARD_CROP_SCALE)
+    held = held.HeldImages(split, image_size, True, recipe.STANDARD_CROP_SCALE)
     for epoch in range(1, epochs + 1):
         seen = 0
         for batch in held.batches(batch_size, rank=0, world=1, epoch=epoch):

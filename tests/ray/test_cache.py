@@ -21,7 +21,7 @@ from PIL import Image
 
 from tl_ray import progress
 from tl_ray.cli import console
-from tl_ray.inputs import cache, class_folders, imaging, pipelines, skiplog
+from tl_ray.inputs import cache, class_folders, held, imaging, pipelines, skiplog, streaming
 
 pytestmark = pytest.mark.timeout(300)
 SIZE = 32
@@ -58,7 +58,7 @@ def test_cached_images_equal_decoding_the_files(dataset_root, tmp_path, ray_clus
     root = str(tmp_path / "cache")
     skipped = skiplog.SkippedFiles.remote()
     splits = cache.prepare_splits(layout, SIZE, root, skipped)
-    datasets = cache.streaming_datasets(layout, splits, SIZE, skipped, seed=3)
+    datasets = streaming.streaming_datasets(layout, splits, SIZE, skipped, seed=3)
 
     # Validation from the cache is a centre crop of the cached pixels: exactly what predict computes from the file.
     transform = imaging.eval_transform(SIZE)
@@ -112,8 +112,8 @@ def test_cache_is_reused_until_a_file_changes(dataset_root, tmp_path, ray_cluste
 
     # Another build of the same files lists the same images in the same order (seeded runs deal the same images).
     elsewhere = cache.prepare(layout.train, layout, SIZE, str(tmp_path / "other"))
-    images, labels = cache.load_images(elsewhere)
-    first_images, first_labels = cache.load_images(cache.prepare(layout.train, layout, SIZE, root))
+    images, labels = held.load_images(elsewhere)
+    first_images, first_labels = held.load_images(cache.prepare(layout.train, layout, SIZE, root))
     assert torch.equal(labels, first_labels)
     assert [image.tobytes() for image in images] == [image.tobytes() for image in first_images]
 
@@ -154,22 +154,22 @@ def test_images_held_in_memory_are_the_cached_pixels_dealt_like_an_equal_split(d
     layout = class_folders.discover(str(dataset_root))
     root = str(tmp_path / "cache")
     splits = cache.prepare_splits(layout, SIZE, root, skiplog.SkippedFiles.remote())
-    assert cache.fit_in_memory(splits) and not cache.fit_in_memory({**splits, "val": None})
+    assert held.fit_in_memory(splits) and not held.fit_in_memory({**splits, "val": None})
 
     # Validation: the same centre crops the streaming pipeline and predict compute.
-    held_val = cache.HeldImages(splits["val"], SIZE, training=False, crop_scale=None)
-    streamed = cache.streaming_datasets(layout, splits, SIZE, skiplog.SkippedFiles.remote())
+    held_val = held.HeldImages(splits["val"], SIZE, training=False, crop_scale=None)
+    streamed = streaming.streaming_datasets(layout, splits, SIZE, skiplog.SkippedFiles.remote())
     val_batches = [b for rank in range(2) for b in held_val.batches(4, rank, 2)]
     assert _digests(np.asarray(i) for b in val_batches for i in b["image"]) == _digests(
         row["image"] for row in streamed["val"].take_all()
     )
 
     # Training: per epoch, equal shards of distinct rows, random uint8 crops, each with its own label.
-    held = cache.HeldImages(splits["train"], SIZE, training=True, crop_scale=(0.6, 1.0))
+    held_train = held.HeldImages(splits["train"], SIZE, training=True, crop_scale=(0.6, 1.0))
     good = len(layout.train) - 1  # broken.jpg was skipped by the cache
     orders = []
     for epoch in (1, 2):
-        shards = [list(held.batches(8, rank, 2, seed=0, epoch=epoch)) for rank in range(2)]
+        shards = [list(held_train.batches(8, rank, 2, seed=0, epoch=epoch)) for rank in range(2)]
         labels = torch.cat([b["label"] for shard in shards for b in shard])
         assert [sum(len(b["label"]) for b in shard) for shard in shards] == [good // 2] * 2
         assert {(b["image"].dtype, tuple(b["image"].shape[1:])) for s in shards for b in s} == {
@@ -178,8 +178,8 @@ def test_images_held_in_memory_are_the_cached_pixels_dealt_like_an_equal_split(d
         assert sorted(labels.tolist()) != [] and set(labels.tolist()) <= {0, 1}
         orders.append(labels.tolist())
     assert [len(order) for order in orders] == [2 * (good // 2)] * 2
-    first = [b["image"] for b in held.batches(8, 0, 2, seed=0, epoch=1)]
-    again = [b["image"] for b in held.batches(8, 0, 2, seed=0, epoch=1)]
+    first = [b["image"] for b in held_train.batches(8, 0, 2, seed=0, epoch=1)]
+    again = [b["image"] for b in held_train.batches(8, 0, 2, seed=0, epoch=1)]
     assert not all(torch.equal(a, b) for a, b in zip(first, again, strict=True)), "crops are redrawn every pass"
 
 
@@ -194,7 +194,7 @@ def test_a_built_cache_is_validated_by_the_listing_alone(dataset_root, tmp_path,
     assert {name: (split.built, split.folder) for name, split in again.items()} == {
         name: (False, split.folder) for name, split in built.items()
     }
-    assert cache.load_images(again["val"])[1].tolist() == cache.load_images(built["val"])[1].tolist()
+    assert held.load_images(again["val"])[1].tolist() == held.load_images(built["val"])[1].tolist()
 
 
 def test_a_block_comes_back_to_the_driver_as_one_summary_row(dataset_root, tmp_path):

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import uuid
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,12 +34,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import ray
-import torch
 from PIL import Image
-from ray.data import RandomSeedConfig
 
-from tl_ray import cluster, location, progress, recipe
+from tl_ray import cluster, location, progress
 from tl_ray.errors import TlRayError
 from tl_ray.inputs import imaging, pipelines, skiplog
 from tl_ray.inputs.layout import Layout, resolve_filesystem
@@ -358,173 +354,6 @@ def _remove_superseded(
         except OSError:  # another run removed it first, or it cannot be removed: it is only disk space
             continue
         _tell(on_event, progress.CacheState("removed", prefix + entry.path, int(manifest.get("rows", 0)), size))
-
-
-def _read_and_crop(
-    batch: dict[str, np.ndarray],
-    filesystem: pafs.FileSystem,
-    image_size: int,
-    crop_scale: tuple[float, float] | None,
-    color_jitter: float,
-    short_side: int,
-    image_format: str = "raw",
-) -> dict[str, np.ndarray]:
-    transform = imaging.augmentation(image_size, crop_scale, color_jitter, short_side)
-    images, labels = [], []
-    for path in batch["file"]:
-        cached = pq.read_table(path, filesystem=filesystem).to_pydict()
-        for pixels, height, width, label in zip(
-            cached["pixels"], cached["height"], cached["width"], cached["label"], strict=True
-        ):
-            images.append(transform(decode(pixels, height, width, image_format)).numpy())
-            labels.append(label)
-    return {
-        "image": np.stack(images) if images else np.zeros((0, 3, image_size, image_size), np.uint8),
-        "label": np.asarray(labels, dtype=np.int64),
-    }
-
-
-# A worker's copy of both splits' cached pixels, at most: above it, epochs stream through Ray Data.
-IN_MEMORY_BYTES = 1 << 30
-
-
-def fit_in_memory(splits: dict[str, CachedSplit | None]) -> bool:
-    """Whether every split is cached and a worker can hold all of them (long side estimated at 4:3)."""
-    if any(split is None for split in splits.values()):
-        return False
-    return sum(split.rows * split.short_side**2 * 4 for split in splits.values()) <= IN_MEMORY_BYTES
-
-
-def load_images(split: CachedSplit) -> tuple[list[Image.Image], torch.Tensor]:
-    """All of a split's cached images, decoded once (raw: PIL images over the pixel bytes read, not copied again),
-    and labels: an epoch then crops pixels, whatever format the cache stores."""
-    images, labels = [], []
-    for path in split.parquet_files:
-        cached = pq.read_table(path, filesystem=split.filesystem).to_pydict()
-        for pixels, height, width, label in zip(
-            cached["pixels"], cached["height"], cached["width"], cached["label"], strict=True
-        ):
-            images.append(decode(pixels, height, width, split.image_format))
-            labels.append(label)
-    return images, torch.tensor(labels, dtype=torch.int64)
-
-
-class HeldImages:
-    """A split's cached images in a worker's memory: read once per run, then each epoch a new deal of rows
-    (``pipelines.deal_rows``), cropped and flipped here, so an epoch starts no Ray Data execution.
-
-    Validation crops are the same every epoch: each worker computes its own share once.
-    """
-
-    def __init__(
-        self,
-        split: CachedSplit,
-        image_size: int,
-        training: bool,
-        crop_scale: tuple[float, float] | None,
-        color_jitter: float = 0.0,
-    ) -> None:
-        self.images, self.labels = load_images(split)
-        self.training = training
-        self.transform = imaging.augmentation(
-            image_size, crop_scale if training else None, color_jitter, split.short_side
-        )
-        self.val_crops: dict[tuple[int, int], torch.Tensor] = {}  # (rank, world): that worker's rows, cropped
-
-    def _crop(self, rows: list[int]) -> torch.Tensor:
-        return torch.stack([self.transform(self.images[row]) for row in rows])
-
-    def batches(
-        self, batch_size: int, rank: int, world: int, seed: int = 0, epoch: int = 0
-    ) -> Iterator[dict[str, torch.Tensor]]:
-        rows = pipelines.deal_rows(len(self.labels), rank, world, self.training, seed, epoch)
-        if not self.training and (rank, world) not in self.val_crops and len(rows):
-            self.val_crops[rank, world] = self._crop(rows.tolist())
-        for start in range(0, len(rows), batch_size):
-            chosen = rows[start : start + batch_size]
-            if self.training:
-                images = self._crop(chosen.tolist())
-            else:
-                images = self.val_crops[rank, world][start : start + batch_size]
-            yield {"image": images, "label": self.labels[chosen]}
-
-
-def per_file_dataset(
-    paths: list[str],
-    filesystem: pafs.FileSystem,
-    read: Callable[..., dict[str, np.ndarray]],
-    training: bool,
-    seed: int = 0,
-    **options: Any,
-) -> ray.data.Dataset:
-    """One block per cache file, each read by ``read(batch, filesystem, **options)`` in our own task; for
-    training, in a new order every epoch.
-
-    Not Ray Data's Parquet reader: it adds a listing step that claims a whole CPU (which a sweep on a small
-    machine does not have free) and merges small files into one block (which leaves an epoch's order nothing
-    to vary).
-    """
-    files = [{"file": path} for path in paths]
-    dataset = ray.data.from_items(files, override_num_blocks=max(1, len(files)))
-    if training:
-        dataset = dataset.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
-    return dataset.map_batches(
-        read,
-        batch_size=1,
-        num_cpus=0.5,
-        compute=cluster.task_pool(len(files)),
-        batch_format="numpy",
-        fn_kwargs={"filesystem": filesystem, **options},
-    )
-
-
-def cached_dataset(
-    split: CachedSplit,
-    image_size: int,
-    training: bool,
-    color_jitter: float = 0.0,
-    seed: int = 0,
-    crop_scale: tuple[float, float] | None = recipe.STANDARD_CROP_SCALE,
-) -> ray.data.Dataset:
-    """{"image": uint8 (3, S, S), "label": int64} from a built cache, as ``pipelines.image_dataset`` yields them."""
-    return per_file_dataset(
-        split.parquet_files,
-        split.filesystem,
-        _read_and_crop,
-        training,
-        seed,
-        image_size=image_size,
-        crop_scale=crop_scale if training else None,
-        color_jitter=color_jitter,
-        short_side=split.short_side,
-        image_format=split.image_format,
-    )
-
-
-def streaming_datasets(
-    layout: Layout,
-    splits: dict[str, CachedSplit | None],
-    image_size: int,
-    skipped: ray.actor.ActorHandle,
-    color_jitter: float = 0.0,
-    seed: int = 0,
-    crop_scale: tuple[float, float] | None = recipe.STANDARD_CROP_SCALE,
-    short_side: int | None = None,
-) -> dict[str, ray.data.Dataset]:
-    """A run's "train" and "val" Ray Data pipelines from ``prepare_splits``: from the cache, or, for a split
-    without one (``--cache none``), decoding every file every epoch (files that fail go into ``skipped``).
-    ``short_side``: validation's resize before its centre crop (``imaging.resize_size`` by default)."""
-    datasets = {}
-    for name, split in splits.items():
-        training = name == "train"
-        files = layout.train if training else layout.val
-        if split is None:
-            datasets[name] = pipelines.image_dataset(
-                files, layout, image_size, training, skipped, color_jitter, seed, crop_scale, short_side
-            )
-        else:
-            datasets[name] = cached_dataset(split, image_size, training, color_jitter, seed, crop_scale)
-    return datasets
 
 
 def prepare_splits(

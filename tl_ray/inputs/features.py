@@ -32,7 +32,7 @@ import torch
 
 from tl_ray import backbones, location, model, progress
 from tl_ray.backbones import NUM_STAGES
-from tl_ray.inputs import cache, imaging, pipelines, skiplog
+from tl_ray.inputs import cache, imaging, pipelines, skiplog, streaming
 from tl_ray.inputs.layout import Layout
 
 FEATURES_VERSION = 1
@@ -114,7 +114,7 @@ def prepare(
     if manifest is None:
         attempt = uuid.uuid4().hex[:12]
         filesystem.create_dir(f"{folder}/{attempt}", recursive=True)
-        images = cache.cached_dataset(split, image_size, training=False)
+        images = streaming.cached_dataset(split, image_size, training=False)
         extractors = max(1, int(ray.cluster_resources().get("GPU", 0))) if use_gpu else 1
         outcome = images.map_batches(
             _Backbone,
@@ -152,7 +152,7 @@ def _read_features(batch: dict[str, np.ndarray], filesystem: pafs.FileSystem) ->
 
 def feature_dataset(split: FeatureSplit, training: bool, seed: int = 0) -> ray.data.Dataset:
     """{"features": float32 (D,), "label": int64}, one block per feature file, in a new block order each epoch."""
-    return cache.per_file_dataset(split.parquet_files, split.filesystem, _read_features, training, seed)
+    return streaming.per_file_dataset(split.parquet_files, split.filesystem, _read_features, training, seed)
 
 
 def prepare_splits(

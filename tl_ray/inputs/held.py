@@ -1,0 +1,78 @@
+"""A CPU run's cached images held in each worker's memory (``HeldImages``): read and decoded once per run, then each
+epoch a seeded deal of rows cropped and flipped on the worker, so that no Ray Data execution starts per epoch and a
+seeded CPU run is repeatable. ``fit_in_memory`` says when a run's cached splits fit a worker's budget."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from tl_ray.inputs import imaging, pipelines
+from tl_ray.inputs.cache import CachedSplit, decode
+
+# A worker's copy of both splits' cached pixels, at most: above it, epochs stream through Ray Data.
+IN_MEMORY_BYTES = 1 << 30
+
+
+def fit_in_memory(splits: dict[str, CachedSplit | None]) -> bool:
+    """Whether every split is cached and a worker can hold all of them (long side estimated at 4:3)."""
+    if any(split is None for split in splits.values()):
+        return False
+    return sum(split.rows * split.short_side**2 * 4 for split in splits.values()) <= IN_MEMORY_BYTES
+
+
+def load_images(split: CachedSplit) -> tuple[list[Image.Image], torch.Tensor]:
+    """All of a split's cached images, decoded once (raw: PIL images over the pixel bytes read, not copied again),
+    and labels: an epoch then crops pixels, whatever format the cache stores."""
+    images, labels = [], []
+    for path in split.parquet_files:
+        cached = pq.read_table(path, filesystem=split.filesystem).to_pydict()
+        for pixels, height, width, label in zip(
+            cached["pixels"], cached["height"], cached["width"], cached["label"], strict=True
+        ):
+            images.append(decode(pixels, height, width, split.image_format))
+            labels.append(label)
+    return images, torch.tensor(labels, dtype=torch.int64)
+
+
+class HeldImages:
+    """A split's cached images in a worker's memory: read once per run, then each epoch a new deal of rows
+    (``pipelines.deal_rows``), cropped and flipped here, so an epoch starts no Ray Data execution.
+
+    Validation crops are the same every epoch: each worker computes its own share once.
+    """
+
+    def __init__(
+        self,
+        split: CachedSplit,
+        image_size: int,
+        training: bool,
+        crop_scale: tuple[float, float] | None,
+        color_jitter: float = 0.0,
+    ) -> None:
+        self.images, self.labels = load_images(split)
+        self.training = training
+        self.transform = imaging.augmentation(
+            image_size, crop_scale if training else None, color_jitter, split.short_side
+        )
+        self.val_crops: dict[tuple[int, int], torch.Tensor] = {}  # (rank, world): that worker's rows, cropped
+
+    def _crop(self, rows: list[int]) -> torch.Tensor:
+        return torch.stack([self.transform(self.images[row]) for row in rows])
+
+    def batches(
+        self, batch_size: int, rank: int, world: int, seed: int = 0, epoch: int = 0
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        rows = pipelines.deal_rows(len(self.labels), rank, world, self.training, seed, epoch)
+        if not self.training and (rank, world) not in self.val_crops and len(rows):
+            self.val_crops[rank, world] = self._crop(rows.tolist())
+        for start in range(0, len(rows), batch_size):
+            chosen = rows[start : start + batch_size]
+            if self.training:
+                images = self._crop(chosen.tolist())
+            else:
+                images = self.val_crops[rank, world][start : start + batch_size]
+            yield {"image": images, "label": self.labels[chosen]}

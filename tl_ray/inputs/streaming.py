@@ -1,0 +1,121 @@
+"""A built cache streamed through Ray Data (``streaming_datasets``): what GPU runs, splits above the in-memory
+budget, and (decoding every file, without a cache) ``--cache none`` train on. Each cache file is one block, read,
+decoded, cropped and flipped by our own Ray Data task, in a new block order every training epoch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+from ray.data import RandomSeedConfig
+
+from tl_ray import cluster, recipe
+from tl_ray.inputs import imaging, pipelines
+from tl_ray.inputs.cache import CachedSplit, decode
+from tl_ray.inputs.layout import Layout
+
+
+def _read_and_crop(
+    batch: dict[str, np.ndarray],
+    filesystem: pafs.FileSystem,
+    image_size: int,
+    crop_scale: tuple[float, float] | None,
+    color_jitter: float,
+    short_side: int,
+    image_format: str = "raw",
+) -> dict[str, np.ndarray]:
+    transform = imaging.augmentation(image_size, crop_scale, color_jitter, short_side)
+    images, labels = [], []
+    for path in batch["file"]:
+        cached = pq.read_table(path, filesystem=filesystem).to_pydict()
+        for pixels, height, width, label in zip(
+            cached["pixels"], cached["height"], cached["width"], cached["label"], strict=True
+        ):
+            images.append(transform(decode(pixels, height, width, image_format)).numpy())
+            labels.append(label)
+    return {
+        "image": np.stack(images) if images else np.zeros((0, 3, image_size, image_size), np.uint8),
+        "label": np.asarray(labels, dtype=np.int64),
+    }
+
+
+def per_file_dataset(
+    paths: list[str],
+    filesystem: pafs.FileSystem,
+    read: Callable[..., dict[str, np.ndarray]],
+    training: bool,
+    seed: int = 0,
+    **options: Any,
+) -> ray.data.Dataset:
+    """One block per cache file, each read by ``read(batch, filesystem, **options)`` in our own task; for
+    training, in a new order every epoch.
+
+    Not Ray Data's Parquet reader: it adds a listing step that claims a whole CPU (which a sweep on a small
+    machine does not have free) and merges small files into one block (which leaves an epoch's order nothing
+    to vary).
+    """
+    files = [{"file": path} for path in paths]
+    dataset = ray.data.from_items(files, override_num_blocks=max(1, len(files)))
+    if training:
+        dataset = dataset.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    return dataset.map_batches(
+        read,
+        batch_size=1,
+        num_cpus=0.5,
+        compute=cluster.task_pool(len(files)),
+        batch_format="numpy",
+        fn_kwargs={"filesystem": filesystem, **options},
+    )
+
+
+def cached_dataset(
+    split: CachedSplit,
+    image_size: int,
+    training: bool,
+    color_jitter: float = 0.0,
+    seed: int = 0,
+    crop_scale: tuple[float, float] | None = recipe.STANDARD_CROP_SCALE,
+) -> ray.data.Dataset:
+    """{"image": uint8 (3, S, S), "label": int64} from a built cache, as ``pipelines.image_dataset`` yields them."""
+    return per_file_dataset(
+        split.parquet_files,
+        split.filesystem,
+        _read_and_crop,
+        training,
+        seed,
+        image_size=image_size,
+        crop_scale=crop_scale if training else None,
+        color_jitter=color_jitter,
+        short_side=split.short_side,
+        image_format=split.image_format,
+    )
+
+
+def streaming_datasets(
+    layout: Layout,
+    splits: dict[str, CachedSplit | None],
+    image_size: int,
+    skipped: ray.actor.ActorHandle,
+    color_jitter: float = 0.0,
+    seed: int = 0,
+    crop_scale: tuple[float, float] | None = recipe.STANDARD_CROP_SCALE,
+    short_side: int | None = None,
+) -> dict[str, ray.data.Dataset]:
+    """A run's "train" and "val" Ray Data pipelines from ``prepare_splits``: from the cache, or, for a split
+    without one (``--cache none``), decoding every file every epoch (files that fail go into ``skipped``).
+    ``short_side``: validation's resize before its centre crop (``imaging.resize_size`` by default)."""
+    datasets = {}
+    for name, split in splits.items():
+        training = name == "train"
+        files = layout.train if training else layout.val
+        if split is None:
+            datasets[name] = pipelines.image_dataset(
+                files, layout, image_size, training, skipped, color_jitter, seed, crop_scale, short_side
+            )
+        else:
+            datasets[name] = cached_dataset(split, image_size, training, color_jitter, seed, crop_scale)
+    return datasets
