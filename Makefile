@@ -31,7 +31,7 @@ demo: install
 
 # The unit tests alone (no Ray, no servers): the edit-test loop's first command, under 2 minutes.
 test-unit: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests/unit
 
 # What CI runs: everything but the tests marked extended (benchmark smoke runs, the 4-node cluster, the new
 # backbones through Ray).

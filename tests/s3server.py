@@ -41,6 +41,11 @@ _LINE = re.compile(
     r'"(?:\x1b\[[0-9;]*m)*(?P<method>[A-Z]+) (?P<target>\S+) HTTP/[\d.]+(?:\x1b\[[0-9;]*m)*" (?P<status>\d{3})'
 )
 
+# Requests to the server on loopback never go through a proxy. urllib.request.urlopen's global opener reads the
+# proxy variables once, at its first use, and keeps them: a test that set a refusing proxy then (tests/unit/
+# test_model.py's no-download test) would leave every later urlopen in the process going to it.
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
 
 @dataclass(frozen=True)
 class Request:
@@ -114,7 +119,7 @@ class S3Server:
 
     def _answers(self) -> bool:
         try:
-            with urllib.request.urlopen(f"{self.url}/moto-api/", timeout=1):
+            with DIRECT.open(f"{self.url}/moto-api/", timeout=1):
                 return True
         except (urllib.error.URLError, OSError):
             return False
@@ -136,7 +141,7 @@ class S3Server:
     def reset(self) -> None:
         """Forget every bucket and object (moto's reset endpoint)."""
         request = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")
-        with urllib.request.urlopen(request, timeout=10):
+        with DIRECT.open(request, timeout=10):
             pass
 
     def create_bucket(self, name: str) -> None:
