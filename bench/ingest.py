@@ -92,7 +92,8 @@ def bench_held(root: Path, image_size: int, batch_size: int, epochs: int, cache_
     import torch
 
     from tl_ray import cluster, recipe
-    from tl_ray.inputs import cache, class_folders, held, imaging, skiplog
+    from tl_ray.inputs import cache, class_folders, imaging, skiplog
+    from tl_ray.inputs.held import HeldImages
 
     cluster.ensure_ray()
     layout = class_folders.discover(str(root), val_fraction=0.0)
@@ -102,7 +103,7 @@ def bench_held(root: Path, image_size: int, batch_size: int, epochs: int, cache_
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
     rows = []
     started = time.perf_counter()
-    held = held.HeldImages(split, image_size, True, recipe.STANDARD_CROP_SCALE)
+    held = HeldImages(split, image_size, True, recipe.STANDARD_CROP_SCALE)
     for epoch in range(1, epochs + 1):
         seen = 0
         for batch in held.batches(batch_size, rank=0, world=1, epoch=epoch):

@@ -25,7 +25,8 @@ import ray.train
 import torch
 
 from tl_ray import progress
-from tl_ray.inputs import cache, features, held, imaging, skiplog, streaming
+from tl_ray.inputs import cache, features, imaging, skiplog, streaming
+from tl_ray.inputs.held import HeldImages, fit_in_memory
 from tl_ray.inputs.layout import Layout
 
 if TYPE_CHECKING:
@@ -119,13 +120,13 @@ class HeldFeatureBatches(WorkerBatches):
 
 
 class HeldImageBatches(WorkerBatches):
-    """The cached images in this worker's memory, cropped here each epoch (``held.HeldImages``)."""
+    """The cached images in this worker's memory, cropped here each epoch (``HeldImages``)."""
 
     def __init__(self, plan: InputPlan, *args: Any) -> None:
         super().__init__(plan, *args)
         assert plan.held is not None
-        self._train = held.HeldImages(plan.held["train"], plan.image_size, True, plan.crop_scale, plan.color_jitter)
-        self._val = held.HeldImages(plan.held["val"], plan.image_size, False, None)
+        self._train = HeldImages(plan.held["train"], plan.image_size, True, plan.crop_scale, plan.color_jitter)
+        self._val = HeldImages(plan.held["val"], plan.image_size, False, None)
 
     def train(self, epoch: int) -> Iterator[Batch]:
         return self._train.batches(self.worker_batch, self.rank, self.world, self.plan.seed, epoch)
@@ -183,7 +184,7 @@ def prepare(
             datasets = features.streaming_datasets(splits, config.seed)
     else:
         splits = cache.prepare_splits(layout, config.image_size, cache_root, skipped, short_side, on_event)
-        if not use_gpu and held.fit_in_memory(splits):
+        if not use_gpu and fit_in_memory(splits):
             held = splits
         else:
             if any(split is None for split in splits.values()):  # a split decoded from its files every epoch
