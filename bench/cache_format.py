@@ -33,7 +33,8 @@ def measure(root: Path, cache_root: Path, image_size: int, image_format: str, re
     import pyarrow.parquet as pq
 
     from tl_ray import recipe
-    from tl_ray.inputs import cache, class_folders, imaging, streaming
+    from tl_ray.inputs import cache, imaging, streaming
+    from tl_ray.inputs.sources import class_folders
 
     layout = class_folders.discover(str(root), val_fraction=0.0)
     started = time.perf_counter()

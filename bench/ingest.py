@@ -64,7 +64,8 @@ def bench_tl_ray(root: Path, image_size: int, batch_size: int, epochs: int, cach
     import torch
 
     from tl_ray import cluster
-    from tl_ray.inputs import cache, class_folders, imaging, skiplog, streaming
+    from tl_ray.inputs import cache, imaging, skiplog, streaming
+    from tl_ray.inputs.sources import class_folders
 
     cluster.ensure_ray()
     layout = class_folders.discover(str(root), val_fraction=0.0)
@@ -92,8 +93,9 @@ def bench_held(root: Path, image_size: int, batch_size: int, epochs: int, cache_
     import torch
 
     from tl_ray import cluster, recipe
-    from tl_ray.inputs import cache, class_folders, imaging, skiplog
+    from tl_ray.inputs import cache, imaging, skiplog
     from tl_ray.inputs.held import HeldImages
+    from tl_ray.inputs.sources import class_folders
 
     cluster.ensure_ray()
     layout = class_folders.discover(str(root), val_fraction=0.0)

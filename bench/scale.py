@@ -85,7 +85,7 @@ def peak_rss_mb() -> float:
 
 def child_listing(data_uri: str) -> dict:
     """In a fresh process: list the dataset as every run does; its time and the driver's RSS growth."""
-    from tl_ray.inputs import class_folders
+    from tl_ray.inputs.sources import class_folders
 
     before = rss_mb()
     started = time.perf_counter()
@@ -101,7 +101,8 @@ def child_listing(data_uri: str) -> dict:
 def child_cache(data_uri: str, cache_root: str) -> dict:
     """In a fresh process: list, then build (or reuse) the cache of both splits; the driver's peak RSS."""
     from tl_ray import cluster
-    from tl_ray.inputs import cache, class_folders, skiplog
+    from tl_ray.inputs import cache, skiplog
+    from tl_ray.inputs.sources import class_folders
 
     layout = class_folders.discover(data_uri, val_fraction=0.01)
     cluster.ensure_ray()

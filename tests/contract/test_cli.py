@@ -18,8 +18,8 @@ from tl_ray import cli, errors, options, recipe
 from tl_ray.cli import parser as cli_parser
 from tl_ray.cli import render
 from tl_ray.errors import RunError, TlRayError, UsageError
-from tl_ray.inputs import class_folders
 from tl_ray.inputs.config import InspectConfig, SourceOptions
+from tl_ray.inputs.sources import class_folders
 from tl_ray.options import flag, merge
 from tl_ray.training import driver as training
 from tl_ray.training import schedule

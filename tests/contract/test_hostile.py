@@ -22,9 +22,10 @@ from helpers import encode, payload
 from PIL import Image
 
 from tl_ray import checkpoint, cli, model
-from tl_ray.inputs import class_folders, imaging
+from tl_ray.inputs import imaging
 from tl_ray.inputs.layout import FileOpener, Layout
 from tl_ray.inputs.skiplog import labels_without_images
+from tl_ray.inputs.sources import class_folders
 from tl_ray.training.config import TrainConfig
 from tl_ray.training.driver import describe_lost_classes
 

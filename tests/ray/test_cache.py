@@ -21,7 +21,8 @@ from PIL import Image
 
 from tl_ray import progress
 from tl_ray.cli import console
-from tl_ray.inputs import cache, class_folders, held, imaging, pipelines, skiplog, streaming
+from tl_ray.inputs import cache, held, imaging, pipelines, skiplog, streaming
+from tl_ray.inputs.sources import class_folders
 
 pytestmark = pytest.mark.timeout(300)
 SIZE = 32

@@ -13,7 +13,8 @@ from PIL import Image
 import tl_ray
 from tl_ray import model
 from tl_ray.checkpoint import read_model_state
-from tl_ray.inputs import cache, class_folders, features, imaging
+from tl_ray.inputs import cache, features, imaging
+from tl_ray.inputs.sources import class_folders
 
 pytestmark = pytest.mark.timeout(600)
 SIZE = 32

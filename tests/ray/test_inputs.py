@@ -12,7 +12,8 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from tl_ray.errors import TlRayError
-from tl_ray.inputs import class_folders, imaging, pipelines, skiplog
+from tl_ray.inputs import imaging, pipelines, skiplog
+from tl_ray.inputs.sources import class_folders
 
 
 def _image(path: Path, size=(40, 30), colour=(200, 30, 30), fmt=None) -> Path:

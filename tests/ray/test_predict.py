@@ -68,7 +68,7 @@ def test_predictions_equal_the_model_called_directly(checkpoint, mixed_folder, t
 
 def test_single_image_and_parquet_output(checkpoint, source_data, tmp_path, ray_cluster):
     image = next((source_data / "val" / "star").glob("*.jpg"))
-    rows = tl_ray.predict(checkpoint, str(image), str(tmp_path / "one.parquet"), top_k=1)
+    rows = tl_ray.predict(checkpoint, str(image), out=str(tmp_path / "one.parquet"), top_k=1)
     assert rows["path"].tolist() == [str(image)] and rows["error"].tolist() == [""]
     assert pd.read_parquet(tmp_path / "one.parquet").equals(rows)
 

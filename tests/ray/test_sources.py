@@ -21,8 +21,9 @@ import tl_ray
 from tl_ray import cli
 from tl_ray.errors import TlRayError, UsageError
 from tl_ray.inference import predict as inference
-from tl_ray.inputs import cache, class_folders, imaging, sources
+from tl_ray.inputs import cache, imaging, sources
 from tl_ray.inputs.config import SourceOptions
+from tl_ray.inputs.sources import class_folders
 
 COLOURS = {"zebra": (230, 30, 30), "ant": (30, 30, 230), "moose": (30, 200, 30)}
 

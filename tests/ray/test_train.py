@@ -33,7 +33,8 @@ import tl_ray
 from tl_ray import cli
 from tl_ray.checkpoint import read_meta, read_model_state
 from tl_ray.cli.console import EPOCH_HEADER
-from tl_ray.inputs import class_folders, imaging
+from tl_ray.inputs import imaging
+from tl_ray.inputs.sources import class_folders
 from tl_ray.options import merge
 from tl_ray.training.config import TrainConfig
 

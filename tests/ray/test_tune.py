@@ -31,7 +31,7 @@ from helpers import kill_a_training_worker, recorded, tensorboard_scalars, wait_
 
 import tl_ray
 from tl_ray import cli
-from tl_ray.inputs import class_folders
+from tl_ray.inputs.sources import class_folders
 from tl_ray.options import merge
 from tl_ray.training.config import TrainConfig
 from tl_ray.tuning import report
