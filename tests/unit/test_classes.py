@@ -12,7 +12,7 @@ from tl_ray import classes, location
 from tl_ray.classes import rank_key
 from tl_ray.training.config import TrainConfig
 from tl_ray.training.driver import loss_weights
-from tl_ray.training.loop import count_classes
+from tl_ray.training.metrics import count_classes
 from tl_ray.tuning import report
 from tl_ray.tuning.sweep import SweepSummary, TrialSummary
 
@@ -123,7 +123,7 @@ def test_the_run_result_names_the_best_checkpoint_by_the_monitor(tmp_path, monit
     from ray.train import Checkpoint
 
     from tl_ray.checkpoint import save_checkpoint
-    from tl_ray.training.driver import collect
+    from tl_ray.training.results import collect
 
     history = [
         {"epoch": 1, "val_acc": 0.9, "val_loss": 0.5, "macro_f1": 0.6},
@@ -167,7 +167,7 @@ def test_a_tie_on_the_monitor_goes_to_the_lower_val_loss_whatever_order_ray_list
     """The issue's run: three epochs at val_acc 0.250; the best is the one with the lowest val_loss (epoch 3)."""
     import pyarrow.fs as pafs
 
-    from tl_ray.training.driver import collect
+    from tl_ray.training.results import collect
 
     history = [
         {"epoch": 1, "val_acc": 0.25, "val_loss": 6.88, "macro_f1": 0.1},

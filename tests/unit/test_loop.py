@@ -1,5 +1,5 @@
-"""The training loop's pieces that need no Ray: validation counts that sum across unequal shards, and the checks a
-resumed run must pass (tl_ray.training.loop)."""
+"""The training worker's pieces that need no Ray: validation counts that sum across unequal shards
+(tl_ray.training.metrics), and the checks a resumed run must pass (tl_ray.training.state)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from torch import nn
 from tl_ray import classes
 from tl_ray.errors import TlRayError
 from tl_ray.training.config import TrainConfig
-from tl_ray.training.loop import check_resumable, count_classes, evaluate, split_counts, strategy_meta
+from tl_ray.training.metrics import count_classes, evaluate, split_counts
+from tl_ray.training.state import check_resumable, strategy_meta
 
 LABELS = [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
 

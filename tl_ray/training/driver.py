@@ -1,28 +1,26 @@
-"""`tl-ray train`'s driver: it sets a run up and collects its result.
+"""`tl-ray train`'s driver: it sets a run up and collects its result (``tl_ray.training.results``).
 
 ``run`` lists the data, resolves the starting weights once, decides the input plan (``tl_ray.inputs.plan``), sizes
-the workers, and hands a ``LoopConfig`` to a ``TorchTrainer`` whose workers run ``tl_ray.training.loop``. Rerunning
-with the same ``--storage``/``--name`` resumes: Ray Train hands the loop its latest checkpoint.
+the workers, and hands a ``LoopConfig`` to a ``TorchTrainer`` whose workers run ``tl_ray.training.worker``.
+Rerunning with the same ``--storage``/``--name`` resumes: Ray Train hands the workers its latest checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow.fs as pafs
 import ray
 import ray.train
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from tl_ray import backbones, checkpoint, classes, cluster, location, model, places, progress, recipe, tracking
+from tl_ray import backbones, classes, cluster, location, model, places, progress, recipe, tracking
 from tl_ray.backbones import NUM_STAGES
 from tl_ray.errors import RunError, TlRayError, UsageError
 from tl_ray.inputs import imaging, plan, skiplog, sources
@@ -30,17 +28,10 @@ from tl_ray.inputs.layout import Layout
 from tl_ray.options import to_yaml
 from tl_ray.training import lr_range, schedule
 from tl_ray.training.config import LrFindConfig, TrainConfig
-from tl_ray.training.loop import (
-    LOOP_CONFIG,
-    LR_RANGE_TEST,
-    LR_RANGE_TEST_FILE,
-    LR_SELECTION,
-    RANK_SCORE,
-    LoopConfig,
-    train_loop_per_worker,
-)
+from tl_ray.training.metrics import RANK_SCORE
+from tl_ray.training.results import LrFinding, TrainResult, collect, collect_lr_find, write_lr_find
+from tl_ray.training.worker import LOOP_CONFIG, LoopConfig, train_loop_per_worker
 
-RESULT_FILE = "result.json"
 CONFIG_FILE = "config.yaml"
 # Ray Train's controller sees a report, and the end of training, only when it polls its workers: every
 # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default. That is up to two polls (4 s) at the end of every run and a
@@ -53,26 +44,6 @@ SMALL_WORKER_BATCH = 16
 ELASTIC_START_TIMEOUT_S = 20.0
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """What a finished run leaves, as returned to Python callers (and written to result.json)."""
-
-    run_dir: str
-    best_checkpoint: str
-    last_checkpoint: str
-    metrics: dict[str, Any]  # of the best epoch
-    history: list[dict[str, Any]]  # one entry per epoch, all epochs including resumed ones
-    skipped_files: list[dict[str, str]]  # {"path", "reason"} for every file the pipeline dropped
-    class_names: list[str]
-    monitor: str = "val_acc"  # the metric that picked the best checkpoint
-    tensorboard: str = ""  # the folder of the run's TensorBoard event files: `tensorboard --logdir` it
-    lr_range_test: dict[str, Any] | None = None  # --lr auto: the range test's curve (lr_range.LrCurve as JSON)
-    lr_selection: dict[str, Any] | None = None  # --lr select: the rates tried and chosen (lr_select.LrChoice as JSON)
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 class _ShardConfig(DataConfig):
@@ -144,20 +115,6 @@ def _train_env(config: TrainConfig) -> Iterator[None]:
             os.environ.pop(key, None)
 
 
-@dataclass(frozen=True)
-class LrFinding:
-    """What `tl-ray lr-find` leaves: the range test's curve and suggestion, and where its plot and JSON went."""
-
-    run_dir: str
-    curve: lr_range.LrCurve
-    plot: str  # lr_find.png
-    json: str  # lr_find.json
-
-    @property
-    def suggestion(self) -> float:
-        return self.curve.suggestion
-
-
 @dataclass
 class _Setup:
     """A run made ready by ``_set_up``: what its TorchTrainer and its result collection need."""
@@ -198,7 +155,7 @@ def run(
     result, skipped_files = _fit(setup, callbacks or [], on_event, tracked=True)
     outcome = collect(result, setup.where.storage, setup.layout.class_names, skipped_files, setup.config.monitor)
     if outcome.lr_range_test is not None:  # --lr auto: the test's plot beside the run's result
-        _write_lr_find(lr_range.LrCurve.from_json(outcome.lr_range_test), setup.where.storage.at(result.path))
+        write_lr_find(lr_range.LrCurve.from_json(outcome.lr_range_test), setup.where.storage.at(result.path))
     progress.mark("run: end")
     return outcome
 
@@ -210,27 +167,7 @@ def find_lr(
     up (the same data, cache, model, depth, optimizer and batch); the curve's plot and JSON go in the run folder."""
     setup = _set_up(config, where, on_event, range_test_only=True)
     result, _ = _fit(setup, [], on_event)
-    if result.checkpoint is None:
-        raise RunError(f"the LR range test ended without a result in {result.path}")
-    with result.checkpoint.as_directory() as directory, open(os.path.join(directory, LR_RANGE_TEST_FILE)) as file:
-        curve = lr_range.LrCurve.from_json(json.load(file))
-    run_dir = setup.where.storage.at(result.path)
-    plot, curve_json = _write_lr_find(curve, run_dir)
-    return LrFinding(run_dir.uri, curve, plot, curve_json)
-
-
-LR_FIND_PLOT, LR_FIND_JSON = "lr_find.png", "lr_find.json"
-
-
-def _write_lr_find(curve: lr_range.LrCurve, run_dir: location.Location) -> tuple[str, str]:
-    """The range test's plot and curve in the run folder; (their URIs)."""
-    plot, curve_json = run_dir.join(LR_FIND_PLOT), run_dir.join(LR_FIND_JSON)
-    filesystem = run_dir.filesystem
-    with filesystem.open_output_stream(curve_json.path) as stream:
-        stream.write((json.dumps(curve.to_json(), indent=2) + "\n").encode())
-    with filesystem.open_output_stream(plot.path) as stream:
-        stream.write(lr_range.lr_find_png(curve))
-    return plot.uri, curve_json.uri
+    return collect_lr_find(result, setup.where.storage)
 
 
 def _set_up(
@@ -467,45 +404,3 @@ def _root_cause(error: BaseException) -> str:
     while error.__cause__ is not None:
         error = error.__cause__
     return str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-
-
-def collect(
-    result: ray.train.Result,
-    storage: location.Location,
-    class_names: list[str],
-    skipped: dict[str, str],
-    monitor: str,
-) -> TrainResult:
-    if not result.best_checkpoints or result.checkpoint is None:
-        raise RunError(f"training finished without a checkpoint in {result.path}")
-    best, best_metrics = max(result.best_checkpoints, key=lambda item: classes.rank_key(item[1], monitor))
-    with result.checkpoint.as_directory() as last_dir:
-        train_state = checkpoint.read_train_state(last_dir, mmap=True) or {}
-    previous = _read_previous_skips(result.filesystem, f"{result.path}/{RESULT_FILE}")
-    skips = {**previous, **skipped}
-    outcome = TrainResult(
-        run_dir=storage.at(result.path).uri,
-        best_checkpoint=storage.at(best.path).uri,
-        last_checkpoint=storage.at(result.checkpoint.path).uri,
-        metrics={key: value for key, value in best_metrics.items() if not key.startswith("_")},
-        history=train_state.get("history", []),
-        skipped_files=[{"path": path, "reason": reason} for path, reason in sorted(skips.items())],
-        class_names=class_names,
-        monitor=monitor,
-        tensorboard=storage.at(result.path).join(tracking.TENSORBOARD_DIR).uri,
-        lr_range_test=train_state.get(LR_RANGE_TEST),
-        lr_selection=train_state.get(LR_SELECTION),
-    )
-    with result.filesystem.open_output_stream(f"{result.path}/{RESULT_FILE}") as stream:
-        stream.write((json.dumps(outcome.to_json(), indent=2) + "\n").encode())
-    return outcome
-
-
-def _read_previous_skips(filesystem: pafs.FileSystem, path: str) -> dict[str, str]:
-    """Skips found by an earlier, interrupted attempt at this run: a resumed run may not decode those files again."""
-    try:
-        with filesystem.open_input_stream(path) as stream:
-            previous = json.loads(stream.read())
-        return {item["path"]: item["reason"] for item in previous.get("skipped_files", [])}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}

@@ -1,9 +1,11 @@
 """The learning-rate schedule: how many optimizer steps an epoch takes, the warm-up and cosine curve they follow
-(planned once, kept when a worker group is resized), and the optimizer the parameter groups go to."""
+(planned once, kept when a worker group is resized), the point of it a run has reached, and the optimizer the
+parameter groups go to."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -61,3 +63,26 @@ def planned_position(epoch: int, stepped: int, steps_now: int, planned_steps_per
     """
     done = min(planned_steps_per_epoch, round(stepped * planned_steps_per_epoch / max(1, steps_now)))
     return (epoch - 1) * planned_steps_per_epoch + done
+
+
+@dataclass
+class Curve:
+    """The LR curve's plan, in the first worker group's steps an epoch, and the point of it reached: a group resized
+    after a node loss or join follows the same curve by global progress (epochs and the share of this one done).
+    The plan is part of the run state (a resumed group keeps it); the position is the scheduler's."""
+
+    steps_per_epoch: int
+    position: int = 0
+
+
+def lr_scheduler(
+    optimizer: torch.optim.Optimizer, curve: Curve, options: TrainConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The planned LR curve (warm-up, cosine; a probe run's two phases) at ``curve``'s position, step by step: the
+    loop moves ``curve.position`` (``planned_position``), the scheduler reads it."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda _: lr_factor(
+            curve.position, curve.steps_per_epoch, options.epochs, options.warmup_epochs, options.head_epochs
+        ),
+    )
