@@ -248,3 +248,42 @@ def test_a_dataset_of_only_bad_files_is_one_clear_error():
         "(e.g. ds/a/0.jpg: not an image file PIL can identify); fix or remove those files"
     )
     assert labels_without_images([1, 1], {0: 1}) == [0]
+
+
+def test_a_run_without_validation_images_stops_before_training(tmp_path, capsys):
+    """One image a class, labels in the file names (what a Hugging Face imagefolder's train/ looks like): the
+    hash split holds out none, so there is nothing to validate on. One line, exit 2, before Ray starts or anything
+    is written; never a "best val_acc 0.000" chosen on no images."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for index, name in enumerate(("cat", "dog", "cow")):
+        (flat / f"{name}.{index}.jpg").write_bytes(encode(_photo((40, 40)), "JPEG"))
+    argv = ["train", "--data", str(flat), "--label-pattern", r"^(\w+)\.", "--weights", "none", "--arch", "resnet18"]
+    assert cli.main([*argv, "--storage", str(tmp_path / "runs"), "--name", "r"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"tl-ray: error: --data: {flat} has no validation images (validation split: a held-out share of {flat} by"
+        " each file's hash (--val-fraction)); add some (a val/ folder, a split column, --val-data) or raise"
+        " --val-fraction"
+    )
+    assert not (tmp_path / "runs" / "r").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_validation_split_whose_files_are_all_bad_stops_before_training(tmp_path, capsys, ray_cluster):
+    root = tmp_path / "ds"
+    for name in "ab":
+        (root / "train" / name).mkdir(parents=True)
+        (root / "val" / name).mkdir(parents=True)
+        for index in range(3):
+            (root / "train" / name / f"{index}.jpg").write_bytes(encode(_photo((40, 40)), "JPEG"))
+        (root / "val" / name / "0.jpg").write_text("not a picture")
+    argv = ["train", "--data", str(root), "--arch", "resnet18", "--weights", "none", "--image-size", str(SIZE)]
+    argv += ["--epochs", "2", "--batch-size", "2", "--lr", "1e-3", "--storage", str(tmp_path / "runs"), "--name", "r"]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"tl-ray: error: --data: {root} has no validation images after skipping the files that could not be decoded"
+        " (see above) (validation split: folder); add some (a val/ folder, a split column, --val-data) or raise"
+        " --val-fraction"
+    )
+    assert not list((tmp_path / "runs" / "r").glob("checkpoint_epoch*"))

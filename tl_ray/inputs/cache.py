@@ -21,6 +21,7 @@ trials, two runs) each write their own files; the last manifest wins, and every 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -37,8 +38,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from tl_ray import cluster, location, progress
-from tl_ray.errors import TlRayError
-from tl_ray.inputs import imaging, pipelines, skiplog
+from tl_ray.errors import RunError, TlRayError
+from tl_ray.inputs import imaging, pipelines, reading, skiplog
 from tl_ray.inputs.layout import Layout, resolve_filesystem
 
 CACHE_VERSION = 3  # 2: keyed by the listing's stats, folders named by family, encoded formats; 3: JPEG 4:4:4
@@ -77,6 +78,8 @@ class CachedSplit:
     built: bool  # True when this call decoded the images, False when an earlier build was reused
     short_side: int  # the images' short side: validation's resize, done once
     image_format: str = "raw"  # how "pixels" holds them: raw RGB bytes, or an encoded file (ENCODINGS)
+    # (path, reason, label) of the files the storage failed to deliver: not bad, not cached; the next run retries
+    unreadable: list[tuple[str, str, int]] = dataclasses.field(default_factory=list)
 
 
 def resolve_root(cache: str, storage: location.Location) -> location.Location | None:
@@ -119,9 +122,12 @@ def _read_json(filesystem: pafs.FileSystem, path: str) -> object:
 
 
 def read_manifest(filesystem: pafs.FileSystem, folder: str, version: int = CACHE_VERSION) -> dict | None:
-    """The manifest of a complete build in ``folder``, or None (never built, interrupted, or an older format)."""
+    """The manifest of a complete build in ``folder``, or None (never built, interrupted, an older format, or a
+    build that some files' storage failed: those are read again, never taken as bad)."""
     manifest = _read_json(filesystem, f"{folder}/{MANIFEST}")
-    return manifest if isinstance(manifest, dict) and manifest.get("version") == version else None
+    if not isinstance(manifest, dict) or manifest.get("version") != version or manifest.get("unreadable"):
+        return None
+    return manifest
 
 
 def write_manifest(filesystem: pafs.FileSystem, folder: str, manifest: dict) -> None:
@@ -165,18 +171,29 @@ def _decode_to_file(
     image_format: str,
     cache_filesystem: pafs.FileSystem,
     folder: str,
+    retry_seconds: float = reading.RETRY_SECONDS,
 ) -> dict[str, np.ndarray]:
     """Decode a block of files and write the good ones as one Parquet file; return one summary row for the block.
 
     The task writes its own file (rather than handing pixels on to a Ray Data write) so a cache file is exactly
     one block of images, and only a summary (files, images, bytes, and the few files that failed) travels back
     to the driver: a million images are 1,000 rows, not a million. Read back, a cache file is one block again.
+    A file its storage failed to deliver (``reading.StorageError``) is listed apart from the bad ones: it is not
+    the image's fault, so it is not recorded as bad.
     """
     decoded: dict[str, list] = {"label": [], "height": [], "width": [], "pixels": []}
-    bad = []
+    bad, unreadable = [], []
     for path, label in zip(batch["path"], batch["label"], strict=True):
         try:
-            image = imaging.load_rgb(opener.read(path), short_side)
+            data = reading.read_item(opener, path, retry_seconds)
+        except reading.StorageError as error:
+            unreadable.append([opener.display(path), str(error), int(label)])
+            continue
+        except Exception as error:  # the item's own fault (missing, not readable): a bad file, as ever
+            bad.append([opener.display(path), imaging.describe_error(error), int(label)])
+            continue
+        try:
+            image = imaging.load_rgb(data, short_side)
             image = imaging.resize_short_side(image, short_side)
             pixels = encode(image, image_format)
         except Exception as error:  # every way a file can be bad: record it, keep the block
@@ -205,6 +222,7 @@ def _decode_to_file(
         "images": np.asarray([len(decoded["pixels"])], dtype=np.int64),
         "bytes": np.asarray([size], dtype=np.int64),
         "skipped": np.asarray([json.dumps(bad)], dtype=object),
+        "unreadable": np.asarray([json.dumps(unreadable)], dtype=object),
     }
 
 
@@ -222,6 +240,7 @@ def prepare(
     on_event: progress.OnEvent | None = None,
     split: str | None = None,
     image_format: str | None = None,
+    retry_seconds: float = reading.RETRY_SECONDS,
 ) -> CachedSplit:
     """The cache of one split for crops of ``image_size`` from images resized to ``short_side`` (by default
     ``imaging.resize_size(image_size)``): reused when one exists for exactly these files as the listing found them,
@@ -229,7 +248,8 @@ def prepare(
 
     ``split`` ("train", "val") names what the files are: a build then supersedes the older caches of the same
     dataset's split at the same size, which are deleted once it is complete, and picks the stored format
-    (``SPLIT_FORMATS``) unless ``image_format`` does. Without it, nothing is deleted.
+    (``SPLIT_FORMATS``) unless ``image_format`` does. Without it, nothing is deleted. ``retry_seconds``: how long
+    a read retries a storage failure that passes (``reading.read_item``).
     """
     short_side = short_side or imaging.resize_size(image_size)
     image_format = image_format or SPLIT_FORMATS.get(split or "", DEFAULT_FORMAT)
@@ -240,7 +260,9 @@ def prepare(
     manifest = read_manifest(filesystem, folder)
     built = manifest is None
     if manifest is None:
-        manifest = _build(files, layout, short_side, image_format, filesystem, folder, prefix, family, on_event)
+        manifest = _build(
+            files, layout, short_side, image_format, filesystem, folder, prefix, family, on_event, retry_seconds
+        )
         if family:
             _remove_superseded(filesystem, base, family, folder, prefix, on_event)
     return CachedSplit(
@@ -252,6 +274,7 @@ def prepare(
         built=built,
         short_side=short_side,
         image_format=manifest["format"],
+        unreadable=[(path, reason, label) for path, reason, label in manifest.get("unreadable", [])],
     )
 
 
@@ -265,6 +288,7 @@ def _build(
     prefix: str,
     family: str | None,
     on_event: progress.OnEvent | None,
+    retry_seconds: float,
 ) -> dict:
     location = prefix + folder
     _tell(
@@ -299,14 +323,16 @@ def _build(
             "image_format": image_format,
             "cache_filesystem": filesystem,
             "folder": attempt_folder,
+            "retry_seconds": retry_seconds,
         },
     )
     del columns
-    names, skipped, done, images, size = [], [], 0, 0, 0
+    names, skipped, unreadable, done, images, size = [], [], [], 0, 0, 0
     for summary in decoded.iter_rows():  # one per block of files
         if summary["file"]:
             names.append(f"{attempt}/{summary['file']}")
         skipped += json.loads(summary["skipped"])
+        unreadable += json.loads(summary["unreadable"])
         done += int(summary["files"])
         images += int(summary["images"])
         size += int(summary["bytes"])
@@ -320,6 +346,7 @@ def _build(
         "rows": images,
         "bytes": size,
         "skipped": sorted(skipped),
+        "unreadable": sorted(unreadable),  # a manifest with any is rebuilt by the next run (read_manifest)
     }
     write_manifest(filesystem, folder, manifest)
     _tell(on_event, progress.CacheState("built", location, images, size))
@@ -363,17 +390,41 @@ def prepare_splits(
     skipped: skiplog.Skips,
     short_side: int | None = None,
     on_event: progress.OnEvent | None = None,
+    retry_seconds: float = reading.RETRY_SECONDS,
 ) -> dict[str, CachedSplit | None]:
     """The built cache of "train" and "val" (None for a split with nothing cached, or with ``root`` None);
-    the files they could not decode are added to ``skipped``, training ones with their labels."""
+    the files they could not decode, or their storage could not deliver, are added to ``skipped``, training ones
+    with their labels. More than ``MAX_UNREADABLE_SHARE`` of a split undelivered stops the run (``RunError``)."""
     splits = {}
     for name, files in (("train", layout.train), ("val", layout.val)):
         split = (
-            prepare(files, layout, image_size, root, short_side, on_event, name) if root is not None and files else None
+            prepare(files, layout, image_size, root, short_side, on_event, name, retry_seconds=retry_seconds)
+            if root is not None and files
+            else None
         )
-        if split is not None and split.skipped:
-            items = [(path, reason) for path, reason, _ in split.skipped]
-            labels = [label for _, _, label in split.skipped] if name == "train" else None
+        if split is not None:
+            check_unreadable(split, name, len(files))
+        if split is not None and (split.skipped or split.unreadable):
+            lost = split.skipped + split.unreadable
+            items = [(path, reason) for path, reason, _ in lost]
+            labels = [label for _, _, label in lost] if name == "train" else None
             skiplog.add_skips(skipped, items, labels)
         splits[name] = split if split is not None and split.parquet_files else None
     return splits
+
+
+# The share of a split whose storage may fail to deliver (after the retries) before the run stops rather than
+# train on a subset: a file or two of a large set is reported and read again by the next run; more is an outage.
+MAX_UNREADABLE_SHARE = 0.01
+
+
+def check_unreadable(split: CachedSplit, name: str, files: int) -> None:
+    """Stop the run (one line naming the data's location and the storage's error) when its storage failed to
+    deliver more than ``MAX_UNREADABLE_SHARE`` of a split: nothing was cached as bad, so a rerun reads them."""
+    if not split.unreadable or len(split.unreadable) <= MAX_UNREADABLE_SHARE * files:
+        return
+    path, reason, _ = split.unreadable[0]
+    raise RunError(
+        f"--data: the storage failed to deliver {len(split.unreadable)} of the {files} {name} images (first:"
+        f" {path}: {reason.removeprefix('unreadable: ')}); nothing was cached as bad: rerun when the storage answers"
+    )

@@ -25,6 +25,7 @@ import ray.train
 import torch
 
 from tl_ray import progress
+from tl_ray.errors import TlRayError
 from tl_ray.inputs import cache, features, imaging, skiplog, streaming
 from tl_ray.inputs.held import HeldImages, fit_in_memory
 from tl_ray.inputs.layout import Layout
@@ -171,7 +172,9 @@ def prepare(
     on_event: progress.OnEvent | None = None,
 ) -> PreparedInputs:
     """Choose the run's input path and build what it reads: the feature or decoded-image cache (``cache_root``;
-    None: no cache) and, for a streamed plan, its datasets."""
+    None: no cache) and, for a streamed plan, its datasets. A validation split the cache's skips leave without
+    images stops the run here (``check_not_empty``; the driver checks the listing's splits before Ray starts):
+    nothing reports a val_acc of no images."""
     on_features = features.applies(config.freeze_depth, config.augment, cache_root)
     held, datasets = None, {}
     if on_features:
@@ -203,6 +206,10 @@ def prepare(
             except BaseException:
                 skiplog.release_skips(skipped)
                 raise
+    if cache_root is not None:  # the build decoded every file: what validation has left is known (a training
+        # class left without images is the driver's check: describe_lost_classes)
+        left = splits["val"].rows if splits["val"] is not None else 0
+        check_not_empty(layout, {"val": left}, " after skipping the files that could not be decoded (see above)")
     plan = InputPlan(
         on_features=on_features,
         held=held,
@@ -213,3 +220,15 @@ def prepare(
         seed=config.seed,
     )
     return PreparedInputs(plan, datasets, skipped)
+
+
+def check_not_empty(layout: Layout, images: dict[str, int], why: str) -> None:
+    """One line, before any training, for a split with no images (``images``: how many each split has): a run
+    would otherwise train on nothing, or choose its best checkpoint by a val_acc of no images."""
+    if not images.get("train", 1):
+        raise TlRayError(f"--data: {layout.uri_prefix}{layout.root} has no training images{why}")
+    if not images["val"]:
+        raise TlRayError(
+            f"--data: {layout.uri_prefix}{layout.root} has no validation images{why} (validation split: "
+            f"{layout.val_source}); add some (a val/ folder, a split column, --val-data) or raise --val-fraction"
+        )

@@ -1,0 +1,85 @@
+"""Object storage that misbehaves while the cache is built: no image is lost to it (issue 38).
+
+The images live in moto's S3 server, read through a fault-injecting proxy on loopback (tests/faultproxy.py) that
+answers 503 SlowDown to the first N GETs of chosen objects. Throttling within the read's retries costs nothing; an
+outage beyond them leaves those images unreadable (never recorded as bad), stops a run whose split lost more than a
+trace of its images, and a rerun on healthy storage reads and caches every image.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import numpy as np
+import pyarrow.fs as pafs
+import pytest
+from faultproxy import FaultProxy
+from PIL import Image
+
+from tl_ray.errors import RunError
+from tl_ray.inputs import cache, skiplog, sources
+
+pytestmark = pytest.mark.timeout(300)
+SIZE = 32
+BUCKET = "faulty"
+
+
+@pytest.fixture(scope="module")
+def images(s3_server) -> str:
+    """12 training images of 2 classes and 4 validation ones in a bucket of their own."""
+    s3_server.create_bucket(BUCKET)
+    filesystem = s3_server.filesystem()
+    for index in range(16):
+        split = "train" if index < 12 else "val"
+        buffer = io.BytesIO()
+        pixels = np.random.default_rng(index).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        with filesystem.open_output_stream(f"{BUCKET}/shapes/{split}/{'ab'[index % 2]}/{index:02d}.png") as out:
+            out.write(buffer.getvalue())
+    return f"{BUCKET}/shapes"
+
+
+def test_an_outage_beyond_the_retries_loses_no_image_and_a_rerun_reads_them_all(
+    s3_server, images, tmp_path, ray_cluster
+):
+    where = str(tmp_path / "cache")
+    with FaultProxy(s3_server.endpoint) as proxy:
+        layout = sources.discover(proxy.uri(images))
+        assert len(layout.train) == 12 and len(layout.val) == 4
+
+        # Class a's training images: every GET refused for longer than the read retries (1 s here).
+        proxy.fail(r"/train/a/", times=1_000)
+        split = cache.prepare(layout.train, layout, SIZE, where, split="train", retry_seconds=1.0)
+        assert split.rows == 6 and split.skipped == []  # nothing recorded as a bad image
+        assert sorted(path.rsplit("/", 1)[-1].split("?")[0] for path, _, _ in split.unreadable) == [
+            f"{index:02d}.png" for index in range(0, 12, 2)
+        ]
+        reasons = [reason for _, reason, _ in split.unreadable]
+        assert all(reason.startswith("unreadable: storage error after") for reason in reasons), reasons
+        assert all(re.search(r"SLOW_DOWN|SERVICE_UNAVAILABLE|503", reason) for reason in reasons), reasons
+        with open(f"{split.folder}/{cache.MANIFEST}") as written:
+            manifest = json.load(written)
+        assert manifest["skipped"] == [] and len(manifest["unreadable"]) == 6
+        assert cache.read_manifest(pafs.LocalFileSystem(), split.folder) is None  # the next run builds again
+        faults = sum(proxy.faults.values())
+        assert faults >= 12  # each unreadable image was tried more than once
+
+        # A run on that split stops with one line naming what failed, instead of training on half the images.
+        with pytest.raises(RunError, match=r"^--data: the storage failed to deliver 6 of the 12 train images"):
+            cache.prepare_splits(layout, SIZE, where, skiplog.SkipLog(), retry_seconds=1.0)
+
+        # Storage healthy again: the rerun reads every image, and the skip list is empty.
+        proxy.heal()
+        skips = skiplog.SkipLog()
+        rerun = cache.prepare_splits(layout, SIZE, where, skips)
+        assert rerun["train"].built and rerun["train"].rows == 12 and rerun["val"].rows == 4
+        assert rerun["train"].unreadable == [] and rerun["train"].skipped == [] and skiplog.skipped_files(skips) == {}
+
+        # Throttling the client and our retries absorb: 3 refused GETs an object, every image read.
+        proxy.fail(r"/val/", times=3)
+        before = proxy.count("GET", r"/val/")
+        throttled = cache.prepare(layout.val, layout, SIZE, where, image_format="png", retry_seconds=60.0)
+        assert throttled.rows == 4 and throttled.unreadable == [] and throttled.skipped == []
+        assert proxy.count("GET", r"/val/") - before >= 4 * 4  # 3 refusals and the read, for each image
