@@ -14,7 +14,7 @@ import shutil
 import pytest
 from helpers import tensorboard_scalars, wandb_offline_history
 
-from tl_ray import cli, tracking
+from tl_ray import cli, errors, tracking
 from tl_ray.errors import UsageError
 
 pytestmark = pytest.mark.timeout(600)
@@ -70,7 +70,7 @@ def test_a_tracker_that_cannot_log_is_refused_before_training(tmp_path, monkeypa
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a)
     )
-    assert cli.main(["train", "--data", str(tmp_path), "--logger", "wandb"]) == cli.EXIT_USAGE
+    assert cli.main(["train", "--data", str(tmp_path), "--logger", "wandb"]) == errors.EXIT_USAGE
     assert capsys.readouterr().err == (
         "tl-ray: error: --logger wandb needs the wandb package: pip install wandb (or tl-ray[wandb])\n"
     )

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tl_ray.inputs.config import InspectConfig, SourceOptions, source_options
+from tl_ray.inputs.config import InspectConfig, ReadsSource, SourceOptions
 from tl_ray.options import check_options, check_required, option, same_option
 
-CHECKPOINT_HELP = "a tl-ray checkpoint folder (e.g. a sweep's best/): a path or URI"
 FORMATS = ("torchscript", "onnx")
 
 
 @dataclass
-class PredictConfig:
+class PredictConfig(ReadsSource):
     """`tl-ray predict`: classify images with a checkpoint (``inference.predict``)."""
 
-    checkpoint: str | None = option(None, CHECKPOINT_HELP, required="a tl-ray checkpoint folder")
+    checkpoint: str | None = option(
+        None, "a tl-ray checkpoint folder (e.g. a sweep's best/): a path or URI", required="a tl-ray checkpoint folder"
+    )
     data: str | None = option(
         None,
         "an image, a folder of images (recursive), a manifest (.csv, .tsv, .jsonl, .parquet of paths) or Parquet"
@@ -32,21 +33,12 @@ class PredictConfig:
     path_column: str = same_option(SourceOptions, "path_column")
     image_column: str | None = same_option(SourceOptions, "image_column")
 
-    def validate(self) -> PredictConfig:
-        check_options(self)
-        check_required(self)
-        self.source_options().validate()
-        return self
-
-    def source_options(self) -> SourceOptions:
-        return source_options(self)
-
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(ReadsSource):
     """`tl-ray evaluate`: accuracy, per-class metrics and the confusion matrix on labelled images."""
 
-    checkpoint: str | None = option(None, CHECKPOINT_HELP, required="a tl-ray checkpoint folder")
+    checkpoint: str | None = same_option(PredictConfig, "checkpoint")
     data: str | None = option(
         None,
         "labelled images: a folder of <class>/ image folders named as in training, or any source train reads"
@@ -61,21 +53,12 @@ class EvaluateConfig:
     split_column: str = same_option(InspectConfig, "split_column")
     image_column: str | None = same_option(InspectConfig, "image_column")
 
-    def validate(self) -> EvaluateConfig:
-        check_options(self)
-        check_required(self)
-        self.source_options().validate()
-        return self
-
-    def source_options(self) -> SourceOptions:
-        return source_options(self)
-
 
 @dataclass
 class ExportConfig:
     """`tl-ray export`: a checkpoint as one TorchScript or ONNX file and its metadata."""
 
-    checkpoint: str | None = option(None, CHECKPOINT_HELP, required="a tl-ray checkpoint folder")
+    checkpoint: str | None = same_option(PredictConfig, "checkpoint")
     format: str | None = option(None, " | ".join(FORMATS), choices=FORMATS, required=" | ".join(FORMATS))
     out: str | None = option(
         None, "file or URI to write: model.ts, model.onnx; OUT.json beside", required="the file to write"

@@ -55,8 +55,22 @@ class SourceOptions:
 SOURCE_KEYS = tuple(field.name for field in dataclasses.fields(SourceOptions))
 
 
+class ReadsSource:
+    """What the options of a command that reads a source share: the ``SourceOptions`` its source flags make (all
+    of them, or those it declares: predict's two columns), and the checks every such command runs."""
+
+    def source_options(self) -> SourceOptions:
+        return SourceOptions(**{key: getattr(self, key) for key in SOURCE_KEYS if hasattr(self, key)})
+
+    def validate(self):
+        check_options(self)
+        check_required(self)
+        self.source_options().validate()
+        return self
+
+
 @dataclass
-class InspectConfig:
+class InspectConfig(ReadsSource):
     """`tl-ray inspect`: what a run on ``data`` would train on (``tl_ray.inputs.inspect``)."""
 
     data: str | None = option(
@@ -83,19 +97,8 @@ class InspectConfig:
     )
 
     def validate(self) -> InspectConfig:
-        check_options(self)
-        check_required(self)
         check_val_fraction(self.val_fraction)
-        self.source_options().validate()
-        return self
-
-    def source_options(self) -> SourceOptions:
-        return source_options(self)
-
-
-def source_options(config: object) -> SourceOptions:
-    """The source flags of any command's config that declares them."""
-    return SourceOptions(**{key: getattr(config, key) for key in SOURCE_KEYS if hasattr(config, key)})
+        return super().validate()
 
 
 def check_val_fraction(value: float) -> None:

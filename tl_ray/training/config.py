@@ -14,7 +14,7 @@ from tl_ray import backbones, recipe
 from tl_ray.backbones import ARCHS, NUM_STAGES
 from tl_ray.classes import MONITORS
 from tl_ray.errors import UsageError
-from tl_ray.inputs.config import InspectConfig, SourceOptions, check_val_fraction, source_options
+from tl_ray.inputs.config import InspectConfig, ReadsSource, SourceOptions, check_val_fraction
 from tl_ray.options import check_options, check_range, check_required, flag, option, same_option
 
 OPTIMIZERS = recipe.OPTIMIZERS
@@ -40,7 +40,7 @@ def check_logger(kind: str) -> None:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ReadsSource):
     """Everything `tl-ray train` needs. Field names are the YAML keys and, with dashes, the flags; each field's
     ``option`` is the one declaration of its default, help and choices."""
 
@@ -258,9 +258,6 @@ class TrainConfig:
             raise UsageError(f"{flag('cache')} must be auto, none, or a folder or URI for the decoded-image cache")
         if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
             raise UsageError(f"{flag('name')} must be a plain folder name (no '/', not hidden); got {self.name!r}")
-
-    def source_options(self) -> SourceOptions:
-        return source_options(self)
 
     @property
     def min_workers(self) -> int:
