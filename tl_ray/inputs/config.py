@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
+from typing import Self
 
 from tl_ray.errors import UsageError
 from tl_ray.options import check_options, check_required, flag, option, same_option
@@ -62,7 +63,7 @@ class ReadsSource:
     def source_options(self) -> SourceOptions:
         return SourceOptions(**{key: getattr(self, key) for key in SOURCE_KEYS if hasattr(self, key)})
 
-    def validate(self):
+    def validate(self) -> Self:
         check_options(self)
         check_required(self)
         self.source_options().validate()

@@ -181,12 +181,17 @@ def prepare(
         splits = features.prepare_splits(
             layout, config.image_size, cache_root, skipped, config.arch, weights, use_gpu, on_event
         )
+    else:
+        splits = cache.prepare_splits(layout, config.image_size, cache_root, skipped, short_side, on_event)
+    if cache_root is not None:  # the build decoded every file: what validation has left is known (a training
+        # class left without images is the driver's check: describe_lost_classes); checked before any pipeline
+        check_not_empty(layout, splits["val"].rows if splits["val"] is not None else 0, why=AFTER_SKIPS)
+    if on_features:
         if features.fit_in_memory(splits):
             held = splits
         else:
             datasets = features.streaming_datasets(splits, config.seed)
     else:
-        splits = cache.prepare_splits(layout, config.image_size, cache_root, skipped, short_side, on_event)
         if not use_gpu and fit_in_memory(splits):
             held = splits
         else:
@@ -206,10 +211,6 @@ def prepare(
             except BaseException:
                 skiplog.release_skips(skipped)
                 raise
-    if cache_root is not None:  # the build decoded every file: what validation has left is known (a training
-        # class left without images is the driver's check: describe_lost_classes)
-        left = splits["val"].rows if splits["val"] is not None else 0
-        check_not_empty(layout, {"val": left}, " after skipping the files that could not be decoded (see above)")
     plan = InputPlan(
         on_features=on_features,
         held=held,
@@ -222,12 +223,15 @@ def prepare(
     return PreparedInputs(plan, datasets, skipped)
 
 
-def check_not_empty(layout: Layout, images: dict[str, int], why: str) -> None:
-    """One line, before any training, for a split with no images (``images``: how many each split has): a run
+AFTER_SKIPS = " after skipping the files that could not be decoded (see above)"
+
+
+def check_not_empty(layout: Layout, val_images: int, train_images: int | None = None, why: str = "") -> None:
+    """One line, before any training, for a split with no images (``train_images`` None: not known yet): a run
     would otherwise train on nothing, or choose its best checkpoint by a val_acc of no images."""
-    if not images.get("train", 1):
+    if train_images == 0:
         raise TlRayError(f"--data: {layout.uri_prefix}{layout.root} has no training images{why}")
-    if not images["val"]:
+    if not val_images:
         raise TlRayError(
             f"--data: {layout.uri_prefix}{layout.root} has no validation images{why} (validation split: "
             f"{layout.val_source}); add some (a val/ folder, a split column, --val-data) or raise --val-fraction"

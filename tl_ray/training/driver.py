@@ -188,7 +188,7 @@ def _set_up(
         where = places.resolve(config)
         places.check_outputs(config, where)
     layout = sources.discover(where.data, config.val_fraction, config.source_options(), where.val_data)
-    plan.check_not_empty(layout, {"train": len(layout.train), "val": len(layout.val)}, "")  # before Ray starts
+    plan.check_not_empty(layout, len(layout.val), len(layout.train))  # before Ray starts
     batch_from_size, lr_from_size = config.batch_size is None, config.lr is None
     config = config.for_training_set(len(layout.train))
     lr_candidates = ()
