@@ -40,19 +40,27 @@ def test_ingest_benchmark_runs_and_writes_every_side(tmp_path):
     assert len(list((tmp_path / "data" / "cache").glob("*/manifest.json"))) == 1  # built once, then reused
 
 
-def test_train_loop_benchmark_runs_both_loops(tmp_path):
+def test_train_loop_under_defaults_keeps_pace_with_the_plain_script(tmp_path):
+    """The guard of issue 44: bench/train_loop.py's 64 px depth-0 row, small. tl-ray's steady epochs against the
+    plain DataLoader script's, measured in the same process on the same images: a ratio, never an absolute time.
+    At the row's full size it is 1.39x (BENCHMARKS.md section 2); below 0.9x something made every step dearer."""
     out = tmp_path / "train_loop.json"
-    argv = ["--images", "32", "--epochs", "2", "--image-sizes", "32", "--batch-size", "8", "--depths", "5"]
+    # 320 images: 288 training images, above recipe.SELECT_MAX_TRAIN, so the run trains once at the recipe's rate.
+    argv = ["--images", "320", "--epochs", "3", "--image-sizes", "64", "--depths", "0"]
     argv += ["--data", str(tmp_path / "data"), "--out", str(out)]
     done = _run_bench([sys.executable, "bench/train_loop.py", *argv], timeout=280)
     assert done.returncode == 0, done.stderr[-3000:]
     [row] = json.loads(out.read_text())["rows"]
-    assert (row["freeze_depth"], row["image_size"]) == (5, 32)
+    assert (row["freeze_depth"], row["image_size"]) == (0, 64)
     for plain in ("defaults", "thread-matched"):
-        assert len(row[f"plain_{plain}_epochs_images_per_s"]) == len(row["tl_ray_epochs_images_per_s"]) == 2
-        assert row[f"plain_{plain}_steady_images_per_s"] > 0 and row[f"ratio_vs_{plain}"] > 0
+        assert len(row[f"plain_{plain}_epochs_images_per_s"]) == len(row["tl_ray_epochs_images_per_s"]) == 3
     assert row["tl_ray_torch_threads"] == (os.cpu_count() or 1)  # one worker, decoded cache: every core
-    assert len(row["tl_ray_warm_data_wait_s"]) == 1 and row["tl_ray_warm_data_wait_s"][0] >= 0
+    assert len(row["tl_ray_warm_data_wait_s"]) == 2 and all(wait >= 0 for wait in row["tl_ray_warm_data_wait_s"])
+    ratio = row["ratio_vs_defaults"]
+    assert ratio >= 0.9, (
+        f"tl-ray train under its defaults ran at {ratio:.2f}x the plain script's images/s (epochs: tl-ray "
+        f"{row['tl_ray_epochs_images_per_s']}, plain {row['plain_defaults_epochs_images_per_s']})"
+    )
 
 
 def test_sweep_cost_benchmark_runs_a_sweep(tmp_path):
