@@ -31,7 +31,8 @@ BUCKET = "faulty"
 
 @pytest.fixture(scope="module")
 def images(s3_server) -> str:
-    """12 training images of 2 classes and 4 validation ones in a bucket of their own."""
+    """12 training images of 2 classes (named as two of the shared source model's, so evaluate can score them) and 4
+    validation ones in a bucket of their own."""
     s3_server.create_bucket(BUCKET)
     filesystem = s3_server.filesystem()
     for index in range(16):
@@ -39,7 +40,9 @@ def images(s3_server) -> str:
         buffer = io.BytesIO()
         pixels = np.random.default_rng(index).integers(0, 256, (40, 48, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(buffer, format="PNG")
-        with filesystem.open_output_stream(f"{BUCKET}/shapes/{split}/{'ab'[index % 2]}/{index:02d}.png") as out:
+        with filesystem.open_output_stream(
+            f"{BUCKET}/shapes/{split}/{('circle', 'square')[index % 2]}/{index:02d}.png"
+        ) as out:
             out.write(buffer.getvalue())
     return f"{BUCKET}/shapes"
 
@@ -53,7 +56,7 @@ def test_an_outage_beyond_the_retries_loses_no_image_and_a_rerun_reads_them_all(
         assert len(layout.train) == 12 and len(layout.val) == 4 and layout.retry_seconds == 1.0
 
         # Class a's training images: every GET refused for longer than the read retries (1 s here).
-        proxy.fail(r"/train/a/", times=1_000)
+        proxy.fail(r"/train/circle/", times=1_000)
         split = cache.prepare(layout.train, layout, SIZE, where, split="train")
         assert split.rows == 6 and split.skipped == []  # nothing recorded as a bad image
         assert sorted(path.rsplit("/", 1)[-1].split("?")[0] for path, _, _ in split.unreadable) == [
@@ -99,13 +102,13 @@ def test_predict_evaluate_and_inspect_tell_an_outage_from_bad_images(s3_server, 
     metrics = tmp_path / "evaluation"
     with FaultProxy(s3_server.endpoint) as proxy:
         data = proxy.uri(images)
-        proxy.fail(r"/train/a/", times=1_000)  # 6 of the 16 images, for longer than the retries (1 s here)
-        quick = ["--data", data, "--retry-seconds", "1"]
+        proxy.fail(r"/train/circle/", times=1_000)  # 6 of the 16 images, for longer than the retries (1 s here)
         with pytest.raises(RunError, match=r"^--data: the storage failed to deliver 6 of the 16 images .*rerun"):
             tl_ray.predict(source_model, data, out=str(out), retry_seconds=1.0)
         assert not out.exists()
-        assert cli.main(["evaluate", "--checkpoint", source_model, *quick, "--out", str(metrics)]) != 0
-        assert not metrics.exists()
+        scored = ["--data", proxy.uri(f"{images}/train"), "--retry-seconds", "1"]  # class folders: 6 of 12
+        assert cli.main(["evaluate", "--checkpoint", source_model, *scored, "--out", str(metrics)]) == 1
+        assert not metrics.exists() or not any(metrics.iterdir())  # --out checked writable, nothing written
         found = tl_ray.inspect(data, decode=True, retry_seconds=1.0)
         assert len(found.unreadable) == 6 and found.skipped == []
         assert all(reason.startswith("unreadable: storage error after") for _, reason in found.unreadable)

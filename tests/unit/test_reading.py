@@ -138,7 +138,7 @@ def test_an_uncached_epoch_fails_on_an_undelivered_image_instead_of_skipping_it(
     from tl_ray.inputs import pipelines
 
     batch = {"path": np.asarray(["s3://b/ok.png", "s3://b/gone.png"], dtype=object), "label": np.asarray([0, 1])}
-    with pytest.raises(reading.StorageError, match="^unreadable: storage error"):
+    with pytest.raises(reading.StorageError, match=r"^unreadable: storage error"):
         pipelines._decode_batch(batch, Objects(), 32, True, (0.6, 1.0), 0.0, None, 37, retry_seconds=0.0)
     delivered = {"path": batch["path"][:1], "label": batch["label"][:1]}
     out = pipelines._decode_batch(delivered, Objects(), 32, True, (0.6, 1.0), 0.0, None, 37, retry_seconds=0.0)
