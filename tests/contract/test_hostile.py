@@ -94,13 +94,15 @@ def test_hostile_file_is_decoded_or_skipped_with_its_reason(case, tmp_path):
     path = create(folder, name, content)
     transform = imaging.eval_transform(SIZE)
     if reason is None:
-        image = imaging.decode_item(FileOpener(pafs.LocalFileSystem()), str(path), transform, imaging.resize_size(SIZE))
+        image = imaging.decode_item(
+            FileOpener(pafs.LocalFileSystem()), str(path), transform, imaging.resize_size(SIZE), 1.0
+        )
         assert image.shape == (3, SIZE, SIZE) and image.dtype == np.uint8
         if case == "animated GIF":
             assert image.reshape(3, -1).mean(1).tolist() == [255.0, 0.0, 0.0], "the first frame"
         return
     with pytest.raises(Exception) as raised:  # every way a file can be bad
-        imaging.decode_item(FileOpener(pafs.LocalFileSystem()), str(path), transform, imaging.resize_size(SIZE))
+        imaging.decode_item(FileOpener(pafs.LocalFileSystem()), str(path), transform, imaging.resize_size(SIZE), 1.0)
     assert imaging.describe_error(raised.value).startswith(reason)
 
 

@@ -81,6 +81,8 @@ def evaluation(evaluation, out: str | None) -> None:
     print(f"misclassified    {len(evaluation.misclassified)}")
     if metrics["undecodable"]:
         print(f"undecodable      {len(metrics['undecodable'])}")
+    if metrics.get("unreadable"):
+        print(f"unreadable       {len(metrics['unreadable'])} (the storage did not deliver them: not scored)")
     if out:
         print(f"written to       {out}/metrics.json, confusion.png, misclassified.csv")
 
@@ -105,6 +107,10 @@ def inspection(found) -> None:
         print(f"  {shown}: {reason}")
     if len(found.skipped) > 20:
         print(f"  ... and {len(found.skipped) - 20} more")
+    if found.unreadable:
+        print(f"unreadable       {len(found.unreadable)} (the storage did not deliver them: not bad; rerun later)")
+        for shown, reason in found.unreadable[:5]:
+            print(f"  {shown}: {reason}")
     for note in found.notes:
         print(f"note             {note}")
     sizes = found.sizes

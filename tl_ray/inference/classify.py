@@ -23,7 +23,7 @@ from ray.util.annotations import RayDeprecationWarning
 from tl_ray import checkpoint as checkpoints
 from tl_ray import cluster, location, progress
 from tl_ray.errors import TlRayError
-from tl_ray.inputs import imaging, pipelines
+from tl_ray.inputs import imaging, pipelines, reading
 from tl_ray.inputs.sources import Opener
 
 ERROR_COLUMN = "error"
@@ -44,14 +44,20 @@ def _error_rows(rejected: list[tuple[str, str]], columns: list[str]) -> pd.DataF
 
 
 def _decode_for_inference(
-    batch: dict[str, np.ndarray], opener: Opener, image_size: int, short_side: int
+    batch: dict[str, np.ndarray], opener: Opener, image_size: int, short_side: int, retry_seconds: float
 ) -> dict[str, np.ndarray]:
+    """A block of items decoded for the model; an item that cannot be becomes a row that says why: a bad file, or
+    one its storage did not deliver (``reading.StorageError``, whose reason begins ``reading.UNREADABLE``: counted
+    apart by ``check_delivered``)."""
     transform = imaging.eval_transform(image_size, short_side)
     images, errors = [], []
     for path in batch["path"]:
         try:
-            images.append(imaging.decode_item(opener, path, transform, short_side))
+            images.append(imaging.decode_item(opener, path, transform, short_side, retry_seconds))
             errors.append("")
+        except reading.StorageError as error:
+            images.append(np.zeros((3, image_size, image_size), np.uint8))
+            errors.append(str(error))
         except Exception as error:  # a bad file becomes a row that says why
             images.append(np.zeros((3, image_size, image_size), np.uint8))
             errors.append(imaging.describe_error(error))
@@ -120,19 +126,32 @@ def output_location(out: str | None, suffixes: tuple[str, ...] = ()) -> location
 
 
 def classify_items(
-    checkpoint, meta, opener, items, rejected, top_k, batch_size, concurrency=None, on_event=None
+    checkpoint, meta, opener, items, rejected, top_k, batch_size, retry_seconds, concurrency=None, on_event=None
 ) -> pd.DataFrame:
-    """predict's rows for ``items`` and, for ``rejected`` ones, an error row each."""
+    """predict's rows for ``items`` and, for ``rejected`` ones, an error row each. More than
+    ``reading.MAX_UNREADABLE_SHARE`` of the items undelivered by their storage raises ``RunError``
+    (``check_delivered``): no report on what an outage left."""
     columns = _columns(min(top_k, len(meta["class_names"])))
-    frame = _run_pipeline(checkpoint, meta, opener, items, top_k, batch_size, concurrency, columns, on_event)
+    frame = _run_pipeline(
+        checkpoint, meta, opener, items, top_k, batch_size, retry_seconds, concurrency, columns, on_event
+    )
+    check_delivered(frame, len(items))
     if rejected:
         frame = pd.concat([frame, _error_rows(rejected, columns)], ignore_index=True)
         frame = frame.sort_values("path", kind="stable", ignore_index=True)
     return frame
 
 
+def check_delivered(frame: pd.DataFrame, total: int) -> None:
+    """Stop (``RunError``) when the storage failed to deliver more than ``reading.MAX_UNREADABLE_SHARE`` of the
+    ``total`` items classified into ``frame``; below it, their rows say so in the error column."""
+    unreadable = frame.loc[frame[ERROR_COLUMN].astype(str).str.startswith(reading.UNREADABLE), ["path", ERROR_COLUMN]]
+    after = "nothing was written: rerun when the storage answers"
+    reading.check_unreadable(list(unreadable.itertuples(index=False, name=None)), total, "images", after)
+
+
 def _run_pipeline(
-    checkpoint, meta, opener, files, top_k, batch_size, concurrency, columns, on_event=None
+    checkpoint, meta, opener, files, top_k, batch_size, retry_seconds, concurrency, columns, on_event=None
 ) -> pd.DataFrame:
     if not files:
         return pd.DataFrame({column: [] for column in columns})
@@ -149,6 +168,7 @@ def _run_pipeline(
             "opener": opener,
             "image_size": meta["image_size"],
             "short_side": meta.get("resize_size") or imaging.resize_size(meta["image_size"]),
+            "retry_seconds": retry_seconds,
         },
     )
     with warnings.catch_warnings():  # see _pool_restarts

@@ -32,6 +32,7 @@ class PredictConfig(ReadsSource):
     concurrency: int | None = option(None, "model actors (default: one per GPU, or 1 on CPU)", positive=True)
     path_column: str = same_option(SourceOptions, "path_column")
     image_column: str | None = same_option(SourceOptions, "image_column")
+    retry_seconds: float = same_option(SourceOptions, "retry_seconds")
 
 
 @dataclass
@@ -52,6 +53,7 @@ class EvaluateConfig(ReadsSource):
     label_column: str = same_option(InspectConfig, "label_column")
     split_column: str = same_option(InspectConfig, "split_column")
     image_column: str | None = same_option(InspectConfig, "image_column")
+    retry_seconds: float = same_option(InspectConfig, "retry_seconds")
 
 
 @dataclass

@@ -18,7 +18,7 @@ from tl_ray import location, progress
 from tl_ray.errors import TlRayError
 from tl_ray.inference.classify import ERROR_COLUMN, classify_items, output_location
 from tl_ray.inference.config import EvaluateConfig
-from tl_ray.inputs import sources
+from tl_ray.inputs import reading, sources
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,20 @@ def evaluate(config: EvaluateConfig, on_event: progress.OnEvent | None = None) -
         raise TlRayError(f"--data: {data_dir} holds no labelled images")
     truth = {listing.opener.display(item): label for item, label in zip(listing.items, listing.labels, strict=True)}
     rows = classify_items(
-        checkpoint, meta, listing.opener, listing.items, listing.rejected, 3, config.batch_size, on_event=on_event
+        checkpoint,
+        meta,
+        listing.opener,
+        listing.items,
+        listing.rejected,
+        3,
+        config.batch_size,
+        config.retry_seconds,
+        on_event=on_event,
     )
     rows["true"] = rows["path"].map(truth).fillna("")
-    scored = rows[rows[ERROR_COLUMN] == ""]
+    failed = rows[ERROR_COLUMN] != ""
+    unreadable = rows[ERROR_COLUMN].astype(str).str.startswith(reading.UNREADABLE)
+    scored = rows[~failed]
     classes = meta["class_names"]
     confusion = pd.crosstab(scored["true"], scored["predicted"]).reindex(index=classes, columns=classes, fill_value=0)
     per_class = {}
@@ -65,7 +75,9 @@ def evaluate(config: EvaluateConfig, on_event: progress.OnEvent | None = None) -
     metrics = {
         "accuracy": float((scored["true"] == scored["predicted"]).mean()) if len(scored) else 0.0,
         "images": len(scored),
-        "undecodable": rows.loc[rows[ERROR_COLUMN] != "", ["path", ERROR_COLUMN]].to_dict("records"),
+        "undecodable": rows.loc[failed & ~unreadable, ["path", ERROR_COLUMN]].to_dict("records"),
+        # delivered by no read within --retry-seconds (at most reading.MAX_UNREADABLE_SHARE: classify_items)
+        "unreadable": rows.loc[unreadable, ["path", ERROR_COLUMN]].to_dict("records"),
         "per_class": per_class,
         "macro": {
             key: float(np.mean([per_class[name][key] for name in present])) if present else 0.0

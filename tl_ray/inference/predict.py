@@ -52,7 +52,16 @@ def predict(config: PredictConfig, on_event: progress.OnEvent | None = None) -> 
     meta = checkpoints.read_meta(config.checkpoint)
     opener, items, rejected = _input_items(config.data, config.source_options())
     frame = classify_items(
-        config.checkpoint, meta, opener, items, rejected, config.top_k, config.batch_size, config.concurrency, on_event
+        config.checkpoint,
+        meta,
+        opener,
+        items,
+        rejected,
+        config.top_k,
+        config.batch_size,
+        config.retry_seconds,
+        config.concurrency,
+        on_event,
     )
     if target is not None:
         _write(pa.Table.from_pandas(frame, preserve_index=False), target)

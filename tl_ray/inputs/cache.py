@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from tl_ray import cluster, location, progress
-from tl_ray.errors import RunError, TlRayError
+from tl_ray.errors import TlRayError
 from tl_ray.inputs import imaging, pipelines, reading, skiplog
 from tl_ray.inputs.layout import Layout, resolve_filesystem
 
@@ -171,7 +171,7 @@ def _decode_to_file(
     image_format: str,
     cache_filesystem: pafs.FileSystem,
     folder: str,
-    retry_seconds: float = reading.RETRY_SECONDS,
+    retry_seconds: float,
 ) -> dict[str, np.ndarray]:
     """Decode a block of files and write the good ones as one Parquet file; return one summary row for the block.
 
@@ -240,7 +240,6 @@ def prepare(
     on_event: progress.OnEvent | None = None,
     split: str | None = None,
     image_format: str | None = None,
-    retry_seconds: float = reading.RETRY_SECONDS,
 ) -> CachedSplit:
     """The cache of one split for crops of ``image_size`` from images resized to ``short_side`` (by default
     ``imaging.resize_size(image_size)``): reused when one exists for exactly these files as the listing found them,
@@ -248,8 +247,8 @@ def prepare(
 
     ``split`` ("train", "val") names what the files are: a build then supersedes the older caches of the same
     dataset's split at the same size, which are deleted once it is complete, and picks the stored format
-    (``SPLIT_FORMATS``) unless ``image_format`` does. Without it, nothing is deleted. ``retry_seconds``: how long
-    a read retries a storage failure that passes (``reading.read_item``).
+    (``SPLIT_FORMATS``) unless ``image_format`` does. Without it, nothing is deleted. A read retries a storage failure
+    that passes for the layout's ``retry_seconds`` (``reading.read_item``).
     """
     short_side = short_side or imaging.resize_size(image_size)
     image_format = image_format or SPLIT_FORMATS.get(split or "", DEFAULT_FORMAT)
@@ -260,9 +259,7 @@ def prepare(
     manifest = read_manifest(filesystem, folder)
     built = manifest is None
     if manifest is None:
-        manifest = _build(
-            files, layout, short_side, image_format, filesystem, folder, prefix, family, on_event, retry_seconds
-        )
+        manifest = _build(files, layout, short_side, image_format, filesystem, folder, prefix, family, on_event)
         if family:
             _remove_superseded(filesystem, base, family, folder, prefix, on_event)
     return CachedSplit(
@@ -288,7 +285,6 @@ def _build(
     prefix: str,
     family: str | None,
     on_event: progress.OnEvent | None,
-    retry_seconds: float,
 ) -> dict:
     location = prefix + folder
     _tell(
@@ -323,7 +319,7 @@ def _build(
             "image_format": image_format,
             "cache_filesystem": filesystem,
             "folder": attempt_folder,
-            "retry_seconds": retry_seconds,
+            "retry_seconds": layout.retry_seconds,
         },
     )
     del columns
@@ -390,17 +386,15 @@ def prepare_splits(
     skipped: skiplog.Skips,
     short_side: int | None = None,
     on_event: progress.OnEvent | None = None,
-    retry_seconds: float = reading.RETRY_SECONDS,
 ) -> dict[str, CachedSplit | None]:
     """The built cache of "train" and "val" (None for a split with nothing cached, or with ``root`` None);
     the files they could not decode, or their storage could not deliver, are added to ``skipped``, training ones
-    with their labels. More than ``MAX_UNREADABLE_SHARE`` of a split undelivered stops the run (``RunError``)."""
+    with their labels. More than ``reading.MAX_UNREADABLE_SHARE`` of a split undelivered stops the run
+    (``RunError``)."""
     splits = {}
     for name, files in (("train", layout.train), ("val", layout.val)):
         split = (
-            prepare(files, layout, image_size, root, short_side, on_event, name, retry_seconds=retry_seconds)
-            if root is not None and files
-            else None
+            prepare(files, layout, image_size, root, short_side, on_event, name) if root is not None and files else None
         )
         if split is not None:
             check_unreadable(split, name, len(files))
@@ -413,18 +407,8 @@ def prepare_splits(
     return splits
 
 
-# The share of a split whose storage may fail to deliver (after the retries) before the run stops rather than
-# train on a subset: a file or two of a large set is reported and read again by the next run; more is an outage.
-MAX_UNREADABLE_SHARE = 0.01
-
-
 def check_unreadable(split: CachedSplit, name: str, files: int) -> None:
-    """Stop the run (one line naming the data's location and the storage's error) when its storage failed to
-    deliver more than ``MAX_UNREADABLE_SHARE`` of a split: nothing was cached as bad, so a rerun reads them."""
-    if not split.unreadable or len(split.unreadable) <= MAX_UNREADABLE_SHARE * files:
-        return
-    path, reason, _ = split.unreadable[0]
-    raise RunError(
-        f"--data: the storage failed to deliver {len(split.unreadable)} of the {files} {name} images (first:"
-        f" {path}: {reason.removeprefix('unreadable: ')}); nothing was cached as bad: rerun when the storage answers"
-    )
+    """Stop the run when its storage failed to deliver too much of a split (``reading.check_unreadable``)."""
+    unreadable = [(path, reason) for path, reason, _ in split.unreadable]
+    after = "nothing was cached as bad: rerun when the storage answers"
+    reading.check_unreadable(unreadable, files, f"{name} images", after)

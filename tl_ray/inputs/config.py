@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Self
 
 from tl_ray.errors import UsageError
+from tl_ray.inputs import reading
 from tl_ray.options import check_options, check_required, flag, option, same_option
 
 LABEL_PATTERN_HINT = r"^(\w+)\."  # cat.0.jpg -> cat: what the flat-folder error suggests
@@ -17,7 +18,8 @@ LABEL_PATTERN_HINT = r"^(\w+)\."  # cat.0.jpg -> cat: what the flat-folder error
 
 @dataclass(frozen=True)
 class SourceOptions:
-    """How a source's items are labelled and split (tl_ray.sources): the flags every command that reads --data takes."""
+    """How a source's items are labelled, split and read (tl_ray.sources): the flags every command that reads --data
+    takes."""
 
     label_pattern: str | None = option(
         None,
@@ -33,6 +35,13 @@ class SourceOptions:
         None,
         "Parquet's column of encoded images, binary or {bytes, path} (default: the one named image, else the first"
         " that holds images)",
+    )
+    retry_seconds: float = option(
+        reading.RETRY_SECONDS,
+        "how long a read from object storage retries throttling, 5xx answers and dropped connections (backing off,"
+        " with jitter) before the image counts as unreadable: never as a bad image; more than"
+        f" {reading.MAX_UNREADABLE_SHARE:.0%} of a set unreadable stops the command (seconds)",
+        between=(0.0, 3600.0),
     )
 
     def validate(self) -> SourceOptions:
@@ -91,6 +100,7 @@ class InspectConfig(ReadsSource):
     label_column: str = same_option(SourceOptions, "label_column")
     split_column: str = same_option(SourceOptions, "split_column")
     image_column: str | None = same_option(SourceOptions, "image_column")
+    retry_seconds: float = same_option(SourceOptions, "retry_seconds")
     decode: bool = option(
         False,
         "decode every item (as the cache build will) to list every one that will be skipped; by default only the"

@@ -15,6 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2
 
 from tl_ray import recipe
+from tl_ray.inputs import reading
 
 logger = logging.getLogger(__name__)
 
@@ -96,12 +97,14 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
     return (images.float().div_(255.0) - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
-def decode_item(opener: Any, item: str, transform: v2.Compose, min_short_side: int) -> np.ndarray:
-    """One item of any source (``opener`` reads it) to a uint8 CHW array; raises on any way the item can be bad.
+def decode_item(opener: Any, item: str, transform: v2.Compose, min_short_side: int, retry_seconds: float) -> np.ndarray:
+    """One item of any source (``opener`` reads it) to a uint8 CHW array; raises on any way the item can be bad,
+    and ``reading.StorageError`` when its storage did not deliver it within ``retry_seconds`` of retries: the
+    caller keeps that apart from a bad item.
 
     ``min_short_side``: the transform's first resize target, which lets large JPEGs decode at a reduced scale.
     """
-    return transform(load_rgb(opener.read(item), min_short_side)).numpy()
+    return transform(load_rgb(reading.read_item(opener, item, retry_seconds), min_short_side)).numpy()
 
 
 def describe_error(error: Exception) -> str:

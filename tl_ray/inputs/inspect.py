@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from tl_ray import location
-from tl_ray.inputs import imaging, sources
+from tl_ray.inputs import imaging, reading, sources
 from tl_ray.inputs.config import InspectConfig
 from tl_ray.inputs.layout import Layout
 
@@ -32,11 +32,13 @@ class Inspection:
     class_names: list[str]
     counts: dict[str, dict[str, int]]  # split -> class -> items
     val_rule: str
-    skipped: list[tuple[str, str]]  # (item as shown, reason)
+    skipped: list[tuple[str, str]]  # (item as shown, reason): bad items, which a run skips
     sizes: dict[str, list[int]]  # "width", "height": of the sample
     sampled: int
     decoded: bool
     notes: list[str] = field(default_factory=list)
+    # (item as shown, reason): items the storage did not deliver within --retry-seconds: not bad, a run reads them
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def imbalance(self) -> float:
@@ -62,20 +64,23 @@ def inspect(config: InspectConfig, sample: int = SAMPLE, threads: int = 8) -> In
     def look(entry: tuple[sources.Opener, str]) -> tuple[str, tuple[int, int] | str]:
         opener, item = entry
         try:
-            raw = opener.read(item)
+            raw = reading.read_item(opener, item, layout.retry_seconds)
             if decode:
                 return opener.display(item), imaging.load_rgb(raw).size
             with Image.open(io.BytesIO(raw)) as image:  # the header alone
                 return opener.display(item), image.size
+        except reading.StorageError as error:
+            return opener.display(item), str(error)
         except Exception as error:  # a bad item is what inspect is for: report it
             return opener.display(item), imaging.describe_error(error)
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         looked = list(pool.map(look, chosen))
     sizes: dict[str, list[int]] = {"width": [], "height": []}
+    unreadable = []
     for shown, outcome in looked:
         if isinstance(outcome, str):
-            skipped.append((shown, outcome))
+            (unreadable if reading.is_unreadable(outcome) else skipped).append((shown, outcome))
         else:
             sizes["width"].append(outcome[0])
             sizes["height"].append(outcome[1])
@@ -90,6 +95,7 @@ def inspect(config: InspectConfig, sample: int = SAMPLE, threads: int = 8) -> In
         sampled=len(chosen),
         decoded=decode,
         notes=list(layout.notes),
+        unreadable=sorted(unreadable),
     )
 
 

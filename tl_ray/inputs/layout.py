@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from tl_ray import location
+from tl_ray.inputs import reading
 
 
 def no_stats() -> np.ndarray:
@@ -43,6 +44,8 @@ class Layout:
     val_opener: Any = None
     source: str = "class folders"  # what --data was recognised as (sources.discover), for messages and inspect
     notes: list[str] = dataclasses.field(default_factory=list)  # what the listing decided that a user may want to know
+    # How long a read of an item retries a storage failure that passes (--retry-seconds; ``reading.read_item``).
+    retry_seconds: float = reading.RETRY_SECONDS
 
     def __post_init__(self) -> None:
         if self.opener is None:

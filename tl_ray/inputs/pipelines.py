@@ -15,6 +15,7 @@ import torch
 from ray.data import RandomSeedConfig
 
 from tl_ray import cluster, recipe
+from tl_ray.inputs import reading
 from tl_ray.inputs.imaging import augmentation, decode_item, describe_error, resize_size
 from tl_ray.inputs.layout import Layout
 
@@ -50,13 +51,20 @@ def _decode_batch(
     color_jitter: float,
     skipped: ray.actor.ActorHandle,
     short_side: int,
+    retry_seconds: float,
 ) -> dict[str, np.ndarray]:
+    """A block of files decoded for an uncached split; a bad file is skipped and reported. A file its storage did
+    not deliver after the retries (``reading.StorageError``) is not a bad file: it fails the task, and so the
+    epoch, which Ray Train retries from the last checkpoint (``--max-failures``) and then reports in one line,
+    rather than train on what an outage left."""
     transform = augmentation(image_size, crop_scale if training else None, color_jitter, short_side)
     images, labels, bad, bad_labels = [], [], [], []
     for path, label in zip(batch["path"], batch["label"], strict=True):
         try:
-            images.append(decode_item(opener, path, transform, short_side))
+            images.append(decode_item(opener, path, transform, short_side, retry_seconds))
             labels.append(label)
+        except reading.StorageError:
+            raise
         except Exception as error:  # every way a file can be bad: skip it, keep the batch
             reason = describe_error(error)
             bad.append((opener.display(path), reason))
@@ -136,5 +144,6 @@ def image_dataset(
             "color_jitter": color_jitter,
             "skipped": skipped,
             "short_side": short_side or resize_size(image_size),
+            "retry_seconds": layout.retry_seconds,
         },
     )

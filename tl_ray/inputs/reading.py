@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tl_ray.errors import TlRayError
+from tl_ray.errors import RunError, TlRayError
 
 # How long a read keeps retrying a failure that passes, in seconds: a throttling burst or a short outage is
 # absorbed; a longer one is a StorageError. The cache build's tasks take it as an argument.
@@ -36,6 +36,13 @@ TRANSIENT = re.compile(
     re.IGNORECASE,
 )
 ITEM_FAULTS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# How a StorageError's message begins, and so the reason recorded for an item its storage did not deliver: what
+# tells it apart from an undecodable one in skip lists, predict's error column and evaluate's metrics.
+UNREADABLE = "unreadable: "
+# The share of a set whose storage may fail to deliver (after the retries) before the command stops rather than
+# train on, or report on, a subset: a file or two of a large set is reported and read again by the next run; more
+# is an outage.
+MAX_UNREADABLE_SHARE = 0.01
 
 
 class StorageError(TlRayError):
@@ -74,14 +81,32 @@ def read_item(
             if not is_transient(error):
                 if isinstance(error, ITEM_FAULTS) or not is_remote(opener, item):
                     raise
-                raise StorageError(f"unreadable: storage error: {_one_line(error)}") from error
+                raise StorageError(f"{UNREADABLE}storage error: {_one_line(error)}") from error
             wait = random.uniform(0, delay)
             if clock() + wait > deadline:
                 raise StorageError(
-                    f"unreadable: storage error after {attempts} tries in {retry_seconds:g} s: {_one_line(error)}"
+                    f"{UNREADABLE}storage error after {attempts} tries in {retry_seconds:g} s: {_one_line(error)}"
                 ) from error
             sleep(wait)
             delay = min(MAX_DELAY, delay * 2)
+
+
+def is_unreadable(reason: str) -> bool:
+    """Whether a recorded reason is a storage failure (``StorageError``'s text), not the item's own fault."""
+    return reason.startswith(UNREADABLE)
+
+
+def check_unreadable(unreadable: list[tuple[str, str]], total: int, what: str, after: str) -> None:
+    """Stop the command (``RunError``: one line naming the first item and the storage's error) when its storage
+    failed to deliver more than ``MAX_UNREADABLE_SHARE`` of ``total`` items; ``what`` names them ("train images"),
+    ``after`` says what was kept from the subset and what to do."""
+    if not unreadable or len(unreadable) <= MAX_UNREADABLE_SHARE * total:
+        return
+    item, reason = unreadable[0]
+    raise RunError(
+        f"--data: the storage failed to deliver {len(unreadable)} of the {total} {what} (first: {item}:"
+        f" {reason.removeprefix(UNREADABLE)}); {after}"
+    )
 
 
 def is_remote(opener: Any, item: str) -> bool:

@@ -54,6 +54,7 @@ class TrainConfig(ReadsSource):
     label_column: str = same_option(SourceOptions, "label_column")
     split_column: str = same_option(SourceOptions, "split_column")
     image_column: str | None = same_option(SourceOptions, "image_column")
+    retry_seconds: float = same_option(SourceOptions, "retry_seconds")
     arch: str = option("resnet50", f"backbone: {', '.join(ARCHS)}", choices=ARCHS)
     weights: str = option(
         "imagenet",

@@ -24,6 +24,7 @@ held-out split.
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -227,6 +228,9 @@ def discover(
     if source is class_folders:
         class_folders.check_shape(where)
         if val_listing is None:
-            return class_folders.discover(where, val_fraction)
-        return to_layout(class_folders.with_val_data(where), val_fraction, val_listing)
-    return to_layout(list_source(where, options), val_fraction, val_listing)
+            layout = class_folders.discover(where, val_fraction)
+        else:
+            layout = to_layout(class_folders.with_val_data(where), val_fraction, val_listing)
+    else:
+        layout = to_layout(list_source(where, options), val_fraction, val_listing)
+    return dataclasses.replace(layout, retry_seconds=options.retry_seconds)
