@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import pytest
 from PIL import Image
 
@@ -230,3 +231,32 @@ def test_the_flat_folder_hint_suggests_only_a_pattern_that_labels(tmp_path):
         f"--data: found 72 images directly in {numbered} and no class folders: are the labels in labels.csv? pass"
         f" it: --data {numbered}/labels.csv (--path-column, --label-column name its columns)"
     )
+
+
+def test_an_imagefolder_in_object_storage(s3_server, tmp_path):
+    """Recognised and listed by folder-level requests (each split's metadata, a LIST per folder), none per image."""
+    local = tmp_path / "hf"
+    _imagefolder(local, {"train": 20, "validation": 4, "test": 4}, kind="jsonl")
+    s3_server.create_bucket("imagefolder")
+    pafs.copy_files(str(local), "imagefolder/ds", destination_filesystem=s3_server.filesystem())
+    since = s3_server.mark()
+    layout = sources.discover(s3_server.uri("imagefolder/ds"))
+    requests = s3_server.requests(since)
+    assert not [request for request in requests if request.path.endswith(".png")]  # folders listed, images not asked
+    assert [request.path for request in requests if request.method == "GET" and "metadata" in request.path] == [
+        f"/imagefolder/ds/{split}/metadata.jsonl"
+        for split in ("train", "train", "validation", "validation", "test", "test")
+    ]  # each read twice: its header (the columns), then the rows
+    assert layout.source == sources.IMAGEFOLDER and (len(layout.train), len(layout.val), len(layout.test)) == (20, 4, 4)
+    assert layout.val[0][0] == "imagefolder/ds/validation/0000.png" and (layout.val_stats[:, 0] > 0).all()
+    assert layout.opener.read(layout.train[1][0]) == (local / "train" / "0001.png").read_bytes()
+
+
+def test_labels_in_file_names_take_a_validation_folder(tmp_path):
+    root = tmp_path / "kaggle"
+    for split, count in (("train", 3), ("validation", 1)):
+        for name in ("cat", "dog"):
+            for index in range(count):
+                _image(root / split / f"{name}.{index}.png", name)
+    layout = sources.discover(root, options=SourceOptions(label_pattern=r"^(\w+)\."))
+    assert (len(layout.train), len(layout.val), layout.val_source) == (6, 2, "train/ and validation/")

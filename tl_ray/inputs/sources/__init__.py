@@ -41,6 +41,7 @@ from tl_ray.inputs.sources.listing import (
     MANIFEST_SUFFIXES,
     PARQUET_SUFFIX,
     TEST_FOLDER,
+    VAL_FOLDERS,
     Listing,
     Opener,
     Source,
@@ -140,7 +141,8 @@ def list_split(where: location.Location, options: SourceOptions, split: str, opt
     if source is class_folders:
         name = {"train": "train", "val": val_folder(where, option), "test": TEST_FOLDER}[split]
         if name is None or not has_folder(where, name):
-            raise TlRayError(f"--split {split}: {where.uri} has no {split} folder")
+            folders = "/, ".join(VAL_FOLDERS) if split == "val" else split
+            raise TlRayError(f"--split {split}: {where.uri} has no {folders}/ folder")
         return class_folders.list_items(where.join(name), options, option=option)
     listing = source.list_items(where, options, True, option)
     rows = [row for row, given in enumerate(listing.splits) if given == split]

@@ -1,9 +1,11 @@
-"""The class-folder source: ROOT/train/<class>/*.jpg (and ROOT/val/, or a stable hash split of train), listed the
-way torchvision's ImageFolder lists it, with each file's size and mtime from the listing itself.
+"""The class-folder source: ROOT/train/<class>/*.jpg (and ROOT/val/, valid/ or validation/, or a stable hash split
+of train; ROOT/test/ kept apart), listed the way torchvision's ImageFolder lists it, with each file's size and mtime
+from the listing itself.
 
-``discover`` is a run's layout of ROOT, unchanged since before the other sources: the same classes, files, split
-and cache keys. ``list_items`` lists DIR/<class>/ (evaluate's data, --val-data); ``check_shape`` refuses the
-common wrong shapes of a class-folders --data in one line that says what to pass instead.
+``discover`` is a run's layout of ROOT, unchanged since before the other sources for a ROOT with train/ and val/ or
+train/ alone: the same classes, files, split and cache keys. ``list_items`` lists DIR/<class>/ (evaluate's data,
+--val-data); ``check_shape`` refuses the common wrong shapes of a class-folders --data in one line that says what
+to pass instead.
 """
 
 from __future__ import annotations
