@@ -111,7 +111,7 @@ def recognise(
         )
     if options.label_pattern:
         return file_names
-    if imagefolder.is_imagefolder(where):
+    if imagefolder.is_imagefolder(where, option):
         return imagefolder
     return class_folders if has_folder(where, "train") or not parquet.parquet_files(where) else parquet
 

@@ -40,11 +40,14 @@ def metadata_file(where: location.Location) -> str | None:
     return None
 
 
-def is_imagefolder(where: location.Location) -> bool:
-    """Whether ``where`` (a folder) is a Hugging Face imagefolder: a metadata file in it, or in its train/."""
-    return metadata_file(where) is not None or (
-        has_folder(where, "train") and metadata_file(where.join("train")) is not None
-    )
+def is_imagefolder(where: location.Location, option: str = "--data") -> bool:
+    """Whether ``where`` (a folder) is a Hugging Face imagefolder: a metadata file with a file_name column in it, or
+    in its train/ (a metadata.csv of something else, beside class folders, leaves them class folders)."""
+    for folder in (where, where.join("train")):
+        name = metadata_file(folder) if folder is where or has_folder(where, "train") else None
+        if name is not None and PATH_COLUMN in _columns(folder.join(name), option):
+            return True
+    return False
 
 
 def list_items(

@@ -148,8 +148,15 @@ def test_imagefolder_refusals(tmp_path):
         f"--data: {root}/validation has no metadata.csv or metadata.jsonl or metadata.parquet (train/ has one); add"
         " one with file_name and label columns, or remove the folder"
     )
-    (root / "train" / "metadata.csv").write_text("path,label\n0000.png,cat\n")
-    with pytest.raises(UsageError, match=r"metadata.csv has no 'file_name' column \(its columns: path, label\)"):
+    (root / "validation" / "metadata.csv").write_text("path,label\n0000.png,cat\n")
+    with pytest.raises(UsageError) as found:
+        sources.discover(root)
+    assert str(found.value) == (
+        f"--data: {root}/validation/metadata.csv has no 'file_name' column (its columns: path, label); Hugging Face's"
+        " imagefolder names each image, relative to the metadata's folder, in file_name"
+    )
+    (root / "train" / "metadata.csv").write_text("path,label\n0000.png,cat\n")  # not HF's: a manifest to pass
+    with pytest.raises(TlRayError, match=r"has no train/ folder but holds the manifest metadata.csv: pass it itself"):
         sources.discover(root / "train")
 
 
@@ -189,6 +196,10 @@ def test_class_folders_without_split_folders_are_unchanged(tmp_path):
     assert np.array_equal(after.train_stats, before.train_stats)
     assert after.notes == ["test/ holds no <class>/ image folders: left out (unlabelled)"] and not before.notes
     assert class_folders.discover(root, 0.3).train == before.train
+    (root / "metadata.csv").write_text("species,notes\ncat,felis\n")  # a table of something else: still class folders
+    (root / "train" / "metadata.jsonl").write_text('{"camera": "x"}\n')
+    beside = sources.discover(root, 0.3)
+    assert (beside.source, beside.train, beside.val) == (sources.CLASS_FOLDERS, before.train, before.val)
 
 
 def test_list_split_of_an_imagefolder_and_its_refusals(tmp_path):
@@ -243,10 +254,12 @@ def test_an_imagefolder_in_object_storage(s3_server, tmp_path):
     layout = sources.discover(s3_server.uri("imagefolder/ds"))
     requests = s3_server.requests(since)
     assert not [request for request in requests if request.path.endswith(".png")]  # folders listed, images not asked
-    assert [request.path for request in requests if request.method == "GET" and "metadata" in request.path] == [
-        f"/imagefolder/ds/{split}/metadata.jsonl"
-        for split in ("train", "train", "validation", "validation", "test", "test")
-    ]  # each read twice: its header (the columns), then the rows
+    read = [request.path for request in requests if request.method == "GET" and "metadata" in request.path]
+    # Each metadata file's header (its columns), then its rows; train/'s header twice more, as discover recognises
+    # the source and list_source again.
+    assert read == [
+        f"/imagefolder/ds/{split}/metadata.jsonl" for split in ["train"] * 4 + ["validation"] * 2 + ["test"] * 2
+    ]
     assert layout.source == sources.IMAGEFOLDER and (len(layout.train), len(layout.val), len(layout.test)) == (20, 4, 4)
     assert layout.val[0][0] == "imagefolder/ds/validation/0000.png" and (layout.val_stats[:, 0] > 0).all()
     assert layout.opener.read(layout.train[1][0]) == (local / "train" / "0001.png").read_bytes()

@@ -59,7 +59,8 @@ def _validation_without_metadata(tmp: Path) -> list[str]:
 
 
 def _no_file_name_column(tmp: Path) -> list[str]:
-    _split(tmp / "hf" / "train", header="image,label")
+    _split(tmp / "hf" / "train")
+    _split(tmp / "hf" / "validation", header="image,label")
     return ["inspect", "--data", str(tmp / "hf")]
 
 
@@ -106,8 +107,8 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     ),
     "metadata without a file_name column": (
         _no_file_name_column,
-        "--data: {tmp}/hf/train/metadata.csv has no 'file_name' column (its columns: image, label); Hugging Face's"
-        " imagefolder names each image, relative to the metadata's folder, in file_name",
+        "--data: {tmp}/hf/validation/metadata.csv has no 'file_name' column (its columns: image, label); Hugging"
+        " Face's imagefolder names each image, relative to the metadata's folder, in file_name",
     ),
     "metadata without labels, images not in class folders": (
         _no_label_and_no_class_folders,
