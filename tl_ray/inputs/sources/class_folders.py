@@ -86,7 +86,7 @@ def discover(root: str | location.Location, val_fraction: float = 0.2) -> Layout
         source = "split"
     rejected = [(prefix + p, r) for p, r in rejected]
     test, notes = [], []
-    tested = test_items(where)
+    tested = kept_apart(where)
     if tested is not None:
         index = {name: label for label, name in enumerate(class_names)}
         test = [(item, index.get(label, -1)) for item, label in zip(tested.items, tested.labels, strict=True)]
@@ -181,7 +181,7 @@ def with_val_data(where: location.Location) -> Listing:
     --val-data: the val folder is left out, the test folder kept apart."""
     train = list_items(where.join("train"), SourceOptions())
     val_name = val_folder(where)
-    test = test_items(where) or Listing(NAME, where, train.opener, [], [], [], no_stats(), [])
+    test = kept_apart(where) or Listing(NAME, where, train.opener, [], [], [], no_stats(), [])
     return Listing(
         NAME,
         where,
@@ -196,7 +196,7 @@ def with_val_data(where: location.Location) -> Listing:
     )
 
 
-def test_items(where: location.Location) -> Listing | None:
+def kept_apart(where: location.Location) -> Listing | None:
     """ROOT/test/<class>/ as a listing (None without a test/ folder): the test split, which a run keeps apart."""
     if not has_folder(where, TEST_FOLDER):
         return None
