@@ -93,9 +93,10 @@ def test_flat_folder_errors_say_what_to_pass(tmp_path, capsys):
         f"--data: found 4 images directly in {root}/train and no class folders: are the labels in the file names?"
         r" try --label-pattern '^(\w+)\.'"
     )
-    assert sources.suggest_label_pattern(["a/circle_0050.jpg", "a/star_0001.jpg", "b/x.png"]) == "^([A-Za-z]+)_"
-    assert sources.suggest_label_pattern(["Cat-1.jpg", "dog-2.jpg"]) == r"^([A-Za-z]+)\-"
-    assert sources.suggest_label_pattern(["0001.jpg"]) == r"^(\w+)\."
+    shapes = ["a/circle_0050.jpg", "a/star_0001.jpg", "a/circle_0051.jpg", "a/star_0002.jpg", "b/x.png"]
+    assert sources.suggest_label_pattern(shapes) == "^([A-Za-z]+)_"
+    assert sources.suggest_label_pattern(["Cat-1.jpg", "dog-2.jpg", "Cat-3.jpg", "dog-4.jpg"]) == r"^([A-Za-z]+)\-"
+    assert sources.suggest_label_pattern(["0001.jpg", "0002.jpg"]) is None  # no label in the names: none suggested
     with pytest.raises(UsageError, match=re.escape(r"--label-pattern '^x(\d)' does not match any of the 4 image file")):
         sources.discover(root, options=SourceOptions(label_pattern=r"^x(\d)"))
     assert cli.main(["inspect", "--data", str(root)]) == 2

@@ -93,12 +93,13 @@ def inspection(found) -> None:
     print(f"data             {found.data}")
     print(f"source           {found.source}")
     print(f"validation       {found.val_rule}")
-    train, val = found.counts["train"], found.counts["val"]
+    train, val, test = found.counts["train"], found.counts["val"], found.counts.get("test")
     print(f"classes          {len(found.class_names)} (in this order; the checkpoint records it)")
-    print(f"  {'class':<24} {'train':>8} {'val':>8}")
+    print(f"  {'class':<24} {'train':>8} {'val':>8}" + (f" {'test':>8}" if test else ""))
     for name in found.class_names:
-        print(f"  {name:<24} {train[name]:>8} {val[name]:>8}")
-    print(f"  {'total':<24} {sum(train.values()):>8} {sum(val.values()):>8}")
+        print(f"  {name:<24} {train[name]:>8} {val[name]:>8}" + (f" {test[name]:>8}" if test else ""))
+    total = f"  {'total':<24} {sum(train.values()):>8} {sum(val.values()):>8}"
+    print(total + (f" {sum(test.values()):>8}" if test else ""))
     low = min(train, key=train.get)
     print(f"imbalance        {found.imbalance:.1f}x (largest training class over the smallest, {low})")
     what = "decoded every item" if found.decoded else "the listing's checks; --decode decodes every item"

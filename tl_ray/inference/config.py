@@ -9,6 +9,7 @@ from tl_ray.inputs.config import InspectConfig, ReadsSource, SourceOptions
 from tl_ray.options import check_options, check_required, option, same_option
 
 FORMATS = ("torchscript", "onnx")
+SPLITS = ("train", "val", "test")  # what evaluate's --split names
 
 
 @dataclass
@@ -45,6 +46,12 @@ class EvaluateConfig(ReadsSource):
         "labelled images: a folder of <class>/ image folders named as in training, or any source train reads"
         " (every item of it is scored)",
         required="labelled images",
+    )
+    split: str | None = option(
+        None,
+        "score one split of --data: its train/, val folder (val/, valid/, validation/) or test/ folder, or the items"
+        " its source marks so (default: every item)",
+        choices=SPLITS,
     )
     out: str | None = option(None, "folder or URI: metrics.json, confusion.png, misclassified.csv")
     batch_size: int = same_option(PredictConfig, "batch_size")

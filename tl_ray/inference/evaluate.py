@@ -36,7 +36,8 @@ def evaluate(config: EvaluateConfig, on_event: progress.OnEvent | None = None) -
     target = output_location(config.out)
     meta = checkpoints.read_meta(checkpoint)
     where = location.resolve(data_dir, "--data")
-    listing = sources.list_source(where, config.source_options())
+    options = config.source_options()
+    listing = sources.list_split(where, options, config.split) if config.split else sources.list_source(where, options)
     unknown = sorted(set(listing.labels) - set(meta["class_names"]))
     if unknown:
         raise TlRayError(

@@ -30,7 +30,7 @@ class Inspection:
     source: str  # what --data was recognised as
     data: str
     class_names: list[str]
-    counts: dict[str, dict[str, int]]  # split -> class -> items
+    counts: dict[str, dict[str, int]]  # split (train, val; test where there is one) -> class -> items
     val_rule: str
     skipped: list[tuple[str, str]]  # (item as shown, reason): bad items, which a run skips
     sizes: dict[str, list[int]]  # "width", "height": of the sample
@@ -54,10 +54,13 @@ def inspect(config: InspectConfig, sample: int = SAMPLE, threads: int = 8) -> In
     where = location.resolve(data_path, "--data")
     layout = sources.discover(where, config.val_fraction, config.source_options(), config.val_data)
     counts = {}
-    for split, files in (("train", layout.train), ("val", layout.val)):
+    splits = (("train", layout.train), ("val", layout.val)) + ((("test", layout.test),) if layout.test else ())
+    for split, files in splits:  # test: kept apart, counted only (a class training lacks is not a column)
         found = collections.Counter(label for _, label in files)
         counts[split] = {name: found.get(index, 0) for index, name in enumerate(layout.class_names)}
     skipped = list(layout.rejected)
+    strangers = sum(label < 0 for _, label in layout.test)
+    notes = list(layout.notes) + [f"{strangers:,} test item(s) of classes training lacks"] * bool(strangers)
     items = [(layout.opener, path) for path, _ in layout.train] + [(layout.val_opener, path) for path, _ in layout.val]
     chosen = items if decode else random.Random(0).sample(items, min(sample, len(items)))
 
@@ -94,7 +97,7 @@ def inspect(config: InspectConfig, sample: int = SAMPLE, threads: int = 8) -> In
         sizes=sizes,
         sampled=len(chosen),
         decoded=decode,
-        notes=list(layout.notes),
+        notes=notes,
         unreadable=sorted(unreadable),
     )
 

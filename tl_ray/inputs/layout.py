@@ -46,6 +46,9 @@ class Layout:
     notes: list[str] = dataclasses.field(default_factory=list)  # what the listing decided that a user may want to know
     # How long a read of an item retries a storage failure that passes (--retry-seconds; ``reading.read_item``).
     retry_seconds: float = reading.RETRY_SECONDS
+    # The test split (ROOT/test/, a source's "test" items): kept apart, never trained or validated on, listed for
+    # inspect's counts (`tl-ray evaluate --split test` scores it). A label is -1 for a class training lacks.
+    test: list[tuple[str, int]] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.opener is None:

@@ -12,11 +12,13 @@ predict, evaluate) sees only that interface (``listing``), so adding a source is
   rebuilds them and a run over a built cache asks the data location nothing per item.
 
 The sources, each a module with its ``NAME`` and ``list_items``: ``class_folders`` (ROOT/train/<class>/),
-``file_names`` (--label-pattern), ``manifest`` (a CSV/TSV/JSON-lines/Parquet table of paths), ``parquet``
+``file_names`` (--label-pattern), ``manifest`` (a CSV/TSV/JSON-lines/Parquet table of paths), ``imagefolder``
+(Hugging Face's: split folders with a metadata.csv/.jsonl of file_name and label), ``parquet``
 (Parquet files of images, Hugging Face's included) and ``images`` (predict's: an image or a folder of them).
 
 ``recognise`` tells which source --data is from its shape alone (and --label-pattern); ``list_source`` lists it;
-``discover`` turns a listing into a run's ``Layout`` (classes, the train and val splits, ``to_layout``). Class
+``discover`` turns a listing into a run's ``Layout`` (classes, the train and val splits, the test split kept
+apart, ``to_layout``); ``list_split`` is one split of a dataset (evaluate's --split). Class
 folders keep ``class_folders.discover`` unchanged: ImageFolder's classes and order, the same files, the same
 held-out split.
 """
@@ -33,11 +35,13 @@ from tl_ray import location
 from tl_ray.errors import TlRayError
 from tl_ray.inputs.config import SourceOptions
 from tl_ray.inputs.layout import Layout
-from tl_ray.inputs.sources import class_folders, file_names, images, manifest, parquet
+from tl_ray.inputs.sources import class_folders, file_names, imagefolder, images, manifest, parquet
 from tl_ray.inputs.sources.class_folders import suggest_label_pattern
 from tl_ray.inputs.sources.listing import (
     MANIFEST_SUFFIXES,
     PARQUET_SUFFIX,
+    TEST_FOLDER,
+    VAL_FOLDERS,
     Listing,
     Opener,
     Source,
@@ -45,12 +49,14 @@ from tl_ray.inputs.sources.listing import (
     list_images,
     split_score,
     uri_prefix,
+    val_folder,
 )
 from tl_ray.inputs.sources.parquet import ParquetOpener, is_glob
 
 __all__ = [
     "CLASS_FOLDERS",
     "FILE_NAMES",
+    "IMAGEFOLDER",
     "IMAGES",
     "MANIFEST",
     "MANIFEST_SUFFIXES",
@@ -64,6 +70,7 @@ __all__ = [
     "held_out",
     "is_glob",
     "list_source",
+    "list_split",
     "recognise",
     "suggest_label_pattern",
     "to_layout",
@@ -71,7 +78,7 @@ __all__ = [
 
 # What ``Listing.source`` and ``Layout.source`` say (inspect prints it).
 CLASS_FOLDERS, FILE_NAMES, MANIFEST, PARQUET = class_folders.NAME, file_names.NAME, manifest.NAME, parquet.NAME
-IMAGES = images.NAME
+IMAGES, IMAGEFOLDER = images.NAME, imagefolder.NAME
 
 
 # ---------------------------------------------------------------- recognising --data
@@ -104,6 +111,8 @@ def recognise(
         )
     if options.label_pattern:
         return file_names
+    if imagefolder.is_imagefolder(where, option):
+        return imagefolder
     return class_folders if has_folder(where, "train") or not parquet.parquet_files(where) else parquet
 
 
@@ -123,6 +132,31 @@ def list_source(
     """The listing of any source: a run's --val-data, evaluate's --data (class folders as DIR/<class>/), and with
     ``labelled=False`` predict's (an image, a folder of images, or a table whose labels are not needed)."""
     return recognise(where, options, option, labelled).list_items(where, options, labelled, option)
+
+
+def list_split(where: location.Location, options: SourceOptions, split: str, option: str = "--data") -> Listing:
+    """One split of a dataset (evaluate's --split): class folders' train/, val folder or test/ listed as DIR/<class>/;
+    any other source's items of that split ("train", "val", "test"), refused when it has none."""
+    source = recognise(where, options, option)
+    if source is class_folders:
+        name = {"train": "train", "val": val_folder(where, option), "test": TEST_FOLDER}[split]
+        if name is None or not has_folder(where, name):
+            folders = "/, ".join(VAL_FOLDERS) if split == "val" else split
+            raise TlRayError(f"--split {split}: {where.uri} has no {folders}/ folder")
+        return class_folders.list_items(where.join(name), options, option=option)
+    listing = source.list_items(where, options, True, option)
+    rows = [row for row, given in enumerate(listing.splits) if given == split]
+    if not rows:
+        found = ", ".join(sorted({given or "none (held out by hash)" for given in listing.splits})) or "no items"
+        raise TlRayError(f"--split {split}: {where.uri} has no {split} items (its splits: {found})")
+    return dataclasses.replace(
+        listing,
+        items=[listing.items[row] for row in rows],
+        labels=[listing.labels[row] for row in rows],
+        splits=[split] * len(rows),
+        stats=listing.stats[rows],
+        keys=[listing.keys[row] for row in rows],
+    )
 
 
 # ---------------------------------------------------------------- a listing as a run's layout
@@ -151,9 +185,10 @@ def to_layout(listing: Listing, val_fraction: float, val_listing: Listing | None
     rule); a validation class training lacks is refused, as is a class with no training item."""
     shown = listing.where.uri
     splits = np.asarray(listing.splits, dtype=object)
-    training = splits != "val"
-    if val_listing is not None and not training.all():
-        listing.notes.append(f"{int((~training).sum())} val item(s) of --data left out: --val-data is the val set")
+    is_val, is_test = splits == "val", splits == "test"  # a test item is kept apart: neither trained nor validated on
+    training = ~is_val & ~is_test
+    if val_listing is not None and is_val.any():
+        listing.notes.append(f"{int(is_val.sum())} val item(s) of --data left out: --val-data is the val set")
     train_labels = [label for label, used in zip(listing.labels, training, strict=True) if used]
     class_names = listing.class_names or sorted(set(train_labels))
     counts = collections.Counter(train_labels)
@@ -171,8 +206,8 @@ def to_layout(listing: Listing, val_fraction: float, val_listing: Listing | None
     val_mask = np.zeros(len(listing.items), dtype=bool)
     if val_listing is not None:
         rule = f"--val-data {val_listing.where.uri}"
-    elif not training.all():
-        val_mask = ~training
+    elif is_val.any():
+        val_mask = is_val
         rule = listing.split_rule
     else:
         chosen = np.flatnonzero(training)
@@ -207,6 +242,7 @@ def to_layout(listing: Listing, val_fraction: float, val_listing: Listing | None
         val_opener=source_val.opener,
         source=listing.source,
         notes=listing.notes + (val_listing.notes if val_listing is not None else []),
+        test=[(listing.items[i], int(labels[i])) for i in np.flatnonzero(is_test)],
     )
 
 

@@ -1,9 +1,11 @@
-"""The class-folder source: ROOT/train/<class>/*.jpg (and ROOT/val/, or a stable hash split of train), listed the
-way torchvision's ImageFolder lists it, with each file's size and mtime from the listing itself.
+"""The class-folder source: ROOT/train/<class>/*.jpg (and ROOT/val/, valid/ or validation/, or a stable hash split
+of train; ROOT/test/ kept apart), listed the way torchvision's ImageFolder lists it, with each file's size and mtime
+from the listing itself.
 
-``discover`` is a run's layout of ROOT, unchanged since before the other sources: the same classes, files, split
-and cache keys. ``list_items`` lists DIR/<class>/ (evaluate's data, --val-data); ``check_shape`` refuses the
-common wrong shapes of a class-folders --data in one line that says what to pass instead.
+``discover`` is a run's layout of ROOT, unchanged since before the other sources for a ROOT with train/ and val/ or
+train/ alone: the same classes, files, split and cache keys. ``list_items`` lists DIR/<class>/ (evaluate's data,
+--val-data); ``check_shape`` refuses the common wrong shapes of a class-folders --data in one line that says what
+to pass instead.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tl_ray.inputs.sources.listing import (
     IMAGE_EXTENSIONS,
     MANIFEST_SUFFIXES,
     NOT_UTF8,
+    TEST_FOLDER,
     Listing,
     file_info,
     find_classes,
@@ -34,6 +37,7 @@ from tl_ray.inputs.sources.listing import (
     split_score,
     stats_columns,
     uri_prefix,
+    val_folder,
 )
 
 NAME = "class folders"
@@ -71,26 +75,45 @@ def discover(root: str | location.Location, val_fraction: float = 0.2) -> Layout
                 " add some or remove the folder"
             )
         per_class[label] = files, stats
-    val_dir = f"{base}/val"
-    if file_info(filesystem, val_dir).type == pafs.FileType.Directory:
-        val, val_stats = _folder_val(filesystem, val_dir, class_names, root, rejected)
+    val_name = val_folder(where)
+    if val_name is not None:
+        val, val_stats = _folder_val(filesystem, f"{base}/{val_name}", class_names, f"{root}/{val_name}", rejected)
         train = [(path, label) for label, (files, _) in per_class.items() for path in files]
         train_stats = np.concatenate([stats for _, stats in per_class.values()])
-        source = "folder"
+        source = "folder" if val_name == "val" else f"train/ and {val_name}/ folders"
     else:
         train, val, train_stats, val_stats = _hash_split(per_class, train_dir, val_fraction)
         source = "split"
     rejected = [(prefix + p, r) for p, r in rejected]
-    return Layout(root, filesystem, prefix, class_names, train, val, source, rejected, train_stats, val_stats)
+    test, notes = [], []
+    tested = kept_apart(where)
+    if tested is not None:
+        index = {name: label for label, name in enumerate(class_names)}
+        test = [(item, index.get(label, -1)) for item, label in zip(tested.items, tested.labels, strict=True)]
+        notes = tested.notes
+    return Layout(
+        root,
+        filesystem,
+        prefix,
+        class_names,
+        train,
+        val,
+        source,
+        rejected,
+        train_stats,
+        val_stats,
+        notes=notes,
+        test=test,
+    )
 
 
 def _folder_val(
-    filesystem: pafs.FileSystem, val_dir: str, class_names: list[str], root: str, rejected: list[tuple[str, str]]
+    filesystem: pafs.FileSystem, val_dir: str, class_names: list[str], shown: str, rejected: list[tuple[str, str]]
 ) -> tuple[list[tuple[str, int]], np.ndarray]:
     val_classes = find_classes(filesystem, val_dir)
     unknown = sorted(set(val_classes) - set(class_names))
     if unknown:
-        raise TlRayError(f"--data: {root}/val has classes that train/ lacks: {', '.join(unknown)}")
+        raise TlRayError(f"--data: {shown} has classes that train/ lacks: {', '.join(unknown)}")
     index = {name: label for label, name in enumerate(class_names)}
     val, stats = [], [no_stats()]
     for name in val_classes:
@@ -100,7 +123,7 @@ def _folder_val(
         val += [(path, index[name]) for path in files]
         stats.append(class_stats)
     if not val:
-        raise TlRayError(f"--data: {root}/val has no images; add some, or remove it to split train/ by --val-fraction")
+        raise TlRayError(f"--data: {shown} has no images; add some, or remove it to split train/ by --val-fraction")
     return val, np.concatenate(stats)
 
 
@@ -154,20 +177,41 @@ def list_items(
 
 
 def with_val_data(where: location.Location) -> Listing:
-    """Class folders (ROOT/train/<class>/, ROOT/val/<class>/) as a listing, for a run with --val-data."""
+    """Class folders (ROOT/train/<class>/, ROOT/val/<class>/, ROOT/test/<class>/) as a listing, for a run with
+    --val-data: the val folder is left out, the test folder kept apart."""
     train = list_items(where.join("train"), SourceOptions())
+    val_name = val_folder(where)
+    test = kept_apart(where) or Listing(NAME, where, train.opener, [], [], [], no_stats(), [])
     return Listing(
         NAME,
         where,
         train.opener,
-        train.items,
-        train.labels,
-        ["train"] * len(train.items),
-        train.stats,
-        train.keys,
+        train.items + test.items,
+        train.labels + test.labels,
+        ["train"] * len(train.items) + ["test"] * len(test.items),
+        np.concatenate([train.stats, test.stats]),
+        train.keys + [f"{TEST_FOLDER}/{key}" for key in test.keys],
         rejected=train.rejected,
-        notes=["ROOT/val/ left out: --val-data is the val set"] if has_folder(where, "val") else [],
+        notes=[f"ROOT/{val_name}/ left out: --val-data is the val set"] * (val_name is not None) + test.notes,
     )
+
+
+def kept_apart(where: location.Location) -> Listing | None:
+    """ROOT/test/<class>/ as a listing (None without a test/ folder): the test split, which a run keeps apart."""
+    if not has_folder(where, TEST_FOLDER):
+        return None
+    folder = where.join(TEST_FOLDER)
+    if not find_classes(where.filesystem, folder.path):  # unlabelled test images (Kaggle's): nothing to score
+        note = f"{TEST_FOLDER}/ holds no <class>/ image folders: left out (unlabelled)"
+        return Listing(
+            NAME, where, FileOpener(where.filesystem, uri_prefix(where)), [], [], [], no_stats(), [], notes=[note]
+        )
+    test = list_items(folder, SourceOptions())
+    test.notes.append(
+        f"{TEST_FOLDER}/: {len(test.items):,} image(s) kept apart (never trained or validated on); score them with"
+        f" tl-ray evaluate --data {where.join(TEST_FOLDER).uri}"
+    )
+    return test
 
 
 # ---------------------------------------------------------------- the wrong shapes, refused
@@ -211,21 +255,44 @@ def check_shape_dirs(where: location.Location, option: str) -> None:
 
 
 def _refuse_flat(filesystem: pafs.FileSystem, folder: str, shown: str, option: str) -> None:
+    """Images directly in ``folder``, no class folders: refused, saying where the labels may be. A --label-pattern
+    is suggested only once checked on these names (two or more classes, several images each); a table beside the
+    images is named, as it is likely what holds the labels."""
     images = list_images(filesystem, folder)
-    if images:
-        raise UsageError(
-            f"{option}: found {len(images):,} images directly in {shown} and no class folders: are the labels in"
-            f" the file names? try --label-pattern '{suggest_label_pattern(images)}'"
-        )
-
-
-def suggest_label_pattern(paths: list[str]) -> str:
-    r"""A --label-pattern for these files: the letters before the separator most of their names have after their
-    first word (``cat.0.jpg``: ``^(\w+)\.``, ``circle_0050.jpg``: ``^([A-Za-z]+)_``), or the usual hint."""
-    separators = collections.Counter(
-        found.group(1) for path in paths[:1000] if (found := re.match(r"[A-Za-z]+([._-])", path.rsplit("/", 1)[-1]))
+    if not images:
+        return
+    found = f"{option}: found {len(images):,} images directly in {shown} and no class folders"
+    tables = sorted(
+        entry.base_name
+        for entry in list_entries(filesystem, folder, False)
+        if entry.type == pafs.FileType.File and entry.base_name.lower().endswith(MANIFEST_SUFFIXES)
     )
+    if tables:
+        raise UsageError(
+            f"{found}: are the labels in {tables[0]}? pass it: {option} {shown}/{tables[0]} (--path-column,"
+            " --label-column name its columns)"
+        )
+    pattern = suggest_label_pattern(images)
+    if pattern is None:
+        raise UsageError(
+            f"{found}, and their names hold no label: put each class's images in {shown}/<class>/, or list them in"
+            " a manifest of path,label (--data FILE.csv)"
+        )
+    raise UsageError(f"{found}: are the labels in the file names? try --label-pattern '{pattern}'")
+
+
+def suggest_label_pattern(paths: list[str]) -> str | None:
+    r"""A --label-pattern for these files, checked on their names: the letters before the separator most of them
+    have after their first word (``cat.0.jpg``: ``^(\w+)\.``, ``circle_0050.jpg``: ``^([A-Za-z]+)_``); None when
+    it would not label them: fewer than two classes, or about one image per class (``0001.jpg``: each its own)."""
+    names = [path.rsplit("/", 1)[-1] for path in paths[:1000]]
+    separators = collections.Counter(found.group(1) for name in names if (found := re.match(r"[A-Za-z]+([._-])", name)))
     if not separators:
-        return LABEL_PATTERN_HINT
+        return None
     separator = separators.most_common(1)[0][0]
-    return LABEL_PATTERN_HINT if separator == "." else f"^([A-Za-z]+){re.escape(separator)}"
+    pattern = LABEL_PATTERN_HINT if separator == "." else f"^([A-Za-z]+){re.escape(separator)}"
+    labels = [found.group(1) for name in names if (found := re.search(pattern, name))]
+    classes = len(set(labels))
+    if len(labels) < len(names) / 2 or classes < 2 or classes * 2 > len(labels):
+        return None
+    return pattern

@@ -15,7 +15,14 @@ from tl_ray import location
 from tl_ray.errors import TlRayError, UsageError
 from tl_ray.inputs.config import SourceOptions
 from tl_ray.inputs.layout import FileOpener, no_stats
-from tl_ray.inputs.sources.listing import Listing, has_folder, list_image_stats, readable_stats, uri_prefix
+from tl_ray.inputs.sources.listing import (
+    Listing,
+    has_folder,
+    list_image_stats,
+    readable_stats,
+    uri_prefix,
+    val_folder,
+)
 
 NAME = "file names"
 
@@ -23,7 +30,8 @@ NAME = "file names"
 def list_items(
     where: location.Location, options: SourceOptions, labelled: bool = True, option: str = "--data"
 ) -> Listing:
-    """Images whose label is in their file name (``--label-pattern``): ROOT/train/ and an optional ROOT/val/, or
+    """Images whose label is in their file name (``--label-pattern``): ROOT/train/ and an optional ROOT/val/ (or
+    valid/, validation/), or
     every image under ROOT; a file whose name does not match is left out, and reported (``labelled`` or not: the
     pattern is what makes this source)."""
     pattern = re.compile(options.validate().label_pattern or "")
@@ -35,9 +43,10 @@ def list_items(
     if has_folder(where, "train"):
         folders = [("train", f"{where.path}/train")]
         rule = "train/ and a held-out share of it by each file's hash (--val-fraction)"
-        if has_folder(where, "val"):
-            folders.append(("val", f"{where.path}/val"))
-            rule = "train/ and val/"
+        val_name = val_folder(where, option)
+        if val_name is not None:
+            folders.append(("val", f"{where.path}/{val_name}"))
+            rule = f"train/ and {val_name}/"
     prefix = uri_prefix(where)
     items, labels, splits, keys, stats, rejected = [], [], [], [], [no_stats()], []
     names_seen, example = 0, ""

@@ -26,6 +26,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
 PARQUET_SUFFIX = ".parquet"
 NOT_UTF8 = "file name is not valid UTF-8; rename the file"
+# A dataset's split folders beside train/: the validation split's names, and the test split, which is kept apart
+# (never trained or validated on: `tl-ray evaluate --split test` scores it).
+VAL_FOLDERS = ("val", "valid", "validation")
+TEST_FOLDER = "test"
 
 
 class Opener(Protocol):
@@ -101,6 +105,18 @@ def list_entries(filesystem: pafs.FileSystem, path: str, recursive: bool) -> lis
 def has_folder(where: location.Location, name: str) -> bool:
     """Whether ``where`` holds a folder ``name`` (``train``, ``val``): how the sources tell their shapes apart."""
     return file_info(where.filesystem, f"{where.path}/{name}").type == pafs.FileType.Directory
+
+
+def val_folder(where: location.Location, option: str = "--data") -> str | None:
+    """The one validation folder ``where`` holds beside train/ (val/, valid/ or validation/: Kaggle's, Hugging
+    Face's and torchvision's names), None without one; two of them are refused, as which is meant is unknowable."""
+    found = [name for name in VAL_FOLDERS if has_folder(where, name)]
+    if len(found) > 1:
+        raise TlRayError(
+            f"{option}: {where.uri} has both {found[0]}/ and {found[1]}/; keep one validation folder (or pass the"
+            " one to use as --val-data)"
+        )
+    return found[0] if found else None
 
 
 # ---------------------------------------------------------------- image files
