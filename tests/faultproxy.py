@@ -100,9 +100,25 @@ class FaultProxy:
             def log_message(self, *args: object) -> None:  # quiet: the counters are the record
                 pass
 
+            def _body(self) -> bytes:
+                """The request's body as sent: the AWS SDK uploads parts chunked (aws-chunked inside HTTP chunked
+                transfer encoding, after a 100-continue that the base class answers), passed on as it came."""
+                if "chunked" not in (self.headers.get("Transfer-Encoding") or "").lower():
+                    return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                raw = bytearray()
+                while True:
+                    line = self.rfile.readline(65536)
+                    raw += line
+                    size = int(line.split(b";")[0].strip() or b"0", 16)
+                    if size == 0:  # the last chunk, then trailers up to a blank line
+                        while (trailer := self.rfile.readline(65536)) not in (b"\r\n", b"\n", b""):
+                            raw += trailer
+                        return bytes(raw + b"\r\n")
+                    raw += self.rfile.read(size + 2)  # the chunk and its CRLF
+
             def _forward(self) -> None:
                 key = urlsplit(self.path).path
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = self._body()
                 status = proxy._fault_for(self.command, key)
                 if status is not None:
                     payload = SLOW_DOWN if self.command != "HEAD" else b""
@@ -114,7 +130,7 @@ class FaultProxy:
                     return
                 connection = http.client.HTTPConnection(proxy.upstream, timeout=60)
                 try:
-                    headers = {name: value for name, value in self.headers.items()}
+                    headers = {name: value for name, value in self.headers.items() if name.lower() != "expect"}
                     connection.request(self.command, self.path, body=body or None, headers=headers)
                     response = connection.getresponse()
                     data = response.read()

@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 import torch
 from torch import nn
 
-from tl_ray import backbones, location
+from tl_ray import backbones, location, retries
 from tl_ray.errors import TlRayError
 
 MODEL_FILE = "model.pt"
@@ -119,8 +119,10 @@ def _download(where: location.Location, files: list[pafs.FileInfo], option: str)
         for info in files:
             # One read (one ranged GET on S3) per chunk: pyarrow's 1 MiB default would be ~100 GETs a ResNet-50.
             chunk = min(max(info.size or 0, 1 << 20), FETCH_CHUNK_BYTES)
-            pafs.copy_files(
-                info.path, str(scratch / info.base_name), source_filesystem=where.filesystem, chunk_size=chunk
+            retries.call(
+                lambda info=info, chunk=chunk: pafs.copy_files(
+                    info.path, str(scratch / info.base_name), source_filesystem=where.filesystem, chunk_size=chunk
+                )
             )
         try:
             os.replace(scratch, target)  # atomic: of two processes fetching the same files, one wins whole

@@ -18,8 +18,10 @@ import os
 import uuid
 from dataclasses import dataclass, field
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
+from tl_ray import retries
 from tl_ray.errors import TlRayError, UsageError
 
 # The schemes whose URI is scheme://<the filesystem's path>: a path inside them maps back to a URI by itself.
@@ -125,6 +127,27 @@ def resolve(text: str | os.PathLike | Location, option: str) -> Location:
     if isinstance(filesystem, pafs.LocalFileSystem):  # file:///x: a local folder, printed as the user wrote it
         return Location(filesystem, path, base.rstrip("/") or base, query)
     return Location(filesystem, path.rstrip("/"), base.rstrip("/"), query)
+
+
+def write_bytes(
+    filesystem: pafs.FileSystem, path: str, data: bytes | pa.Buffer, retry_seconds: float = retries.RETRY_SECONDS
+) -> None:
+    """``data`` as the whole file ``path``: on object storage one PUT, made again while the storage fails for a
+    reason that passes (``tl_ray.retries``), so a throttled or briefly unreachable bucket costs a run's results a
+    wait, not the results. Raises OSError (``retries.Exhausted`` once the retries are spent) for the caller's one
+    line."""
+
+    def put() -> None:
+        with filesystem.open_output_stream(path) as stream:
+            stream.write(data)
+
+    retries.call(put, retry_seconds)
+
+
+def upload(folder: str, target: Location, retry_seconds: float = retries.RETRY_SECONDS) -> None:
+    """A local file's or folder's files copied to ``target``, retried as ``write_bytes`` is (a repeat copies every
+    file again: each is written whole)."""
+    retries.call(lambda: pafs.copy_files(folder, target.path, destination_filesystem=target.filesystem), retry_seconds)
 
 
 def check_writable(location: Location, option: str) -> None:

@@ -24,7 +24,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow.fs as pafs
 import ray.train
 
 from tl_ray import location
@@ -155,8 +154,7 @@ class TensorBoardCallback(ray.train.UserCallback):
         if self.folder.is_local:
             return
         for name in os.listdir(self._local):
-            target = self.folder.join(name)
-            pafs.copy_files(f"{self._local}/{name}", target.path, destination_filesystem=target.filesystem)
+            location.upload(f"{self._local}/{name}", self.folder.join(name))
 
 
 class TrackerCallback(ray.train.UserCallback):

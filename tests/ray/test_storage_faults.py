@@ -118,3 +118,22 @@ def test_predict_evaluate_and_inspect_tell_an_outage_from_bad_images(s3_server, 
         proxy.fail(r"/train/", times=3)
         rows = tl_ray.predict(source_model, data, out=str(out))
         assert len(rows) == 16 and (rows["error"] == "").all() and out.exists()
+
+
+def test_writes_retry_what_passes_and_name_what_does_not(s3_server, images):
+    """Results, reports and cache files are written through location.write_bytes: throttled PUTs are made again
+    until they land; an outage beyond the retries is an OSError that says so (each caller's one line)."""
+    from tl_ray import location, retries
+
+    with FaultProxy(s3_server.endpoint) as proxy:
+        where = location.resolve(proxy.uri(f"{BUCKET}/results"), "--out")
+        proxy.fail(r"/results/throttled\.json", times=3, method="PUT")
+        location.write_bytes(where.filesystem, where.join("throttled.json").path, b'{"ok": true}\n')
+        assert proxy.count("PUT", r"/results/throttled\.json") == 4  # 3 refused, then the one that landed
+        with where.filesystem.open_input_stream(where.join("throttled.json").path) as written:
+            assert written.read() == b'{"ok": true}\n'
+
+        proxy.fail(r"/results/down\.json", times=1_000, method="PUT")
+        with pytest.raises(retries.Exhausted, match=r"^storage error after \d+ tries in 1 s: OSError: .*SLOW_DOWN"):
+            location.write_bytes(where.filesystem, where.join("down.json").path, b"{}", retry_seconds=1.0)
+        assert where.filesystem.get_file_info(where.join("down.json").path).type == pafs.FileType.NotFound

@@ -13,6 +13,7 @@ import pyarrow.fs as pafs
 import pytest
 from PIL import Image
 
+from tl_ray import retries
 from tl_ray.errors import RunError
 from tl_ray.inputs import reading
 
@@ -51,7 +52,7 @@ def test_throttling_inside_the_budget_is_absorbed_with_growing_jittered_waits():
     opener = Flaky(5, SLOW_DOWN)
     assert reading.read_item(opener, "s3://b/k", 60, clock.sleep, clock) == b"s3://b/k"
     assert opener.reads == 6 and len(clock.waits) == 5
-    caps = [min(reading.MAX_DELAY, reading.FIRST_DELAY * 2**n) for n in range(5)]
+    caps = [min(retries.MAX_DELAY, retries.FIRST_DELAY * 2**n) for n in range(5)]
     assert all(0 <= wait <= cap for wait, cap in zip(clock.waits, caps, strict=True))
 
 
@@ -75,7 +76,7 @@ def test_an_outage_longer_than_the_budget_is_a_storage_error_not_a_bad_file():
 )
 def test_failures_that_pass_are_retried(error):
     clock = Clock()
-    assert reading.is_transient(error)
+    assert retries.is_transient(error)
     assert reading.read_item(Flaky(1, error), "s3://b/k", 10, clock.sleep, clock) == b"s3://b/k"
 
 

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.fs as pafs
 
 from tl_ray import checkpoint as checkpoints
 from tl_ray import location, progress
@@ -104,7 +103,7 @@ def _write_evaluation(
     with tempfile.TemporaryDirectory() as scratch:
         _write_evaluation_files(Path(scratch), metrics, misclassified, confusion)
         try:
-            pafs.copy_files(scratch, target.path, destination_filesystem=target.filesystem)
+            location.upload(scratch, target)
         except OSError as error:
             raise TlRayError(f"--out: cannot write {target.uri}: {location.describe(error)}") from error
 

@@ -111,7 +111,7 @@ def export(config: ExportConfig) -> ExportResult:
         (Path(scratch) / (target.name + ".json")).write_text(text, encoding="utf-8")
         try:
             for source, destination in ((local, target), (Path(scratch) / (target.name + ".json"), sidecar_target)):
-                pafs.copy_files(str(source), destination.path, destination_filesystem=destination.filesystem)
+                location.upload(str(source), destination)
         except OSError as error:
             raise TlRayError(f"--out: cannot write {target.uri}: {location.describe(error)}") from error
         size = local.stat().st_size

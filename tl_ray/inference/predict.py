@@ -32,12 +32,13 @@ def _input_items(
 def _write(table: pa.Table, out: location.Location) -> None:
     if out.is_local:
         Path(out.path).parent.mkdir(parents=True, exist_ok=True)
+    sink = pa.BufferOutputStream()
+    if out.base.endswith(".parquet"):
+        pq.write_table(table, sink)
+    else:
+        pacsv.write_csv(table, sink)
     try:
-        with out.filesystem.open_output_stream(out.path) as stream:
-            if out.base.endswith(".parquet"):
-                pq.write_table(table, stream)
-            else:
-                pacsv.write_csv(table, stream)
+        location.write_bytes(out.filesystem, out.path, sink.getvalue())
     except OSError as error:
         raise TlRayError(f"--out: cannot write {out.uri}: {location.describe(error)}") from error
 

@@ -135,8 +135,7 @@ def write_manifest(filesystem: pafs.FileSystem, folder: str, manifest: dict) -> 
     payload = (json.dumps(manifest, indent=1) + "\n").encode()
     final = f"{folder}/{MANIFEST}"
     if not isinstance(filesystem, pafs.LocalFileSystem):
-        with filesystem.open_output_stream(final) as stream:
-            stream.write(payload)
+        location.write_bytes(filesystem, final, payload)
         return
     temporary = f"{final}.{uuid.uuid4().hex}.tmp"
     with open(temporary, "wb") as stream:
@@ -213,8 +212,7 @@ def _decode_to_file(
         # would a dictionary of images that are all distinct.
         pq.write_table(pa.table(decoded, schema=CACHE_SCHEMA), sink, compression="none", use_dictionary=False)
         written = sink.getvalue()
-        with cache_filesystem.open_output_stream(f"{folder}/{name}") as stream:  # one PUT on an object store
-            stream.write(written)
+        location.write_bytes(cache_filesystem, f"{folder}/{name}", written, retry_seconds)  # one PUT
         size = written.size
     return {
         "file": np.asarray([name], dtype=object),

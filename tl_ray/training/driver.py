@@ -94,8 +94,7 @@ def write_config(config: Any, storage: location.Location | str) -> None:
     folder = location.resolve(storage, "--storage").join(config.name)
     try:
         folder.filesystem.create_dir(folder.path, recursive=True)
-        with folder.filesystem.open_output_stream(folder.join(CONFIG_FILE).path) as stream:
-            stream.write(to_yaml(config).encode())
+        location.write_bytes(folder.filesystem, folder.join(CONFIG_FILE).path, to_yaml(config).encode())
     except OSError as error:
         target = folder.join(CONFIG_FILE).uri
         raise TlRayError(f"--storage: cannot write {target}: {location.describe(error)}") from error

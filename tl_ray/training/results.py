@@ -88,8 +88,9 @@ def collect(
         lr_range_test=train_state.get(LR_RANGE_TEST),
         lr_selection=train_state.get(LR_SELECTION),
     )
-    with result.filesystem.open_output_stream(f"{result.path}/{RESULT_FILE}") as stream:
-        stream.write((json.dumps(outcome.to_json(), indent=2) + "\n").encode())
+    location.write_bytes(
+        result.filesystem, f"{result.path}/{RESULT_FILE}", (json.dumps(outcome.to_json(), indent=2) + "\n").encode()
+    )
     return outcome
 
 
@@ -119,8 +120,6 @@ def write_lr_find(curve: lr_range.LrCurve, run_dir: location.Location) -> tuple[
     """The range test's plot and curve in the run folder; (their URIs)."""
     plot, curve_json = run_dir.join(LR_FIND_PLOT), run_dir.join(LR_FIND_JSON)
     filesystem = run_dir.filesystem
-    with filesystem.open_output_stream(curve_json.path) as stream:
-        stream.write((json.dumps(curve.to_json(), indent=2) + "\n").encode())
-    with filesystem.open_output_stream(plot.path) as stream:
-        stream.write(lr_range.lr_find_png(curve))
+    location.write_bytes(filesystem, curve_json.path, (json.dumps(curve.to_json(), indent=2) + "\n").encode())
+    location.write_bytes(filesystem, plot.path, lr_range.lr_find_png(curve))
     return plot.uri, curve_json.uri

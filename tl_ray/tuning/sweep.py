@@ -383,7 +383,7 @@ def write_report(summary: SweepSummary, run_dir: location.Location | None = None
         written = report.write_report(summary, scratch)
         for path in written.values():
             target = run_dir.join(path.name)
-            pafs.copy_files(str(path), target.path, destination_filesystem=target.filesystem)
+            location.upload(str(path), target)
     return {kind: run_dir.join(path.name).uri for kind, path in written.items()}
 
 
