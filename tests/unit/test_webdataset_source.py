@@ -4,7 +4,6 @@ labelled, split, with bad shards and samples reported, and read back by offset."
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from helpers import SHARD_COLOURS, cls_samples, jpeg, write_shard
 
 import tl_ray
 from tl_ray import location
@@ -23,34 +22,6 @@ from tl_ray.inference import predict as inference
 from tl_ray.inputs import cache, imaging, sources
 from tl_ray.inputs.config import SourceOptions
 from tl_ray.inputs.sources import class_folders, webdataset
-
-COLOURS = [(230, 30, 30), (30, 30, 230), (30, 200, 30)]
-
-
-def _jpeg(colour, size=(20, 16)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, colour).save(buffer, format="JPEG", quality=95)
-    return buffer.getvalue()
-
-
-def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
-    """A shard as webdataset's ShardWriter writes one: per sample, its members KEY.EXT in order, mode 0o444."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for extension, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{extension}")
-                info.size, info.mode, info.mtime = len(data), 0o444, 1_700_000_000
-                tar.addfile(info, io.BytesIO(data))
-    return path
-
-
-def cls_samples(first: int, count: int, classes: int = 2) -> list[tuple[str, dict[str, bytes]]]:
-    """Samples numbered from ``first``: a JPEG of its class's colour and a .cls of the class id."""
-    return [
-        (f"{index:06d}", {"jpg": _jpeg(COLOURS[index % classes]), "cls": str(index % classes).encode()})
-        for index in range(first, first + count)
-    ]
 
 
 @pytest.fixture
@@ -78,7 +49,7 @@ def test_every_shape_of_data_is_recognised(shards, tmp_path):
     root = tmp_path / "folders"
     for name in ("a", "b"):
         (root / "train" / name).mkdir(parents=True)
-        (root / "train" / name / "0.jpg").write_bytes(_jpeg(COLOURS[0]))
+        (root / "train" / name / "0.jpg").write_bytes(jpeg(SHARD_COLOURS[0]))
     write_shard(root / "backup.tar", cls_samples(0, 2))
     assert sources.recognise(location.resolve(root, "--data"), options) is class_folders
 
@@ -103,7 +74,7 @@ def test_a_brace_pattern_reports_the_shards_it_names_that_do_not_exist(shards):
 def test_class_ids_from_cls_in_numeric_order_and_items_read_by_offset(tmp_path):
     shard = tmp_path / "ids.tar"
     samples = [
-        (f"k{index}", {"jpg": _jpeg(COLOURS[index % 3]), "cls": f"{[2, 10, 9][index % 3]}\n".encode()})
+        (f"k{index}", {"jpg": jpeg(SHARD_COLOURS[index % 3]), "cls": f"{[2, 10, 9][index % 3]}\n".encode()})
         for index in range(12)
     ]
     write_shard(shard, samples)
@@ -117,7 +88,7 @@ def test_class_ids_from_cls_in_numeric_order_and_items_read_by_offset(tmp_path):
     opener = pickle.loads(pickle.dumps(listing.opener))  # as it travels into a Ray task
     for index, item in enumerate(listing.items):
         assert opener.read(item) == expected[f"k{index}.jpg"]
-    assert imaging.load_rgb(opener.read(listing.items[4])).getpixel((5, 5)) == pytest.approx(COLOURS[1], abs=3)
+    assert imaging.load_rgb(opener.read(listing.items[4])).getpixel((5, 5)) == pytest.approx(SHARD_COLOURS[1], abs=3)
     assert (listing.stats == [shard.stat().st_size, shard.stat().st_mtime_ns]).all()  # keyed by the shard
 
 
@@ -125,12 +96,12 @@ def test_class_names_from_txt_and_from_a_json_key(tmp_path):
     names = ["tench", "goldfish", "tench", "shark"]
     txt = write_shard(
         tmp_path / "txt" / "a.tar",
-        [(f"x{i}", {"jpg": _jpeg(COLOURS[0]), "txt": n.encode()}) for i, n in enumerate(names)],
+        [(f"x{i}", {"jpg": jpeg(SHARD_COLOURS[0]), "txt": n.encode()}) for i, n in enumerate(names)],
     )
     listing = sources.list_source(location.resolve(txt, "--data"), SourceOptions())
     assert listing.labels == names and listing.class_names is None  # names: sorted by to_layout
     described = [
-        (f"y{i}", {"jpg": _jpeg(COLOURS[0]), "json": json.dumps({"species": n, "label": 7}).encode(), "cls": b"3"})
+        (f"y{i}", {"jpg": jpeg(SHARD_COLOURS[0]), "json": json.dumps({"species": n, "label": 7}).encode(), "cls": b"3"})
         for i, n in enumerate(names)
     ]
     folder = tmp_path / "json"
@@ -147,8 +118,8 @@ def test_samples_without_image_or_label_and_shards_that_are_not_tars_are_reporte
         bad,
         [
             ("only-label", {"cls": b"1"}),
-            ("no-label", {"jpg": _jpeg(COLOURS[0]), "json": b'{"caption": "a fish"}'}),
-            ("bad-id", {"png": _jpeg(COLOURS[0]), "cls": b"one"}),
+            ("no-label", {"jpg": jpeg(SHARD_COLOURS[0]), "json": b'{"caption": "a fish"}'}),
+            ("bad-id", {"png": jpeg(SHARD_COLOURS[0]), "cls": b"one"}),
             *cls_samples(40, 2),
         ],
     )
@@ -166,7 +137,7 @@ def test_samples_without_image_or_label_and_shards_that_are_not_tars_are_reporte
 
 def test_shards_without_labels_are_one_line_for_training_and_fine_for_predict(tmp_path):
     folder = tmp_path / "laion"
-    captions = [(f"{i:09d}", {"jpg": _jpeg(COLOURS[0]), "json": b'{"caption": "x"}'}) for i in range(3)]
+    captions = [(f"{i:09d}", {"jpg": jpeg(SHARD_COLOURS[0]), "json": b'{"caption": "x"}'}) for i in range(3)]
     write_shard(folder / "00000.tar", captions)
     with pytest.raises(UsageError) as found:
         sources.discover(folder)
