@@ -60,6 +60,7 @@ _SHARD_AND_KEY = re.compile(r"^(.*\.tar)#(.*)$", re.IGNORECASE | re.DOTALL)
 _BRACES = re.compile(r"\{([^{}]*)\}")
 _PATTERN_CHARS = "*?[{"
 MAX_LABEL_BYTES = 1 << 20  # a label member larger than this is not read (no label from it)
+STREAM_BUFFER = 16 << 20  # a shard in object storage is listed by reads of this size (tarfile reads 10 KB)
 LIST_THREADS = 8  # shards listed at once: reading a shard's headers is latency-bound in object storage
 
 
@@ -282,7 +283,7 @@ def read_shard(filesystem: pafs.FileSystem, path: str, label_key: str | None) ->
         if is_local(filesystem):
             stream, mode = filesystem.open_input_file(path), "r:"
         else:
-            stream, mode = filesystem.open_input_stream(path), "r|"
+            stream, mode = filesystem.open_input_stream(path, buffer_size=STREAM_BUFFER), "r|"
         with stream, tarfile.open(fileobj=stream, mode=mode) as tar:
             for member in tar:
                 _add_member(samples, member, tar, label_key)
