@@ -213,3 +213,14 @@ def test_a_shard_changed_since_listing_is_a_bad_item_not_a_crash(shards):
     with pytest.raises(ValueError, match=re.escape("bytes before the member's end")):
         webdataset.ShardOpener(layout.filesystem, "").read(item)
     assert np.asarray(layout.train_stats).shape == (len(layout.train), 2)
+
+
+def test_a_truncated_shard_is_reported_and_its_whole_samples_kept(shards):
+    shard = shards / "shard-000002.tar"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[: len(whole) // 2 + 100])  # an upload cut short: half the samples, a partial header
+    listing = sources.list_source(location.resolve(shards, "--data"), SourceOptions())
+    kept = [item for item in listing.items if item.startswith(str(shard))]
+    assert listing.rejected[0][0] == str(shard) and listing.rejected[0][1].startswith(f"truncated after {len(kept)}")
+    assert 0 < len(kept) < 10 and len(listing.items) == 20 + len(kept)
+    assert all(listing.opener.read(item)[:2] == b"\xff\xd8" for item in kept)
