@@ -45,6 +45,8 @@ def test_every_shape_of_data_is_recognised(shards, tmp_path):
     sizes = {data: len(sources.list_source(location.resolve(data, "--data"), options).items) for data in shapes}
     assert list(sizes.values()) == [30, 10, 30, 30]
     assert len(sources.list_source(location.resolve(f"{shards}/shard-00000[02].tar", "--data"), options).items) == 20
+    bracketed = shards.rename(tmp_path / "shards [v2]")  # pattern characters in a real folder's name: that folder
+    assert len(sources.list_source(location.resolve(bracketed, "--data"), options).items) == 30
     # Class folders with an archive beside train/ stay class folders.
     root = tmp_path / "folders"
     for name in ("a", "b"):

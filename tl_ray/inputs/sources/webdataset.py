@@ -41,7 +41,6 @@ from tl_ray.inputs.sources.columns import numeric_order
 from tl_ray.inputs.sources.listing import (
     IMAGE_EXTENSIONS,
     Listing,
-    file_info,
     list_entries,
     or_unknown,
     uri_prefix,
@@ -92,8 +91,8 @@ class ShardOpener:
         opened = self.filesystem.open_input_file(path)
         with self._lock:
             self._open[path] = opened
-            while len(self._open) > self.KEEP_OPEN:
-                self._open.popitem(last=False)[1].close()
+            while len(self._open) > self.KEEP_OPEN:  # not closed here: another thread may be reading it (inspect)
+                self._open.popitem(last=False)
         return opened
 
     def read(self, item: str) -> bytes:
@@ -148,6 +147,11 @@ def _is_pattern(path: str) -> bool:
     return any(char in path for char in _PATTERN_CHARS)
 
 
+def _names_pattern(where: location.Location, option: str) -> bool:
+    """Whether --data is a glob or brace pattern: pattern characters, and no file or folder of that name."""
+    return _is_pattern(where.path) and where.info(option).type == pafs.FileType.NotFound
+
+
 def _is_tar(name: str) -> bool:
     base = name.rsplit("/", 1)[-1]
     return base.lower().endswith(TAR_SUFFIX) and not base.startswith((".", "_"))
@@ -157,8 +161,8 @@ def is_shards(where: location.Location, option: str = "--data") -> bool:
     """Whether --data names WebDataset shards: a ``.tar`` file, a glob or brace pattern of ``.tar`` names (no file
     of that name), or a folder holding ``.tar`` files (or a ``train/`` folder of them; a folder with ``train/``
     whose ``train/`` holds none is class folders with an archive beside them)."""
-    if _is_pattern(where.path):
-        return _is_tar(expand_braces(where.path)[0]) and where.info(option).type == pafs.FileType.NotFound
+    if _names_pattern(where, option):
+        return _is_tar(expand_braces(where.path)[0])
     info = where.info(option)
     if info.type == pafs.FileType.File:
         return _is_tar(where.path)
@@ -173,7 +177,7 @@ def is_shards(where: location.Location, option: str = "--data") -> bool:
 def shard_files(where: location.Location, option: str = "--data") -> tuple[str, list[pafs.FileInfo], list[str]]:
     """(the folder shard keys are relative to, the shards sorted by path, the names a brace pattern gave that do
     not exist). A folder is listed recursively; a pattern lists the folder above its first wildcard once."""
-    if not _is_pattern(where.path):
+    if not _names_pattern(where, option):
         info = where.info(option)
         if info.type == pafs.FileType.File:
             return where.path.rsplit("/", 1)[0], [info], []
@@ -392,9 +396,7 @@ def _read_or_fail(
     path, size = shard.path, shard.size
     try:
         return read_shard(where.filesystem, path, label_key, size)
-    except OSError as error:
-        if isinstance(error, FileNotFoundError):
-            file_info(where.filesystem, path)  # a listing error of the filesystem itself is raised as ever
+    except OSError as error:  # gone since listed, unreachable, refused: not the shard's contents
         raise TlRayError(f"{option}: cannot read the shard {prefix}{path}: {location.describe(error)}") from error
 
 
