@@ -13,7 +13,7 @@ from helpers import SHARD_COLOURS, cls_samples, write_shard
 
 import tl_ray
 from tl_ray import cli
-from tl_ray.inputs import imaging, sources
+from tl_ray.inputs import cache, imaging, sources
 
 
 def _dataset(folder: Path) -> Path:
@@ -57,8 +57,9 @@ def test_train_on_shards_then_predict_evaluate_and_inspect_them(tmp_path, ray_cl
     shutil.rmtree(storage, ignore_errors=True)
 
 
-def test_shards_in_object_storage(s3_server, tmp_path):
-    """Listed with one LIST and one streamed GET per shard; each item read back by a ranged GET of its shard."""
+def test_shards_in_object_storage(s3_server, tmp_path, ray_cluster):
+    """Listed with one LIST and one streamed GET per shard; each item read back by a ranged GET of its shard, in
+    this process and in the cache build's Ray tasks."""
     s3_server.create_bucket("wds")
     local = _dataset(tmp_path / "wds")
     pafs.copy_files(str(local), "wds/ds", destination_filesystem=s3_server.filesystem())
@@ -76,5 +77,12 @@ def test_shards_in_object_storage(s3_server, tmp_path):
         assert layout.opener.read(item) == tar.extractfile(f"{key}.jpg").read()
     colour = imaging.load_rgb(layout.opener.read(item)).getpixel((4, 4))
     assert min(sum(abs(a - b) for a, b in zip(colour, expected, strict=True)) for expected in SHARD_COLOURS) < 12
+    since = s3_server.mark()
+    built = cache.prepare(layout.train, layout, 32, str(tmp_path / "cache"), split="train")
+    assert built.rows == len(layout.train) - 1 and [path for path, _, _ in built.skipped] == [
+        s3_server.uri("wds/ds/train-000000.tar").split("?")[0] + "#broken"
+    ]
+    reads = [request for request in s3_server.requests(since) if request.method == "GET"]
+    assert len(reads) == len(layout.train) and {request.status for request in reads} == {206}  # one range each
     folder = sources.discover(s3_server.uri("wds/ds"))
     assert (len(folder.train), len(folder.val)) == (24, 6) and "shards' names" in folder.val_source
