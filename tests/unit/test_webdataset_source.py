@@ -60,6 +60,9 @@ def test_brace_expansion_as_webdataset_writes_shard_names():
     assert webdataset.expand_braces("s-{000008..000011}.tar") == [f"s-{n:06d}.tar" for n in range(8, 12)]
     assert webdataset.expand_braces("{a,b}/x-{1..3}.tar") == [f"{d}/x-{n}.tar" for d in "ab" for n in (1, 2, 3)]
     assert webdataset.expand_braces("plain{}.tar") == ["plain{}.tar"]
+    uri = "s3://bucket/wds/shard-{000000..000009}.tar?endpoint_override=127.0.0.1:9&scheme=http"
+    where = location.resolve(uri, "--data")  # braces are no URI characters: pyarrow gets them encoded, and back
+    assert (where.path, where.uri) == ("bucket/wds/shard-{000000..000009}.tar", uri)
 
 
 def test_a_brace_pattern_reports_the_shards_it_names_that_do_not_exist(shards):
