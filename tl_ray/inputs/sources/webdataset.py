@@ -114,7 +114,7 @@ def sample_item(shard: str, key: str, offset: int, size: int) -> str:
 def split_item(item: str) -> tuple[str, str, int, int]:
     """``sample_item`` undone: (SHARD, KEY, OFFSET, SIZE). OFFSET and SIZE are the last two ``#`` fields; SHARD
     ends at the last ``.tar#`` before them: a key's base name has no dot, so only a key whose folder part holds
-    ``.tar#`` would be misread)."""
+    ``.tar#`` would be misread."""
     shown, offset, size = item.rsplit("#", 2)
     found = _SHARD_AND_KEY.match(shown)
     shard, key = found.groups() if found else (shown, "")
