@@ -168,3 +168,36 @@ def checkpoint_meta(arch: str, num_classes: int, size: int = 32) -> dict:
         "mean": [0.485, 0.456, 0.406],
         "std": [0.229, 0.224, 0.225],
     }
+
+
+# ---------------------------------------------------------------- WebDataset shards
+
+SHARD_COLOURS = [(230, 30, 30), (30, 30, 230), (30, 200, 30)]
+
+
+def jpeg(colour: tuple[int, int, int], size: tuple[int, int] = (20, 16)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
+    """A shard as webdataset's ShardWriter writes one: per sample, its members KEY.EXT one after another."""
+    import tarfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for extension, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size, info.mode, info.mtime = len(data), 0o444, 1_700_000_000
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def cls_samples(first: int, count: int, classes: int = 2) -> list[tuple[str, dict[str, bytes]]]:
+    """Samples numbered from ``first``: a JPEG of its class's colour and a .cls of the class id."""
+    return [
+        (f"{index:06d}", {"jpg": jpeg(SHARD_COLOURS[index % classes]), "cls": str(index % classes).encode()})
+        for index in range(first, first + count)
+    ]

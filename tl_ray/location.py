@@ -121,7 +121,10 @@ def resolve(text: str | os.PathLike | Location, option: str) -> Location:
         return Location(pafs.LocalFileSystem(), path, path)
     base, _, query = text.partition("?")
     try:
-        filesystem, path = pafs.FileSystem.from_uri(text)
+        # Braces (a WebDataset brace pattern, shard-{000000..000009}.tar) are no URI characters: sent encoded,
+        # pyarrow's path has them back.
+        braced = base.replace("{", "%7B").replace("}", "%7D")
+        filesystem, path = pafs.FileSystem.from_uri(f"{braced}?{query}" if query else braced)
     except (ValueError, OSError, NotImplementedError, TypeError) as error:  # pyarrow's ArrowInvalid, ...
         raise UsageError(f"{option}: cannot open {text}: {describe(error)}") from error
     if isinstance(filesystem, pafs.LocalFileSystem):  # file:///x: a local folder, printed as the user wrote it

@@ -29,7 +29,9 @@ class SourceOptions:
     path_column: str = option(
         "path", "a manifest's column of image paths (relative to the manifest's folder, absolute, or URIs)"
     )
-    label_column: str = option("label", "a manifest's or Parquet's column of labels: class names, or integer ids")
+    label_column: str = option(
+        "label", "a manifest's or Parquet's column of labels (a WebDataset .json's key): class names, or integer ids"
+    )
     split_column: str = option("split", "a manifest's or Parquet's column of splits, train or val (if it has one)")
     image_column: str | None = option(
         None,
@@ -87,7 +89,8 @@ class InspectConfig(ReadsSource):
         None,
         "the dataset: ROOT/train/<class>/*.jpg (+ optional ROOT/val/); a flat folder with --label-pattern; a"
         " manifest FILE.csv|.tsv|.jsonl|.parquet of path,label[,split]; or Parquet files holding the images (a file,"
-        " folder or glob; Hugging Face's train-*/validation-* recognised). A path or a URI (s3://, gs://, abfs://,"
+        " folder or glob; Hugging Face's train-*/validation-* recognised); WebDataset .tar shards (a folder, a shard,"
+        " a glob or a {000000..000009} pattern). A path or a URI (s3://, gs://, abfs://,"
         " hdfs://; an S3-compatible endpoint as ?endpoint_override=HOST:PORT&scheme=http or AWS_ENDPOINT_URL)",
         required="a folder with train/<class>/ image sub-folders",
     )

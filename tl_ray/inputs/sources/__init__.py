@@ -14,7 +14,8 @@ predict, evaluate) sees only that interface (``listing``), so adding a source is
 The sources, each a module with its ``NAME`` and ``list_items``: ``class_folders`` (ROOT/train/<class>/),
 ``file_names`` (--label-pattern), ``manifest`` (a CSV/TSV/JSON-lines/Parquet table of paths), ``imagefolder``
 (Hugging Face's: split folders with a metadata.csv/.jsonl of file_name and label), ``parquet``
-(Parquet files of images, Hugging Face's included) and ``images`` (predict's: an image or a folder of them).
+(Parquet files of images, Hugging Face's included), ``webdataset`` (tar shards, an item ``SHARD#KEY``) and
+``images`` (predict's: an image or a folder of them).
 
 ``recognise`` tells which source --data is from its shape alone (and --label-pattern); ``list_source`` lists it;
 ``discover`` turns a listing into a run's ``Layout`` (classes, the train and val splits, the test split kept
@@ -35,7 +36,7 @@ from tl_ray import location
 from tl_ray.errors import TlRayError
 from tl_ray.inputs.config import SourceOptions
 from tl_ray.inputs.layout import Layout
-from tl_ray.inputs.sources import class_folders, file_names, imagefolder, images, manifest, parquet
+from tl_ray.inputs.sources import class_folders, file_names, imagefolder, images, manifest, parquet, webdataset
 from tl_ray.inputs.sources.class_folders import suggest_label_pattern
 from tl_ray.inputs.sources.listing import (
     MANIFEST_SUFFIXES,
@@ -62,6 +63,7 @@ __all__ = [
     "MANIFEST_SUFFIXES",
     "PARQUET",
     "PARQUET_SUFFIX",
+    "WEBDATASET",
     "Listing",
     "Opener",
     "ParquetOpener",
@@ -78,7 +80,7 @@ __all__ = [
 
 # What ``Listing.source`` and ``Layout.source`` say (inspect prints it).
 CLASS_FOLDERS, FILE_NAMES, MANIFEST, PARQUET = class_folders.NAME, file_names.NAME, manifest.NAME, parquet.NAME
-IMAGES, IMAGEFOLDER = images.NAME, imagefolder.NAME
+IMAGES, IMAGEFOLDER, WEBDATASET = images.NAME, imagefolder.NAME, webdataset.NAME
 
 
 # ---------------------------------------------------------------- recognising --data
@@ -90,7 +92,10 @@ def recognise(
     """Which source ``where`` is, from its shape alone (and --label-pattern): the source's module.
 
     ``labelled=False`` is predict's question, where an image or a folder of images is a source too (``images``):
-    --data is that unless it is a table (``_is_table``), and a table is recognised as for a run."""
+    --data is that unless it is a table (``_is_table``), and a table is recognised as for a run. WebDataset shards
+    (a ``.tar``, a folder, glob or brace pattern of them) are asked about first: a folder of them holds no images."""
+    if webdataset.is_shards(where, option):
+        return webdataset
     if not labelled and not _is_table(where, option):
         return images
     if is_glob(where):
