@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -195,6 +196,14 @@ CLI_CASES: dict[str, tuple[Callable[[Path, Path], list[str]], str]] = {
         "tl-ray: error: --data: {ds}/train/a/0.jpg is a file; expected a folder holding train/<class>/ image folders,"
         " a manifest (.csv, .tsv, .jsonl, .ndjson, .parquet with path and label columns) or Parquet files of images",
     ),
+    "--data pointing at a zip of class folders": (
+        lambda tmp, ds: (
+            shutil.make_archive(str(tmp / "ds"), "zip", ds),
+            _train(tmp / "ds.zip", "none"),
+        )[1],
+        "tl-ray: error: --data: {tmp}/ds.zip is a zip archive, which tl-ray does not read in place (it reads folders,"
+        " WebDataset .tar shards and tables); unpack it (unzip FILE -d DIR) and pass --data DIR",
+    ),
     "YAML config with an unknown key": (
         lambda tmp, ds: _yaml(tmp / "c.yaml", "learning_rate: 0.1\n"),
         "tl-ray: error: --config: {tmp}/c.yaml has unknown keys: learning_rate; known: "
@@ -253,19 +262,37 @@ def test_a_dataset_of_only_bad_files_is_one_clear_error():
 
 
 def test_a_run_without_validation_images_stops_before_training(tmp_path, capsys):
-    """One image a class, labels in the file names (what a Hugging Face imagefolder's train/ looks like): the
-    hash split holds out none, so there is nothing to validate on. One line, exit 2, before Ray starts or anything
-    is written; never a "best val_acc 0.000" chosen on no images."""
+    """Labels in the file names, two images a class, a hash split that holds out none: nothing to validate on. One
+    line, exit 2, before Ray starts or anything is written; never a "best val_acc 0.000" chosen on no images."""
     flat = tmp_path / "flat"
     flat.mkdir()
-    for index, name in enumerate(("cat", "dog", "cow")):
+    for index, name in enumerate(("cat", "dog", "cow", "cat", "dog", "cow")):
         (flat / f"{name}.{index}.jpg").write_bytes(encode(_photo((40, 40)), "JPEG"))
     argv = ["train", "--data", str(flat), "--label-pattern", r"^(\w+)\.", "--weights", "none", "--arch", "resnet18"]
+    argv += ["--val-fraction", "0.01"]
     assert cli.main([*argv, "--storage", str(tmp_path / "runs"), "--name", "r"]) == 2
     assert capsys.readouterr().err.strip() == (
         f"tl-ray: error: --data: {flat} has no validation images (validation split: a held-out share of {flat} by"
         " each file's hash (--val-fraction)); add some (a val/ folder, a split column, --val-data) or raise"
         " --val-fraction"
+    )
+    assert not (tmp_path / "runs" / "r").exists()
+
+
+def test_a_run_whose_every_class_holds_one_image_stops_before_training(tmp_path, capsys):
+    """A label per file (the flat-folder hint followed on a Hugging Face imagefolder's train/, whose names are not
+    labels): as many classes as images. One line naming the cause, exit 2, nothing written."""
+    flat = tmp_path / "flat"
+    for split in ("train", "val"):
+        (flat / split).mkdir(parents=True)
+        for name in ("img0001", "img0002", "img0003"):
+            (flat / split / f"{name}.jpg").write_bytes(encode(_photo((40, 40)), "JPEG"))
+    argv = ["train", "--data", str(flat), "--label-pattern", r"^(\w+)\.", "--weights", "none", "--arch", "resnet18"]
+    assert cli.main([*argv, "--storage", str(tmp_path / "runs"), "--name", "r"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"tl-ray: error: --data: each of the 3 classes of {flat} (labels from file names) holds one training image:"
+        " nothing a model could learn a class from. Labels that name each file (a --label-pattern or a label column"
+        " matching whole names) do this: check the classes with tl-ray inspect"
     )
     assert not (tmp_path / "runs" / "r").exists()
 

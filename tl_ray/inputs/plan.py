@@ -231,6 +231,13 @@ def check_not_empty(layout: Layout, val_images: int, train_images: int | None = 
     would otherwise train on nothing, or choose its best checkpoint by a val_acc of no images."""
     if train_images == 0:
         raise TlRayError(f"--data: {layout.uri_prefix}{layout.root} has no training images{why}")
+    if train_images is not None and train_images == len(layout.class_names):
+        raise TlRayError(
+            f"--data: each of the {train_images:,} classes of {layout.uri_prefix}{layout.root} (labels from"
+            f" {layout.source}) holds one training image: nothing a model could learn a class from. Labels that name"
+            " each file (a --label-pattern or a label column matching whole names) do this: check the classes with"
+            " tl-ray inspect"
+        )
     if not val_images:
         raise TlRayError(
             f"--data: {layout.uri_prefix}{layout.root} has no validation images{why} (validation split: "

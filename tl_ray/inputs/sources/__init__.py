@@ -78,6 +78,11 @@ __all__ = [
     "to_layout",
 ]
 
+# Archives refused with a line saying to unpack them: a zip's members are compressed one by one behind a central
+# directory at its end, so reading images in place would mean a seek per member on object storage, for data sets
+# that are usually a few thousand files; a folder is what every tool writes and reads.
+ARCHIVE_SUFFIXES = (".zip", ".7z", ".rar", ".tar.gz", ".tgz")
+
 # What ``Listing.source`` and ``Layout.source`` say (inspect prints it).
 CLASS_FOLDERS, FILE_NAMES, MANIFEST, PARQUET = class_folders.NAME, file_names.NAME, manifest.NAME, parquet.NAME
 IMAGES, IMAGEFOLDER, WEBDATASET = images.NAME, imagefolder.NAME, webdataset.NAME
@@ -110,6 +115,12 @@ def recognise(
         if name.endswith(PARQUET_SUFFIX):
             has_images = parquet.image_column(parquet.read_schema(where.filesystem, where.path), options)
             return parquet if has_images else manifest
+        if name.endswith(ARCHIVE_SUFFIXES):  # a choice: read in place only what can be read by ranges (tar shards)
+            raise TlRayError(
+                f"{option}: {where.uri} is a {name.rsplit('.', 1)[-1]} archive, which tl-ray does not read in place"
+                f" (it reads folders, WebDataset .tar shards and tables); unpack it (unzip FILE -d DIR) and pass"
+                f" {option} DIR"
+            )
         raise TlRayError(
             f"{option}: {where.uri} is a file; expected a folder holding train/<class>/ image folders, a manifest"
             f" ({', '.join(MANIFEST_SUFFIXES)}, .parquet with path and label columns) or Parquet files of images"
