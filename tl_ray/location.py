@@ -14,8 +14,11 @@ tasks), so every process writes where the driver decided, with the endpoint the 
 
 from __future__ import annotations
 
+import datetime
 import os
+import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -24,6 +27,16 @@ import pyarrow.fs as pafs
 from tl_ray import retries
 from tl_ray.errors import TlRayError, UsageError
 
+# How long one request to object storage may keep trying before it fails, so an endpoint that cannot be reached (no
+# route to Google, a firewall that drops packets) is one line within a minute, not a command silent for ten: S3 as
+# pyarrow's S3FileSystem makes it (AWS's standard retries, 3 attempts, each given up after AWS's 1 s connect and 3 s
+# without a byte; ``FileSystem.from_uri`` uses the SDK's older 10-attempt policy), GCS's client 20 s of retries
+# (its own default: 15 minutes) unless the URI's ``retry_limit_seconds`` says otherwise.
+S3_ATTEMPTS = 3
+GCS_RETRY_S = 20.0
+# The first request to a location (``Location.info``, ``check_writable``) is also given up after this long: GCS's
+# client bounds its retries but not one request to an endpoint that accepts and never answers, nor Azure's any.
+FIRST_ANSWER_S = 30.0
 # The schemes whose URI is scheme://<the filesystem's path>: a path inside them maps back to a URI by itself.
 _PATH_IS_URI = ("s3", "gs", "gcs")
 
@@ -88,9 +101,9 @@ class Location:
     def info(self, option: str) -> pafs.FileInfo:
         """This location's file info; a filesystem that cannot be reached is one line naming ``option``."""
         try:
-            return self.filesystem.get_file_info(self.path)
+            return answered(lambda: self.filesystem.get_file_info(self.path))
         except (OSError, ValueError) as error:
-            raise TlRayError(f"{option}: cannot read {self.uri}: {describe(error)}") from error
+            raise TlRayError(f"{option}: cannot read {self.uri}: {describe(error)}{unreachable_hint(error)}") from error
 
 
 def _join(left: str, tail: str) -> str:
@@ -105,6 +118,26 @@ def describe(error: BaseException) -> str:
     """An error of pyarrow's filesystems in one line (the AWS SDK's messages run over several)."""
     text = " ".join(str(error).split())
     return text[:300] if text else type(error).__name__
+
+
+# What pyarrow's S3 (curl), GCS and Azure clients say when an endpoint never answered.
+_UNREACHABLE = (
+    "NETWORK_CONNECTION",
+    "curlCode",
+    "UNAVAILABLE",
+    "Could not resolve",
+    "Connection refused",
+    "no answer in",
+)
+
+
+def unreachable_hint(error: BaseException) -> str:
+    """What to check when ``error`` says the storage never answered (appended to its one line), else ""."""
+    if any(sign in str(error) for sign in _UNREACHABLE):
+        return (
+            " (the storage did not answer: check the endpoint, the network route to it, a proxy, and the credentials)"
+        )
+    return ""
 
 
 def resolve(text: str | os.PathLike | Location, option: str) -> Location:
@@ -129,7 +162,22 @@ def resolve(text: str | os.PathLike | Location, option: str) -> Location:
         raise UsageError(f"{option}: cannot open {text}: {describe(error)}") from error
     if isinstance(filesystem, pafs.LocalFileSystem):  # file:///x: a local folder, printed as the user wrote it
         return Location(filesystem, path, base.rstrip("/") or base, query)
-    return Location(filesystem, path.rstrip("/"), base.rstrip("/"), query)
+    return Location(bounded(filesystem), path.rstrip("/"), base.rstrip("/"), query)
+
+
+def bounded(filesystem: pafs.FileSystem) -> pafs.FileSystem:
+    """``filesystem`` remade from its own settings (as pickling remakes it in every Ray worker) with the retries
+    bounded (``S3_ATTEMPTS``, ``GCS_RETRY_S``); any other filesystem as it is."""
+    if isinstance(filesystem, pafs.S3FileSystem):
+        settings = filesystem.__reduce__()[1][0]
+        retries = pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS)
+        return pafs.S3FileSystem(**settings, retry_strategy=retries)
+    if isinstance(filesystem, pafs.GcsFileSystem):
+        settings = filesystem.__reduce__()[1][0]
+        if settings.get("retry_time_limit") is None:
+            settings["retry_time_limit"] = datetime.timedelta(seconds=GCS_RETRY_S)
+        return pafs.GcsFileSystem(**settings)
+    return filesystem
 
 
 def write_bytes(
@@ -160,10 +208,11 @@ def check_writable(location: Location, option: str) -> None:
     try:
         if location.is_local:
             location.filesystem.create_dir(location.path, recursive=True)
-        with location.filesystem.open_output_stream(probe.path) as stream:
-            stream.write(b"tl-ray checks it can write here; this file is deleted at once\n")
+        answered(lambda: _write_probe(probe))
     except (OSError, ValueError) as error:
-        raise UsageError(f"{option}: cannot write to {location.uri}: {describe(error)}") from error
+        raise UsageError(
+            f"{option}: cannot write to {location.uri}: {describe(error)}{unreachable_hint(error)}"
+        ) from error
     try:
         location.filesystem.delete_file(probe.path)
     except (OSError, ValueError) as error:
@@ -171,6 +220,32 @@ def check_writable(location: Location, option: str) -> None:
             f"{option}: {location.uri} can be written but not deleted from ({describe(error)}); tl-ray replaces"
             " checkpoints and reports, so it needs both"
         ) from error
+
+
+def _write_probe(probe: Location) -> None:
+    with probe.filesystem.open_output_stream(probe.path) as stream:
+        stream.write(b"tl-ray checks it can write here; this file is deleted at once\n")
+
+
+def answered(call: Callable[[], object], seconds: float = FIRST_ANSWER_S):
+    """``call()``'s result, or TimeoutError when it has not returned within ``seconds``: the call goes on in a
+    daemon thread, which the process does not wait for (the command is about to end with one line)."""
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as error:  # handed to the caller's thread, whatever it is
+            outcome["error"] = error
+
+    worker = threading.Thread(target=run, name="tl-ray-first-request", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise TimeoutError(f"no answer in {seconds:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def forbid_world_writable_files() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -31,20 +31,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a reader that left (`tl-ray inspect ... | head`) is found here, not at exit
         return code
     except BrokenPipeError:
-        # The reader has what it wanted; the command's work is done (a run's checkpoints are written). Python's
-        # own recipe: point stdout at /dev/null so that the flush at exit does not fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # The reader has what it wanted; the command's work is done (a run's checkpoints are written).
+        from tl_ray.cli.console import reader_left
+
+        reader_left(sys.stdout)
         return EXIT_OK
     except KeyboardInterrupt as error:
-        print(f"tl-ray: interrupted{resume}", file=sys.stderr)
-        return exit_code(error)
+        return _interrupted(resume, exit_code(error))
     except SystemExit as exiting:
         # Ray Train's Ctrl-C handler ends a run with sys.exit(0) from inside fit(): an interruption, not a
         # success. Any other exit (Ray's SIGTERM handler: sys.exit(15)) keeps its code.
         if exiting.code not in (0, None):
             raise
-        print(f"tl-ray: interrupted{resume}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupted(resume, EXIT_INTERRUPTED)
     except TlRayError as error:
         print(f"tl-ray: error: {message(error)}", file=sys.stderr)
         return exit_code(error)
@@ -53,6 +52,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         first_line = (str(error).strip().splitlines() or [""])[0]
         print(f"tl-ray: error: unexpected {type(error).__name__}: {first_line}", file=sys.stderr)
         return exit_code(error)
+
+
+def _interrupted(resume: str, code: int) -> int:
+    """Ctrl-C: say so (and how to resume), then stop Ray here, deaf to another Ctrl-C, so that no traceback
+    follows: Ray's own shutdown at exit, interrupted, printed one, and its threads could outlive the interpreter."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print(f"tl-ray: interrupted{resume}", file=sys.stderr, flush=True)
+    ray = sys.modules.get("ray")
+    if ray is not None:
+        with contextlib.suppress(BaseException):
+            ray.shutdown()
+    return code
 
 
 def message(error: TlRayError) -> str:

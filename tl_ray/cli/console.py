@@ -7,7 +7,9 @@ stay free of bar redraws.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import sys
 import threading
 import time
@@ -84,6 +86,14 @@ def trial_row(event: progress.TrialEnd, max_epochs: int, seconds: float) -> str:
         f"{event.trial_id:<12} {point.get('freeze_depth', '?'):>5} {strategy:<15} {point.get('lr', math.nan):>8.2e}"
         f" {f'{event.epochs}/{max_epochs}':>7} {val_acc:>8} {val_loss:>9} {duration(seconds):>7}  {status}"
     )
+
+
+def reader_left(stream: TextIO) -> None:
+    """The reader of ``stream`` has gone (`tl-ray train ... | head -3`): what is still to be printed goes to
+    /dev/null, as Python's own recipe for a closed pipe has it, so that neither the rest of the command nor the
+    flush at exit fails again; the work itself goes on and the command ends as it would have."""
+    with contextlib.suppress(OSError, ValueError):  # not a file (a test's StringIO), or already closed
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 class Console:
@@ -187,5 +197,8 @@ class Console:
             bar.close()
 
     def _print(self, line: str) -> None:
-        tqdm.write(line, file=self.out)
-        self.out.flush()
+        try:
+            tqdm.write(line, file=self.out)
+            self.out.flush()
+        except BrokenPipeError:
+            reader_left(self.out)

@@ -11,6 +11,8 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -275,7 +277,7 @@ def _fit(
                 config, loop_config, setup.datasets, setup.use_gpu, setup.worker_cpus, setup.where.storage, callbacks
             )
             progress.mark("run: fit")
-            with _train_env(config):
+            with _train_env(config), _interruptible(trainer):
                 result = trainer.fit()
             progress.mark("run: fit returned")
         skipped_files = skiplog.skipped_files(skipped)
@@ -289,6 +291,41 @@ def _fit(
     return result, skipped_files
 
 
+class _Trainer(TorchTrainer):
+    """A TorchTrainer that remembers a Ctrl-C. Ray Train's own SIGINT handler (kept: it aborts the controller and
+    its workers) ends ``fit()`` with ``sys.exit(0)``, which Ray turns into ``SystemExit(1)`` when it lands inside
+    ``ray.get``: the same exception a SIGTERM gives, so the signal itself has to be noted."""
+
+    interrupted = False
+
+    def _register_sigint_handler(self, controller) -> None:
+        super()._register_sigint_handler(controller)
+        rays = signal.getsignal(signal.SIGINT)
+
+        def note_and_abort(signum, frame) -> None:
+            self.interrupted = True
+            if callable(rays):
+                rays(signum, frame)
+
+        signal.signal(signal.SIGINT, note_and_abort)
+
+
+@contextlib.contextmanager
+def _interruptible(trainer: _Trainer) -> Iterator[None]:
+    """``trainer.fit()`` ended by Ctrl-C raises KeyboardInterrupt (the CLI exits 130, saying how to resume), and
+    the SIGINT handler from before ``fit()`` is put back: Ray's stays installed, bound to a controller that is gone."""
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    except SystemExit as exiting:
+        if trainer.interrupted:
+            raise KeyboardInterrupt from exiting
+        raise
+    finally:
+        if before is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, before)
+
+
 def _trainer(
     config: TrainConfig,
     loop_config: LoopConfig,
@@ -297,8 +334,8 @@ def _trainer(
     worker_cpus: float,
     storage: location.Location,
     callbacks: list[ray.train.UserCallback] | None,
-) -> TorchTrainer:
-    return TorchTrainer(
+) -> _Trainer:
+    return _Trainer(
         train_loop_per_worker,
         # By reference: Ray Train's controller unpickles the loop's config when it starts but never uses it, and its
         # tl-ray objects (cached splits, the skip log) would make it import tl-ray, torchvision and PIL first.

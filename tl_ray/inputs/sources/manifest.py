@@ -82,6 +82,11 @@ def list_items(
         item_splits.append(split)
         keys.append(raw)
     stats, missing = _stat_items(where.filesystem, items)
+    if items and missing.all():  # not a few bad rows: the paths are wrong, which is the one thing to say
+        raise TlRayError(
+            f"{option}: none of the {len(items)} files {shown} names exists (the first: {_shown(items[0], prefix)});"
+            " its paths are relative to the manifest's folder, absolute, or URIs"
+        )
     keep = ~missing
     rejected += [
         (_shown(item, prefix), f"file not found (named in {shown})")
@@ -111,9 +116,11 @@ def _shown(item: str, prefix: str) -> str:
 
 
 def _resolve_item(raw: str, folder: location.Location) -> str:
-    """A manifest's path as an item: a URI as written; a relative path under the manifest's folder."""
+    """A manifest's path as an item: a URI as written; a relative path under the manifest's folder. A path written
+    on Windows (``images\\red\\000.jpg``) is read with ``/`` for its backslashes."""
     if location.is_uri(raw):
         return raw
+    raw = raw.replace("\\", "/")
     if folder.is_local:
         return os.path.normpath(os.path.join(folder.path, os.path.expanduser(raw)))
     return raw.lstrip("/") if raw.startswith("/") else f"{folder.path}/{raw}"
