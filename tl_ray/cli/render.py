@@ -4,6 +4,24 @@ The tables printed while a run goes are ``console``'s."""
 from __future__ import annotations
 
 import math
+import unicodedata
+
+
+def display_width(text: str) -> int:
+    """Columns ``text`` takes in a terminal: East Asian wide and full-width characters (猫, ｃａｔ, most emoji) two,
+    combining marks and zero-width characters none, the rest one. ``len`` counts code points, which misaligns a
+    table of class names in any of those scripts."""
+    width = 0
+    for char in text:
+        if unicodedata.combining(char) or unicodedata.category(char) in ("Mn", "Me", "Cf"):
+            continue
+        width += 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+    return width
+
+
+def pad(text: str, width: int) -> str:
+    """``text`` left-aligned in ``width`` terminal columns (``f"{text:<width}"`` by display width, not length)."""
+    return text + " " * max(0, width - display_width(text))
 
 
 def train_result(result, rows_printed: int) -> None:
@@ -71,7 +89,7 @@ def evaluation(evaluation, out: str | None) -> None:
     metrics = evaluation.metrics
     print(f"{'class':<20} {'precision':>9} {'recall':>7} {'f1':>6} {'support':>8}")
     for name, row in metrics["per_class"].items():
-        print(f"{name:<20} {row['precision']:>9.3f} {row['recall']:>7.3f} {row['f1']:>6.3f} {row['support']:>8}")
+        print(f"{pad(name, 20)} {row['precision']:>9.3f} {row['recall']:>7.3f} {row['f1']:>6.3f} {row['support']:>8}")
     macro = metrics["macro"]
     print(
         f"{'macro':<20} {macro['precision']:>9.3f} {macro['recall']:>7.3f} {macro['f1']:>6.3f} {metrics['images']:>8}"
@@ -97,7 +115,7 @@ def inspection(found) -> None:
     print(f"classes          {len(found.class_names)} (in this order; the checkpoint records it)")
     print(f"  {'class':<24} {'train':>8} {'val':>8}" + (f" {'test':>8}" if test else ""))
     for name in found.class_names:
-        print(f"  {name:<24} {train[name]:>8} {val[name]:>8}" + (f" {test[name]:>8}" if test else ""))
+        print(f"  {pad(name, 24)} {train[name]:>8} {val[name]:>8}" + (f" {test[name]:>8}" if test else ""))
     total = f"  {'total':<24} {sum(train.values()):>8} {sum(val.values()):>8}"
     print(total + (f" {sum(test.values()):>8}" if test else ""))
     low = min(train, key=train.get)

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from tl_ray import checkpoint as checkpoints
-from tl_ray import location, progress
+from tl_ray import figures, location, progress
 from tl_ray.errors import TlRayError
 from tl_ray.inference.classify import ERROR_COLUMN, classify_items, output_location
 from tl_ray.inference.config import EvaluateConfig
@@ -109,10 +109,7 @@ def _write_evaluation(
 
 
 def _write_evaluation_files(out: Path, metrics: dict, misclassified: pd.DataFrame, confusion: pd.DataFrame) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = figures.pyplot()
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

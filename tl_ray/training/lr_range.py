@@ -159,10 +159,9 @@ def lr_find_png(curve) -> bytes:
     """The LR range test's loss against the learning rate (log scale), its suggestion marked: fastai's plot
     (``curve``: an ``LrCurve``; its last few points, already diverging, left out as fastai does). matplotlib is
     imported here, by the driver, never by a worker that only runs the test."""
-    import matplotlib
+    from tl_ray import figures
 
-    matplotlib.use("Agg")  # before pyplot: files only, never a window
-    import matplotlib.pyplot as plt
+    plt = figures.pyplot()
 
     shown = max(2, len(curve.lrs) - 5) if len(curve.lrs) > 10 else len(curve.lrs)
     figure, axes = plt.subplots(figsize=(6.4, 4.2))

@@ -18,15 +18,13 @@ import io
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from tl_ray import classes
+from tl_ray import classes, figures
 from tl_ray.backbones import NUM_STAGES
+
+plt = figures.pyplot()  # files only, text in any script
 
 CSV_COLUMNS = (
     "trial_id",
