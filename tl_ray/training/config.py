@@ -55,11 +55,15 @@ class TrainConfig(ReadsSource):
     split_column: str = same_option(SourceOptions, "split_column")
     image_column: str | None = same_option(SourceOptions, "image_column")
     retry_seconds: float = same_option(SourceOptions, "retry_seconds")
-    arch: str = option("resnet50", f"backbone: {', '.join(ARCHS)}", choices=ARCHS)
+    arch: str = option(
+        "resnet50",
+        f"backbone: torchvision's {', '.join(ARCHS)}, or any timm model by name (convnext_atto; timm/NAME where"
+        " torchvision has the name too); tl-ray archs lists them",
+    )
     weights: str = option(
         "imagenet",
-        "imagenet | a torchvision weights name (IMAGENET1K_V1) | none | a .pth state dict | a tl-ray checkpoint dir"
-        " (paths or URIs)",
+        "imagenet | a torchvision weights name (IMAGENET1K_V1) or timm tag (in22k_ft_in1k) | none | a .pth or"
+        " .safetensors state dict | a tl-ray checkpoint dir (paths or URIs)",
     )
     freeze_depth: int | None = option(
         None,
@@ -246,6 +250,7 @@ class TrainConfig(ReadsSource):
                 f"{flag('batch_size')} is the global batch, split over {flag('num_workers')}: it must be at least "
                 f"2 per worker ({2 * self.max_workers}); got {self.batch_size}"
             )
+        backbones.check_arch(self.arch, flag("arch"))
         backbones.check_image_size(self.arch, self.image_size, flag("image_size"))
         check_range("warmup_epochs", self.warmup_epochs, 0.0, float(self.epochs))  # bounds that depend on epochs
         check_range("head_epochs", self.head_epochs, 0, self.epochs - 1)
