@@ -208,6 +208,20 @@ def family(arch: str) -> Family:
     return BY_ARCH[arch]
 
 
+def listing(pattern: str = "") -> list[tuple[str, str, bool]]:
+    """What --arch takes: (name, library, has pretrained weights), torchvision's table first, then timm's (a name
+    both have as ``timm/NAME``); ``pattern`` as fnmatch, a bare word matching anywhere."""
+    import fnmatch
+
+    from tl_ray import backbones_timm
+
+    wanted = pattern if "*" in pattern else f"*{pattern}*"
+    rows = [(arch, "torchvision", True) for arch in ARCHS if fnmatch.fnmatch(arch, wanted)]
+    for name, pretrained in backbones_timm.listing(pattern):
+        rows.append((backbones_timm.PREFIX + name if name in BY_ARCH else name, "timm", pretrained))
+    return rows
+
+
 def family_of(net: nn.Module) -> Family:
     """The family of a built torchvision or timm network (a SyncBatchNorm conversion keeps its class)."""
     from tl_ray import backbones_timm

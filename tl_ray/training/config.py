@@ -356,6 +356,20 @@ class LrFindConfig(TrainConfig):
 MIN_RANGE_TEST_STEPS = 6  # as fastai: fewer leaves no curve to read
 
 
+@dataclass
+class ArchsConfig:
+    """`tl-ray archs`: the backbones --arch takes (torchvision's table, then timm's), and which have weights."""
+
+    pattern: str | None = option(
+        None, "only names matching this (fnmatch: convnext*, *vit*_224; a bare word matches anywhere)", positional=True
+    )
+    pretrained: bool = option(False, "only those with pretrained weights (what --weights imagenet loads)")
+
+    def validate(self) -> ArchsConfig:
+        check_options(self)
+        return self
+
+
 def parse_workers(value: int | str) -> tuple[int, int] | None:
     """``--num-workers`` as (min, max): ``4`` is (4, 4), ``1-4`` is (1, 4); None if it is neither."""
     if isinstance(value, int):
