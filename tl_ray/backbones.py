@@ -249,6 +249,10 @@ def check_image_size(arch: str, image_size: int, option: str = "--image-size") -
     patch = patch_size(arch)
     if patch and image_size % patch:
         raise UsageError(f"{option} must be a multiple of {patch} for {arch} (its patch size); got {image_size}")
+    if is_timm(arch):
+        from tl_ray import backbones_timm
+
+        backbones_timm.check_image_size(arch, image_size, option)
 
 
 def check_freeze_depth(arch: str, freeze_depth: int | None, option: str = "--freeze-depth") -> None:

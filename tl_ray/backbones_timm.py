@@ -96,6 +96,32 @@ def patch_size(arch: str) -> int:
     return int(size[0] if isinstance(size, tuple | list) else size)
 
 
+def check_image_size(arch: str, image_size: int, option: str) -> None:
+    """An image size the model cannot take (a window or grid that does not divide it): found by running the
+    model on the meta device (shapes only, no memory, no arithmetic)."""
+    problem = _size_problem(arch, image_size)
+    if problem:
+        raise UsageError(f"{option}: {arch} cannot take {image_size} px images ({problem}); try another size")
+
+
+@functools.cache
+def _size_problem(arch: str, image_size: int) -> str:
+    import torch
+
+    extra = {"img_size": image_size} if pretrained_cfg(arch).fixed_input_size else {}
+    try:
+        with torch.device("meta"):
+            import timm
+
+            net = timm.create_model(model_name(arch), pretrained=False, num_classes=2, **extra).eval()
+            net(torch.empty(2, 3, image_size, image_size))
+    except NotImplementedError:  # an operator without a meta kernel: nothing learned, the run will tell
+        return ""
+    except Exception as error:
+        return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+    return ""
+
+
 def create(arch: str, num_classes: int, image_size: int, pretrained: str | None = None) -> nn.Module:
     """The timm model with a ``num_classes`` head: random, or with timm's ``pretrained`` tag ('' = its default)
     loaded through timm's own hub cache, the head then reset for these classes."""
@@ -136,10 +162,6 @@ def is_timm_net(net: nn.Module) -> bool:
     return type(net).__module__.startswith("timm.")
 
 
-def _module_of(net: nn.Module, target: nn.Module) -> str:
-    return next(name for name, module in net.named_modules() if module is target)
-
-
 def _stage_starts(net: nn.Module, order: list[str]) -> list[int] | None:
     """The index in ``order`` (parameter names, forward order) where each of stages 1..4 begins; None when the
     model has no reductions 4, 8, 16, 32 nor a ``blocks`` sequence to split."""
@@ -164,23 +186,23 @@ def _stage_starts(net: nn.Module, order: list[str]) -> list[int] | None:
     return None
 
 
-def split(net: nn.Module) -> tuple[tuple[str, ...], ...] | None:
-    """The NUM_STAGES freeze groups of a timm net as module (or bare parameter) names; None if it cannot be split.
+def split(net: nn.Module) -> tuple[tuple[tuple[str, ...], ...], bool]:
+    """The NUM_STAGES freeze groups of a timm net as module (or bare parameter) names, and whether it could be split
+    (if not, everything outside the head is the last stage: depths 0 and 5 mean what they say, no other does).
 
     Each parameter outside the head gets the stage its place in the forward order gives; the names are then the
     largest modules whose parameters all share one stage, so a frozen stage's modules can be put in eval mode.
     """
-    head = _module_of(net, net.get_classifier())
+    head = head_name(net)
     order = [name for name, _ in net.named_parameters() if not name.startswith(head + ".")]
     starts = _stage_starts(net, order)
-    if starts is None:
-        return None
+    splittable = starts is not None
+    starts = starts if splittable else [0] * len(STAGE_REDUCTIONS)  # all in the last
     stage = {name: sum(index >= start for start in starts) for index, name in enumerate(order)}
     groups: list[list[str]] = [[] for _ in range(len(starts) + 1)]
 
     def place(module: nn.Module, prefix: str) -> None:
-        names = [prefix + name for name, _ in module.named_parameters()]
-        owned = {stage.get(name, -1) for name in names}
+        owned = {stage.get(prefix + name, -1) for name, _ in module.named_parameters()}
         if prefix and len(owned) == 1 and -1 not in owned:
             groups[owned.pop()].append(prefix.rstrip("."))
             return
@@ -192,7 +214,19 @@ def split(net: nn.Module) -> tuple[tuple[str, ...], ...] | None:
                 place(child, f"{prefix}{name}.")
 
     place(net, "")
-    return tuple(tuple(group) for group in groups)
+    return tuple(tuple(group) for group in groups), splittable
+
+
+def head_name(net: nn.Module) -> str:
+    """The module ``reset_classifier`` replaces: the head, as a name in ``net``."""
+    classifier = net.get_classifier()
+    for name, module in net.named_modules():
+        if module is classifier and name:
+            return name
+    raise TlRayError(
+        f"{type(net).__name__}: its classifier is not one module tl-ray can swap (a distilled model's two heads);"
+        " pick another --arch"
+    )
 
 
 def _whole_forward(net: nn.Module, index: int, x: torch.Tensor) -> torch.Tensor:
@@ -209,13 +243,10 @@ def family_for(net: nn.Module, arch: str = "") -> Family:
     head, norms and embeddings."""
     from torch import nn
 
-    from tl_ray.backbones import NUM_STAGES, Arch, Family
+    from tl_ray.backbones import Arch, Family
 
-    head = _module_of(net, net.get_classifier())
-    stages = split(net)
-    if stages is None:
-        outside = tuple(n for n, _ in net.named_children() if n != head.split(".")[0])
-        stages = ((),) * (NUM_STAGES - 1) + (outside,)
+    head = head_name(net)
+    stages, splittable = split(net)
     names = {name for name, _ in net.named_parameters()}
     no_decay = tuple(sorted(name for name in getattr(net, "no_weight_decay", set)() if name in names))
     batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
@@ -234,7 +265,7 @@ def family_for(net: nn.Module, arch: str = "") -> Family:
         linear=head,
         batch_norm=batch_norm,
         no_decay=no_decay,
-        splittable=split(net) is not None,
+        splittable=splittable,
         run_whole=True,
     )
 
