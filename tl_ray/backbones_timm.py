@@ -54,7 +54,10 @@ def check_arch(arch: str, torchvision_archs: tuple[str, ...], option: str = "--a
     """An unknown name: one line with the three nearest known names."""
     if not is_known(arch):
         known = list(dict.fromkeys([*torchvision_archs, *_timm_names()]))
-        near = difflib.get_close_matches(model_name(arch), known, n=3, cutoff=0.5)
+        query = model_name(arch)
+        # A name's start (vit_tiny: vit_tiny_patch16_224) says more than difflib's likeness, which comes next.
+        near = sorted((name for name in known if query and name.startswith(query)), key=len)[:3]
+        near = near or difflib.get_close_matches(query, known, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(near)}?" if near else ""
         raise UsageError(
             f"{option}: no torchvision or timm architecture is named {arch!r}{hint} (tl-ray archs lists them)"
