@@ -279,3 +279,30 @@ def test_a_checkpoint_records_and_reloads_the_timm_preprocessing(tmp_path):
         )
     assert result.metadata["arch"] == arch
     assert torch.allclose(torch.jit.load(str(result.path))(crops), expected, atol=1e-5)
+
+
+@pytest.mark.slow  # ~7-10 s each: torch.onnx's dynamo export
+@pytest.mark.parametrize("arch", ["convnext_atto", "vit_tiny_patch16_224"])
+def test_onnx_export_of_a_timm_checkpoint_gives_its_probabilities(arch, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    weights = model.initial_weights(arch, "none", ["a", "b", "c"], image_size=SIZE)
+    meta = {
+        "arch": arch,
+        "num_classes": 3,
+        "class_names": ["a", "b", "c"],
+        "image_size": SIZE,
+        "resize_size": imaging.resize_size(SIZE, weights.crop_fraction),
+        "mean": list(weights.mean),
+        "std": list(weights.std),
+    }
+    checkpoint.save_checkpoint(tmp_path / "ckpt", weights.state_dict, meta)
+    result = tl_ray.export(str(tmp_path / "ckpt"), str(tmp_path / "model.onnx"), "onnx")
+    crops = torch.randint(0, 256, (2, 3, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    loaded, _ = checkpoint.load_checkpoint(tmp_path / "ckpt")
+    with torch.no_grad():
+        expected = torch.softmax(
+            loaded(imaging.normalize(crops, torch.tensor(meta["mean"]), torch.tensor(meta["std"]))), 1
+        )
+    session = onnxruntime.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    actual = torch.tensor(session.run(None, {"images": crops.numpy()})[0])
+    assert torch.allclose(actual, expected, atol=1e-5)
