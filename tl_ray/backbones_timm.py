@@ -53,6 +53,9 @@ def is_known(arch: str) -> bool:
 def check_arch(arch: str, torchvision_archs: tuple[str, ...], option: str = "--arch") -> None:
     """An unknown name: one line with the three nearest known names."""
     if not is_known(arch):
+        base, dot, tag = model_name(arch).partition(".")
+        if dot and is_known(base):  # timm's NAME.TAG: the tag names weights, which --weights chooses
+            raise UsageError(f"{option}: {arch!r} names weights: pass {option} {base} --weights {tag}")
         known = list(dict.fromkeys([*torchvision_archs, *_timm_names()]))
         query = model_name(arch)
         # A name's start (vit_tiny: vit_tiny_patch16_224) says more than difflib's likeness, which comes next.

@@ -24,9 +24,13 @@ FILE_SUFFIXES = (".safetensors", ".pth", ".pt")
 
 def _tag(arch: str, weights: str) -> str:
     """timm's tag for ``weights`` ('' for its default); a word that is not one of the arch's tags lists them."""
+    tags = backbones_timm.pretrained_tags(arch)
+    if weights == "imagenet" and not tags:
+        raise TlRayError(
+            f"--weights imagenet: timm has no pretrained weights for {arch}; pass --weights none or a file"
+        )
     if weights == "imagenet":
         return ""
-    tags = backbones_timm.pretrained_tags(arch)
     if weights not in tags:
         choices = ", ".join(tags) or "none (timm has no pretrained weights for it)"
         raise TlRayError(

@@ -244,6 +244,18 @@ def test_preprocessing_is_the_weights_pretrained_cfg(arch):
     assert model.eval_crop_fraction(arch, "imagenet") == get_pretrained_cfg(backbones_timm.model_name(arch)).crop_pct
 
 
+def test_an_arch_with_a_weights_tag_says_to_pass_the_tag_as_weights(tmp_path):
+    with pytest.raises(UsageError, match=r"^--arch: 'convnext_atto.d2_in1k' names weights: pass --arch convnext_atto"):
+        config.TrainConfig(data=str(tmp_path), arch="convnext_atto.d2_in1k", weights="none").validate()
+
+
+def test_imagenet_for_an_arch_timm_has_no_weights_for_is_one_line():
+    with pytest.raises(TlRayError, match=r"^--weights imagenet: timm has no pretrained weights for convnext_atto_rms"):
+        model.initial_weights("convnext_atto_rms", "imagenet", ["a", "b"], image_size=SIZE)
+    with pytest.raises(TlRayError, match=r"^--weights imagenet: timm has no pretrained weights"):
+        model.eval_crop_fraction("convnext_atto_rms", "imagenet")
+
+
 def test_a_tag_the_arch_lacks_lists_its_tags():
     with pytest.raises(
         TlRayError, match=r"^--weights: 'in22k_ft_in9k' is not .* convnext_atto's timm tags are: d2_in1k"
