@@ -104,7 +104,7 @@ def initial_weights(arch: str, weights: str, class_names: Sequence[str], image_s
         return _initial(state, head_reset, named, preprocessing(arch))
     tag = _tag(arch, weights)
     pretrained = backbones_timm.create(arch, len(class_names), image_size, pretrained=tag)
-    source = f"timm:{backbones_timm.model_name(arch)}{'.' + tag if tag else ''}"
+    source = f"timm:{backbones_timm.model_name(arch)}.{tag or backbones_timm.pretrained_cfg(arch).tag}"
     return _initial(pretrained.state_dict(), True, source, preprocessing(arch, tag))
 
 

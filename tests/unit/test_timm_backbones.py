@@ -244,6 +244,35 @@ def test_preprocessing_is_the_weights_pretrained_cfg(arch):
     assert model.eval_crop_fraction(arch, "imagenet") == get_pretrained_cfg(backbones_timm.model_name(arch)).crop_pct
 
 
+@pytest.mark.parametrize(("arch", "weights"), [("convnext_atto", "imagenet"), ("vit_tiny_patch16_224", "augreg_in21k")])
+def test_pretrained_weights_load_through_timms_own_loading_from_its_hub_cache(arch, weights, tmp_path, monkeypatch):
+    """No hub here: the weights file is staged in a Hugging Face cache as a download leaves it, offline."""
+    import huggingface_hub.constants
+    import timm
+
+    tag = get_pretrained_cfg(arch).tag if weights == "imagenet" else weights
+    cfg = get_pretrained_cfg(f"{arch}.{tag}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    torch.manual_seed(3)
+    shipped = timm.create_model(arch, pretrained=False, num_classes=cfg.num_classes).state_dict()  # 224 px
+    repo = tmp_path / f"models--{cfg.hf_hub_id.replace('/', '--')}"
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    save_file(shipped, str(repo / "snapshots" / ("0" * 40) / "model.safetensors"))
+
+    loaded = model.initial_weights(arch, weights, ["a", "b"], image_size=SIZE)
+    assert loaded.source == f"timm:{arch}.{tag}" and loaded.head_reset
+    head = set(backbones.head_keys(arch, loaded.state_dict))
+    assert all(loaded.state_dict[k].shape[0] == 2 for k in head)
+    same = [k for k in shipped if k not in head and k != "pos_embed"]
+    assert all(torch.equal(loaded.state_dict[k], shipped[k]) for k in same)
+    assert (loaded.mean, loaded.std) == (tuple(cfg.mean), tuple(cfg.std)) and loaded.crop_fraction == cfg.crop_pct
+    if arch.startswith("vit"):  # timm resampled the 14 x 14 grid to 32 px's 2 x 2
+        assert loaded.state_dict["pos_embed"].shape == (1, 1 + (SIZE // 16) ** 2, 192)
+
+
 def test_an_arch_with_a_weights_tag_says_to_pass_the_tag_as_weights(tmp_path):
     with pytest.raises(UsageError, match=r"^--arch: 'convnext_atto.d2_in1k' names weights: pass --arch convnext_atto"):
         config.TrainConfig(data=str(tmp_path), arch="convnext_atto.d2_in1k", weights="none").validate()
