@@ -295,4 +295,5 @@ def read_safetensors(path: Any) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except Exception as error:  # a truncated or foreign file
-        raise TlRayError(f"--weights: {path} is not a loadable safetensors file: {error}") from error
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise TlRayError(f"--weights: {path} is not a loadable safetensors file: {first}") from error

@@ -78,6 +78,10 @@ def _download(weights: torchvision.models.WeightsEnum) -> dict[str, torch.Tensor
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":  # any arch's: safetensors holds tensors only, nothing to unpickle
+        from tl_ray import backbones_timm
+
+        return backbones_timm.read_safetensors(path)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle errors, refused globals, truncated zips all land here
@@ -156,7 +160,7 @@ def initial_weights(
     if path.is_file():
         state, head_reset = _fit_to_model(model, _read_state_dict(path), named, keep_head=False)
         return InitialWeights(state, mean, std, named, head_reset)
-    if os.sep in weights or weights.endswith((".pth", ".pt")):
+    if os.sep in weights or weights.endswith((".pth", ".pt", ".safetensors")):
         raise TlRayError(f"--weights: {weights} does not exist")
     enum_value = _torchvision_weights(arch, weights)
     same_classes = list(enum_value.meta.get("categories", [])) == class_names

@@ -57,12 +57,6 @@ def crop_fraction(arch: str, weights: str) -> float:
     return float(preprocessing(arch, tag)["crop_pct"])
 
 
-def _read_file(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        return backbones_timm.read_safetensors(path)
-    return model._read_state_dict(path)
-
-
 def _initial(state: dict, head_reset: bool, source: str, config: dict[str, Any], **extra: Any) -> model.InitialWeights:
     return model.InitialWeights(
         state,
@@ -100,7 +94,7 @@ def initial_weights(arch: str, weights: str, class_names: Sequence[str], image_s
         path, named = model._local_weights(weights)
         if not path.is_file():
             raise TlRayError(f"--weights: {weights} does not exist")
-        state, head_reset = model._fit_to_model(net, _read_file(path), named, keep_head=False)
+        state, head_reset = model._fit_to_model(net, model._read_state_dict(path), named, keep_head=False)
         return _initial(state, head_reset, named, preprocessing(arch))
     tag = _tag(arch, weights)
     pretrained = backbones_timm.create(arch, len(class_names), image_size, pretrained=tag)

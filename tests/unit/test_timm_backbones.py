@@ -347,3 +347,14 @@ def test_onnx_export_of_a_timm_checkpoint_gives_its_probabilities(arch, tmp_path
     session = onnxruntime.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     actual = torch.tensor(session.run(None, {"images": crops.numpy()})[0])
     assert torch.allclose(actual, expected, atol=1e-5)
+
+
+def test_a_torchvision_arch_takes_a_safetensors_file_too(tmp_path):
+    torch.manual_seed(5)
+    state = model.create_model("resnet18", 1000, SIZE).state_dict()
+    save_file(state, str(tmp_path / "resnet18.safetensors"))
+    weights = model.initial_weights("resnet18", str(tmp_path / "resnet18.safetensors"), ["a", "b"], image_size=SIZE)
+    assert weights.head_reset and torch.equal(weights.state_dict["conv1.weight"], state["conv1.weight"])
+    (tmp_path / "broken.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(TlRayError, match=r"^--weights: .*broken.safetensors is not a loadable safetensors file"):
+        model.initial_weights("resnet18", str(tmp_path / "broken.safetensors"), ["a", "b"], image_size=SIZE)
