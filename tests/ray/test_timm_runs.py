@@ -1,5 +1,6 @@
-"""timm architectures end to end through Ray (issue 40): a head on cached features at depth 5, fine-tuning at depth 3
-with a resume, predict and a TorchScript export, each run's checkpoint recording the weights' preprocessing.
+"""timm architectures end to end through Ray (issue 40): a ResNet-D, ConvNeXt, EfficientNet, RegNet, MobileNet and
+ViT; heads on cached features and on frozen backbones at depth 5, fine-tuning at depth 3, a resume, predict and a
+TorchScript export, each run's checkpoint recording the weights' preprocessing.
 
 Tiny: 32 px, 1 epoch, 6 images a class, random weights (no hub). Stages, freezing, weights files and refusals are
 the unit tests' (tests/unit/test_timm_backbones.py).
@@ -47,25 +48,31 @@ def _preprocessing_recorded(meta: dict, arch: str) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize(
-    ("arch", "depth"),
-    [("convnext_atto", 5), ("timm/mobilenetv3_small_050", 3), ("vit_tiny_patch16_224", 3)],
+    ("arch", "depth", "cached"),
+    [
+        ("convnext_atto", 5, True),  # a head on the feature cache
+        ("regnetx_002", 5, True),
+        ("timm/efficientnet_b0", 5, False),  # a head on a frozen backbone, images augmented each epoch
+        ("resnet18d", 3, False),
+        ("timm/mobilenetv3_small_050", 3, False),
+        ("vit_tiny_patch16_224", 3, False),  # and resumed
+    ],
 )
-def test_timm_archs_train_resume_predict_and_export(arch, depth, three, tmp_path, ray_cluster):
+def test_timm_archs_train_resume_predict_and_export(arch, depth, cached, three, tmp_path, ray_cluster):
     import tl_ray
 
     common = {"image_size": SIZE, "batch_size": 4, "num_workers": 1, "storage": str(tmp_path / "runs"), "lr": 1e-3}
     options = {"data": str(three), "arch": arch, "weights": "none", "freeze_depth": depth, "name": "run", **common}
-    if depth == 5:
-        options["augment"] = "none"  # the head trains on the backbone's features, computed once
+    # none: the head trains on the backbone's features, computed once; light: on augmented images each epoch
+    options["augment"] = "none" if cached else "light"
     result = tl_ray.train(epochs=1, **options)
     meta = checkpoint.read_meta(result.best_checkpoint)
     _preprocessing_recorded(meta, arch)
     state = checkpoint.read_model_state(result.best_checkpoint)
     net, _ = checkpoint.load_checkpoint(result.best_checkpoint)
     assert type(net).__module__.startswith("timm.") and net.get_classifier().out_features == 3
-    if depth == 5:
-        safe = arch.replace("/", "-")
-        assert list((tmp_path / "runs" / ".tl-ray-cache").glob(f"*/features-{safe}-{SIZE}-*/manifest.json"))
+    features = list((tmp_path / "runs" / ".tl-ray-cache").glob(f"*/features-{arch.replace('/', '-')}-{SIZE}-*"))
+    assert bool(features) is cached
 
     if arch.startswith("vit"):  # resumed: a second epoch on the same run; the frozen patch embedding stays
         resumed = tl_ray.train(epochs=2, **options)
