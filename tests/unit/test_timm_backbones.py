@@ -184,6 +184,9 @@ def test_a_model_without_stages_trains_at_depths_0_and_5_only(tmp_path):
         model.TransferModel(net, 3)
     with pytest.raises(UsageError, match=r"^--freeze-depth: pit_ti_224 has no stages tl-ray can split"):
         backbones.check_freeze_depth("pit_ti_224", 2)
+    with pytest.raises(UsageError, match=r"^--freeze-depth: pit_ti_224 has no stages .* use 0 or 5; got 4$"):
+        config.TrainConfig(data=str(tmp_path), arch="pit_ti_224", freeze_depth=4, weights="none").validate()
+    config.TrainConfig(data=str(tmp_path), arch="pit_ti_224", freeze_depth=5, weights="none").validate()
 
 
 def test_an_image_size_the_model_cannot_take_is_one_line(tmp_path):

@@ -252,6 +252,7 @@ class TrainConfig(ReadsSource):
             )
         backbones.check_arch(self.arch, flag("arch"))
         backbones.check_image_size(self.arch, self.image_size, flag("image_size"))
+        backbones.check_freeze_depth(self.arch, self.freeze_depth, flag("freeze_depth"))
         check_range("warmup_epochs", self.warmup_epochs, 0.0, float(self.epochs))  # bounds that depend on epochs
         check_range("head_epochs", self.head_epochs, 0, self.epochs - 1)
         if self.head_epochs and self.freeze_depth == NUM_STAGES:
