@@ -9,6 +9,9 @@ first N; depth 5 leaves only the head to learn), how to run them one at a time, 
 torchvision's weights API (``weights_enum``). Adding a backbone is one entry in
 ``FAMILIES``; ``tl_ray.model.TransferModel`` is the generic code around it.
 
+Any other name is timm's (``timm/NAME`` where both libraries have it): its ``Family`` is derived from the
+built model by ``tl_ray.backbones_timm``, so the functions here answer for both libraries.
+
 This module imports torch only when a model is built, so ``tl_ray.training.config`` (and the CLI's
 ``--help``) can list ``ARCHS`` without loading it.
 """
@@ -38,7 +41,8 @@ class Arch(NamedTuple):
 
 @dataclass(frozen=True)
 class Family:
-    """One torchvision family. Names are paths in torchvision's own modules, so state dicts keep its keys."""
+    """One torchvision family (or one timm model's, derived by ``backbones_timm.family_for``). Names are paths in
+    the library's own modules, so state dicts keep its keys."""
 
     name: str
     model_class: str  # torchvision's class name: how a built network is recognised (``family_of``)
