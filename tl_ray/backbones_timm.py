@@ -207,17 +207,26 @@ def split(net: nn.Module) -> tuple[tuple[tuple[str, ...], ...], bool]:
     stage = {name: sum(index >= start for start in starts) for index, name in enumerate(order)}
     groups: list[list[str]] = [[] for _ in range(len(starts) + 1)]
 
+    last = [0]  # the stage of the module placed last: where a module without parameters (a pooling, a dropout,
+    # a BatchNorm without affine) that follows it goes, so a frozen stage's dropouts and statistics are off too
+
     def place(module: nn.Module, prefix: str) -> None:
         owned = {stage.get(prefix + name, -1) for name, _ in module.named_parameters()}
         if prefix and len(owned) == 1 and -1 not in owned:
-            groups[owned.pop()].append(prefix.rstrip("."))
+            last[0] = owned.pop()
+            groups[last[0]].append(prefix.rstrip("."))
             return
         for name, _ in module.named_parameters(recurse=False):
             if prefix + name in stage:
-                groups[stage[prefix + name]].append(prefix + name)
+                last[0] = stage[prefix + name]
+                groups[last[0]].append(prefix + name)
         for name, child in module.named_children():
+            if f"{prefix}{name}" == head:
+                continue
             if any(True for _ in child.parameters()):
                 place(child, f"{prefix}{name}.")
+            elif splittable and any(True for _ in child.modules() if type(_).__name__ != "Identity"):
+                groups[last[0]].append(f"{prefix}{name}")
 
     place(net, "")
     return tuple(tuple(group) for group in groups), splittable

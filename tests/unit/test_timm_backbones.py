@@ -34,23 +34,36 @@ ARCHS = (
     "vit_tiny_patch16_224",
 )
 # Where each family's stages begin and end, as timm names its modules (``feature_info``'s reductions 4..32)
+# Modules without parameters (activations, pooling, dropout) go with the stage before them: frozen, they are off too.
 EXPECTED_STAGES = {
-    "resnet18d": (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",)),
-    "convnext_atto": (("stem",), ("stages.0",), ("stages.1",), ("stages.2",), ("stages.3", "head.norm")),
-    "regnetx_002": (("stem",), ("s1",), ("s2",), ("s3",), ("s4",)),
+    "resnet18d": (
+        ("conv1", "bn1", "act1", "maxpool"),
+        ("layer1",),
+        ("layer2",),
+        ("layer3",),
+        ("layer4", "global_pool"),
+    ),
+    "convnext_atto": (
+        ("stem",),
+        ("stages.0",),
+        ("stages.1",),
+        ("stages.2",),
+        ("stages.3", "head.global_pool", "head.norm", "head.flatten", "head.drop"),
+    ),
+    "regnetx_002": (("stem",), ("s1",), ("s2",), ("s3",), ("s4", "head.global_pool", "head.drop")),
     "mobilenetv3_small_050": (
         ("conv_stem", "bn1"),
         ("blocks.0",),
         ("blocks.1",),
         ("blocks.2", "blocks.3"),
-        ("blocks.4", "blocks.5", "conv_head"),
+        ("blocks.4", "blocks.5", "global_pool", "conv_head", "act2", "flatten"),
     ),
     "vit_tiny_patch16_224": (
-        ("cls_token", "pos_embed", "patch_embed"),
+        ("cls_token", "pos_embed", "patch_embed", "pos_drop"),
         ("blocks.0", "blocks.1", "blocks.2"),
         ("blocks.3", "blocks.4", "blocks.5"),
         ("blocks.6", "blocks.7", "blocks.8"),
-        ("blocks.9", "blocks.10", "blocks.11", "norm"),
+        ("blocks.9", "blocks.10", "blocks.11", "norm", "head_drop"),
     ),
 }
 HEADS = {"convnext_atto": "head.fc", "regnetx_002": "head.fc", "vit_tiny_patch16_224": "head"}
