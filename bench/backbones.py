@@ -7,7 +7,8 @@ Depth 0 is full fine-tuning; depth 5 is a head alone on a frozen backbone run un
 ``torch.no_grad`` (still a whole forward pass every step: the feature cache, which removes
 it, is ``bench/feature_cache.py``'s subject).
 
-    python bench/backbones.py      # resnet18, convnext_tiny, efficientnet_b0, vit_b_16; 64 px, batch 16, on CPU
+    python bench/backbones.py      # torchvision's resnet18, convnext_tiny, efficientnet_b0, vit_b_16 and timm's
+                                   # resnet18d, convnext_atto, mobilenetv3_small_050, vit_tiny; 64 px, batch 16, CPU
     python bench/backbones.py --archs resnet18,vit_b_16 --image-size 32 --batch-size 4 --steps 1 --warmup 1  # smoke
     python bench/backbones.py --accuracy    # and val_acc through `tl_ray.train` on learning.py's digits
 
@@ -38,6 +39,7 @@ from tl_ray.model import TransferModel, create_model
 
 NUM_CLASSES = 10
 DEFAULT_ARCHS = "resnet18,convnext_tiny,efficientnet_b0,vit_b_16"
+DEFAULT_ARCHS += ",resnet18d,convnext_atto,mobilenetv3_small_050,vit_tiny_patch16_224"  # timm's, by name (issue 40)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -9,6 +9,9 @@ first N; depth 5 leaves only the head to learn), how to run them one at a time, 
 torchvision's weights API (``weights_enum``). Adding a backbone is one entry in
 ``FAMILIES``; ``tl_ray.model.TransferModel`` is the generic code around it.
 
+Any other name is timm's (``timm/NAME`` where both libraries have it): its ``Family`` is derived from the
+built model by ``tl_ray.backbones_timm``, so the functions here answer for both libraries.
+
 This module imports torch only when a model is built, so ``tl_ray.training.config`` (and the CLI's
 ``--help``) can list ``ARCHS`` without loading it.
 """
@@ -38,7 +41,8 @@ class Arch(NamedTuple):
 
 @dataclass(frozen=True)
 class Family:
-    """One torchvision family. Names are paths in torchvision's own modules, so state dicts keep its keys."""
+    """One torchvision family (or one timm model's, derived by ``backbones_timm.family_for``). Names are paths in
+    the library's own modules, so state dicts keep its keys."""
 
     name: str
     model_class: str  # torchvision's class name: how a built network is recognised (``family_of``)
@@ -50,6 +54,8 @@ class Family:
     linear: str  # the final nn.Linear inside ``head`` (``num_classes`` outputs)
     batch_norm: bool  # its norm layers keep running statistics (BatchNorm), which frozen stages must not update
     no_decay: tuple[str, ...] = ()  # parameters never weight-decayed beyond norms and biases (embeddings)
+    splittable: bool = True  # False: no stage structure found (a timm model): depths 0 and 5 only
+    run_whole: bool = False  # True: stage 0 runs the whole backbone (timm's forward_features), the rest pass through
 
 
 def _in_order(*stages: tuple[str, ...]) -> Callable[[nn.Module, int, torch.Tensor], torch.Tensor]:
@@ -183,34 +189,93 @@ ARCHS: tuple[str, ...] = tuple(BY_ARCH)
 MAX_FEATURE_DIM = max(spec.feature_dim for family in FAMILIES for spec in family.archs.values())
 
 
+def is_timm(arch: str) -> bool:
+    """timm's architecture: a name torchvision's table does not hold, or one written ``timm/NAME``
+    (``tl_ray.backbones_timm``)."""
+    return arch not in BY_ARCH
+
+
+def check_arch(arch: str, option: str = "--arch") -> None:
+    """A torchvision name of the table, or a name timm knows; else one line with the nearest names."""
+    if is_timm(arch):
+        from tl_ray import backbones_timm
+
+        backbones_timm.check_arch(arch, ARCHS, option)
+
+
 def family(arch: str) -> Family:
-    if arch not in BY_ARCH:
-        raise TlRayError(f"--arch must be one of {', '.join(ARCHS)}; got {arch!r}")
+    if is_timm(arch):
+        from tl_ray import backbones_timm
+
+        check_arch(arch)
+        return backbones_timm.family(arch)
     return BY_ARCH[arch]
 
 
+def listing(pattern: str = "") -> list[tuple[str, str, bool]]:
+    """What --arch takes: (name, library, has pretrained weights), torchvision's table first, then timm's (a name
+    both have as ``timm/NAME``); ``pattern`` as fnmatch, a bare word matching anywhere."""
+    import fnmatch
+
+    from tl_ray import backbones_timm
+
+    wanted = pattern if "*" in pattern else f"*{pattern}*"
+    rows = [(arch, "torchvision", True) for arch in ARCHS if fnmatch.fnmatch(arch, wanted)]
+    for name, pretrained in backbones_timm.listing(pattern):
+        rows.append((backbones_timm.PREFIX + name if name in BY_ARCH else name, "timm", pretrained))
+    return rows
+
+
 def family_of(net: nn.Module) -> Family:
-    """The family of a built torchvision network (a SyncBatchNorm conversion keeps its class)."""
+    """The family of a built torchvision or timm network (a SyncBatchNorm conversion keeps its class)."""
+    from tl_ray import backbones_timm
+
+    if backbones_timm.is_timm_net(net):
+        return backbones_timm.family_for(net)
     for candidate in FAMILIES:
         if type(net).__name__ == candidate.model_class:
             return candidate
-    raise TlRayError(f"{type(net).__name__} is not a supported backbone ({', '.join(ARCHS)})")
+    raise TlRayError(f"{type(net).__name__} is not a supported backbone ({', '.join(ARCHS)}, or a timm model)")
+
+
+def patch_size(arch: str) -> int:
+    """> 0: a transformer built for one image size, a multiple of this."""
+    if is_timm(arch):
+        from tl_ray import backbones_timm
+
+        check_arch(arch)
+        return backbones_timm.patch_size(arch)
+    return BY_ARCH[arch].archs[arch].patch_size
 
 
 def check_image_size(arch: str, image_size: int, option: str = "--image-size") -> None:
     """A patch transformer cuts the image into whole patches: its size must be a multiple of the patch."""
-    patch = family(arch).archs[arch].patch_size
+    patch = patch_size(arch)
     if patch and image_size % patch:
         raise UsageError(f"{option} must be a multiple of {patch} for {arch} (its patch size); got {image_size}")
+    if is_timm(arch):
+        from tl_ray import backbones_timm
+
+        backbones_timm.check_image_size(arch, image_size, option)
+
+
+def check_freeze_depth(arch: str, freeze_depth: int | None, option: str = "--freeze-depth") -> None:
+    """A model without stages tl-ray can split trains at depths 0 and NUM_STAGES only."""
+    if freeze_depth not in (None, 0, NUM_STAGES) and not family(arch).splittable:
+        raise UsageError(f"{option}: {arch} has no stages tl-ray can split; use 0 or {NUM_STAGES}; got {freeze_depth}")
 
 
 def create(arch: str, num_classes: int, image_size: int = DEFAULT_IMAGE_SIZE) -> nn.Module:
     """The bare torchvision architecture with a ``num_classes`` head, randomly initialised (for ``image_size``
     where the architecture is built for one size)."""
+    check_image_size(arch, image_size)
+    if is_timm(arch):
+        from tl_ray import backbones_timm
+
+        return backbones_timm.create(arch, num_classes, image_size)
     import torchvision
 
     spec = family(arch).archs[arch]
-    check_image_size(arch, image_size)
     extra = {"image_size": image_size} if spec.patch_size else {}
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **extra)
 
@@ -219,7 +284,8 @@ def weights_enum(arch: str) -> type[torchvision.models.WeightsEnum]:
     """torchvision's weights for ``arch`` (``.DEFAULT`` is what ``--weights imagenet`` means)."""
     import torchvision
 
-    family(arch)
+    if is_timm(arch):
+        raise TlRayError(f"{arch} is a timm architecture: its weights are timm's (tl_ray.backbones_timm)")
     return torchvision.models.get_model_weights(arch)
 
 
@@ -232,6 +298,10 @@ def head_keys(arch_or_family: str | Family, state: Mapping[str, Any]) -> list[st
 def fit_state(net: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` made loadable into ``net`` where only the image size differs: a transformer's position
     embeddings interpolated to its patch grid (torchvision's ``interpolate_embeddings``)."""
+    from tl_ray import backbones_timm
+
+    if backbones_timm.is_timm_net(net):
+        return backbones_timm.fit_state(net, state)
     key = "encoder.pos_embedding"
     if family_of(net).model_class != "VisionTransformer" or key not in state:
         return state

@@ -196,8 +196,10 @@ def load_checkpoint(
     be a URI: the checkpoint is then read from this machine's copy (``fetch``)."""
     directory = _local_dir(directory)
     meta = read_meta(directory)
-    if meta["arch"] not in backbones.ARCHS:
-        raise TlRayError(f"checkpoint {directory}: unknown arch {meta['arch']!r} in {META_FILE}")
+    try:
+        backbones.check_arch(meta["arch"])
+    except TlRayError:
+        raise TlRayError(f"checkpoint {directory}: unknown arch {meta['arch']!r} in {META_FILE}") from None
     model = backbones.create(meta["arch"], meta["num_classes"], meta["image_size"])
     try:
         model.load_state_dict(read_model_state(directory))

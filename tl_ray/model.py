@@ -37,6 +37,9 @@ class InitialWeights:
     source: str  # human-readable: "imagenet:IMAGENET1K_V2", "none", a path
     head_reset: bool  # True when the head was freshly initialised for these classes
     crop_fraction: float = recipe.EVAL_CROP_FRACTION  # validation's centre crop / resize the weights expect
+    # The resize the weights were trained with, where they say (timm's pretrained_cfg); None: torchvision's bilinear,
+    # and no meta.json key (checkpoints from before timm stay byte-identical when resumed).
+    interpolation: str | None = None
 
 
 def create_model(arch: str, num_classes: int, image_size: int = backbones.DEFAULT_IMAGE_SIZE) -> nn.Module:
@@ -75,6 +78,10 @@ def _download(weights: torchvision.models.WeightsEnum) -> dict[str, torch.Tensor
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":  # any arch's: safetensors holds tensors only, nothing to unpickle
+        from tl_ray import backbones_timm
+
+        return backbones_timm.read_safetensors(path)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle errors, refused globals, truncated zips all land here
@@ -133,6 +140,10 @@ def initial_weights(
     """
     torch.manual_seed(seed)  # the new head's initialisation is part of the run's reproducibility
     class_names = list(class_names)
+    if backbones.is_timm(arch):
+        from tl_ray import weights_timm
+
+        return weights_timm.initial_weights(arch, weights, class_names, image_size)
     model = create_model(arch, len(class_names), image_size)
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     if weights == "none":
@@ -149,7 +160,7 @@ def initial_weights(
     if path.is_file():
         state, head_reset = _fit_to_model(model, _read_state_dict(path), named, keep_head=False)
         return InitialWeights(state, mean, std, named, head_reset)
-    if os.sep in weights or weights.endswith((".pth", ".pt")):
+    if os.sep in weights or weights.endswith((".pth", ".pt", ".safetensors")):
         raise TlRayError(f"--weights: {weights} does not exist")
     enum_value = _torchvision_weights(arch, weights)
     same_classes = list(enum_value.meta.get("categories", [])) == class_names
@@ -165,7 +176,7 @@ def _local_weights(weights: str) -> tuple[Path, str]:
     """A --weights file or checkpoint folder on this machine (one in object storage fetched once, ``checkpoint.fetch``)
     and the name to record and show: the absolute path, or the URI."""
     if location.is_uri(weights):
-        if weights.partition("?")[0].endswith((".pth", ".pt")):
+        if weights.partition("?")[0].endswith((".pth", ".pt", ".safetensors")):
             return checkpoint.fetch_file(weights, "--weights"), weights
         return checkpoint.fetch(weights, "--weights"), weights
     path = Path(weights).expanduser()
@@ -175,6 +186,10 @@ def _local_weights(weights: str) -> tuple[Path, str]:
 def eval_crop_fraction(arch: str, weights: str) -> float:
     """The validation crop fraction ``initial_weights`` would give, without reading any weights (a sweep
     decodes its cache at this resize before any trial starts)."""
+    if backbones.is_timm(arch) and not _names_checkpoint(weights):
+        from tl_ray import weights_timm
+
+        return weights_timm.crop_fraction(arch, weights)
     if location.is_uri(weights) and not weights.partition("?")[0].endswith((".pth", ".pt")):
         return _meta_crop_fraction(checkpoint.read_meta(checkpoint.fetch(weights, "--weights")))
     path = Path(weights).expanduser()
@@ -183,6 +198,15 @@ def eval_crop_fraction(arch: str, weights: str) -> float:
     if weights == "none" or path.is_file() or os.sep in weights or weights.endswith((".pth", ".pt")):
         return recipe.EVAL_CROP_FRACTION
     return _enum_crop_fraction(_torchvision_weights(arch, weights))
+
+
+def _names_checkpoint(weights: str) -> bool:
+    """``weights`` is a tl-ray checkpoint folder (local or a URI), not a file, a tag, 'imagenet' or 'none'."""
+    if weights in ("none", "imagenet"):
+        return False
+    if location.is_uri(weights):
+        return not weights.partition("?")[0].endswith((".pth", ".pt", ".safetensors"))
+    return Path(weights).expanduser().is_dir()
 
 
 def _meta_crop_fraction(meta: Mapping) -> float:
@@ -236,6 +260,10 @@ class TransferModel(nn.Module):
         """Freeze the first ``freeze_depth`` stages and unfreeze the rest (a probe-then-fine-tune run moves it)."""
         if not 0 <= freeze_depth <= NUM_STAGES:
             raise TlRayError(f"--freeze-depth must be between 0 and {NUM_STAGES}; got {freeze_depth}")
+        if not self.family.splittable and freeze_depth not in (0, NUM_STAGES):
+            raise TlRayError(
+                f"--freeze-depth: {self.family.model_class} has no stages tl-ray can split; use 0 or {NUM_STAGES}"
+            )
         self.freeze_depth = freeze_depth
         for index, names in enumerate(self.stages):
             for member in self._members([names]):
@@ -295,6 +323,9 @@ class TransferModel(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled backbone output the head sees: at depth 5 a fixed function of the image, so cacheable."""
+        if self.family.run_whole:  # timm's forward_features: frozen parameters need no grad, so build no graph
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.freeze_depth < NUM_STAGES):
+                return self.family.pool(self.net, self.family.run_stage(self.net, 0, x))
         run_stage = self.family.run_stage
         with torch.no_grad():
             for index in range(self.freeze_depth):

@@ -425,8 +425,8 @@ def _choice_options():
 
 
 def test_the_options_with_choices_are_the_expected_ones():
+    # --arch is not among them: any timm name is one too (its check: tests/unit/test_timm_backbones.py)
     assert {field.name for field in _choice_options()} == {
-        "arch",
         "optimizer",
         "strategy",
         "class_weights",

@@ -89,14 +89,14 @@ def test_freeze_depth_benchmark_times_every_depth_and_the_naive_freeze(tmp_path)
 
 def test_backbones_benchmark_times_each_arch_at_each_depth(tmp_path):
     out = tmp_path / "backbones.json"
-    argv = ["--archs", "resnet18,efficientnet_b0", "--image-size", "32", "--batch-size", "4", "--steps", "1"]
+    archs = ("resnet18", "efficientnet_b0", "convnext_atto")  # the last timm's, by name
+    argv = ["--archs", ",".join(archs), "--image-size", "32", "--batch-size", "4", "--steps", "1"]
     done = _run_bench([sys.executable, "bench/backbones.py", *argv, "--warmup", "1", "--out", str(out)], timeout=280)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| efficientnet_b0 | 4.0 | 1280 | 5 |" in done.stdout  # 10 classes: 4.0M parameters, 1280 features
+    assert "| convnext_atto | 3.4 | 320 | 5 |" in done.stdout
     rows = json.loads(out.read_text())["rows"]
-    assert [(row["arch"], row["freeze_depth"]) for row in rows] == [
-        (arch, depth) for arch in ("resnet18", "efficientnet_b0") for depth in (0, 5)
-    ]
+    assert [(row["arch"], row["freeze_depth"]) for row in rows] == [(arch, depth) for arch in archs for depth in (0, 5)]
     assert all(math.isfinite(row["steps_per_s"]) and row["steps_per_s"] > 0 for row in rows)
 
 

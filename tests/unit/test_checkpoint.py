@@ -273,9 +273,9 @@ def test_truncated_model_file_is_an_error(saved):
 def test_unknown_arch_in_meta_is_an_error(saved):
     directory, _ = saved
     meta = json.loads((directory / META_FILE).read_text())
-    meta["arch"] = "vgg16"
+    meta["arch"] = "vgg17"  # vgg16 is a timm model now
     (directory / META_FILE).write_text(json.dumps(meta))
-    with pytest.raises(TlRayError, match="vgg16"):
+    with pytest.raises(TlRayError, match="unknown arch 'vgg17'"):
         load_checkpoint(directory)
 
 

@@ -51,7 +51,10 @@ def test_missing_yaml_names_the_file(tmp_path):
         ({"data": None}, "--data is required"),
         ({"freeze_depth": 7}, "--freeze-depth must be between 0 and 5; got 7"),
         ({"lr": -0.1}, "--lr must be positive; got -0.1"),
-        ({"arch": "vgg16"}, "--arch must be one of resnet18"),
+        (
+            {"arch": "vgg17"},
+            "--arch: no torchvision or timm architecture is named .vgg17.; did you mean vgg19, vgg16, vgg13\\?",
+        ),
         ({"optimizer": "lion"}, "--optimizer must be one of auto, adamw, sgd"),
         ({"augment": "heavy"}, "--augment must be one of auto, standard, light, none; got 'heavy'"),
         ({"cache": ""}, "--cache must be auto, none, or a folder or URI"),
@@ -96,7 +99,10 @@ def test_freeze_depth_default_depends_on_weights():
             "tl-ray: error: --freeze-depth must be between 0 and 5; got 7",
         ),
         (["train", "--data", "x", "--lr", "-1"], "tl-ray: error: --lr must be positive; got -1.0"),
-        (["train", "--data", "x", "--arch", "resnet9"], "tl-ray: error: --arch must be one of"),
+        (
+            ["train", "--data", "x", "--arch", "resnet9"],
+            "tl-ray: error: --arch: no torchvision or timm architecture is named 'resnet9'; did you mean",
+        ),
         (
             ["train", "--data", "/no/such/folder", "--weights", "none"],
             "tl-ray: error: --data: /no/such/folder does not exist",

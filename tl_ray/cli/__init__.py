@@ -173,6 +173,13 @@ def _report(config) -> None:
     render.sweep(*finalize(config.run_dir))
 
 
+def _archs(config) -> None:
+    from tl_ray.backbones import listing
+
+    rows = [row for row in listing(config.pattern or "") if row[2] or not config.pretrained]
+    render.archs(rows)
+
+
 # What each command does with its validated config (its options: cli.parser.COMMANDS).
 HANDLERS: dict[str, Callable[[object], None]] = {
     "sample-data": _sample_data,
@@ -184,4 +191,5 @@ HANDLERS: dict[str, Callable[[object], None]] = {
     "inspect": _inspect,
     "export": _export,
     "report": _report,
+    "archs": _archs,
 }

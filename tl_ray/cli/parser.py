@@ -21,7 +21,7 @@ from tl_ray.inference.config import EvaluateConfig, ExportConfig, PredictConfig
 from tl_ray.inputs.config import InspectConfig
 from tl_ray.options import POSITIONAL, flag
 from tl_ray.sample import SampleDataConfig
-from tl_ray.training.config import LrFindConfig, TrainConfig
+from tl_ray.training.config import ArchsConfig, LrFindConfig, TrainConfig
 from tl_ray.tuning.config import ReportConfig, TuneConfig
 from tl_ray.version import __version__
 
@@ -77,6 +77,11 @@ COMMANDS = (
         " the resize and crop to do before, the input contract) is embedded in the file and written to OUT.json.",
     ),
     Command("report", ReportConfig, "(re)write the report of a finished or interrupted sweep"),
+    Command(
+        "archs",
+        ArchsConfig,
+        "list the backbones --arch takes: torchvision's, then timm's, and which have pretrained weights",
+    ),
 )
 BY_NAME = {command.name: command for command in COMMANDS}
 
@@ -84,7 +89,8 @@ BY_NAME = {command.name: command for command in COMMANDS}
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tl-ray",
-        description="Transfer learning of torchvision image classifiers (ResNet, ConvNeXt, EfficientNet, ViT) on Ray.",
+        description="Transfer learning of torchvision and timm image classifiers (ResNet, ConvNeXt, EfficientNet, ViT,"
+        " and any timm model by name) on Ray.",
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

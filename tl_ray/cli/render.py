@@ -149,3 +149,16 @@ def export_result(result) -> None:
     print(f"                 (resize the short side to {resize}, centre-crop {size}: not in the file)")
     print(f"output           {meta['output']['name']}: float32 (N, {len(names)}), softmax over {', '.join(names)}")
     print(f"metadata         {result.sidecar} (also inside the file: {METADATA_KEY})")
+
+
+def archs(rows: list[tuple[str, str, bool]]) -> None:
+    """`tl-ray archs`: one backbone a line, its library and whether --weights imagenet has weights for it."""
+    if not rows:
+        print("no architecture matches (tl-ray archs with no pattern lists them all)")
+        return
+    width = max(len(name) for name, _, _ in rows)
+    print(f"{'arch':<{width}}  library      pretrained")
+    for name, library, pretrained in rows:
+        print(f"{name:<{width}}  {library:<11}  {'yes' if pretrained else '-'}")
+    with_weights = sum(pretrained for _, _, pretrained in rows)
+    print(f"{len(rows)} architectures, {with_weights} with pretrained weights")

@@ -187,11 +187,20 @@ def _replace(path: Path, write) -> None:
         temporary.unlink(missing_ok=True)
 
 
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
 def _write_torchscript(classifier: DeployableClassifier, path: Path, metadata: str) -> None:
     with warnings.catch_warnings():
         # torch deprecates TorchScript in favour of torch.export; the user asked for TorchScript, and cannot act on it.
         warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.jit\.")
-        scripted = torch.jit.script(classifier)
+        try:
+            scripted = torch.jit.script(classifier)
+        except Exception as error:  # TorchScript's frontend refuses Python it cannot compile (some timm models)
+            raise TlRayError(
+                f"--format torchscript: this model cannot be scripted ({_first_line(error)}); try --format onnx"
+            ) from error
         torch.jit.save(scripted, str(path), _extra_files={METADATA_KEY: metadata})
 
 
@@ -200,15 +209,20 @@ def _write_onnx(classifier: DeployableClassifier, path: Path, metadata: str) -> 
 
     size = classifier.image_size
     example = torch.zeros(2, 3, size, size, dtype=torch.uint8)  # 2, not 1: export would specialise a batch of 1
-    program = torch.onnx.export(
-        classifier,
-        (example,),
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("N")}},
-        dynamo=True,
-        verbose=False,
-    )
+    try:
+        program = torch.onnx.export(
+            classifier,
+            (example,),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("N")}},
+            dynamo=True,
+            verbose=False,
+        )
+    except Exception as error:  # an operator ONNX has no translation for, a graph torch.export cannot capture
+        raise TlRayError(
+            f"--format onnx: this model cannot be exported ({_first_line(error)}); try --format torchscript"
+        ) from error
     program.model.metadata_props[METADATA_KEY] = metadata
     program.model.doc_string = DOC_STRING
     program.save(path, external_data=False)

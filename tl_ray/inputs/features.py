@@ -108,7 +108,7 @@ def prepare(
 ) -> FeatureSplit:
     """The backbone features of a cached split: reused when computed before with the same backbone, else built."""
     filesystem = split.filesystem
-    folder = f"{split.folder}/features-{arch}-{image_size}-{backbone_digest(weights, arch)}"
+    folder = f"{split.folder}/features-{arch.replace('/', '-')}-{image_size}-{backbone_digest(weights, arch)}"
     manifest = cache.read_manifest(filesystem, folder, FEATURES_VERSION)
     built = manifest is None
     if manifest is None:

@@ -55,11 +55,15 @@ class TrainConfig(ReadsSource):
     split_column: str = same_option(SourceOptions, "split_column")
     image_column: str | None = same_option(SourceOptions, "image_column")
     retry_seconds: float = same_option(SourceOptions, "retry_seconds")
-    arch: str = option("resnet50", f"backbone: {', '.join(ARCHS)}", choices=ARCHS)
+    arch: str = option(
+        "resnet50",
+        f"backbone: torchvision's {', '.join(ARCHS)}, or any timm model by name (convnext_atto; timm/NAME where"
+        " torchvision has the name too); tl-ray archs lists them",
+    )
     weights: str = option(
         "imagenet",
-        "imagenet | a torchvision weights name (IMAGENET1K_V1) | none | a .pth state dict | a tl-ray checkpoint dir"
-        " (paths or URIs)",
+        "imagenet | a torchvision weights name (IMAGENET1K_V1) or timm tag (in22k_ft_in1k) | none | a .pth or"
+        " .safetensors state dict | a tl-ray checkpoint dir (paths or URIs)",
     )
     freeze_depth: int | None = option(
         None,
@@ -246,7 +250,9 @@ class TrainConfig(ReadsSource):
                 f"{flag('batch_size')} is the global batch, split over {flag('num_workers')}: it must be at least "
                 f"2 per worker ({2 * self.max_workers}); got {self.batch_size}"
             )
+        backbones.check_arch(self.arch, flag("arch"))
         backbones.check_image_size(self.arch, self.image_size, flag("image_size"))
+        backbones.check_freeze_depth(self.arch, self.freeze_depth, flag("freeze_depth"))
         check_range("warmup_epochs", self.warmup_epochs, 0.0, float(self.epochs))  # bounds that depend on epochs
         check_range("head_epochs", self.head_epochs, 0, self.epochs - 1)
         if self.head_epochs and self.freeze_depth == NUM_STAGES:
@@ -349,6 +355,20 @@ class LrFindConfig(TrainConfig):
 
 
 MIN_RANGE_TEST_STEPS = 6  # as fastai: fewer leaves no curve to read
+
+
+@dataclass
+class ArchsConfig:
+    """`tl-ray archs`: the backbones --arch takes (torchvision's table, then timm's), and which have weights."""
+
+    pattern: str | None = option(
+        None, "only names matching this (fnmatch: convnext*, *vit*_224; a bare word matches anywhere)", positional=True
+    )
+    pretrained: bool = option(False, "only those with pretrained weights (what --weights imagenet loads)")
+
+    def validate(self) -> ArchsConfig:
+        check_options(self)
+        return self
 
 
 def parse_workers(value: int | str) -> tuple[int, int] | None:

@@ -196,6 +196,7 @@ def _set_up(
     if config.lr == "select":
         lr_candidates = recipe.select_candidates(config.recipe_lr(), config.batch_size, config.max_workers)
     progress.mark("run: data discovered")
+    backbones.check_freeze_depth(config.arch, config.freeze_depth)
     weights = model.initial_weights(config.arch, config.weights, layout.class_names, config.seed, config.image_size)
     progress.mark("run: initial weights")
     short_side = imaging.resize_size(config.image_size, weights.crop_fraction)  # validation's resize, as the weights'
@@ -249,6 +250,7 @@ def _set_up(
         range_test_only=range_test_only,
         lr_candidates=lr_candidates,
         lr_from_size=lr_from_size,
+        interpolation=weights.interpolation,
     )
     return _Setup(
         config, where, layout, loop_config, prepared.datasets, use_gpu, worker_cpus, train_per_class, skipped, tracker

@@ -49,6 +49,7 @@ class RunMeta:
     mean: list[float]
     std: list[float]
     weights_source: str  # what --weights resolved to
+    interpolation: str | None = None  # the weights' resize, where they say (timm's pretrained_cfg; else bilinear)
 
     def to_json(self, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
         """``meta.json`` at ``epoch`` (``checkpoint.save_checkpoint`` adds the format version first)."""
@@ -68,6 +69,7 @@ class RunMeta:
             "epoch": epoch,
             "metrics": metrics,
             "tl_ray_version": __version__,
+            **({"interpolation": self.interpolation} if self.interpolation else {}),
         }
 
     def check_resumable(self, recorded: dict[str, Any]) -> None:

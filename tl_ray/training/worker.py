@@ -61,6 +61,7 @@ class LoopConfig:
     # --lr select: the (peak rate, global batch) pairs tried before the run (recipe.select_candidates)
     lr_candidates: tuple[tuple[float, int], ...] = ()
     lr_from_size: bool = False  # --lr was left out (select, from the training set's size) rather than given
+    interpolation: str | None = None  # the weights' resize (model.InitialWeights), as meta.json records it
 
     def run_meta(self) -> RunMeta:
         """What the run's checkpoints say of its model (meta.json)."""
@@ -72,6 +73,7 @@ class LoopConfig:
             self.mean,
             self.std,
             self.weights_source,
+            self.interpolation,
         )
 
 
