@@ -51,11 +51,12 @@ def _preprocessing_recorded(meta: dict, arch: str) -> None:
     ("arch", "depth", "cached"),
     [
         ("convnext_atto", 5, True),  # a head on the feature cache
-        ("regnetx_002", 5, True),
-        ("timm/efficientnet_b0", 5, False),  # a head on a frozen backbone, images augmented each epoch
         ("resnet18d", 3, False),
-        ("timm/mobilenetv3_small_050", 3, False),
         ("vit_tiny_patch16_224", 3, False),  # and resumed
+        # The other families in the extended tier (make test-extended): make test stays within its 30 minutes.
+        pytest.param("regnetx_002", 5, True, marks=pytest.mark.extended),
+        pytest.param("timm/efficientnet_b0", 5, False, marks=pytest.mark.extended),  # a frozen backbone, augmented
+        pytest.param("timm/mobilenetv3_small_050", 3, False, marks=pytest.mark.extended),
     ],
 )
 def test_timm_archs_train_resume_predict_and_export(arch, depth, cached, three, tmp_path, ray_cluster):
