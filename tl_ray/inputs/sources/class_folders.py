@@ -30,6 +30,7 @@ from tl_ray.inputs.sources.listing import (
     file_info,
     find_classes,
     has_folder,
+    has_folders,
     list_entries,
     list_image_stats,
     list_images,
@@ -198,7 +199,7 @@ def with_val_data(where: location.Location) -> Listing:
 
 def kept_apart(where: location.Location) -> Listing | None:
     """ROOT/test/<class>/ as a listing (None without a test/ folder): the test split, which a run keeps apart."""
-    if not has_folder(where, TEST_FOLDER):
+    if not has_folders(where, (TEST_FOLDER,)):
         return None
     folder = where.join(TEST_FOLDER)
     if not find_classes(where.filesystem, folder.path):  # unlabelled test images (Kaggle's): nothing to score

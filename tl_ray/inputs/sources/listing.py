@@ -107,10 +107,20 @@ def has_folder(where: location.Location, name: str) -> bool:
     return file_info(where.filesystem, f"{where.path}/{name}").type == pafs.FileType.Directory
 
 
+def has_folders(where: location.Location, names: tuple[str, ...]) -> list[str]:
+    """Which of ``names`` are folders in ``where``: on object storage one LIST of it (asking name by name costs a
+    HEAD and a LIST each), locally a stat each."""
+    if is_local(where.filesystem):
+        return [name for name in names if has_folder(where, name)]
+    entries = list_entries(where.filesystem, where.path, False)
+    folders = {entry.base_name for entry in entries if entry.type == pafs.FileType.Directory}
+    return [name for name in names if name in folders]
+
+
 def val_folder(where: location.Location, option: str = "--data") -> str | None:
     """The one validation folder ``where`` holds beside train/ (val/, valid/ or validation/: Kaggle's, Hugging
     Face's and torchvision's names), None without one; two of them are refused, as which is meant is unknowable."""
-    found = [name for name in VAL_FOLDERS if has_folder(where, name)]
+    found = has_folders(where, VAL_FOLDERS)
     if len(found) > 1:
         raise TlRayError(
             f"{option}: {where.uri} has both {found[0]}/ and {found[1]}/; keep one validation folder (or pass the"
