@@ -51,9 +51,9 @@ def _preprocessing_recorded(meta: dict, arch: str) -> None:
     ("arch", "depth", "cached"),
     [
         ("convnext_atto", 5, True),  # a head on the feature cache
-        ("resnet18d", 3, False),
         ("vit_tiny_patch16_224", 3, False),  # and resumed
         # The other families in the extended tier (make test-extended): make test stays within its 30 minutes.
+        pytest.param("resnet18d", 3, False, marks=pytest.mark.extended),
         pytest.param("regnetx_002", 5, True, marks=pytest.mark.extended),
         pytest.param("timm/efficientnet_b0", 5, False, marks=pytest.mark.extended),  # a frozen backbone, augmented
         pytest.param("timm/mobilenetv3_small_050", 3, False, marks=pytest.mark.extended),
