@@ -308,8 +308,9 @@ def test_a_tag_the_arch_lacks_lists_its_tags():
         model.initial_weights("convnext_atto", "in22k_ft_in9k", ["a", "b"], image_size=SIZE)
 
 
-def test_a_checkpoint_records_and_reloads_the_timm_preprocessing(tmp_path):
-    arch = "convnext_atto"
+def _saved_checkpoint(arch: str, folder) -> tuple[model.InitialWeights, dict]:
+    """A checkpoint of ``arch`` with random weights and classes a, b, c, its meta.json as training writes it (the
+    weights' preprocessing): (the initial weights, the meta)."""
     weights = model.initial_weights(arch, "none", ["a", "b", "c"], image_size=SIZE)
     meta = {
         "arch": arch,
@@ -321,7 +322,13 @@ def test_a_checkpoint_records_and_reloads_the_timm_preprocessing(tmp_path):
         "std": list(weights.std),
         "interpolation": weights.interpolation,
     }
-    checkpoint.save_checkpoint(tmp_path / "ckpt", weights.state_dict, meta)
+    checkpoint.save_checkpoint(folder, weights.state_dict, meta)
+    return weights, meta
+
+
+def test_a_checkpoint_records_and_reloads_the_timm_preprocessing(tmp_path):
+    arch = "convnext_atto"
+    weights, meta = _saved_checkpoint(arch, tmp_path / "ckpt")
     loaded, _ = checkpoint.load_checkpoint(tmp_path / "ckpt")
     assert type(loaded).__module__.startswith("timm.") and not loaded.training
     again = model.initial_weights(arch, str(tmp_path / "ckpt"), ["a", "b", "c"], image_size=SIZE)
@@ -342,17 +349,7 @@ def test_a_checkpoint_records_and_reloads_the_timm_preprocessing(tmp_path):
 @pytest.mark.parametrize("arch", ["convnext_atto", "vit_tiny_patch16_224"])
 def test_onnx_export_of_a_timm_checkpoint_gives_its_probabilities(arch, tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
-    weights = model.initial_weights(arch, "none", ["a", "b", "c"], image_size=SIZE)
-    meta = {
-        "arch": arch,
-        "num_classes": 3,
-        "class_names": ["a", "b", "c"],
-        "image_size": SIZE,
-        "resize_size": imaging.resize_size(SIZE, weights.crop_fraction),
-        "mean": list(weights.mean),
-        "std": list(weights.std),
-    }
-    checkpoint.save_checkpoint(tmp_path / "ckpt", weights.state_dict, meta)
+    _, meta = _saved_checkpoint(arch, tmp_path / "ckpt")
     result = tl_ray.export(str(tmp_path / "ckpt"), str(tmp_path / "model.onnx"), "onnx")
     crops = torch.randint(0, 256, (2, 3, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     loaded, _ = checkpoint.load_checkpoint(tmp_path / "ckpt")

@@ -142,10 +142,16 @@ def classify_items(
     return frame
 
 
+def undelivered(frame: pd.DataFrame) -> pd.Series:
+    """Which rows of ``frame`` are items their storage did not deliver (an error reason ``reading.is_unreadable``
+    says so of), not bad files."""
+    return frame[ERROR_COLUMN].astype(str).str.startswith(reading.UNREADABLE)
+
+
 def check_delivered(frame: pd.DataFrame, total: int) -> None:
     """Stop (``RunError``) when the storage failed to deliver more than ``reading.MAX_UNREADABLE_SHARE`` of the
     ``total`` items classified into ``frame``; below it, their rows say so in the error column."""
-    unreadable = frame.loc[frame[ERROR_COLUMN].astype(str).str.startswith(reading.UNREADABLE), ["path", ERROR_COLUMN]]
+    unreadable = frame.loc[undelivered(frame), ["path", ERROR_COLUMN]]
     after = "nothing was written: rerun when the storage answers"
     reading.check_unreadable(list(unreadable.itertuples(index=False, name=None)), total, "images", after)
 

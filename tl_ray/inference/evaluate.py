@@ -15,9 +15,9 @@ import pandas as pd
 from tl_ray import checkpoint as checkpoints
 from tl_ray import figures, location, progress
 from tl_ray.errors import TlRayError
-from tl_ray.inference.classify import ERROR_COLUMN, classify_items, output_location
+from tl_ray.inference.classify import ERROR_COLUMN, classify_items, output_location, undelivered
 from tl_ray.inference.config import EvaluateConfig
-from tl_ray.inputs import reading, sources
+from tl_ray.inputs import sources
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def evaluate(config: EvaluateConfig, on_event: progress.OnEvent | None = None) -
     )
     rows["true"] = rows["path"].map(truth).fillna("")
     failed = rows[ERROR_COLUMN] != ""
-    unreadable = rows[ERROR_COLUMN].astype(str).str.startswith(reading.UNREADABLE)
+    unreadable = undelivered(rows)
     scored = rows[~failed]
     classes = meta["class_names"]
     confusion = pd.crosstab(scored["true"], scored["predicted"]).reindex(index=classes, columns=classes, fill_value=0)
