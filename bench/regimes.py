@@ -54,6 +54,9 @@ grid point with each of tl-ray's pipeline differences (``CANDIDATES``: its valid
 JPEG training cache, its warm-up, ...; ``tl-ray-pipeline`` all at once), and
 ``--tl-ray-options lr=0.003,batch_size=16,cache=none`` trains tl-ray itself with options set
 (stored apart from the defaults' column), so tl-ray at the grid's point is one A/B away.
+``--tl-ray-options arch=convnext_atto`` (any arch tl-ray takes, timm's by name) trains the tl-ray column on
+that arch beside the resnet18 grid; its transfer rows start from that arch's own source model, trained once
+under the same rule (issue 40's row: a small timm CNN and ViT under the defaults).
 """
 
 from __future__ import annotations
@@ -92,6 +95,7 @@ from tl_ray.model import IMAGENET_MEAN, IMAGENET_STD, STAGE_MODULES
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 32
+REFERENCE_ARCH = "resnet18"  # the reference grid's, and tl-ray's unless --tl-ray-options names another arch
 SIZES = (5, 10, 30, 100)
 # Epochs per training-set size (images a class): short runs see few steps, so small sets get more epochs.
 EPOCHS = {5: 15, 10: 12, 30: 10, 100: 8}
@@ -526,10 +530,11 @@ def tl_ray_commit() -> str:
 def tl_ray_train(
     task_root: Path, weights: str, depth: int, *, epochs: int, seed: int, storage: str, name: str, **chosen
 ):
-    """tl-ray with only what defines the regime: every other option is its default (``chosen``: but these)."""
+    """tl-ray with only what defines the regime: every other option is its default (``chosen``: but these; the arch
+    is resnet18 unless ``chosen`` names another)."""
+    chosen.setdefault("arch", REFERENCE_ARCH)
     return tl_ray.train(
         data=str(task_root),
-        arch="resnet18",
         weights=weights,
         freeze_depth=depth,
         epochs=epochs,
@@ -542,41 +547,48 @@ def tl_ray_train(
     )
 
 
-def source_checkpoint(root: Path, dataset: str, source_epochs: int) -> str:
-    """tl-ray's model of the source task (trained once, from random weights), the start of every transfer row."""
+def arch_suffix(arch: str) -> str:
+    """What names another arch's source model apart from resnet18's (whose names predate the suffix)."""
+    return "" if arch == REFERENCE_ARCH else "-" + arch.replace("/", "-")
+
+
+def source_checkpoint(root: Path, dataset: str, source_epochs: int, arch: str = REFERENCE_ARCH) -> str:
+    """tl-ray's model of the source task (trained once, from random weights), the start of every transfer row; a
+    tl-ray column on another arch (``--tl-ray-options arch=NAME``) transfers from that arch's own source model."""
     import fcntl
 
     storage = root / "source-runs"
     storage.mkdir(parents=True, exist_ok=True)
-    marker = storage / f"checkpoint-{source_epochs}ep.txt"
-    with open(storage / f"source-{source_epochs}ep.lock", "w") as lock:
+    marker = storage / f"checkpoint-{source_epochs}ep{arch_suffix(arch)}.txt"
+    with open(storage / f"source-{source_epochs}ep{arch_suffix(arch)}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process filling the same results trains it once, not twice
         if marker.exists() and Path(marker.read_text()).exists():
             return marker.read_text()
-        return train_source(root, dataset, source_epochs, storage, marker)
+        return train_source(root, dataset, source_epochs, storage, marker, arch)
 
 
-def train_source(root: Path, dataset: str, source_epochs: int, storage: Path, marker: Path) -> str:
-    result = tl_ray_train(
-        root / "source", "none", 0, epochs=source_epochs, seed=0, storage=str(storage), name=f"source-{source_epochs}"
-    )
-    print(f"{dataset}: source model val_acc {result.metrics['val_acc']:.3f}", flush=True)
+def train_source(root: Path, dataset: str, source_epochs: int, storage: Path, marker: Path, arch: str) -> str:
+    name = f"source-{source_epochs}{arch_suffix(arch)}"
+    result = tl_ray_train(root / "source", "none", 0, epochs=source_epochs, seed=0, storage=str(storage), name=name)
+    print(f"{dataset}: {arch} source model val_acc {result.metrics['val_acc']:.3f}", flush=True)
     marker.write_text(str(result.best_checkpoint))
-    (storage / f"source-{source_epochs}ep-val_acc.txt").write_text(f"{result.metrics['val_acc']:.4f}\n")
+    (storage / f"source-{source_epochs}ep{arch_suffix(arch)}-val_acc.txt").write_text(
+        f"{result.metrics['val_acc']:.4f}\n"
+    )
     return str(result.best_checkpoint)
 
 
 @functools.lru_cache
-def source_tag(root: Path, source_epochs: int, trained: str | bool = False) -> str:
+def source_tag(root: Path, source_epochs: int, trained: str | bool = False, arch: str = REFERENCE_ARCH) -> str:
     """The transfer rows' start in the run keys: the source model's epochs and a digest of its weights, so that runs
     from another source model (retrained after its folder was lost, or under other defaults) are never mixed with
     these. ``trained``: the checkpoint (source_checkpoint's); without it (--table) the marker names it, if any."""
-    marker = root / "source-runs" / f"checkpoint-{source_epochs}ep.txt"
+    marker = root / "source-runs" / f"checkpoint-{source_epochs}ep{arch_suffix(arch)}.txt"
     checkpoint = trained or (marker.read_text() if marker.exists() else "")
     if not checkpoint or not (Path(checkpoint) / MODEL_FILE).exists():
-        return f"source{source_epochs}ep-untrained"
+        return f"source{source_epochs}ep{arch_suffix(arch)}-untrained"
     digest = hashlib.sha256((Path(checkpoint) / MODEL_FILE).read_bytes()).hexdigest()[:10]
-    return f"source{source_epochs}ep-{digest}"
+    return f"source{source_epochs}ep{arch_suffix(arch)}-{digest}"
 
 
 # ----------------------------------------------------------------------------- runs, cached by what defines them
@@ -653,6 +665,12 @@ def tl_ray_key(
     return key + (f"|opts-{options}" if options else "")
 
 
+def options_arch(options: str) -> str:
+    """The arch a tl-ray column trains (--tl-ray-options arch=NAME; resnet18 otherwise): its transfer rows start
+    from that arch's source model."""
+    return str(parse_options(options).get("arch", REFERENCE_ARCH))
+
+
 def parse_options(text: str) -> dict[str, int | float | str]:
     """--tl-ray-options "lr=0.003,batch_size=16,cache=none" as tl_ray.train keywords (numbers as numbers)."""
     options: dict[str, int | float | str] = {}
@@ -677,8 +695,8 @@ class Cell:
     task_root: Path
     epochs: int
     init: Callable[[], dict[str, torch.Tensor] | None]
-    weights: Callable[[], str]
-    source: Callable[[], str]  # the transfer rows' start in the run keys (source_tag)
+    weights: Callable[..., str]  # (arch="resnet18"): the transfer rows' start, that arch's source checkpoint
+    source: Callable[..., str]  # (arch="resnet18"): the transfer rows' start in the run keys (source_tag)
 
 
 def mean(values: list[float]) -> float:
@@ -720,7 +738,8 @@ def run_tl_ray(
 ) -> float:
     """tl-ray's defaults on a cell (``lr`` "auto": with --lr auto, the one option changed; ``options``: these
     tl_ray.train options changed, an A/B of tl-ray against itself)."""
-    key = tl_ray_key(commit, cell.dataset, cell.size, cell.regime, seed, cell.epochs, cell.source(), lr, options)
+    arch = options_arch(options)
+    key = tl_ray_key(commit, cell.dataset, cell.size, cell.regime, seed, cell.epochs, cell.source(arch), lr, options)
     # Runs stored before the peak rate was recorded are run again: which rate a run trained at is half its result.
     if key not in store.tl_ray or "peak_lr" not in store.tl_ray[key] or commit.endswith("-dirty"):
         began = time.perf_counter()
@@ -731,7 +750,7 @@ def run_tl_ray(
         )
         result = tl_ray_train(
             cell.task_root,
-            cell.weights(),
+            cell.weights(arch),
             cell.regime.depth,
             epochs=cell.epochs,
             seed=seed,
@@ -778,7 +797,8 @@ def tl_ray_runs(store: Store, cell: Cell, commit: str, lr: str = "", options: st
     """The stored tl-ray runs of a cell at ``commit``, in seed order."""
     runs = []
     for seed in itertools.count():
-        key = tl_ray_key(commit, cell.dataset, cell.size, cell.regime, seed, cell.epochs, cell.source(), lr, options)
+        source = cell.source(options_arch(options))
+        key = tl_ray_key(commit, cell.dataset, cell.size, cell.regime, seed, cell.epochs, source, lr, options)
         if key not in store.tl_ray:
             break
         runs.append(store.tl_ray[key])
@@ -827,15 +847,15 @@ def cells(args: argparse.Namespace) -> Iterator[Cell]:
     for dataset in args.datasets.split(","):
         root = prepare(dataset, data_root, tuple(args.sizes))
         largest = pool_size(root)
-        checkpoint: list[str] = []
+        checkpoints: dict[str, str] = {}
 
-        def weights(root: Path = root, dataset: str = dataset, checkpoint: list[str] = checkpoint) -> str:
-            if not checkpoint:
-                checkpoint.append(source_checkpoint(root, dataset, args.source_epochs))
-            return checkpoint[0]
+        def weights(arch: str = REFERENCE_ARCH, root: Path = root, dataset: str = dataset, trained=checkpoints) -> str:
+            if arch not in trained:
+                trained[arch] = source_checkpoint(root, dataset, args.source_epochs, arch)
+            return trained[arch]
 
-        def source(root: Path = root, weights: Callable[[], str] = weights) -> str:
-            return source_tag(root, args.source_epochs, trained=not args.table and weights())
+        def source(arch: str = REFERENCE_ARCH, root: Path = root, weights: Callable[..., str] = weights) -> str:
+            return source_tag(root, args.source_epochs, trained=not args.table and weights(arch), arch=arch)
 
         def init(start: str, weights: Callable[[], str] = weights) -> dict[str, torch.Tensor] | None:
             return None if start == "none" else read_model_state(weights())
@@ -854,8 +874,12 @@ def cells(args: argparse.Namespace) -> Iterator[Cell]:
                     root / f"target-{size}",
                     args.epochs.get(size, EPOCHS.get(size, 10)),
                     lambda start=regime.start, init=init: init(start),
-                    lambda regime=regime, weights=weights: "none" if regime.start == "none" else weights(),
-                    lambda regime=regime, source=source: "none" if regime.start == "none" else source(),
+                    lambda arch=REFERENCE_ARCH, regime=regime, weights=weights: (
+                        "none" if regime.start == "none" else weights(arch)
+                    ),
+                    lambda arch=REFERENCE_ARCH, regime=regime, source=source: (
+                        "none" if regime.start == "none" else source(arch)
+                    ),
                 )
 
 
