@@ -13,6 +13,15 @@ fits in memory (read once, cropped in the worker's own process, one core).
 
     python bench/ingest.py                      # 2000 images of ~500x375, 3 epochs, 224 px
     python bench/ingest.py --images 64 --epochs 2 --image-size 32   # smoke test
+    python bench/ingest.py --host-cost          # host CPU per delivered image of each input path (issue 43)
+
+``--host-cost`` (at most 20 minutes here) measures, for each input path over its warm epochs, the CPU seconds of
+every process involved (this driver, and every process it started: Ray's raylet and workers, the DataLoader's
+workers) per delivered image, and the device-side work (decode and crop, which the GPU path does on the worker's
+device; on a CPU it runs in the consumer) timed apart. It writes ``bench/results/host_cost.json``: its
+``gpu_path_host_core_ms_per_image`` is the path a GPU run takes by default (cached bytes streamed undecoded,
+decoded and cropped on the device), ``warm_vs_dataloader`` that path's host-side delivery rate to a no-op consumer
+against the DataLoader's.
 
 Prints a table and writes JSON (``--out``, default bench/results/ingest.json).
 """
@@ -135,6 +144,117 @@ def bench_dataloader(root: Path, image_size: int, batch_size: int, epochs: int) 
     return rows
 
 
+def tree_cpu_seconds() -> float:
+    """CPU seconds (user + system) spent so far by this process and every process it started, Ray's included (with
+    the reaped children each of them waited for): from Linux's /proc, the machines these benchmarks run on."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    parents, times = {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended between the listing and the read
+            continue
+        # after the name: state, ppid, ..., utime (14th field of the whole line), stime, cutime, cstime
+        parents[int(entry.name)] = int(fields[1])
+        times[int(entry.name)] = sum(int(value) for value in fields[11:15]) / ticks
+    tree, frontier = {os.getpid()}, [os.getpid()]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    return sum(times.get(pid, 0.0) for pid in tree)
+
+
+def host_cost_epochs(deliver, epochs: int) -> dict:
+    """``deliver(epoch)`` -> (images, device CPU seconds) for each epoch; the warm epochs' host CPU per image (every
+    process's CPU less the device-side work's), the device-side work per image, and the delivery rate."""
+    deliver(0)  # cold: start-up, caches read or built
+    cpu_before, wall_before = tree_cpu_seconds(), time.perf_counter()
+    images = device_seconds = 0.0
+    for epoch in range(1, epochs + 1):
+        delivered, device = deliver(epoch)
+        images += delivered
+        device_seconds += device
+    wall = time.perf_counter() - wall_before
+    host = tree_cpu_seconds() - cpu_before - device_seconds
+    return {
+        "images": int(images),
+        "host_core_ms_per_image": 1000 * host / images,
+        "device_ms_per_image": 1000 * device_seconds / images,
+        "images_per_s": images / wall,
+        "host_images_per_s": images / max(wall - device_seconds, 1e-9),  # the no-op consumer's rate, device aside
+    }
+
+
+def host_cost(root: Path, image_size: int, batch_size: int, epochs: int, cache_root: str) -> dict:
+    """Each input path's host CPU per delivered image (issue 43), on warm epochs of a built cache."""
+    import ray
+    import torch
+
+    from tl_ray import cluster, recipe
+    from tl_ray.inputs import cache, device_input, skiplog, streaming
+    from tl_ray.inputs.held import HeldImages
+    from tl_ray.inputs.sources import class_folders
+
+    cluster.ensure_ray()
+    layout = class_folders.discover(str(root), val_fraction=0.0)
+    skipped = skiplog.SkippedFiles.remote()
+    [split] = [split for name, split in cache.prepare_splits(layout, image_size, cache_root, skipped).items() if split]
+    ray.kill(skipped)
+    scale = recipe.STANDARD_CROP_SCALE
+
+    streamed = streaming.cached_dataset(split, image_size, training=True, crop_scale=scale)
+
+    def pil_in_ray_tasks(epoch: int) -> tuple[int, float]:
+        return sum(len(b["image"]) for b in streamed.iter_torch_batches(batch_size=batch_size, prefetch_batches=2)), 0.0
+
+    encoded = streaming.encoded_dataset(split, training=True)
+
+    def on_device(epoch: int) -> tuple[int, float]:
+        delivered, device = 0, 0.0
+        generator = device_input.generator_for(0, epoch, 0)
+        for batch in encoded.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=4):
+            began = time.process_time()
+            images = device_input.decode(
+                batch["pixels"], batch["height"], batch["width"], split.image_format, torch.device("cpu")
+            )
+            padded, heights, widths = device_input.pad(images)
+            delivered += len(device_input.random_resized_crops(padded, heights, widths, image_size, scale, generator))
+            device += time.process_time() - began
+        return delivered, device
+
+    held = HeldImages(split, image_size, True, scale)
+
+    def held_in_the_worker(epoch: int) -> tuple[int, float]:
+        return sum(len(b["image"]) for b in held.batches(batch_size, rank=0, world=1, epoch=epoch)), 0.0
+
+    return {
+        "ray_data_pil": host_cost_epochs(pil_in_ray_tasks, epochs),
+        "device": host_cost_epochs(on_device, epochs),
+        "held": host_cost_epochs(held_in_the_worker, epochs),
+    }
+
+
+def dataloader_host_cost(root: Path, image_size: int, batch_size: int, epochs: int) -> dict:
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
+
+    crop = v2.RandomResizedCrop(image_size, scale=(0.25, 1.0), antialias=True)
+    transform = v2.Compose([crop, v2.RandomHorizontalFlip(), v2.PILToTensor()])
+    loader = DataLoader(
+        ImageFolder(str(root / "train"), transform=transform),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=os.cpu_count() or 1,
+        persistent_workers=True,
+    )
+    return host_cost_epochs(lambda epoch: (sum(len(images) for images, _ in loader), 0.0), epochs)
+
+
 def summarise(rows: list[dict]) -> dict:
     warm = rows[1:] or rows
     return {
@@ -151,8 +271,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--out", default="bench/results/ingest.json")
+    parser.add_argument("--out", default=None, help="default bench/results/ingest.json (host_cost.json)")
+    parser.add_argument("--host-cost", action="store_true", help="host CPU per delivered image of each input path")
     args = parser.parse_args(argv)
+    if args.host_cost:
+        return main_host_cost(args, argv)
+    args.out = args.out or "bench/results/ingest.json"
 
     root = Path(args.data) / f"n{args.images}"
     data_bytes = write_photos(root, args.images)
@@ -193,6 +317,37 @@ def main(argv: list[str] | None = None) -> dict:
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def main_host_cost(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    root = Path(args.data) / f"n{args.images}"
+    write_photos(root, args.images)
+    cache_root = str(Path(args.data) / "cache")
+    settings = (root, args.image_size, args.batch_size, args.epochs)
+    paths = {"dataloader": dataloader_host_cost(*settings), **host_cost(*settings, cache_root)}
+    results = {
+        "benchmark": "host_cost",
+        "command": "python bench/ingest.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "images": args.images,
+        "image_size": args.image_size,
+        "warm_epochs": args.epochs,
+        "paths": paths,
+        "gpu_path_host_core_ms_per_image": paths["device"]["host_core_ms_per_image"],
+        "warm_vs_dataloader": paths["device"]["host_images_per_s"] / paths["dataloader"]["images_per_s"],
+    }
+    print(f"host cost: {args.images} JPEGs, {args.image_size} px, {results['machine']}")
+    print(f"{'path':14} {'host core-ms/img':>17} {'device ms/img':>14} {'img/s':>8} {'host-side img/s':>16}")
+    for name, row in paths.items():
+        print(
+            f"{name:14} {row['host_core_ms_per_image']:>17.2f} {row['device_ms_per_image']:>14.2f}"
+            f" {row['images_per_s']:>8.1f} {row['host_images_per_s']:>16.1f}"
+        )
+    out = Path(args.out or "bench/results/host_cost.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 

@@ -186,7 +186,6 @@ FAMILIES: tuple[Family, ...] = (
 )
 BY_ARCH: dict[str, Family] = {arch: family for family in FAMILIES for arch in family.archs}
 ARCHS: tuple[str, ...] = tuple(BY_ARCH)
-MAX_FEATURE_DIM = max(spec.feature_dim for family in FAMILIES for spec in family.archs.values())
 
 
 def is_timm(arch: str) -> bool:

@@ -119,7 +119,9 @@ def test_streaming_and_in_memory_features_hold_the_same_rows(tmp_path, ray_clust
     split = cache.prepare(layout.train, layout, SIZE, str(tmp_path / "cache"))
     weights = model.initial_weights("resnet18", "none", ["a", "b", "c"], seed=1)
     built = features.prepare(split, SIZE, "resnet18", 3, weights, use_gpu=False)
-    assert features.fit_in_memory({"train": built, "val": None})
+    assert built.width == 512 and features.fit_in_memory({"train": built, "val": None})
+    again = features.prepare(split, SIZE, "resnet18", 3, weights, use_gpu=False)  # reused: its manifest says
+    assert not again.built and again.width == 512
     held, labels = features.load(built, torch.device("cpu"))
     streamed = features.streaming_datasets({"train": built, "val": None})
     rows = streamed["train"].take_all()

@@ -38,7 +38,6 @@ from tl_ray.inputs.layout import Layout
 FEATURES_VERSION = 1
 EXTRACT_BATCH = 64
 IN_MEMORY_BYTES = 1 << 30  # a worker's copy of both splits' features, at most
-MAX_FEATURE_WIDTH = backbones.MAX_FEATURE_DIM  # the widest arch's (2048: resnet50 and up); sizes the in-memory test
 
 
 @dataclass(frozen=True)
@@ -47,6 +46,7 @@ class FeatureSplit:
     parquet_files: list[str]
     rows: int
     built: bool  # True when this call ran the backbone, False when earlier features were reused
+    width: int  # features a row (the backbone's pooled width: 192 for a ViT-Tiny, 3072 for a ConvNeXt-XL)
 
 
 def applies(freeze_depth: int, augment: str, cache_root: location.Location | None) -> bool:
@@ -100,7 +100,11 @@ class _Backbone:
             }
         )
         pq.write_table(table, f"{self.folder}/{name}", filesystem=self.filesystem)
-        return {"file": np.asarray([name], dtype=object), "rows": np.asarray([len(features)])}
+        return {
+            "file": np.asarray([name], dtype=object),
+            "rows": np.asarray([len(features)]),
+            "width": np.asarray([features.shape[1]]),
+        }
 
 
 def prepare(
@@ -137,9 +141,14 @@ def prepare(
             "version": FEATURES_VERSION,
             "files": sorted(f"{attempt}/{row['file']}" for row in outcome),
             "rows": int(sum(row["rows"] for row in outcome)),
+            "width": int(outcome[0]["width"]) if outcome else 0,
         }
         cache.write_manifest(filesystem, folder, manifest)
-    return FeatureSplit(filesystem, [f"{folder}/{name}" for name in manifest["files"]], manifest["rows"], built)
+    files = [f"{folder}/{name}" for name in manifest["files"]]
+    width = manifest.get("width")
+    if width is None:  # written before manifests recorded it: the first file's schema says
+        width = pq.read_schema(files[0], filesystem=filesystem).field("features").type.list_size if files else 0
+    return FeatureSplit(filesystem, files, manifest["rows"], built, int(width))
 
 
 def _read_features(batch: dict[str, np.ndarray], filesystem: pafs.FileSystem) -> dict[str, np.ndarray]:
@@ -178,8 +187,9 @@ def prepare_splits(
 
 
 def fit_in_memory(splits: dict[str, FeatureSplit | None]) -> bool:
-    rows = sum(split.rows for split in splits.values() if split is not None)
-    return rows * MAX_FEATURE_WIDTH * 4 <= IN_MEMORY_BYTES
+    """Whether a worker can hold every split's features (float32, at the backbone's own width: a timm model's may
+    be far wider or narrower than any torchvision arch's)."""
+    return sum(split.rows * split.width * 4 for split in splits.values() if split is not None) <= IN_MEMORY_BYTES
 
 
 def streaming_datasets(splits: dict[str, FeatureSplit | None], seed: int = 0) -> dict[str, ray.data.Dataset]:

@@ -26,7 +26,7 @@ import torch
 
 from tl_ray import progress
 from tl_ray.errors import TlRayError
-from tl_ray.inputs import cache, features, imaging, skiplog, streaming
+from tl_ray.inputs import cache, device_input, features, imaging, skiplog, streaming
 from tl_ray.inputs.held import HeldImages, fit_in_memory
 from tl_ray.inputs.layout import Layout
 
@@ -48,6 +48,8 @@ class InputPlan:
     crop_scale: tuple[float, float] | None  # the random crops' area (None: centre crops, as validation)
     color_jitter: float
     seed: int
+    crops_on_device: bool = False  # streamed cached images decoded and cropped on the worker's device
+    cached_formats: dict[str, str] | None = None  # each split's cache format (cache.ENCODINGS), the device decodes
 
     @property
     def name(self) -> str:
@@ -59,7 +61,7 @@ class InputPlan:
     ) -> WorkerBatches:
         """This worker's batches under the plan (on a Ray Train worker: streamed splits are its dataset shards)."""
         if self.held is None:
-            kind: type[WorkerBatches] = StreamedBatches
+            kind: type[WorkerBatches] = DeviceCropBatches if self.crops_on_device else StreamedBatches
         else:
             kind = HeldFeatureBatches if self.on_features else HeldImageBatches
         return kind(self, worker_batch, rank, world, device, mean, std)
@@ -141,7 +143,11 @@ class StreamedBatches(WorkerBatches):
 
     def __init__(self, plan: InputPlan, *args: Any) -> None:
         super().__init__(plan, *args)
-        self._train, self._val = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+        self._train, self._val = self.shards()
+
+    def shards(self) -> tuple[Any, Any]:
+        """This worker's shards of the "train" and "val" datasets (anything with ``iter_batches``)."""
+        return ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
 
     def train(self, epoch: int) -> Iterator[Batch]:
         batch = self.worker_batch
@@ -149,6 +155,43 @@ class StreamedBatches(WorkerBatches):
 
     def val(self) -> Iterator[Batch]:
         return self._val.iter_torch_batches(batch_size=2 * self.worker_batch, prefetch_batches=2)
+
+
+class DeviceCropBatches(StreamedBatches):
+    """The cache's stored bytes streamed as they are (``streaming.encoded_dataset``), decoded and cropped here, on
+    the worker's device, a batch at a time (``device_input``): the host only reads bytes, so a GPU node's cores
+    are not what limits its GPU. Training boxes and flips come from a (seed, epoch, rank) generator; validation's
+    centre crops are cut exactly, as the other paths cut them."""
+
+    def _images(self, batch: dict[str, Any], split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        assert self.plan.cached_formats is not None
+        image_format = self.plan.cached_formats[split]
+        pixels, heights, widths = batch["pixels"], batch["height"], batch["width"]
+        return device_input.pad(device_input.decode(pixels, heights, widths, image_format, self.device))
+
+    def train(self, epoch: int) -> Iterator[Batch]:
+        generator = device_input.generator_for(self.plan.seed, epoch, self.rank)
+        size, scale = self.plan.image_size, self.plan.crop_scale
+        batches = self._train.iter_batches(
+            batch_size=self.worker_batch,
+            batch_format="numpy",
+            prefetch_batches=4,
+            local_shuffle_buffer_size=4 * self.worker_batch,
+        )
+        for batch in batches:
+            images, heights, widths = self._images(batch, "train")
+            if scale is None:  # --augment none: validation's crop
+                crops = device_input.crop(images, device_input.centre_boxes(heights, widths, size), size)
+            else:
+                crops = device_input.random_resized_crops(images, heights, widths, size, scale, generator)
+            yield {"image": crops, "label": torch.tensor(batch["label"], device=self.device)}
+
+    def val(self) -> Iterator[Batch]:
+        size = self.plan.image_size
+        for batch in self._val.iter_batches(batch_size=2 * self.worker_batch, batch_format="numpy", prefetch_batches=4):
+            images, heights, widths = self._images(batch, "val")
+            crops = device_input.crop(images, device_input.centre_boxes(heights, widths, size), size)
+            yield {"image": crops, "label": torch.tensor(batch["label"], device=self.device)}
 
 
 @dataclass
@@ -191,6 +234,10 @@ def prepare(
             held = splits
         else:
             datasets = features.streaming_datasets(splits, config.seed)
+    elif on_device := not on_features and crops_on_device(splits, config.color_jitter, use_gpu):
+        datasets = {
+            name: streaming.encoded_dataset(split, name == "train", config.seed) for name, split in splits.items()
+        }
     else:
         if not use_gpu and fit_in_memory(splits):
             held = splits
@@ -219,8 +266,25 @@ def prepare(
         crop_scale=config.crop_scale(),
         color_jitter=config.color_jitter,
         seed=config.seed,
+        crops_on_device=on_device,
+        cached_formats={name: split.image_format for name, split in splits.items()} if on_device else None,
     )
     return PreparedInputs(plan, datasets, skipped)
+
+
+DEVICE_FORMATS = ("jpeg", "raw")  # the cached formats a worker decodes on its device (device_input.decode)
+
+
+def crops_on_device(splits: dict[str, Any], color_jitter: float, use_gpu: bool) -> bool:
+    """Whether a run's workers decode and crop its cached images on their GPUs (issue 43): on every GPU run whose
+    splits are all cached in a format the device decodes, unless it asks for colour jitter, which only the
+    per-image path (PIL in Ray Data tasks) applies. CPU runs keep PIL's crops: on a CPU the batched crop is no
+    faster than PIL's per-image one (BENCHMARKS.md, issue 43)."""
+    return (
+        use_gpu
+        and color_jitter == 0
+        and all(split is not None and split.image_format in DEVICE_FORMATS for split in splits.values())
+    )
 
 
 AFTER_SKIPS = " after skipping the files that could not be decoded (see above)"

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
@@ -119,3 +120,16 @@ def streaming_datasets(
         else:
             datasets[name] = cached_dataset(split, image_size, training, color_jitter, seed, crop_scale)
     return datasets
+
+
+def _read_encoded(batch: dict[str, np.ndarray], filesystem: pafs.FileSystem) -> dict[str, np.ndarray]:
+    """A cache file's rows as they are stored (encoded or raw pixels, with their sizes): nothing decoded here."""
+    table = pa.concat_tables([pq.read_table(path, filesystem=filesystem) for path in batch["file"]])
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in ("pixels", "height", "width", "label")}
+
+
+def encoded_dataset(split: CachedSplit, training: bool, seed: int = 0) -> ray.data.Dataset:
+    """{"pixels": the cached bytes, "height", "width", "label"} of a built cache, read and passed on undecoded: the
+    input of a run whose worker decodes and crops on its device (``plan.DeviceCropBatches``), so the host's share of
+    an image is reading its bytes."""
+    return per_file_dataset(split.parquet_files, split.filesystem, _read_encoded, training, seed)

@@ -9,7 +9,7 @@ from scipy.stats import ks_2samp
 from torchvision import transforms
 from torchvision.transforms.v2 import functional as F
 
-from tl_ray.inputs import batched_crops
+from tl_ray.inputs import device_input
 
 DRAWS = 10_000
 
@@ -18,7 +18,7 @@ def _torchvision_boxes(height: int, width: int, scale: tuple[float, float]) -> t
     torch.manual_seed(0)
     image = torch.empty(3, height, width)
     return torch.tensor(
-        [transforms.RandomResizedCrop.get_params(image, list(scale), list(batched_crops.RATIO)) for _ in range(DRAWS)]
+        [transforms.RandomResizedCrop.get_params(image, list(scale), list(device_input.RATIO)) for _ in range(DRAWS)]
     )
 
 
@@ -31,7 +31,7 @@ def _torchvision_boxes(height: int, width: int, scale: tuple[float, float]) -> t
     ],
 )
 def test_boxes_are_drawn_as_random_resized_crop_draws_them(height, width, scale):
-    ours = batched_crops.draw_boxes(
+    ours = device_input.draw_boxes(
         torch.full((DRAWS,), height), torch.full((DRAWS,), width), scale, torch.Generator().manual_seed(1)
     )
     theirs = _torchvision_boxes(height, width, scale)
@@ -64,7 +64,7 @@ def test_one_box_equals_torchvisions_resized_crop_within_a_grey_level(box):
     image = _smooth_image()
     top, left, height, width = box
     expected = F.resized_crop(image, top, left, height, width, [64, 64], antialias=True)
-    cropped = batched_crops.crop(image[None], torch.tensor([box]), 64)[0]
+    cropped = device_input.crop(image[None], torch.tensor([box]), 64)[0]
     assert cropped.dtype == torch.uint8 and cropped.shape == (3, 64, 64)
     assert (cropped.int() - expected.int()).abs().max() <= 1
 
@@ -72,8 +72,8 @@ def test_one_box_equals_torchvisions_resized_crop_within_a_grey_level(box):
 def test_flips_mirror_the_crop():
     images = torch.stack([_smooth_image(), _smooth_image().flip(1)])
     boxes = torch.tensor([[10, 20, 100, 120], [0, 0, 240, 320]])
-    plain = batched_crops.crop(images, boxes, 32)
-    flipped = batched_crops.crop(images, boxes, 32, torch.tensor([True, False]))
+    plain = device_input.crop(images, boxes, 32)
+    flipped = device_input.crop(images, boxes, 32, torch.tensor([True, False]))
     assert torch.equal(flipped[0], plain[0].flip(-1)) and torch.equal(flipped[1], plain[1])
 
 
@@ -83,24 +83,24 @@ def test_padding_changes_no_crop():
     generator = torch.Generator().manual_seed(0)
     sizes = [(50, 80), (120, 40), (64, 64), (33, 90)]
     alone = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator) for h, w in sizes]
-    images, heights, widths = batched_crops.pad(alone)
+    images, heights, widths = device_input.pad(alone)
     assert images.shape == (4, 3, 120, 90) and heights.tolist() == [50, 120, 64, 33]
     at_an_edge = 0
     for _ in range(10):
-        boxes = batched_crops.draw_boxes(heights, widths, (0.08, 1.0), generator)
+        boxes = device_input.draw_boxes(heights, widths, (0.08, 1.0), generator)
         at_an_edge += int(((boxes[:, 0] + boxes[:, 2] == heights) | (boxes[:, 1] + boxes[:, 3] == widths)).sum())
-        crops = batched_crops.crop(images, boxes, 24)
+        crops = device_input.crop(images, boxes, 24)
         for index, image in enumerate(alone):
-            assert torch.equal(crops[index], batched_crops.crop(image[None], boxes[index : index + 1], 24)[0])
+            assert torch.equal(crops[index], device_input.crop(image[None], boxes[index : index + 1], 24)[0])
     assert at_an_edge > 0  # the case that matters: boxes at the bottom or right edge, next to the padding
 
 
 def test_a_resumed_epoch_draws_the_crops_the_interrupted_one_drew():
-    images, heights, widths = batched_crops.pad([_smooth_image(), _smooth_image(200, 150)])
+    images, heights, widths = device_input.pad([_smooth_image(), _smooth_image(200, 150)])
 
     def epoch_crops(epoch: int, rank: int) -> torch.Tensor:
-        generator = batched_crops.generator_for(seed=7, epoch=epoch, rank=rank)
-        return batched_crops.random_resized_crops(images, heights, widths, 32, (0.35, 1), generator)
+        generator = device_input.generator_for(seed=7, epoch=epoch, rank=rank)
+        return device_input.random_resized_crops(images, heights, widths, 32, (0.35, 1), generator)
 
     assert torch.equal(epoch_crops(3, 0), epoch_crops(3, 0))
     assert not torch.equal(epoch_crops(3, 0), epoch_crops(4, 0))

@@ -1,4 +1,4 @@
-"""Random resized crops and flips of a whole batch in one operation, on whatever device holds the batch (issue 43).
+"""A training batch decoded, cropped and flipped on the worker's device, whole batches at a time (issue 43).
 
 Why: the per-image crop (PIL on a Python thread, ``imaging.train_transform``) costs a few core-milliseconds an
 image at 224 px, so a GPU node's cores cannot feed its GPU that way. Here the boxes of a whole batch are drawn by a
@@ -16,7 +16,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+from torchvision.io import decode_jpeg
 from torchvision.ops import roi_align
 
 # RandomResizedCrop's default aspect ratios, and the number of tries before its centre-crop fallback.
@@ -97,7 +99,8 @@ def pad(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, tor
     repeats the edge (as at the tensor's own border), never blends in a padding colour."""
     heights = torch.tensor([image.shape[1] for image in images])
     widths = torch.tensor([image.shape[2] for image in images])
-    batch = torch.empty(len(images), images[0].shape[0], int(heights.max()), int(widths.max()), dtype=torch.uint8)
+    shape = (len(images), images[0].shape[0], int(heights.max()), int(widths.max()))
+    batch = torch.empty(shape, dtype=torch.uint8, device=images[0].device)
     for slot, image in enumerate(images):
         height, width = image.shape[1:]
         batch[slot, :, :height, :width] = image
@@ -117,3 +120,29 @@ def random_resized_crops(
     """The training crop of a padded batch: boxes and flips drawn from ``generator``, cut on the batch's device."""
     boxes = draw_boxes(heights, widths, scale, generator)
     return crop(images, boxes, size, draw_flips(len(images), generator))
+
+
+def decode(
+    pixels: Sequence[bytes], heights: np.ndarray, widths: np.ndarray, image_format: str, device: torch.device
+) -> list[torch.Tensor]:
+    """Cached images (``cache.encode``'s bytes) as uint8 CHW tensors on ``device``: JPEGs decoded there in one call
+    (nvJPEG on a GPU, libjpeg-turbo on a CPU), raw pixels viewed and copied over. PNG-cached images are decoded by
+    PIL's path, not this one."""
+    buffers = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in pixels]
+    if image_format == "jpeg":
+        return list(decode_jpeg(buffers, device=device))
+    if image_format != "raw":
+        raise ValueError(f"no device decoding for cached {image_format!r} images")
+    return [
+        buffer.view(int(height), int(width), 3).permute(2, 0, 1).to(device, non_blocking=True)
+        for buffer, height, width in zip(buffers, heights, widths, strict=True)
+    ]
+
+
+def centre_boxes(heights: torch.Tensor, widths: torch.Tensor, size: int) -> torch.Tensor:
+    """Validation's centre crop of each image (``v2.CenterCrop``'s offsets: half the margin, rounded to even), as
+    boxes: cut at ``size`` they are the pixels themselves, not resampled."""
+    top = torch.round((heights - size).double() / 2).to(torch.int64)
+    left = torch.round((widths - size).double() / 2).to(torch.int64)
+    full = torch.full_like(top, size)
+    return torch.stack([top, left, full, full], dim=1)
