@@ -309,13 +309,10 @@ def test_bad_toolbox_options_are_one_line_naming_the_option(changes, message):
     assert "\n" not in str(raised.value)
 
 
-def test_mixing_is_taken_where_images_reach_the_model_and_refused_on_one_class():
+def test_mixing_is_taken_where_images_reach_the_model():
     _config(mixup=0.2, freeze_depth=3)
     _config(mixup=0.2, augment="light")  # depth 5 on images through the frozen backbone
     _config(cutmix=1.0, cache="none")
-    with pytest.raises(UsageError, match="--mixup mixes the labels of two classes; the training set has one"):
-        toolbox.check_classes(_config(mixup=0.2, freeze_depth=3), 1)
-    toolbox.check_classes(_config(mixup=0.2, freeze_depth=3), 2)
 
 
 def test_strategy_meta_records_the_toolbox_only_when_used_and_patience_may_change_on_resume():
@@ -364,3 +361,33 @@ def test_an_ema_checkpoint_saves_the_average_as_the_model_and_resumes_both(tmp_p
     for mine, theirs in zip(resumed.ema.net.state_dict().values(), state.ema.net.state_dict().values(), strict=True):
         assert torch.equal(mine, theirs)
     assert resumed.ema.updates == 2 and resumed.stopped_early == "--patience 1: ..."
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--ema", "1.5"], "tl-ray: error: --ema must be between 0.0 and 1.0; got 1.5"),
+        (["--mixup", "-1"], "tl-ray: error: --mixup must be between 0.0 and 100.0; got -1.0"),
+        (["--accumulate", "0"], "tl-ray: error: --accumulate must be positive; got 0"),
+        (["--layer-decay", "0"], "tl-ray: error: --layer-decay must be positive; got 0.0"),
+        (["--patience", "0"], "tl-ray: error: --patience must be positive; got 0"),
+        # A one-class set: every train run refuses it at the listing (nothing to classify), --mixup's too.
+        (["--mixup", "0.2", "--freeze-depth", "3"], "tl-ray: error: --data: "),
+    ],
+)
+def test_bad_toolbox_flags_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, flags, message):
+    from PIL import Image
+
+    from tl_ray import cli
+
+    for split in ("train", "val"):  # a one-class set: the options' own checks come first, then this one
+        folder = tmp_path / "data" / split / "only"
+        folder.mkdir(parents=True)
+        for index in range(2):
+            Image.new("RGB", (8, 8), (index * 90, 0, 0)).save(folder / f"{index}.png")
+    storage = tmp_path / "runs"
+    argv = ["train", "--data", str(tmp_path / "data"), "--weights", "none", "--storage", str(storage), *flags]
+    assert cli.main([*argv, "--arch", "resnet18", "--cache", "none"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and len(err.strip().splitlines()) == 1, err
+    assert not storage.exists() or not any(storage.iterdir())

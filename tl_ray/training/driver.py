@@ -190,7 +190,6 @@ def _set_up(
         places.check_outputs(config, where)
     layout = sources.discover(where.data, config.val_fraction, config.source_options(), where.val_data)
     plan.check_not_empty(layout, len(layout.val), len(layout.train))  # before Ray starts
-    toolbox.check_classes(config, len(layout.class_names))  # --mixup on one class
     batch_from_size, lr_from_size = config.batch_size is None, config.lr is None
     config = config.for_training_set(len(layout.train))
     lr_candidates = ()

@@ -92,13 +92,6 @@ def check(config: Any) -> None:
         )
 
 
-def check_classes(config: Any, num_classes: int) -> None:
-    """Mixing labels needs two classes to mix."""
-    if num_classes < 2 and (config.mixup > 0 or config.cutmix > 0):
-        which = flag("mixup") if config.mixup > 0 else flag("cutmix")
-        raise UsageError(f"{which} mixes the labels of two classes; the training set has one: leave it out")
-
-
 def meta(config: Any) -> dict[str, Any]:
     """What the checkpoint's strategy meta records of the toolbox: only the options set (runs without them keep
     the meta they always had, so their checkpoints still resume)."""
