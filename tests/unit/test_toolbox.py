@@ -391,3 +391,15 @@ def test_bad_toolbox_flags_exit_2_with_one_line_and_write_nothing(tmp_path, caps
     err = capsys.readouterr().err
     assert err.startswith(message) and len(err.strip().splitlines()) == 1, err
     assert not storage.exists() or not any(storage.iterdir())
+
+
+def test_the_epoch_table_marks_rows_that_validated_the_average():
+    from tl_ray.cli.console import epoch_row
+
+    row = {
+        "epoch": 2, "train_loss": 0.5, "train_acc": 0.8, "val_loss": 0.4, "val_acc": 0.9, "images_per_s": 10.0,
+        "epoch_s": 3.0, "best_epoch": 2,
+    }  # fmt: skip
+    assert epoch_row({**row, "validated": "ema"}, 3, 3.0).endswith("(ema)")
+    assert not epoch_row({**row, "validated": "model"}, 3, 3.0).endswith(")")
+    assert not epoch_row(row, 3, 3.0).endswith(")")  # a record from before --ema
