@@ -1,7 +1,7 @@
 """The fine-tuning toolbox on real Ray: one two-worker run with every training option of it at once (--ema,
---accumulate, --mixup and --cutmix, --layer-decay, --patience); in the extended tier the same run has its worker
-group killed after its first checkpoint and resumes from it: the EMA, the accumulated schedule and the optimizer's
-per-stage groups must carry on from the checkpoint."""
+--accumulate, --mixup and --cutmix, --layer-decay, --patience), whose worker group is killed after its first
+checkpoint and resumes from it in the same run: the EMA, the accumulated schedule and the optimizer's per-stage
+groups must carry on from the checkpoint (about 40 s here)."""
 
 from __future__ import annotations
 
@@ -37,17 +37,9 @@ def _kill_after(checkpoint_dir: Path, gcs_address: str, killed: list[int]) -> No
         killed.append(pid)
 
 
-@pytest.mark.parametrize(
-    "killed_after_epoch_one",
-    [
-        False,  # make test: the run alone (about 40 s here)
-        # The worker group killed after epoch 1 and resumed from its checkpoint in the same run: Ray Train's
-        # restart costs another 40 s here, past make test's budget for this file, so it runs in the extended tier.
-        pytest.param(True, marks=pytest.mark.extended),
-    ],
-)
-def test_ema_accumulation_mixing_layer_decay_and_patience(tmp_path, ray_cluster, killed_after_epoch_one):
-    tl_ray.write_sample_data(tmp_path / "data", per_class=12, seed=3)
+@pytest.mark.slow  # a worker kill, as the other resume tests (make test runs it; make test-fast does not)
+def test_ema_accumulation_mixing_layer_decay_and_patience_resume_mid_run(tmp_path, ray_cluster):
+    tl_ray.write_sample_data(tmp_path / "data", per_class=8, seed=3)
     data = tmp_path / "data" / "source"
     argv = [
         "train", "--data", str(data), "--weights", "none", "--arch", "resnet18", "--image-size", "32",
@@ -58,17 +50,15 @@ def test_ema_accumulation_mixing_layer_decay_and_patience(tmp_path, ray_cluster,
     killed: list[int] = []
     first = tmp_path / "runs" / "kit" / "checkpoint_epoch001"
     killer = threading.Thread(target=_kill_after, args=(first, ray_cluster.get_runtime_context().gcs_address, killed))
-    if killed_after_epoch_one:
-        killer.start()
+    killer.start()
     with pytest.MonkeyPatch.context() as patch:
         printed = io.StringIO()
         patch.setattr(sys, "stdout", printed)
         try:
             assert cli.main(argv) == 0
         finally:
-            if killed_after_epoch_one:
-                killer.join()
-    assert bool(killed) == killed_after_epoch_one, "no training worker was found to kill"
+            killer.join()
+    assert killed, "no training worker was found to kill"
     result = json.loads((tmp_path / "runs" / "kit" / "result.json").read_text())
     history = result["history"]
     # --patience 1: the run stops after the first epoch no better than the best before it (never after the last
@@ -82,7 +72,7 @@ def test_ema_accumulation_mixing_layer_decay_and_patience(tmp_path, ray_cluster,
         assert len(history) == EPOCHS and "stopped early" not in printed.getvalue()
     # The group that replaced the killed worker resumed from epoch 1's checkpoint: the EMA, the optimizer's
     # per-stage groups and the accumulated schedule carried on from it (the step counts below span the resume).
-    assert history[1]["resumed_after_epoch"] == (1 if killed_after_epoch_one else 0)
+    assert history[1]["resumed_after_epoch"] == 1
     # --ema: every epoch validated the average, as the table says.
     assert all(row["validated"] == "ema" for row in history)
     rows = [line for line in printed.getvalue().splitlines() if line.strip().startswith(("1 ", "2 ", "3 "))]
