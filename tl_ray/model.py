@@ -285,23 +285,34 @@ class TransferModel(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def parameter_groups(self, lr: float, weight_decay: float, backbone_lr_mult: float = 1.0) -> list[dict]:
+    def parameter_groups(
+        self,
+        lr: float,
+        weight_decay: float,
+        backbone_lr_mult: float = 1.0,
+        stage_lr_mult: Mapping[str, float] | None = None,
+    ) -> list[dict]:
         """Optimizer parameter groups: head and backbone apart (the backbone at ``lr * backbone_lr_mult``),
-        each split into weights that decay and norm weights, biases and embeddings that do not.
+        each split into weights that decay and norm weights, biases and embeddings that do not. With
+        ``stage_lr_mult`` (--layer-decay: ``toolbox.layer_multipliers``, by ``stage1`` .. ``stage5``) each unfrozen
+        stage is a group of its own at its share of ``lr`` (which includes the backbone multiplier).
 
         Decaying a BatchNorm scale or a bias pulls it towards zero for no gain in generalisation
         (the torchvision reference recipes and timm leave them out too). The groups hold the stages
         unfrozen at the current depth: a probe-then-fine-tune run builds its optimizer once, at its
         final depth, before freezing to the head phase, so its state survives the switch and a resume.
         """
-        parts = {
-            "head": list(self.head.parameters()),
-            "backbone": self._stage_parameters(self.stages[self.freeze_depth :]),
-        }
+        parts: dict[str, tuple[list[nn.Parameter], float]] = {"head": (list(self.head.parameters()), 1.0)}
+        if stage_lr_mult is None:
+            backbone = self._stage_parameters(self.stages[self.freeze_depth :])
+            parts["backbone"] = (backbone, backbone_lr_mult)
+        else:
+            for index in range(self.freeze_depth, NUM_STAGES):
+                name = f"stage{index + 1}"
+                parts[name] = (self._stage_parameters(self.stages[index : index + 1]), stage_lr_mult[name])
         never_decayed = {id(self.net.get_parameter(name)) for name in self.family.no_decay}
         groups = []
-        for part, params in parts.items():
-            scale = backbone_lr_mult if part == "backbone" else 1.0
+        for part, (params, scale) in parts.items():
             decay = [p for p in params if p.ndim > 1 and id(p) not in never_decayed]
             no_decay = [p for p in params if p.ndim <= 1 or id(p) in never_decayed]
             for suffix, chosen, decay_value in (("", decay, weight_decay), ("_no_decay", no_decay, 0.0)):

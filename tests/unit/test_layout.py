@@ -104,6 +104,7 @@ FORBIDDEN = [
 ]
 # The option declarations are read by the CLI before torch or Ray load: they import only each other and the base.
 CONFIG_MODULES = ("tl_ray.options", "tl_ray.training.config", "tl_ray.tuning.config", "tl_ray.inputs.config")
+CONFIG_MODULES += ("tl_ray.training.toolbox",)  # the toolbox options TrainConfig takes (same_option)
 CONFIG_MAY_IMPORT = (*CONFIG_MODULES, "tl_ray.inference.config", "tl_ray.errors", "tl_ray.backbones")
 CONFIG_MAY_IMPORT += ("tl_ray.recipe", "tl_ray.classes", "tl_ray.version")
 CONFIG_MAY_IMPORT += ("tl_ray.inputs.reading",)  # the retry budget's default; the standard library alone

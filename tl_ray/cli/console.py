@@ -68,10 +68,12 @@ def epoch_row(metrics: dict[str, Any], epochs: int, mean_epoch_s: float) -> str:
     best checkpoint is: by --monitor, ties by val_acc, then the lower val_loss."""
     eta = duration(mean_epoch_s * (epochs - metrics["epoch"]))
     mark = "*" if metrics.get("best_epoch") == metrics["epoch"] else " "
+    # --ema: the val_* columns measured the averaged weights; the row says so (the trained weights are not validated).
+    weights = "  (ema)" if metrics.get("validated") == "ema" else ""
     return (
         f"{metrics['epoch']:>5} {metrics['train_loss']:>10.4f} {metrics['train_acc']:>9.3f}"
         f" {metrics['val_loss']:>9.4f} {metrics['val_acc']:>7.3f}{mark} {metrics['images_per_s']:>8.1f}"
-        f" {duration(metrics['epoch_s']):>7} {eta:>7}"
+        f" {duration(metrics['epoch_s']):>7} {eta:>7}{weights}"
     )
 
 

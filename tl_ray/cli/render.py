@@ -44,6 +44,8 @@ def train_result(result, rows_printed: int) -> None:
         shown = ", ".join(f"{name} {'-' if value is None else f'{value:.3f}'}" for name, value in lowest[:10])
         more = f"; {len(lowest) - 10} more in result.json" if len(lowest) > 10 else ""
         print(f"val recall       {shown} (lowest first{more})")
+    if result.stopped_early:
+        print(f"stopped early    after epoch {result.history[-1]['epoch']}: {result.stopped_early}")
     print(f"best checkpoint  {result.best_checkpoint}")
     print(f"run folder       {result.run_dir} (result.json)")
     print(f"tensorboard      {result.tensorboard}")

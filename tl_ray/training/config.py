@@ -16,6 +16,8 @@ from tl_ray.classes import MONITORS
 from tl_ray.errors import UsageError
 from tl_ray.inputs.config import InspectConfig, ReadsSource, SourceOptions, check_val_fraction
 from tl_ray.options import check_options, check_range, check_required, flag, option, same_option
+from tl_ray.training import toolbox
+from tl_ray.training.toolbox import ToolboxOptions
 
 OPTIMIZERS = recipe.OPTIMIZERS
 # auto: light below 128 px, standard above; light/standard: random crops of at least 60%/25% of the
@@ -210,6 +212,15 @@ class TrainConfig(ReadsSource):
     logger_project: str | None = option(
         None, "the W&B project or MLflow experiment (default: WANDB_PROJECT or MLFLOW_EXPERIMENT_NAME, else tl-ray)"
     )
+    # The fine-tuning toolbox (tl_ray.training.toolbox): declared there.
+    ema: float | None = same_option(ToolboxOptions, "ema")
+    accumulate: int = same_option(ToolboxOptions, "accumulate")
+    patience: int | None = same_option(ToolboxOptions, "patience")
+    mixup: float = same_option(ToolboxOptions, "mixup")
+    cutmix: float = same_option(ToolboxOptions, "cutmix")
+    mix_prob: float = same_option(ToolboxOptions, "mix_prob")
+    layer_decay: float | None = same_option(ToolboxOptions, "layer_decay")
+    compile: bool = same_option(ToolboxOptions, "compile")
 
     def validate(self) -> TrainConfig:
         """Raise UsageError naming the first bad option; return the config with defaults resolved.
@@ -261,6 +272,7 @@ class TrainConfig(ReadsSource):
                 f"which is {NUM_STAGES} (nothing to unfreeze): pass a smaller depth, or leave it out"
             )
         check_val_fraction(self.val_fraction)
+        toolbox.check(self)
         if not self.cache:
             raise UsageError(f"{flag('cache')} must be auto, none, or a folder or URI for the decoded-image cache")
         if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):

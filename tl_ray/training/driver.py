@@ -28,7 +28,7 @@ from tl_ray.errors import RunError, TlRayError, UsageError
 from tl_ray.inputs import imaging, plan, skiplog, sources
 from tl_ray.inputs.layout import Layout
 from tl_ray.options import to_yaml
-from tl_ray.training import lr_range, schedule
+from tl_ray.training import lr_range, schedule, toolbox
 from tl_ray.training.config import LrFindConfig, TrainConfig
 from tl_ray.training.metrics import RANK_SCORE
 from tl_ray.training.results import LrFinding, TrainResult, collect, collect_lr_find, write_lr_find
@@ -203,6 +203,8 @@ def _set_up(
     started_locally = cluster.ensure_ray()
     use_gpu, worker_cpus = _resources(config, started_locally)
     _check_batch_norm(config, use_gpu)
+    if config.compile and not use_gpu:  # before anything is written
+        raise UsageError(toolbox.COMPILE_ON_CPU)
     storage = where.storage
     cluster.check_shared_storage(storage)
     write_config(config, storage)
@@ -229,7 +231,7 @@ def _set_up(
         raise
     num_train = len(layout.train) - sum(skipped_per_class.values())
     if on_event is not None:
-        steps = schedule.steps_per_epoch(num_train, config.batch_size, config.max_workers)
+        steps = schedule.steps_per_epoch(num_train, config.batch_size, config.max_workers, config.accumulate)
         on_event(progress.batch_plan(num_train, config.batch_size, steps, batch_from_size))
     loop_config = LoopConfig(
         options=config,

@@ -16,7 +16,7 @@ import torch
 
 from tl_ray import progress
 from tl_ray.errors import TlRayError
-from tl_ray.training import lr_range, lr_select, schedule
+from tl_ray.training import lr_range, lr_select, schedule, toolbox
 from tl_ray.training.loop import EpochLoop
 from tl_ray.training.metrics import sum_across_workers
 from tl_ray.training.state import RunState
@@ -37,7 +37,10 @@ def find_lr(epochs: EpochLoop, test: lr_range.RangeTest, announce: bool = True) 
     progress.send(events, progress.Stage(f"LR range test: up to {test.steps} steps"))
     start = {key: value.detach().clone() for key, value in transfer.net.state_dict().items()}
     tester = schedule.make_optimizer(
-        transfer.parameter_groups(1.0, options.weight_decay, options.backbone_lr_mult), options
+        transfer.parameter_groups(
+            1.0, options.weight_decay, options.backbone_lr_mult, toolbox.layer_multipliers(options)
+        ),
+        options,
     )
     scaler = torch.amp.GradScaler(device.type, enabled=epochs.amp_dtype == torch.float16)
 
@@ -87,7 +90,10 @@ def select_lr(
         candidate = dataclasses.replace(epochs.at_batch(batch_size, num_train), wrapped=None)
         progress.send(events, progress.trying_lr(rate, batch_size, index, len(candidates), options.epochs))
         optimizer = schedule.make_optimizer(
-            transfer.parameter_groups(rate, options.weight_decay, options.backbone_lr_mult), options
+            transfer.parameter_groups(
+                rate, options.weight_decay, options.backbone_lr_mult, toolbox.layer_multipliers(options)
+            ),
+            options,
         )
         state = RunState.start(transfer.net, optimizer, options, candidate.steps_now, device, epochs.amp_dtype)
         with _forked_rng(device):

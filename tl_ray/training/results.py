@@ -19,7 +19,7 @@ import ray.train
 from tl_ray import checkpoint, classes, location, tracking
 from tl_ray.errors import RunError
 from tl_ray.training import lr_range
-from tl_ray.training.state import LR_RANGE_TEST, LR_RANGE_TEST_FILE, LR_SELECTION
+from tl_ray.training.state import LR_RANGE_TEST, LR_RANGE_TEST_FILE, LR_SELECTION, STOPPED_EARLY
 
 RESULT_FILE = "result.json"
 LR_FIND_PLOT, LR_FIND_JSON = "lr_find.png", "lr_find.json"
@@ -40,6 +40,7 @@ class TrainResult:
     tensorboard: str = ""  # the folder of the run's TensorBoard event files: `tensorboard --logdir` it
     lr_range_test: dict[str, Any] | None = None  # --lr auto: the range test's curve (lr_range.LrCurve as JSON)
     lr_selection: dict[str, Any] | None = None  # --lr select: the rates tried and chosen (lr_select.LrChoice as JSON)
+    stopped_early: str | None = None  # --patience: why the run stopped before its last epoch; None: it did not
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -87,6 +88,7 @@ def collect(
         tensorboard=storage.at(result.path).join(tracking.TENSORBOARD_DIR).uri,
         lr_range_test=train_state.get(LR_RANGE_TEST),
         lr_selection=train_state.get(LR_SELECTION),
+        stopped_early=train_state.get(STOPPED_EARLY),
     )
     location.write_bytes(
         result.filesystem, f"{result.path}/{RESULT_FILE}", (json.dumps(outcome.to_json(), indent=2) + "\n").encode()

@@ -12,17 +12,18 @@ import torch
 from tl_ray.training.config import TrainConfig
 
 
-def steps_per_epoch(num_train: int, batch_size: int, world_size: int) -> int:
+def steps_per_epoch(num_train: int, batch_size: int, world_size: int, accumulate: int = 1) -> int:
     """Optimizer steps each worker takes per epoch, as the loop takes them.
 
     Each worker gets ``num_train // world_size`` images (equal shards) in batches of
     ``batch_size // world_size``, and skips a last batch of one image (BatchNorm cannot
     train on it). Planning the schedule from anything else ends it early (the last steps at
-    learning rate 0) or late.
+    learning rate 0) or late. With ``accumulate`` (--accumulate N) a step takes N batches, the
+    epoch's last group however many are left (``accumulate`` 1: the batches an epoch).
     """
     shard, worker_batch = num_train // world_size, batch_size // world_size
     full, rest = divmod(shard, worker_batch)
-    return max(1, full + (rest >= 2))
+    return max(1, math.ceil(max(1, full + (rest >= 2)) / accumulate))
 
 
 def lr_factor(step: int, steps_per_epoch: int, epochs: int, warmup_epochs: float, head_epochs: int = 0) -> float:

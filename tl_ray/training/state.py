@@ -4,7 +4,8 @@ A checkpoint is this record written down (``save_run_state``) and a resumed work
 same record (``load_run_state``), key for key, as torchvision's classification reference keeps its checkpoint as
 one dict (``model``, ``optimizer``, ``lr_scheduler``, ...). On disk it is ``tl_ray.checkpoint``'s format:
 
-- ``model.pt``: the model's state dict (``RunState.net``), all predict and export need;
+- ``model.pt``: the model's state dict (``RunState.net``; with --ema the averaged weights), all predict and export
+  need;
 - ``meta.json``: what the model is (``RunMeta``: arch, classes, preprocessing, how it was fine-tuned), the epoch
   and its metrics; a resumed run must describe the same model (``check_resumable``);
 - ``train_state.pt``: what only resuming needs: the optimizer, the scheduler and AMP scaler, the LR curve's plan,
@@ -25,13 +26,19 @@ from torch import nn
 
 from tl_ray import checkpoint
 from tl_ray.errors import TlRayError
-from tl_ray.training import lr_range, lr_select, schedule
+from tl_ray.training import lr_range, lr_select, schedule, toolbox
 from tl_ray.training.config import TrainConfig
+from tl_ray.training.ema import WeightEma
 from tl_ray.version import __version__
 
 # The range test's curve (lr_range.LrCurve as JSON): `tl-ray lr-find`'s one report, and a --lr auto run's train state.
 LR_RANGE_TEST = "lr_range_test"
 LR_RANGE_TEST_FILE = "lr_range_test.json"  # `tl-ray lr-find`'s checkpoint: that curve alone, no model
+# --ema: the average's update count (its warm-up) and the trained weights, which model.pt (the average) is not.
+EMA = "ema"
+EMA_TRAINED_MODEL = "trained_model"
+# --patience: why the run stopped before its last epoch (toolbox.patience_reason), in the train state and result.json.
+STOPPED_EARLY = "stopped_early"
 # --lr select: each candidate rate's validated epochs and the rate chosen (lr_select.LrChoice as JSON), in the train
 # state (a resumed run does not select again) and result.json.
 LR_SELECTION = "lr_selection"
@@ -96,6 +103,8 @@ class RunState:
     history: list[dict[str, Any]] = field(default_factory=list)  # every epoch's metrics, resumed ones included
     lr_curve: lr_range.LrCurve | None = None  # --lr auto: the range test the run started with
     lr_choice: lr_select.LrChoice | None = None  # --lr select: the candidates tried and the one chosen
+    ema: WeightEma | None = None  # --ema: the average of the weights (validated, and saved as model.pt)
+    stopped_early: str | None = None  # --patience: why the run stopped before its last epoch
 
     @classmethod
     def start(
@@ -113,6 +122,8 @@ class RunState:
         curve = schedule.Curve(steps_per_epoch)
         scheduler = schedule.lr_scheduler(optimizer, curve, options)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        if options.ema is not None:
+            values["ema"] = WeightEma(net, options.ema, options.train_bn)
         return cls(net, optimizer, scheduler, scaler, curve, **values)
 
     def peak_lr(self, given: Any) -> float:
@@ -135,8 +146,14 @@ def save_run_state(directory: str | os.PathLike, state: RunState) -> None:
         LR_RANGE_TEST: state.lr_curve.to_json() if state.lr_curve is not None else None,
         LR_SELECTION: state.lr_choice.to_json() if state.lr_choice is not None else None,
     }
+    if state.stopped_early:  # only then: a resumed older checkpoint is written back as it was
+        train_state[STOPPED_EARLY] = state.stopped_early
+    model_state = state.net.state_dict()
+    if state.ema is not None:  # the average is the model; the trained weights are for resuming only
+        train_state[EMA] = {**state.ema.state_dict(), EMA_TRAINED_MODEL: model_state}
+        model_state = state.ema.net.state_dict()
     meta = state.meta.to_json(state.epoch, state.metrics)
-    checkpoint.save_checkpoint(directory, state.net.state_dict(), meta, train_state)
+    checkpoint.save_checkpoint(directory, model_state, meta, train_state)
 
 
 def load_run_state(directory: str | os.PathLike, state: RunState) -> None:
@@ -145,8 +162,13 @@ def load_run_state(directory: str | os.PathLike, state: RunState) -> None:
     assert state.meta is not None, "a --lr select candidate never resumes"
     recorded = checkpoint.read_meta(directory)
     state.meta.check_resumable(recorded)
-    state.net.load_state_dict(checkpoint.read_model_state(directory))
     saved = checkpoint.read_train_state(directory)
+    model_state = checkpoint.read_model_state(directory)
+    if state.ema is not None:
+        state.ema.net.load_state_dict(model_state)
+        state.ema.load_state_dict(saved[EMA])
+        model_state = saved[EMA][EMA_TRAINED_MODEL]
+    state.net.load_state_dict(model_state)
     state.epoch = saved["epoch"]
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])
@@ -157,6 +179,7 @@ def load_run_state(directory: str | os.PathLike, state: RunState) -> None:
     state.lr_curve = lr_range.LrCurve.from_json(tested) if tested else None
     state.lr_choice = lr_select.LrChoice.from_json(selected, state.meta.options.batch_size) if selected else None
     state.metrics = recorded.get("metrics", {})
+    state.stopped_early = saved.get(STOPPED_EARLY)
 
 
 def check_resumable(
@@ -167,11 +190,17 @@ def check_resumable(
     # Runs from before class weights and --monitor had neither.
     recorded = {**meta, "strategy": {"class_weights": None, **meta.get("strategy", {})}}
     recorded.setdefault("monitor", "val_acc")
+    # --patience and --compile may change on a resume: they stop or speed the run, the model is the same.
+    for_model = {key: value for key, value in recorded["strategy"].items() if key not in toolbox.RUN_ONLY}
+    recorded["strategy"] = for_model
+    now_strategy = {
+        key: value for key, value in strategy_meta(options, class_weights).items() if key not in toolbox.RUN_ONLY
+    }
     checks = (
         ("arch", options.arch),
         ("freeze_depth", options.freeze_depth),
         ("class_names", class_names),
-        ("strategy", strategy_meta(options, class_weights)),
+        ("strategy", now_strategy),
         ("monitor", options.monitor),
     )
     for key, now in checks:
@@ -195,4 +224,5 @@ def strategy_meta(options: TrainConfig, class_weights: dict[str, float] | None =
         "optimizer": options.optimizer,
         "weight_decay": options.weight_decay,
         "class_weights": class_weights,
+        **toolbox.meta(options),  # --ema, --accumulate, --mixup, --layer-decay (per group) ...: those set
     }

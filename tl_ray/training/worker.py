@@ -27,7 +27,7 @@ from tl_ray import classes, cluster, model, progress
 from tl_ray.inputs import skiplog
 from tl_ray.inputs.plan import InputPlan
 from tl_ray.location import forbid_world_writable_files
-from tl_ray.training import lr_range, lr_search, schedule
+from tl_ray.training import lr_range, lr_search, mixing, schedule, toolbox
 from tl_ray.training.config import TrainConfig
 from tl_ray.training.loop import Epoch, EpochLoop, amp_dtype_of
 from tl_ray.training.metrics import RANK_SCORE, sum_across_workers
@@ -101,28 +101,35 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
     auto_lr = loop.range_test is not None
     rate_found_first = auto_lr or bool(loop.lr_candidates)
     groups = transfer.parameter_groups(
-        1.0 if rate_found_first else options.lr, options.weight_decay, options.backbone_lr_mult
+        1.0 if rate_found_first else options.lr,
+        options.weight_decay,
+        options.backbone_lr_mult,
+        toolbox.layer_multipliers(options),
     )
     optimizer = schedule.make_optimizer(groups, options)
     worker_batch = options.batch_size // world  # --batch-size is global: same optimisation on 1 or 8 workers
     amp_dtype = amp_dtype_of(device)
     mean, std = torch.tensor(loop.mean, device=device), torch.tensor(loop.std, device=device)
+    class_weights = _weight_tensor(loop.class_weights, class_names, device)  # --class-weights auto, else None
+    mixes = options.mixup > 0 or options.cutmix > 0
     epochs = EpochLoop(
         options,
         transfer,
         # On cached backbone features only the head runs (and DDP syncs only its gradients).
         transfer.head if loop.inputs.on_features else transfer,
         loop.inputs.batches(worker_batch, rank, world, device, mean, std),
-        schedule.steps_per_epoch(loop.num_train, options.batch_size, world),
-        nn.CrossEntropyLoss(
-            weight=_weight_tensor(loop.class_weights, class_names, device),  # --class-weights auto, else None
-            label_smoothing=options.label_smoothing,
-        ),
+        schedule.steps_per_epoch(loop.num_train, options.batch_size, world, options.accumulate),
+        # --mixup/--cutmix: soft targets, weighted and smoothed as the hard-label loss is (mixing.SoftTargetLoss).
+        mixing.SoftTargetLoss(class_weights, options.label_smoothing)
+        if mixes
+        else nn.CrossEntropyLoss(weight=class_weights, label_smoothing=options.label_smoothing),
         # Validation loss is never class-weighted: it stays comparable between runs with and without weights.
         nn.CrossEntropyLoss(label_smoothing=options.label_smoothing),
         amp_dtype,
         len(class_names),
         loop.progress if rank == 0 else None,
+        mixer=mixing.Mixer(options.mixup, options.cutmix, options.mix_prob, len(class_names)) if mixes else None,
+        batches_now=schedule.steps_per_epoch(loop.num_train, options.batch_size, world),
     )
     resume_from = ray.train.get_checkpoint()
 
@@ -175,13 +182,23 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
             return True
         return False
 
+    if run.stopped_early:  # a rerun of a run --patience stopped: it is done
+        return
     for done in epochs.run(run, after_training=stop_without_images):
         metrics = _epoch_metrics(done, run, options, class_names, world, node_ids, start_epoch)
         run.history.append({**metrics, "node_ids": sorted(set(node_ids))})
         run.metrics = metrics
+        # --patience: every worker reads the same history (validated on summed counts), so all stop together.
+        if done.epoch < options.epochs:
+            run.stopped_early = toolbox.patience_reason(run.history, options.monitor, options.patience)
         progress.mark("worker: validated", rank=rank, epoch=done.epoch)
         _report(run, loop.skipped, rank)
         progress.send(epochs.events, progress.Epoch(metrics, options.epochs))
+        if run.stopped_early:
+            progress.send(
+                epochs.events, progress.Notice(f"stopped early after epoch {done.epoch}: {run.stopped_early}")
+            )
+            return
 
 
 def _epoch_metrics(
@@ -220,6 +237,7 @@ def _epoch_metrics(
         "peak_lr": run.peak_lr(options.lr),
         "batch_size": options.batch_size,  # global; --lr select may have chosen half the rule's
         "frozen_stages": done.frozen_stages,
+        "validated": done.validated,  # the weights val_* measured: the trained ones ("model") or --ema's "ema"
         "train_images": int(totals[2]),
         "val_images": int(totals[5]),
         "num_classes": len(class_names),
