@@ -48,6 +48,7 @@ class InputPlan:
     crop_scale: tuple[float, float] | None  # the random crops' area (None: centre crops, as validation)
     color_jitter: float
     seed: int
+    policies: imaging.Policies = imaging.NO_POLICIES  # the training crops' augmentation policy and erasing
 
     @property
     def name(self) -> str:
@@ -126,7 +127,9 @@ class HeldImageBatches(WorkerBatches):
     def __init__(self, plan: InputPlan, *args: Any) -> None:
         super().__init__(plan, *args)
         assert plan.held is not None
-        self._train = HeldImages(plan.held["train"], plan.image_size, True, plan.crop_scale, plan.color_jitter)
+        self._train = HeldImages(
+            plan.held["train"], plan.image_size, True, plan.crop_scale, plan.color_jitter, plan.policies
+        )
         self._val = HeldImages(plan.held["val"], plan.image_size, False, None)
 
     def train(self, epoch: int) -> Iterator[Batch]:
@@ -176,6 +179,7 @@ def prepare(
     images stops the run here (``check_not_empty``; the driver checks the listing's splits before Ray starts):
     nothing reports a val_acc of no images."""
     on_features = features.applies(config.freeze_depth, config.augment, cache_root)
+    policies = imaging.Policies(config.augment_policy(), config.random_erasing, weights.mean, weights.std)
     held, datasets = None, {}
     if on_features:
         splits = features.prepare_splits(
@@ -207,6 +211,7 @@ def prepare(
                     config.seed,
                     config.crop_scale(),
                     short_side,
+                    policies,
                 )
             except BaseException:
                 skiplog.release_skips(skipped)
@@ -219,6 +224,7 @@ def prepare(
         crop_scale=config.crop_scale(),
         color_jitter=config.color_jitter,
         seed=config.seed,
+        policies=policies,
     )
     return PreparedInputs(plan, datasets, skipped)
 
