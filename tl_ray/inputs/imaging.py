@@ -158,7 +158,7 @@ def seeded_crops(transform: v2.Compose, images: list[Image.Image], seeds: list[i
     with torch.random.fork_rng(devices=[]):
         crops = []
         for image, seed in zip(images, seeds, strict=True):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU generator the transforms draw from (not CUDA's)
             crops.append(transform(image))
     return torch.stack(crops)
 
