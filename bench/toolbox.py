@@ -74,6 +74,11 @@ class Row:
         return f"{self.dataset} {self.size}/class {'scratch' if self.start == 'none' else 'source d3'}"
 
 
+def epochs_for(size: int) -> int:
+    """regimes.py's epochs for the size nearest ``size`` (digits gives 99 a class: 100's 8)."""
+    return regimes.EPOCHS[min(regimes.EPOCHS, key=lambda known: abs(known - size))]
+
+
 def key(row: Row, variant: str, seed: int, epochs: int, commit: str) -> str:
     return f"{row.dataset}|{row.size}|{row.start}|{variant}|s{seed}|e{epochs}|{commit}"
 
@@ -105,7 +110,7 @@ CHECKPOINTS: dict[tuple[Row, int], str] = {}  # the defaults' best checkpoint of
 def run_variant(args, store: Store, row: Row, variant: str, options: dict, seed: int, storage: str) -> float:
     """One training (or, for TTA, the defaults' checkpoint evaluated with --tta flip): its best val_acc. ``--table``:
     only what the store holds (KeyError otherwise)."""
-    epochs = args.epochs or regimes.EPOCHS[row.size]
+    epochs = args.epochs or epochs_for(row.size)
     tag = variant + (json.dumps(options, sort_keys=True) if variant == BEST else "")
     name = key(row, tag, seed, epochs, args.commit)
     if name in store.runs or args.table:
@@ -180,12 +185,21 @@ def table(results: dict[str, dict[str, list[float]]]) -> str:
     return "\n".join([*lines, "", *combos])
 
 
+def sizes(dataset: str, given: list[str], data: Path) -> list[int]:
+    """The sizes asked for, "max" read from the dataset's pool (written first if need be)."""
+    if "max" in given:
+        largest = regimes.pool_size(regimes.prepare(dataset, data, ()))
+    return [largest if size == "max" else int(size) for size in given]
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--datasets", default="digits,sample", help="of bench/regimes.py's: digits, glyphs, icons, sample"
     )
-    parser.add_argument("--sizes", default="30,100", help="training images a class")
+    parser.add_argument(
+        "--sizes", default="30,max", help="training images a class; max: all the dataset has (digits: 99)"
+    )
     parser.add_argument("--starts", default="none,source", help="none: from scratch (depth 0); source: depth 3")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS)}")
     parser.add_argument("--seeds", default="0,1,2")
@@ -209,9 +223,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--variants: {', '.join(unknown)} not among {', '.join(VARIANTS)} (not in this TrainConfig?)")
     args.seeds = [int(seed) for seed in args.seeds.split(",")]
     args.rows = [
-        Row(dataset, int(size), start)
+        Row(dataset, size, start)
         for dataset in args.datasets.split(",")
-        for size in args.sizes.split(",")
+        for size in sizes(dataset, args.sizes.split(","), Path(args.data))
         for start in args.starts.split(",")
     ]
     args.commit = regimes.tl_ray_commit()
