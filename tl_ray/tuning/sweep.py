@@ -470,7 +470,7 @@ def load_summary(run_dir: location.Location | str) -> SweepSummary:
                 checkpoint=run_dir.at(best["checkpoint_path"]).uri if best else "",
                 history=history,
                 macro_f1=best.get("macro_f1", math.nan) if best else math.nan,
-                grid={key: value for key, value in point.items() if key not in POINT_KEYS},
+                grid={k: v for k, v in point.items() if k not in POINT_KEYS} if "point" in trial.config else {},
             )
         )
     wall = (max(ends) - min(starts)) if ends else 0.0
