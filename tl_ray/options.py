@@ -50,6 +50,9 @@ LIST_ITEMS = "list_items"  # field metadata: the item type, and how the error me
 WORDS = "words"  # field metadata: the texts a number option takes besides numbers (lr: auto)
 REQUIRED = "required"  # field metadata: the option has no default; what it must be, for the error
 POSITIONAL = "positional"  # field metadata: an argument without a flag
+# A mapping option (tune's --grid) holds {option: canonical comma-separated values}; its flag is repeatable
+# (--grid OPTION=V1,V2), a config file gives a mapping of option: [values].
+MAPPING = "mapping"
 
 
 def option(
@@ -64,6 +67,7 @@ def option(
     words: tuple[str, ...] = (),
     required: str | None = None,
     positional: bool = False,
+    mapping: bool = False,
 ) -> Any:
     """A config field declared once: the CLI makes its flag from it (type from the annotation, ``help``, the
     default from the dataclass), ``merge`` coerces YAML values to that type, ``validate`` checks ``choices``,
@@ -73,7 +77,8 @@ def option(
     ``negative``: a bool option's opposite flag and that flag's help (``--cpu`` for ``--gpu``): one or neither;
     ``words``: the only texts a number option also takes (``--lr auto``);
     ``required``: what the error says the option must be when it is missing (from the flags and the file alike);
-    ``positional``: the CLI takes it as an argument without a flag (``tl-ray sample-data OUT``).
+    ``positional``: the CLI takes it as an argument without a flag (``tl-ray sample-data OUT``);
+    ``mapping``: a repeatable ``OPTION=V1,V2`` flag, a mapping in a config file (``_coerce_mapping``).
     """
     metadata: dict[str, Any] = {"help": help, "choices": tuple(choices), "between": between, "positive": positive}
     if items is not None:
@@ -86,6 +91,8 @@ def option(
         metadata[REQUIRED] = required
     if positional:
         metadata[POSITIONAL] = True
+    if mapping:
+        metadata[MAPPING] = True
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -99,20 +106,92 @@ def check_options(config: Any) -> None:
     """The checks each option declares (choices, bounds), in field order; the error names the flag. Options the
     config ignores (its IGNORED: tune's searched ones) are not checked: their values are never used."""
     for field in dataclasses.fields(config):
-        value, declared = getattr(config, field.name), field.metadata
+        value = getattr(config, field.name)
         if value is None or field.name in getattr(config, "IGNORED", ()):
             continue
-        words = declared.get(WORDS, ())
-        if words and isinstance(value, str):  # a number option's word (lr: auto); merge coerced, the API may not
-            if value in words:
-                continue
-            raise UsageError(f"{flag(field.name)} must be {number_or_words(words)}; got {value!r}")
-        if declared["choices"] and value not in declared["choices"]:
-            raise UsageError(f"{flag(field.name)} must be one of {', '.join(declared['choices'])}; got {value!r}")
-        if declared["between"] is not None:
-            check_range(field.name, value, *declared["between"])
-        if declared["positive"]:
-            check_positive(field.name, value)
+        check_field(field, value)
+
+
+def check_field(field: dataclasses.Field, value: Any) -> None:
+    """One option's declared checks (a number option's words, choices, bounds) on ``value``."""
+    declared = field.metadata
+    words = declared.get(WORDS, ())
+    if words and isinstance(value, str):  # a number option's word (lr: auto); merge coerced, the API may not
+        if value in words:
+            return
+        raise UsageError(f"{flag(field.name)} must be {number_or_words(words)}; got {value!r}")
+    if declared["choices"] and value not in declared["choices"]:
+        raise UsageError(f"{flag(field.name)} must be one of {', '.join(declared['choices'])}; got {value!r}")
+    if declared["between"] is not None:
+        check_range(field.name, value, *declared["between"])
+    if declared["positive"]:
+        check_positive(field.name, value)
+
+
+def coerce_value(config_class: type, key: str, text: str) -> Any:
+    """One value of ``config_class``'s option ``key`` from text (a --grid value), coerced and checked by that
+    option's own declaration, as its flag's would be; booleans as true/false (yes/no, on/off, 1/0)."""
+    field = config_class.__dataclass_fields__[key]
+    hint = typing.get_type_hints(config_class)[key]
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if bool in allowed:
+        words = {
+            "true": True,
+            "yes": True,
+            "on": True,
+            "1": True,
+            "false": False,
+            "no": False,
+            "off": False,
+            "0": False,
+        }
+        if text.strip().lower() not in words:
+            raise UsageError(f"{flag(key)} must be true or false; got {text!r}")
+        value: Any = words[text.strip().lower()]
+    else:
+        value = _coerce(key, text, hint, None, None, None, field.metadata.get(WORDS, ()))
+    check_field(field, value)
+    return value
+
+
+def canonical_item(value: Any) -> str:
+    """A value as a list or mapping option's canonical text holds it: floats as Python writes them, booleans
+    lower-case, text stripped."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return repr(value)
+    return str(value).strip()
+
+
+def _coerce_mapping(key: str, value: Any, path: str | None) -> dict[str, str] | None:
+    """A mapping option's canonical {option: "v1,v2"} (option names with underscores) from repeated flags
+    ``OPTION=V1,V2`` (a list of them, or one), or a config file's mapping of option: [values] (or "v1,v2")."""
+    if value is None:
+        return None
+    example = "label_smoothing=0,0.1"
+    if isinstance(value, dict):
+        pairs = [(str(name), items) for name, items in value.items()]
+    else:
+        pairs = []
+        for entry in value if isinstance(value, list | tuple) else [value]:
+            name, equals, items = str(entry).partition("=")
+            if not equals or not name.strip():
+                raise UsageError(f"{_where(path, key)} must be OPTION=V1,V2 like {example}; got {entry!r}")
+            pairs.append((name, items))
+    mapping: dict[str, str] = {}
+    for name, items in pairs:
+        option_name = name.strip().replace("-", "_")
+        parts = (
+            items.split(",") if isinstance(items, str) else list(items) if isinstance(items, list | tuple) else [items]
+        )
+        texts = [canonical_item(part) for part in parts if canonical_item(part)]
+        if not texts:
+            raise UsageError(f"{_where(path, key)} {option_name}: give the values to try, like {example}")
+        if option_name in mapping:
+            raise UsageError(f"{_where(path, key)} {option_name} is given twice: list its values once")
+        mapping[option_name] = ",".join(texts)
+    return mapping
 
 
 def check_required(config: Any) -> None:
@@ -257,6 +336,9 @@ def merge(config_class: type, yaml_path: str | None, overrides: dict[str, Any]):
         loaded, texts = _read_yaml(yaml_path, set(fields))
         for key, value in loaded.items():
             declared = fields[key].metadata
+            if MAPPING in declared:
+                values[key] = _coerce_mapping(key, value, yaml_path)
+                continue
             values[key] = _coerce(
                 key, value, hints[key], yaml_path, declared.get(LIST_ITEMS), texts.get(key), declared.get(WORDS, ())
             )
@@ -264,6 +346,9 @@ def merge(config_class: type, yaml_path: str | None, overrides: dict[str, Any]):
         if key not in fields:
             raise UsageError(f"unknown option {key!r}; known: {', '.join(sorted(fields))}")
         declared = fields[key].metadata
+        if MAPPING in declared:
+            values[key] = _coerce_mapping(key, value, None)
+            continue
         values[key] = _coerce(key, value, hints[key], None, declared.get(LIST_ITEMS), None, declared.get(WORDS, ()))
     return config_class(**values)
 
@@ -330,8 +415,18 @@ def to_yaml(config: Any) -> str:
         if LIST_ITEMS in field.metadata and value is not None:
             items = list_items(config, field.name)
             value = value if _INVALID in items else items
+        if MAPPING in field.metadata and value is not None:  # {option: [values]}, numbers and booleans as such
+            value = {name: [_yaml_item(part) for part in text.split(",")] for name, text in value.items()}
         values[field.name] = value
     return yaml.dump(values, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=1_000_000)
+
+
+def _yaml_item(text: str) -> Any:
+    """A mapping option's value as YAML should write it: a number or boolean as one, else the text."""
+    if text in ("true", "false"):
+        return text == "true"
+    number = _number(text)
+    return text if number is None else number
 
 
 def int_list(key: str, text: str) -> list[int]:

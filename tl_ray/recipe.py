@@ -93,6 +93,9 @@ WARMUP_SHARE = 0.05
 # miss the object altogether.
 SMALL_IMAGE = 128
 STANDARD_CROP_SCALE = (0.25, 1.0)
+# The automatic augmentation policies --augment names beside the crop levels, each on auto's crops and flips
+# (torchvision's TrivialAugmentWide; RandAugment at timm's strength, two operations at magnitude 9 of 31).
+AUGMENT_POLICIES = ("trivial", "randaugment")
 LIGHT_CROP_SCALE = (0.6, 1.0)
 # Validation centre crop's share of the resized short side (256 for a 224 crop), unless the weights were trained
 # with their own (torchvision's IMAGENET1K_V2: 232 for 224); a checkpoint keeps its source's.

@@ -47,8 +47,9 @@ def test_device_crops_deliver_the_streamed_paths_validation_and_random_training_
     layout = class_folders.discover(str(_dataset(tmp_path / "data")))
     splits = cache.prepare_splits(layout, SIZE, str(tmp_path / "cache"), skiplog.SkipLog())
     assert {name: split.image_format for name, split in splits.items()} == {"train": "jpeg", "val": "raw"}
-    assert plan.crops_on_device(splits, 0.0, use_gpu=True) and not plan.crops_on_device(splits, 0.0, use_gpu=False)
-    assert not plan.crops_on_device(splits, 0.4, use_gpu=True)  # colour jitter: only the per-image path has it
+    assert plan.crops_on_device(splits, use_gpu=True, per_image=False)
+    assert not plan.crops_on_device(splits, use_gpu=False, per_image=False)
+    assert not plan.crops_on_device(splits, use_gpu=True, per_image=True)  # colour jitter, policies: per image only
 
     _Batches.datasets = {
         name: streaming.encoded_dataset(split, name == "train", seed=3) for name, split in splits.items()

@@ -172,6 +172,12 @@ def test_training_pipeline_augments_and_shuffles(tmp_path, ray_cluster):
     assert len({tuple(labels) for labels in epochs}) > 1, "a new order every epoch"
     first_block = epochs[0][: pipelines.BLOCK_ROWS]
     assert 0 < sum(first_block) < len(first_block), "every block mixes classes"
+    # --augment's policy and --random-erasing travel into the decode tasks (--cache none) with the crops.
+    policies = imaging.Policies("randaugment", 1.0)
+    files, skipped = layout.train[:8], skiplog.SkippedFiles.remote()
+    augmented = pipelines.image_dataset(files, layout, 16, True, skipped, policies=policies).take_all()
+    assert {(str(row["image"].dtype), row["image"].shape) for row in augmented} == {("uint8", (3, 16, 16))}
+    assert len(augmented) == 8
 
 
 def test_the_listing_carries_each_files_size_and_mtime(tmp_path):

@@ -83,6 +83,8 @@ def sweep(source_model, sweep_data, tmp_path_factory, ray_cluster):
         "--arch", "resnet18", "--image-size", "48", "--num-workers", "1",
         "--freeze-depths", "4", "--lrs", "3e-3,40", "--scratch-baseline", "--max-epochs", "3",
         "--storage", str(storage), "--name", "s1",
+        # A one-value --grid (no more trials) and a policy with erasing: through Tune, the trials and their meta.
+        "--grid", "label_smoothing=0.1", "--augment", "trivial", "--random-erasing", "0.25",
     ]  # fmt: skip
     if importlib.util.find_spec("mlflow"):  # Tune's MLflow callback logs each trial (the mlflow extra)
         argv += ["--logger", "mlflow"]
@@ -232,6 +234,8 @@ def test_results_csv_is_sorted_and_best_is_the_argmax(sweep):
     rows = list(csv.DictReader((run_dir / "results.csv").open()))
     best = max(rows, key=lambda row: float(row["val_acc"]))
     assert rows[0] == best, "results.csv is sorted best first"
+    assert list(rows[0])[-1] == "label_smoothing"  # a column per --grid option
+    assert {row["label_smoothing"] for row in rows if row["strategy"] != "from scratch"} == {"0.1"}
     meta = json.loads((run_dir / "best" / "meta.json").read_text())
     assert meta["freeze_depth"] == int(best["freeze_depth"])
     assert meta["metrics"]["val_acc"] == pytest.approx(float(best["val_acc"]))
@@ -251,6 +255,10 @@ def test_best_checkpoint_loads_and_predicts_on_its_own(sweep, sweep_data, checkp
     trained = merge(TrainConfig, str(run_dir / "best" / "config.yaml"), {})
     assert (trained.freeze_depth, trained.strategy) == (meta["freeze_depth"], meta["strategy"]["name"])
     assert merge(TuneConfig, str(run_dir / "config.yaml"), {}).freeze_depths == "4"  # the sweep's own
+    assert merge(TuneConfig, str(run_dir / "config.yaml"), {}).grid == {"label_smoothing": "0.1"}
+    # The trial's --grid value reached its Train run; the augmentation is recorded where resuming checks it.
+    assert (trained.label_smoothing, trained.augment, trained.random_erasing) == (0.1, "trivial", 0.25)
+    assert (meta["strategy"]["augment"], meta["strategy"]["random_erasing"]) == ("trivial", 0.25)
     accuracy = checkpoint_accuracy(str(run_dir / "best"), class_folders.discover(str(sweep_data)).val)
     assert accuracy == pytest.approx(meta["metrics"]["val_acc"], abs=0.01)
     evaluation = tl_ray.evaluate(str(run_dir / "best"), str(sweep_data / "val"))
@@ -292,7 +300,7 @@ def test_a_sweep_monitoring_val_loss_ranks_by_the_lowest_val_loss(ray_cluster, t
                 }
             )  # fmt: skip
 
-    points = [{"freeze_depth": depth, "strategy": "plain", "lr": 1e-3} for depth in curves]
+    points = [{"freeze_depth": depth, "strategy": "plain", "lr": 1e-3, "mixed": depth == 3} for depth in curves]
     tuner = tune.Tuner(
         tune.with_resources(stand_in, {"CPU": 0.5}),
         param_space={"point": tune.grid_search(points), "max_epochs": 2, "monitor": "val_loss"},
@@ -309,6 +317,7 @@ def test_a_sweep_monitoring_val_loss_ranks_by_the_lowest_val_loss(ray_cluster, t
     assert (depth0.val_loss, depth0.best_epoch) == (0.50, 2)
     assert [h["macro_f1"] for h in depth0.history] == [0.70, 0.80]
     assert tune_best.metrics["val_recall"] == {"cat": 0.85, "dog": None}
+    assert (depth0.grid, summary.best.grid) == ({"mixed": False}, {"mixed": True})  # a --grid option's values
     written = report.write_report(summary, tmp_path / "report")
     assert "## All trials (best val_loss first)" in written["markdown"].read_text()
     assert written["csv"].read_text().splitlines()[1].startswith(f"{summary.best.trial_id},3,plain,0.001,0.8,0.3,")

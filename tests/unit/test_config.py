@@ -56,7 +56,10 @@ def test_missing_yaml_names_the_file(tmp_path):
             "--arch: no torchvision or timm architecture is named .vgg17.; did you mean vgg19, vgg16, vgg13\\?",
         ),
         ({"optimizer": "lion"}, "--optimizer must be one of auto, adamw, sgd"),
-        ({"augment": "heavy"}, "--augment must be one of auto, standard, light, none; got 'heavy'"),
+        (
+            {"augment": "heavy"},
+            "--augment must be one of auto, standard, light, none, trivial, randaugment; got 'heavy'",
+        ),
         ({"cache": ""}, "--cache must be auto, none, or a folder or URI"),
         ({"val_fraction": 1.0}, "--val-fraction must be between 0 and 1"),
         ({"batch_size": 3, "num_workers": 2}, "--batch-size is the global batch"),

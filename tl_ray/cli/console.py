@@ -84,6 +84,8 @@ def trial_row(event: progress.TrialEnd, max_epochs: int, seconds: float) -> str:
     val_acc = f"{best['val_acc']:.3f}" if best else "-"
     val_loss = f"{best['val_loss']:.4f}" if best else "-"
     status = f"{event.status}: {event.error}" if event.error else event.status
+    swept = {key: value for key, value in point.items() if key not in ("freeze_depth", "strategy", "lr", "weights")}
+    status += "".join(f"  {key}={value}" for key, value in swept.items())  # tune --grid's values of the trial
     return (
         f"{event.trial_id:<12} {point.get('freeze_depth', '?'):>5} {strategy:<15} {point.get('lr', math.nan):>8.2e}"
         f" {f'{event.epochs}/{max_epochs}':>7} {val_acc:>8} {val_loss:>9} {duration(seconds):>7}  {status}"

@@ -19,7 +19,7 @@ from typing import Any
 from tl_ray.errors import EXIT_CODES
 from tl_ray.inference.config import EvaluateConfig, ExportConfig, PredictConfig
 from tl_ray.inputs.config import InspectConfig
-from tl_ray.options import POSITIONAL, flag
+from tl_ray.options import MAPPING, POSITIONAL, flag
 from tl_ray.sample import SampleDataConfig
 from tl_ray.training.config import ArchsConfig, LrFindConfig, TrainConfig
 from tl_ray.tuning.config import ReportConfig, TuneConfig
@@ -134,6 +134,8 @@ def _add_flag(parser: argparse.ArgumentParser, field: dataclasses.Field, hint: A
         pair.add_argument(flag(negative), dest=field.name, action="store_false", default=SUPPRESS, help=negative_text)
     elif bool in kinds:
         parser.add_argument(flag(field.name), action=argparse.BooleanOptionalAction, default=SUPPRESS, help=text)
+    elif field.metadata.get(MAPPING):  # --grid OPTION=V1,V2, repeatable
+        parser.add_argument(flag(field.name), action="append", metavar="OPTION=V1,V2", default=SUPPRESS, help=text)
     else:
         kind = str if str in kinds else kinds.pop()  # num_workers: 4 or 1-4, made an int by merge where it is one
         suffix = f" (default: {default})" if default is not None and "default:" not in text else ""

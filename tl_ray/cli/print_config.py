@@ -77,11 +77,13 @@ def training_yaml(command: str, config: TrainConfig) -> str:
         trials: dict[tuple[int, str], list[str]] = {}
         for point in points:
             if "weights" not in point:  # the scratch baseline is named below
-                trials.setdefault((point["freeze_depth"], point["strategy"]), []).append(f"{point['lr']:g}")
+                rates = trials.setdefault((point["freeze_depth"], point["strategy"]), [])
+                rates += [] if f"{point['lr']:g}" in rates else [f"{point['lr']:g}"]
         depths = ", ".join(str(depth) for depth in resolved.depths())
+        swept = "".join(f" x {key} {(resolved.grid or {})[key].replace(',', ', ')}" for key in resolved.grid or {})
         lines.append(
             f"# the grid: {len(points)} trials: freeze depths {depths} x strategies"
-            f" {', '.join(resolved.strategy_names())} x learning rates"
+            f" {', '.join(resolved.strategy_names())}{swept} x learning rates"
             + (f" (depth {NUM_STAGES} once)" if NUM_STAGES in resolved.depths() else "")
             + (", and the scratch baseline" if resolved.scratch_baseline else "")
             + ": "

@@ -77,7 +77,9 @@ def sweep(summary, written: dict[str, str]) -> None:
     if best is not None:
         score = "" if summary.monitor == "val_acc" else f" {summary.monitor} {getattr(best, summary.monitor):.3f},"
         print(
-            f"best trial       freeze depth {best.freeze_depth}, {best.strategy}, lr {best.lr:.2e}:{score}"
+            f"best trial       freeze depth {best.freeze_depth}, {best.strategy},"
+            + "".join(f" {key} {value}," for key, value in best.grid.items())
+            + f" lr {best.lr:.2e}:{score}"
             f" val_acc {best.val_acc:.3f}"
         )
         print(f"best checkpoint  {summary.best_checkpoint or best.checkpoint}")

@@ -68,10 +68,21 @@ def _decode_for_inference(
     }
 
 
+def class_probabilities(model: torch.nn.Module, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """The softmax of ``model`` on normalised ``images`` (N, 3, S, S); ``tta`` "flip": the mean of the softmax of
+    the images and of their horizontal mirrors (timm's and fastai's flip TTA, averaged after the softmax)."""
+    with torch.no_grad():
+        probabilities = torch.softmax(model(images).float(), dim=1)
+        if tta == "flip":
+            mirrored = torch.softmax(model(images.flip(-1)).float(), dim=1)
+            probabilities = (probabilities + mirrored) / 2
+    return probabilities
+
+
 class _Classifier:
     """One model per actor, loaded once; a Ray Data callable class."""
 
-    def __init__(self, checkpoint_dir: str | location.Location, top_k: int) -> None:
+    def __init__(self, checkpoint_dir: str | location.Location, top_k: int, tta: str = "none") -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         # A checkpoint in object storage is read from this node's copy: fetched by the first actor here, once.
         self.model, meta = checkpoints.load_checkpoint(checkpoint_dir, self.device)
@@ -79,11 +90,11 @@ class _Classifier:
         self.mean = torch.tensor(meta["mean"], device=self.device)
         self.std = torch.tensor(meta["std"], device=self.device)
         self.top_k = min(top_k, len(self.class_names))
+        self.tta = tta
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = torch.tensor(batch["image"], device=self.device)  # a copy: Ray hands over read-only arrays
-        with torch.no_grad():
-            probabilities = torch.softmax(self.model(imaging.normalize(images, self.mean, self.std)).float(), dim=1)
+        probabilities = class_probabilities(self.model, imaging.normalize(images, self.mean, self.std), self.tta)
         top_probs, top_index = probabilities.topk(self.top_k, dim=1)
         top_probs, top_index = top_probs.cpu().numpy(), top_index.cpu().numpy()
         bad = batch[ERROR_COLUMN] != ""
@@ -126,14 +137,25 @@ def output_location(out: str | None, suffixes: tuple[str, ...] = ()) -> location
 
 
 def classify_items(
-    checkpoint, meta, opener, items, rejected, top_k, batch_size, retry_seconds, concurrency=None, on_event=None
+    checkpoint,
+    meta,
+    opener,
+    items,
+    rejected,
+    top_k,
+    batch_size,
+    retry_seconds,
+    concurrency=None,
+    on_event=None,
+    tta: str = "none",
 ) -> pd.DataFrame:
-    """predict's rows for ``items`` and, for ``rejected`` ones, an error row each. More than
+    """predict's rows for ``items`` and, for ``rejected`` ones, an error row each (``tta``: the test-time
+    augmentation, ``class_probabilities``). More than
     ``reading.MAX_UNREADABLE_SHARE`` of the items undelivered by their storage raises ``RunError``
     (``check_delivered``): no report on what an outage left."""
     columns = _columns(min(top_k, len(meta["class_names"])))
     frame = _run_pipeline(
-        checkpoint, meta, opener, items, top_k, batch_size, retry_seconds, concurrency, columns, on_event
+        checkpoint, meta, opener, items, top_k, batch_size, retry_seconds, concurrency, columns, on_event, tta
     )
     check_delivered(frame, len(items))
     if rejected:
@@ -157,7 +179,7 @@ def check_delivered(frame: pd.DataFrame, total: int) -> None:
 
 
 def _run_pipeline(
-    checkpoint, meta, opener, files, top_k, batch_size, retry_seconds, concurrency, columns, on_event=None
+    checkpoint, meta, opener, files, top_k, batch_size, retry_seconds, concurrency, columns, on_event=None, tta="none"
 ) -> pd.DataFrame:
     if not files:
         return pd.DataFrame({column: [] for column in columns})
@@ -181,7 +203,7 @@ def _run_pipeline(
         warnings.simplefilter("ignore", RayDeprecationWarning)
         dataset = dataset.map_batches(
             _Classifier,
-            fn_constructor_kwargs={"checkpoint_dir": _checkpoint_for_actors(checkpoint), "top_k": top_k},
+            fn_constructor_kwargs={"checkpoint_dir": _checkpoint_for_actors(checkpoint), "top_k": top_k, "tta": tta},
             batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(size=max(1, workers)),
             num_gpus=1 if use_gpu else 0,

@@ -10,6 +10,9 @@ from tl_ray.options import check_options, check_required, option, same_option
 
 FORMATS = ("torchscript", "onnx")
 SPLITS = ("train", "val", "test")  # what evaluate's --split names
+# Test-time augmentation: none, or the mean of the softmax of each image and its horizontal mirror. Not
+# flip+crops: not measured to pay (see docs/training.md, "Test-time augmentation").
+TTAS = ("none", "flip")
 
 
 @dataclass
@@ -31,6 +34,12 @@ class PredictConfig(ReadsSource):
     top_k: int = option(3, "classes listed per image", positive=True)
     batch_size: int = option(64, "images per model call", positive=True)
     concurrency: int | None = option(None, "model actors (default: one per GPU, or 1 on CPU)", positive=True)
+    tta: str = option(
+        "none",
+        "test-time augmentation: none | flip: the mean of the class probabilities of each image and its horizontal"
+        " mirror (twice the model calls); an inference option: the checkpoint and an exported file are unchanged",
+        choices=TTAS,
+    )
     path_column: str = same_option(SourceOptions, "path_column")
     image_column: str | None = same_option(SourceOptions, "image_column")
     retry_seconds: float = same_option(SourceOptions, "retry_seconds")
@@ -55,6 +64,7 @@ class EvaluateConfig(ReadsSource):
     )
     out: str | None = option(None, "folder or URI: metrics.json, confusion.png, misclassified.csv")
     batch_size: int = same_option(PredictConfig, "batch_size")
+    tta: str = same_option(PredictConfig, "tta")
     label_pattern: str | None = same_option(InspectConfig, "label_pattern")
     path_column: str = same_option(InspectConfig, "path_column")
     label_column: str = same_option(InspectConfig, "label_column")

@@ -56,6 +56,7 @@ def evaluate(config: EvaluateConfig, on_event: progress.OnEvent | None = None) -
         config.batch_size,
         config.retry_seconds,
         on_event=on_event,
+        tta=config.tta,
     )
     rows["true"] = rows["path"].map(truth).fillna("")
     failed = rows[ERROR_COLUMN] != ""
@@ -85,6 +86,7 @@ def evaluate(config: EvaluateConfig, on_event: progress.OnEvent | None = None) -
         },
         "confusion": {"classes": classes, "matrix": confusion.to_numpy().tolist()},
         "checkpoint": str(checkpoint),
+        "tta": config.tta,
     }
     misclassified = scored.loc[scored["true"] != scored["predicted"], ["path", "true", "predicted", "probability"]]
     if target is not None:

@@ -63,6 +63,7 @@ def predict(config: PredictConfig, on_event: progress.OnEvent | None = None) -> 
         config.retry_seconds,
         config.concurrency,
         on_event,
+        config.tta,
     )
     if target is not None:
         _write(pa.Table.from_pandas(frame, preserve_index=False), target)

@@ -1,6 +1,7 @@
 """A CPU run's cached images held in each worker's memory (``HeldImages``): read and decoded once per run, then each
-epoch a seeded deal of rows cropped and flipped on the worker, so that no Ray Data execution starts per epoch and a
-seeded CPU run is repeatable. ``fit_in_memory`` says when a run's cached splits fit a worker's budget."""
+epoch a seeded deal of rows cropped and flipped on the worker (each crop seeded by run seed, epoch and row), so that
+no Ray Data execution starts per epoch and a seeded CPU run is repeatable, resumed or not. ``fit_in_memory`` says
+when a run's cached splits fit a worker's budget."""
 
 from __future__ import annotations
 
@@ -38,6 +39,12 @@ def load_images(split: CachedSplit) -> tuple[list[Image.Image], torch.Tensor]:
     return images, torch.tensor(labels, dtype=torch.int64)
 
 
+def crop_seed(seed: int, epoch: int, row: int) -> int:
+    """The seed of one held training image's augmentation in one epoch: the same on any worker count and after a
+    resume (the deal's permutation is seeded the same way, ``pipelines.deal_rows``)."""
+    return ((seed * 1_000_003 + epoch) * 1_000_033 + row) % (1 << 63)
+
+
 class HeldImages:
     """A split's cached images in a worker's memory: read once per run, then each epoch a new deal of rows
     (``pipelines.deal_rows``), cropped and flipped here, so an epoch starts no Ray Data execution.
@@ -52,16 +59,21 @@ class HeldImages:
         training: bool,
         crop_scale: tuple[float, float] | None,
         color_jitter: float = 0.0,
+        policies: imaging.Policies = imaging.NO_POLICIES,
     ) -> None:
         self.images, self.labels = load_images(split)
         self.training = training
         self.transform = imaging.augmentation(
-            image_size, crop_scale if training else None, color_jitter, split.short_side
+            image_size, crop_scale if training else None, color_jitter, split.short_side, policies
         )
         self.val_crops: dict[tuple[int, int], torch.Tensor] = {}  # (rank, world): that worker's rows, cropped
 
-    def _crop(self, rows: list[int]) -> torch.Tensor:
-        return torch.stack([self.transform(self.images[row]) for row in rows])
+    def _crop(self, rows: list[int], seed: int = 0, epoch: int = 0) -> torch.Tensor:
+        """The rows' crops; a training row's random draws seeded by (seed, epoch, row) (``crop_seed``)."""
+        images = [self.images[row] for row in rows]
+        if not self.training:
+            return torch.stack([self.transform(image) for image in images])
+        return imaging.seeded_crops(self.transform, images, [crop_seed(seed, epoch, row) for row in rows])
 
     def batches(
         self, batch_size: int, rank: int, world: int, seed: int = 0, epoch: int = 0
@@ -72,7 +84,7 @@ class HeldImages:
         for start in range(0, len(rows), batch_size):
             chosen = rows[start : start + batch_size]
             if self.training:
-                images = self._crop(chosen.tolist())
+                images = self._crop(chosen.tolist(), seed, epoch)
             else:
                 images = self.val_crops[rank, world][start : start + batch_size]
             yield {"image": images, "label": self.labels[chosen]}

@@ -7,6 +7,7 @@ import io
 import logging
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -61,28 +62,110 @@ def resize_short_side(image: Image.Image, short_side: int) -> Image.Image:
     return v2.Resize(short_side, antialias=True)(image)
 
 
+POLICIES = recipe.AUGMENT_POLICIES
+ERASE_SCALE = (0.02, 1 / 3)  # the erased box's share of the crop (timm's --reprob and torchvision's default)
+ERASE_RATIO = (0.3, 3.3)  # and its aspect ratio
+
+
+@dataclass(frozen=True)
+class Policies:
+    """What a training crop gets beyond its crop, flip and jitter: an automatic augmentation ``policy``
+    (``POLICIES``, "none": no policy) on the cropped image, then random erasing with probability ``erasing``.
+    ``mean``/``std``: the normalisation the model's weights expect; the policy's blank pixels are the mean colour
+    and the erased box the noise timm's erasing draws after normalisation (``PixelErasing``)."""
+
+    policy: str = "none"
+    erasing: float = 0.0
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @property
+    def fill(self) -> list[int]:
+        return [round(channel * 255) for channel in self.mean]
+
+    @property
+    def any(self) -> bool:
+        """Whether a crop gets anything from these (a policy or erasing), beyond its crop and flip."""
+        return self.policy != "none" or self.erasing > 0
+
+
+NO_POLICIES = Policies()
+
+
+class PixelErasing(v2.RandomErasing):
+    """torchvision's RandomErasing on a uint8 crop, its box filled as timm's ``--reprob`` (mode "pixel") fills it
+    after normalisation: per-pixel N(0, 1) in normalised units, which is ``mean + std * N(0, 1)`` in pixels
+    (clipped to 0-255). The crops stay uint8 (the pipeline ships 4x fewer bytes), and the erasing is seeded with
+    the crop."""
+
+    def __init__(self, p: float, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__(p=p, scale=ERASE_SCALE, ratio=ERASE_RATIO, value="random")
+        self.pixel_mean = torch.tensor(mean).view(-1, 1, 1)
+        self.pixel_std = torch.tensor(std).view(-1, 1, 1)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        params = super().make_params(flat_inputs)
+        if params["v"] is not None:  # normalised noise back to the pixels it stands for
+            pixels = (self.pixel_mean + self.pixel_std * params["v"]) * 255.0
+            params["v"] = pixels.round_().clamp_(0, 255).to(torch.uint8)
+        return params
+
+
+def policy_transform(policies: Policies) -> list[v2.Transform]:
+    """The automatic augmentation of a cropped PIL image (none, TrivialAugmentWide or RandAugment)."""
+    if policies.policy == "trivial":
+        return [v2.TrivialAugmentWide(fill=policies.fill)]
+    if policies.policy == "randaugment":
+        return [v2.RandAugment(num_ops=2, magnitude=9, fill=policies.fill)]
+    return []
+
+
 def train_transform(
-    image_size: int, color_jitter: float = 0.0, crop_scale: tuple[float, float] = recipe.STANDARD_CROP_SCALE
+    image_size: int,
+    color_jitter: float = 0.0,
+    crop_scale: tuple[float, float] = recipe.STANDARD_CROP_SCALE,
+    policies: Policies = NO_POLICIES,
 ) -> v2.Compose:
     """Augmentation on PIL images (PIL's resize is the fast one on CPU); uint8 CHW out.
 
     ``crop_scale``: the random crop's share of the image area. ImageNet recipes use 0.08-1; on the
     small datasets people fine-tune on, and on small images, crops that small often miss the object
-    (fastai's fine-tuning default is 0.35; tl_ray.recipe picks by image size).
+    (fastai's fine-tuning default is 0.35; tl_ray.recipe picks by image size). The chain is timm's: crop, flip,
+    colour jitter, the policy on the cropped image, to a tensor, random erasing last (``PixelErasing``).
     """
     steps = [v2.RandomResizedCrop(image_size, scale=crop_scale, antialias=True), v2.RandomHorizontalFlip()]
     if color_jitter > 0:
         steps.append(v2.ColorJitter(color_jitter, color_jitter, color_jitter))
-    return v2.Compose([*steps, v2.PILToTensor()])
+    steps += [*policy_transform(policies), v2.PILToTensor()]
+    if policies.erasing > 0:
+        steps.append(PixelErasing(policies.erasing, policies.mean, policies.std))
+    return v2.Compose(steps)
 
 
 def augmentation(
-    image_size: int, crop_scale: tuple[float, float] | None, color_jitter: float = 0.0, short_side: int | None = None
+    image_size: int,
+    crop_scale: tuple[float, float] | None,
+    color_jitter: float = 0.0,
+    short_side: int | None = None,
+    policies: Policies = NO_POLICIES,
 ) -> v2.Compose:
-    """Random crops of ``crop_scale`` and flips, or, with ``crop_scale`` None, the validation centre crop."""
+    """Random crops of ``crop_scale`` and flips (and ``policies``), or, with ``crop_scale`` None, the validation
+    centre crop (no jitter, policy or erasing: ``--augment none`` trains on validation's crops)."""
     if crop_scale is None:
         return eval_transform(image_size, short_side)
-    return train_transform(image_size, color_jitter, crop_scale)
+    return train_transform(image_size, color_jitter, crop_scale, policies)
+
+
+def seeded_crops(transform: v2.Compose, images: list[Image.Image], seeds: list[int]) -> torch.Tensor:
+    """``transform`` of each image with torch's random numbers seeded by its seed (every draw of torchvision's
+    transforms comes from torch's global generator), the caller's random state left as it was: a held image's
+    crop, policy and erasing are a function of (run seed, epoch, row), so a resumed run crops as the first did."""
+    with torch.random.fork_rng(devices=[]):
+        crops = []
+        for image, seed in zip(images, seeds, strict=True):
+            torch.default_generator.manual_seed(seed)  # the CPU generator the transforms draw from (not CUDA's)
+            crops.append(transform(image))
+    return torch.stack(crops)
 
 
 def eval_transform(image_size: int, short_side: int | None = None) -> v2.Compose:

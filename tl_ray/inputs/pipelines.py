@@ -16,7 +16,7 @@ from ray.data import RandomSeedConfig
 
 from tl_ray import cluster, recipe
 from tl_ray.inputs import reading
-from tl_ray.inputs.imaging import augmentation, decode_item, describe_error, resize_size
+from tl_ray.inputs.imaging import NO_POLICIES, Policies, augmentation, decode_item, describe_error, resize_size
 from tl_ray.inputs.layout import Layout
 
 logger = logging.getLogger(__name__)
@@ -52,12 +52,13 @@ def _decode_batch(
     skipped: ray.actor.ActorHandle,
     short_side: int,
     retry_seconds: float,
+    policies: Policies = NO_POLICIES,
 ) -> dict[str, np.ndarray]:
     """A block of files decoded for an uncached split; a bad file is skipped and reported. A file its storage did
     not deliver after the retries (``reading.StorageError``) is not a bad file: it fails the task, and so the
     epoch, which Ray Train retries from the last checkpoint (``--max-failures``) and then reports in one line,
     rather than train on what an outage left."""
-    transform = augmentation(image_size, crop_scale if training else None, color_jitter, short_side)
+    transform = augmentation(image_size, crop_scale if training else None, color_jitter, short_side, policies)
     images, labels, bad, bad_labels = [], [], [], []
     for path, label in zip(batch["path"], batch["label"], strict=True):
         try:
@@ -110,6 +111,7 @@ def image_dataset(
     seed: int = 0,
     crop_scale: tuple[float, float] | None = recipe.STANDARD_CROP_SCALE,
     short_side: int | None = None,
+    policies: Policies = NO_POLICIES,
 ) -> ray.data.Dataset:
     """A lazily decoded dataset of {"image": uint8 (3, S, S), "label": int64}.
 
@@ -120,7 +122,8 @@ def image_dataset(
     training loop's local shuffle buffer mixes rows across blocks. Skipped files of the
     training dataset are also counted per class. Training images are randomly cropped
     (``crop_scale`` of the area) and flipped, or with ``crop_scale`` None centre-cropped like
-    validation images (resized to ``short_side``, by default ``resize_size(image_size)``, first).
+    validation images (resized to ``short_side``, by default ``resize_size(image_size)``, first);
+    ``policies``: the training crops' augmentation policy and random erasing.
     """
     rows = [{"path": path, "label": label} for path, label in files]
     if training and not getattr(layout.opener_of(files), "sequential", False):  # Parquet rows: see cache._build
@@ -145,5 +148,6 @@ def image_dataset(
             "skipped": skipped,
             "short_side": short_side or resize_size(image_size),
             "retry_seconds": layout.retry_seconds,
+            "policies": policies,
         },
     )

@@ -48,6 +48,7 @@ class InputPlan:
     crop_scale: tuple[float, float] | None  # the random crops' area (None: centre crops, as validation)
     color_jitter: float
     seed: int
+    policies: imaging.Policies = imaging.NO_POLICIES  # the training crops' augmentation policy and erasing
     crops_on_device: bool = False  # streamed cached images decoded and cropped on the worker's device
     cached_formats: dict[str, str] | None = None  # each split's cache format (cache.ENCODINGS), the device decodes
 
@@ -128,7 +129,9 @@ class HeldImageBatches(WorkerBatches):
     def __init__(self, plan: InputPlan, *args: Any) -> None:
         super().__init__(plan, *args)
         assert plan.held is not None
-        self._train = HeldImages(plan.held["train"], plan.image_size, True, plan.crop_scale, plan.color_jitter)
+        self._train = HeldImages(
+            plan.held["train"], plan.image_size, True, plan.crop_scale, plan.color_jitter, plan.policies
+        )
         self._val = HeldImages(plan.held["val"], plan.image_size, False, None)
 
     def train(self, epoch: int) -> Iterator[Batch]:
@@ -219,6 +222,7 @@ def prepare(
     images stops the run here (``check_not_empty``; the driver checks the listing's splits before Ray starts):
     nothing reports a val_acc of no images."""
     on_features = features.applies(config.freeze_depth, config.augment, cache_root)
+    policies = imaging.Policies(config.augment_policy(), config.random_erasing, weights.mean, weights.std)
     held, datasets = None, {}
     if on_features:
         splits = features.prepare_splits(
@@ -234,7 +238,7 @@ def prepare(
             held = splits
         else:
             datasets = features.streaming_datasets(splits, config.seed)
-    elif on_device := not on_features and crops_on_device(splits, config.color_jitter, use_gpu):
+    elif on_device := crops_on_device(splits, use_gpu, per_image=config.color_jitter > 0 or policies.any):
         datasets = {
             name: streaming.encoded_dataset(split, name == "train", config.seed) for name, split in splits.items()
         }
@@ -254,6 +258,7 @@ def prepare(
                     config.seed,
                     config.crop_scale(),
                     short_side,
+                    policies,
                 )
             except BaseException:
                 skiplog.release_skips(skipped)
@@ -266,6 +271,7 @@ def prepare(
         crop_scale=config.crop_scale(),
         color_jitter=config.color_jitter,
         seed=config.seed,
+        policies=policies,
         crops_on_device=on_device,
         cached_formats={name: split.image_format for name, split in splits.items()} if on_device else None,
     )
@@ -275,14 +281,14 @@ def prepare(
 DEVICE_FORMATS = ("jpeg", "raw")  # the cached formats a worker decodes on its device (device_input.decode)
 
 
-def crops_on_device(splits: dict[str, Any], color_jitter: float, use_gpu: bool) -> bool:
+def crops_on_device(splits: dict[str, Any], use_gpu: bool, per_image: bool) -> bool:
     """Whether a run's workers decode and crop its cached images on their GPUs (issue 43): on every GPU run whose
-    splits are all cached in a format the device decodes, unless it asks for colour jitter, which only the
-    per-image path (PIL in Ray Data tasks) applies. CPU runs keep PIL's crops: on a CPU the batched crop is no
-    faster than PIL's per-image one (BENCHMARKS.md, issue 43)."""
+    splits are all cached in a format the device decodes, unless it asks for augmentation only the per-image path
+    (PIL in Ray Data tasks) applies (``per_image``: colour jitter, --augment trivial|randaugment,
+    --random-erasing). CPU runs keep PIL's crops: on a CPU the batched crop is no faster than PIL's per-image one."""
     return (
         use_gpu
-        and color_jitter == 0
+        and not per_image
         and all(split is not None and split.image_format in DEVICE_FORMATS for split in splits.values())
     )
 

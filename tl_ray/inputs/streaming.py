@@ -28,8 +28,9 @@ def _read_and_crop(
     color_jitter: float,
     short_side: int,
     image_format: str = "raw",
+    policies: imaging.Policies = imaging.NO_POLICIES,
 ) -> dict[str, np.ndarray]:
-    transform = imaging.augmentation(image_size, crop_scale, color_jitter, short_side)
+    transform = imaging.augmentation(image_size, crop_scale, color_jitter, short_side, policies)
     images, labels = [], []
     for path in batch["file"]:
         cached = pq.read_table(path, filesystem=filesystem).to_pydict()
@@ -80,6 +81,7 @@ def cached_dataset(
     color_jitter: float = 0.0,
     seed: int = 0,
     crop_scale: tuple[float, float] | None = recipe.STANDARD_CROP_SCALE,
+    policies: imaging.Policies = imaging.NO_POLICIES,
 ) -> ray.data.Dataset:
     """{"image": uint8 (3, S, S), "label": int64} from a built cache, as ``pipelines.image_dataset`` yields them."""
     return per_file_dataset(
@@ -93,6 +95,7 @@ def cached_dataset(
         color_jitter=color_jitter,
         short_side=split.short_side,
         image_format=split.image_format,
+        policies=policies,
     )
 
 
@@ -105,20 +108,24 @@ def streaming_datasets(
     seed: int = 0,
     crop_scale: tuple[float, float] | None = recipe.STANDARD_CROP_SCALE,
     short_side: int | None = None,
+    policies: imaging.Policies = imaging.NO_POLICIES,
 ) -> dict[str, ray.data.Dataset]:
     """A run's "train" and "val" Ray Data pipelines from ``prepare_splits``: from the cache, or, for a split
     without one (``--cache none``), decoding every file every epoch (files that fail go into ``skipped``).
-    ``short_side``: validation's resize before its centre crop (``imaging.resize_size`` by default)."""
+    ``short_side``: validation's resize before its centre crop (``imaging.resize_size`` by default); ``policies``:
+    the training crops' policy and erasing. Ray Data's crop tasks draw from their process's random state, unseeded
+    (as their crops always have): a streamed run's augmentation is not repeated by a rerun or a resume, a held
+    one's is (``held.crop_seed``)."""
     datasets = {}
     for name, split in splits.items():
         training = name == "train"
         files = layout.train if training else layout.val
         if split is None:
             datasets[name] = pipelines.image_dataset(
-                files, layout, image_size, training, skipped, color_jitter, seed, crop_scale, short_side
+                files, layout, image_size, training, skipped, color_jitter, seed, crop_scale, short_side, policies
             )
         else:
-            datasets[name] = cached_dataset(split, image_size, training, color_jitter, seed, crop_scale)
+            datasets[name] = cached_dataset(split, image_size, training, color_jitter, seed, crop_scale, policies)
     return datasets
 
 

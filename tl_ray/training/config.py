@@ -21,8 +21,9 @@ from tl_ray.training.toolbox import ToolboxOptions
 
 OPTIMIZERS = recipe.OPTIMIZERS
 # auto: light below 128 px, standard above; light/standard: random crops of at least 60%/25% of the
-# image, and flips; none: training images centre-cropped like validation ones.
-AUGMENTS = ("auto", "standard", "light", "none")
+# image, and flips; none: training images centre-cropped like validation ones; trivial/randaugment: auto's crops
+# and flips, then TrivialAugmentWide or RandAugment (recipe.AUGMENT_POLICIES).
+AUGMENTS = ("auto", "standard", "light", "none", *recipe.AUGMENT_POLICIES)
 # none: every sample counts the same; auto: loss weights n / (classes x n_class) from the training counts.
 CLASS_WEIGHTS = ("none", "auto")
 # The metric that picks the best checkpoint (and ranks a sweep's trials), and which way it improves.
@@ -151,8 +152,16 @@ class TrainConfig(ReadsSource):
         " standard: random crops of 25-100% of the image and flips |"
         " light: crops of 60-100% and flips | none: training images centre-cropped like validation ones;"
         " at --freeze-depth 5 with the cache on, the backbone's features are then computed once and only the head"
-        " trains",
+        " trains | trivial, randaugment: auto's crops and flips, then torchvision's TrivialAugmentWide or"
+        " RandAugment (2 operations at magnitude 9, timm's rand-m9) on each crop",
         choices=AUGMENTS,
+    )
+    random_erasing: float = option(
+        0.0,
+        "probability of erasing a random box (2-33% of the crop) of each training crop with noise, after the"
+        " other augmentation (timm's --reprob; 0.25 is its usual value); like --color-jitter, ignored with"
+        " --augment none (the default for a head alone, whose features are then computed once)",
+        between=(0.0, 1.0),
     )
     num_workers: int | str = option(
         1,
@@ -332,9 +341,13 @@ class TrainConfig(ReadsSource):
         """The training crops' smallest and largest share of the image; None: centre crops (no augmentation)."""
         if self.augment == "none":
             return None
-        if self.augment == "auto":
+        if self.augment == "auto" or self.augment in recipe.AUGMENT_POLICIES:  # a policy goes on top of auto's crops
             return recipe.crop_scale(self.image_size)
         return recipe.LIGHT_CROP_SCALE if self.augment == "light" else recipe.STANDARD_CROP_SCALE
+
+    def augment_policy(self) -> str:
+        """The automatic augmentation policy of the training crops (``recipe.AUGMENT_POLICIES``), or "none"."""
+        return self.augment if self.augment in recipe.AUGMENT_POLICIES else "none"
 
     def with_run_name(self) -> Self:
         """Fill in a timestamped name, so every run lands in its own folder unless told otherwise."""

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tl_ray import checkpoint
+from tl_ray import checkpoint, recipe
 from tl_ray.errors import TlRayError
 from tl_ray.training import lr_range, lr_select, schedule, toolbox
 from tl_ray.training.config import TrainConfig
@@ -214,6 +214,11 @@ def check_resumable(
 def strategy_meta(options: TrainConfig, class_weights: dict[str, float] | None = None) -> dict[str, Any]:
     """How the model was fine-tuned, as its checkpoint records it (and a resumed run must match);
     ``class_weights``: the loss weight of each class (``--class-weights auto``), None for unweighted."""
+    # An augmentation policy and random erasing are recorded when used, so that a checkpoint without them stays
+    # byte-identical when resumed; a run resumes only with the same ones.
+    augmentation: dict[str, Any] = {"augment": options.augment} if options.augment in recipe.AUGMENT_POLICIES else {}
+    if options.random_erasing:
+        augmentation["random_erasing"] = options.random_erasing
     return {
         "name": options.strategy,
         "backbone_lr_mult": options.backbone_lr_mult,
@@ -225,4 +230,5 @@ def strategy_meta(options: TrainConfig, class_weights: dict[str, float] | None =
         "weight_decay": options.weight_decay,
         "class_weights": class_weights,
         **toolbox.meta(options),  # --ema, --accumulate, --mixup, --layer-decay (per group) ...: those set
+        **augmentation,
     }

@@ -4,17 +4,55 @@ they make (``search_points``), each point one trial's ``TrainConfig``."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from tl_ray import recipe
 from tl_ray.backbones import NUM_STAGES
 from tl_ray.errors import UsageError
-from tl_ray.options import check_options, check_required, flag, int_list, option
+from tl_ray.inputs.config import SourceOptions
+from tl_ray.options import canonical_item, check_options, check_required, coerce_value, flag, int_list, option
 from tl_ray.training.config import TrainConfig, check_logger
 
 SCHEDULERS = ("asha", "fifo")
+# The train options tune searches with flags of its own: --grid points at those.
+SEARCHED = {
+    "freeze_depth": "--freeze-depths",
+    "strategy": "--strategies",
+    "lr": "--lrs (or --lr-min, --lr-max, --num-samples)",
+    "epochs": "--max-epochs (every trial's budget is the same)",
+    "weights": "--scratch-baseline (random weights beside --weights)",
+}
+# What every trial must share for the comparison to be fair or the sweep to run: the data and its validation split
+# (the one set every trial is scored on), the metric that ranks them, where runs go, the workers and resources.
+NOT_SWEPT = (
+    "data",
+    "val_data",
+    "val_fraction",
+    *(field.name for field in dataclasses.fields(SourceOptions)),
+    "monitor",
+    "storage",
+    "name",
+    "cache",
+    "keep_checkpoints",
+    "num_workers",
+    "gpu",
+    "cpus_per_worker",
+    "max_failures",
+    "resource_timeout",
+    "resize_interval",
+    "logger",
+    "logger_project",
+)
+
+
+def sweepable() -> list[str]:
+    """The train options ``--grid`` varies."""
+    names = (field.name for field in dataclasses.fields(TrainConfig))
+    return [name for name in names if name not in NOT_SWEPT and name not in SEARCHED]
 
 
 @dataclass
@@ -69,6 +107,13 @@ class TuneConfig(TrainConfig):
         False,
         "also train from random weights (full fine-tuning, never stopped early): the report shows what transfer gains",
     )
+    grid: Mapping[str, str] | None = option(
+        None,
+        "OPTION=V1,V2,... (repeatable): also try every value of this train option (label_smoothing=0,0.1;"
+        " augment=auto,trivial), each with every depth, strategy and rate above; several --grid make their"
+        " product (YAML: grid: a mapping of option: [values]). Values are checked as the option's own flag checks them",
+        mapping=True,
+    )
 
     def depths(self) -> list[int]:
         depths = sorted(set(int_list("freeze_depths", self.freeze_depths)))
@@ -115,17 +160,42 @@ class TuneConfig(TrainConfig):
         step = math.log(high / low) / (self.num_samples - 1)
         return [low * math.exp(step * index) for index in range(self.num_samples)]
 
+    def grid_values(self) -> dict[str, list[Any]]:
+        """``--grid``'s options and their values, each coerced and checked by the train option's own declaration
+        (``options.coerce_value``); an option tune searches itself, or one every trial must share, is refused."""
+        swept: dict[str, list[Any]] = {}
+        for key, text in (self.grid or {}).items():
+            if key in SEARCHED:
+                raise UsageError(f"{flag('grid')} {key}: tune searches it with {SEARCHED[key]}")
+            if key not in sweepable():
+                raise UsageError(
+                    f"{flag('grid')} {key}: not a train option a sweep can vary (the data, its validation split, the"
+                    f" monitor, where runs go and the resources are every trial's); it varies: {', '.join(sweepable())}"
+                )
+            try:
+                values = [coerce_value(TrainConfig, key, part) for part in text.split(",")]
+            except UsageError as error:
+                raise UsageError(f"{flag('grid')} {key}={text}: {error}") from None
+            swept[key] = list(dict.fromkeys(values))
+        return swept
+
     def search_points(self) -> list[dict[str, Any]]:
-        """Every (freeze depth, strategy, lr) trial. At depth 5 only the head trains, so strategies (which
-        differ in how the backbone trains) would repeat one trial: it is run once, as "plain"."""
+        """Every (freeze depth, strategy, lr) trial, for every combination of ``--grid``'s values (their product;
+        the rates those of the combination, by the same rule). At depth 5 only the head trains, so strategies
+        (which differ in how the backbone trains) would repeat one trial: it is run once, as "plain"."""
         points = []
-        for depth in self.depths():
-            names = ["plain"] if depth == NUM_STAGES else self.strategy_names()
-            for strategy in names:
-                for lr in self.learning_rates(depth, strategy):
-                    points.append({"freeze_depth": depth, "strategy": strategy, "lr": lr})
+        swept = self.grid_values()
+        for values in itertools.product(*swept.values()):
+            combination = dict(zip(swept, values, strict=True))
+            options = dataclasses.replace(self, **combination) if combination else self
+            for depth in self.depths():
+                names = ["plain"] if depth == NUM_STAGES else self.strategy_names()
+                for strategy in names:
+                    for lr in options.learning_rates(depth, strategy):
+                        points.append({"freeze_depth": depth, "strategy": strategy, "lr": lr, **combination})
         if self.scratch_baseline:
-            # The yardstick: the same task and budget from random weights, with the recipe's rate for that start.
+            # The yardstick: the same task and budget from random weights, with the recipe's rate for that start
+            # (once, with the sweep's own options: not one per --grid combination).
             scratch_lr = recipe.LR[recipe.optimizer(self.optimizer, head_only=False)]
             points.append({"freeze_depth": 0, "strategy": "plain", "lr": scratch_lr, "weights": "none"})
         return points
@@ -149,14 +219,17 @@ class TuneConfig(TrainConfig):
         if self.lr_min is not None and self.lr_max is not None and self.lr_min > self.lr_max:
             raise UsageError(f"{flag('lr_min')} ({self.lr_min}) must not exceed {flag('lr_max')} ({self.lr_max})")
         self.learning_rates()
+        swept = self.grid_values()
         for point in self.search_points():
             TrainConfig.validate(self.trial_config(point, self.storage, self.name or "check"))
-        return dataclasses.replace(self, epochs=self.max_epochs)
+        grid = {key: ",".join(canonical_item(value) for value in values) for key, values in swept.items()} or None
+        return dataclasses.replace(self, epochs=self.max_epochs, grid=grid)
 
     def trial_config(self, point: dict[str, Any], storage: str, name: str) -> TrainConfig:
         """The TrainConfig of one trial: this sweep's train options with one point of the search space."""
         train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-        options = {key: value for key, value in dataclasses.asdict(self).items() if key in train_fields}
+        options = {key: value for key, value in dataclasses.asdict(self).items() if key in train_fields}  # --grid's
+        # values come in the point, with the depth, strategy and rate
         # The sweep logs each trial to --logger through Tune's callbacks; the trial's Train run does not too.
         options.update(point, epochs=self.max_epochs, storage=storage, name=name, logger="none")
         return TrainConfig(**options)

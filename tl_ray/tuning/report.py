@@ -50,10 +50,22 @@ def _depth_label(depth: int) -> str:
     return f"{depth} ({DEPTH_NAMES[depth]})" if depth in DEPTH_NAMES else str(depth)
 
 
+def _grid_label(trial) -> str:
+    """A trial's values of the sweep's --grid options: "label_smoothing 0.1, augment trivial"."""
+    return ", ".join(f"{key} {value}" for key, value in trial.grid.items())
+
+
 def _config_label(trial) -> str:
+    """What a configuration is called: every swept dimension but the rate (depth, strategy, then --grid's)."""
     if trial.strategy == SCRATCH:
         return SCRATCH
-    return f"depth {trial.freeze_depth}" + ("" if trial.freeze_depth == NUM_STAGES else f", {trial.strategy}")
+    label = f"depth {trial.freeze_depth}" + ("" if trial.freeze_depth == NUM_STAGES else f", {trial.strategy}")
+    return label + (f" / {_grid_label(trial)}" if trial.grid else "")
+
+
+def grid_keys(summary) -> list[str]:
+    """The sweep's --grid options, in the order given (none for a sweep without a grid)."""
+    return list(dict.fromkeys(key for trial in summary.trials for key in trial.grid))
 
 
 def resolution(accuracy: float, val_images: int) -> float:
@@ -75,24 +87,30 @@ def ranked(summary) -> list:
 
 
 def results_csv(summary) -> str:
+    """One row per trial: CSV_COLUMNS, then a column per --grid option (its value in that trial)."""
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    swept = grid_keys(summary)
+    writer = csv.DictWriter(out, fieldnames=[*CSV_COLUMNS, *swept], extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for trial in ranked(summary):
-        writer.writerow({column: getattr(trial, column) for column in CSV_COLUMNS})
+        row = {column: getattr(trial, column) for column in CSV_COLUMNS}
+        writer.writerow({**row, **{key: trial.grid.get(key, "") for key in swept}})
     return out.getvalue()
 
 
 def table(summary) -> str:
-    """The trial table, as markdown: also what `tl-ray tune` prints."""
+    """The trial table, as markdown: also what `tl-ray tune` prints (a column per --grid option after the rate)."""
+    swept = grid_keys(summary)
     lines = [
-        "| trial | freeze depth | strategy | lr | val_acc | val_loss | macro_f1 | epochs | status | seconds"
-        " | images/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| trial | freeze depth | strategy | lr | "
+        + "".join(f"{key} | " for key in swept)
+        + "val_acc | val_loss | macro_f1 | epochs | status | seconds | images/s |",
+        "|---|---|---|---|" + "---|" * len(swept) + "---|---|---|---|---|---|---|",
     ]
     for t in ranked(summary):
+        values = "".join(f"{t.grid.get(key, '')} | " for key in swept)
         lines.append(
-            f"| {t.trial_id} | {_depth_label(t.freeze_depth)} | {t.strategy} | {t.lr:.2e} | {t.val_acc:.3f} "
+            f"| {t.trial_id} | {_depth_label(t.freeze_depth)} | {t.strategy} | {t.lr:.2e} | {values}{t.val_acc:.3f} "
             f"| {t.val_loss:.4f} | {t.macro_f1:.3f} | {t.epochs}/{summary.max_epochs} | {t.status} | {t.seconds:.0f} "
             f"| {t.images_per_s:.1f} |"
         )
@@ -106,6 +124,26 @@ def best_per_config(summary) -> dict[str, object]:
         if not math.isnan(_value(trial, summary)):
             best.setdefault(_config_label(trial), trial)
     return best
+
+
+def best_per_value(summary) -> list[tuple[str, str, object]]:
+    """For each swept dimension with more than one value (freeze depth, strategy, each --grid option): the best
+    trial at each of its values, as (dimension, value, trial), dimensions in order and values best first. The
+    from-scratch baseline is not a value of any of them."""
+    dimensions: dict[str, object] = {
+        "freeze depth": lambda t: _depth_label(t.freeze_depth),
+        "strategy": lambda t: t.strategy,
+    }
+    dimensions.update({key: (lambda t, key=key: str(t.grid.get(key, ""))) for key in grid_keys(summary)})
+    rows = []
+    transfer = [t for t in ranked(summary) if t.strategy != SCRATCH and not math.isnan(_value(t, summary))]
+    for name, value_of in dimensions.items():
+        best: dict[str, object] = {}
+        for trial in transfer:
+            best.setdefault(value_of(trial), trial)
+        if len(best) > 1:
+            rows += [(name, value, trial) for value, trial in best.items()]
+    return rows
 
 
 def verdict(summary) -> list[str]:
@@ -196,11 +234,13 @@ def markdown(summary) -> str:
         score = "" if monitor == "val_acc" else f"{monitor} {_value(best, summary):.3f}, "
         parts.append(
             f"- best trial: {best.trial_id}, freeze depth {_depth_label(best.freeze_depth)}, {best.strategy}, "
-            f"lr {best.lr:.2e}: {score}val_acc {best.val_acc:.3f} at epoch {best.best_epoch}"
+            + (f"{_grid_label(best)}, " if best.grid else "")
+            + f"lr {best.lr:.2e}: {score}val_acc {best.val_acc:.3f} at epoch {best.best_epoch}"
         )
         parts.append(f"- best checkpoint: {summary.best_checkpoint or best.checkpoint}")
     parts += verdict(summary)
-    parts += ["", "## Best per freeze depth and strategy", ""]
+    swept = "".join(f", {key}" for key in grid_keys(summary))
+    parts += ["", f"## Best per freeze depth and strategy{swept}", ""]
     parts += [f"| configuration | {monitor} | behind the best | lr | trial |", "|---|---|---|---|---|"]
     configs = best_per_config(summary)
     top = next(iter(configs.values()), None)
@@ -209,6 +249,17 @@ def markdown(summary) -> str:
         behind = abs(_value(top, summary) - _value(trial, summary))
         behind_text = f"{behind:.3f}" + (f" ({round(behind * n)} images)" if n else "")
         parts.append(f"| {label} | {_value(trial, summary):.3f} | {behind_text} | {trial.lr:.2e} | {trial.trial_id} |")
+    if grid_keys(summary):  # the best at each value of each swept dimension, the others at their best for it
+        parts += ["", "## Best per value of each swept dimension", ""]
+        parts += [f"| dimension | value | {monitor} | behind the best | configuration | lr | trial |"]
+        parts += ["|---|---|---|---|---|---|---|"]
+        for name, value, trial in best_per_value(summary):
+            behind = abs(_value(top, summary) - _value(trial, summary))
+            behind_text = f"{behind:.3f}" + (f" ({round(behind * n)} images)" if n else "")
+            parts.append(
+                f"| {name} | {value} | {_value(trial, summary):.3f} | {behind_text} | {_config_label(trial)} "
+                f"| {trial.lr:.2e} | {trial.trial_id} |"
+            )
     parts += ["", f"## All trials (best {monitor} first)", "", table(summary)]
     stopped = [t for t in summary.trials if t.status == "stopped early"]
     parts += ["", "## Stopped early by ASHA", ""]

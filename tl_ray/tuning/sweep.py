@@ -63,6 +63,7 @@ class TrialSummary:
     checkpoint: str
     history: list[dict[str, float]]  # epoch, val_acc, val_loss, macro_f1 per reported epoch
     macro_f1: float = math.nan  # of the best epoch, like val_acc and val_loss (NaN: a sweep from before macro_f1)
+    grid: dict[str, Any] = dataclasses.field(default_factory=dict)  # its values of the sweep's --grid options
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,9 @@ def _run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
 def _trial_dirname(trial: Any) -> str:
     """A trial's folder is its id (results.csv's trial_id): short, and known to the trial itself."""
     return trial.trial_id
+
+
+POINT_KEYS = ("freeze_depth", "strategy", "lr", "weights")  # a point's keys besides --grid's (weights: the baseline)
 
 
 def is_scratch_baseline(point: dict[str, Any]) -> bool:
@@ -466,6 +470,7 @@ def load_summary(run_dir: location.Location | str) -> SweepSummary:
                 checkpoint=run_dir.at(best["checkpoint_path"]).uri if best else "",
                 history=history,
                 macro_f1=best.get("macro_f1", math.nan) if best else math.nan,
+                grid={k: v for k, v in point.items() if k not in POINT_KEYS} if "point" in trial.config else {},
             )
         )
     wall = (max(ends) - min(starts)) if ends else 0.0
