@@ -101,8 +101,20 @@ def evaluation(evaluation, out: str | None) -> None:
         print(f"undecodable      {len(metrics['undecodable'])}")
     if metrics.get("unreadable"):
         print(f"unreadable       {len(metrics['unreadable'])} (the storage did not deliver them: not scored)")
+    calibration = metrics["calibration"]
+    print(f"calibration      ECE {calibration['ece']:.4f} ({calibration['bins']} confidence bins)")
+    print(f"mean loss        {metrics['log_loss']:.4f}" + ("" if metrics["loss_exact"] else " (a lower bound)"))
+    pairs = metrics["most_confused"]
+    if pairs:
+        print("most confused    (true -> predicted: images)")
+        for pair in pairs[:5]:
+            print(f"  {pair['true']} -> {pair['predicted']}: {pair['count']}")
+        if len(pairs) > 5:
+            print(f"  ... {len(pairs) - 5} more pairs in metrics.json")
     if out:
-        print(f"written to       {out}/metrics.json, confusion.png, misclassified.csv")
+        print(f"written to       {out}/report.html (open it in a browser)")
+        print("                 metrics.json, misclassified.csv, confusion.png, per_class.png, reliability.png,")
+        print(f"                 top_losses.png (the {len(metrics['top_losses'])} images with the highest loss)")
 
 
 def inspection(found) -> None:

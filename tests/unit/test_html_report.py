@@ -1,0 +1,165 @@
+"""report.html (tl_ray.html_report): one self-contained page, every user string escaped, every image embedded; and
+the pages evaluate, a run and a sweep fill."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from tl_ray import html_report, location
+from tl_ray.inference import evaluate, evaluate_report
+from tl_ray.inputs.layout import FileOpener
+
+HOSTILE = '<script>alert("x")</script> & "quotes" \'too\''
+
+
+class Parsed(HTMLParser):
+    """What a browser would find: the tags, the images' sources, the sections' headings, the page's text."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.images: list[dict[str, str]] = []
+        self.headings: list[str] = []
+        self.text: list[str] = []
+        self._in_h2 = False
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        if tag == "img":
+            self.images.append(dict(attrs))
+        self._in_h2 = tag == "h2"
+
+    def handle_endtag(self, tag):
+        self._in_h2 = False if tag == "h2" else self._in_h2
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._in_h2:
+            self.headings.append(data)
+
+
+def png(colour=(200, 30, 30), size=(12, 8)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decoded(source: str) -> Image.Image:
+    assert source.startswith("data:image/png;base64,"), source[:40]
+    return Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1])))
+
+
+def test_every_user_string_is_escaped_and_strong_is_the_only_markup():
+    page = html_report.Page(
+        HOSTILE,
+        [
+            html_report.Section(
+                HOSTILE,
+                text=[f"**best** {HOSTILE}"],
+                facts=[(HOSTILE, HOSTILE)],
+                tables=[html_report.Table([HOSTILE], [[HOSTILE], [0.12345], [7], [None]], caption=HOSTILE)],
+                images=[html_report.Image(png(), caption=HOSTILE, alt=HOSTILE)],
+            )
+        ],
+        subtitle=HOSTILE,
+    )
+    text = html_report.render(page)
+    parsed = Parsed(text)
+    assert "script" not in parsed.tags and "<script>" not in text
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &quot;quotes&quot; &#x27;too&#x27;" in text
+    assert parsed.text.count(HOSTILE) >= 7  # as text a reader sees: title, h1, subtitle, h2, dt, dd, th, td, ...
+    assert parsed.images[0]["alt"] == HOSTILE  # the attribute holds it whole, quotes and all
+    assert "<p><strong>best</strong> &lt;script&gt;" in text
+    assert '<td class="number">0.123</td>' in text and '<td class="number">7</td>' in text and "<td></td>" in text
+
+
+def test_images_are_embedded_and_nothing_is_fetched(tmp_path):
+    pictures = [png((255, 0, 0)), png((0, 0, 255), (30, 20))]
+    page = html_report.Page(
+        "run",
+        [
+            html_report.Section("one", images=[html_report.Image(pictures[0], caption="red")]),
+            html_report.Section("two", images=[html_report.Image(pictures[1])], gallery=True),
+        ],
+    )
+    written = html_report.write(page, location.resolve(tmp_path / "report.html", "--out"))
+    assert written == str(tmp_path / "report.html")
+    parsed = Parsed((tmp_path / "report.html").read_text(encoding="utf-8"))
+    assert [decoded(image["src"]).getpixel((0, 0)) for image in parsed.images] == [(255, 0, 0), (0, 0, 255)]
+    assert [decoded(image["src"]).size for image in parsed.images] == [(12, 8), (30, 20)]
+    assert parsed.headings == ["one", "two"]
+    assert "link" not in parsed.tags and "script" not in parsed.tags
+    assert not re.search(r'(src|href)="(https?:)?//', (tmp_path / "report.html").read_text())
+
+
+def _classified(paths: list[Path], truth: list[str], predicted: list[tuple[str, float]]) -> pd.DataFrame:
+    """classify's rows (two listed classes each) with the true class."""
+    rows = []
+    for path, true, (name, probability) in zip(paths, truth, predicted, strict=True):
+        other = next(c for c in ("猫", "dog <b>", "fox") if c != name)
+        rows.append(
+            {
+                "path": str(path),
+                "predicted": name,
+                "probability": probability,
+                "top1_class": name,
+                "top1_prob": probability,
+                "top2_class": other,
+                "top2_prob": 1 - probability,
+                "error": "",
+                "true": true,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def test_evaluate_writes_its_figures_and_one_page_of_them(tmp_path):
+    """evaluate's files from scored rows of real images: the worst images read as thumbnails (a deleted one shown
+    as not read), every figure a PNG, and report.html with a section per part holding the same pictures."""
+    classes = ["猫", "dog <b>", "fox"]
+    generator = np.random.default_rng(1)
+    paths = []
+    for index in range(9):
+        path = tmp_path / "images" / f"{index}.jpg"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(generator.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    truth = [classes[index % 3] for index in range(9)]
+    predicted = [(classes[index % 3], 0.9) for index in range(6)] + [("fox", 0.8), ("猫", 0.95), ("猫", 0.6)]
+    scores = evaluate.score(_classified(paths, truth, predicted), classes, 4, "/ck <i>")
+    worst = scores.worst["path"].tolist()
+    # 8's true class (fox) is not among its two listed: p(fox) <= 1 - 0.6 - 0.4, a bound; then p(true) 0.05, 0.2
+    assert worst[:3] == [str(paths[8]), str(paths[7]), str(paths[6])] and not scores.metrics["loss_exact"]
+    Path(worst[1]).unlink()  # deleted since it was scored
+    thumbnails = evaluate_report.read_thumbnails(FileOpener(location.resolve("/", "--data").filesystem), worst, 5)
+    assert [thumbnail.png is None for thumbnail in thumbnails] == [False, True, False, False]
+    out = tmp_path / "eval"
+    pngs = evaluate.write_evaluation_files(out, scores, thumbnails, "data & more")
+    names = {"confusion.png", "per_class.png", "reliability.png", "top_losses.png"}
+    assert set(pngs) == names
+    for name in names:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert Image.open(io.BytesIO(thumbnails[0].png)).size == (160, 107)  # long side THUMBNAIL
+
+    text = (out / "report.html").read_text(encoding="utf-8")
+    parsed = Parsed(text)
+    assert parsed.headings == ["Summary", "Per class", "Confusion", "The images with the highest loss", "Calibration"]
+    sources = [image["src"] for image in parsed.images]
+    for name in ("per_class.png", "confusion.png", "reliability.png"):
+        assert html_report.data_uri(pngs[name]) in sources, name
+    gallery = [image for image in parsed.images if image["alt"].startswith("true ")]
+    assert [decoded(image["src"]).size for image in gallery] == [(160, 107)] * 3  # the three still there
+    assert "dog &lt;b&gt;" in text and "dog <b>" not in text and "/ck &lt;i&gt;" in text
+    assert f"{worst[1]}" in text and "not shown" in text  # the deleted one, named with why
+    pairs = [("猫", "fox"), ("dog &lt;b&gt;", "猫"), ("fox", "猫")]  # one image each, in the matrix's order
+    rows = [f'<tr><td>{true}</td><td>{predicted}</td><td class="number">1</td></tr>' for true, predicted in pairs]
+    assert [text.index(row) for row in rows] == sorted(text.index(row) for row in rows)
