@@ -4,13 +4,18 @@ the pages evaluate, a run and a sweep fill."""
 from __future__ import annotations
 
 import base64
+import html
 import io
+import json
 import re
+import shutil
+import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 from tl_ray import html_report, location
@@ -122,9 +127,9 @@ def _classified(paths: list[Path], truth: list[str], predicted: list[tuple[str, 
     return pd.DataFrame(rows)
 
 
-def test_evaluate_writes_its_figures_and_one_page_of_them(tmp_path):
-    """evaluate's files from scored rows of real images: the worst images read as thumbnails (a deleted one shown
-    as not read), every figure a PNG, and report.html with a section per part holding the same pictures."""
+def _evaluation(tmp_path: Path):
+    """evaluate's files from scored rows of nine real images, one of the worst deleted before its thumbnail is
+    read: (the worst paths, their thumbnails, the figures, the output folder)."""
     classes = ["猫", "dog <b>", "fox"]
     generator = np.random.default_rng(1)
     paths = []
@@ -141,9 +146,16 @@ def test_evaluate_writes_its_figures_and_one_page_of_them(tmp_path):
     assert worst[:3] == [str(paths[8]), str(paths[7]), str(paths[6])] and not scores.metrics["loss_exact"]
     Path(worst[1]).unlink()  # deleted since it was scored
     thumbnails = evaluate_report.read_thumbnails(FileOpener(location.resolve("/", "--data").filesystem), worst, 5)
-    assert [thumbnail.png is None for thumbnail in thumbnails] == [False, True, False, False]
     out = tmp_path / "eval"
     pngs = evaluate.write_evaluation_files(out, scores, thumbnails, "data & more")
+    return worst, thumbnails, pngs, out
+
+
+def test_evaluate_writes_its_figures_and_one_page_of_them(tmp_path):
+    """evaluate's files from scored rows of real images: the worst images read as thumbnails (a deleted one shown
+    as not read), every figure a PNG, and report.html with a section per part holding the same pictures."""
+    worst, thumbnails, pngs, out = _evaluation(tmp_path)
+    assert [thumbnail.png is None for thumbnail in thumbnails] == [False, True, False, False]
     names = {"confusion.png", "per_class.png", "reliability.png", "top_losses.png"}
     assert set(pngs) == names
     for name in names:
@@ -163,3 +175,70 @@ def test_evaluate_writes_its_figures_and_one_page_of_them(tmp_path):
     pairs = [("猫", "fox"), ("dog &lt;b&gt;", "猫"), ("fox", "猫")]  # one image each, in the matrix's order
     rows = [f'<tr><td>{true}</td><td>{predicted}</td><td class="number">1</td></tr>' for true, predicted in pairs]
     assert [text.index(row) for row in rows] == sorted(text.index(row) for row in rows)
+
+
+def test_a_runs_page_holds_its_curves_epochs_and_settings(tmp_path):
+    from tl_ray.training import run_page
+    from tl_ray.training.config import TrainConfig
+    from tl_ray.training.results import TrainResult
+
+    history = [
+        {"epoch": e, "train_loss": 1 / e, "train_acc": 0.5 + e / 10, "val_loss": 1.2 / e, "val_acc": 0.4 + e / 10}
+        for e in (1, 2, 3)
+    ]
+    outcome = TrainResult(
+        run_dir=str(tmp_path),
+        best_checkpoint=str(tmp_path / "checkpoint_epoch003"),
+        last_checkpoint=str(tmp_path / "checkpoint_epoch003"),
+        metrics={**history[-1], "val_recall": {"猫": 0.5, "<dog>": 1.0}},
+        history=history,
+        skipped_files=[{"path": "/d/bad <1>.jpg", "reason": "cannot identify image file"}],
+        class_names=["<dog>", "猫"],
+        tensorboard=str(tmp_path / "tensorboard"),
+    )
+    config = TrainConfig(data="/data/<shapes>", name="run & co", epochs=3)
+    written = run_page.write(outcome, config, location.resolve(tmp_path, "--storage"))
+    text = Path(written).read_text(encoding="utf-8")
+    parsed = Parsed(text)
+    assert parsed.headings == [
+        "Outcome",
+        "Epochs",
+        "Validation recall per class (best epoch, lowest first)",
+        "Skipped files",
+        "Settings (config.yaml)",
+    ]
+    assert [decoded(image["src"]).format for image in parsed.images] == ["PNG"]  # the curves
+    assert '<tr><td class="number">3</td><td class="number">0.3333</td>' in text  # epoch 3's train_loss
+    assert "<td>data</td><td>/data/&lt;shapes&gt;</td>" in text and "tl-ray train: run &amp; co" in text
+    assert '<td>猫</td><td class="number">0.500</td>' in text and "/d/bad &lt;1&gt;.jpg" in text
+
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+BROWSER = next(filter(None, map(shutil.which, BROWSERS)), None)
+# Run in the page once it has loaded: each image's state, where --dump-dom returns it (the title).
+PROBE = (
+    "<script>window.addEventListener('load', () => { document.title = JSON.stringify("
+    "[...document.images].map(image => [image.complete, image.naturalWidth, image.naturalHeight])); });</script>"
+)
+
+
+@pytest.mark.slow  # a browser's start: 1-3 s
+@pytest.mark.skipif(BROWSER is None, reason="no Chromium or Chrome on PATH (Debian: apt-get install chromium)")
+def test_evaluates_page_renders_in_headless_chromium_with_every_image_loaded(tmp_path):
+    """The page as a browser shows it: headless Chromium loads evaluate's report.html (a copy with a probe script
+    added, the page itself has none) and every image on it has decoded, at the size it was written."""
+    _, _, pngs, out = _evaluation(tmp_path)
+    page = (out / "report.html").read_text(encoding="utf-8")
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.replace("</body>", PROBE + "</body>"), encoding="utf-8")
+    argv = [BROWSER, "--headless", "--disable-gpu", "--no-sandbox", f"--user-data-dir={tmp_path / 'profile'}"]
+    argv += ["--no-first-run", "--dump-dom", probed.as_uri()]
+    shown = subprocess.run(argv, capture_output=True, text=True, timeout=90, check=False)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    title = re.search(r"<title>(.*?)</title>", shown.stdout, re.S)
+    assert title, shown.stdout[:500]
+    images = json.loads(html.unescape(title.group(1)))
+    assert len(images) == len(Parsed(page).images) == 3 + 3  # per class, confusion, reliability; 3 thumbnails
+    assert all(complete and width > 0 and height > 0 for complete, width, height in images), images
+    sizes = {tuple(Image.open(io.BytesIO(png)).size) for png in pngs.values()}
+    assert sizes - {(width, height) for _, width, height in images} == {Image.open(out / "top_losses.png").size}

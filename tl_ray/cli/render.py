@@ -45,7 +45,7 @@ def train_result(result, rows_printed: int) -> None:
         more = f"; {len(lowest) - 10} more in result.json" if len(lowest) > 10 else ""
         print(f"val recall       {shown} (lowest first{more})")
     print(f"best checkpoint  {result.best_checkpoint}")
-    print(f"run folder       {result.run_dir} (result.json)")
+    print(f"run folder       {result.run_dir} (result.json, report.html)")
     print(f"tensorboard      {result.tensorboard}")
     print(f"skipped files    {len(result.skipped_files)}")
     for item in result.skipped_files[:20]:
@@ -81,6 +81,7 @@ def sweep(summary, written: dict[str, str]) -> None:
         print(f"best checkpoint  {summary.best_checkpoint or best.checkpoint}")
     print(f"report           {written['markdown']}")
     print(f"plot             {written['plot']}")
+    print(f"page             {written['html']} (open it in a browser)")
     print(f"results          {written['csv']}")
     print(f"tensorboard      tensorboard --logdir {summary.run_dir}")
 
