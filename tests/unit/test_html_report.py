@@ -164,7 +164,7 @@ def test_evaluate_writes_its_figures_and_one_page_of_them(tmp_path):
 
     text = (out / "report.html").read_text(encoding="utf-8")
     parsed = Parsed(text)
-    assert parsed.headings == ["Summary", "Per class", "Confusion", "The images with the highest loss", "Calibration"]
+    assert parsed.headings == ["Summary", "The images with the highest loss", "Confusion", "Per class", "Calibration"]
     sources = [image["src"] for image in parsed.images]
     for name in ("per_class.png", "confusion.png", "reliability.png"):
         assert html_report.data_uri(pngs[name]) in sources, name

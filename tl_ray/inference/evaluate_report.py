@@ -177,7 +177,7 @@ def top_losses_png(worst: pd.DataFrame, thumbnails: list[Thumbnail]) -> bytes:
 def page(
     metrics: dict, pngs: dict[str, bytes], worst: pd.DataFrame, thumbnails: list[Thumbnail], data: str
 ) -> html_report.Page:
-    """evaluate's report.html: the numbers, the confusion matrix, the error gallery, calibration."""
+    """evaluate's report.html: the numbers, the error gallery, the confusion, per class, calibration."""
     Section, Table, Image = html_report.Section, html_report.Table, html_report.Image
     macro, calibration = metrics["macro"], metrics["calibration"]
     summary = Section(
@@ -245,5 +245,5 @@ def page(
         images=[Image(pngs["reliability.png"], alt="reliability diagram", width=520)],
     )
     return html_report.Page(
-        "tl-ray evaluate", [summary, classes, confused, gallery, reliability], subtitle=metrics["checkpoint"]
+        "tl-ray evaluate", [summary, gallery, confused, classes, reliability], subtitle=metrics["checkpoint"]
     )
