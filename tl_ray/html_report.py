@@ -30,7 +30,7 @@ class Image:
     """A picture on the page: its encoded bytes (PNG unless ``mime`` says otherwise), embedded in the file."""
 
     data: bytes
-    caption: str = ""
+    caption: str = ""  # its lines kept
     alt: str = ""
     mime: str = "image/png"
     width: int | None = None  # the width it is shown at, in CSS pixels (default: its own, at most the page's)
@@ -76,9 +76,9 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertic
 td.number { text-align: right; font-variant-numeric: tabular-nums; }
 th { background: #f3f3f3; } caption { caption-side: top; text-align: left; color: #555; padding: 0.2em 0; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1.2em; }
-dt { color: #555; } dd { margin: 0; word-break: break-all; }
+dt { color: #555; } dd { margin: 0; overflow-wrap: anywhere; }
 figure { margin: 0.8em 0; } figure img { max-width: 100%; height: auto; }
-figcaption { color: #444; font-size: 0.88em; word-break: break-all; }
+figcaption { color: #444; font-size: 0.88em; overflow-wrap: anywhere; }
 .gallery { display: flex; flex-wrap: wrap; gap: 0.8em; }
 .gallery figure { width: 180px; margin: 0; } .gallery img { width: 100%; image-rendering: auto; }
 footer { color: #888; font-size: 0.85em; margin-top: 2em; }
@@ -95,6 +95,11 @@ _STRONG = re.compile(r"\*\*(.+?)\*\*")
 
 def _text(text: str) -> str:
     return _STRONG.sub(r"<strong>\1</strong>", escape(text))
+
+
+def _lines(text: str) -> str:
+    """``text`` escaped, its line breaks kept (a caption's lines)."""
+    return "<br>".join(escape(line) for line in text.split("\n"))
 
 
 def _cell(value: Cell, digits: int) -> str:
@@ -125,7 +130,7 @@ def data_uri(data: bytes, mime: str = "image/png") -> str:
 def _image(image: Image) -> str:
     width = f' width="{int(image.width)}"' if image.width else ""
     alt = escape(image.alt or image.caption)
-    caption = f"<figcaption>{escape(image.caption)}</figcaption>" if image.caption else ""
+    caption = f"<figcaption>{_lines(image.caption)}</figcaption>" if image.caption else ""
     return f'<figure><img src="{data_uri(image.data, image.mime)}" alt="{alt}"{width}>{caption}</figure>'
 
 

@@ -108,7 +108,8 @@ def test_evaluate_matches_predict_and_the_training_run(checkpoint, source_run, s
     for name in ("top_losses.png", "per_class.png", "reliability.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG", name
     page = (out / "report.html").read_text(encoding="utf-8")
-    assert page.count('<img src="data:image/png;base64,') == 3 + 16  # the figures, the worst images
+    assert page.count('<img src="data:image/png;base64,') == 3  # the figures
+    assert page.count('<img src="data:image/jpeg;base64,') == 16  # the worst images
     assert Path(metrics["top_losses"][0]["path"]).name in page
     # The training run's own page, beside its result.json: its curves, a row per epoch, its settings.
     run_page = (source_run[1] / "src" / "report.html").read_text(encoding="utf-8")

@@ -59,7 +59,7 @@ def png(colour=(200, 30, 30), size=(12, 8)) -> bytes:
 
 
 def decoded(source: str) -> Image.Image:
-    assert source.startswith("data:image/png;base64,"), source[:40]
+    assert source.startswith(("data:image/png;base64,", "data:image/jpeg;base64,")), source[:40]
     return Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1])))
 
 
@@ -155,12 +155,12 @@ def test_evaluate_writes_its_figures_and_one_page_of_them(tmp_path):
     """evaluate's files from scored rows of real images: the worst images read as thumbnails (a deleted one shown
     as not read), every figure a PNG, and report.html with a section per part holding the same pictures."""
     worst, thumbnails, pngs, out = _evaluation(tmp_path)
-    assert [thumbnail.png is None for thumbnail in thumbnails] == [False, True, False, False]
+    assert [thumbnail.jpeg is None for thumbnail in thumbnails] == [False, True, False, False]
     names = {"confusion.png", "per_class.png", "reliability.png", "top_losses.png"}
     assert set(pngs) == names
     for name in names:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-    assert Image.open(io.BytesIO(thumbnails[0].png)).size == (160, 107)  # long side THUMBNAIL
+    assert Image.open(io.BytesIO(thumbnails[0].jpeg)).size == (160, 107)  # long side THUMBNAIL
 
     text = (out / "report.html").read_text(encoding="utf-8")
     parsed = Parsed(text)
