@@ -140,7 +140,9 @@ def _evaluation(tmp_path: Path):
         paths.append(path)
     truth = [classes[index % 3] for index in range(9)]
     predicted = [(classes[index % 3], 0.9) for index in range(6)] + [("fox", 0.8), ("猫", 0.95), ("猫", 0.6)]
-    scores = evaluate.score(_classified(paths, truth, predicted), classes, 4, "/ck <i>")
+    broken = {"path": str(tmp_path / "broken <x>.jpg"), "error": "cannot identify image file", "true": "fox"}
+    rows = pd.concat([_classified(paths, truth, predicted), pd.DataFrame([{**broken, "predicted": ""}])])
+    scores = evaluate.score(rows.reset_index(drop=True), classes, 4, "/ck <i>")
     worst = scores.worst["path"].tolist()
     # 8's true class (fox) is not among its two listed: p(fox) <= 1 - 0.6 - 0.4, a bound; then p(true) 0.05, 0.2
     assert worst[:3] == [str(paths[8]), str(paths[7]), str(paths[6])] and not scores.metrics["loss_exact"]
@@ -164,7 +166,15 @@ def test_evaluate_writes_its_figures_and_one_page_of_them(tmp_path):
 
     text = (out / "report.html").read_text(encoding="utf-8")
     parsed = Parsed(text)
-    assert parsed.headings == ["Summary", "The images with the highest loss", "Confusion", "Per class", "Calibration"]
+    assert parsed.headings == [
+        "Summary",
+        "The images with the highest loss",
+        "Confusion",
+        "Per class",
+        "Calibration",
+        "Not scored",
+    ]
+    assert "<td>" + html.escape(str(tmp_path / "broken <x>.jpg")) + "</td><td>cannot identify image file</td>" in text
     sources = [image["src"] for image in parsed.images]
     for name in ("per_class.png", "confusion.png", "reliability.png"):
         assert html_report.data_uri(pngs[name]) in sources, name

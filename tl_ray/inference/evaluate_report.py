@@ -22,7 +22,8 @@ from tl_ray.inputs import imaging, reading
 THUMBNAIL = 160  # pixels, the long side of a worst image's thumbnail
 THUMBNAIL_QUALITY = 85
 MOST_CHARTED = 40  # classes in the per-class chart: the lowest F1 first when there are more
-LOWEST_SHOWN = 10  # confused pairs on the page's summary
+PAIRS_SHOWN = 10  # most-confused pairs on the page (metrics.json keeps more)
+NOT_SCORED_SHOWN = 100  # undecodable and unreadable images listed on the page (metrics.json lists all)
 
 
 @dataclass(frozen=True)
@@ -210,8 +211,8 @@ def page(
         tables=[
             Table(
                 ["true", "predicted as", "images"],
-                [[pair["true"], pair["predicted"], pair["count"]] for pair in pairs[:LOWEST_SHOWN]],
-                caption=f"the most-confused pairs ({min(len(pairs), LOWEST_SHOWN)} of {len(pairs)})",
+                [[pair["true"], pair["predicted"], pair["count"]] for pair in pairs[:PAIRS_SHOWN]],
+                caption=f"the most-confused pairs ({min(len(pairs), PAIRS_SHOWN)} of {len(pairs)})",
             )
         ]
         if pairs
@@ -243,6 +244,13 @@ def page(
         ],
         images=[Image(pngs["reliability.png"], alt="reliability diagram", width=520)],
     )
-    return html_report.Page(
-        "tl-ray evaluate", [summary, gallery, confused, classes, reliability], subtitle=metrics["checkpoint"]
-    )
+    sections = [summary, gallery, confused, classes, reliability]
+    not_scored = [[row["path"], row["error"]] for row in [*metrics["undecodable"], *metrics.get("unreadable", [])]]
+    if not_scored:
+        shown = (
+            f"; the first {NOT_SCORED_SHOWN} here, all in metrics.json" if len(not_scored) > NOT_SCORED_SHOWN else ""
+        )
+        table = Table(["image", "why"], not_scored[:NOT_SCORED_SHOWN])
+        text = f"Images not scored (undecodable, or not delivered by their storage): {len(not_scored)}{shown}."
+        sections.append(Section("Not scored", text=[text], tables=[table]))
+    return html_report.Page("tl-ray evaluate", sections, subtitle=metrics["checkpoint"])
