@@ -36,3 +36,15 @@ def pyplot() -> ModuleType:
     fallback = [name for name in (*WIDE_COVERAGE, LAST_RESORT) if name in installed]
     matplotlib.rcParams["font.family"] = ["DejaVu Sans", *fallback]
     return plt
+
+
+def png(figure, dpi: int = 100) -> bytes:
+    """``figure`` as PNG bytes, closed: what is written as a file and embedded in a report.html alike."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    plt.close(figure)
+    return buffer.getvalue()

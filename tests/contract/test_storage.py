@@ -151,7 +151,7 @@ def test_train_writes_its_run_and_cache_to_object_storage(s3_train_run, buckets)
     assert code == 0, printed
     assert not list(cwd.iterdir())  # nothing landed in the working directory
     files = _objects(buckets, "results/tl-ray")
-    assert "s3run/config.yaml" in files and "s3run/result.json" in files
+    assert "s3run/config.yaml" in files and "s3run/result.json" in files and "s3run/report.html" in files
     assert "s3run/checkpoint_epoch001/model.pt" in files and "s3run/checkpoint_epoch001/meta.json" in files
     assert any(name.startswith("s3run/tensorboard/events.out.tfevents") for name in files)
     assert any(name.startswith(".tl-ray-cache/") and name.endswith("manifest.json") for name in files)
@@ -200,7 +200,10 @@ def test_predict_and_evaluate_read_the_checkpoint_once_and_write_to_object_stora
         capsys,
     )
     assert code == 0, err
-    assert _objects(buckets, "results/eval") == ["confusion.png", "metrics.json", "misclassified.csv"]
+    written = ["confusion.png", "metrics.json", "misclassified.csv", "per_class.png", "reliability.png"]
+    assert _objects(buckets, "results/eval") == [*written, "report.html", "top_losses.png"]
+    page = _read(buckets, "results/eval/report.html").decode()
+    assert page.count('<img src="data:image/png;base64,') >= 4  # self-contained: opens from the bucket alone
     metrics = json.loads(_read(buckets, "results/eval/metrics.json"))
     assert metrics["images"] > 4
 
@@ -251,10 +254,12 @@ def test_tune_writes_trials_report_and_best_to_object_storage(s3_sweep, buckets)
     assert code == 0, printed
     assert not list(cwd.iterdir())
     files = _objects(buckets, "results/sweeps/sw")
-    for name in ("config.yaml", "results.csv", "report.md", "report.png", "best/model.pt", "best/meta.json"):
+    written = ("config.yaml", "results.csv", "report.md", "report.png", "report.html")
+    for name in (*written, "best/model.pt", "best/meta.json"):
         assert name in files, files
     assert any(name.startswith("trials/experiment_state") for name in files)
     assert sum(name.endswith("/train/result.json") for name in files) == 2
+    assert sum(name.endswith("/train/report.html") for name in files) == 2  # each trial's run, its page
     rows = _read(buckets, "results/sweeps/sw/results.csv").decode().splitlines()
     assert len(rows) == 3 and all(",s3://results/sweeps/sw/trials/" in row for row in rows[1:])
     assert "best checkpoint  s3://results/sweeps/sw/best" in printed

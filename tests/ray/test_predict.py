@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -78,7 +79,7 @@ def test_evaluate_matches_predict_and_the_training_run(checkpoint, source_run, s
     val = source_data / "val"
     assert cli.main(["evaluate", "--checkpoint", checkpoint, "--data", str(val), "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    rows = tl_ray.predict(checkpoint, str(val))
+    rows = tl_ray.predict(checkpoint, str(val), top_k=4)  # every class: each image's true class's probability
     truth = rows["path"].map(lambda p: Path(p).parent.name)
     assert metrics["accuracy"] == pytest.approx((rows["predicted"] == truth).mean(), abs=1e-9)
     assert metrics["accuracy"] == pytest.approx(source_run[2]["metrics"]["val_acc"], abs=0.01)
@@ -89,6 +90,32 @@ def test_evaluate_matches_predict_and_the_training_run(checkpoint, source_run, s
     assert len(misclassified) == 200 - round(metrics["accuracy"] * 200)
     assert (misclassified["true"] != misclassified["predicted"]).all()
     assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    # What went wrong: the loss of each misclassified image is its true class's, the worst first in metrics.json
+    # and drawn with their thumbnails; the confused pairs are the matrix's; calibration over the same images.
+    rows["true"] = truth
+    records = rows.to_dict("records")
+    expected = [
+        -np.log(row[f"top{k}_prob"]) for row in records for k in range(1, 5) if row[f"top{k}_class"] == row["true"]
+    ]
+    worst = [row["loss"] for row in metrics["top_losses"]]
+    assert len(expected) == 200 and worst == pytest.approx(sorted(expected, reverse=True)[:16], abs=1e-4)
+    assert misclassified["loss"].to_numpy() == pytest.approx(-np.log(misclassified["true_probability"]))
+    pairs = metrics["most_confused"]
+    assert sum(pair["count"] for pair in pairs) == len(misclassified)
+    assert [pair["count"] for pair in pairs] == sorted((pair["count"] for pair in pairs), reverse=True)
+    assert 0 <= metrics["calibration"]["ece"] <= 1
+    assert sum(b["images"] for b in metrics["calibration"]["nonempty_bins"]) == 200
+    for name in ("top_losses.png", "per_class.png", "reliability.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG", name
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert page.count('<img src="data:image/png;base64,') == 3  # the figures
+    assert page.count('<img src="data:image/jpeg;base64,') == 16  # the worst images
+    assert Path(metrics["top_losses"][0]["path"]).name in page
+    # The training run's own page, beside its result.json: its curves, a row per epoch, its settings.
+    run_page = (source_run[1] / "src" / "report.html").read_text(encoding="utf-8")
+    assert run_page.count('<img src="data:image/png;base64,') == 1
+    assert run_page.count('<tr><td class="number">') == len(source_run[2]["history"]) > 0
+    assert f"<td>data</td><td>{source_data}</td>" in run_page
 
 
 def test_evaluate_refuses_classes_the_checkpoint_does_not_know(checkpoint, sample_root, ray_cluster):

@@ -14,6 +14,7 @@ SIGKILLed in its second epoch.
 
 from __future__ import annotations
 
+import base64
 import csv
 import importlib.util
 import io
@@ -271,7 +272,10 @@ def test_report_png_is_a_picture_and_report_command_regenerates(sweep, capsys):
     assert cli.main(["report", str(run_dir)]) == 0
     assert (run_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run_dir / "report.png").stat().st_size > 10_000
+    page = (run_dir / "report.html").read_text(encoding="utf-8")  # rewritten with the plot it embeds
+    assert base64.b64encode((run_dir / "report.png").read_bytes()).decode() in page
     printed = capsys.readouterr().out
+    assert f"page             {run_dir / 'report.html'} (open it in a browser)" in printed
     assert "| trial | freeze depth |" in printed and "best checkpoint" in printed
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
 from tl_ray.tuning import report
@@ -68,6 +70,11 @@ def test_report_files_show_strategy_baseline_and_asha_stops(tmp_path):
     assert csv_lines[0].startswith("trial_id,freeze_depth,strategy,lr,val_acc")
     assert csv_lines[1].startswith("a,3,discriminative,0.003,0.96")
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = paths["html"].read_text(encoding="utf-8")  # the same report as one page, the plot embedded
+    assert "<strong>best: depth 3, discriminative</strong> at 0.960" in page
+    assert base64.b64encode(paths["plot"].read_bytes()).decode() in page
+    assert '<td>from scratch</td><td class="number">0.420</td><td class="number">0.540</td>' in page
+    assert "Stopped early by ASHA: b after epoch 2." in page
 
 
 def test_a_sweep_with_trials_neither_ended_nor_failed_was_interrupted():

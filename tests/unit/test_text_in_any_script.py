@@ -3,6 +3,7 @@ figures draw them without a warning per missing glyph (tl_ray.cli.render, tl_ray
 
 from __future__ import annotations
 
+import io
 import warnings
 
 import numpy as np
@@ -10,7 +11,7 @@ import pandas as pd
 from PIL import Image
 
 from tl_ray.cli import render
-from tl_ray.inference import evaluate
+from tl_ray.inference import diagnostics, evaluate_report
 from tl_ray.inputs.inspect import Inspection
 
 NAMES = ["cat", "猫", "قطة", "e\u0301cole", "ｃａｔ", "🐱 kitten", "Ελληνικά"]
@@ -34,12 +35,14 @@ def test_the_inspection_table_lines_up_in_any_script(capsys):
     assert {render.display_width(line) for line in table} == {render.display_width(table[0])}, table
 
 
-def test_the_confusion_matrix_draws_any_script_without_a_warning(tmp_path):
+def test_the_confusion_matrix_and_per_class_chart_draw_any_script_without_a_warning():
     confusion = pd.DataFrame(np.eye(len(NAMES), dtype=int), index=NAMES, columns=NAMES)
-    metrics = {"accuracy": 1.0}
-    misclassified = pd.DataFrame({"path": [], "true": [], "predicted": [], "probability": []})
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # matplotlib's own font alone warns "Glyph ... missing from font(s)"
-        evaluate._write_evaluation_files(tmp_path, metrics, misclassified, confusion)
-    with Image.open(tmp_path / "confusion.png") as png:
-        assert png.size[0] > 100
+        pngs = [
+            evaluate_report.confusion_png(confusion, 1.0),
+            evaluate_report.per_class_png(diagnostics.per_class(confusion)),
+        ]
+    for png in pngs:
+        with Image.open(io.BytesIO(png)) as image:
+            assert image.size[0] > 100

@@ -47,7 +47,7 @@ def train_result(result, rows_printed: int) -> None:
     if result.stopped_early:
         print(f"stopped early    after epoch {result.history[-1]['epoch']}: {result.stopped_early}")
     print(f"best checkpoint  {result.best_checkpoint}")
-    print(f"run folder       {result.run_dir} (result.json)")
+    print(f"run folder       {result.run_dir} (result.json, report.html)")
     print(f"tensorboard      {result.tensorboard}")
     print(f"skipped files    {len(result.skipped_files)}")
     for item in result.skipped_files[:20]:
@@ -85,6 +85,7 @@ def sweep(summary, written: dict[str, str]) -> None:
         print(f"best checkpoint  {summary.best_checkpoint or best.checkpoint}")
     print(f"report           {written['markdown']}")
     print(f"plot             {written['plot']}")
+    print(f"page             {written['html']} (open it in a browser)")
     print(f"results          {written['csv']}")
     print(f"tensorboard      tensorboard --logdir {summary.run_dir}")
 
@@ -105,8 +106,20 @@ def evaluation(evaluation, out: str | None) -> None:
         print(f"undecodable      {len(metrics['undecodable'])}")
     if metrics.get("unreadable"):
         print(f"unreadable       {len(metrics['unreadable'])} (the storage did not deliver them: not scored)")
+    calibration = metrics["calibration"]
+    print(f"calibration      ECE {calibration['ece']:.4f} ({calibration['bins']} confidence bins)")
+    print(f"mean loss        {metrics['log_loss']:.4f}" + ("" if metrics["loss_exact"] else " (a lower bound)"))
+    pairs = metrics["most_confused"]
+    if pairs:
+        print("most confused    (true -> predicted: images)")
+        for pair in pairs[:5]:
+            print(f"  {pair['true']} -> {pair['predicted']}: {pair['count']}")
+        if len(pairs) > 5:
+            print(f"  ... {len(pairs) - 5} more pairs in metrics.json")
     if out:
-        print(f"written to       {out}/metrics.json, confusion.png, misclassified.csv")
+        print(f"written to       {out}/report.html (open it in a browser)")
+        print("                 metrics.json, misclassified.csv, confusion.png, per_class.png, reliability.png,")
+        print(f"                 top_losses.png (the {len(metrics['top_losses'])} images with the highest loss)")
 
 
 def inspection(found) -> None:

@@ -62,7 +62,14 @@ class EvaluateConfig(ReadsSource):
         " its source marks so (default: every item)",
         choices=SPLITS,
     )
-    out: str | None = option(None, "folder or URI: metrics.json, confusion.png, misclassified.csv")
+    out: str | None = option(
+        None,
+        "folder or URI: metrics.json, misclassified.csv, confusion.png, per_class.png, reliability.png,"
+        " top_losses.png and report.html",
+    )
+    top_losses: int = option(
+        16, "the images with the highest loss shown in top_losses.png and report.html", positive=True
+    )
     batch_size: int = same_option(PredictConfig, "batch_size")
     tta: str = same_option(PredictConfig, "tta")
     label_pattern: str | None = same_option(InspectConfig, "label_pattern")

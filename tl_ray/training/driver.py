@@ -28,7 +28,7 @@ from tl_ray.errors import RunError, TlRayError, UsageError
 from tl_ray.inputs import imaging, plan, skiplog, sources
 from tl_ray.inputs.layout import Layout
 from tl_ray.options import to_yaml
-from tl_ray.training import lr_range, schedule, toolbox
+from tl_ray.training import lr_range, run_page, schedule, toolbox
 from tl_ray.training.config import LrFindConfig, TrainConfig
 from tl_ray.training.metrics import RANK_SCORE
 from tl_ray.training.results import LrFinding, TrainResult, collect, collect_lr_find, write_lr_find
@@ -155,6 +155,7 @@ def run(
     setup = _set_up(config, where, on_event)
     result, skipped_files = _fit(setup, callbacks or [], on_event, tracked=True)
     outcome = collect(result, setup.where.storage, setup.layout.class_names, skipped_files, setup.config.monitor)
+    run_page.write(outcome, setup.config, setup.where.storage.at(result.path))  # report.html beside result.json
     if outcome.lr_range_test is not None:  # --lr auto: the test's plot beside the run's result
         write_lr_find(lr_range.LrCurve.from_json(outcome.lr_range_test), setup.where.storage.at(result.path))
     progress.mark("run: end")

@@ -21,7 +21,7 @@ from pathlib import Path
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from tl_ray import classes, figures
+from tl_ray import classes, figures, html_report
 from tl_ray.backbones import NUM_STAGES
 
 plt = figures.pyplot()  # files only, text in any script
@@ -336,11 +336,15 @@ def plot(summary, path: Path) -> None:
 
 
 def write_report(summary, out_dir: str | Path) -> dict[str, Path]:
-    """Write results.csv, report.md and report.png into ``out_dir`` (a local folder)."""
+    """Write results.csv, report.md, report.png and report.html into ``out_dir`` (a local folder)."""
+    from tl_ray.tuning import sweep_page
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "results.csv", "markdown": out / "report.md", "plot": out / "report.png"}
     paths["csv"].write_text(results_csv(summary))
     paths["markdown"].write_text(markdown(summary))
     plot(summary, paths["plot"])
+    paths["html"] = out / "report.html"
+    paths["html"].write_text(html_report.render(sweep_page.page(summary, paths["plot"].read_bytes())), "utf-8")
     return paths
