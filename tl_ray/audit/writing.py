@@ -64,8 +64,10 @@ def removed(suspects: pd.DataFrame | None, duplicates: pd.DataFrame, outliers: p
 
 
 def fix_list(items: Items, flagged: set[str]) -> pd.DataFrame:
+    """The manifest's rows: every decoded item not flagged, with its class name and split (a test item of a class
+    training lacks has no class index to name, and is left out with the flagged)."""
     names = np.asarray(items.class_names, dtype=object)
-    keep = np.asarray([path not in flagged for path in items.paths], dtype=bool)
+    keep = np.asarray([path not in flagged for path in items.paths], dtype=bool) & (items.labels >= 0)
     paths = [path if location.is_uri(path) else os.path.abspath(path) for path in items.paths[keep]]
     return pd.DataFrame({"path": paths, "label": names[items.labels[keep]], "split": items.splits[keep]})
 
