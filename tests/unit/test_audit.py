@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from tl_ray import cli
-from tl_ray.audit import duplicates, features, labels, outliers, writing
-from tl_ray.audit.config import AuditConfig
+from tl_ray.auditing import duplicates, features, labels, outliers, writing
+from tl_ray.auditing.config import AuditConfig
 from tl_ray.errors import TlRayError, UsageError
 from tl_ray.inputs.config import SourceOptions
 from tl_ray.inputs.layout import FileOpener

@@ -156,7 +156,7 @@ def _evaluate(config) -> None:
 
 
 def _audit(config) -> None:
-    from tl_ray.audit.run import audit
+    from tl_ray.auditing.run import audit
 
     with _console() as console:
         result = audit(config, console)

@@ -16,7 +16,7 @@ from argparse import SUPPRESS
 from dataclasses import dataclass
 from typing import Any
 
-from tl_ray.audit.config import AuditConfig
+from tl_ray.auditing.config import AuditConfig
 from tl_ray.errors import EXIT_CODES
 from tl_ray.inference.config import EvaluateConfig, ExportConfig, PredictConfig
 from tl_ray.inputs.config import InspectConfig

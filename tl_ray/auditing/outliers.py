@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tl_ray.audit.duplicates import normalised
+from tl_ray.auditing.duplicates import normalised
 
 COLUMNS = ["item", "split", "label", "nearest", "distance", "z"]
 

@@ -16,7 +16,7 @@ DUPLICATE_THRESHOLD = 0.95
 
 @dataclass
 class AuditConfig(ReadsSource):
-    """`tl-ray audit`: label suspects, duplicates and leaks, and outliers of a dataset (``audit.run``)."""
+    """`tl-ray audit`: label suspects, duplicates and leaks, and outliers of a dataset (``auditing.run``)."""
 
     checkpoint: str | None = option(
         None,

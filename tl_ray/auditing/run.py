@@ -11,9 +11,9 @@ import torch
 
 from tl_ray import checkpoint as checkpoints
 from tl_ray import progress
-from tl_ray.audit import duplicates, features, labels, outliers, writing
-from tl_ray.audit.config import AuditConfig
-from tl_ray.audit.result import AuditResult, Finding
+from tl_ray.auditing import duplicates, features, labels, outliers, writing
+from tl_ray.auditing.config import AuditConfig
+from tl_ray.auditing.result import AuditResult, Finding
 from tl_ray.errors import TlRayError
 
 

@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from tl_ray import figures, location
-from tl_ray.audit.features import Items, Plan
+from tl_ray.auditing.features import Items, Plan
 from tl_ray.errors import TlRayError
 from tl_ray.inputs import imaging, reading, sources
 
