@@ -4,8 +4,8 @@ The Python API mirrors the CLI: ``tl_ray.train(data=..., arch=..., epochs=...)``
 ``tl_ray.lr_find(...)``, ``tl_ray.tune(...)``, ``tl_ray.predict(...)``, ``tl_ray.evaluate(...)``,
 ``tl_ray.inspect(...)``, ``tl_ray.export(...)``, ``tl_ray.audit(...)``.
 The modules are named apart from these functions (``tl_ray.training``, ``tl_ray.tuning``,
-``tl_ray.inference``, ``tl_ray.inputs``, ``tl_ray.auditing``), so importing one never replaces a function. Every option's
-default is its declaration's (``tl_ray.options``): these functions take the options as keywords and
+``tl_ray.inference``, ``tl_ray.inputs``, ``tl_ray.auditing``), so importing one never replaces a function.
+Every option's default is its declaration's (``tl_ray.options``): these functions take the options as keywords and
 repeat none of them.
 Importing the package is cheap (``tl-ray --help`` should not wait ~8 s for torch and
 Ray); each API function imports what it needs when called.
