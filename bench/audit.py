@@ -15,6 +15,7 @@ projection to 1M (features, labels, outliers: linear in N; the duplicate search:
 
     python bench/audit.py planted --seed 0      # ~5 min here
     python bench/audit.py scale --images 100000 # ~10 min here; run it on a quiet machine for the time
+    python bench/audit.py stages --images 100000 # the stages after the features alone (no Ray)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import regimes
 
 import tl_ray
+from tl_ray.auditing.config import DUPLICATE_THRESHOLD
 
 RELABEL_SHARE, COPY_SHARE = 0.05, 0.03
 RESULTS = Path(__file__).resolve().parent / "results" / "audit"
@@ -56,6 +58,7 @@ def plant(clean: Path, faulted: Path, seed: int) -> dict:
     """A copy of ``clean`` with relabelled training images and resized, re-encoded copies of val images in train."""
     shutil.rmtree(faulted, ignore_errors=True)
     shutil.copytree(clean, faulted)
+    faulted = faulted.resolve()  # the paths as the audit reports them
     rng = random.Random(seed)
     classes = sorted(path.name for path in (faulted / "train").iterdir())
     train = sorted((faulted / "train").glob("*/*"))
@@ -94,33 +97,30 @@ def train_checkpoint(data: Path, storage: Path, name: str) -> str:
     return str(result.best_checkpoint)
 
 
-def score(result, planted: dict) -> dict:
+def score(result, planted: dict, threshold: float) -> dict:
+    """The planted faults found, with the duplicates as reported at ``threshold`` (the pairs at or above it: a
+    subset of an audit's at a lower one, so one audit scores every threshold above its own)."""
     relabelled = set(planted["relabelled"])
-    budget = 2 * len(relabelled)
-    top = list(result.suspects.rows["item"].head(budget))
-    pairs = result.duplicates.rows
+    top = list(result.suspects.rows["item"].head(2 * len(relabelled)))
+    pairs = result.duplicates.rows[result.duplicates.rows["similarity"] >= threshold]
     reported = {frozenset((a, b)) for a, b in pairs[["a", "b"]].itertuples(index=False)}
     planted_pairs = {frozenset(pair) for pair in planted["copies"]}
     found = planted_pairs & reported
+    copies = [s for a, b, s in pairs[["a", "b", "similarity"]].itertuples(index=False) if {a, b} in planted_pairs]
     return {
+        "threshold": threshold,
         "relabelled": len(relabelled),
         "suspects": result.suspects.count,
-        "labels_in_top_2x": sum(item in relabelled for item in top) / max(1, len(relabelled)),
-        "suspects_precision": sum(item in relabelled for item in result.suspects.rows["item"])
-        / max(1, result.suspects.count),
+        "labels_in_top_2x": round(sum(item in relabelled for item in top) / max(1, len(relabelled)), 4),
+        "suspects_precision": round(
+            sum(item in relabelled for item in result.suspects.rows["item"]) / max(1, result.suspects.count), 4
+        ),
         "copies": len(planted_pairs),
         "pairs_reported": len(reported),
-        "copies_found": len(found) / max(1, len(planted_pairs)),
-        "false_pair_share": (len(reported) - len(found)) / max(1, len(reported)),
+        "copies_found": round(len(found) / max(1, len(planted_pairs)), 4),
+        "false_pair_share": round((len(reported) - len(found)) / max(1, len(reported)), 4),
+        "copy_similarity_min": round(float(min(copies, default=float("nan"))), 4),
         "outliers": result.outliers.count,
-        "threshold": result.duplicate_threshold,
-        "seconds": result.seconds,
-        "copy_similarity_min": float(
-            min(
-                (s for a, b, s in pairs[["a", "b", "similarity"]].itertuples(index=False) if {a, b} in planted_pairs),
-                default=float("nan"),
-            )
-        ),
     }
 
 
@@ -136,16 +136,14 @@ def planted_run(args: argparse.Namespace) -> dict:
     else:
         checkpoint = train_checkpoint(faulted, data / "runs", f"faulted-s{args.seed}")
         marker.write_text(checkpoint)
-    rows = []
-    for threshold in [float(t) for t in args.thresholds.split(",")] if args.thresholds else [None]:
-        out = data / f"audit-s{args.seed}-{threshold}"
-        shutil.rmtree(out, ignore_errors=True)
-        options = {} if threshold is None else {"duplicate_threshold": threshold}
-        result = tl_ray.audit(checkpoint, str(faulted), str(out), seed=args.seed, **options)
-        row = {"seed": args.seed, **score(result, planted)}
+    thresholds = [float(t) for t in args.thresholds.split(",")] if args.thresholds else [DUPLICATE_THRESHOLD]
+    out = data / f"audit-s{args.seed}"
+    shutil.rmtree(out, ignore_errors=True)
+    result = tl_ray.audit(checkpoint, str(faulted), str(out), seed=args.seed, duplicate_threshold=min(thresholds))
+    rows = [{"seed": args.seed, **score(result, planted, threshold)} for threshold in thresholds]
+    for row in rows:
         print(json.dumps(row), flush=True)
-        rows.append(row)
-    return {"planted": rows}
+    return {"planted": rows, "seconds": result.seconds, "images": result.images}
 
 
 def augment(image: Image.Image, rng: random.Random) -> Image.Image:
@@ -202,17 +200,58 @@ def scale_run(args: argparse.Namespace) -> dict:
     return {"scale": row}
 
 
+def stages_run(args: argparse.Namespace) -> dict:
+    """The stages after the features, timed alone on synthetic features (N x 512, ten clusters with noise, a few
+    labels flipped): no Ray, no images; what the duplicate search and the k-fold heads cost at N."""
+    import torch
+
+    from tl_ray.auditing import duplicates, labels, outliers
+
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 10, args.images)
+    features = np.maximum(rng.normal(0, 1, (10, 512))[truth] + rng.normal(0, 1.5, (args.images, 512)), 0)
+    features = features.astype(np.float32)
+    given = truth.copy()
+    flipped = rng.choice(args.images, args.images // 20, replace=False)
+    given[flipped] = (given[flipped] + 1) % 10
+    paths = np.asarray([f"{i}" for i in range(args.images)], dtype=object)
+    splits = np.asarray(["train"] * args.images, dtype=object)
+    cpu = torch.device("cpu")
+    seconds = {}
+    started = time.perf_counter()
+    probabilities = labels.out_of_sample_probabilities(features, given, 10, 5, 0, cpu)
+    suspects = labels.suspects(paths, given, probabilities, [str(i) for i in range(10)])
+    seconds["labels"] = time.perf_counter() - started
+    started = time.perf_counter()
+    pairs = duplicates.find(paths, splits, features, np.asarray([""] * args.images, dtype=object), 0.95, cpu)
+    seconds["duplicates"] = time.perf_counter() - started
+    started = time.perf_counter()
+    far = outliers.find(paths, splits, given, given, features, [str(i) for i in range(10)], 3.5, cpu)
+    seconds["outliers"] = time.perf_counter() - started
+    flagged = set(suspects["item"].head(2 * len(flipped)))
+    row = {
+        "images": args.images,
+        "torch_threads": torch.get_num_threads(),
+        "seconds": {key: round(value, 1) for key, value in seconds.items()},
+        "flips_in_top_2x": round(len(flagged & set(paths[flipped])) / len(flipped), 4),
+        "pairs": len(pairs),
+        "outliers": len(far),
+    }
+    print(json.dumps(row), flush=True)
+    return {"stages": row}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("planted", "scale"))
+    parser.add_argument("what", choices=("planted", "scale", "stages"))
     parser.add_argument("--data", default="bench/.data/regimes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--thresholds", default="", help="comma-separated duplicate thresholds (default: the option's)")
     parser.add_argument("--images", type=int, default=100_000)
     args = parser.parse_args(argv)
-    outcome = planted_run(args) if args.what == "planted" else scale_run(args)
+    outcome = {"planted": planted_run, "scale": scale_run, "stages": stages_run}[args.what](args)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = f"{args.what}-s{args.seed}" if args.what == "planted" else f"scale-{args.images}"
+    name = f"{args.what}-s{args.seed}" if args.what == "planted" else f"{args.what}-{args.images}"
     (RESULTS / f"{name}.json").write_text(json.dumps(outcome, indent=2) + "\n")
     return outcome
 

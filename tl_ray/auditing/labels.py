@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 L2 = 1e-3  # the heads' weight penalty on standardised features: a mild prior, as scikit-learn's C=1 is per item
-STEPS = 100  # L-BFGS iterations a fold: the loss is convex and converges well within
+STEPS = 50  # L-BFGS iterations a fold: the loss is convex, and each fold starts from the last one's solution
 
 
 def fold_of(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -30,11 +30,14 @@ def fold_of(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return assigned
 
 
-def _fit_predict(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, classes: int) -> torch.Tensor:
+def _fit_predict(
+    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, start: list[torch.Tensor]
+) -> torch.Tensor:
+    """The held-out items' probabilities from a head fitted on the others; ``start`` (weight, bias) is the previous
+    fold's solution, which four fifths of the same items make a close start, and is updated in place."""
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    weight = torch.zeros(train_x.shape[1], classes, device=train_x.device, requires_grad=True)
-    bias = torch.zeros(classes, device=train_x.device, requires_grad=True)
+    weight, bias = (tensor.detach().clone().requires_grad_(True) for tensor in start)
     optimizer = torch.optim.LBFGS([weight, bias], max_iter=STEPS, history_size=10, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
@@ -44,6 +47,7 @@ def _fit_predict(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         return loss
 
     optimizer.step(closure)
+    start[:] = [weight.detach(), bias.detach()]
     with torch.no_grad():
         return torch.softmax(test_x @ weight + bias, dim=1)
 
@@ -57,11 +61,12 @@ def out_of_sample_probabilities(
     x = torch.tensor(features, dtype=torch.float32, device=device)
     y = torch.tensor(labels, dtype=torch.int64, device=device)
     probabilities = np.zeros((len(labels), classes), dtype=np.float32)
+    start = [torch.zeros(x.shape[1], classes, device=device), torch.zeros(classes, device=device)]
     for fold in range(folds):
         held = torch.tensor(assigned == fold, device=device)
         if not held.any():
             continue
-        predicted = _fit_predict(x[~held], y[~held], x[held], classes)
+        predicted = _fit_predict(x[~held], y[~held], x[held], start)
         probabilities[(assigned == fold)] = predicted.cpu().numpy()
     return probabilities
 
