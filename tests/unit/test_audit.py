@@ -62,7 +62,7 @@ def test_blocked_duplicate_search_equals_the_whole_matrix(one_thread):
     base = rng.normal(0, 1, (300, 8)).astype(np.float32)
     base[250:] = base[:50] + rng.normal(0, 0.05, (50, 8))  # 50 near copies
     i, j, s = duplicates.near_pairs(base, 0.9, CPU, block=64)
-    x = duplicates.normalised(base, CPU).numpy()
+    x = duplicates.whitened(base, CPU).numpy()
     whole = x @ x.T
     want = {(a, b) for a, b in zip(*np.nonzero(np.triu(whole, 1) >= 0.9), strict=True)}
     assert {(int(a), int(b)) for a, b in zip(i, j, strict=True)} == want
@@ -73,17 +73,17 @@ def test_blocked_duplicate_search_equals_the_whole_matrix(one_thread):
 
 def test_duplicates_name_exact_copies_and_leaks_with_the_earlier_split_first(one_thread):
     rng = np.random.default_rng(0)
-    feats = rng.normal(0, 1, (6, 8)).astype(np.float32)
-    feats[5] = feats[1]  # val item 5 copies train item 1 exactly
+    feats = rng.normal(0, 1, (40, 8)).astype(np.float32)
+    feats[35] = feats[1]  # val item 35 copies train item 1 exactly
     feats[3] = feats[0] * 1.01  # two train items alike
-    paths = np.asarray([f"p{i}" for i in range(6)], dtype=object)
-    splits = np.asarray(["val", "train", "train", "train", "test", "val"], dtype=object)
-    splits[0] = "train"
-    digests = np.asarray(["d0", "same", "d2", "d3", "d4", "same"], dtype=object)
-    found = duplicates.find(paths, splits, feats, digests, 0.95, CPU, block=2)
+    paths = np.asarray([f"p{i}" for i in range(40)], dtype=object)
+    splits = np.asarray(["train"] * 30 + ["val"] * 10, dtype=object)
+    digests = np.asarray([f"d{i}" for i in range(40)], dtype=object)
+    digests[[1, 35]] = "same"
+    found = duplicates.find(paths, splits, feats, digests, 0.95, CPU, block=16)
     assert list(found.columns) == duplicates.COLUMNS
     rows = {(a, b): (kind, exact) for a, b, _, kind, exact in found.itertuples(index=False)}
-    assert rows == {("p1", "p5"): ("leak train/val", True), ("p0", "p3"): ("within train", False)}
+    assert rows == {("p1", "p35"): ("leak train/val", True), ("p0", "p3"): ("within train", False)}
     assert duplicates.kind_of("val", "test") == "leak val/test" and duplicates.kind_of("", "") == "within data"
 
 

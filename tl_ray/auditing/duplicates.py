@@ -2,10 +2,10 @@
 test split reports).
 
 Exact duplicates are items whose bytes have one SHA-256; near duplicates (a resized, re-encoded, slightly cropped
-copy) are pairs whose centred, L2-normalised pooled features have a cosine similarity at or above the threshold.
-All pairs are compared, in square blocks of the similarity matrix (``BLOCK`` rows by ``BLOCK`` columns, upper triangle
-only) on the device, so memory holds the features and one block: 1M items of 512 features are 2 GB and a
-4096x4096 block 64 MB, where the whole matrix would be 4 TB.
+copy) are pairs whose whitened, L2-normalised pooled features (``whitened``) have a cosine similarity at or above
+the threshold. All pairs are compared, in square blocks of the similarity matrix (``BLOCK`` rows by ``BLOCK``
+columns, upper triangle only) on the device, so memory holds the features and one block: 1M items of 512
+features are 2 GB and a 4096x4096 block 64 MB, where the whole matrix would be 4 TB.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ import torch
 from tl_ray.errors import TlRayError
 
 BLOCK = 4096
+# Whitening's floor, a share of the largest eigenvalue: directions with less variance than this are not blown up
+# into noise. Measured with the threshold (BENCHMARKS.md, "Data audit"): 1e-3 of it, at 0.9.
+WHITEN_FLOOR = 1e-3
 MAX_PAIRS = 1_000_000  # beyond this a threshold finds families, not copies: refused, not written
 SPLIT_ORDER = {"train": 0, "": 0, "val": 1, "test": 2}
 COLUMNS = ["a", "b", "similarity", "kind", "exact"]
@@ -32,12 +35,27 @@ def normalised(features: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.nn.functional.normalize(x - x.mean(0, keepdim=True), dim=1)
 
 
+def whitened(features: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The features centred, whitened (PCA: each principal direction scaled to unit variance, floored at
+    ``WHITEN_FLOOR`` of the largest) and L2-normalised. A checkpoint trained on the data collapses each class
+    towards one point, so in its raw feature space any two images of a class have a cosine near 1 (0.95 and up on
+    the digits: thousands of pairs); whitening gives the directions along which images of a class differ their
+    weight back, and a copy is then the one image that stays close. The covariance is D x D whatever N."""
+    x = torch.tensor(features, dtype=torch.float32, device=device)
+    if len(x) < 2:
+        return torch.nn.functional.normalize(x, dim=1)
+    x = x - x.mean(0, keepdim=True)
+    values, vectors = torch.linalg.eigh((x.T @ x).double() / len(x))
+    scale = (values.clamp_min(0) + WHITEN_FLOOR * values.max().clamp_min(1e-12)).rsqrt()
+    return torch.nn.functional.normalize(x @ (vectors * scale).float(), dim=1)
+
+
 def near_pairs(
     features: np.ndarray, threshold: float, device: torch.device, block: int = BLOCK
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(i, j, similarity) of every pair i < j whose cosine similarity is at least ``threshold``, found block by
-    block."""
-    x = normalised(features, device)
+    block, in the ``whitened`` space."""
+    x = whitened(features, device)
     found_i, found_j, found_s = [], [], []
     total = 0
     for start in range(0, len(x), block):
@@ -90,7 +108,7 @@ def find(
     similarity, the kind (within a split, or a leak across two) and whether their bytes are the same."""
     first, second, similarity = near_pairs(features, threshold, device, block)
     pairs = {(int(i), int(j)): float(s) for i, j, s in zip(first, second, similarity, strict=True)}
-    x = normalised(features, device) if len(features) else None
+    x = whitened(features, device) if len(features) else None
     for i, j in exact_pairs(digests):
         key = (min(i, j), max(i, j))
         if key not in pairs and x is not None:
