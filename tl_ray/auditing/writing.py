@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
+from PIL import ImageOps
 
 from tl_ray import figures, location
 from tl_ray.auditing.features import Items, Plan
@@ -99,7 +100,7 @@ def _write_files(out: Path, tables: dict[str, pd.DataFrame], items: Items, retry
         rows.to_csv(out / name, index=False)
         written.append(name)
     galleries = {
-        SUSPECTS: lambda rows: _gallery(rows["item"], [f"{g} -> {s}\n{v:.2f}" for g, s, v in _cols(rows, SUSPECTS)]),
+        SUSPECTS: lambda rows: _gallery(rows["item"], [f"{g} -> {s}\n{v:.3f}" for g, s, v in _cols(rows, SUSPECTS)]),
         OUTLIERS: lambda rows: _gallery(rows["item"], [f"{n}\nz {z:.1f}" for n, z in _cols(rows, OUTLIERS)]),
         DUPLICATES: lambda rows: _pairs(rows),
     }
@@ -137,7 +138,7 @@ def _thumbnail(items: Items, path: str, retry_seconds: float) -> np.ndarray:
     try:
         opener, item = items.where[path]
         image = imaging.load_rgb(reading.read_item(opener, item, retry_seconds))
-        image.thumbnail((THUMBNAIL, THUMBNAIL))
+        image = ImageOps.contain(image, (THUMBNAIL, THUMBNAIL))  # small images scaled up too (8 px digits)
         canvas = np.full((THUMBNAIL, THUMBNAIL, 3), 255, np.uint8)
         pixels = np.asarray(image)
         top, left = (THUMBNAIL - pixels.shape[0]) // 2, (THUMBNAIL - pixels.shape[1]) // 2
