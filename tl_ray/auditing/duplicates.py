@@ -20,8 +20,9 @@ from tl_ray.errors import TlRayError
 
 BLOCK = 4096
 # Whitening's floor, a share of the largest eigenvalue: directions with less variance than this are not blown up
-# into noise (with fewer items than features, most have none). Measured with the threshold (BENCHMARKS.md, "Data
-# audit"): 1e-2 of it, at 0.95, holds from 150 items to 1,800; 1e-3 at 0.9 lost half the copies below 300.
+# into noise; raised by features/items when there are fewer items than features (most directions then have no
+# variance). Measured with the threshold (BENCHMARKS.md, "Data audit"): 1e-2 at 0.95 found 94-100% of the copies
+# from 100 items to 1,800; a fixed 1e-3 at 0.9 lost half of them below 300.
 WHITEN_FLOOR = 1e-2
 MAX_PAIRS = 1_000_000  # beyond this a threshold finds families, not copies: refused, not written
 SPLIT_ORDER = {"train": 0, "": 0, "val": 1, "test": 2}
@@ -47,7 +48,8 @@ def whitened(features: np.ndarray, device: torch.device) -> torch.Tensor:
         return torch.nn.functional.normalize(x, dim=1)
     x = x - x.mean(0, keepdim=True)
     values, vectors = torch.linalg.eigh((x.T @ x).double() / len(x))
-    scale = (values.clamp_min(0) + WHITEN_FLOOR * values.max().clamp_min(1e-12)).rsqrt()
+    floor = WHITEN_FLOOR * max(1.0, x.shape[1] / len(x))  # fewer items than features: fewer directions to trust
+    scale = (values.clamp_min(0) + floor * values.max().clamp_min(1e-12)).rsqrt()
     return torch.nn.functional.normalize(x @ (vectors * scale).float(), dim=1)
 
 
