@@ -2,10 +2,10 @@
 
 The Python API mirrors the CLI: ``tl_ray.train(data=..., arch=..., epochs=...)``,
 ``tl_ray.lr_find(...)``, ``tl_ray.tune(...)``, ``tl_ray.predict(...)``, ``tl_ray.evaluate(...)``,
-``tl_ray.inspect(...)``, ``tl_ray.export(...)``.
+``tl_ray.inspect(...)``, ``tl_ray.export(...)``, ``tl_ray.audit(...)``.
 The modules are named apart from these functions (``tl_ray.training``, ``tl_ray.tuning``,
-``tl_ray.inference``, ``tl_ray.inputs``), so importing one never replaces a function. Every option's
-default is its declaration's (``tl_ray.options``): these functions take the options as keywords and
+``tl_ray.inference``, ``tl_ray.inputs``, ``tl_ray.auditing``), so importing one never replaces a function.
+Every option's default is its declaration's (``tl_ray.options``): these functions take the options as keywords and
 repeat none of them.
 Importing the package is cheap (``tl-ray --help`` should not wait ~8 s for torch and
 Ray); each API function imports what it needs when called.
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import pandas as pd
     import torch
 
+    from tl_ray.auditing.result import AuditResult
     from tl_ray.inference.evaluate import Evaluation
     from tl_ray.inference.export import ExportResult
     from tl_ray.inputs.inspect import Inspection
@@ -94,6 +95,15 @@ def export(checkpoint: str, out: str, format: str) -> ExportResult:
     from tl_ray.inference.export import export as run_export
 
     return run_export(_config(ExportConfig, None, {"checkpoint": checkpoint, "out": out, "format": format}))
+
+
+def audit(checkpoint: str, data: str, out: str, **options: Any) -> AuditResult:
+    """`tl-ray audit` from Python: label suspects, duplicates and leaks, outliers of ``data`` (written into ``out``,
+    a new or empty folder) as one record (``options`` as the flags: ``fix_list=True``, ``folds=5``)."""
+    from tl_ray.auditing.config import AuditConfig
+    from tl_ray.auditing.run import audit as run_audit
+
+    return run_audit(_config(AuditConfig, None, {"checkpoint": checkpoint, "data": data, "out": out, **options}))
 
 
 def load_checkpoint(path: str, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:

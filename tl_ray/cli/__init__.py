@@ -155,6 +155,14 @@ def _evaluate(config) -> None:
     render.evaluation(evaluation, config.out)
 
 
+def _audit(config) -> None:
+    from tl_ray.auditing.run import audit
+
+    with _console() as console:
+        result = audit(config, console)
+    render.audit(result)
+
+
 def _inspect(config) -> None:
     from tl_ray.inputs.inspect import inspect
 
@@ -189,6 +197,7 @@ HANDLERS: dict[str, Callable[[object], None]] = {
     "predict": _predict,
     "evaluate": _evaluate,
     "inspect": _inspect,
+    "audit": _audit,
     "export": _export,
     "report": _report,
     "archs": _archs,

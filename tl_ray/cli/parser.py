@@ -16,6 +16,7 @@ from argparse import SUPPRESS
 from dataclasses import dataclass
 from typing import Any
 
+from tl_ray.auditing.config import AuditConfig
 from tl_ray.errors import EXIT_CODES
 from tl_ray.inference.config import EvaluateConfig, ExportConfig, PredictConfig
 from tl_ray.inputs.config import InspectConfig
@@ -67,6 +68,17 @@ COMMANDS = (
         "inspect",
         InspectConfig,
         "what a run would train on: source, classes and counts per split, skipped items, image sizes",
+    ),
+    Command(
+        "audit",
+        AuditConfig,
+        "find label suspects, duplicates and leaks, and outliers in a dataset, with a checkpoint's features",
+        "Computes every train, val and test item's pooled backbone features once (Ray Data, as predict), then: label"
+        " suspects (out-of-sample probabilities of --folds linear heads, ranked by cleanlab's confident learning),"
+        " exact and near duplicates within a split and across splits (leaks), and outliers (far from every class)."
+        " Writes suspects.csv, duplicates.csv, outliers.csv and a gallery .png of each into --out (new or empty);"
+        " --fix-list also writes fix-list.csv, a manifest without the flagged items that train --data takes.",
+        runs_ray=True,
     ),
     Command(
         "export",

@@ -179,3 +179,36 @@ def archs(rows: list[tuple[str, str, bool]]) -> None:
         print(f"{name:<{width}}  {library:<11}  {'yes' if pretrained else '-'}")
     with_weights = sum(pretrained for _, _, pretrained in rows)
     print(f"{len(rows)} architectures, {with_weights} with pretrained weights")
+
+
+def audit(result) -> None:
+    """`tl-ray audit`: what was audited, each finding's count and its worst few, and where the files are."""
+    images = ", ".join(f"{count} {split}" for split, count in result.images.items())
+    print(f"audited          {sum(result.images.values())} images ({images}) of {result.data}")
+    for note in result.notes:
+        print(f"note             {note}")
+    if result.suspects is not None:
+        print()
+        print(f"label suspects   {result.suspects.count} (given label unlikely out of sample; lowest score first)")
+        for row in result.suspects.top():
+            print(f"  {row['item']}: {row['given']} -> {row['suggested']} (score {row['score']:.3f})")
+    print()
+    leaks = f", {result.leaks} across splits (leaks)" if result.leaks else ""
+    print(f"duplicates       {result.duplicates.count} pairs{leaks} (cosine >= {result.duplicate_threshold})")
+    for row in result.duplicates.top():
+        exact = ", same bytes" if row["exact"] else ""
+        print(f"  {row['kind']}: {row['a']} = {row['b']} ({row['similarity']:.3f}{exact})")
+    print()
+    print(f"outliers         {result.outliers.count} (far from every class; farthest first)")
+    for row in result.outliers.top():
+        print(f"  {row['item']}: nearest {row['nearest']}, distance {row['distance']:.3f} (z {row['z']:.1f})")
+    print()
+    for finding in result.findings:
+        files = ", ".join(name for name in (finding.table, finding.gallery) if name)
+        print(f"{finding.name:<16} {files}")
+    if result.fix_list:
+        print(f"fix list         {result.fix_list} (train --data takes it)")
+    if result.skipped:
+        print(f"skipped          {len(result.skipped)} items could not be decoded")
+        for shown, reason in result.skipped[:5]:
+            print(f"  {shown}: {reason}")

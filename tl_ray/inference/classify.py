@@ -9,6 +9,7 @@ path, so two runs over the same files give the same file.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import warnings
 from pathlib import Path
@@ -21,12 +22,15 @@ import torch
 from ray.util.annotations import RayDeprecationWarning
 
 from tl_ray import checkpoint as checkpoints
-from tl_ray import cluster, location, progress
+from tl_ray import cluster, location, model, progress
+from tl_ray.backbones import NUM_STAGES
 from tl_ray.errors import TlRayError
 from tl_ray.inputs import imaging, pipelines, reading
 from tl_ray.inputs.sources import Opener
 
 ERROR_COLUMN = "error"
+# With ``features=True`` (the audit's pass): each item's pooled backbone output and its bytes' SHA-256.
+FEATURE_COLUMNS = ("features", "digest")
 
 
 def _columns(top_k: int) -> list[str]:
@@ -44,16 +48,27 @@ def _error_rows(rejected: list[tuple[str, str]], columns: list[str]) -> pd.DataF
 
 
 def _decode_for_inference(
-    batch: dict[str, np.ndarray], opener: Opener, image_size: int, short_side: int, retry_seconds: float
+    batch: dict[str, np.ndarray],
+    opener: Opener,
+    image_size: int,
+    short_side: int,
+    retry_seconds: float,
+    digests: bool = False,
 ) -> dict[str, np.ndarray]:
     """A block of items decoded for the model; an item that cannot be becomes a row that says why: a bad file, or
     one its storage did not deliver (``reading.StorageError``, whose reason begins ``reading.UNREADABLE``: counted
-    apart by ``check_delivered``)."""
+    apart by ``check_delivered``). ``digests``: each item's bytes' SHA-256 too, from the same read (the audit's
+    exact duplicates)."""
     transform = imaging.eval_transform(image_size, short_side)
-    images, errors = [], []
+    images, errors, hashes = [], [], []
     for path in batch["path"]:
         try:
-            images.append(imaging.decode_item(opener, path, transform, short_side, retry_seconds))
+            if digests:
+                data = reading.read_item(opener, path, retry_seconds)
+                hashes.append(hashlib.sha256(data).hexdigest())
+                images.append(transform(imaging.load_rgb(data, short_side)).numpy())
+            else:
+                images.append(imaging.decode_item(opener, path, transform, short_side, retry_seconds))
             errors.append("")
         except reading.StorageError as error:
             images.append(np.zeros((3, image_size, image_size), np.uint8))
@@ -61,11 +76,15 @@ def _decode_for_inference(
         except Exception as error:  # a bad file becomes a row that says why
             images.append(np.zeros((3, image_size, image_size), np.uint8))
             errors.append(imaging.describe_error(error))
-    return {
+        hashes.extend([""] * (len(images) - len(hashes)))
+    decoded = {
         "path": np.asarray([opener.display(p) for p in batch["path"]], dtype=object),
         "image": np.stack(images),
         ERROR_COLUMN: np.asarray(errors, dtype=object),
     }
+    if digests:
+        decoded["digest"] = np.asarray(hashes, dtype=object)
+    return decoded
 
 
 def class_probabilities(model: torch.nn.Module, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
@@ -82,7 +101,9 @@ def class_probabilities(model: torch.nn.Module, images: torch.Tensor, tta: str =
 class _Classifier:
     """One model per actor, loaded once; a Ray Data callable class."""
 
-    def __init__(self, checkpoint_dir: str | location.Location, top_k: int, tta: str = "none") -> None:
+    def __init__(
+        self, checkpoint_dir: str | location.Location, top_k: int, tta: str = "none", features: bool = False
+    ) -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         # A checkpoint in object storage is read from this node's copy: fetched by the first actor here, once.
         self.model, meta = checkpoints.load_checkpoint(checkpoint_dir, self.device)
@@ -91,10 +112,21 @@ class _Classifier:
         self.std = torch.tensor(meta["std"], device=self.device)
         self.top_k = min(top_k, len(self.class_names))
         self.tta = tta
+        # features: the pooled backbone output the head sees, handed back beside the probabilities (one pass)
+        self.backbone = model.TransferModel(self.model, NUM_STAGES).eval() if features else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = torch.tensor(batch["image"], device=self.device)  # a copy: Ray hands over read-only arrays
-        probabilities = class_probabilities(self.model, imaging.normalize(images, self.mean, self.std), self.tta)
+        normalized = imaging.normalize(images, self.mean, self.std)
+        pooled = None
+        if self.backbone is not None:
+            with torch.no_grad():
+                pooled = self.backbone.features(normalized)
+        if pooled is not None and self.tta == "none":  # the head on the same pass's features
+            with torch.no_grad():
+                probabilities = torch.softmax(self.backbone.head(pooled).float(), dim=1)
+        else:
+            probabilities = class_probabilities(self.model, normalized, self.tta)
         top_probs, top_index = probabilities.topk(self.top_k, dim=1)
         top_probs, top_index = top_probs.cpu().numpy(), top_index.cpu().numpy()
         bad = batch[ERROR_COLUMN] != ""
@@ -105,6 +137,9 @@ class _Classifier:
             output[f"top{k + 1}_class"] = np.where(bad, "", self.class_names[top_index[:, k]]).astype(object)
             output[f"top{k + 1}_prob"] = np.where(bad, np.nan, top_probs[:, k])
         output[ERROR_COLUMN] = batch[ERROR_COLUMN]
+        if pooled is not None:
+            output["features"] = pooled.float().cpu().numpy()
+            output["digest"] = batch["digest"]
         return output
 
 
@@ -148,14 +183,16 @@ def classify_items(
     concurrency=None,
     on_event=None,
     tta: str = "none",
+    features: bool = False,
 ) -> pd.DataFrame:
     """predict's rows for ``items`` and, for ``rejected`` ones, an error row each (``tta``: the test-time
     augmentation, ``class_probabilities``). More than
     ``reading.MAX_UNREADABLE_SHARE`` of the items undelivered by their storage raises ``RunError``
-    (``check_delivered``): no report on what an outage left."""
-    columns = _columns(min(top_k, len(meta["class_names"])))
+    (``check_delivered``): no report on what an outage left. ``features``: the ``FEATURE_COLUMNS`` too (a
+    float32 array and a hex digest a row; None and "" for an item that could not be read)."""
+    columns = _columns(min(top_k, len(meta["class_names"]))) + (list(FEATURE_COLUMNS) if features else [])
     frame = _run_pipeline(
-        checkpoint, meta, opener, items, top_k, batch_size, retry_seconds, concurrency, columns, on_event, tta
+        checkpoint, meta, opener, items, top_k, batch_size, retry_seconds, concurrency, columns, on_event, tta, features
     )
     check_delivered(frame, len(items))
     if rejected:
@@ -179,7 +216,18 @@ def check_delivered(frame: pd.DataFrame, total: int) -> None:
 
 
 def _run_pipeline(
-    checkpoint, meta, opener, files, top_k, batch_size, retry_seconds, concurrency, columns, on_event=None, tta="none"
+    checkpoint,
+    meta,
+    opener,
+    files,
+    top_k,
+    batch_size,
+    retry_seconds,
+    concurrency,
+    columns,
+    on_event=None,
+    tta="none",
+    features=False,
 ) -> pd.DataFrame:
     if not files:
         return pd.DataFrame({column: [] for column in columns})
@@ -197,13 +245,19 @@ def _run_pipeline(
             "image_size": meta["image_size"],
             "short_side": meta.get("resize_size") or imaging.resize_size(meta["image_size"]),
             "retry_seconds": retry_seconds,
+            "digests": features,
         },
     )
     with warnings.catch_warnings():  # see _pool_restarts
         warnings.simplefilter("ignore", RayDeprecationWarning)
         dataset = dataset.map_batches(
             _Classifier,
-            fn_constructor_kwargs={"checkpoint_dir": _checkpoint_for_actors(checkpoint), "top_k": top_k, "tta": tta},
+            fn_constructor_kwargs={
+                "checkpoint_dir": _checkpoint_for_actors(checkpoint),
+                "top_k": top_k,
+                "tta": tta,
+                "features": features,
+            },
             batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(size=max(1, workers)),
             num_gpus=1 if use_gpu else 0,

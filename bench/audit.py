@@ -1,0 +1,260 @@
+"""Audit benchmark (issue 42 item 4): does `tl-ray audit` find planted faults, and how long does it take?
+
+``planted``: real images the benchmarks use (scikit-learn's handwritten digits, written by ``regimes.py``'s loader:
+all ten digits, its source task's train/val and its target task's pool/val as one ROOT/train, ROOT/val), with
+faults planted at random (seeded): 5% of the training images moved to another class's folder (relabelled), and 3%
+of the validation images copied into train (their own class) after a resize (x1.5, bicubic) and a JPEG re-encode
+(quality 85). A checkpoint is trained on that faulted set (resnet18 from random weights, 32 px, as a user would,
+on the data as it is), then audited. Reported: the share of the relabelled images among the top 2 x (planted)
+suspects, the share of planted copies reported as duplicates at the default threshold, and the share of reported
+pairs that are not planted copies (false; the digits may hold look-alikes of their own, counted false here).
+
+``scale``: the audit's time for N images (default 100,000) at 32 px: the digits augmented (random affine, scale,
+noise) into N PNGs, audited with the planted run's checkpoint; each stage's time (``AuditResult.seconds``) and a
+projection to 1M (features, labels, outliers: linear in N; the duplicate search: quadratic).
+
+    python bench/audit.py planted --seed 0      # ~5 min here
+    python bench/audit.py scale --images 100000 # ~10 min here; run it on a quiet machine for the time
+    python bench/audit.py stages --images 100000 # the stages after the features alone (no Ray)
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import regimes
+
+import tl_ray
+from tl_ray.auditing.config import DUPLICATE_THRESHOLD
+
+RELABEL_SHARE, COPY_SHARE = 0.05, 0.03
+RESULTS = Path(__file__).resolve().parent / "results" / "audit"
+
+
+def digits_root(data: Path) -> Path:
+    """All ten digits as ROOT/train/<digit>, ROOT/val/<digit> (regimes' digits: source train+val, target pool+val)."""
+    written = regimes.prepare("digits", data, ())
+    root = data / "digits-all"
+    if not root.exists():
+        for task, train_split in (("source", "train"), ("target", "pool")):
+            for split, into in ((train_split, "train"), ("val", "val")):
+                for folder in sorted((written / task / split).iterdir()):
+                    shutil.copytree(folder, root / into / folder.name)
+    return root
+
+
+def plant(clean: Path, faulted: Path, seed: int) -> dict:
+    """A copy of ``clean`` with relabelled training images and resized, re-encoded copies of val images in train."""
+    shutil.rmtree(faulted, ignore_errors=True)
+    shutil.copytree(clean, faulted)
+    faulted = faulted.resolve()  # the paths as the audit reports them
+    rng = random.Random(seed)
+    classes = sorted(path.name for path in (faulted / "train").iterdir())
+    train = sorted((faulted / "train").glob("*/*"))
+    relabelled = []
+    for path in rng.sample(train, round(RELABEL_SHARE * len(train))):
+        wrong = rng.choice([name for name in classes if name != path.parent.name])
+        moved = faulted / "train" / wrong / f"relabelled-{path.parent.name}-{path.name}"
+        path.rename(moved)
+        relabelled.append(str(moved))
+    val = sorted((faulted / "val").glob("*/*"))
+    copies = []
+    for path in rng.sample(val, round(COPY_SHARE * len(val))):
+        image = Image.open(path).convert("RGB")
+        image = image.resize((round(image.width * 1.5), round(image.height * 1.5)), Image.Resampling.BICUBIC)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=85)
+        copy = faulted / "train" / path.parent.name / f"copy-{path.stem}.jpg"
+        copy.write_bytes(buffer.getvalue())
+        copies.append((str(path), str(copy)))
+    return {"relabelled": relabelled, "copies": copies, "train": len(train), "val": len(val)}
+
+
+def train_checkpoint(data: Path, storage: Path, name: str) -> str:
+    result = tl_ray.train(
+        data=str(data),
+        arch="resnet18",
+        weights="none",
+        image_size=regimes.IMAGE_SIZE,
+        epochs=regimes.SOURCE_EPOCHS,
+        seed=0,
+        storage=str(storage),
+        name=name,
+        keep_checkpoints=1,
+    )
+    print(f"checkpoint val_acc {result.metrics['val_acc']:.3f} ({result.best_checkpoint})", flush=True)
+    return str(result.best_checkpoint)
+
+
+def score(result, planted: dict, threshold: float) -> dict:
+    """The planted faults found, with the duplicates as reported at ``threshold`` (the pairs at or above it: a
+    subset of an audit's at a lower one, so one audit scores every threshold above its own)."""
+    relabelled = set(planted["relabelled"])
+    top = list(result.suspects.rows["item"].head(2 * len(relabelled)))
+    pairs = result.duplicates.rows[result.duplicates.rows["similarity"] >= threshold]
+    reported = {frozenset((a, b)) for a, b in pairs[["a", "b"]].itertuples(index=False)}
+    planted_pairs = {frozenset(pair) for pair in planted["copies"]}
+    found = planted_pairs & reported
+    copies = [s for a, b, s in pairs[["a", "b", "similarity"]].itertuples(index=False) if {a, b} in planted_pairs]
+    return {
+        "threshold": threshold,
+        "relabelled": len(relabelled),
+        "suspects": result.suspects.count,
+        "labels_in_top_2x": round(sum(item in relabelled for item in top) / max(1, len(relabelled)), 4),
+        "suspects_precision": round(
+            sum(item in relabelled for item in result.suspects.rows["item"]) / max(1, result.suspects.count), 4
+        ),
+        "copies": len(planted_pairs),
+        "pairs_reported": len(reported),
+        "copies_found": round(len(found) / max(1, len(planted_pairs)), 4),
+        "false_pair_share": round((len(reported) - len(found)) / max(1, len(reported)), 4),
+        "copy_similarity_min": round(float(min(copies, default=float("nan"))), 4),
+        "outliers": result.outliers.count,
+    }
+
+
+def planted_run(args: argparse.Namespace) -> dict:
+    data = Path(args.data)
+    clean = digits_root(data)
+    faulted = data / f"digits-faulted-s{args.seed}"
+    planted = plant(clean, faulted, args.seed)
+    (data / f"planted-s{args.seed}.json").write_text(json.dumps(planted))
+    marker = data / f"checkpoint-s{args.seed}.txt"
+    if marker.exists() and Path(marker.read_text()).exists():
+        checkpoint = marker.read_text()
+    else:
+        checkpoint = train_checkpoint(faulted, data / "runs", f"faulted-s{args.seed}")
+        marker.write_text(checkpoint)
+    thresholds = [float(t) for t in args.thresholds.split(",")] if args.thresholds else [DUPLICATE_THRESHOLD]
+    out = data / f"audit-s{args.seed}"
+    shutil.rmtree(out, ignore_errors=True)
+    result = tl_ray.audit(checkpoint, str(faulted), str(out), seed=args.seed, duplicate_threshold=min(thresholds))
+    rows = [{"seed": args.seed, **score(result, planted, threshold)} for threshold in thresholds]
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return {"planted": rows, "seconds": result.seconds, "images": result.images}
+
+
+def augment(image: Image.Image, rng: random.Random) -> Image.Image:
+    """A new 32 px image from a digit: rotated, scaled, shifted, with noise."""
+    image = image.convert("L").resize((32, 32), Image.Resampling.BICUBIC)
+    image = image.rotate(rng.uniform(-15, 15), translate=(rng.randint(-3, 3), rng.randint(-3, 3)))
+    pixels = np.asarray(image, dtype=np.float32) + np.random.default_rng(rng.randrange(1 << 30)).normal(0, 8, (32, 32))
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def synthesise(clean: Path, root: Path, images: int) -> None:
+    """``images`` PNGs augmented from the digits, as ROOT/train/<digit> (80%) and ROOT/val/<digit>."""
+    if root.exists() and sum(1 for _ in root.glob("*/*/*.png")) == images:
+        return
+    shutil.rmtree(root, ignore_errors=True)
+    sources = sorted(clean.glob("train/*/*"))
+    rng = random.Random(0)
+    for index in range(images):
+        path = sources[index % len(sources)]
+        split = "val" if index % 5 == 0 else "train"
+        folder = root / split / path.parent.name
+        folder.mkdir(parents=True, exist_ok=True)
+        augment(Image.open(path), rng).save(folder / f"{index:07d}.png")
+
+
+def scale_run(args: argparse.Namespace) -> dict:
+    data = Path(args.data)
+    clean = digits_root(data)
+    root = data / f"digits-{args.images}"
+    started = time.perf_counter()
+    synthesise(clean, root, args.images)
+    print(f"synthesised {args.images} images in {time.perf_counter() - started:.0f} s", flush=True)
+    checkpoint = (data / f"checkpoint-s{args.seed}.txt").read_text()
+    out = data / f"audit-scale-{args.images}"
+    shutil.rmtree(out, ignore_errors=True)
+    started = time.perf_counter()
+    result = tl_ray.audit(checkpoint, str(root), str(out))
+    total = time.perf_counter() - started
+    seconds = result.seconds
+    factor = 1_000_000 / args.images
+    linear = sum(value for key, value in seconds.items() if key != "duplicates")
+    projected = (total - seconds["duplicates"]) * factor + seconds["duplicates"] * factor**2
+    row = {
+        "images": sum(result.images.values()),
+        "total_s": round(total, 1),
+        "stages_s": seconds,
+        "linear_s": round(linear, 1),
+        "projected_1m_s": round(projected),
+        "suspects": result.suspects.count if result.suspects else 0,
+        "pairs": result.duplicates.count,
+        "outliers": result.outliers.count,
+    }
+    print(json.dumps(row), flush=True)
+    return {"scale": row}
+
+
+def stages_run(args: argparse.Namespace) -> dict:
+    """The stages after the features, timed alone on synthetic features (N x 512, ten clusters with noise, a few
+    labels flipped): no Ray, no images; what the duplicate search and the k-fold heads cost at N."""
+    import torch
+
+    from tl_ray.auditing import duplicates, labels, outliers
+
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 10, args.images)
+    features = np.maximum(rng.normal(0, 1, (10, 512))[truth] + rng.normal(0, 1.5, (args.images, 512)), 0)
+    features = features.astype(np.float32)
+    given = truth.copy()
+    flipped = rng.choice(args.images, args.images // 20, replace=False)
+    given[flipped] = (given[flipped] + 1) % 10
+    paths = np.asarray([f"{i}" for i in range(args.images)], dtype=object)
+    splits = np.asarray(["train"] * args.images, dtype=object)
+    cpu = torch.device("cpu")
+    seconds = {}
+    started = time.perf_counter()
+    probabilities = labels.out_of_sample_probabilities(features, given, 10, 5, 0, cpu)
+    suspects = labels.suspects(paths, given, probabilities, [str(i) for i in range(10)])
+    seconds["labels"] = time.perf_counter() - started
+    started = time.perf_counter()
+    pairs = duplicates.find(paths, splits, features, np.asarray([""] * args.images, dtype=object), 0.95, cpu)
+    seconds["duplicates"] = time.perf_counter() - started
+    started = time.perf_counter()
+    far = outliers.find(paths, splits, given, given, features, [str(i) for i in range(10)], 3.5, cpu)
+    seconds["outliers"] = time.perf_counter() - started
+    flagged = set(suspects["item"].head(2 * len(flipped)))
+    row = {
+        "images": args.images,
+        "torch_threads": torch.get_num_threads(),
+        "seconds": {key: round(value, 1) for key, value in seconds.items()},
+        "flips_in_top_2x": round(len(flagged & set(paths[flipped])) / len(flipped), 4),
+        "pairs": len(pairs),
+        "outliers": len(far),
+    }
+    print(json.dumps(row), flush=True)
+    return {"stages": row}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=("planted", "scale", "stages"))
+    parser.add_argument("--data", default="bench/.data/regimes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--thresholds", default="", help="comma-separated duplicate thresholds (default: the option's)")
+    parser.add_argument("--images", type=int, default=100_000)
+    args = parser.parse_args(argv)
+    outcome = {"planted": planted_run, "scale": scale_run, "stages": stages_run}[args.what](args)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = f"{args.what}-s{args.seed}" if args.what == "planted" else f"{args.what}-{args.images}"
+    (RESULTS / f"{name}.json").write_text(json.dumps(outcome, indent=2) + "\n")
+    return outcome
+
+
+if __name__ == "__main__":
+    main()

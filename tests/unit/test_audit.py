@@ -1,0 +1,232 @@
+"""tl-ray audit's parts on real arrays and files, no Ray: the label check, the blocked duplicate search, the
+outliers, the files written, the fix list and the refusals (one line, exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from tl_ray import cli
+from tl_ray.auditing import duplicates, features, labels, outliers, writing
+from tl_ray.auditing.config import AuditConfig
+from tl_ray.errors import TlRayError, UsageError
+from tl_ray.inputs.config import SourceOptions
+from tl_ray.inputs.layout import FileOpener
+
+CPU = torch.device("cpu")
+
+
+def clusters(per_class: int, classes: int, width: int, seed: int, spread: float = 0.6):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1, (classes, width)) * 3
+    truth = np.repeat(np.arange(classes), per_class)
+    return (centres[truth] + rng.normal(0, spread, (len(truth), width))).astype(np.float32), truth
+
+
+@pytest.mark.slow  # cleanlab's import (scikit-learn) alone takes seconds
+def test_label_suspects_rank_planted_flips_first(one_thread):
+    features_, truth = clusters(40, 5, 16, seed=0)
+    given = truth.copy()
+    rng = np.random.default_rng(1)
+    flipped = rng.choice(len(given), 10, replace=False)
+    given[flipped] = (given[flipped] + rng.integers(1, 5, 10)) % 5
+    probabilities = labels.out_of_sample_probabilities(features_, given, 5, folds=5, seed=0, device=CPU)
+    assert probabilities.shape == (200, 5)
+    np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=1e-5)
+    paths = np.asarray([f"img{i}.png" for i in range(200)], dtype=object)
+    names = ["a", "b", "c", "d", "e"]
+    found = labels.suspects(paths, given, probabilities, names)
+    assert list(found.columns) == ["item", "given", "suggested", "score"]
+    top = set(found["item"].head(20))
+    assert len(top & {f"img{i}" + ".png" for i in flipped}) >= 9
+    row = found.iloc[0]
+    index = int(row["item"][3:-4])
+    assert row["given"] == names[given[index]] and row["suggested"] == names[truth[index]]
+    assert found["score"].is_monotonic_increasing
+
+
+def test_folds_hold_every_class_and_a_class_smaller_than_the_folds():
+    assigned = labels.fold_of(np.asarray([0] * 10 + [1] * 2), folds=5, seed=3)
+    assert sorted(np.bincount(assigned[:10])) == [2, 2, 2, 2, 2]
+    assert len(set(assigned[10:])) == 2  # each of the two is left out by a head that saw the other
+
+
+def test_blocked_duplicate_search_equals_the_whole_matrix(one_thread):
+    rng = np.random.default_rng(0)
+    base = rng.normal(0, 1, (300, 8)).astype(np.float32)
+    base[250:] = base[:50] + rng.normal(0, 0.05, (50, 8))  # 50 near copies
+    i, j, s = duplicates.near_pairs(base, 0.9, CPU, block=64)
+    x = duplicates.whitened(base, CPU).numpy()
+    whole = x @ x.T
+    want = {(a, b) for a, b in zip(*np.nonzero(np.triu(whole, 1) >= 0.9), strict=True)}
+    assert {(int(a), int(b)) for a, b in zip(i, j, strict=True)} == want
+    assert len(want) >= 50
+    np.testing.assert_allclose(s, whole[i, j], atol=1e-5)
+    assert (i < j).all()
+
+
+def test_duplicates_name_exact_copies_and_leaks_with_the_earlier_split_first(one_thread):
+    rng = np.random.default_rng(0)
+    feats = rng.normal(0, 1, (40, 8)).astype(np.float32)
+    feats[35] = feats[1]  # val item 35 copies train item 1 exactly
+    feats[3] = feats[0] * 1.01  # two train items alike
+    paths = np.asarray([f"p{i}" for i in range(40)], dtype=object)
+    splits = np.asarray(["train"] * 30 + ["val"] * 10, dtype=object)
+    digests = np.asarray([f"d{i}" for i in range(40)], dtype=object)
+    digests[[1, 35]] = "same"
+    found = duplicates.find(paths, splits, feats, digests, 0.95, CPU, block=16)
+    assert list(found.columns) == duplicates.COLUMNS
+    rows = {(a, b): (kind, exact) for a, b, _, kind, exact in found.itertuples(index=False)}
+    assert rows == {("p1", "p35"): ("leak train/val", True), ("p0", "p3"): ("within train", False)}
+    assert duplicates.kind_of("val", "test") == "leak val/test" and duplicates.kind_of("", "") == "within data"
+
+
+def test_the_pair_cap_refuses_a_threshold_that_finds_families(monkeypatch):
+    monkeypatch.setattr(duplicates, "MAX_PAIRS", 10)
+    with pytest.raises(TlRayError, match="--duplicate-threshold"):
+        duplicates.near_pairs(np.ones((20, 4), np.float32) + np.eye(20, 4, dtype=np.float32) * 1e-3, 0.5, CPU, 8)
+
+
+def test_outliers_are_the_items_far_from_every_class(one_thread):
+    feats, truth = clusters(50, 3, 16, seed=2, spread=0.3)
+    far = np.random.default_rng(5).normal(0, 1, (3, 16)).astype(np.float32) * 6
+    feats = np.concatenate([feats, far])
+    given = np.concatenate([truth, [-1, -1, -1]])
+    predicted = np.concatenate([truth, [0, 1, 2]])
+    paths = np.asarray([f"x{i}" for i in range(len(feats))], dtype=object)
+    splits = np.asarray(["train"] * len(feats), dtype=object)
+    found = outliers.find(paths, splits, given, predicted, feats, ["a", "b", "c"], 3.5, CPU)
+    assert list(found.columns) == outliers.COLUMNS
+    assert set(found["item"]) >= {"x150", "x151", "x152"}
+    assert len(found) <= 6
+    assert found["z"].is_monotonic_decreasing
+    assert set(found.loc[found["item"] == "x150", "label"]) == {""}
+
+
+def _items(root, names: list[str], splits: list[str], label_ids: list[int]) -> features.Items:
+    opener = FileOpener(__import__("pyarrow.fs").fs.LocalFileSystem())
+    paths = []
+    for index, name in enumerate(names):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (20, 16), (index * 40 % 255, 90, 200)).save(path)
+        paths.append(str(path))
+    return features.Items(
+        paths=np.asarray(paths, dtype=object),
+        splits=np.asarray(splits, dtype=object),
+        labels=np.asarray(label_ids),
+        features=np.zeros((len(names), 4), np.float32),
+        digests=np.asarray([""] * len(names), dtype=object),
+        predicted=np.asarray(label_ids),
+        class_names=["cat", "dog"],
+        labelled=True,
+        where={path: (opener, path) for path in paths},
+        skipped=[],
+        notes=[],
+    )
+
+
+def test_the_files_and_the_fix_list(tmp_path):
+    names = ["train/cat/a.png", "train/cat/b.png", "train/dog/c.png", "val/dog/d.png", "val/cat/e.png"]
+    items = _items(tmp_path / "data", names, ["train", "train", "train", "val", "val"], [0, 0, 1, 1, 0])
+    p = list(items.paths)
+    suspects = pd.DataFrame({"item": [p[2]], "given": ["dog"], "suggested": ["cat"], "score": [0.01]})
+    pairs = pd.DataFrame(
+        {
+            "a": [p[0], p[0]],
+            "b": [p[4], p[1]],
+            "similarity": [0.99, 0.97],
+            "kind": ["leak train/val", "within train"],
+            "exact": [False, False],
+        }
+    )
+    far = pd.DataFrame({"item": [], "split": [], "label": [], "nearest": [], "distance": [], "z": []})
+    flagged = writing.removed(suspects, pairs, far)
+    assert flagged == {p[2], p[0], p[1]}  # the suspect, the train copy of a val image, a within-train pair's second
+    tables = {writing.SUSPECTS: suspects, writing.DUPLICATES: pairs, writing.OUTLIERS: far}
+    tables[writing.FIX_LIST] = writing.fix_list(items, flagged)
+    out = writing.check_out(str(tmp_path / "audit"))
+    written = writing.write(out, tables, items, 1.0)
+    assert set(written) == {
+        "suspects.csv",
+        "duplicates.csv",
+        "outliers.csv",
+        "fix-list.csv",
+        "suspects.png",
+        "duplicates.png",
+    }
+    assert Image.open(tmp_path / "audit" / "duplicates.png").size[0] > 100
+    with open(tmp_path / "audit" / "fix-list.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert rows == [{"path": p[3], "label": "dog", "split": "val"}, {"path": p[4], "label": "cat", "split": "val"}]
+    with open(tmp_path / "audit" / "duplicates.csv", newline="") as stream:
+        assert next(csv.reader(stream)) == duplicates.COLUMNS
+
+
+def test_out_must_be_new_or_empty(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert writing.check_out(str(tmp_path / "empty")).path.endswith("empty")
+    assert writing.check_out(str(tmp_path / "new")).path.endswith("new")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    with pytest.raises(TlRayError, match=r"--out: .*full holds other files \(notes.txt\)"):
+        writing.check_out(str(tmp_path / "full"))
+    with pytest.raises(TlRayError, match="is a file"):
+        writing.check_out(str(tmp_path / "full" / "notes.txt"))
+    assert (tmp_path / "full" / "notes.txt").read_text() == "mine"
+
+
+def _folders(root, counts: dict[str, int], split: str = "train"):
+    for name, count in counts.items():
+        (root / split / name).mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            Image.new("RGB", (8, 8), (index, 0, 0)).save(root / split / name / f"{name}{index}.png")
+    return root
+
+
+def test_plan_lists_as_train_and_refuses_other_classes_and_a_class_of_one(tmp_path):
+    data = _folders(tmp_path / "d", {"cat": 3, "dog": 3})
+    _folders(data, {"cat": 1, "dog": 1}, "val")
+    planned = features.plan(str(data), None, 0.2, SourceOptions(), ["dog", "cat"])
+    assert planned.labelled and [g.splits[0] for g in planned.groups] == ["train", "val"]
+    assert planned.groups[0].labels == [1, 1, 1, 0, 0, 0]  # the checkpoint's order: dog 0, cat 1
+    with pytest.raises(TlRayError, match=r"--checkpoint: its classes \(cat, bird\) differ from --data's"):
+        features.plan(str(data), None, 0.2, SourceOptions(), ["cat", "bird"])
+    lone = _folders(tmp_path / "lone", {"cat": 3, "dog": 1})
+    with pytest.raises(TlRayError, match=r"class\(es\) dog of .* have one image"):
+        features.plan(str(lone), None, 0.2, SourceOptions(), ["cat", "dog"])
+
+
+def test_plan_of_a_folder_without_labels_says_so(tmp_path):
+    for index in range(3):
+        Image.new("RGB", (8, 8), (index, 0, 0)).save(tmp_path / f"{index}.png")
+    planned = features.plan(str(tmp_path), None, 0.2, SourceOptions(), ["cat", "dog"])
+    assert not planned.labelled and len(planned.groups[0].items) == 3
+    assert "has no labels: duplicates and outliers only" in planned.notes[-1]
+    with pytest.raises(TlRayError, match="--fix-list: --data has no labels"):
+        writing.check_fix_list(planned, planned.source)
+
+
+def test_folds_of_one_are_a_usage_error():
+    with pytest.raises(UsageError, match="--folds must be at least 2"):
+        AuditConfig(checkpoint="c", data="d", out="o", folds=1).validate()
+
+
+def test_refusals_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
+    checkpoint = tmp_path / "ck"
+    checkpoint.mkdir()
+    meta = {"arch": "resnet18", "num_classes": 2, "class_names": ["cat", "bird"], "image_size": 32}
+    meta |= {"mean": [0.5] * 3, "std": [0.25] * 3}
+    (checkpoint / "meta.json").write_text(json.dumps(meta))
+    data = _folders(tmp_path / "d", {"cat": 3, "dog": 3})
+    out = tmp_path / "out"
+    code = cli.main(["audit", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out)])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and len(error.splitlines()) == 1 and "differ from --data's" in error
+    assert not out.exists()

@@ -1,0 +1,126 @@
+"""Duplicates and leaks: the same image twice in a split, or in two (a leak, which inflates every number a val or
+test split reports).
+
+Exact duplicates are items whose bytes have one SHA-256; near duplicates (a resized, re-encoded, slightly cropped
+copy) are pairs whose whitened, L2-normalised pooled features (``whitened``) have a cosine similarity at or above
+the threshold. All pairs are compared, in square blocks of the similarity matrix (``BLOCK`` rows by ``BLOCK``
+columns, upper triangle only) on the device, so memory holds the features and one block: 1M items of 512
+features are 2 GB and a 4096x4096 block 64 MB, where the whole matrix would be 4 TB.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pandas as pd
+import torch
+
+from tl_ray.errors import TlRayError
+
+BLOCK = 4096
+# Whitening's floor, a share of the largest eigenvalue: directions with less variance than this are not blown up
+# into noise; raised by features/items when there are fewer items than features (most directions then have no
+# variance). Measured with the threshold (BENCHMARKS.md, "Data audit"): 1e-2 at 0.95 found 94-100% of the copies
+# from 100 items to 1,800; a fixed 1e-3 at 0.9 lost half of them below 300.
+WHITEN_FLOOR = 1e-2
+MAX_PAIRS = 1_000_000  # beyond this a threshold finds families, not copies: refused, not written
+SPLIT_ORDER = {"train": 0, "": 0, "val": 1, "test": 2}
+COLUMNS = ["a", "b", "similarity", "kind", "exact"]
+
+
+def normalised(features: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The features centred on their mean, then L2-normalised. Pooled features after a ReLU are all positive, so
+    any two images have a high raw cosine (0.7 and up on a trained ResNet's); centred, unrelated images score near
+    0 and a copy still near 1, which leaves the threshold room."""
+    x = torch.tensor(features, dtype=torch.float32, device=device)
+    return torch.nn.functional.normalize(x - x.mean(0, keepdim=True), dim=1)
+
+
+def whitened(features: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The features centred, whitened (PCA: each principal direction scaled to unit variance, floored at
+    ``WHITEN_FLOOR`` of the largest) and L2-normalised. A checkpoint trained on the data collapses each class
+    towards one point, so in its raw feature space any two images of a class have a cosine near 1 (0.95 and up on
+    the digits: thousands of pairs); whitening gives the directions along which images of a class differ their
+    weight back, and a copy is then the one image that stays close. The covariance is D x D whatever N."""
+    x = torch.tensor(features, dtype=torch.float32, device=device)
+    if len(x) < 2:
+        return torch.nn.functional.normalize(x, dim=1)
+    x = x - x.mean(0, keepdim=True)
+    values, vectors = torch.linalg.eigh((x.T @ x).double() / len(x))
+    floor = WHITEN_FLOOR * max(1.0, x.shape[1] / len(x))  # fewer items than features: fewer directions to trust
+    scale = (values.clamp_min(0) + floor * values.max().clamp_min(1e-12)).rsqrt()
+    return torch.nn.functional.normalize(x @ (vectors * scale).float(), dim=1)
+
+
+def near_pairs(
+    features: np.ndarray, threshold: float, device: torch.device, block: int = BLOCK
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, similarity) of every pair i < j whose cosine similarity is at least ``threshold``, found block by
+    block, in the ``whitened`` space."""
+    x = whitened(features, device)
+    found_i, found_j, found_s = [], [], []
+    total = 0
+    for start in range(0, len(x), block):
+        rows = x[start : start + block]
+        for other in range(start, len(x), block):
+            similarity = rows @ x[other : other + block].T
+            if other == start:  # the diagonal block: only its upper triangle, past the diagonal
+                similarity = similarity.triu(1) - torch.ones_like(similarity).tril() * 2
+            hit_i, hit_j = torch.nonzero(similarity >= threshold, as_tuple=True)
+            total += len(hit_i)
+            if total > MAX_PAIRS:
+                raise TlRayError(
+                    f"--duplicate-threshold {threshold}: more than {MAX_PAIRS:,} pairs reach it; these are look-alike"
+                    " families, not copies: raise it"
+                )
+            found_s.append(similarity[hit_i, hit_j].cpu().numpy())
+            found_i.append((hit_i + start).cpu().numpy())
+            found_j.append((hit_j + other).cpu().numpy())
+    if not found_i:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_s)
+
+
+def exact_pairs(digests: np.ndarray) -> list[tuple[int, int]]:
+    """Pairs of items with the same bytes: each of a group's items with its first."""
+    groups: dict[str, list[int]] = collections.defaultdict(list)
+    for index, digest in enumerate(digests):
+        if digest:
+            groups[digest].append(index)
+    return [(members[0], other) for members in groups.values() for other in members[1:]]
+
+
+def kind_of(split_a: str, split_b: str) -> str:
+    """'within train' for a pair in one split, 'leak train/val' for a pair across two ('within data' unsplit)."""
+    if split_a == split_b:
+        return f"within {split_a or 'data'}"
+    return f"leak {split_a or 'data'}/{split_b or 'data'}"
+
+
+def find(
+    paths: np.ndarray,
+    splits: np.ndarray,
+    features: np.ndarray,
+    digests: np.ndarray,
+    threshold: float,
+    device: torch.device,
+    block: int = BLOCK,
+) -> pd.DataFrame:
+    """duplicates.csv's rows, most similar first: a and b (a in the earlier split: train, val, test), their
+    similarity, the kind (within a split, or a leak across two) and whether their bytes are the same."""
+    first, second, similarity = near_pairs(features, threshold, device, block)
+    pairs = {(int(i), int(j)): float(s) for i, j, s in zip(first, second, similarity, strict=True)}
+    x = whitened(features, device) if len(features) else None
+    for i, j in exact_pairs(digests):
+        key = (min(i, j), max(i, j))
+        if key not in pairs and x is not None:
+            pairs[key] = float(x[i] @ x[j])
+    rows = []
+    for (i, j), value in pairs.items():
+        if SPLIT_ORDER.get(splits[j], 0) < SPLIT_ORDER.get(splits[i], 0):
+            i, j = j, i
+        exact = bool(digests[i]) and digests[i] == digests[j]
+        rows.append((paths[i], paths[j], round(min(value, 1.0), 6), kind_of(splits[i], splits[j]), exact))
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    return frame.sort_values(["similarity", "a", "b"], ascending=[False, True, True], ignore_index=True)
