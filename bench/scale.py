@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,6 +81,13 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak RSS since it started its program: /proc's VmHWM. Not ``getrusage``'s ru_maxrss, which
+    Linux carries over an exec from the forked parent: a child of a large bench process reported the parent's
+    size as its own peak (the "fixed ~306 MB" of BENCHMARKS "Issue 38 item 4")."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -89,12 +97,18 @@ def child_listing(data_uri: str) -> dict:
 
     before = rss_mb()
     started = time.perf_counter()
+    tracemalloc.start()
     layout = class_folders.discover(data_uri, val_fraction=0.01)
+    held, python_peak = tracemalloc.get_traced_memory()  # Python objects: kept by the layout, and at most
+    tracemalloc.stop()
+    files = len(layout.train) + len(layout.val)
     return {
-        "listing_s": time.perf_counter() - started,
-        "files": len(layout.train) + len(layout.val),
+        "listing_s": time.perf_counter() - started,  # with tracemalloc on: slower than a run lists
+        "files": files,
         "rss_before_mb": before,
         "rss_growth_mb": peak_rss_mb() - before,
+        "python_held_bytes_per_file": held / max(files, 1),
+        "python_peak_bytes_per_file": python_peak / max(files, 1),
     }
 
 
