@@ -148,7 +148,8 @@ TINY += ["--lr", "1e-3", "--max-failures", "0"]
 def checkpoint_outage(s3_server, images, ray_cluster, tmp_path_factory):
     """`tl-ray train` for 2 epochs with --storage in the bucket, through the proxy: epoch 1's checkpoint throttled
     (3 refused PUTs of each file: more than the S3 client's own retries), epoch 2's train_state.pt refused for longer
-    than --retry-seconds (its model.pt and meta.json land: a partial checkpoint). (proxy, argv, exit code, stderr)."""
+    than --retry-seconds, 8 s (its model.pt and meta.json land: a partial checkpoint).
+    Yields (proxy, argv, exit code, stderr)."""
     import contextlib
     import io
     import sys
@@ -159,7 +160,7 @@ def checkpoint_outage(s3_server, images, ray_cluster, tmp_path_factory):
     with FaultProxy(s3_server.endpoint) as proxy, pytest.MonkeyPatch.context() as patch:
         patch.chdir(cwd)
         argv = ["train", "--data", proxy.uri(images), *TINY, "--storage", proxy.uri(f"{BUCKET}/runs")]
-        argv += ["--name", "outage", "--retry-seconds", "2"]
+        argv += ["--name", "outage", "--retry-seconds", "8"]
         proxy.fail(r"/runs/outage/checkpoint_epoch001/", times=3, method="PUT")
         proxy.fail(r"/runs/outage/checkpoint_epoch002/train_state\.pt", times=1_000, method="PUT")
         err = io.StringIO()
@@ -176,7 +177,9 @@ def test_a_checkpoint_outage_fails_the_run_in_one_line_and_throttling_costs_noth
     own = [line for line in err.splitlines() if line.strip() and not line.startswith("\x1b[36m(")]
     said = [line for line in own if line.startswith("tl-ray: error:")]
     assert len(said) == 1 and not any("Traceback" in line for line in own), own[-5:]
-    assert said[0].startswith("tl-ray: error: training failed: --storage: checkpoint checkpoint_epoch002 could not be")
+    assert said[0].startswith(
+        "tl-ray: error: training failed: --storage: checkpoint checkpoint_epoch002 could not be"
+    ), said[0]
     assert f"s3://{BUCKET}/runs/outage/checkpoint_epoch002?endpoint_override={proxy.endpoint}" in said[0]
     assert "SLOW_DOWN" in said[0] and "rerun the same command" in said[0]
     # Epoch 1's files were refused 3 times each, then written whole; epoch 2's partial folder is gone.
@@ -189,6 +192,27 @@ def test_a_checkpoint_outage_fails_the_run_in_one_line_and_throttling_costs_noth
         "checkpoint_epoch001/train_state.pt",
     } <= names
     assert not any(name.startswith("checkpoint_epoch002") for name in names), names
+
+
+@pytest.mark.extended
+def test_a_rerun_on_healthy_storage_resumes_from_the_last_checkpoint_written_whole(checkpoint_outage, s3_server):
+    """The same command once the storage answers: epoch 2 trained again from epoch 1's checkpoint (the partial
+    epoch 2 was never registered), the run completed. A second Ray run (~35 s): extended tier."""
+    import json
+
+    from tl_ray import cli
+
+    proxy, argv, code, _ = checkpoint_outage
+    assert code == 1
+    proxy.heal()
+    assert cli.main([*argv, "--epochs", "2"]) == 0
+    with s3_server.filesystem().open_input_stream(f"{BUCKET}/runs/outage/result.json") as written:
+        result = json.loads(written.read())
+    assert [row["epoch"] for row in result["history"]] == [1, 2]
+    assert result["history"][-1]["resumed_after_epoch"] == 1
+    assert result["best_checkpoint"].startswith(f"s3://{BUCKET}/runs/outage/checkpoint_epoch00")
+    stored = s3_server.filesystem().get_file_info(pafs.FileSelector(f"{BUCKET}/runs/outage/checkpoint_epoch002"))
+    assert sorted(info.base_name for info in stored) == ["meta.json", "model.pt", "train_state.pt"]
 
 
 def test_a_folder_upload_retries_each_file_and_never_calls_a_refused_put_written(s3_server, images, tmp_path):

@@ -442,4 +442,9 @@ def describe_lost_classes(layout: Layout, lost: list[int], skipped: dict[str, st
 def _root_cause(error: BaseException) -> str:
     while error.__cause__ is not None:
         error = error.__cause__
+    # A worker's own exception, as Ray Train hands it back (its UserExceptionWithTraceback): a TlRayError's one line
+    # (checkpoint.CheckpointWriteError) as written, not the last line of its traceback.
+    worker = getattr(error, "_base_exc", None)
+    if isinstance(worker, TlRayError):
+        return str(worker)
     return str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
