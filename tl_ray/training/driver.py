@@ -446,5 +446,5 @@ def _root_cause(error: BaseException) -> str:
     # (checkpoint.CheckpointWriteError) as written, not the last line of its traceback.
     worker = getattr(error, "_base_exc", None)
     if isinstance(worker, TlRayError):
-        return str(worker)
+        return str(worker).strip()
     return str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
