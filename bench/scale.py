@@ -32,7 +32,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -97,18 +96,12 @@ def child_listing(data_uri: str) -> dict:
 
     before = rss_mb()
     started = time.perf_counter()
-    tracemalloc.start()
     layout = class_folders.discover(data_uri, val_fraction=0.01)
-    held, python_peak = tracemalloc.get_traced_memory()  # Python objects: kept by the layout, and at most
-    tracemalloc.stop()
-    files = len(layout.train) + len(layout.val)
     return {
-        "listing_s": time.perf_counter() - started,  # with tracemalloc on: slower than a run lists
-        "files": files,
+        "listing_s": time.perf_counter() - started,
+        "files": len(layout.train) + len(layout.val),
         "rss_before_mb": before,
         "rss_growth_mb": peak_rss_mb() - before,
-        "python_held_bytes_per_file": held / max(files, 1),
-        "python_peak_bytes_per_file": python_peak / max(files, 1),
     }
 
 
