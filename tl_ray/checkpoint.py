@@ -90,6 +90,7 @@ def uploader(storage: str, retry_seconds: float = retries.RETRY_SECONDS) -> Call
         path = storage_context.build_checkpoint_path_from_name(name)
         files = sorted(location.files_under(saved.path), key=lambda pair: (pair[1] == META_FILE, pair[1]))
         try:
+            retries.call(lambda: filesystem.create_dir(path), retry_seconds)  # as Ray's own upload does first
             for local, relative in files:
                 location.put_file(local, filesystem, f"{path}/{relative}", retry_seconds)
         except (OSError, ValueError) as error:
