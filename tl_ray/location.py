@@ -132,11 +132,25 @@ _UNREACHABLE = (
 )
 
 
+# What they say when the storage answered and refused who is asking, or was asked in the wrong region.
+_REFUSED = ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "AccessDenied", "Forbidden")
+_WRONG_REGION = ("PermanentRedirect", "AuthorizationHeaderMalformed", "HTTP status 301", "wrong region")
+
+
 def unreachable_hint(error: BaseException) -> str:
-    """What to check when ``error`` says the storage never answered (appended to its one line), else ""."""
-    if any(sign in str(error) for sign in _UNREACHABLE):
+    """What to check when ``error`` says the storage never answered, refused the credentials or was asked in the
+    wrong region (appended to its one line), else ""."""
+    text = str(error)
+    if any(sign in text for sign in _UNREACHABLE):
         return (
             " (the storage did not answer: check the endpoint, the network route to it, a proxy, and the credentials)"
+        )
+    if any(sign in text for sign in _WRONG_REGION):
+        return " (the bucket is in another region: pass it in the URI's query, ?region=..., or AWS_REGION)"
+    if any(sign in text for sign in _REFUSED):
+        return (
+            " (the storage refused the request: check the credentials this machine uses (AWS_ACCESS_KEY_ID,"
+            " AWS_PROFILE, the instance's role), their permission on this bucket and the endpoint)"
         )
     return ""
 
