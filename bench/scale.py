@@ -80,6 +80,13 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak RSS since it started its program: /proc's VmHWM. Not ``getrusage``'s ru_maxrss, which
+    Linux carries over an exec from the forked parent: a child of a large bench process reported the parent's
+    size as its own peak (the "fixed ~306 MB" of BENCHMARKS "Issue 38 item 4")."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

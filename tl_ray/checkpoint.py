@@ -9,12 +9,14 @@ someone else cannot run code on this machine.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import pickle
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,50 @@ def save_checkpoint(
     # meta.json last: its presence marks a complete checkpoint.
     _write_atomically(directory / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
     return directory
+
+
+class CheckpointWriteError(TlRayError):
+    """A checkpoint the storage did not take, after the retries: the run fails with this one line."""
+
+
+def uploader(storage: str, retry_seconds: float = retries.RETRY_SECONDS) -> Callable[[Any, str], Any]:
+    """Ray Train's ``checkpoint_upload_fn`` for a run under ``storage`` (the --storage text): the checkpoint's files
+    written to where Ray's own upload puts them (``StorageContext.build_checkpoint_path_from_name``, through the run's
+    storage filesystem), each retried while the storage fails for a reason that passes, for ``retry_seconds``
+    (``tl_ray.retries``), ``meta.json`` last. Ray's own upload (``pyarrow.fs.copy_files``) reports a refused PUT as
+    a success (``location.upload``), so a checkpoint could be registered without its files.
+
+    Ray registers a checkpoint only once this returns, so a rerun resumes from the last checkpoint written whole;
+    the folder of one that failed is deleted where the storage allows. A failure that outlasts the retries is a
+    ``CheckpointWriteError`` naming the checkpoint's URI and the storage's error, which ends the attempt (Ray Train
+    restarts the workers from the last checkpoint up to --max-failures times, then the run fails with that line).
+    """
+
+    def upload(saved: Any, name: str) -> Any:
+        import ray.train
+
+        storage_context = ray.train.get_context().get_storage()
+        filesystem = storage_context.storage_filesystem
+        path = storage_context.build_checkpoint_path_from_name(name)
+        files = sorted(location.files_under(saved.path), key=lambda pair: (pair[1] == META_FILE, pair[1]))
+        try:
+            retries.call(lambda: filesystem.create_dir(path), retry_seconds)  # as Ray's own upload does first
+            for local, relative in files:
+                location.put_file(local, filesystem, f"{path}/{relative}", retry_seconds)
+        except (OSError, ValueError) as error:
+            with contextlib.suppress(OSError, ValueError):
+                filesystem.delete_dir(path)
+            where = location.resolve(storage, "--storage").at(path)
+            # Ray retries an upload whose error names AWS's transient codes ("AWS Error SLOW_DOWN"): this one has
+            # had its retries, so its text names the code without that prefix.
+            said = location.describe(error).replace("AWS Error ", "AWS: ")
+            raise CheckpointWriteError(
+                f"--storage: checkpoint {name} could not be written to {where.uri}: {said}; rerun the same command"
+                " once the storage answers to resume from the last checkpoint written whole"
+            ) from None
+        return ray.train.Checkpoint(filesystem=filesystem, path=path)
+
+    return upload
 
 
 def cache_dir() -> Path:

@@ -37,6 +37,7 @@ GCS_RETRY_S = 20.0
 # The first request to a location (``Location.info``, ``check_writable``) is also given up after this long: GCS's
 # client bounds its retries but not one request to an endpoint that accepts and never answers, nor Azure's any.
 FIRST_ANSWER_S = 30.0
+UPLOAD_CHUNK = 8 << 20  # bytes a local file is read in while it is written to storage
 # The schemes whose URI is scheme://<the filesystem's path>: a path inside them maps back to a URI by itself.
 _PATH_IS_URI = ("s3", "gs", "gcs")
 
@@ -131,11 +132,25 @@ _UNREACHABLE = (
 )
 
 
+# What they say when the storage answered and refused who is asking, or was asked in the wrong region.
+_REFUSED = ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "AccessDenied", "Forbidden")
+_WRONG_REGION = ("PermanentRedirect", "AuthorizationHeaderMalformed", "HTTP status 301", "wrong region")
+
+
 def unreachable_hint(error: BaseException) -> str:
-    """What to check when ``error`` says the storage never answered (appended to its one line), else ""."""
-    if any(sign in str(error) for sign in _UNREACHABLE):
+    """What to check when ``error`` says the storage never answered, refused the credentials or was asked in the
+    wrong region (appended to its one line), else ""."""
+    text = str(error)
+    if any(sign in text for sign in _UNREACHABLE):
         return (
             " (the storage did not answer: check the endpoint, the network route to it, a proxy, and the credentials)"
+        )
+    if any(sign in text for sign in _WRONG_REGION):
+        return " (the bucket is in another region: pass it in the URI's query, ?region=..., or AWS_REGION)"
+    if any(sign in text for sign in _REFUSED):
+        return (
+            " (the storage refused the request: check the credentials this machine uses (AWS_ACCESS_KEY_ID,"
+            " AWS_PROFILE, the instance's role), their permission on this bucket and the endpoint)"
         )
     return ""
 
@@ -196,9 +211,41 @@ def write_bytes(
 
 
 def upload(folder: str, target: Location, retry_seconds: float = retries.RETRY_SECONDS) -> None:
-    """A local file's or folder's files copied to ``target``, retried as ``write_bytes`` is (a repeat copies every
-    file again: each is written whole)."""
-    retries.call(lambda: pafs.copy_files(folder, target.path, destination_filesystem=target.filesystem), retry_seconds)
+    """A local file, or a folder's files (its sub-folders' too), copied to ``target``, each file retried as
+    ``write_bytes`` is.
+
+    Not ``pyarrow.fs.copy_files``: it closes each object it wrote in the stream's destructor, which drops the error
+    of the last part's upload ("Error ignored when destroying file"), so a PUT that the storage refused returned as
+    a success and left the file missing (tests/ray/test_storage_faults.py)."""
+    if not os.path.isdir(folder):
+        put_file(folder, target.filesystem, target.path, retry_seconds)
+        return
+    for local, relative in files_under(folder):
+        put_file(local, target.filesystem, target.join(relative).path, retry_seconds)
+
+
+def files_under(folder: str) -> list[tuple[str, str]]:
+    """A local folder's files: (path, path relative to ``folder`` with "/"), sorted."""
+    found = []
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            local = os.path.join(parent, name)
+            found.append((local, os.path.relpath(local, folder).replace(os.sep, "/")))
+    return sorted(found, key=lambda pair: pair[1])
+
+
+def put_file(local: str, filesystem: pafs.FileSystem, path: str, retry_seconds: float = retries.RETRY_SECONDS) -> None:
+    """The local file ``local`` written whole to ``path`` (streamed: a checkpoint is not held in memory), made again
+    while the storage fails for a reason that passes. The stream is closed inside, where a refused upload raises."""
+
+    def put() -> None:
+        if isinstance(filesystem, pafs.LocalFileSystem):
+            filesystem.create_dir(path.rsplit("/", 1)[0] or "/", recursive=True)
+        with open(local, "rb") as source, filesystem.open_output_stream(path) as stream:
+            while chunk := source.read(UPLOAD_CHUNK):
+                stream.write(chunk)
+
+    retries.call(put, retry_seconds)
 
 
 def check_writable(location: Location, option: str) -> None:

@@ -137,3 +137,108 @@ def test_writes_retry_what_passes_and_name_what_does_not(s3_server, images):
         with pytest.raises(retries.Exhausted, match=r"^storage error after \d+ tries in 1 s: OSError: .*SLOW_DOWN"):
             location.write_bytes(where.filesystem, where.join("down.json").path, b"{}", retry_seconds=1.0)
         assert where.filesystem.get_file_info(where.join("down.json").path).type == pafs.FileType.NotFound
+
+
+# A run's own arguments: the storage is under test, so the smallest run (a rate given: no --lr select).
+TINY = ["--arch", "resnet18", "--image-size", "32", "--num-workers", "1", "--weights", "none", "--batch-size", "16"]
+TINY += ["--lr", "1e-3", "--max-failures", "0"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint_outage(s3_server, images, ray_cluster, tmp_path_factory):
+    """`tl-ray train` for 2 epochs with --storage in the bucket, through the proxy: epoch 1's checkpoint throttled
+    (3 refused PUTs of each file: more than the S3 client's own retries), epoch 2's train_state.pt refused for longer
+    than --retry-seconds, 8 s (its model.pt and meta.json land: a partial checkpoint).
+    Yields (proxy, argv, exit code, stderr)."""
+    import contextlib
+    import io
+    import sys
+
+    from tl_ray import cli
+
+    cwd = tmp_path_factory.mktemp("cwd")
+    with FaultProxy(s3_server.endpoint) as proxy, pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        argv = ["train", "--data", proxy.uri(images), *TINY, "--storage", proxy.uri(f"{BUCKET}/runs")]
+        argv += ["--name", "outage", "--retry-seconds", "8"]
+        proxy.fail(r"/runs/outage/checkpoint_epoch001/", times=3, method="PUT")
+        proxy.fail(r"/runs/outage/checkpoint_epoch002/train_state\.pt", times=1_000, method="PUT")
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            patch.setattr(sys, "stderr", err)
+            code = cli.main([*argv, "--epochs", "2"])
+        yield proxy, argv, code, err.getvalue()
+
+
+def test_a_checkpoint_outage_fails_the_run_in_one_line_and_throttling_costs_nothing(checkpoint_outage, s3_server):
+    proxy, _, code, err = checkpoint_outage
+    assert code == 1, err
+    # What tl-ray printed itself (the test's Ray forwards its processes' logs, each line tagged with its process).
+    own = [line for line in err.splitlines() if line.strip() and not line.startswith("\x1b[36m(")]
+    said = [line for line in own if line.startswith("tl-ray: error:")]
+    assert len(said) == 1 and not any("Traceback" in line for line in own), own[-5:]
+    assert said[0].startswith(
+        "tl-ray: error: training failed: --storage: checkpoint checkpoint_epoch002 could not be"
+    ), said[0]
+    assert f"s3://{BUCKET}/runs/outage/checkpoint_epoch002?endpoint_override={proxy.endpoint}" in said[0]
+    assert "SLOW_DOWN" in said[0] and "rerun the same command" in said[0]
+    # Epoch 1's files were refused 3 times each, then written whole; epoch 2's partial folder is gone.
+    assert proxy.count("PUT", r"/checkpoint_epoch001/model\.pt") >= 4
+    stored = s3_server.filesystem().get_file_info(pafs.FileSelector(f"{BUCKET}/runs/outage", recursive=True))
+    names = {info.path.removeprefix(f"{BUCKET}/runs/outage/") for info in stored}
+    assert {
+        "checkpoint_epoch001/model.pt",
+        "checkpoint_epoch001/meta.json",
+        "checkpoint_epoch001/train_state.pt",
+    } <= names
+    assert not any(name.startswith("checkpoint_epoch002") for name in names), names
+
+
+@pytest.mark.extended
+def test_a_rerun_on_healthy_storage_resumes_from_the_last_checkpoint_written_whole(checkpoint_outage, s3_server):
+    """The same command once the storage answers: epoch 2 trained again from epoch 1's checkpoint (the partial
+    epoch 2 was never registered), the run completed. A second Ray run (~35 s): extended tier."""
+    import json
+
+    from tl_ray import cli
+
+    proxy, argv, code, _ = checkpoint_outage
+    assert code == 1
+    proxy.heal()
+    assert cli.main([*argv, "--epochs", "2"]) == 0
+    with s3_server.filesystem().open_input_stream(f"{BUCKET}/runs/outage/result.json") as written:
+        result = json.loads(written.read())
+    assert [row["epoch"] for row in result["history"]] == [1, 2]
+    assert result["history"][-1]["resumed_after_epoch"] == 1
+    assert result["best_checkpoint"].startswith(f"s3://{BUCKET}/runs/outage/checkpoint_epoch00")
+    stored = s3_server.filesystem().get_file_info(pafs.FileSelector(f"{BUCKET}/runs/outage/checkpoint_epoch002"))
+    assert sorted(info.base_name for info in stored) == ["meta.json", "model.pt", "train_state.pt"]
+
+
+def test_a_folder_upload_retries_each_file_and_never_calls_a_refused_put_written(s3_server, images, tmp_path):
+    """location.upload (TensorBoard files, evaluate's and export's outputs) and a checkpoint's upload: each file's
+    PUT made again while throttled; one refused beyond the retries raises. pyarrow.fs.copy_files, which Ray Train's
+    own checkpoint upload uses, returned as if it had written it (the error dropped in a destructor)."""
+    from tl_ray import location, retries
+
+    folder = tmp_path / "run"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.json").write_bytes(b"a" * 1000)
+    (folder / "sub" / "b.bin").write_bytes(b"b" * 3000)
+    with FaultProxy(s3_server.endpoint) as proxy:
+        where = location.resolve(proxy.uri(f"{BUCKET}/uploads"), "--out")
+        proxy.fail(r"/uploads/sub/b\.bin", times=3, method="PUT")
+        location.upload(str(folder), where)
+        assert proxy.count("PUT", r"/uploads/sub/b\.bin") == 4
+        stored = s3_server.filesystem()
+        with stored.open_input_stream(f"{BUCKET}/uploads/sub/b.bin") as written:
+            assert written.read() == b"b" * 3000
+
+        proxy.fail(r"/again/a\.json", times=1_000, method="PUT")
+        with pytest.raises(retries.Exhausted, match=r"SLOW_DOWN"):
+            location.upload(str(folder), where.join("again"), retry_seconds=1.0)
+        assert stored.get_file_info(f"{BUCKET}/uploads/again/a.json").type == pafs.FileType.NotFound
+        # Why not pyarrow.fs.copy_files: the same refusal, and it returns as if all was written.
+        proxy.fail(r"/copied/a\.json", times=1_000, method="PUT")
+        pafs.copy_files(str(folder), where.join("copied").path, destination_filesystem=where.filesystem)
+        assert stored.get_file_info(f"{BUCKET}/uploads/copied/a.json").type == pafs.FileType.NotFound

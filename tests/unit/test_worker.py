@@ -59,7 +59,7 @@ def _run(monkeypatch, tmp_path: Path, options: TrainConfig, resume_from: Path | 
     """(metrics, checkpoint folder or None) of each report of one worker group."""
     reports = []
 
-    def report(metrics, checkpoint=None, checkpoint_dir_name=None):
+    def report(metrics, checkpoint=None, checkpoint_dir_name=None, checkpoint_upload_fn=None):
         kept = None
         if checkpoint is not None:
             kept = tmp_path / f"{len(list(tmp_path.iterdir()))}-{checkpoint_dir_name}"

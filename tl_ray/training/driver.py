@@ -443,6 +443,13 @@ def describe_lost_classes(layout: Layout, lost: list[int], skipped: dict[str, st
 
 
 def _root_cause(error: BaseException) -> str:
+    # A worker's own TlRayError (checkpoint.CheckpointWriteError) as written, not the last line of its traceback:
+    # Ray Train hands each worker's exception back in WorkerGroupError.worker_failures, wrapped in its
+    # UserExceptionWithTraceback (the original in ``_base_exc``).
+    for failure in (getattr(error, "worker_failures", None) or {}).values():
+        worker = getattr(failure, "_base_exc", failure)
+        if isinstance(worker, TlRayError):
+            return str(worker)
     while error.__cause__ is not None:
         error = error.__cause__
     return str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from ray.train import Checkpoint
 from torch import nn
 
-from tl_ray import classes, cluster, model, progress
+from tl_ray import checkpoint, classes, cluster, model, progress
 from tl_ray.inputs import skiplog
 from tl_ray.inputs.plan import InputPlan
 from tl_ray.location import forbid_world_writable_files
@@ -192,7 +192,7 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
         if done.epoch < options.epochs:
             run.stopped_early = toolbox.patience_reason(run.history, options.monitor, options.patience)
         progress.mark("worker: validated", rank=rank, epoch=done.epoch)
-        _report(run, loop.skipped, rank)
+        _report(run, loop.skipped, rank, checkpoint.uploader(options.storage, options.retry_seconds))
         progress.send(epochs.events, progress.Epoch(metrics, options.epochs))
         if run.stopped_early:
             progress.send(
@@ -309,8 +309,9 @@ def _weight_tensor(
     return torch.tensor([class_weights[name] for name in class_names], dtype=torch.float32, device=device)
 
 
-def _report(run: RunState, skipped: skiplog.Skips, rank: int) -> None:
-    """Every worker reports its epoch (it is a barrier); only rank 0 writes the checkpoint of the run state."""
+def _report(run: RunState, skipped: skiplog.Skips, rank: int, upload: Any) -> None:
+    """Every worker reports its epoch (it is a barrier); only rank 0 writes the checkpoint of the run state, which
+    ``upload`` (``checkpoint.uploader``) puts in storage, retried as every write is."""
     metrics, epoch = run.metrics, run.epoch
     with tempfile.TemporaryDirectory() as directory:
         saved = None
@@ -319,7 +320,8 @@ def _report(run: RunState, skipped: skiplog.Skips, rank: int) -> None:
             saved = Checkpoint.from_directory(directory)
             metrics = {**metrics, "skipped_files": len(skiplog.skipped_files(skipped))}
             progress.mark("worker: checkpoint written", rank=rank, epoch=epoch, bytes=_folder_bytes(directory))
-        ray.train.report(metrics, checkpoint=saved, checkpoint_dir_name=f"checkpoint_epoch{epoch:03d}")
+        name = f"checkpoint_epoch{epoch:03d}"
+        ray.train.report(metrics, checkpoint=saved, checkpoint_dir_name=name, checkpoint_upload_fn=upload)
         progress.mark("worker: reported", rank=rank, epoch=epoch)
 
 

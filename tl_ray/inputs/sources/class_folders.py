@@ -29,6 +29,7 @@ from tl_ray.inputs.sources.listing import (
     Listing,
     file_info,
     find_classes,
+    folders_in,
     has_folder,
     has_folders,
     list_entries,
@@ -54,7 +55,8 @@ def discover(root: str | location.Location, val_fraction: float = 0.2) -> Layout
     if info.type != pafs.FileType.Directory:
         raise TlRayError(f"--data: {root} is a file; expected a folder holding train/<class>/ image folders")
     train_dir = f"{base}/train"
-    if file_info(filesystem, train_dir).type != pafs.FileType.Directory:
+    folders = folders_in(where)  # on object storage one LIST of ROOT answers train/, the val folder and test/
+    if not has_folders(where, ("train",), folders):
         raise TlRayError(f"--data: {root} has no train/ folder; expected {root}/train/<class>/*.jpg")
     class_names = find_classes(filesystem, train_dir)
     if len(class_names) < 2:
@@ -76,7 +78,7 @@ def discover(root: str | location.Location, val_fraction: float = 0.2) -> Layout
                 " add some or remove the folder"
             )
         per_class[label] = files, stats
-    val_name = val_folder(where)
+    val_name = val_folder(where, folders=folders)
     if val_name is not None:
         val, val_stats = _folder_val(filesystem, f"{base}/{val_name}", class_names, f"{root}/{val_name}", rejected)
         train = [(path, label) for label, (files, _) in per_class.items() for path in files]
@@ -87,7 +89,7 @@ def discover(root: str | location.Location, val_fraction: float = 0.2) -> Layout
         source = "split"
     rejected = [(prefix + p, r) for p, r in rejected]
     test, notes = [], []
-    tested = kept_apart(where)
+    tested = kept_apart(where, folders)
     if tested is not None:
         index = {name: label for label, name in enumerate(class_names)}
         test = [(item, index.get(label, -1)) for item, label in zip(tested.items, tested.labels, strict=True)]
@@ -181,8 +183,9 @@ def with_val_data(where: location.Location) -> Listing:
     """Class folders (ROOT/train/<class>/, ROOT/val/<class>/, ROOT/test/<class>/) as a listing, for a run with
     --val-data: the val folder is left out, the test folder kept apart."""
     train = list_items(where.join("train"), SourceOptions())
-    val_name = val_folder(where)
-    test = kept_apart(where) or Listing(NAME, where, train.opener, [], [], [], no_stats(), [])
+    folders = folders_in(where)
+    val_name = val_folder(where, folders=folders)
+    test = kept_apart(where, folders) or Listing(NAME, where, train.opener, [], [], [], no_stats(), [])
     return Listing(
         NAME,
         where,
@@ -197,9 +200,10 @@ def with_val_data(where: location.Location) -> Listing:
     )
 
 
-def kept_apart(where: location.Location) -> Listing | None:
-    """ROOT/test/<class>/ as a listing (None without a test/ folder): the test split, which a run keeps apart."""
-    if not has_folders(where, (TEST_FOLDER,)):
+def kept_apart(where: location.Location, folders: set[str] | None = None) -> Listing | None:
+    """ROOT/test/<class>/ as a listing (None without a test/ folder): the test split, which a run keeps apart.
+    ``folders``: ROOT's folders, if already listed (``listing.folders_in``)."""
+    if not has_folders(where, (TEST_FOLDER,), folders):
         return None
     folder = where.join(TEST_FOLDER)
     if not find_classes(where.filesystem, folder.path):  # unlabelled test images (Kaggle's): nothing to score

@@ -107,20 +107,31 @@ def has_folder(where: location.Location, name: str) -> bool:
     return file_info(where.filesystem, f"{where.path}/{name}").type == pafs.FileType.Directory
 
 
-def has_folders(where: location.Location, names: tuple[str, ...]) -> list[str]:
-    """Which of ``names`` are folders in ``where``: on object storage one LIST of it (asking name by name costs a
-    HEAD and a LIST each), locally a stat each."""
+def folders_in(where: location.Location) -> set[str] | None:
+    """The names of the folders in ``where``, from one LIST on object storage, for ``has_folders`` to answer every
+    question about them (train/, the val folders, test/) without another request; None locally, where a stat per
+    name is cheaper than listing a folder of many files."""
     if is_local(where.filesystem):
-        return [name for name in names if has_folder(where, name)]
+        return None
     entries = list_entries(where.filesystem, where.path, False)
-    folders = {entry.base_name for entry in entries if entry.type == pafs.FileType.Directory}
+    return {entry.base_name for entry in entries if entry.type == pafs.FileType.Directory}
+
+
+def has_folders(where: location.Location, names: tuple[str, ...], folders: set[str] | None = None) -> list[str]:
+    """Which of ``names`` are folders in ``where``: from ``folders`` (``folders_in(where)``) when given; else on
+    object storage one LIST of it (asking name by name costs a HEAD and a LIST each), locally a stat each."""
+    if folders is None:
+        folders = folders_in(where)
+    if folders is None:
+        return [name for name in names if has_folder(where, name)]
     return [name for name in names if name in folders]
 
 
-def val_folder(where: location.Location, option: str = "--data") -> str | None:
+def val_folder(where: location.Location, option: str = "--data", folders: set[str] | None = None) -> str | None:
     """The one validation folder ``where`` holds beside train/ (val/, valid/ or validation/: Kaggle's, Hugging
-    Face's and torchvision's names), None without one; two of them are refused, as which is meant is unknowable."""
-    found = has_folders(where, VAL_FOLDERS)
+    Face's and torchvision's names), None without one; two of them are refused, as which is meant is unknowable.
+    ``folders``: ``where``'s folders, if already listed (``folders_in``)."""
+    found = has_folders(where, VAL_FOLDERS, folders)
     if len(found) > 1:
         raise TlRayError(
             f"{option}: {where.uri} has both {found[0]}/ and {found[1]}/; keep one validation folder (or pass the"
