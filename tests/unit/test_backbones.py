@@ -25,6 +25,14 @@ from tl_ray.training import config
 # walks its model list: a family added to tl_ray/backbones.py is tested here without editing this file.
 ARCHS = tuple(next(iter(family.archs)) for family in backbones.FAMILIES)
 NEW_ARCHS = tuple(arch for arch in ARCHS if not arch.startswith("resnet"))  # beyond ResNet
+# vit_b_16's 86M parameters make each of its cases seconds: in make test, but out of the 2-minute unit tier.
+HEAVY = {"vit_b_16"}
+
+
+def arch_params(archs: tuple[str, ...]) -> list:
+    return [pytest.param(arch, marks=pytest.mark.slow) if arch in HEAVY else arch for arch in archs]
+
+
 SIZE = 32
 BATCH = 4
 NUM_CLASSES = 3
@@ -68,7 +76,7 @@ def test_archs_come_from_the_table_and_config_re_exports_them():
     assert [a for a in backbones.ARCHS if a.startswith("resnet")] == [f"resnet{n}" for n in (18, 34, 50, 101, 152)]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", arch_params(ARCHS))
 def test_stages_and_head_cover_every_parameter_once_and_the_head_fits_the_features(arch):
     transfer = build(arch, 0)
     groups = stage_parameter_names(transfer)
@@ -84,7 +92,7 @@ def test_stages_and_head_cover_every_parameter_once_and_the_head_fits_the_featur
         assert transfer.eval().features(images()).shape == (BATCH, family.archs[arch].feature_dim)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", arch_params(ARCHS))
 def test_weights_enum_and_its_eval_crop_come_from_torchvision(arch):
     enum = backbones.weights_enum(arch)
     assert enum is torchvision.models.get_model_weights(arch)
@@ -94,7 +102,7 @@ def test_weights_enum_and_its_eval_crop_come_from_torchvision(arch):
     assert len(enum.DEFAULT.meta["categories"]) == 1000
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", arch_params(ARCHS))
 def test_forward_is_torchvisions_at_every_depth(arch):
     x = images()
     reference = build(arch, 0).net.eval()
@@ -107,7 +115,7 @@ def test_forward_is_torchvisions_at_every_depth(arch):
 # ----------------------------------------------------------------------------- freezing and training
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", arch_params(ARCHS))
 def test_frozen_parameters_get_no_gradient_and_leave_the_optimizer(arch):
     transfer = build(arch, 0)
     groups = stage_parameter_names(transfer)
@@ -133,7 +141,7 @@ def test_frozen_parameters_get_no_gradient_and_leave_the_optimizer(arch):
         assert id(named[name]) not in decayed
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", arch_params(ARCHS))
 @pytest.mark.parametrize("depth", DEPTHS)
 def test_training_moves_only_unfrozen_stages_and_frozen_batchnorm_statistics_stay(arch, depth):
     transfer = build(arch, depth).train()
@@ -159,7 +167,7 @@ def test_training_moves_only_unfrozen_stages_and_frozen_batchnorm_statistics_sta
         assert moved, "a trainable stage's BatchNorm should update its statistics"
 
 
-@pytest.mark.parametrize("arch", NEW_ARCHS)
+@pytest.mark.parametrize("arch", arch_params(NEW_ARCHS))
 def test_probe_then_fine_tune_moves_the_head_first_then_the_backbone(arch):
     """--strategy probe: one optimizer built at the final depth; the head phase leaves the backbone untouched."""
     transfer = build(arch, 3).train()
@@ -179,7 +187,7 @@ def test_probe_then_fine_tune_moves_the_head_first_then_the_backbone(arch):
     assert step() - head
 
 
-@pytest.mark.parametrize("arch", NEW_ARCHS)
+@pytest.mark.parametrize("arch", arch_params(NEW_ARCHS))
 def test_head_alone_on_features_is_the_model_at_depth_5(arch):
     """What the feature cache relies on: the head applied to ``features`` is the whole model's forward."""
     transfer = build(arch, NUM_STAGES).eval()
@@ -190,7 +198,7 @@ def test_head_alone_on_features_is_the_model_at_depth_5(arch):
 # ----------------------------------------------------------------------------- weights and checkpoints
 
 
-@pytest.mark.parametrize("arch", NEW_ARCHS)
+@pytest.mark.parametrize("arch", arch_params(NEW_ARCHS))
 def test_checkpoint_round_trip_and_weights_from_a_checkpoint_with_other_classes(arch, tmp_path):
     state = initial_state(arch)
     assert list(state) == list(model.create_model(arch, NUM_CLASSES, SIZE).state_dict())  # torchvision's keys
@@ -222,6 +230,7 @@ def test_a_bare_state_dict_of_another_arch_does_not_fit(tmp_path):
 # ----------------------------------------------------------------------------- ViT image sizes
 
 
+@pytest.mark.slow  # vit_b_16 at three sizes
 def test_vit_at_another_size_interpolates_position_embeddings_from_224(tmp_path):
     torch.manual_seed(0)
     at_224 = torchvision.models.vit_b_16(weights=None).state_dict()  # as ImageNet weights come: 224 px, 1000 classes
@@ -254,7 +263,7 @@ def test_vit_needs_an_image_size_that_is_a_multiple_of_its_patch(size, tmp_path)
 # ----------------------------------------------------------------------------- export
 
 
-@pytest.mark.parametrize("arch", NEW_ARCHS)
+@pytest.mark.parametrize("arch", arch_params(NEW_ARCHS))
 @pytest.mark.parametrize("fmt", ["torchscript", pytest.param("onnx", marks=pytest.mark.slow)])  # onnx: ~10-25 s each
 def test_export_gives_the_checkpoints_probabilities(arch, fmt, tmp_path):
     if fmt == "onnx":

@@ -82,6 +82,7 @@ def _run(net, batches, test, **kwargs):
     ), optimizer
 
 
+@pytest.mark.slow  # trains the toy problem three times
 def test_the_test_stops_when_the_loss_diverges_and_suggests_a_rate_that_trains():
     torch.manual_seed(0)
     net, batches = _problem()
