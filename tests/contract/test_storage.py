@@ -203,7 +203,9 @@ def test_predict_and_evaluate_read_the_checkpoint_once_and_write_to_object_stora
     written = ["confusion.png", "metrics.json", "misclassified.csv", "per_class.png", "reliability.png"]
     assert _objects(buckets, "results/eval") == [*written, "report.html", "top_losses.png"]
     page = _read(buckets, "results/eval/report.html").decode()
-    assert page.count('<img src="data:image/png;base64,') >= 4  # self-contained: opens from the bucket alone
+    assert page.count('<img src="data:image/png;base64,') == 3  # self-contained: opens from the bucket alone
+    worst = json.loads(_read(buckets, "results/eval/metrics.json"))["top_losses"]
+    assert page.count('<img src="data:image/jpeg;base64,') == len(worst) > 0  # read back from the bucket
     metrics = json.loads(_read(buckets, "results/eval/metrics.json"))
     assert metrics["images"] > 4
 

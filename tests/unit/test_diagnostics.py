@@ -46,6 +46,7 @@ def test_a_calibrated_model_has_no_gap_and_an_overconfident_one_its_gap():
     assert diagnostics.calibration(np.array([]), np.array([], bool)).ece == 0.0
 
 
+@pytest.mark.slow  # sklearn.calibration takes seconds to import (it imports most of scikit-learn)
 def test_calibration_bins_agree_with_scikit_learn():
     from sklearn.calibration import calibration_curve
 
