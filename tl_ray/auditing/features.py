@@ -142,7 +142,7 @@ def compute(
     index = {name: position for position, name in enumerate(meta["class_names"])}
     for group in merged:
         rows = classify_items(
-            checkpoint, meta, group.opener, group.items, [], 1, batch_size, retry_seconds, None, on_event, True
+            checkpoint, meta, group.opener, group.items, [], 1, batch_size, retry_seconds, None, on_event, features=True
         )
         by_path = {path: row for row, path in enumerate(rows["path"])}
         for item, split, label in zip(group.items, group.splits, group.labels, strict=True):
