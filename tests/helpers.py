@@ -63,6 +63,18 @@ def kill_a_training_worker(gcs_address: str) -> int | None:
     return workers[0].pid
 
 
+def kill_a_worker_once_recorded(checkpoint_dir: Path, gcs_address: str, killed: list[int]) -> None:
+    """SIGKILL one Ray Train worker process soon after ``checkpoint_dir`` is recorded (mid-epoch); its pid goes into
+    ``killed``. Recorded: Ray Train has taken that epoch's report (it polls every 0.25 s), so the worker is in the
+    next epoch."""
+    deadline = time.monotonic() + 600
+    while not recorded(checkpoint_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pid = kill_a_training_worker(gcs_address)
+    if pid is not None:
+        killed.append(pid)
+
+
 def wait_for_free_cpus(ray, timeout_s: float = 180) -> None:
     """Wait until every CPU of the cluster is free again: a SIGKILLed driver's actors and placement groups are
     released by Ray some seconds after its death, and a run started before that can starve past Ray Train's

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import kill_a_training_worker, recorded
+from helpers import kill_a_worker_once_recorded
 
 import tl_ray
 from tl_ray import cli
@@ -24,17 +24,6 @@ from tl_ray.training import toolbox
 pytestmark = pytest.mark.timeout(900)
 
 EPOCHS, BATCH, ACCUMULATE = 3, 8, 2
-
-
-def _kill_after(checkpoint_dir: Path, gcs_address: str, killed: list[int]) -> None:
-    import time
-
-    deadline = time.monotonic() + 600
-    while not recorded(checkpoint_dir) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    pid = kill_a_training_worker(gcs_address)
-    if pid is not None:
-        killed.append(pid)
 
 
 @pytest.mark.slow  # a worker kill, as the other resume tests (make test runs it; make test-fast does not)
@@ -49,7 +38,9 @@ def test_ema_accumulation_mixing_layer_decay_and_patience_resume_mid_run(tmp_pat
     ]  # fmt: skip
     killed: list[int] = []
     first = tmp_path / "runs" / "kit" / "checkpoint_epoch001"
-    killer = threading.Thread(target=_kill_after, args=(first, ray_cluster.get_runtime_context().gcs_address, killed))
+    killer = threading.Thread(
+        target=kill_a_worker_once_recorded, args=(first, ray_cluster.get_runtime_context().gcs_address, killed)
+    )
     killer.start()
     with pytest.MonkeyPatch.context() as patch:
         printed = io.StringIO()

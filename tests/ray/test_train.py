@@ -23,7 +23,7 @@ from helpers import (
     SOURCE_BATCH,
     SOURCE_EPOCHS,
     as_reported,
-    kill_a_training_worker,
+    kill_a_worker_once_recorded,
     recorded,
     tensorboard_scalars,
     wait_for_free_cpus,
@@ -96,17 +96,6 @@ def test_train_learns_and_leaves_a_loadable_checkpoint(source_run, source_data, 
     )
 
 
-def _kill_a_worker_once(checkpoint_dir: Path, gcs_address: str, killed: list[int]) -> None:
-    """SIGKILL one Ray Train worker process soon after ``checkpoint_dir`` is recorded (mid-epoch)."""
-    deadline = time.monotonic() + 600
-    while not recorded(checkpoint_dir) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    # Recorded: Ray Train has taken that epoch's report (it polls every 0.25 s), so the worker is in the next epoch.
-    pid = kill_a_training_worker(gcs_address)
-    if pid is not None:
-        killed.append(pid)
-
-
 @pytest.mark.slow
 def test_rerun_resumes_and_a_killed_worker_restarts_from_the_last_checkpoint(source_run, source_model, ray_cluster):
     argv, storage, before, _ = source_run
@@ -116,7 +105,7 @@ def test_rerun_resumes_and_a_killed_worker_restarts_from_the_last_checkpoint(sou
     killed: list[int] = []
     watched = storage / "src" / f"checkpoint_epoch{SOURCE_EPOCHS + 1:03d}"
     killer = threading.Thread(
-        target=_kill_a_worker_once, args=(watched, ray_cluster.get_runtime_context().gcs_address, killed)
+        target=kill_a_worker_once_recorded, args=(watched, ray_cluster.get_runtime_context().gcs_address, killed)
     )
     killer.start()
     try:
