@@ -355,6 +355,7 @@ def test_every_option_is_one_flag_with_its_declared_help(command, config_class):
     parser = _subparser(command)
     actions = {option: action for action in parser._actions for option in action.option_strings}
     own = {"-h", "--help", "--cpu", "--config", "--verbose", "--print-config", "--no-train-bn", "--no-sync-bn"}
+    own.add("--no-compile")  # a bool option's negative, as --no-train-bn
     if command == "tune":
         own.add("--no-scratch-baseline")
     fields = [field for field in dataclasses.fields(config_class) if field.name not in config_class.IGNORED]
@@ -481,7 +482,8 @@ def test_declared_bounds_are_checked_with_one_line_naming_the_flag(capsys, no_ru
     if field.metadata["between"]:
         low, high = field.metadata["between"]
         bad, expected = kind(high) + 1, f"must be between {low} and {high}; got {kind(high) + 1}"
-        inside = [kind(low), kind(high)]
+        # positive too (--layer-decay): the low end is refused, values above it are inside
+        inside = [kind(high), (low + high) / 2] if field.metadata["positive"] else [kind(low), kind(high)]
     else:
         bad, expected, inside = kind(0), f"must be positive; got {kind(0)}", [kind(1)]
     for value in inside:
