@@ -1,7 +1,8 @@
 """A fault-injecting HTTP proxy on 127.0.0.1 in front of the test S3 server: storage that misbehaves on demand.
 
 A test points pyarrow's S3 client at the proxy's endpoint instead of moto's and says which requests fail and how
-(``fail``: the first N GETs of each object whose key matches a pattern answered 503 SlowDown, as S3 throttles).
+(``fail``: the first N GETs of each object whose key matches a pattern answered 503 SlowDown, as S3 throttles, or,
+with ``status=RESET``, cut off half-way through the object's bytes).
 Every request is counted by method and key, so a test asserts what reached the storage. The proxy serves only
 loopback, stops by itself after ``max_requests`` (a test that loops cannot hammer anything) and is stopped by
 the test (a context manager).
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import http.client
 import re
+import socket
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 HOST = "127.0.0.1"
+RESET = 0  # a fault "status": the object's headers and half its bytes, then the connection dropped (a reset mid-object)
 SLOW_DOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
     b"<Message>Please reduce your request rate.</Message><RequestId>faultproxy</RequestId></Error>"
@@ -120,7 +123,7 @@ class FaultProxy:
                 key = urlsplit(self.path).path
                 body = self._body()
                 status = proxy._fault_for(self.command, key)
-                if status is not None:
+                if status is not None and status != RESET:
                     payload = SLOW_DOWN if self.command != "HEAD" else b""
                     self.send_response(status)
                     self.send_header("Content-Type", "application/xml")
@@ -146,6 +149,12 @@ class FaultProxy:
                 if self.command != "HEAD":
                     self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
+                if status == RESET:  # the promised length, half of it sent, and the connection gone
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 if self.command != "HEAD":
                     self.wfile.write(data)
 

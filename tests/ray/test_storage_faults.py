@@ -16,12 +16,12 @@ import re
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
-from faultproxy import FaultProxy
+from faultproxy import RESET, FaultProxy
 from PIL import Image
 
 import tl_ray
 from tl_ray.errors import RunError
-from tl_ray.inputs import cache, skiplog, sources
+from tl_ray.inputs import cache, reading, skiplog, sources
 from tl_ray.inputs.config import SourceOptions
 
 pytestmark = pytest.mark.timeout(300)
@@ -118,6 +118,23 @@ def test_predict_evaluate_and_inspect_tell_an_outage_from_bad_images(s3_server, 
         proxy.fail(r"/train/", times=3)
         rows = tl_ray.predict(source_model, data, out=str(out))
         assert len(rows) == 16 and (rows["error"] == "").all() and out.exists()
+
+
+def test_a_connection_reset_mid_object_is_read_again_never_half_an_image(s3_server, images):
+    """An object cut off half-way (headers promising its length, half its bytes, the connection dropped) is a
+    failure that passes: the read asks again and returns the whole object, never the half it got."""
+    filesystem = s3_server.filesystem()
+    whole = filesystem.open_input_stream(f"{images}/train/circle/00.png").read()
+    with FaultProxy(s3_server.endpoint) as proxy:
+        layout = sources.discover(proxy.uri(images), options=SourceOptions(retry_seconds=30.0))
+        [item] = [path for path, _ in layout.train if path.endswith("/00.png")]
+        proxy.fail(r"/train/circle/00\.png$", times=2, status=RESET)
+        assert reading.read_item(layout.opener, item, layout.retry_seconds) == whole
+        assert proxy.count("GET", r"/00\.png$") == 3  # two cut off, the third whole
+        proxy.fail(r"/train/circle/02\.png$", times=1_000, status=RESET)  # every GET cut off: an outage
+        [other] = [path for path, _ in layout.train if path.endswith("/02.png")]
+        with pytest.raises(reading.StorageError):
+            reading.read_item(layout.opener, other, 1.0)
 
 
 def test_writes_retry_what_passes_and_name_what_does_not(s3_server, images):
