@@ -64,8 +64,12 @@ def test_audit_finds_the_planted_faults(source_model, faulted, tmp_path, ray_clu
         "duplicates.png",
         "outliers.csv",
         "fix-list.csv",
+        "report.html",
         *(["outliers.png"] if (out / "outliers.png").exists() else []),
     }
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(list(out.glob("*.png")))  # every gallery embedded
+    assert f"page             {out / 'report.html'}" in console
     suspects = pd.read_csv(out / "suspects.csv")
     top = set(suspects["item"].head(2 * RELABELLED))
     assert len(top & set(relabelled)) >= RELABELLED - 1, suspects.head(12)

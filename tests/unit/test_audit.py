@@ -14,7 +14,9 @@ from PIL import Image
 
 from tl_ray import cli
 from tl_ray.auditing import duplicates, features, labels, outliers, writing
+from tl_ray.auditing import page as audit_page
 from tl_ray.auditing.config import AuditConfig
+from tl_ray.auditing.result import AuditResult, Finding
 from tl_ray.errors import TlRayError, UsageError
 from tl_ray.inputs.config import SourceOptions
 from tl_ray.inputs.layout import FileOpener
@@ -167,6 +169,26 @@ def test_the_files_and_the_fix_list(tmp_path):
     assert rows == [{"path": p[3], "label": "dog", "split": "val"}, {"path": p[4], "label": "cat", "split": "val"}]
     with open(tmp_path / "audit" / "duplicates.csv", newline="") as stream:
         assert next(csv.reader(stream)) == duplicates.COLUMNS
+
+    # report.html: the findings on one page, each gallery embedded, every user string escaped.
+    finding = lambda name, table, rows: Finding(name, rows, written.get(table), written.get(table[:-4] + ".png"))  # noqa: E731
+    result = AuditResult(
+        out=out.uri,
+        checkpoint="ck<1>",
+        data=str(tmp_path / "data"),
+        images={"train": 3, "val": 2},
+        labelled=True,
+        suspects=finding("label suspects", writing.SUSPECTS, suspects),
+        duplicates=finding("duplicates", writing.DUPLICATES, pairs),
+        outliers=finding("outliers", writing.OUTLIERS, far),
+        duplicate_threshold=0.95,
+        seconds={"features": 1.0},
+    )
+    uri = audit_page.write(result, out, {"label suspects": "suspects.png", "duplicates": "duplicates.png"})
+    html = (tmp_path / "audit" / "report.html").read_text()
+    assert uri == out.join("report.html").uri and html.count("data:image/png;base64,") == 2
+    assert "ck&lt;1&gt;" in html and "ck<1>" not in html
+    assert all(heading in html for heading in ("Label suspects", "Duplicates", "Outliers", "leak train/val"))
 
 
 def test_out_must_be_new_or_empty(tmp_path):

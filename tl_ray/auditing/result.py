@@ -46,6 +46,7 @@ class AuditResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    report: str | None = None  # report.html: the findings on one page, the galleries embedded
 
     @property
     def findings(self) -> list[Finding]:

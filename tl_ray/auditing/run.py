@@ -1,17 +1,18 @@
 """`tl-ray audit`, in order: check --out, list --data as train would, compute every item's features once, then
-the label suspects, the duplicates and leaks, the outliers, and write them (``writing``) into one record
-(``result.AuditResult``)."""
+the label suspects, the duplicates and leaks, the outliers, and write them (``writing``; ``page``: report.html) into
+one record (``result.AuditResult``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
 import torch
 
 from tl_ray import checkpoint as checkpoints
-from tl_ray import progress
-from tl_ray.auditing import duplicates, features, labels, outliers, writing
+from tl_ray import location, progress
+from tl_ray.auditing import duplicates, features, labels, outliers, page, writing
 from tl_ray.auditing.config import AuditConfig
 from tl_ray.auditing.result import AuditResult, Finding
 from tl_ray.errors import TlRayError
@@ -77,11 +78,16 @@ def audit(config: AuditConfig, on_event: progress.OnEvent | None = None) -> Audi
     written = writing.write(target, tables, items, config.retry_seconds)
     lap("writing")
 
+    drawn: dict[str, str] = {}  # each finding's gallery file, by finding name: report.html embeds them
+
     def finding(name: str, table: str, rows) -> Finding:
-        return Finding(name, rows, written.get(table), written.get(table.replace(".csv", ".png")))
+        gallery = table.replace(".csv", ".png")
+        if gallery in written:
+            drawn[name] = gallery
+        return Finding(name, rows, written.get(table), written.get(gallery))
 
     splits, counts = np.unique(items.splits, return_counts=True)
-    return AuditResult(
+    result = AuditResult(
         out=target.uri,
         checkpoint=str(config.checkpoint),
         data=str(config.data),
@@ -96,3 +102,8 @@ def audit(config: AuditConfig, on_event: progress.OnEvent | None = None) -> Audi
         notes=items.notes,
         seconds=seconds,
     )
+    try:
+        report = page.write(result, target, drawn)
+    except OSError as error:
+        raise TlRayError(f"--out: cannot write {target.uri}: {location.describe(error)}") from error
+    return dataclasses.replace(result, report=report)

@@ -208,6 +208,8 @@ def audit(result) -> None:
         print(f"{finding.name:<16} {files}")
     if result.fix_list:
         print(f"fix list         {result.fix_list} (train --data takes it)")
+    if result.report:
+        print(f"page             {result.report}")
     if result.skipped:
         print(f"skipped          {len(result.skipped)} items could not be decoded")
         for shown, reason in result.skipped[:5]:
