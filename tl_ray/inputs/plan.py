@@ -233,12 +233,14 @@ def prepare(
     if cache_root is not None:  # the build decoded every file: what validation has left is known (a training
         # class left without images is the driver's check: describe_lost_classes); checked before any pipeline
         check_not_empty(layout, splits["val"].rows if splits["val"] is not None else 0, why=AFTER_SKIPS)
+    per_image = config.color_jitter > 0 or policies.any
+    on_device = not on_features and crops_on_device(splits, use_gpu, per_image)
     if on_features:
         if features.fit_in_memory(splits):
             held = splits
         else:
             datasets = features.streaming_datasets(splits, config.seed)
-    elif on_device := crops_on_device(splits, use_gpu, per_image=config.color_jitter > 0 or policies.any):
+    elif on_device:
         datasets = {
             name: streaming.encoded_dataset(split, name == "train", config.seed) for name, split in splits.items()
         }
