@@ -75,11 +75,18 @@ class Notice:
     text: str
 
 
-def batch_plan(num_train: int, batch_size: int, steps: int, chosen: bool) -> Notice:
-    """How the training set is cut into batches: ``chosen`` when the batch came from its size (recipe.batch_size)."""
+def batch_plan(num_train: int, batch_size: int, steps: int, chosen: bool, accumulate: int = 1) -> Notice:
+    """How the training set is cut into batches: ``chosen`` when the batch came from its size (recipe.batch_size).
+    Under --accumulate N the steps are optimizer steps of N batches each, and the line says so: the schedule,
+    the warm-up and the LR a user compares with another recipe's are per optimizer step."""
     how = " (from the training set's size)" if chosen else ""
     plural = "s" if steps != 1 else ""
-    return Notice(f"{num_train} training images: batch {batch_size}{how}, {steps} step{plural} an epoch")
+    if accumulate == 1:
+        return Notice(f"{num_train} training images: batch {batch_size}{how}, {steps} step{plural} an epoch")
+    return Notice(
+        f"{num_train} training images: batch {batch_size}{how}, {accumulate} batches an optimizer step"
+        f" ({batch_size * accumulate} images), {steps} optimizer step{plural} an epoch"
+    )
 
 
 def found_lr(lr: float, steps: int, stopped: str) -> Notice:

@@ -108,11 +108,34 @@ def test_the_batch_plan_is_one_console_line():
     console = Console(out=out, err=io.StringIO())
     console(progress.batch_plan(25, 25, steps_per_epoch(25, 25, 1), chosen=True))
     console(progress.batch_plan(50, 16, steps_per_epoch(50, 16, 1), chosen=False))
+    console(progress.batch_plan(100, 16, steps_per_epoch(100, 16, 1, accumulate=3), chosen=False, accumulate=3))
     console.close()
     assert out.getvalue().splitlines() == [
         "25 training images: batch 25 (from the training set's size), 1 step an epoch",
         "50 training images: batch 16, 4 steps an epoch",
+        # 7 batches (6 of 16, the last of 4), in groups of 3: 3 optimizer steps, the last of one batch
+        "100 training images: batch 16, 3 batches an optimizer step (48 images), 3 optimizer steps an epoch",
     ]
+
+
+def test_print_config_counts_optimizer_steps_under_accumulate(tmp_path, capsys):
+    from PIL import Image
+
+    from tl_ray import cli
+
+    for split, count in (("train", 30), ("val", 4)):
+        for name in ("a", "b"):
+            (tmp_path / split / name).mkdir(parents=True)
+            for index in range(count):
+                Image.new("RGB", (8, 8), (index, 0, 0)).save(tmp_path / split / name / f"{index}.png")
+    argv = ["train", "--data", str(tmp_path), "--weights", "none", "--lr", "1e-3", "--print-config"]
+    assert cli.main([*argv, "--accumulate", "2"]) == 0
+    printed = capsys.readouterr().out
+    # 60 images -> batch 32 (recipe.BATCH_SIZE): 2 batches, one optimizer step of both
+    assert "# batch_size: from the training set's size: 60 training images -> 32, 1 optimizer step an epoch" in printed
+    assert "# accumulate: 2 batches an optimizer step: 32 x 2 images = 64 a step;" in printed
+    assert cli.main([*argv, "--batch-size", "8"]) == 0
+    assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("# accumulate")]
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])

@@ -63,15 +63,23 @@ def training_yaml(command: str, config: TrainConfig) -> str:
         else:
             batch_from_size = resolved.batch_size is None
             resolved = resolved.for_training_set(num_train)
-            steps = steps_per_epoch(num_train, resolved.batch_size, resolved.max_workers)
+            steps = steps_per_epoch(num_train, resolved.batch_size, resolved.max_workers, resolved.accumulate)
+            kind = "optimizer step" if resolved.accumulate > 1 else "step"
             if batch_from_size:
                 lines.append(
                     f"# batch_size: from the training set's size: {num_train} training images ->"
-                    f" {resolved.batch_size}, {steps} step{'s' if steps != 1 else ''} an epoch ({rule})"
+                    f" {resolved.batch_size}, {steps} {kind}{'s' if steps != 1 else ''} an epoch ({rule})"
                 )
             if lr_rule:
                 chosen = resolved.lr if isinstance(resolved.lr, str) else f"{resolved.lr:g}"
                 lines.append(f"# lr: from the training set's size: {num_train} training images -> {chosen} ({lr_rule})")
+    if resolved.accumulate > 1:  # the schedule, warm-up and rates are per optimizer step: say what one holds
+        batch = resolved.batch_size if resolved.batch_size is not None else "batch_size"
+        lines.append(
+            f"# accumulate: {resolved.accumulate} batches an optimizer step: {batch} x {resolved.accumulate} images"
+            + (f" = {resolved.batch_size * resolved.accumulate}" if resolved.batch_size is not None else "")
+            + " a step; the LR schedule and its warm-up count optimizer steps"
+        )
     if isinstance(resolved, TuneConfig):
         points = resolved.search_points()
         trials: dict[tuple[int, str], list[str]] = {}

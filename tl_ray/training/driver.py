@@ -233,7 +233,7 @@ def _set_up(
     num_train = len(layout.train) - sum(skipped_per_class.values())
     if on_event is not None:
         steps = schedule.steps_per_epoch(num_train, config.batch_size, config.max_workers, config.accumulate)
-        on_event(progress.batch_plan(num_train, config.batch_size, steps, batch_from_size))
+        on_event(progress.batch_plan(num_train, config.batch_size, steps, batch_from_size, config.accumulate))
     loop_config = LoopConfig(
         options=config,
         class_names=layout.class_names,

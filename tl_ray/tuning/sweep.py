@@ -305,8 +305,9 @@ def sweep(config: TuneConfig, on_event: progress.OnEvent | None = None) -> tuple
         )
     _Progress.listener = on_event
     if on_event is not None:
-        steps = steps_per_epoch(len(layout.train), config.batch_size, config.max_workers)
-        on_event(progress.batch_plan(len(layout.train), config.batch_size, steps, batch_from_size))
+        accumulate = config.accumulate
+        steps = steps_per_epoch(len(layout.train), config.batch_size, config.max_workers, accumulate)
+        on_event(progress.batch_plan(len(layout.train), config.batch_size, steps, batch_from_size, accumulate))
         on_event(progress.Stage("starting the sweep's first trial"))
     try:
         tuner.fit()
