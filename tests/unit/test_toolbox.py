@@ -168,7 +168,7 @@ def _constant_images(count: int, size: int = 8) -> tuple[torch.Tensor, torch.Ten
 def test_mixup_blends_each_image_with_the_one_before_and_its_label_by_the_same_share():
     torch.manual_seed(0)
     images, labels = _constant_images(4)
-    mixed, targets = mixing.Mixer(0.4, 0.0, 1.0, 3)(images, labels)
+    mixed, targets = mixing.Mixer(0.4, 0.0, 1.0, 3)(images, labels, 1, 0, 0)
     assert targets.sum(1).tolist() == pytest.approx([1.0] * 4)
     for i in range(4):
         previous = (i - 1) % 4
@@ -183,8 +183,8 @@ def test_mixup_blends_each_image_with_the_one_before_and_its_label_by_the_same_s
 def test_cutmix_labels_are_the_pasted_boxs_exact_area():
     torch.manual_seed(3)
     images, labels = _constant_images(4, size=16)
-    for _ in range(5):
-        mixed, targets = mixing.Mixer(0.0, 1.0, 1.0, 3)(images, labels)
+    for index in range(5):
+        mixed, targets = mixing.Mixer(0.0, 1.0, 1.0, 3)(images, labels, 1, 0, index)
         for i in range(4):
             previous = (i - 1) % 4
             pasted = (mixed[i, 0] == previous + 1).float().mean()
@@ -196,10 +196,35 @@ def test_cutmix_labels_are_the_pasted_boxs_exact_area():
 
 def test_mix_prob_zero_leaves_the_batch_alone_with_one_hot_targets():
     images, labels = _constant_images(4)
-    same, targets = mixing.Mixer(0.4, 1.0, 0.0, 3)(images, labels)
+    same, targets = mixing.Mixer(0.4, 1.0, 0.0, 3)(images, labels, 1, 0, 0)
     assert torch.equal(same, images)
     assert torch.equal(targets, nn.functional.one_hot(labels, 3).float())
     assert torch.equal(mixing.dominant_labels(targets), labels)
+
+
+def test_a_batchs_mix_depends_on_the_seed_and_its_place_alone():
+    """A resumed run meets its batches with another history of draws behind it: each mix must come out the same."""
+    images, labels = _constant_images(8, size=16)
+    uninterrupted = mixing.Mixer(0.4, 1.0, 0.8, 3, seed=7)
+    first = [uninterrupted(images, labels, epoch, 1, index) for epoch in (1, 2) for index in range(6)]
+    resumed = mixing.Mixer(0.4, 1.0, 0.8, 3, seed=7)
+    torch.manual_seed(12345)  # another process, another global generator state
+    torch.rand(100)
+    again = [resumed(images, labels, 2, 1, index) for index in range(6)]
+    for (mixed, targets), (mixed_again, targets_again) in zip(first[6:], again, strict=True):
+        assert torch.equal(mixed, mixed_again) and torch.equal(targets, targets_again)
+    # the draws differ from batch to batch, and with the seed and the worker
+    assert len({tuple(targets[:, 0].tolist()) for _, targets in first}) > 6
+    epoch_two = torch.stack([targets for _, targets in first[6:]])
+    other_seed = torch.stack([mixing.Mixer(0.4, 1.0, 0.8, 3, seed=8)(images, labels, 2, 1, i)[1] for i in range(6)])
+    other_rank = torch.stack([uninterrupted(images, labels, 2, 0, i)[1] for i in range(6)])
+    assert not torch.equal(other_seed, epoch_two) and not torch.equal(other_rank, epoch_two)
+    # and they leave the global generator where it was: dropout's draws do not depend on whether a batch mixed
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    uninterrupted(images, labels, 3, 0, 0)
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_soft_target_loss_is_cross_entropy_on_hard_labels_with_weights_and_smoothing():

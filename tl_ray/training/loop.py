@@ -149,7 +149,7 @@ class EpochLoop:
                 continue
             inputs, targets = self.batches.model_input(batch), labels
             if self.mixer is not None:
-                inputs, targets = self.mixer(inputs, labels)
+                inputs, targets = self.mixer(inputs, labels, epoch, self.batches.rank, index)
             size = toolbox.group_size(index, batches_now, accumulate)
             closes_group = index % accumulate == size - 1
             if index % accumulate == 0:

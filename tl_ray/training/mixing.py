@@ -3,6 +3,7 @@ that takes them with --label-smoothing and --class-weights (``SoftTargetLoss``);
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torchvision.transforms import v2
@@ -14,22 +15,34 @@ CUTMIX_SHARE = 0.5
 class Mixer:
     """MixUp and CutMix of a training batch (torchvision.transforms.v2's, which pair each image with the one before
     it in the batch and set CutMix's label share to the pasted box's exact area), applied to a ``mix_prob`` share of
-    batches; returns the images and soft targets (rows of class shares summing to 1)."""
+    batches; returns the images and soft targets (rows of class shares summing to 1).
 
-    def __init__(self, mixup: float, cutmix: float, mix_prob: float, num_classes: int) -> None:
+    Each batch's draws (whether it mixes, which mix, the mixing weight, CutMix's box) come from the run's seed and
+    the batch's (epoch, rank, index) alone, with torch's global generator forked around them (v2's transforms take
+    no generator): a resumed run mixes its batches exactly as the uninterrupted run did, and mixing takes nothing
+    from the generator that dropout and the rest of training draw from."""
+
+    def __init__(self, mixup: float, cutmix: float, mix_prob: float, num_classes: int, seed: int = 0) -> None:
         self.mix_prob = mix_prob
         self.num_classes = num_classes
+        self.seed = seed
         self.mixup = v2.MixUp(alpha=mixup, num_classes=num_classes) if mixup > 0 else None
         self.cutmix = v2.CutMix(alpha=cutmix, num_classes=num_classes) if cutmix > 0 else None
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        draws = torch.rand(2).tolist()
-        chosen = self.mixup or self.cutmix
-        if self.mixup is not None and self.cutmix is not None and draws[1] < CUTMIX_SHARE:
-            chosen = self.cutmix
-        if chosen is None or draws[0] >= self.mix_prob or len(labels) < 2:
-            return images, nn.functional.one_hot(labels, self.num_classes).to(images.dtype)
-        return chosen(images, labels)
+    def __call__(
+        self, images: torch.Tensor, labels: torch.Tensor, epoch: int, rank: int, index: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``index``: the batch's place in this worker's epoch."""
+        key = int(np.random.SeedSequence([self.seed, epoch, rank, index]).generate_state(1, dtype=np.uint64)[0])
+        with torch.random.fork_rng(devices=[]):  # the draws are on the CPU generator, whatever the images' device
+            torch.manual_seed(key)
+            draws = torch.rand(2).tolist()
+            chosen = self.mixup or self.cutmix
+            if self.mixup is not None and self.cutmix is not None and draws[1] < CUTMIX_SHARE:
+                chosen = self.cutmix
+            if chosen is None or draws[0] >= self.mix_prob or len(labels) < 2:
+                return images, nn.functional.one_hot(labels, self.num_classes).to(images.dtype)
+            return chosen(images, labels)
 
 
 class SoftTargetLoss(nn.Module):

@@ -128,7 +128,9 @@ def train_loop_per_worker(train_loop_config: dict[str, Any]) -> None:
         amp_dtype,
         len(class_names),
         loop.progress if rank == 0 else None,
-        mixer=mixing.Mixer(options.mixup, options.cutmix, options.mix_prob, len(class_names)) if mixes else None,
+        mixer=mixing.Mixer(options.mixup, options.cutmix, options.mix_prob, len(class_names), options.seed)
+        if mixes
+        else None,
         batches_now=schedule.steps_per_epoch(loop.num_train, options.batch_size, world),
     )
     resume_from = ray.train.get_checkpoint()
