@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
 import pytest
 import torch
 from PIL import Image
@@ -189,6 +190,52 @@ def test_the_files_and_the_fix_list(tmp_path):
     assert uri == out.join("report.html").uri and html.count("data:image/png;base64,") == 2
     assert "ck&lt;1&gt;" in html and "ck<1>" not in html
     assert all(heading in html for heading in ("Label suspects", "Duplicates", "Outliers", "leak train/val"))
+
+
+def test_the_audit_writes_into_object_storage(tmp_path, s3_server):
+    """--out s3://...: checked as a local folder is (a prefix holding files refused), the files and report.html
+    uploaded there, the page's galleries embedded so it opens from the bucket alone."""
+    names = ["train/cat/a.png", "train/dog/c.png", "val/dog/d.png", "val/cat/e.png"]
+    items = _items(tmp_path / "data", names, ["train", "train", "val", "val"], [0, 1, 1, 0])
+    p = list(items.paths)
+    suspects = pd.DataFrame({"item": [p[1]], "given": ["dog"], "suggested": ["cat"], "score": [0.02]})
+    pairs = pd.DataFrame({"a": [p[0]], "b": [p[3]], "similarity": [0.99], "kind": ["leak train/val"], "exact": [True]})
+    far = pd.DataFrame({"item": [], "split": [], "label": [], "nearest": [], "distance": [], "z": []})
+    tables = {writing.SUSPECTS: suspects, writing.DUPLICATES: pairs, writing.OUTLIERS: far}
+    tables[writing.FIX_LIST] = writing.fix_list(items, writing.removed(suspects, pairs, far))
+    s3_server.create_bucket("audits")
+    bucket = s3_server.filesystem()
+    with bucket.open_output_stream("audits/taken/notes.txt") as stream:
+        stream.write(b"someone else's")
+    with pytest.raises(TlRayError, match=r"--out: s3://audits/taken.* holds other files \(notes.txt\)"):
+        writing.check_out(s3_server.uri("audits/taken"))
+
+    out = writing.check_out(s3_server.uri("audits/run1"))
+    written = writing.write(out, tables, items, 1.0)
+    finding = lambda name, table, rows: Finding(name, rows, written.get(table), written.get(table[:-4] + ".png"))  # noqa: E731
+    result = AuditResult(
+        out=out.uri,
+        checkpoint="ck",
+        data=str(tmp_path / "data"),
+        images={"train": 2, "val": 2},
+        labelled=True,
+        suspects=finding("label suspects", writing.SUSPECTS, suspects),
+        duplicates=finding("duplicates", writing.DUPLICATES, pairs),
+        outliers=finding("outliers", writing.OUTLIERS, far),
+        duplicate_threshold=0.95,
+        seconds={"features": 1.0},
+    )
+    audit_page.write(result, out, {"label suspects": "suspects.png", "duplicates": "duplicates.png"})
+
+    stored = {info.base_name: info.size for info in bucket.get_file_info(pafs.FileSelector("audits/run1"))}
+    assert set(stored) == {*written, "report.html"} and all(size > 0 for size in stored.values())
+    assert written["suspects.csv"].startswith("s3://audits/run1/suspects.csv")
+    with bucket.open_input_stream("audits/run1/fix-list.csv") as stream:
+        rows = list(csv.DictReader(stream.read().decode().splitlines()))
+    assert rows == [{"path": p[2], "label": "dog", "split": "val"}, {"path": p[3], "label": "cat", "split": "val"}]
+    with bucket.open_input_stream("audits/run1/report.html") as stream:
+        assert stream.read().decode().count("data:image/png;base64,") == 2
+    assert not list((tmp_path).glob("**/report.html"))  # nothing written locally on the way
 
 
 def test_out_must_be_new_or_empty(tmp_path):
