@@ -167,7 +167,7 @@ def deployed(exported, image_files, tmp_path_factory) -> dict:
 def reference(checkpoint, image_files) -> tuple[torch.Tensor, torch.Tensor]:
     """(crops, probabilities) by the checkpoint itself, through predict's preprocessing and normalisation."""
     model, meta = load_checkpoint(checkpoint)
-    transform = imaging.eval_transform(meta["image_size"], meta["resize_size"])
+    transform = imaging.eval_transform(meta["image_size"], imaging.Resize.from_meta(meta))
     crops = torch.stack([transform(imaging.load_rgb(Path(p).read_bytes(), meta["resize_size"])) for p in image_files])
     with torch.no_grad():
         logits = model(imaging.normalize(crops, torch.tensor(meta["mean"]), torch.tensor(meta["std"])))

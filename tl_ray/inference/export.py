@@ -129,7 +129,8 @@ def _importable(module: str) -> bool:
 def deployment_metadata(meta: dict[str, Any], format: str) -> dict[str, Any]:
     """What a deployer needs beside the file: the input contract, the preprocessing outside it, the classes."""
     size = meta["image_size"]
-    resize = meta.get("resize_size") or imaging.resize_size(size)
+    resizing = imaging.Resize.from_meta(meta)
+    resize, interpolation = resizing.short_side, resizing.interpolation
     classes = list(meta["class_names"])
     return {
         "format": format,
@@ -137,6 +138,7 @@ def deployment_metadata(meta: dict[str, Any], format: str) -> dict[str, Any]:
         "class_names": classes,
         "image_size": size,
         "resize_size": resize,
+        "interpolation": interpolation,
         "mean": meta["mean"],
         "std": meta["std"],
         "input": {
@@ -159,8 +161,8 @@ def deployment_metadata(meta: dict[str, Any], format: str) -> dict[str, Any]:
                 f" {2 * resize} px is decoded at reduced scale, as tl-ray predict does: PIL Image.draft(None,"
                 f" (ceil(width * f), ceil(height * f))) with f = {resize} / short side (a full decode gives crops"
                 " under one grey level apart on average, up to ~15 at sharp edges)",
-                f"resize so the short side is {resize} px: bilinear with antialiasing (PIL Image.resize with"
-                f" Image.BILINEAR), the long side int({resize} * long / short)",
+                f"resize so the short side is {resize} px: {interpolation} with antialiasing (PIL Image.resize with"
+                f" Image.{resizing.pil_filter}), the long side int({resize} * long / short)",
                 f"centre-crop {size}x{size}: left = round((width - {size}) / 2), top = round((height - {size}) / 2),"
                 " Python's round",
                 "HWC -> CHW, stack into a uint8 batch",
