@@ -1,7 +1,8 @@
 """`tl-ray export`: a checkpoint as one TorchScript or ONNX file that runs without tl-ray.
 
 A deployer has decoded images, not tl-ray's preprocessing code, so the file takes what they
-hold: a uint8 RGB batch ``(N, 3, image_size, image_size)`` already resized and centre-cropped.
+hold: a uint8 RGB batch ``(N, 3, image_size, image_size)`` already resized (with the weights' interpolation:
+``interpolation``, ``pil_resample``) and centre-cropped.
 Scaling to 0-1, the checkpoint's mean/std normalisation, the model and the softmax are inside
 the graph, so they cannot be got wrong. The resize and crop are not (they act on images of any
 size, before batching): the metadata says how to do them, byte for byte as `tl-ray predict`
@@ -138,7 +139,8 @@ def deployment_metadata(meta: dict[str, Any], format: str) -> dict[str, Any]:
         "class_names": classes,
         "image_size": size,
         "resize_size": resize,
-        "interpolation": interpolation,
+        "interpolation": interpolation,  # the resize's filter, the weights' own (bilinear: torchvision's)
+        "pil_resample": resizing.pil_filter,  # the same as PIL names it: Image.Resampling[pil_resample]
         "mean": meta["mean"],
         "std": meta["std"],
         "input": {
