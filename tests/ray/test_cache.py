@@ -207,7 +207,9 @@ def test_a_block_comes_back_to_the_driver_as_one_summary_row(dataset_root, tmp_p
     folder = tmp_path / "attempt"
     folder.mkdir()
     batch = {"path": np.asarray(paths, dtype=object), "label": np.asarray([0] * 5 + [1])}
-    summary = cache._decode_to_file(batch, layout.opener, SIZE + 4, "raw", layout.filesystem, str(folder), 1.0)
+    summary = cache._decode_to_file(
+        batch, layout.opener, imaging.Resize(SIZE + 4), "raw", layout.filesystem, str(folder), 1.0
+    )
     assert {key: len(value) for key, value in summary.items()} == dict.fromkeys(summary, 1)
     [written] = list(folder.iterdir())
     assert (summary["file"][0], summary["files"][0], summary["images"][0]) == (written.name, 6, 5)
