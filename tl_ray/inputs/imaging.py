@@ -123,7 +123,7 @@ class Resize:
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> Resize:
         """The resize a checkpoint records (meta.json's ``resize_size`` and ``interpolation``; a checkpoint without
-        them: ``resize_size(image_size)``, bilinear), as predict, evaluate, export and a sweep redo it."""
+        them: ``resize_size(image_size)``, bilinear), as predict, evaluate, the audit and export redo it."""
         short_side = meta.get("resize_size") or resize_size(meta["image_size"])
         return cls(int(short_side), interpolation_name(meta.get("interpolation"), "the checkpoint's meta.json"))
 
