@@ -44,7 +44,7 @@ def measure(root: Path, cache_root: Path, image_size: int, image_format: str, re
     rows = [
         row for path in split.parquet_files for row in zip(*pq.read_table(path).to_pydict().values(), strict=True)
     ]  # (label, height, width, pixels)
-    crop = imaging.augmentation(image_size, recipe.STANDARD_CROP_SCALE, 0.0, split.short_side)
+    crop = imaging.augmentation(image_size, recipe.STANDARD_CROP_SCALE, 0.0, split.resize)
     started = time.perf_counter()
     for _ in range(repeats):
         for _, height, width, pixels in rows:

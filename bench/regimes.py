@@ -446,7 +446,12 @@ def reference_train(
     if variant.jpeg_cache:
         train_x = [
             cache.decode(
-                cache.encode(imaging.resize_short_side(v2.functional.to_pil_image(x), short_side), "jpeg"), 0, 0, "jpeg"
+                cache.encode(
+                    imaging.resize_short_side(v2.functional.to_pil_image(x), imaging.Resize(short_side)), "jpeg"
+                ),
+                0,
+                0,
+                "jpeg",
             )
             for x in train_x
         ]

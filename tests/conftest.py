@@ -129,7 +129,7 @@ def checkpoint_accuracy():
 
     def accuracy(checkpoint: str, files: list[tuple[str, int]]) -> float:
         model, meta = tl_ray.load_checkpoint(checkpoint)
-        transform = imaging.eval_transform(meta["image_size"], meta["resize_size"])
+        transform = imaging.eval_transform(meta["image_size"], imaging.Resize.from_meta(meta))
         images = torch.stack(
             [transform(imaging.load_rgb(Path(path).read_bytes(), meta["resize_size"])) for path, _ in files]
         )

@@ -156,7 +156,8 @@ def initial_weights(
         same_classes = meta["class_names"] == class_names
         state, head_reset = _fit_to_model(model, checkpoint.read_model_state(path), named, same_classes)
         mean, std = tuple(meta["mean"]), tuple(meta["std"])
-        return InitialWeights(state, mean, std, f"checkpoint:{named}", head_reset, _meta_crop_fraction(meta))
+        crop, interpolation = _meta_crop_fraction(meta), meta.get("interpolation")  # evaluates as its source did
+        return InitialWeights(state, mean, std, f"checkpoint:{named}", head_reset, crop, interpolation)
     if path.is_file():
         state, head_reset = _fit_to_model(model, _read_state_dict(path), named, keep_head=False)
         return InitialWeights(state, mean, std, named, head_reset)
@@ -183,21 +184,28 @@ def _local_weights(weights: str) -> tuple[Path, str]:
     return path, str(path.resolve())
 
 
-def eval_crop_fraction(arch: str, weights: str) -> float:
-    """The validation crop fraction ``initial_weights`` would give, without reading any weights (a sweep
-    decodes its cache at this resize before any trial starts)."""
+def eval_preprocessing(arch: str, weights: str) -> tuple[float, str | None]:
+    """The validation crop fraction and resize interpolation ``initial_weights`` would give (None: torchvision's
+    bilinear), without reading any weights (a sweep decodes its cache with this resize before any trial starts)."""
     if backbones.is_timm(arch) and not _names_checkpoint(weights):
         from tl_ray import weights_timm
 
-        return weights_timm.crop_fraction(arch, weights)
+        return weights_timm.eval_preprocessing(arch, weights)
     if location.is_uri(weights) and not weights.partition("?")[0].endswith((".pth", ".pt")):
-        return _meta_crop_fraction(checkpoint.read_meta(checkpoint.fetch(weights, "--weights")))
+        meta = checkpoint.read_meta(checkpoint.fetch(weights, "--weights"))
+        return _meta_crop_fraction(meta), meta.get("interpolation")
     path = Path(weights).expanduser()
     if weights != "none" and path.is_dir():
-        return _meta_crop_fraction(checkpoint.read_meta(path))
+        meta = checkpoint.read_meta(path)
+        return _meta_crop_fraction(meta), meta.get("interpolation")
     if weights == "none" or path.is_file() or os.sep in weights or weights.endswith((".pth", ".pt")):
-        return recipe.EVAL_CROP_FRACTION
-    return _enum_crop_fraction(_torchvision_weights(arch, weights))
+        return recipe.EVAL_CROP_FRACTION, None
+    return _enum_crop_fraction(_torchvision_weights(arch, weights)), None
+
+
+def eval_crop_fraction(arch: str, weights: str) -> float:
+    """The validation crop fraction ``initial_weights`` would give, without reading any weights."""
+    return eval_preprocessing(arch, weights)[0]
 
 
 def _names_checkpoint(weights: str) -> bool:

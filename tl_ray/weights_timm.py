@@ -51,10 +51,17 @@ def _is_file_source(weights: str) -> bool:
     return os.sep in weights or weights.endswith(FILE_SUFFIXES) or Path(weights).expanduser().is_file()
 
 
+def eval_preprocessing(arch: str, weights: str) -> tuple[float, str]:
+    """The validation crop / resize and the resize's interpolation the weights expect, without reading them
+    (``model.eval_preprocessing``)."""
+    tag = "" if weights == "none" or _is_file_source(weights) else _tag(arch, weights)
+    config = preprocessing(arch, tag)
+    return float(config["crop_pct"]), str(config["interpolation"])
+
+
 def crop_fraction(arch: str, weights: str) -> float:
     """The validation crop / resize the weights expect, without reading them (``model.eval_crop_fraction``)."""
-    tag = "" if weights == "none" or _is_file_source(weights) else _tag(arch, weights)
-    return float(preprocessing(arch, tag)["crop_pct"])
+    return eval_preprocessing(arch, weights)[0]
 
 
 def _initial(state: dict, head_reset: bool, source: str, config: dict[str, Any], **extra: Any) -> model.InitialWeights:

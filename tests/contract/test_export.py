@@ -57,7 +57,7 @@ torch.set_num_threads(1)
 request = json.loads(sys.argv[1])
 
 
-def crop(path, resize, size):
+def crop(path, resize, size, resample):
     """The preprocessing outside the file, as the sidecar's "preprocessing"/"before" describes it."""
     image = Image.open(path)
     if image.format == "JPEG" and min(image.size) >= 2 * resize:
@@ -65,7 +65,8 @@ def crop(path, resize, size):
         image.draft(None, (math.ceil(image.width * f), math.ceil(image.height * f)))
     image = ImageOps.exif_transpose(image).convert("RGB")
     w, h = image.size
-    image = image.resize((resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize), Image.BILINEAR)
+    filter = Image.Resampling[resample]
+    image = image.resize((resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize), filter)
     left, top = round((image.width - size) / 2), round((image.height - size) / 2)
     return np.asarray(image.crop((left, top, left + size, top + size))).transpose(2, 0, 1)
 
@@ -73,7 +74,8 @@ def crop(path, resize, size):
 result = {}
 for fmt, path in request["files"].items():
     meta = json.load(open(path + ".json"))
-    images = np.stack([crop(p, meta["resize_size"], meta["image_size"]) for p in request["images"]])
+    sizes = (meta["resize_size"], meta["image_size"], meta["pil_resample"])
+    images = np.stack([crop(p, *sizes) for p in request["images"]])
     batches = np.split(images, np.cumsum(request["batches"])[:-1])
     if fmt == "torchscript":
         extra = {"tl_ray.json": ""}
@@ -167,7 +169,7 @@ def deployed(exported, image_files, tmp_path_factory) -> dict:
 def reference(checkpoint, image_files) -> tuple[torch.Tensor, torch.Tensor]:
     """(crops, probabilities) by the checkpoint itself, through predict's preprocessing and normalisation."""
     model, meta = load_checkpoint(checkpoint)
-    transform = imaging.eval_transform(meta["image_size"], meta["resize_size"])
+    transform = imaging.eval_transform(meta["image_size"], imaging.Resize.from_meta(meta))
     crops = torch.stack([transform(imaging.load_rgb(Path(p).read_bytes(), meta["resize_size"])) for p in image_files])
     with torch.no_grad():
         logits = model(imaging.normalize(crops, torch.tensor(meta["mean"]), torch.tensor(meta["std"])))
@@ -213,6 +215,7 @@ def test_metadata_is_inside_the_file_and_beside_it(exported, deployed, checkpoin
     assert sidecar["format"] == fmt
     assert sidecar["class_names"] == list(SOURCE_CLASSES)
     assert (sidecar["image_size"], sidecar["resize_size"]) == (IMAGE_SIZE, RESIZE_SIZE)
+    assert (sidecar["interpolation"], sidecar["pil_resample"]) == ("bilinear", "BILINEAR")  # torchvision's weights
     assert sidecar["mean"] == [0.485, 0.456, 0.406] and sidecar["std"] == [0.229, 0.224, 0.225]
     assert sidecar["input"] == {
         "name": "images",
@@ -257,7 +260,7 @@ def test_cli_export_writes_the_file_and_states_the_contract(checkpoint, tmp_path
     assert out.is_file() and Path(f"{out}.json").is_file()
     assert str(out) in printed and f"{out}.json" in printed
     assert f"uint8 RGB (N, 3, {IMAGE_SIZE}, {IMAGE_SIZE})" in printed
-    assert f"short side to {RESIZE_SIZE}" in printed and ", ".join(SOURCE_CLASSES) in printed
+    assert f"short side to {RESIZE_SIZE}, bilinear" in printed and ", ".join(SOURCE_CLASSES) in printed
     assert torch.jit.load(str(out))(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)).shape == (1, 4)
 
 

@@ -97,7 +97,7 @@ def test_cache_is_reused_until_a_file_changes(dataset_root, tmp_path, ray_cluste
     assert (again.built, again.folder, again.parquet_files) == (False, first.folder, first.parquet_files)
     assert cache.prepare(layout.train, layout, SIZE + 16, root).folder != first.folder  # another resolution
     # Weights evaluated at another crop fraction (IMAGENET1K_V2: 232 for 224) resize to another short side.
-    other = cache.prepare(layout.train, layout, SIZE, root, short_side=SIZE + 1)
+    other = cache.prepare(layout.train, layout, SIZE, root, resize=imaging.Resize(SIZE + 1))
     assert other.folder != first.folder and other.short_side == SIZE + 1
     smallest = min(min(h, w) for f in other.parquet_files for h, w in zip(*_sizes(f), strict=True))
     assert smallest == SIZE + 1
@@ -142,8 +142,8 @@ def test_jpeg_draft_decodes_large_photos_at_reduced_scale(tmp_path):
     drafted = imaging.load_rgb(encoded, min_short_side=100)
     assert drafted.size == (200, 150)  # 1/4 scale: the largest DCT reduction that keeps the short side >= 100
     assert imaging.load_rgb(encoded, min_short_side=301).size == (800, 600)  # 1/2 would fall below 301
-    full = np.asarray(imaging.resize_short_side(imaging.load_rgb(encoded), 100), dtype=float)
-    reduced = np.asarray(imaging.resize_short_side(drafted, 100), dtype=float)
+    full = np.asarray(imaging.resize_short_side(imaging.load_rgb(encoded), imaging.Resize(100)), dtype=float)
+    reduced = np.asarray(imaging.resize_short_side(drafted, imaging.Resize(100)), dtype=float)
     assert full.shape == reduced.shape and np.abs(full - reduced).mean() < 12  # noise image: the worst case
 
     png = tmp_path / "big.png"
@@ -207,7 +207,9 @@ def test_a_block_comes_back_to_the_driver_as_one_summary_row(dataset_root, tmp_p
     folder = tmp_path / "attempt"
     folder.mkdir()
     batch = {"path": np.asarray(paths, dtype=object), "label": np.asarray([0] * 5 + [1])}
-    summary = cache._decode_to_file(batch, layout.opener, SIZE + 4, "raw", layout.filesystem, str(folder), 1.0)
+    summary = cache._decode_to_file(
+        batch, layout.opener, imaging.Resize(SIZE + 4), "raw", layout.filesystem, str(folder), 1.0
+    )
     assert {key: len(value) for key, value in summary.items()} == dict.fromkeys(summary, 1)
     [written] = list(folder.iterdir())
     assert (summary["file"][0], summary["files"][0], summary["images"][0]) == (written.name, 6, 5)

@@ -52,7 +52,7 @@ def test_predictions_equal_the_model_called_directly(checkpoint, mixed_folder, t
     assert len(good) == len(images) - 2
 
     model, meta = tl_ray.load_checkpoint(checkpoint)
-    transform = imaging.eval_transform(meta["image_size"], meta["resize_size"])
+    transform = imaging.eval_transform(meta["image_size"], imaging.Resize.from_meta(meta))
     batch = torch.stack([transform(imaging.load_rgb(Path(p).read_bytes(), meta["resize_size"])) for p in good["path"]])
     with torch.no_grad():
         expected = torch.softmax(

@@ -184,7 +184,8 @@ def test_a_changed_row_or_file_changes_the_cache_key(tmp_path):
     def key() -> tuple[str, str]:
         layout = sources.discover(manifest)
         return tuple(
-            cache.split_key(files, layout.stats_of(files), layout, 36, "raw") for files in (layout.train, layout.val)
+            cache.split_key(files, layout.stats_of(files), layout, imaging.Resize(36), "raw")
+            for files in (layout.train, layout.val)
         )
 
     first = key()

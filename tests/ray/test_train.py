@@ -229,7 +229,7 @@ def test_imbalanced_classes_with_auto_weights_keep_the_best_macro_f1_checkpoint(
     # val_loss is the unweighted cross-entropy, comparable with a run without weights.
     model, _ = tl_ray.load_checkpoint(result["best_checkpoint"])
     files = class_folders.discover(str(root)).val
-    transform = imaging.eval_transform(meta["image_size"], meta["resize_size"])
+    transform = imaging.eval_transform(meta["image_size"], imaging.Resize.from_meta(meta))
     images = torch.stack(
         [transform(imaging.load_rgb(Path(path).read_bytes(), meta["resize_size"])) for path, _ in files]
     )

@@ -46,7 +46,7 @@ def cached_split(tmp_path) -> CachedSplit:
     )
     path = str(tmp_path / "part-0.parquet")
     pq.write_table(table, path)
-    return CachedSplit(pafs.LocalFileSystem(), str(tmp_path), [path], 12, [], True, SHORT_SIDE)
+    return CachedSplit(pafs.LocalFileSystem(), str(tmp_path), [path], 12, [], True, imaging.Resize(SHORT_SIDE))
 
 
 POLICIES = imaging.Policies("trivial", 0.5)
@@ -130,7 +130,9 @@ def test_policies_and_erasing_go_on_the_crops_after_the_colour_jitter_and_erasin
         "PixelErasing",
     ]
     # --augment none trains on validation's centre crops: no policy, no erasing (as no colour jitter).
-    centre = imaging.augmentation(SIZE, None, 0.2, SHORT_SIDE, imaging.Policies("trivial", 0.5)).transforms
+    centre = imaging.augmentation(
+        SIZE, None, 0.2, imaging.Resize(SHORT_SIDE), imaging.Policies("trivial", 0.5)
+    ).transforms
     assert [type(step).__name__ for step in centre] == ["Resize", "CenterCrop", "PILToTensor"]
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tl_ray.inputs import cache, sources
+from tl_ray.inputs import cache, imaging, sources
 
 
 def colour_only_stripes(size: int = 37) -> np.ndarray:
@@ -51,7 +51,7 @@ def test_an_encodings_save_options_key_a_new_build(tmp_path, monkeypatch) -> Non
     files = layout.train
 
     def key(image_format: str) -> str:
-        return cache.split_key(files, layout.stats_of(files), layout, 37, image_format)
+        return cache.split_key(files, layout.stats_of(files), layout, imaging.Resize(37), image_format)
 
     jpeg, raw = key("jpeg"), key("raw")
     assert key("jpeg") == jpeg  # the same files and options: the same build

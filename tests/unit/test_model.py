@@ -30,6 +30,7 @@ from tl_ray.model import (
     TransferResNet,
     create_resnet,
     eval_crop_fraction,
+    eval_preprocessing,
     initial_weights,
 )
 
@@ -508,6 +509,19 @@ def test_validation_resize_follows_the_weights(tmp_path):
     weights = initial_weights("resnet18", str(tmp_path / "ckpt"), classes(7))
     assert weights.crop_fraction == eval_crop_fraction("resnet18", str(tmp_path / "ckpt"))
     assert imaging.resize_size(SIZE, weights.crop_fraction) == SIZE + 1
+    # torchvision's weights resize bilinearly, and say nothing (no meta.json key: None)
+    assert weights.interpolation is None and eval_preprocessing("resnet18", "imagenet")[1] is None
+    assert eval_preprocessing("resnet18", str(tmp_path / "ckpt")) == (weights.crop_fraction, None)
+
+
+def test_a_checkpoint_that_records_an_interpolation_hands_it_on(tmp_path):
+    """A run started from a checkpoint resizes as that checkpoint's weights did (its meta.json's interpolation)."""
+    save_tl_checkpoint(tmp_path / "ckpt", resnet18_state(NUM_CLASSES, seed=7), "resnet18", NUM_CLASSES)
+    meta = {**checkpoint.read_meta(tmp_path / "ckpt"), "interpolation": "bicubic"}
+    checkpoint.save_checkpoint(tmp_path / "ckpt", checkpoint.read_model_state(tmp_path / "ckpt"), meta)
+    weights = initial_weights("resnet18", str(tmp_path / "ckpt"), classes(NUM_CLASSES))
+    assert weights.interpolation == "bicubic"
+    assert eval_preprocessing("resnet18", str(tmp_path / "ckpt")) == (weights.crop_fraction, "bicubic")
 
 
 def test_initial_weights_from_a_checkpoint_with_other_classes_resets_the_head(tmp_path):

@@ -15,7 +15,7 @@ from PIL import Image
 
 from tl_ray import retries
 from tl_ray.errors import RunError
-from tl_ray.inputs import reading
+from tl_ray.inputs import imaging, reading
 
 
 class Flaky:
@@ -122,7 +122,7 @@ def test_predicts_rows_tell_an_undelivered_image_from_a_bad_one_and_too_many_sto
     from tl_ray.inference import classify
 
     items = np.asarray(["s3://b/ok.png", "s3://b/bad.png", "s3://b/gone.png"], dtype=object)
-    decoded = classify._decode_for_inference({"path": items}, Objects(), 32, 37, retry_seconds=0.0)
+    decoded = classify._decode_for_inference({"path": items}, Objects(), 32, imaging.Resize(37), retry_seconds=0.0)
     assert decoded["image"].shape == (3, 3, 32, 32) and decoded["image"][0].any()
     ok, bad, gone = decoded[classify.ERROR_COLUMN]
     assert ok == "" and not reading.is_unreadable(bad) and bad  # a bad file: the decoder's reason
@@ -140,9 +140,13 @@ def test_an_uncached_epoch_fails_on_an_undelivered_image_instead_of_skipping_it(
 
     batch = {"path": np.asarray(["s3://b/ok.png", "s3://b/gone.png"], dtype=object), "label": np.asarray([0, 1])}
     with pytest.raises(reading.StorageError, match=r"^unreadable: storage error"):
-        pipelines._decode_batch(batch, Objects(), 32, True, (0.6, 1.0), 0.0, None, 37, retry_seconds=0.0)
+        pipelines._decode_batch(
+            batch, Objects(), 32, True, (0.6, 1.0), 0.0, None, imaging.Resize(37), retry_seconds=0.0
+        )
     delivered = {"path": batch["path"][:1], "label": batch["label"][:1]}
-    out = pipelines._decode_batch(delivered, Objects(), 32, True, (0.6, 1.0), 0.0, None, 37, retry_seconds=0.0)
+    out = pipelines._decode_batch(
+        delivered, Objects(), 32, True, (0.6, 1.0), 0.0, None, imaging.Resize(37), retry_seconds=0.0
+    )
     assert out["image"].shape == (1, 3, 32, 32) and out["label"].tolist() == [0]
 
 

@@ -254,6 +254,7 @@ def test_preprocessing_is_the_weights_pretrained_cfg(arch):
     assert weights.mean == tuple(expected["mean"]) and weights.std == tuple(expected["std"])
     assert weights.crop_fraction == expected["crop_pct"] and weights.interpolation == expected["interpolation"]
     assert model.eval_crop_fraction(arch, "none") == expected["crop_pct"]
+    assert model.eval_preprocessing(arch, "none") == (expected["crop_pct"], expected["interpolation"])
     tag = backbones_timm.pretrained_tags(arch)[-1]
     cfg = get_pretrained_cfg(f"{backbones_timm.model_name(arch)}.{tag}")
     assert model.eval_crop_fraction(arch, tag) == cfg.crop_pct  # without downloading anything
@@ -342,6 +343,7 @@ def test_a_checkpoint_records_and_reloads_the_timm_preprocessing(tmp_path):
             loaded(imaging.normalize(crops, torch.tensor(meta["mean"]), torch.tensor(meta["std"]))), 1
         )
     assert result.metadata["arch"] == arch
+    assert result.metadata["interpolation"] == "bicubic" and "Image.BICUBIC" in str(result.metadata["preprocessing"])
     assert torch.allclose(torch.jit.load(str(result.path))(crops), expected, atol=1e-5)
 
 

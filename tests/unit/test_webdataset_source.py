@@ -193,7 +193,7 @@ def test_other_splits_are_left_out_and_unnamed_shards_are_held_out_by_hash(tmp_p
 def test_the_cache_key_follows_the_shard(shards):
     def key() -> str:
         layout = sources.discover(shards)
-        return cache.split_key(layout.train, layout.stats_of(layout.train), layout, 36, "raw")
+        return cache.split_key(layout.train, layout.stats_of(layout.train), layout, imaging.Resize(36), "raw")
 
     first = key()
     assert key() == first

@@ -163,7 +163,8 @@ def export_result(result) -> None:
     size, resize, names = meta["image_size"], meta["resize_size"], meta["class_names"]
     print(f"wrote {result.format} {result.path} ({result.size / 1e6:.1f} MB)")
     print(f"input            {meta['input']['name']}: uint8 RGB (N, 3, {size}, {size}), values 0-255")
-    print(f"                 (resize the short side to {resize}, centre-crop {size}: not in the file)")
+    filter_name = meta.get("interpolation", "bilinear")
+    print(f"                 (resize the short side to {resize}, {filter_name}; centre-crop {size}: not in the file)")
     print(f"output           {meta['output']['name']}: float32 (N, {len(names)}), softmax over {', '.join(names)}")
     print(f"metadata         {result.sidecar} (also inside the file: {METADATA_KEY})")
 

@@ -1,10 +1,10 @@
 """The Ray Data pipeline that classifies items with a checkpoint: what predict and evaluate both run.
 
-The checkpoint carries its own preprocessing (image size, mean, std), so there is
-nothing to get wrong. Files are decoded by Ray Data tasks and classified by a pool of
-model actors (one GPU each when the cluster has GPUs); a file that cannot be decoded
-gets a row with an ``error`` instead of stopping the run. Output rows are sorted by
-path, so two runs over the same files give the same file.
+The checkpoint carries its own preprocessing (image size, resize and its interpolation, mean,
+std: ``imaging.Resize.from_meta``), so there is nothing to get wrong. Files are decoded by Ray
+Data tasks and classified by a pool of model actors (one GPU each when the cluster has GPUs); a
+file that cannot be decoded gets a row with an ``error`` instead of stopping the run. Output rows
+are sorted by path, so two runs over the same files give the same file.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _decode_for_inference(
     batch: dict[str, np.ndarray],
     opener: Opener,
     image_size: int,
-    short_side: int,
+    resize: imaging.Resize,
     retry_seconds: float,
     digests: bool = False,
 ) -> dict[str, np.ndarray]:
@@ -59,7 +59,8 @@ def _decode_for_inference(
     one its storage did not deliver (``reading.StorageError``, whose reason begins ``reading.UNREADABLE``: counted
     apart by ``check_delivered``). ``digests``: each item's bytes' SHA-256 too, from the same read (the audit's
     exact duplicates)."""
-    transform = imaging.eval_transform(image_size, short_side)
+    transform = imaging.eval_transform(image_size, resize)
+    short_side = resize.short_side
     images, errors, hashes = [], [], []
     for path in batch["path"]:
         try:
@@ -243,7 +244,7 @@ def _run_pipeline(
         fn_kwargs={
             "opener": opener,
             "image_size": meta["image_size"],
-            "short_side": meta.get("resize_size") or imaging.resize_size(meta["image_size"]),
+            "resize": imaging.Resize.from_meta(meta),
             "retry_seconds": retry_seconds,
             "digests": features,
         },

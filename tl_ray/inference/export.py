@@ -1,7 +1,8 @@
 """`tl-ray export`: a checkpoint as one TorchScript or ONNX file that runs without tl-ray.
 
 A deployer has decoded images, not tl-ray's preprocessing code, so the file takes what they
-hold: a uint8 RGB batch ``(N, 3, image_size, image_size)`` already resized and centre-cropped.
+hold: a uint8 RGB batch ``(N, 3, image_size, image_size)`` already resized (with the weights' interpolation:
+``interpolation``, ``pil_resample``) and centre-cropped.
 Scaling to 0-1, the checkpoint's mean/std normalisation, the model and the softmax are inside
 the graph, so they cannot be got wrong. The resize and crop are not (they act on images of any
 size, before batching): the metadata says how to do them, byte for byte as `tl-ray predict`
@@ -129,7 +130,8 @@ def _importable(module: str) -> bool:
 def deployment_metadata(meta: dict[str, Any], format: str) -> dict[str, Any]:
     """What a deployer needs beside the file: the input contract, the preprocessing outside it, the classes."""
     size = meta["image_size"]
-    resize = meta.get("resize_size") or imaging.resize_size(size)
+    resizing = imaging.Resize.from_meta(meta)
+    resize, interpolation = resizing.short_side, resizing.interpolation
     classes = list(meta["class_names"])
     return {
         "format": format,
@@ -137,6 +139,8 @@ def deployment_metadata(meta: dict[str, Any], format: str) -> dict[str, Any]:
         "class_names": classes,
         "image_size": size,
         "resize_size": resize,
+        "interpolation": interpolation,  # the resize's filter, the weights' own (bilinear: torchvision's)
+        "pil_resample": resizing.pil_filter,  # the same as PIL names it: Image.Resampling[pil_resample]
         "mean": meta["mean"],
         "std": meta["std"],
         "input": {
@@ -159,8 +163,8 @@ def deployment_metadata(meta: dict[str, Any], format: str) -> dict[str, Any]:
                 f" {2 * resize} px is decoded at reduced scale, as tl-ray predict does: PIL Image.draft(None,"
                 f" (ceil(width * f), ceil(height * f))) with f = {resize} / short side (a full decode gives crops"
                 " under one grey level apart on average, up to ~15 at sharp edges)",
-                f"resize so the short side is {resize} px: bilinear with antialiasing (PIL Image.resize with"
-                f" Image.BILINEAR), the long side int({resize} * long / short)",
+                f"resize so the short side is {resize} px: {interpolation} with antialiasing (PIL Image.resize with"
+                f" Image.{resizing.pil_filter}), the long side int({resize} * long / short)",
                 f"centre-crop {size}x{size}: left = round((width - {size}) / 2), top = round((height - {size}) / 2),"
                 " Python's round",
                 "HWC -> CHW, stack into a uint8 batch",

@@ -4,15 +4,17 @@ Decoding a JPEG costs more than everything else the pipeline does to it, and wit
 a cache a run decodes every file once per epoch (a sweep, once per epoch per trial).
 The cache holds each file decoded (upright RGB) and resized so that its short side is
 the validation resize size (``imaging.resize_size``: the weights' own crop fraction, by default
-``ceil(image_size / 0.875)``): validation is then a centre
+``ceil(image_size / 0.875)``), with the weights' own filter (``imaging.Resize``: bilinear, or timm's
+bicubic, ...): validation is then a centre
 crop of the cached pixels, exactly what predict computes from the file, and training's
 random crops and flips run on the same uint8 pixels.
 
 A split's cache lives in ``ROOT/<family>-<key>/``. The key covers every file's path, label,
 and the size and modification time the listing returned with it (``Layout.train_stats``), the
-resolution and the stored format: a changed, added or removed file gives a new key (a rebuild), never
+resolution, its interpolation (when not bilinear: a cache built before there were others keeps its key) and the
+stored format: a changed, added or removed file gives a new key (a rebuild), never
 a stale cache, and a run over a built cache reads one manifest and asks the data location nothing
-per file. The family names the dataset's split and size: once a build completes, the older caches of
+per file. The family names the dataset's split, size and interpolation: once a build completes, the older caches of
 its family (complete ones, with a tl-ray manifest) are deleted. ``manifest.json``, written last,
 names the Parquet files of the build that completed, their bytes and the files that could not be
 decoded, so a later run reports them without trying them again. Concurrent builders (two sweep
@@ -76,10 +78,14 @@ class CachedSplit:
     rows: int
     skipped: list[tuple[str, str, int]]  # (path as the user sees it, reason, label)
     built: bool  # True when this call decoded the images, False when an earlier build was reused
-    short_side: int  # the images' short side: validation's resize, done once
+    resize: imaging.Resize  # the images' short side and filter: validation's resize, done once
     image_format: str = "raw"  # how "pixels" holds them: raw RGB bytes, or an encoded file (ENCODINGS)
     # (path, reason, label) of the files the storage failed to deliver: not bad, not cached; the next run retries
     unreadable: list[tuple[str, str, int]] = dataclasses.field(default_factory=list)
+
+    @property
+    def short_side(self) -> int:
+        return self.resize.short_side
 
 
 def resolve_root(cache: str, storage: location.Location) -> location.Location | None:
@@ -91,14 +97,21 @@ def resolve_root(cache: str, storage: location.Location) -> location.Location | 
     return location.resolve(cache, "--cache")
 
 
+def _resize_key(resize: imaging.Resize) -> list:
+    """The resize as the keys hold it: the short side, and the filter only when it is not bilinear, so that every
+    cache built before the weights' interpolation was used (all bilinear) keeps its key and is reused."""
+    return [resize.short_side] if resize.is_default else [resize.short_side, resize.interpolation]
+
+
 def split_key(
-    files: list[tuple[str, int]], stats: np.ndarray, layout: Layout, short_side: int, image_format: str
+    files: list[tuple[str, int]], stats: np.ndarray, layout: Layout, resize: imaging.Resize, image_format: str
 ) -> str:
     """A fingerprint of the split's files (path, label, and the size and mtime the listing returned), the cached
-    resolution and format with its save options: validating a cache is reading the manifest this names, with no
-    request per file, and a change to an encoding (JPEG's chroma, say) keys a new build without a version bump."""
+    resolution and filter (``_resize_key``) and format with its save options: validating a cache is reading the
+    manifest this names, with no request per file, and a change to an encoding (JPEG's chroma, say) keys a new build
+    without a version bump. A bicubic cache is never reused for a bilinear run, nor the reverse."""
     encoding = [image_format, ENCODINGS[image_format]]
-    digest = hashlib.sha256(json.dumps([CACHE_VERSION, short_side, encoding, layout.uri_prefix]).encode())
+    digest = hashlib.sha256(json.dumps([CACHE_VERSION, *_resize_key(resize), encoding, layout.uri_prefix]).encode())
     if len(stats) != len(files):
         raise ValueError(f"{len(files)} files but {len(stats)} stats")
     for start in range(0, len(files), 10_000):  # a million stats as Python ints at once would be ~120 MB
@@ -108,9 +121,11 @@ def split_key(
     return digest.hexdigest()[:32]
 
 
-def family_key(layout: Layout, split: str, short_side: int) -> str:
-    """What a newer build of the same dataset's split at the same size supersedes: its caches share this prefix."""
-    return hashlib.sha256(json.dumps([layout.uri_prefix + layout.root, split, short_side]).encode()).hexdigest()[:16]
+def family_key(layout: Layout, split: str, resize: imaging.Resize) -> str:
+    """What a newer build of the same dataset's split at the same size and filter supersedes: its caches share this
+    prefix. A bicubic build does not delete the bilinear one (runs of torchvision and timm backbones alternate)."""
+    named = [layout.uri_prefix + layout.root, split, *_resize_key(resize)]
+    return hashlib.sha256(json.dumps(named).encode()).hexdigest()[:16]
 
 
 def _read_json(filesystem: pafs.FileSystem, path: str) -> object:
@@ -166,7 +181,7 @@ def decode(pixels: bytes, height: int, width: int, image_format: str) -> Image.I
 def _decode_to_file(
     batch: dict[str, np.ndarray],
     opener: Any,
-    short_side: int,
+    resize: imaging.Resize,
     image_format: str,
     cache_filesystem: pafs.FileSystem,
     folder: str,
@@ -192,8 +207,8 @@ def _decode_to_file(
             bad.append([opener.display(path), imaging.describe_error(error), int(label)])
             continue
         try:
-            image = imaging.load_rgb(data, short_side)
-            image = imaging.resize_short_side(image, short_side)
+            image = imaging.load_rgb(data, resize.short_side)
+            image = imaging.resize_short_side(image, resize)
             pixels = encode(image, image_format)
         except Exception as error:  # every way a file can be bad: record it, keep the block
             bad.append([opener.display(path), imaging.describe_error(error), int(label)])
@@ -234,30 +249,30 @@ def prepare(
     layout: Layout,
     image_size: int,
     root: location.Location,
-    short_side: int | None = None,
+    resize: imaging.Resize | None = None,
     on_event: progress.OnEvent | None = None,
     split: str | None = None,
     image_format: str | None = None,
 ) -> CachedSplit:
-    """The cache of one split for crops of ``image_size`` from images resized to ``short_side`` (by default
-    ``imaging.resize_size(image_size)``): reused when one exists for exactly these files as the listing found them,
-    else built (telling ``on_event`` where, how large, and how many files are done as they are).
+    """The cache of one split for crops of ``image_size`` from images resized by ``resize`` (by default
+    ``imaging.Resize.for_crop(image_size)``: bilinear): reused when one exists for exactly these files as the
+    listing found them, else built (telling ``on_event`` where, how large, and how many files are done as they are).
 
     ``split`` ("train", "val") names what the files are: a build then supersedes the older caches of the same
     dataset's split at the same size, which are deleted once it is complete, and picks the stored format
     (``SPLIT_FORMATS``) unless ``image_format`` does. Without it, nothing is deleted. A read retries a storage failure
     that passes for the layout's ``retry_seconds`` (``reading.read_item``).
     """
-    short_side = short_side or imaging.resize_size(image_size)
+    resize = resize or imaging.Resize.for_crop(image_size)
     image_format = image_format or SPLIT_FORMATS.get(split or "", DEFAULT_FORMAT)
     filesystem, base, prefix, _ = resolve_filesystem(root, "--cache")
-    key = split_key(files, layout.stats_of(files), layout, short_side, image_format)
-    family = family_key(layout, split, short_side) if split else None
+    key = split_key(files, layout.stats_of(files), layout, resize, image_format)
+    family = family_key(layout, split, resize) if split else None
     folder = f"{base}/{family}-{key}" if family else f"{base}/{key}"
     manifest = read_manifest(filesystem, folder)
     built = manifest is None
     if manifest is None:
-        manifest = _build(files, layout, short_side, image_format, filesystem, folder, prefix, family, on_event)
+        manifest = _build(files, layout, resize, image_format, filesystem, folder, prefix, family, on_event)
         if family:
             _remove_superseded(filesystem, base, family, folder, prefix, on_event)
     return CachedSplit(
@@ -267,7 +282,7 @@ def prepare(
         rows=manifest["rows"],
         skipped=[(path, reason, label) for path, reason, label in manifest["skipped"]],
         built=built,
-        short_side=short_side,
+        resize=resize,
         image_format=manifest["format"],
         unreadable=[(path, reason, label) for path, reason, label in manifest.get("unreadable", [])],
     )
@@ -276,7 +291,7 @@ def prepare(
 def _build(
     files: list[tuple[str, int]],
     layout: Layout,
-    short_side: int,
+    resize: imaging.Resize,
     image_format: str,
     filesystem: pafs.FileSystem,
     folder: str,
@@ -287,7 +302,9 @@ def _build(
     location = prefix + folder
     _tell(
         on_event,
-        progress.CacheState("building", location, len(files), estimate_bytes(len(files), short_side, image_format)),
+        progress.CacheState(
+            "building", location, len(files), estimate_bytes(len(files), resize.short_side, image_format)
+        ),
     )
     # Shuffled once, so every cached file mixes classes and an epoch's block order is all that must vary; except
     # where the source reads far faster in its own order (Parquet rows: a row costs its row group), whose blocks
@@ -313,7 +330,7 @@ def _build(
         batch_format="numpy",
         fn_kwargs={
             "opener": opener,
-            "short_side": short_side,
+            "resize": resize,
             "image_format": image_format,
             "cache_filesystem": filesystem,
             "folder": attempt_folder,
@@ -334,7 +351,8 @@ def _build(
     manifest = {
         "version": CACHE_VERSION,
         "family": family,
-        "short_side": short_side,
+        "short_side": resize.short_side,
+        "interpolation": resize.interpolation,
         "format": image_format,
         "files": sorted(names),
         "rows": images,
@@ -382,7 +400,7 @@ def prepare_splits(
     image_size: int,
     root: location.Location | None,
     skipped: skiplog.Skips,
-    short_side: int | None = None,
+    resize: imaging.Resize | None = None,
     on_event: progress.OnEvent | None = None,
 ) -> dict[str, CachedSplit | None]:
     """The built cache of "train" and "val" (None for a split with nothing cached, or with ``root`` None);
@@ -391,9 +409,7 @@ def prepare_splits(
     (``RunError``)."""
     splits = {}
     for name, files in (("train", layout.train), ("val", layout.val)):
-        split = (
-            prepare(files, layout, image_size, root, short_side, on_event, name) if root is not None and files else None
-        )
+        split = prepare(files, layout, image_size, root, resize, on_event, name) if root is not None and files else None
         if split is not None:
             check_unreadable(split, name, len(files))
         if split is not None and (split.skipped or split.unreadable):

@@ -9,6 +9,11 @@ epoch, so a resumed or re-sharded epoch draws the same boxes), and every box is 
 area filter where the crop shrinks (close to the antialiased resize, see the tests' stated tolerance) and exactly
 bilinear where it grows. Flips are a mask. Images of different sizes travel padded to one shape with their true
 heights and widths beside them (``pad``): boxes are drawn inside each image's own extent.
+
+The filter is bilinear whatever the weights' interpolation (``imaging.Resize``): for weights trained bicubic the
+training crops here differ in filter from PIL's (an augmentation's detail: timm's train.py itself draws bilinear or
+bicubic at random), while validation's crops, exact cuts of the cache that was resized with the weights' filter,
+do not (``plan.crops_on_device``).
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ gives the model an image-by-image run would train (BatchNorm is in eval mode eit
 way), at the cost of one backbone pass instead of one per epoch, and every depth-5
 trial of a sweep reuses it. Features are stored inside the image cache they came
 from, keyed by the arch, the crop size and a digest of the backbone weights and
-normalisation.
+normalisation; that cache's own key holds the resize (``imaging.Resize``: short side and
+interpolation), so features of bicubic crops are never those of bilinear ones.
 
 When a run's features fit in memory (``IN_MEMORY_BYTES`` a worker: ~130,000 images of
 resnet50 features), each worker reads them once and deals itself a seeded share each
@@ -173,12 +174,13 @@ def prepare_splits(
     weights: model.InitialWeights,
     use_gpu: bool,
     on_event: progress.OnEvent | None = None,
+    resize: imaging.Resize | None = None,
 ) -> dict[str, FeatureSplit | None]:
     """A run's "train" and "val" backbone features (built from the image cache if need be); None for a split
-    with nothing decodable."""
-    short_side = imaging.resize_size(image_size, weights.crop_fraction)
+    with nothing decodable. ``resize``: the run's (the driver's, from the weights); by default the weights' own."""
+    resize = resize or imaging.Resize.for_crop(image_size, weights.crop_fraction, weights.interpolation)
     splits: dict[str, FeatureSplit | None] = {}
-    for name, split in cache.prepare_splits(layout, image_size, cache_root, skipped, short_side, on_event).items():
+    for name, split in cache.prepare_splits(layout, image_size, cache_root, skipped, resize, on_event).items():
         if split is not None:
             splits[name] = prepare(split, image_size, arch, len(layout.class_names), weights, use_gpu)
         else:

@@ -64,7 +64,7 @@ class HeldImages:
         self.images, self.labels = load_images(split)
         self.training = training
         self.transform = imaging.augmentation(
-            image_size, crop_scale if training else None, color_jitter, split.short_side, policies
+            image_size, crop_scale if training else None, color_jitter, split.resize, policies
         )
         self.val_crops: dict[tuple[int, int], torch.Tensor] = {}  # (rank, world): that worker's rows, cropped
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2
+from torchvision.transforms.functional import pil_modes_mapping
 
 from tl_ray import recipe
 from tl_ray.inputs import reading
@@ -57,9 +58,79 @@ def resize_size(image_size: int, crop_fraction: float = recipe.EVAL_CROP_FRACTIO
     return math.ceil(image_size / crop_fraction - 1e-6)  # a fraction read back as 224 / 232 must give 232, not 233
 
 
-def resize_short_side(image: Image.Image, short_side: int) -> Image.Image:
+DEFAULT_INTERPOLATION = "bilinear"  # torchvision's weights' resize, and tl-ray's for every arch before timm
+INTERPOLATIONS = tuple(mode.value for mode in v2.InterpolationMode)  # nearest, bilinear, bicubic, box, lanczos, ...
+
+
+def interpolation_name(name: str | None, where: str = "the weights' preprocessing config") -> str:
+    """A resize filter's name as torchvision's ``InterpolationMode`` spells it; None or "" is bilinear. A name it has
+    no mode for (a third-party config's "random", a typo in a hand-edited meta.json) resizes bilinearly with a logged
+    warning naming ``where`` it came from: an odd config never stops a run or a prediction."""
+    if not name:
+        return DEFAULT_INTERPOLATION
+    spelled = str(name).strip().lower()
+    if spelled in INTERPOLATIONS:
+        return spelled
+    logger.warning(
+        "%s names the resize interpolation %r, which torchvision has no mode for: resizing bilinearly", where, name
+    )
+    return DEFAULT_INTERPOLATION
+
+
+@dataclass(frozen=True)
+class Resize:
+    """How validation, predict and the decoded-image cache resize an image before its centre crop: the short side,
+    and the filter the weights were trained with (timm's ``pretrained_cfg`` interpolation; torchvision's weights:
+    bilinear). Made once where the weights are known (the driver, or a checkpoint's meta.json: ``from_meta``) and
+    handed down whole, so no step resizes with one half of it. Training's random crops resize with the same
+    ``interpolation`` (``train_transform``), as timm's transforms do."""
+
+    short_side: int
+    interpolation: str = DEFAULT_INTERPOLATION
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:  # names from outside pass through interpolation_name first
+            raise ValueError(f"unknown interpolation {self.interpolation!r}; one of {', '.join(INTERPOLATIONS)}")
+
+    @property
+    def mode(self) -> v2.InterpolationMode:
+        return v2.InterpolationMode(self.interpolation)
+
+    @property
+    def pil_filter(self) -> str:
+        """PIL's name for the filter (``Image.Resampling``), which torchvision's resize of a PIL image uses: what a
+        deployer resizing with PIL passes to reproduce predict's pixels."""
+        return Image.Resampling(pil_modes_mapping[self.mode]).name
+
+    @property
+    def is_default(self) -> bool:
+        """Bilinear: what every cache and checkpoint before timm's weights was made with (no key records it)."""
+        return self.interpolation == DEFAULT_INTERPOLATION
+
+    def transform(self) -> v2.Resize:
+        return v2.Resize(self.short_side, interpolation=self.mode, antialias=True)
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return self.transform()(image)
+
+    @classmethod
+    def for_crop(
+        cls, image_size: int, crop_fraction: float = recipe.EVAL_CROP_FRACTION, interpolation: str | None = None
+    ) -> Resize:
+        """The resize before a centre crop of ``image_size`` that keeps ``crop_fraction`` of the short side."""
+        return cls(resize_size(image_size, crop_fraction), interpolation_name(interpolation))
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> Resize:
+        """The resize a checkpoint records (meta.json's ``resize_size`` and ``interpolation``; a checkpoint without
+        them: ``resize_size(image_size)``, bilinear), as predict, evaluate, the audit and export redo it."""
+        short_side = meta.get("resize_size") or resize_size(meta["image_size"])
+        return cls(int(short_side), interpolation_name(meta.get("interpolation"), "the checkpoint's meta.json"))
+
+
+def resize_short_side(image: Image.Image, resize: Resize) -> Image.Image:
     """The first step of ``eval_transform``, alone: the decoded-image cache stores its output."""
-    return v2.Resize(short_side, antialias=True)(image)
+    return resize(image)
 
 
 POLICIES = recipe.AUGMENT_POLICIES
@@ -125,6 +196,7 @@ def train_transform(
     color_jitter: float = 0.0,
     crop_scale: tuple[float, float] = recipe.STANDARD_CROP_SCALE,
     policies: Policies = NO_POLICIES,
+    interpolation: str = DEFAULT_INTERPOLATION,
 ) -> v2.Compose:
     """Augmentation on PIL images (PIL's resize is the fast one on CPU); uint8 CHW out.
 
@@ -132,8 +204,12 @@ def train_transform(
     small datasets people fine-tune on, and on small images, crops that small often miss the object
     (fastai's fine-tuning default is 0.35; tl_ray.recipe picks by image size). The chain is timm's: crop, flip,
     colour jitter, the policy on the cropped image, to a tensor, random erasing last (``PixelErasing``).
+    ``interpolation``: the crop's resize filter, the weights' own (``Resize.interpolation``), as timm's
+    ``transforms_imagenet_train`` resizes with its config's.
     """
-    steps = [v2.RandomResizedCrop(image_size, scale=crop_scale, antialias=True), v2.RandomHorizontalFlip()]
+    mode = v2.InterpolationMode(interpolation)
+    steps = [v2.RandomResizedCrop(image_size, scale=crop_scale, interpolation=mode, antialias=True)]
+    steps.append(v2.RandomHorizontalFlip())
     if color_jitter > 0:
         steps.append(v2.ColorJitter(color_jitter, color_jitter, color_jitter))
     steps += [*policy_transform(policies), v2.PILToTensor()]
@@ -146,14 +222,16 @@ def augmentation(
     image_size: int,
     crop_scale: tuple[float, float] | None,
     color_jitter: float = 0.0,
-    short_side: int | None = None,
+    resize: Resize | None = None,
     policies: Policies = NO_POLICIES,
 ) -> v2.Compose:
     """Random crops of ``crop_scale`` and flips (and ``policies``), or, with ``crop_scale`` None, the validation
-    centre crop (no jitter, policy or erasing: ``--augment none`` trains on validation's crops)."""
+    centre crop (no jitter, policy or erasing: ``--augment none`` trains on validation's crops). ``resize``:
+    validation's (by default ``Resize.for_crop(image_size)``); the random crops resize with its interpolation."""
+    resize = resize or Resize.for_crop(image_size)
     if crop_scale is None:
-        return eval_transform(image_size, short_side)
-    return train_transform(image_size, color_jitter, crop_scale, policies)
+        return eval_transform(image_size, resize)
+    return train_transform(image_size, color_jitter, crop_scale, policies, resize.interpolation)
 
 
 def seeded_crops(transform: v2.Compose, images: list[Image.Image], seeds: list[int]) -> torch.Tensor:
@@ -168,11 +246,11 @@ def seeded_crops(transform: v2.Compose, images: list[Image.Image], seeds: list[i
     return torch.stack(crops)
 
 
-def eval_transform(image_size: int, short_side: int | None = None) -> v2.Compose:
-    """Deterministic resize (to ``short_side``, by default ``resize_size(image_size)``) + centre crop; predict
-    and evaluate use exactly this, with the short side the checkpoint records."""
-    short_side = short_side or resize_size(image_size)
-    return v2.Compose([v2.Resize(short_side, antialias=True), v2.CenterCrop(image_size), v2.PILToTensor()])
+def eval_transform(image_size: int, resize: Resize | None = None) -> v2.Compose:
+    """Deterministic resize (``resize``, by default ``Resize.for_crop(image_size)``: bilinear) + centre crop;
+    predict and evaluate use exactly this, with the resize the checkpoint records (``Resize.from_meta``)."""
+    resize = resize or Resize.for_crop(image_size)
+    return v2.Compose([resize.transform(), v2.CenterCrop(image_size), v2.PILToTensor()])
 
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

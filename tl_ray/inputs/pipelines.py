@@ -16,7 +16,7 @@ from ray.data import RandomSeedConfig
 
 from tl_ray import cluster, recipe
 from tl_ray.inputs import reading
-from tl_ray.inputs.imaging import NO_POLICIES, Policies, augmentation, decode_item, describe_error, resize_size
+from tl_ray.inputs.imaging import NO_POLICIES, Policies, Resize, augmentation, decode_item, describe_error
 from tl_ray.inputs.layout import Layout
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def _decode_batch(
     crop_scale: tuple[float, float] | None,
     color_jitter: float,
     skipped: ray.actor.ActorHandle,
-    short_side: int,
+    resize: Resize,
     retry_seconds: float,
     policies: Policies = NO_POLICIES,
 ) -> dict[str, np.ndarray]:
@@ -58,11 +58,11 @@ def _decode_batch(
     not deliver after the retries (``reading.StorageError``) is not a bad file: it fails the task, and so the
     epoch, which Ray Train retries from the last checkpoint (``--max-failures``) and then reports in one line,
     rather than train on what an outage left."""
-    transform = augmentation(image_size, crop_scale if training else None, color_jitter, short_side, policies)
+    transform = augmentation(image_size, crop_scale if training else None, color_jitter, resize, policies)
     images, labels, bad, bad_labels = [], [], [], []
     for path, label in zip(batch["path"], batch["label"], strict=True):
         try:
-            images.append(decode_item(opener, path, transform, short_side, retry_seconds))
+            images.append(decode_item(opener, path, transform, resize.short_side, retry_seconds))
             labels.append(label)
         except reading.StorageError:
             raise
@@ -110,7 +110,7 @@ def image_dataset(
     color_jitter: float = 0.0,
     seed: int = 0,
     crop_scale: tuple[float, float] | None = recipe.STANDARD_CROP_SCALE,
-    short_side: int | None = None,
+    resize: Resize | None = None,
     policies: Policies = NO_POLICIES,
 ) -> ray.data.Dataset:
     """A lazily decoded dataset of {"image": uint8 (3, S, S), "label": int64}.
@@ -122,8 +122,8 @@ def image_dataset(
     training loop's local shuffle buffer mixes rows across blocks. Skipped files of the
     training dataset are also counted per class. Training images are randomly cropped
     (``crop_scale`` of the area) and flipped, or with ``crop_scale`` None centre-cropped like
-    validation images (resized to ``short_side``, by default ``resize_size(image_size)``, first);
-    ``policies``: the training crops' augmentation policy and random erasing.
+    validation images (resized by ``resize``, by default ``Resize.for_crop(image_size)``, first; the random crops
+    resize with its interpolation); ``policies``: the training crops' augmentation policy and random erasing.
     """
     rows = [{"path": path, "label": label} for path, label in files]
     if training and not getattr(layout.opener_of(files), "sequential", False):  # Parquet rows: see cache._build
@@ -146,7 +146,7 @@ def image_dataset(
             "crop_scale": crop_scale,
             "color_jitter": color_jitter,
             "skipped": skipped,
-            "short_side": short_side or resize_size(image_size),
+            "resize": resize or Resize.for_crop(image_size),
             "retry_seconds": layout.retry_seconds,
             "policies": policies,
         },

@@ -214,22 +214,23 @@ def prepare(
     cache_root: location.Location | None,
     skipped: skiplog.SkipLog,
     use_gpu: bool,
-    short_side: int,
+    resize: imaging.Resize,
     on_event: progress.OnEvent | None = None,
 ) -> PreparedInputs:
     """Choose the run's input path and build what it reads: the feature or decoded-image cache (``cache_root``;
-    None: no cache) and, for a streamed plan, its datasets. A validation split the cache's skips leave without
-    images stops the run here (``check_not_empty``; the driver checks the listing's splits before Ray starts):
-    nothing reports a val_acc of no images."""
+    None: no cache) and, for a streamed plan, its datasets. ``resize``: validation's resize (the weights' short
+    side and interpolation), made once by the driver; every path resizes with it. A validation split the cache's
+    skips leave without images stops the run here (``check_not_empty``; the driver checks the listing's splits
+    before Ray starts): nothing reports a val_acc of no images."""
     on_features = features.applies(config.freeze_depth, config.augment, cache_root)
     policies = imaging.Policies(config.augment_policy(), config.random_erasing, weights.mean, weights.std)
     held, datasets = None, {}
     if on_features:
         splits = features.prepare_splits(
-            layout, config.image_size, cache_root, skipped, config.arch, weights, use_gpu, on_event
+            layout, config.image_size, cache_root, skipped, config.arch, weights, use_gpu, on_event, resize
         )
     else:
-        splits = cache.prepare_splits(layout, config.image_size, cache_root, skipped, short_side, on_event)
+        splits = cache.prepare_splits(layout, config.image_size, cache_root, skipped, resize, on_event)
     if cache_root is not None:  # the build decoded every file: what validation has left is known (a training
         # class left without images is the driver's check: describe_lost_classes); checked before any pipeline
         check_not_empty(layout, splits["val"].rows if splits["val"] is not None else 0, why=AFTER_SKIPS)
@@ -259,7 +260,7 @@ def prepare(
                     config.color_jitter,
                     config.seed,
                     config.crop_scale(),
-                    short_side,
+                    resize,
                     policies,
                 )
             except BaseException:
@@ -287,7 +288,14 @@ def crops_on_device(splits: dict[str, Any], use_gpu: bool, per_image: bool) -> b
     """Whether a run's workers decode and crop its cached images on their GPUs (issue 43): on every GPU run whose
     splits are all cached in a format the device decodes, unless it asks for augmentation only the per-image path
     (PIL in Ray Data tasks) applies (``per_image``: colour jitter, --augment trivial|randaugment,
-    --random-erasing). CPU runs keep PIL's crops: on a CPU the batched crop is no faster than PIL's per-image one."""
+    --random-erasing). CPU runs keep PIL's crops: on a CPU the batched crop is no faster than PIL's per-image one.
+
+    Whatever the weights' interpolation: the device's training crops resize bilinearly (``roi_align`` has no other
+    filter) where PIL's would use the weights' (bicubic for most timm weights). Accepted, not a reason to give up
+    the device: it is an augmentation's filter only (timm's own train.py draws bilinear or bicubic at random per
+    crop by default, ``--train-interpolation random``), while validation's centre crops here are cut exactly from
+    the cache, which was resized with the weights' filter (``imaging.Resize``), so val_acc, predict and export see
+    the same pixels on every path."""
     return (
         use_gpu
         and not per_image

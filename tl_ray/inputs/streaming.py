@@ -26,11 +26,11 @@ def _read_and_crop(
     image_size: int,
     crop_scale: tuple[float, float] | None,
     color_jitter: float,
-    short_side: int,
+    resize: imaging.Resize,
     image_format: str = "raw",
     policies: imaging.Policies = imaging.NO_POLICIES,
 ) -> dict[str, np.ndarray]:
-    transform = imaging.augmentation(image_size, crop_scale, color_jitter, short_side, policies)
+    transform = imaging.augmentation(image_size, crop_scale, color_jitter, resize, policies)
     images, labels = [], []
     for path in batch["file"]:
         cached = pq.read_table(path, filesystem=filesystem).to_pydict()
@@ -93,7 +93,7 @@ def cached_dataset(
         image_size=image_size,
         crop_scale=crop_scale if training else None,
         color_jitter=color_jitter,
-        short_side=split.short_side,
+        resize=split.resize,
         image_format=split.image_format,
         policies=policies,
     )
@@ -107,12 +107,13 @@ def streaming_datasets(
     color_jitter: float = 0.0,
     seed: int = 0,
     crop_scale: tuple[float, float] | None = recipe.STANDARD_CROP_SCALE,
-    short_side: int | None = None,
+    resize: imaging.Resize | None = None,
     policies: imaging.Policies = imaging.NO_POLICIES,
 ) -> dict[str, ray.data.Dataset]:
     """A run's "train" and "val" Ray Data pipelines from ``prepare_splits``: from the cache, or, for a split
     without one (``--cache none``), decoding every file every epoch (files that fail go into ``skipped``).
-    ``short_side``: validation's resize before its centre crop (``imaging.resize_size`` by default); ``policies``:
+    ``resize``: validation's before its centre crop, whose filter the random crops use too
+    (``imaging.Resize.for_crop`` by default); ``policies``:
     the training crops' policy and erasing. Ray Data's crop tasks draw from their process's random state, unseeded
     (as their crops always have): a streamed run's augmentation is not repeated by a rerun or a resume, a held
     one's is (``held.crop_seed``)."""
@@ -122,7 +123,7 @@ def streaming_datasets(
         files = layout.train if training else layout.val
         if split is None:
             datasets[name] = pipelines.image_dataset(
-                files, layout, image_size, training, skipped, color_jitter, seed, crop_scale, short_side, policies
+                files, layout, image_size, training, skipped, color_jitter, seed, crop_scale, resize, policies
             )
         else:
             datasets[name] = cached_dataset(split, image_size, training, color_jitter, seed, crop_scale, policies)

@@ -200,7 +200,8 @@ def _set_up(
     backbones.check_freeze_depth(config.arch, config.freeze_depth)
     weights = model.initial_weights(config.arch, config.weights, layout.class_names, config.seed, config.image_size)
     progress.mark("run: initial weights")
-    short_side = imaging.resize_size(config.image_size, weights.crop_fraction)  # validation's resize, as the weights'
+    # Validation's resize (short side and filter), as the weights': every input path and the checkpoint use it.
+    resize = imaging.Resize.for_crop(config.image_size, weights.crop_fraction, weights.interpolation)
     started_locally = cluster.ensure_ray()
     use_gpu, worker_cpus = _resources(config, started_locally)
     _check_batch_norm(config, use_gpu)
@@ -220,7 +221,7 @@ def _set_up(
         cache_root = where.cache
         if cache_root is not None and config.cache != "auto":
             cluster.check_shared_storage(cache_root, "--cache")
-        prepared = plan.prepare(layout, config, weights, cache_root, skipped, use_gpu, short_side, on_event)
+        prepared = plan.prepare(layout, config, weights, cache_root, skipped, use_gpu, resize, on_event)
         skipped = prepared.skipped
         skipped_per_class = skiplog.skipped_train_counts(skipped)
         progress.mark("run: splits prepared")
@@ -245,7 +246,7 @@ def _set_up(
         weights_source=weights.source,
         mean=list(weights.mean),
         std=list(weights.std),
-        resize_size=short_side,
+        resize_size=resize.short_side,
         cpus_per_worker=worker_cpus,
         skipped=skipped,
         inputs=prepared.plan,
@@ -253,7 +254,8 @@ def _set_up(
         range_test_only=range_test_only,
         lr_candidates=lr_candidates,
         lr_from_size=lr_from_size,
-        interpolation=weights.interpolation,
+        # As the run resizes (an unknown name is bilinear by then); None, torchvision's weights: no meta.json key.
+        interpolation=None if weights.interpolation is None else resize.interpolation,
     )
     return _Setup(
         config, where, layout, loop_config, prepared.datasets, use_gpu, worker_cpus, train_per_class, skipped, tracker

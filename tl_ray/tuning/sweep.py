@@ -234,10 +234,10 @@ def sweep(config: TuneConfig, on_event: progress.OnEvent | None = None) -> tuple
     if cache_root is not None:
         # Decode once, here, before any trial: every trial then finds the cache (trials store elsewhere).
         config = dataclasses.replace(config, cache=cache_root.uri)
-        short_side = imaging.resize_size(config.image_size, model.eval_crop_fraction(config.arch, config.weights))
+        resize = imaging.Resize.for_crop(config.image_size, *model.eval_preprocessing(config.arch, config.weights))
         for split, files in (("train", layout.train), ("val", layout.val)):
             if files:
-                cache.prepare(files, layout, config.image_size, cache_root, short_side, on_event, split)
+                cache.prepare(files, layout, config.image_size, cache_root, resize, on_event, split)
 
     trials_dir = run_dir.join(TRIALS_DIR)
     progress.mark("sweep: cache ready")
