@@ -167,6 +167,7 @@ def test_train_job_succeeds_and_writes_its_result(ray_head, job_data, tmp_path):
     assert_quiet_console(logs, EPOCH_HEADER)
 
 
+@pytest.mark.extended  # make test's 30 minutes (CI ran 35 at 6b881ac): the train job above is the submission path in CI
 @pytest.mark.timeout(900)
 def test_sweep_job_succeeds_and_writes_its_report(ray_head, job_data, tmp_path):
     address, env = ray_head
@@ -180,6 +181,8 @@ def test_sweep_job_succeeds_and_writes_its_report(ray_head, job_data, tmp_path):
     assert_quiet_console(logs, TRIAL_HEADER)
 
 
+# Extended: make test's 30 minutes (CI ran 35 at 6b881ac); a bad --data's line without a job: test_config.py
+@pytest.mark.extended
 @pytest.mark.timeout(300)
 def test_job_with_a_bad_data_path_fails_with_the_clear_error(ray_head, tmp_path):
     address, env = ray_head

@@ -14,7 +14,9 @@ from tl_ray import cli
 from tl_ray.checkpoint import read_meta
 from tl_ray.training.lr_range import suggest
 
-pytestmark = pytest.mark.timeout(900)
+# Both in the extended tier, for make test's 30 minutes (CI ran 35 at 6b881ac): the range test's maths is
+# unit-tested (tests/unit/test_lr_range.py); these are the command, and --lr auto's run and resume, end to end.
+pytestmark = [pytest.mark.timeout(900), pytest.mark.extended]
 
 COMMON = ["--arch", "resnet18", "--weights", "none", "--image-size", "32", "--seed", "3"]
 

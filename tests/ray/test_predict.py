@@ -123,6 +123,7 @@ def test_evaluate_refuses_classes_the_checkpoint_does_not_know(checkpoint, sampl
         tl_ray.evaluate(checkpoint, str(sample_root / "target" / "val"))
 
 
+@pytest.mark.extended  # make test's 30 minutes (CI ran 35 at 6b881ac): a second Ray of its own
 def test_predict_in_its_own_ray_keeps_rays_lines_off_the_console(checkpoint, mixed_folder, tmp_path):
     """`tl-ray predict` as a user runs it (its own Ray): only its own lines reach stdout and stderr, not Ray's core
     worker's (ray-project/ray#57733's line about the classifier actors' constructor arguments) nor a deprecation."""

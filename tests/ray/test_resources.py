@@ -61,6 +61,12 @@ def test_cli_refuses_worker_cpus_that_would_hang_before_anything_starts(sample_r
     assert f"--cpus-per-worker {cpus} x --num-workers 1" in run.stderr and "never start" in run.stderr
     assert not (tmp_path / "t").exists(), "nothing may start before the refusal"
 
+
+# Extended: make test's 30 minutes (CI ran 35 at 6b881ac); the concurrent-trials check itself is tested above.
+@pytest.mark.extended
+def test_cli_refuses_concurrent_trials_that_would_hang_before_anything_starts(sample_root: Path, tmp_path):
+    cpus = os.cpu_count() or 1
+    common = ["--data", str(sample_root / "target"), "--weights", "none", "--arch", "resnet18"]
     sweep = ["tune", *common, "--freeze-depths", "0", "--max-concurrent", str(2 * cpus), "--storage", str(tmp_path)]
     run = _tl_ray(*sweep, "--cpus-per-worker", "1", "--name", "s")
     assert run.returncode == 2
