@@ -19,9 +19,11 @@ fits in memory (read once, cropped in the worker's own process, one core).
 every process involved (this driver, and every process it started: Ray's raylet and workers, the DataLoader's
 workers) per delivered image, and the device-side work (decode and crop, which the GPU path does on the worker's
 device; on a CPU it runs in the consumer) timed apart. It writes ``bench/results/host_cost.json``: its
-``gpu_path_host_core_ms_per_image`` is the path a GPU run takes by default (cached bytes streamed undecoded,
-decoded and cropped on the device), ``warm_vs_dataloader`` that path's host-side delivery rate to a no-op consumer
-against the DataLoader's.
+``gpu_path_host_core_ms_per_image`` is the host side of the path a GPU run takes by default (cached bytes streamed
+undecoded to the worker: the ``device_feed`` row, a no-op consumer; the ``device`` row adds the decode and crop,
+run on this CPU), ``warm_vs_dataloader`` that feed's delivery rate against the DataLoader's. ``ray_idle_cores``
+is what Ray's processes burn doing nothing: a cost per second, which a consumer as slow as a CPU decoding JPEGs
+spreads over few images.
 
 Prints a table and writes JSON (``--out``, default bench/results/ingest.json).
 """
@@ -169,24 +171,34 @@ def tree_cpu_seconds() -> float:
 
 
 def host_cost_epochs(deliver, epochs: int) -> dict:
-    """``deliver(epoch)`` -> (images, device CPU seconds) for each epoch; the warm epochs' host CPU per image (every
-    process's CPU less the device-side work's), the device-side work per image, and the delivery rate."""
+    """``deliver(epoch)`` -> (images, device CPU seconds, device wall seconds) for each epoch; the warm epochs' host
+    CPU per image (every process's CPU less the device-side work's), the device-side work per image (CPU time: on
+    a CPU it runs on both cores), and the delivery rates, with and without the device-side work's wall time."""
     deliver(0)  # cold: start-up, caches read or built
     cpu_before, wall_before = tree_cpu_seconds(), time.perf_counter()
-    images = device_seconds = 0.0
+    images = device_cpu = device_wall = 0.0
     for epoch in range(1, epochs + 1):
-        delivered, device = deliver(epoch)
+        delivered, cpu, wall = deliver(epoch)
         images += delivered
-        device_seconds += device
+        device_cpu += cpu
+        device_wall += wall
     wall = time.perf_counter() - wall_before
-    host = tree_cpu_seconds() - cpu_before - device_seconds
+    host = tree_cpu_seconds() - cpu_before - device_cpu
     return {
         "images": int(images),
         "host_core_ms_per_image": 1000 * host / images,
-        "device_ms_per_image": 1000 * device_seconds / images,
+        "device_ms_per_image": 1000 * device_cpu / images,
         "images_per_s": images / wall,
-        "host_images_per_s": images / max(wall - device_seconds, 1e-9),  # the no-op consumer's rate, device aside
+        "host_images_per_s": images / (wall - device_wall),  # the delivery rate, the device-side work's time aside
     }
+
+
+def idle_cores(seconds: float = 5.0) -> float:
+    """The CPU this process tree burns doing nothing (Ray's raylet, GCS, dashboard, log monitor, idle workers), in
+    cores: a fixed cost per second, which a slow consumer spreads over few images and a fast one over many."""
+    before = tree_cpu_seconds()
+    time.sleep(seconds)
+    return (tree_cpu_seconds() - before) / seconds
 
 
 def host_cost(root: Path, image_size: int, batch_size: int, epochs: int, cache_root: str) -> dict:
@@ -208,31 +220,44 @@ def host_cost(root: Path, image_size: int, batch_size: int, epochs: int, cache_r
 
     streamed = streaming.cached_dataset(split, image_size, training=True, crop_scale=scale)
 
-    def pil_in_ray_tasks(epoch: int) -> tuple[int, float]:
-        return sum(len(b["image"]) for b in streamed.iter_torch_batches(batch_size=batch_size, prefetch_batches=2)), 0.0
+    def pil_in_ray_tasks(epoch: int) -> tuple[int, float, float]:
+        batches = streamed.iter_torch_batches(batch_size=batch_size, prefetch_batches=2)
+        return sum(len(b["image"]) for b in batches), 0.0, 0.0
 
     encoded = streaming.encoded_dataset(split, training=True)
 
-    def on_device(epoch: int) -> tuple[int, float]:
-        delivered, device = 0, 0.0
+    def encoded_batches():
+        return encoded.iter_batches(
+            batch_size=batch_size, batch_format="numpy", prefetch_batches=4, local_shuffle_buffer_size=4 * batch_size
+        )
+
+    def device_feed(epoch: int) -> tuple[int, float, float]:
+        """The GPU path's host side alone: the cached bytes as the worker receives them, to a no-op consumer."""
+        return sum(len(batch["pixels"]) for batch in encoded_batches()), 0.0, 0.0
+
+    def on_device(epoch: int) -> tuple[int, float, float]:
+        delivered, device_cpu, device_wall = 0, 0.0, 0.0
         generator = device_input.generator_for(0, epoch, 0)
-        for batch in encoded.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=4):
-            began = time.process_time()
+        for batch in encoded_batches():
+            began_cpu, began_wall = time.process_time(), time.perf_counter()
             images = device_input.decode(
                 batch["pixels"], batch["height"], batch["width"], split.image_format, torch.device("cpu")
             )
             padded, heights, widths = device_input.pad(images)
             delivered += len(device_input.random_resized_crops(padded, heights, widths, image_size, scale, generator))
-            device += time.process_time() - began
-        return delivered, device
+            device_cpu += time.process_time() - began_cpu
+            device_wall += time.perf_counter() - began_wall
+        return delivered, device_cpu, device_wall
 
     held = HeldImages(split, image_size, True, scale)
 
-    def held_in_the_worker(epoch: int) -> tuple[int, float]:
-        return sum(len(b["image"]) for b in held.batches(batch_size, rank=0, world=1, epoch=epoch)), 0.0
+    def held_in_the_worker(epoch: int) -> tuple[int, float, float]:
+        return sum(len(b["image"]) for b in held.batches(batch_size, rank=0, world=1, epoch=epoch)), 0.0, 0.0
 
     return {
+        "ray_idle_cores": idle_cores(),
         "ray_data_pil": host_cost_epochs(pil_in_ray_tasks, epochs),
+        "device_feed": host_cost_epochs(device_feed, epochs),
         "device": host_cost_epochs(on_device, epochs),
         "held": host_cost_epochs(held_in_the_worker, epochs),
     }
@@ -252,7 +277,7 @@ def dataloader_host_cost(root: Path, image_size: int, batch_size: int, epochs: i
         num_workers=os.cpu_count() or 1,
         persistent_workers=True,
     )
-    return host_cost_epochs(lambda epoch: (sum(len(images) for images, _ in loader), 0.0), epochs)
+    return host_cost_epochs(lambda epoch: (sum(len(images) for images, _ in loader), 0.0, 0.0), epochs)
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -326,6 +351,7 @@ def main_host_cost(args: argparse.Namespace, argv: list[str] | None) -> dict:
     cache_root = str(Path(args.data) / "cache")
     settings = (root, args.image_size, args.batch_size, args.epochs)
     paths = {"dataloader": dataloader_host_cost(*settings), **host_cost(*settings, cache_root)}
+    idle = paths.pop("ray_idle_cores")
     results = {
         "benchmark": "host_cost",
         "command": "python bench/ingest.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -335,10 +361,14 @@ def main_host_cost(args: argparse.Namespace, argv: list[str] | None) -> dict:
         "image_size": args.image_size,
         "warm_epochs": args.epochs,
         "paths": paths,
-        "gpu_path_host_core_ms_per_image": paths["device"]["host_core_ms_per_image"],
-        "warm_vs_dataloader": paths["device"]["host_images_per_s"] / paths["dataloader"]["images_per_s"],
+        "ray_idle_cores": idle,
+        # The GPU path's host side: the cached bytes streamed to the worker (its no-op consumer's run), the
+        # decode and crop being the device's; and that feed's rate against the DataLoader's.
+        "gpu_path_host_core_ms_per_image": paths["device_feed"]["host_core_ms_per_image"],
+        "warm_vs_dataloader": paths["device_feed"]["images_per_s"] / paths["dataloader"]["images_per_s"],
     }
     print(f"host cost: {args.images} JPEGs, {args.image_size} px, {results['machine']}")
+    print(f"Ray's processes idle: {idle:.3f} cores")
     print(f"{'path':14} {'host core-ms/img':>17} {'device ms/img':>14} {'img/s':>8} {'host-side img/s':>16}")
     for name, row in paths.items():
         print(

@@ -3,6 +3,8 @@ pixels against ``transforms.v2.functional.resized_crop``, flips, padding, and th
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from scipy.stats import ks_2samp
@@ -105,3 +107,16 @@ def test_a_resumed_epoch_draws_the_crops_the_interrupted_one_drew():
     assert torch.equal(epoch_crops(3, 0), epoch_crops(3, 0))
     assert not torch.equal(epoch_crops(3, 0), epoch_crops(4, 0))
     assert not torch.equal(epoch_crops(3, 0), epoch_crops(3, 1))
+
+
+def test_reading_tasks_take_several_cache_files_and_a_small_split_still_several_tasks():
+    """A reading task costs the host about as much for one file as for sixteen (bench/ingest.py --host-cost): the
+    device path's and the feature stream's tasks take about READ_ROWS_PER_TASK rows, a small split at least
+    MIN_READ_TASKS tasks, and never a task with nothing."""
+    from tl_ray.inputs.streaming import MIN_READ_TASKS, READ_ROWS_PER_TASK, files_per_task
+
+    assert files_per_task(1000, 32_000) == READ_ROWS_PER_TASK // 32  # a cache of 32-row files: 16 a task
+    assert files_per_task(63, 2000) == 16  # 2000 images in 63 files (31 a file): 4 tasks
+    assert files_per_task(8, 256) == 2 and math.ceil(8 / files_per_task(8, 256)) == MIN_READ_TASKS  # small: 4 tasks
+    assert files_per_task(1, 5) == 1 and files_per_task(0, 0) == 1  # one file, and an empty split
+    assert files_per_task(40, 40 * 1000) == 1  # files of 1000 rows already hold a task's worth

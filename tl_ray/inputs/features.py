@@ -161,8 +161,11 @@ def _read_features(batch: dict[str, np.ndarray], filesystem: pafs.FileSystem) ->
 
 
 def feature_dataset(split: FeatureSplit, training: bool, seed: int = 0) -> ray.data.Dataset:
-    """{"features": float32 (D,), "label": int64}, one block per feature file, in a new block order each epoch."""
-    return streaming.per_file_dataset(split.parquet_files, split.filesystem, _read_features, training, seed)
+    """{"features": float32 (D,), "label": int64}, several feature files to a block (``streaming.files_per_task``:
+    reading is all a task does), in a new order each epoch."""
+    files = split.parquet_files
+    grouped = streaming.files_per_task(len(files), split.rows)
+    return streaming.per_file_dataset(files, split.filesystem, _read_features, training, seed, files_at_once=grouped)
 
 
 def prepare_splits(

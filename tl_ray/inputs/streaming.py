@@ -1,9 +1,11 @@
 """A built cache streamed through Ray Data (``streaming_datasets``): what GPU runs, splits above the in-memory
 budget, and (decoding every file, without a cache) ``--cache none`` train on. Each cache file is one block, read,
-decoded, cropped and flipped by our own Ray Data task, in a new block order every training epoch."""
+decoded, cropped and flipped by our own Ray Data task, in a new block order every training epoch; where a task only
+reads (the device path's undecoded bytes), it reads several files (``files_per_task``)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -45,16 +47,31 @@ def _read_and_crop(
     }
 
 
+# Rows a task reads where reading is all it does (cached bytes for the device, cached features): a Ray task and its
+# block cost the host ~27 ms of CPU whatever they hold (scheduling, the object store, the streaming executor), ~0.9
+# core-ms an image at a cache file (32 rows) a task; 16 files a task cost 0.31 (bench/ingest.py --host-cost, issue 43).
+READ_ROWS_PER_TASK = 512
+MIN_READ_TASKS = 4  # a small split still reads in parallel, and an epoch still has blocks to put in a new order
+
+
+def files_per_task(files: int, rows: int) -> int:
+    """How many cache files one reading task takes: about READ_ROWS_PER_TASK rows, at least MIN_READ_TASKS tasks."""
+    per_file = max(1, rows // max(1, files))
+    return max(1, min(math.ceil(READ_ROWS_PER_TASK / per_file), math.ceil(files / MIN_READ_TASKS)))
+
+
 def per_file_dataset(
     paths: list[str],
     filesystem: pafs.FileSystem,
     read: Callable[..., dict[str, np.ndarray]],
     training: bool,
     seed: int = 0,
+    files_at_once: int = 1,
     **options: Any,
 ) -> ray.data.Dataset:
-    """One block per cache file, each read by ``read(batch, filesystem, **options)`` in our own task; for
-    training, in a new order every epoch.
+    """Cache files read by ``read(batch, filesystem, **options)`` in our own tasks, ``files_at_once`` to a task
+    (one, where each row is costly: decoded and cropped; ``files_per_task`` where reading is all); for training,
+    in a new order every epoch (the files are put in a new order before they are grouped, so the groups vary too).
 
     Not Ray Data's Parquet reader: it adds a listing step that claims a whole CPU (which a sweep on a small
     machine does not have free) and merges small files into one block (which leaves an epoch's order nothing
@@ -66,9 +83,9 @@ def per_file_dataset(
         dataset = dataset.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
     return dataset.map_batches(
         read,
-        batch_size=1,
+        batch_size=files_at_once,
         num_cpus=0.5,
-        compute=cluster.task_pool(len(files)),
+        compute=cluster.task_pool(math.ceil(len(files) / files_at_once)),
         batch_format="numpy",
         fn_kwargs={"filesystem": filesystem, **options},
     )
@@ -140,4 +157,6 @@ def encoded_dataset(split: CachedSplit, training: bool, seed: int = 0) -> ray.da
     """{"pixels": the cached bytes, "height", "width", "label"} of a built cache, read and passed on undecoded: the
     input of a run whose worker decodes and crops on its device (``plan.DeviceCropBatches``), so the host's share of
     an image is reading its bytes."""
-    return per_file_dataset(split.parquet_files, split.filesystem, _read_encoded, training, seed)
+    files = split.parquet_files
+    grouped = files_per_task(len(files), split.rows)
+    return per_file_dataset(files, split.filesystem, _read_encoded, training, seed, files_at_once=grouped)
