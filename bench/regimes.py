@@ -574,7 +574,9 @@ def source_checkpoint(root: Path, dataset: str, source_epochs: int, arch: str = 
 
 def train_source(root: Path, dataset: str, source_epochs: int, storage: Path, marker: Path, arch: str) -> str:
     name = f"source-{source_epochs}{arch_suffix(arch)}"
-    result = tl_ray_train(root / "source", "none", 0, epochs=source_epochs, seed=0, storage=str(storage), name=name)
+    result = tl_ray_train(
+        root / "source", "none", 0, epochs=source_epochs, seed=0, storage=str(storage), name=name, arch=arch
+    )
     print(f"{dataset}: {arch} source model val_acc {result.metrics['val_acc']:.3f}", flush=True)
     marker.write_text(str(result.best_checkpoint))
     (storage / f"source-{source_epochs}ep{arch_suffix(arch)}-val_acc.txt").write_text(
