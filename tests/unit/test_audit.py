@@ -135,6 +135,26 @@ def _items(root, names: list[str], splits: list[str], label_ids: list[int]) -> f
     )
 
 
+def _result(out, checkpoint: str, data, images: dict, tables: dict, written: dict) -> AuditResult:
+    """The AuditResult the audit would hand its page: each finding's rows and the files written for it."""
+
+    def finding(name: str, table: str) -> Finding:
+        return Finding(name, tables[table], written.get(table), written.get(table[:-4] + ".png"))
+
+    return AuditResult(
+        out=out.uri,
+        checkpoint=checkpoint,
+        data=str(data),
+        images=images,
+        labelled=True,
+        suspects=finding("label suspects", writing.SUSPECTS),
+        duplicates=finding("duplicates", writing.DUPLICATES),
+        outliers=finding("outliers", writing.OUTLIERS),
+        duplicate_threshold=0.95,
+        seconds={"features": 1.0},
+    )
+
+
 def test_the_files_and_the_fix_list(tmp_path):
     names = ["train/cat/a.png", "train/cat/b.png", "train/dog/c.png", "val/dog/d.png", "val/cat/e.png"]
     items = _items(tmp_path / "data", names, ["train", "train", "train", "val", "val"], [0, 0, 1, 1, 0])
@@ -172,19 +192,7 @@ def test_the_files_and_the_fix_list(tmp_path):
         assert next(csv.reader(stream)) == duplicates.COLUMNS
 
     # report.html: the findings on one page, each gallery embedded, every user string escaped.
-    finding = lambda name, table, rows: Finding(name, rows, written.get(table), written.get(table[:-4] + ".png"))  # noqa: E731
-    result = AuditResult(
-        out=out.uri,
-        checkpoint="ck<1>",
-        data=str(tmp_path / "data"),
-        images={"train": 3, "val": 2},
-        labelled=True,
-        suspects=finding("label suspects", writing.SUSPECTS, suspects),
-        duplicates=finding("duplicates", writing.DUPLICATES, pairs),
-        outliers=finding("outliers", writing.OUTLIERS, far),
-        duplicate_threshold=0.95,
-        seconds={"features": 1.0},
-    )
+    result = _result(out, "ck<1>", tmp_path / "data", {"train": 3, "val": 2}, tables, written)
     uri = audit_page.write(result, out, {"label suspects": "suspects.png", "duplicates": "duplicates.png"})
     html = (tmp_path / "audit" / "report.html").read_text()
     assert uri == out.join("report.html").uri and html.count("data:image/png;base64,") == 2
@@ -212,19 +220,7 @@ def test_the_audit_writes_into_object_storage(tmp_path, s3_server):
 
     out = writing.check_out(s3_server.uri("audits/run1"))
     written = writing.write(out, tables, items, 1.0)
-    finding = lambda name, table, rows: Finding(name, rows, written.get(table), written.get(table[:-4] + ".png"))  # noqa: E731
-    result = AuditResult(
-        out=out.uri,
-        checkpoint="ck",
-        data=str(tmp_path / "data"),
-        images={"train": 2, "val": 2},
-        labelled=True,
-        suspects=finding("label suspects", writing.SUSPECTS, suspects),
-        duplicates=finding("duplicates", writing.DUPLICATES, pairs),
-        outliers=finding("outliers", writing.OUTLIERS, far),
-        duplicate_threshold=0.95,
-        seconds={"features": 1.0},
-    )
+    result = _result(out, "ck", tmp_path / "data", {"train": 2, "val": 2}, tables, written)
     audit_page.write(result, out, {"label suspects": "suspects.png", "duplicates": "duplicates.png"})
 
     stored = {info.base_name: info.size for info in bucket.get_file_info(pafs.FileSelector("audits/run1"))}
