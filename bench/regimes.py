@@ -56,12 +56,14 @@ JPEG training cache, its warm-up, ...; ``tl-ray-pipeline`` all at once), and
 (stored apart from the defaults' column), so tl-ray at the grid's point is one A/B away.
 ``--tl-ray-options arch=convnext_atto`` (any arch tl-ray takes, timm's by name) trains the tl-ray column on
 that arch beside the resnet18 grid; its transfer rows start from that arch's own source model, trained once
-under the same rule (issue 40's row: a small timm CNN and ViT under the defaults).
+under the same rule (issue 40's row: a small timm CNN and ViT under the defaults). ``--tl-ray-options crops=device``
+cuts tl-ray's training crops with the GPU path's batched crop on this CPU (issue 43: its learning, without a GPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -678,6 +680,27 @@ def options_arch(options: str) -> str:
     return str(parse_options(options).get("arch", REFERENCE_ARCH))
 
 
+@contextlib.contextmanager
+def crops_taken(crops: str):
+    """``--tl-ray-options crops=device``: the run's crops cut by the GPU path's batched crop (``device_input``:
+    decoded, padded, cut by roi_align, the boxes drawn as RandomResizedCrop draws them) on this CPU, where tl-ray
+    itself chooses PIL's; a bench-only switch, not a tl-ray option, so the device crop's learning can be measured
+    without a GPU (issue 43 item 3). The decision is the driver's (``plan.crops_on_device``), made in this process."""
+    if crops == "auto":
+        yield
+        return
+    if crops != "device":
+        raise SystemExit(f"--tl-ray-options crops={crops}: auto or device")
+    from tl_ray.inputs import plan
+
+    chosen = plan.crops_on_device
+    plan.crops_on_device = lambda splits, use_gpu, per_image: chosen(splits, True, per_image)
+    try:
+        yield
+    finally:
+        plan.crops_on_device = chosen
+
+
 def parse_options(text: str) -> dict[str, int | float | str]:
     """--tl-ray-options "lr=0.003,batch_size=16,cache=none" as tl_ray.train keywords (numbers as numbers)."""
     options: dict[str, int | float | str] = {}
@@ -755,17 +778,19 @@ def run_tl_ray(
             + (f"-lr{lr}" if lr else "")
             + (f"-opts{hashlib.sha1(options.encode()).hexdigest()[:8]}" if options else "")
         )
-        result = tl_ray_train(
-            cell.task_root,
-            cell.weights(arch),
-            cell.regime.depth,
-            epochs=cell.epochs,
-            seed=seed,
-            storage=storage,
-            name=name,
-            **({"lr": lr} if lr else {}),
-            **parse_options(options),
-        )
+        chosen = parse_options(options)
+        with crops_taken(str(chosen.pop("crops", "auto"))):
+            result = tl_ray_train(
+                cell.task_root,
+                cell.weights(arch),
+                cell.regime.depth,
+                epochs=cell.epochs,
+                seed=seed,
+                storage=storage,
+                name=name,
+                **({"lr": lr} if lr else {}),
+                **chosen,
+            )
         store.tl_ray[key] = {
             "val_acc": result.metrics["val_acc"],
             "seconds": time.perf_counter() - began,
