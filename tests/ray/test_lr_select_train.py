@@ -14,7 +14,10 @@ from tl_ray import cli, recipe
 from tl_ray.checkpoint import read_meta
 from tl_ray.training import lr_select
 
-pytestmark = pytest.mark.timeout(900)
+# Extended: make test's 30 minutes (a clean run took 26.7 at 03d43f5). --lr select is the default on small
+# sets, so CI's other runs on the sample target take it; its choice is unit-tested (tests/unit/test_lr_select.py);
+# that the run trains exactly as its winner did is checked here only.
+pytestmark = [pytest.mark.timeout(900), pytest.mark.extended]
 
 COMMON = ["--arch", "resnet18", "--weights", "none", "--image-size", "32", "--seed", "5", "--num-workers", "1"]
 
