@@ -156,8 +156,7 @@ def initial_weights(
         same_classes = meta["class_names"] == class_names
         state, head_reset = _fit_to_model(model, checkpoint.read_model_state(path), named, same_classes)
         mean, std = tuple(meta["mean"]), tuple(meta["std"])
-        crop, interpolation = _meta_crop_fraction(meta), meta.get("interpolation")  # evaluates as its source did
-        return InitialWeights(state, mean, std, f"checkpoint:{named}", head_reset, crop, interpolation)
+        return InitialWeights(state, mean, std, f"checkpoint:{named}", head_reset, *_meta_preprocessing(meta))
     if path.is_file():
         state, head_reset = _fit_to_model(model, _read_state_dict(path), named, keep_head=False)
         return InitialWeights(state, mean, std, named, head_reset)
@@ -192,20 +191,13 @@ def eval_preprocessing(arch: str, weights: str) -> tuple[float, str | None]:
 
         return weights_timm.eval_preprocessing(arch, weights)
     if location.is_uri(weights) and not weights.partition("?")[0].endswith((".pth", ".pt")):
-        meta = checkpoint.read_meta(checkpoint.fetch(weights, "--weights"))
-        return _meta_crop_fraction(meta), meta.get("interpolation")
+        return _meta_preprocessing(checkpoint.read_meta(checkpoint.fetch(weights, "--weights")))
     path = Path(weights).expanduser()
     if weights != "none" and path.is_dir():
-        meta = checkpoint.read_meta(path)
-        return _meta_crop_fraction(meta), meta.get("interpolation")
+        return _meta_preprocessing(checkpoint.read_meta(path))
     if weights == "none" or path.is_file() or os.sep in weights or weights.endswith((".pth", ".pt")):
         return recipe.EVAL_CROP_FRACTION, None
     return _enum_crop_fraction(_torchvision_weights(arch, weights)), None
-
-
-def eval_crop_fraction(arch: str, weights: str) -> float:
-    """The validation crop fraction ``initial_weights`` would give, without reading any weights."""
-    return eval_preprocessing(arch, weights)[0]
 
 
 def _names_checkpoint(weights: str) -> bool:
@@ -222,6 +214,11 @@ def _meta_crop_fraction(meta: Mapping) -> float:
     if not meta.get("resize_size"):
         return recipe.EVAL_CROP_FRACTION
     return meta["image_size"] / meta["resize_size"]
+
+
+def _meta_preprocessing(meta: Mapping) -> tuple[float, str | None]:
+    """A checkpoint evaluates as its source did: its crop fraction and resize interpolation (None: bilinear)."""
+    return _meta_crop_fraction(meta), meta.get("interpolation")
 
 
 def _enum_crop_fraction(enum_value: torchvision.models.WeightsEnum) -> float:

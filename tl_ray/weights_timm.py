@@ -59,11 +59,6 @@ def eval_preprocessing(arch: str, weights: str) -> tuple[float, str]:
     return float(config["crop_pct"]), str(config["interpolation"])
 
 
-def crop_fraction(arch: str, weights: str) -> float:
-    """The validation crop / resize the weights expect, without reading them (``model.eval_crop_fraction``)."""
-    return eval_preprocessing(arch, weights)[0]
-
-
 def _initial(state: dict, head_reset: bool, source: str, config: dict[str, Any], **extra: Any) -> model.InitialWeights:
     return model.InitialWeights(
         state,

@@ -98,7 +98,7 @@ def test_weights_enum_and_its_eval_crop_come_from_torchvision(arch):
     assert enum is torchvision.models.get_model_weights(arch)
     transforms = enum.DEFAULT.transforms()
     expected = transforms.crop_size[0] / transforms.resize_size[0]
-    assert model.eval_crop_fraction(arch, "imagenet") == pytest.approx(expected)
+    assert model.eval_preprocessing(arch, "imagenet")[0] == pytest.approx(expected)
     assert len(enum.DEFAULT.meta["categories"]) == 1000
 
 

@@ -29,7 +29,6 @@ from tl_ray.model import (
     IMAGENET_STD,
     TransferResNet,
     create_resnet,
-    eval_crop_fraction,
     eval_preprocessing,
     initial_weights,
 )
@@ -497,17 +496,17 @@ def test_initial_weights_from_a_checkpoint_with_the_same_classes(tmp_path):
 
 def test_validation_resize_follows_the_weights(tmp_path):
     """torchvision's IMAGENET1K_V2 was evaluated at 232 -> 224, V1 at 256 -> 224; a checkpoint as its source was."""
-    assert imaging.resize_size(224, eval_crop_fraction("resnet50", "IMAGENET1K_V2")) == 232
-    assert imaging.resize_size(224, eval_crop_fraction("resnet50", "imagenet")) == 232  # the DEFAULT is V2
-    assert imaging.resize_size(224, eval_crop_fraction("resnet18", "imagenet")) == 256
-    assert imaging.resize_size(112, eval_crop_fraction("resnet50", "IMAGENET1K_V2")) == 116
-    assert eval_crop_fraction("resnet18", "none") == initial_weights("resnet18", "none", classes(3)).crop_fraction
-    assert imaging.resize_size(48, eval_crop_fraction("resnet18", "none")) == 55
+    assert imaging.resize_size(224, eval_preprocessing("resnet50", "IMAGENET1K_V2")[0]) == 232
+    assert imaging.resize_size(224, eval_preprocessing("resnet50", "imagenet")[0]) == 232  # the DEFAULT is V2
+    assert imaging.resize_size(224, eval_preprocessing("resnet18", "imagenet")[0]) == 256
+    assert imaging.resize_size(112, eval_preprocessing("resnet50", "IMAGENET1K_V2")[0]) == 116
+    assert eval_preprocessing("resnet18", "none")[0] == initial_weights("resnet18", "none", classes(3)).crop_fraction
+    assert imaging.resize_size(48, eval_preprocessing("resnet18", "none")[0]) == 55
 
     state = resnet18_state(NUM_CLASSES, seed=7)
     save_tl_checkpoint(tmp_path / "ckpt", state, "resnet18", NUM_CLASSES, resize_size=SIZE + 1)
     weights = initial_weights("resnet18", str(tmp_path / "ckpt"), classes(7))
-    assert weights.crop_fraction == eval_crop_fraction("resnet18", str(tmp_path / "ckpt"))
+    assert weights.crop_fraction == eval_preprocessing("resnet18", str(tmp_path / "ckpt"))[0]
     assert imaging.resize_size(SIZE, weights.crop_fraction) == SIZE + 1
     # torchvision's weights resize bilinearly, and say nothing (no meta.json key: None)
     assert weights.interpolation is None and eval_preprocessing("resnet18", "imagenet")[1] is None

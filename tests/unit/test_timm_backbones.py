@@ -253,12 +253,12 @@ def test_preprocessing_is_the_weights_pretrained_cfg(arch):
     weights = model.initial_weights(arch, "none", ["a", "b", "c"], image_size=SIZE)
     assert weights.mean == tuple(expected["mean"]) and weights.std == tuple(expected["std"])
     assert weights.crop_fraction == expected["crop_pct"] and weights.interpolation == expected["interpolation"]
-    assert model.eval_crop_fraction(arch, "none") == expected["crop_pct"]
+    assert model.eval_preprocessing(arch, "none")[0] == expected["crop_pct"]
     assert model.eval_preprocessing(arch, "none") == (expected["crop_pct"], expected["interpolation"])
     tag = backbones_timm.pretrained_tags(arch)[-1]
     cfg = get_pretrained_cfg(f"{backbones_timm.model_name(arch)}.{tag}")
-    assert model.eval_crop_fraction(arch, tag) == cfg.crop_pct  # without downloading anything
-    assert model.eval_crop_fraction(arch, "imagenet") == get_pretrained_cfg(backbones_timm.model_name(arch)).crop_pct
+    assert model.eval_preprocessing(arch, tag)[0] == cfg.crop_pct  # without downloading anything
+    assert model.eval_preprocessing(arch, "imagenet")[0] == get_pretrained_cfg(backbones_timm.model_name(arch)).crop_pct
 
 
 @pytest.mark.parametrize(("arch", "weights"), [("convnext_atto", "imagenet"), ("vit_tiny_patch16_224", "augreg_in21k")])
@@ -299,7 +299,7 @@ def test_imagenet_for_an_arch_timm_has_no_weights_for_is_one_line():
     with pytest.raises(TlRayError, match=r"^--weights imagenet: timm has no pretrained weights for convnext_atto_rms"):
         model.initial_weights("convnext_atto_rms", "imagenet", ["a", "b"], image_size=SIZE)
     with pytest.raises(TlRayError, match=r"^--weights imagenet: timm has no pretrained weights"):
-        model.eval_crop_fraction("convnext_atto_rms", "imagenet")
+        model.eval_preprocessing("convnext_atto_rms", "imagenet")
 
 
 def test_a_tag_the_arch_lacks_lists_its_tags():
@@ -335,7 +335,7 @@ def test_a_checkpoint_records_and_reloads_the_timm_preprocessing(tmp_path):
     again = model.initial_weights(arch, str(tmp_path / "ckpt"), ["a", "b", "c"], image_size=SIZE)
     assert again.head_reset is False and again.source.startswith("checkpoint:")
     assert (again.mean, again.std, again.interpolation) == (weights.mean, weights.std, "bicubic")
-    assert again.crop_fraction == pytest.approx(model.eval_crop_fraction(arch, str(tmp_path / "ckpt")))
+    assert again.crop_fraction == pytest.approx(model.eval_preprocessing(arch, str(tmp_path / "ckpt"))[0])
     result = tl_ray.export(str(tmp_path / "ckpt"), str(tmp_path / "model.pt"), "torchscript")
     crops = torch.randint(0, 256, (2, 3, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -163,9 +163,8 @@ def _read_features(batch: dict[str, np.ndarray], filesystem: pafs.FileSystem) ->
 def feature_dataset(split: FeatureSplit, training: bool, seed: int = 0) -> ray.data.Dataset:
     """{"features": float32 (D,), "label": int64}, several feature files to a block (``streaming.files_per_task``:
     reading is all a task does), in a new order each epoch."""
-    files = split.parquet_files
-    grouped = streaming.files_per_task(len(files), split.rows)
-    return streaming.per_file_dataset(files, split.filesystem, _read_features, training, seed, files_at_once=grouped)
+    files, filesystem = split.parquet_files, split.filesystem
+    return streaming.per_file_dataset(files, filesystem, _read_features, training, seed, rows=split.rows)
 
 
 def prepare_splits(

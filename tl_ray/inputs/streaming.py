@@ -66,18 +66,20 @@ def per_file_dataset(
     read: Callable[..., dict[str, np.ndarray]],
     training: bool,
     seed: int = 0,
-    files_at_once: int = 1,
+    rows: int | None = None,
     **options: Any,
 ) -> ray.data.Dataset:
-    """Cache files read by ``read(batch, filesystem, **options)`` in our own tasks, ``files_at_once`` to a task
-    (one, where each row is costly: decoded and cropped; ``files_per_task`` where reading is all); for training,
-    in a new order every epoch (the files are put in a new order before they are grouped, so the groups vary too).
+    """Cache files read by ``read(batch, filesystem, **options)`` in our own tasks: one file a task where each row
+    is costly (decoded and cropped), or, given the files' total ``rows`` where reading is all a task does, several
+    (``files_per_task``); for training, in a new order every epoch (the files are put in a new order before they
+    are grouped, so the groups vary too).
 
     Not Ray Data's Parquet reader: it adds a listing step that claims a whole CPU (which a sweep on a small
     machine does not have free) and merges small files into one block (which leaves an epoch's order nothing
     to vary).
     """
     files = [{"file": path} for path in paths]
+    files_at_once = 1 if rows is None else files_per_task(len(files), rows)
     dataset = ray.data.from_items(files, override_num_blocks=max(1, len(files)))
     if training:
         dataset = dataset.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
@@ -157,6 +159,4 @@ def encoded_dataset(split: CachedSplit, training: bool, seed: int = 0) -> ray.da
     """{"pixels": the cached bytes, "height", "width", "label"} of a built cache, read and passed on undecoded: the
     input of a run whose worker decodes and crops on its device (``plan.DeviceCropBatches``), so the host's share of
     an image is reading its bytes."""
-    files = split.parquet_files
-    grouped = files_per_task(len(files), split.rows)
-    return per_file_dataset(files, split.filesystem, _read_encoded, training, seed, files_at_once=grouped)
+    return per_file_dataset(split.parquet_files, split.filesystem, _read_encoded, training, seed, rows=split.rows)
