@@ -27,6 +27,11 @@ runs ``--seeds`` seeds; the table shows mean and spread (min-max) and tl-ray min
 
     python bench/learning.py         # both datasets, 3 seeds per target row (~45 min on 2 CPUs)
     python bench/learning.py --datasets digits --seeds 1 --source-epochs 1 --target-epochs 1 --rows d5  # smoke
+
+``--crops auto,device --no-reference`` trains a tl-ray column per crop path instead (issue 43 item 3): ``device`` is
+the GPU path's batched crop (the cached bytes decoded, padded and cut by ``roi_align`` in the worker) forced on this
+CPU by ``bench/regimes.py``'s bench-only switch, beside tl-ray's CPU default (PIL's crops, held in memory). The
+transfer rows of both columns start from the same source checkpoint (the default column's seed 0).
 """
 
 from __future__ import annotations
@@ -49,6 +54,10 @@ import torchvision
 from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import regimes  # (bench/regimes.py: its bench-only crops switch)
 
 import tl_ray
 from tl_ray.checkpoint import read_model_state
@@ -261,6 +270,11 @@ def tl_ray_train(
 # ----------------------------------------------------------------------------- the table
 
 
+def column_name(crop: str) -> str:
+    """A tl-ray column's name: "tl-ray" for tl-ray's own choice of crops, "tl-ray crops=device" for the forced one."""
+    return "tl-ray" if crop == "auto" else f"tl-ray crops={crop}"
+
+
 def spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
@@ -283,9 +297,15 @@ def main(argv: list[str] | None = None) -> dict:
         "--per-class", type=int, default=200, help="sample-data --per-class; digits: target train = this / 20"
     )
     parser.add_argument("--rows", default="", help="only rows whose name contains one of these comma-separated words")
+    parser.add_argument(
+        "--crops", default="auto", help="tl-ray columns, comma-separated: auto (tl-ray's choice), device (forced)"
+    )
+    parser.add_argument("--no-reference", dest="reference", action="store_false", help="leave out the reference")
     parser.add_argument("--data", default="bench/.data/learning")
     parser.add_argument("--out", default="bench/results/learning.json")
     args = parser.parse_args(argv)
+    crops = args.crops.split(",")
+    columns = [column_name(crop) for crop in crops] + (["reference"] if args.reference else [])
     torch.set_num_threads(os.cpu_count() or 1)
     wanted = [w for w in args.rows.split(",") if w]
     chosen = [row for row in rows() if not wanted or any(w in row.name for w in wanted) or row.task == "source"]
@@ -300,23 +320,26 @@ def main(argv: list[str] | None = None) -> dict:
             for row in chosen:
                 epochs = args.source_epochs if row.task == "source" else args.target_epochs
                 task_root = root / row.task
-                measured = {"tl-ray": [], "reference": []}
+                measured: dict[str, list[float]] = {column: [] for column in columns}
                 for seed in range(args.source_seeds if row.task == "source" else args.seeds):
                     batch_size = args.source_batch_size if row.task == "source" else args.batch_size
                     options = {"image_size": image_size, "batch_size": batch_size, "epochs": epochs, "seed": seed}
-                    run_name = f"{dataset}-{len(results)}-{seed}"
-                    acc, checkpoint = tl_ray_train(row, task_root, source_checkpoint, storage, name=run_name, **options)
-                    if row.task == "source" and seed == 0:
-                        source_checkpoint = checkpoint
-                    init = None if row.start == "none" else read_model_state(source_checkpoint)
-                    measured["tl-ray"].append(acc)
-                    measured["reference"].append(reference_train(row, task_root, init, **options))
-                    reference = measured["reference"][-1]
-                    print(
-                        f"{dataset:7} {row.name:36} seed {seed}: tl-ray {acc:.3f}  reference {reference:.3f}",
-                        flush=True,
-                    )
-                difference = statistics.mean(measured["tl-ray"]) - statistics.mean(measured["reference"])
+                    for crop in crops:
+                        run_name = f"{dataset}-{len(results)}-{seed}-{crop}"
+                        with regimes.crops_taken(crop):
+                            acc, checkpoint = tl_ray_train(
+                                row, task_root, source_checkpoint, storage, name=run_name, **options
+                            )
+                        if row.task == "source" and seed == 0 and crop == crops[0]:
+                            source_checkpoint = checkpoint
+                        measured[column_name(crop)].append(acc)
+                    if args.reference:
+                        init = None if row.start == "none" else read_model_state(source_checkpoint)
+                        measured["reference"].append(reference_train(row, task_root, init, **options))
+                    scores = "  ".join(f"{column} {values[-1]:.3f}" for column, values in measured.items())
+                    print(f"{dataset:7} {row.name:36} seed {seed}: {scores}", flush=True)
+                compared = columns[-1] if len(columns) > 1 else columns[0]  # the reference, or the last crop path
+                difference = statistics.mean(measured[columns[0]]) - statistics.mean(measured[compared])
                 results.append(
                     {
                         "dataset": dataset,
@@ -325,13 +348,15 @@ def main(argv: list[str] | None = None) -> dict:
                         "epochs": epochs,
                         **measured,
                         "difference": difference,
+                        "difference_of": f"{columns[0]} - {compared}",
                     }
                 )
     print()
-    print("| dataset | row | epochs | tl-ray | reference | tl-ray - reference |")
-    print("|---|---|---|---|---|---|")
+    difference_of = f"{columns[0]} - {columns[-1]}"
+    print(f"| dataset | row | epochs | {' | '.join(columns)} | {difference_of} |")
+    print("|---" * (len(columns) + 4) + "|")
     for r in results:
-        cells = [r["dataset"], r["row"], r["epochs"], spread(r["tl-ray"]), spread(r["reference"])]
+        cells = [r["dataset"], r["row"], r["epochs"], *(spread(r[column]) for column in columns)]
         print("| " + " | ".join(map(str, cells)) + f" | {r['difference']:+.3f} |")
     report = {
         "benchmark": "learning",

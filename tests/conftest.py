@@ -120,21 +120,33 @@ def source_model(source_run, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def checkpoint_accuracy():
-    """Accuracy of a checkpoint on (path, label) files, by plain torch on the checkpoint's own preprocessing."""
+def checkpoint_probabilities():
+    """A checkpoint's class probabilities for image files, (N, classes), by plain torch on its own preprocessing."""
     import torch
 
     import tl_ray
     from tl_ray.inputs import imaging
 
-    def accuracy(checkpoint: str, files: list[tuple[str, int]]) -> float:
+    def probabilities(checkpoint: str, paths: list[str]) -> torch.Tensor:
         model, meta = tl_ray.load_checkpoint(checkpoint)
         transform = imaging.eval_transform(meta["image_size"], imaging.Resize.from_meta(meta))
         images = torch.stack(
-            [transform(imaging.load_rgb(Path(path).read_bytes(), meta["resize_size"])) for path, _ in files]
+            [transform(imaging.load_rgb(Path(path).read_bytes(), meta["resize_size"])) for path in paths]
         )
         with torch.no_grad():
             logits = model(imaging.normalize(images, torch.tensor(meta["mean"]), torch.tensor(meta["std"])))
-        return (logits.argmax(1) == torch.tensor([label for _, label in files])).float().mean().item()
+        return torch.softmax(logits, dim=1)
+
+    return probabilities
+
+
+@pytest.fixture(scope="session")
+def checkpoint_accuracy(checkpoint_probabilities):
+    """Accuracy of a checkpoint on (path, label) files."""
+    import torch
+
+    def accuracy(checkpoint: str, files: list[tuple[str, int]]) -> float:
+        predicted = checkpoint_probabilities(checkpoint, [path for path, _ in files]).argmax(1)
+        return (predicted == torch.tensor([label for _, label in files])).float().mean().item()
 
     return accuracy
