@@ -281,6 +281,22 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
+def write_report(args: argparse.Namespace, results: list[dict], started: float) -> dict:
+    """--out: the settings and the rows measured so far."""
+    report = {
+        "benchmark": "learning",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"Python {sys.version.split()[0]}",
+        "settings": vars(args),
+        "rows": results,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", default="sample,digits")
@@ -351,6 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "difference_of": f"{columns[0]} - {compared}",
                     }
                 )
+                write_report(args, results, started)  # after every row: a run stopped early keeps what it measured
     print()
     difference_of = f"{columns[0]} - {columns[-1]}"
     print(f"| dataset | row | epochs | {' | '.join(columns)} | {difference_of} |")
@@ -358,18 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
     for r in results:
         cells = [r["dataset"], r["row"], r["epochs"], *(spread(r[column]) for column in columns)]
         print("| " + " | ".join(map(str, cells)) + f" | {r['difference']:+.3f} |")
-    report = {
-        "benchmark": "learning",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"Python {sys.version.split()[0]}",
-        "settings": vars(args),
-        "rows": results,
-        "wall_seconds": time.perf_counter() - started,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    return write_report(args, results, started)
 
 
 if __name__ == "__main__":
