@@ -207,7 +207,7 @@ def host_cost(root: Path, image_size: int, batch_size: int, epochs: int, cache_r
     import torch
 
     from tl_ray import cluster, recipe
-    from tl_ray.inputs import cache, device_input, skiplog, streaming
+    from tl_ray.inputs import cache, device_input, plan, skiplog, streaming
     from tl_ray.inputs.held import HeldImages
     from tl_ray.inputs.sources import class_folders
 
@@ -227,9 +227,7 @@ def host_cost(root: Path, image_size: int, batch_size: int, epochs: int, cache_r
     encoded = streaming.encoded_dataset(split, training=True)
 
     def encoded_batches():
-        return encoded.iter_batches(
-            batch_size=batch_size, batch_format="numpy", prefetch_batches=4, local_shuffle_buffer_size=4 * batch_size
-        )
+        return plan.DeviceCropBatches.stored_batches(encoded, batch_size)
 
     def device_feed(epoch: int) -> tuple[int, float, float]:
         """The GPU path's host side alone: the cached bytes as the worker receives them, to a no-op consumer."""

@@ -14,7 +14,7 @@ from PIL import Image
 
 from tl_ray import recipe
 from tl_ray.errors import TlRayError, UsageError
-from tl_ray.inputs import imaging
+from tl_ray.inputs import imaging, pipelines
 from tl_ray.inputs.cache import CachedSplit
 from tl_ray.inputs.held import HeldImages
 from tl_ray.options import merge
@@ -57,8 +57,7 @@ def _epoch(split: CachedSplit, seed: int, epoch: int, world: int = 1, policies=P
     held = HeldImages(split, SIZE, True, recipe.LIGHT_CROP_SCALE, 0.0, policies)
     crops: dict[int, torch.Tensor] = {}
     for rank in range(world):
-        rows = torch.randperm(12, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        shard = rows[rank * (12 // world) : (rank + 1) * (12 // world)]
+        shard = pipelines.deal_rows(12, rank, world, True, seed, epoch)
         images = torch.cat([batch["image"] for batch in held.batches(5, rank, world, seed, epoch)])
         crops.update(zip(shard.tolist(), images, strict=True))
     return crops

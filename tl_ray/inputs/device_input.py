@@ -26,6 +26,8 @@ import torch
 from torchvision.io import decode_jpeg
 from torchvision.ops import roi_align
 
+from tl_ray.seeds import Stream, stream_seed
+
 # RandomResizedCrop's default aspect ratios, and the number of tries before its centre-crop fallback.
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 ATTEMPTS = 10
@@ -35,7 +37,7 @@ def generator_for(seed: int, epoch: int, rank: int, device: torch.device | str =
     """The generator a worker draws an epoch's boxes and flips from: a function of (seed, epoch, rank) alone, so a
     resumed epoch draws what the interrupted one drew."""
     generator = torch.Generator(device=device)
-    generator.manual_seed((seed * 1_000_003 + epoch) * 1_009 + rank)
+    generator.manual_seed(stream_seed(Stream.DEVICE_CROP, seed, epoch, rank))
     return generator
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from tl_ray.inputs import imaging, pipelines
 from tl_ray.inputs.cache import CachedSplit, decode
+from tl_ray.seeds import Stream, stream_seed
 
 # A worker's copy of both splits' cached pixels, at most: above it, epochs stream through Ray Data.
 IN_MEMORY_BYTES = 1 << 30
@@ -42,7 +43,7 @@ def load_images(split: CachedSplit) -> tuple[list[Image.Image], torch.Tensor]:
 def crop_seed(seed: int, epoch: int, row: int) -> int:
     """The seed of one held training image's augmentation in one epoch: the same on any worker count and after a
     resume (the deal's permutation is seeded the same way, ``pipelines.deal_rows``)."""
-    return ((seed * 1_000_003 + epoch) * 1_000_033 + row) % (1 << 63)
+    return stream_seed(Stream.HELD_CROP, seed, epoch, row)
 
 
 class HeldImages:

@@ -18,6 +18,7 @@ from tl_ray import cluster, recipe
 from tl_ray.inputs import reading
 from tl_ray.inputs.imaging import NO_POLICIES, Policies, Resize, augmentation, decode_item, describe_error
 from tl_ray.inputs.layout import Layout
+from tl_ray.seeds import Stream, stream_seed
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def deal_rows(count: int, rank: int, world: int, training: bool, seed: int = 0, 
     if not training:
         return torch.arange(rank, count, world)
     shard = count // world
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    generator = torch.Generator().manual_seed(stream_seed(Stream.DEAL, seed, epoch))
     return torch.randperm(count, generator=generator)[rank * shard : (rank + 1) * shard]
 
 

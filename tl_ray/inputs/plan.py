@@ -172,16 +172,18 @@ class DeviceCropBatches(StreamedBatches):
         pixels, heights, widths = batch["pixels"], batch["height"], batch["width"]
         return device_input.pad(device_input.decode(pixels, heights, widths, image_format, self.device))
 
+    @staticmethod
+    def stored_batches(shard: Any, batch_size: int) -> Iterator[dict[str, Any]]:
+        """A training shard's stored bytes in batches of ``batch_size``, as this path reads them (numpy, four
+        batches prefetched, shuffled locally over four): also what bench/ingest.py's host-cost rows feed."""
+        return shard.iter_batches(
+            batch_size=batch_size, batch_format="numpy", prefetch_batches=4, local_shuffle_buffer_size=4 * batch_size
+        )
+
     def train(self, epoch: int) -> Iterator[Batch]:
         generator = device_input.generator_for(self.plan.seed, epoch, self.rank)
         size, scale = self.plan.image_size, self.plan.crop_scale
-        batches = self._train.iter_batches(
-            batch_size=self.worker_batch,
-            batch_format="numpy",
-            prefetch_batches=4,
-            local_shuffle_buffer_size=4 * self.worker_batch,
-        )
-        for batch in batches:
+        for batch in self.stored_batches(self._train, self.worker_batch):
             images, heights, widths = self._images(batch, "train")
             if scale is None:  # --augment none: validation's crop
                 crops = device_input.crop(images, device_input.centre_boxes(heights, widths, size), size)

@@ -3,10 +3,11 @@ that takes them with --label-smoothing and --class-weights (``SoftTargetLoss``);
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 from torchvision.transforms import v2
+
+from tl_ray.seeds import Stream, stream_seed
 
 # timm's Mixup switch_prob: with both --mixup and --cutmix, a mixed batch is CutMix half of the time.
 CUTMIX_SHARE = 0.5
@@ -33,9 +34,8 @@ class Mixer:
         self, images: torch.Tensor, labels: torch.Tensor, epoch: int, rank: int, index: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``index``: the batch's place in this worker's epoch."""
-        key = int(np.random.SeedSequence([self.seed, epoch, rank, index]).generate_state(1, dtype=np.uint64)[0])
         with torch.random.fork_rng(devices=[]):  # the draws are on the CPU generator, whatever the images' device
-            torch.manual_seed(key)
+            torch.manual_seed(stream_seed(Stream.MIX, self.seed, epoch, rank, index))
             draws = torch.rand(2).tolist()
             chosen = self.mixup or self.cutmix
             if self.mixup is not None and self.cutmix is not None and draws[1] < CUTMIX_SHARE:
