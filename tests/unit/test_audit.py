@@ -79,15 +79,56 @@ def test_duplicates_name_exact_copies_and_leaks_with_the_earlier_split_first(one
     feats = rng.normal(0, 1, (40, 8)).astype(np.float32)
     feats[35] = feats[1]  # val item 35 copies train item 1 exactly
     feats[3] = feats[0] * 1.01  # two train items alike
+    thumbnails = rng.integers(0, 256, (40, 1024), dtype=np.uint8)
+    thumbnails[3] = thumbnails[0]
     paths = np.asarray([f"p{i}" for i in range(40)], dtype=object)
     splits = np.asarray(["train"] * 30 + ["val"] * 10, dtype=object)
     digests = np.asarray([f"d{i}" for i in range(40)], dtype=object)
     digests[[1, 35]] = "same"
-    found = duplicates.find(paths, splits, feats, digests, 0.95, CPU, block=16)
+    found = duplicates.find(paths, splits, feats, digests, thumbnails, 0.95, 0.98, CPU, block=16)
     assert list(found.columns) == duplicates.COLUMNS
-    rows = {(a, b): (kind, exact) for a, b, _, kind, exact in found.itertuples(index=False)}
+    rows = {(a, b): (kind, exact) for a, b, _, _, kind, exact in found.itertuples(index=False)}
+    # The exact pair is reported though its (random) thumbnails disagree: the same bytes are the same image.
     assert rows == {("p1", "p35"): ("leak train/val", True), ("p0", "p3"): ("within train", False)}
     assert duplicates.kind_of("val", "test") == "leak val/test" and duplicates.kind_of("", "") == "within data"
+
+
+def _picture(seed: int) -> np.ndarray:
+    """A 3x48x48 uint8 picture of smooth blobs (what a thumbnail keeps), different for each seed."""
+    rng = np.random.default_rng(seed)
+    low = torch.tensor(rng.uniform(0, 255, (1, 3, 6, 6)), dtype=torch.float32)
+    return torch.nn.functional.interpolate(low, size=(48, 48), mode="bicubic")[0].clamp(0, 255).to(torch.uint8).numpy()
+
+
+def test_the_pixel_check_keeps_a_copy_and_drops_a_look_alike(one_thread):
+    """Three pairs the features call near duplicates: a copy re-encoded darker and noisier (its thumbnail
+    correlates near 1), a look-alike (another picture), and the same picture mirrored. At the default pixel
+    threshold only the copy is reported; at 0, all three."""
+    from tl_ray.auditing.config import DUPLICATE_PIXEL_THRESHOLD
+    from tl_ray.inputs.imaging import thumbnail
+
+    rng = np.random.default_rng(1)
+    original, other = _picture(0), _picture(1)
+    noisy = (original.astype(np.float32) * 0.8 + 20 + rng.normal(0, 3, original.shape)).clip(0, 255).astype(np.uint8)
+    turned = _picture(3)
+    images = [original, noisy, _picture(2), other, turned, turned[:, :, ::-1].copy(), _picture(4), _picture(5)]
+    thumbnails = np.stack([thumbnail(image) for image in images])
+    assert thumbnails.shape == (8, 1024) and thumbnails.dtype == np.uint8
+    feats = np.random.default_rng(0).normal(0, 1, (8, 16)).astype(np.float32)
+    feats[1], feats[3], feats[5] = feats[0] + 0.01, feats[2] + 0.01, feats[4] + 0.01
+    paths = np.asarray([f"p{i}" for i in range(8)], dtype=object)
+    splits = np.asarray(["train"] * 8, dtype=object)
+    digests = np.asarray([""] * 8, dtype=object)
+    checked = duplicates.find(paths, splits, feats, digests, thumbnails, 0.9, DUPLICATE_PIXEL_THRESHOLD, CPU)
+    assert [(a, b) for a, b in checked[["a", "b"]].itertuples(index=False)] == [("p0", "p1")]
+    assert checked["pixel_similarity"].iat[0] > 0.99
+    unchecked = duplicates.find(paths, splits, feats, digests, thumbnails, 0.9, 0.0, CPU)
+    assert {(a, b) for a, b in unchecked[["a", "b"]].itertuples(index=False)} == {
+        ("p0", "p1"),
+        ("p2", "p3"),
+        ("p4", "p5"),
+    }
+    assert (unchecked.set_index("a").loc[["p2", "p4"], "pixel_similarity"] < DUPLICATE_PIXEL_THRESHOLD).all()
 
 
 def test_the_pair_cap_refuses_a_threshold_that_finds_families(monkeypatch):
@@ -126,6 +167,7 @@ def _items(root, names: list[str], splits: list[str], label_ids: list[int]) -> f
         labels=np.asarray(label_ids),
         features=np.zeros((len(names), 4), np.float32),
         digests=np.asarray([""] * len(names), dtype=object),
+        thumbnails=np.zeros((len(names), 1024), np.uint8),
         predicted=np.asarray(label_ids),
         class_names=["cat", "dog"],
         labelled=True,
@@ -165,6 +207,7 @@ def test_the_files_and_the_fix_list(tmp_path):
             "a": [p[0], p[0]],
             "b": [p[4], p[1]],
             "similarity": [0.99, 0.97],
+            "pixel_similarity": [0.995, 0.99],
             "kind": ["leak train/val", "within train"],
             "exact": [False, False],
         }
@@ -207,7 +250,9 @@ def test_the_audit_writes_into_object_storage(tmp_path, s3_server):
     items = _items(tmp_path / "data", names, ["train", "train", "val", "val"], [0, 1, 1, 0])
     p = list(items.paths)
     suspects = pd.DataFrame({"item": [p[1]], "given": ["dog"], "suggested": ["cat"], "score": [0.02]})
-    pairs = pd.DataFrame({"a": [p[0]], "b": [p[3]], "similarity": [0.99], "kind": ["leak train/val"], "exact": [True]})
+    pairs = pd.DataFrame(
+        {"a": [p[0]], "b": [p[3]], "similarity": [0.99], "pixel_similarity": [1.0], "kind": ["leak train/val"]}
+    ).assign(exact=True)
     far = pd.DataFrame({"item": [], "split": [], "label": [], "nearest": [], "distance": [], "z": []})
     tables = {writing.SUSPECTS: suspects, writing.DUPLICATES: pairs, writing.OUTLIERS: far}
     tables[writing.FIX_LIST] = writing.fix_list(items, writing.removed(suspects, pairs, far))

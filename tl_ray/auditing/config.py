@@ -10,8 +10,11 @@ from tl_ray.inputs.config import InspectConfig, ReadsSource, check_val_fraction
 from tl_ray.options import flag, option, same_option
 
 # Measured (BENCHMARKS.md, "Data audit"): on the digits, resized and re-encoded copies of val images score 0.94-0.99
-# in the whitened space of a resnet18 trained on them; at 0.95 17 of 18 were found, with 2 other pairs.
+# in the whitened space of a resnet18 trained on them; at 0.95 17 of 18 were found, with 2 other pairs. Their
+# thumbnails correlate 0.988 and up on digits and rendered letters; at 0.98 the pixel check kept every copy the
+# features found and dropped the letters' look-alike fonts (32% of the pairs reported to 5%).
 DUPLICATE_THRESHOLD = 0.95
+DUPLICATE_PIXEL_THRESHOLD = 0.98
 
 
 @dataclass
@@ -37,6 +40,12 @@ class AuditConfig(ReadsSource):
         DUPLICATE_THRESHOLD,
         "cosine similarity of two images' whitened pooled features at or above which they are reported as near"
         " duplicates",
+        between=(0.0, 1.0),
+    )
+    duplicate_pixel_threshold: float = option(
+        DUPLICATE_PIXEL_THRESHOLD,
+        "correlation of two near duplicates' 32-pixel grey thumbnails at or above which the pair is reported: tells a"
+        " copy from a look-alike; 0 reports every pair the features find (crops and mirrors included)",
         between=(0.0, 1.0),
     )
     outlier_z: float = option(

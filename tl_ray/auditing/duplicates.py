@@ -1,11 +1,16 @@
 """Duplicates and leaks: the same image twice in a split, or in two (a leak, which inflates every number a val or
 test split reports).
 
-Exact duplicates are items whose bytes have one SHA-256; near duplicates (a resized, re-encoded, slightly cropped
-copy) are pairs whose whitened, L2-normalised pooled features (``whitened``) have a cosine similarity at or above
-the threshold. All pairs are compared, in square blocks of the similarity matrix (``BLOCK`` rows by ``BLOCK``
-columns, upper triangle only) on the device, so memory holds the features and one block: 1M items of 512
-features are 2 GB and a 4096x4096 block 64 MB, where the whole matrix would be 4 TB.
+Exact duplicates are items whose bytes have one SHA-256; near duplicates (a resized, re-encoded copy) are pairs
+whose whitened, L2-normalised pooled features (``whitened``) have a cosine similarity at or above the threshold,
+and whose thumbnails (32 px grey, ``imaging.thumbnail``) correlate at or above the pixel threshold. The features
+find the candidates; the pixels tell a copy from a look-alike: a model trained to tell classes apart maps two
+different drawings of one class close together (on rendered letters, half of the pairs the features alone report
+are two fonts, not one image twice), while a copy's pixels agree with its original's (BENCHMARKS.md, "Data
+audit"). A pixel threshold of 0 reports the features' pairs alone (a crop or a mirror of an image: the pixels
+disagree). All pairs are compared, in square blocks of the similarity matrix (``BLOCK`` rows by ``BLOCK`` columns,
+upper triangle only) on the device, so memory holds the features and one block: 1M items of 512 features are 2 GB
+and a 4096x4096 block 64 MB, where the whole matrix would be 4 TB.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ BLOCK = 4096
 WHITEN_FLOOR = 1e-2
 MAX_PAIRS = 1_000_000  # beyond this a threshold finds families, not copies: refused, not written
 SPLIT_ORDER = {"train": 0, "": 0, "val": 1, "test": 2}
-COLUMNS = ["a", "b", "similarity", "kind", "exact"]
+COLUMNS = ["a", "b", "similarity", "pixel_similarity", "kind", "exact"]
 
 
 def normalised(features: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -82,6 +87,22 @@ def near_pairs(
     return np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_s)
 
 
+def pixel_similarity(thumbnails: np.ndarray, first: np.ndarray, second: np.ndarray, chunk: int = 65_536) -> np.ndarray:
+    """The correlation of each pair's thumbnails (grey levels centred and scaled to unit length: a change of
+    brightness or contrast keeps it; two different pictures lose it; a flat thumbnail correlates 0 with any). Only
+    the pairs' rows are converted, ``chunk`` pairs at a time: 1M thumbnails are 1 GB as bytes, 4 as floats."""
+
+    def unit(rows: np.ndarray) -> torch.Tensor:
+        x = torch.as_tensor(rows, dtype=torch.float32)
+        return torch.nn.functional.normalize(x - x.mean(1, keepdim=True), dim=1)
+
+    scores = [
+        (unit(thumbnails[first[start : start + chunk]]) * unit(thumbnails[second[start : start + chunk]])).sum(1)
+        for start in range(0, len(first), chunk)
+    ]
+    return torch.cat(scores).numpy() if scores else np.zeros(0, np.float32)
+
+
 def exact_pairs(digests: np.ndarray) -> list[tuple[int, int]]:
     """Pairs of items with the same bytes: each of a group's items with its first."""
     groups: dict[str, list[int]] = collections.defaultdict(list)
@@ -103,24 +124,32 @@ def find(
     splits: np.ndarray,
     features: np.ndarray,
     digests: np.ndarray,
+    thumbnails: np.ndarray,
     threshold: float,
+    pixel_threshold: float,
     device: torch.device,
     block: int = BLOCK,
 ) -> pd.DataFrame:
     """duplicates.csv's rows, most similar first: a and b (a in the earlier split: train, val, test), their
-    similarity, the kind (within a split, or a leak across two) and whether their bytes are the same."""
+    features' similarity and their thumbnails', the kind (within a split, or a leak across two) and whether their
+    bytes are the same (exact duplicates are reported whatever their thumbnails say)."""
     first, second, similarity = near_pairs(features, threshold, device, block)
-    pairs = {(int(i), int(j)): float(s) for i, j, s in zip(first, second, similarity, strict=True)}
+    pixels = pixel_similarity(thumbnails, first, second)
+    kept = pixels >= pixel_threshold if pixel_threshold > 0 else np.ones(len(first), dtype=bool)
+    pairs = {(int(i), int(j)): float(s) for i, j, s in zip(first[kept], second[kept], similarity[kept], strict=True)}
     x = whitened(features, device) if len(features) else None
     for i, j in exact_pairs(digests):
         key = (min(i, j), max(i, j))
         if key not in pairs and x is not None:
             pairs[key] = float(x[i] @ x[j])
+    keys = np.asarray(list(pairs), dtype=np.int64).reshape(-1, 2)
+    agreement = pixel_similarity(thumbnails, keys[:, 0], keys[:, 1])
     rows = []
-    for (i, j), value in pairs.items():
+    for ((i, j), value), agrees in zip(pairs.items(), agreement, strict=True):
         if SPLIT_ORDER.get(splits[j], 0) < SPLIT_ORDER.get(splits[i], 0):
             i, j = j, i
         exact = bool(digests[i]) and digests[i] == digests[j]
-        rows.append((paths[i], paths[j], round(min(value, 1.0), 6), kind_of(splits[i], splits[j]), exact))
+        row = (paths[i], paths[j], round(min(value, 1.0), 6), round(float(agrees), 6), kind_of(splits[i], splits[j]))
+        rows.append((*row, exact))
     frame = pd.DataFrame(rows, columns=COLUMNS)
     return frame.sort_values(["similarity", "a", "b"], ascending=[False, True, True], ignore_index=True)

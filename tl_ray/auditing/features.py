@@ -16,9 +16,11 @@ from tl_ray.errors import TlRayError
 from tl_ray.inference.classify import ERROR_COLUMN, classify_items
 from tl_ray.inputs import sources
 from tl_ray.inputs.config import SourceOptions
+from tl_ray.inputs.imaging import THUMBNAIL_SIDE
 from tl_ray.inputs.sources import class_folders, listing
 
 NO_LABEL = -1
+THUMBNAIL = THUMBNAIL_SIDE * THUMBNAIL_SIDE
 
 
 @dataclass(frozen=True)
@@ -46,14 +48,15 @@ class Plan:
 @dataclass(frozen=True)
 class Items:
     """The decoded items, row for row: display path, split, class index (``NO_LABEL``), pooled features (float32,
-    one row each), the SHA-256 of its bytes, the checkpoint's predicted class; ``where`` reads an item again
-    (galleries)."""
+    one row each), the SHA-256 of its bytes, its thumbnail (``imaging.thumbnail``: uint8, one row each), the
+    checkpoint's predicted class; ``where`` reads an item again (galleries)."""
 
     paths: np.ndarray
     splits: np.ndarray
     labels: np.ndarray
     features: np.ndarray
     digests: np.ndarray
+    thumbnails: np.ndarray
     predicted: np.ndarray
     class_names: list[str]
     labelled: bool
@@ -136,7 +139,8 @@ def compute(
             same.items.extend(group.items)
             same.splits.extend(group.splits)
             same.labels.extend(group.labels)
-    columns: dict[str, list] = {name: [] for name in ("paths", "splits", "labels", "features", "digests", "predicted")}
+    names = ("paths", "splits", "labels", "features", "digests", "thumbnails", "predicted")
+    columns: dict[str, list] = {name: [] for name in names}
     where: dict[str, tuple[Any, str]] = {}
     skipped = list(planned.rejected)
     index = {name: position for position, name in enumerate(meta["class_names"])}
@@ -160,6 +164,7 @@ def compute(
             columns["labels"].append(label)
             columns["features"].append(np.asarray(rows["features"].iat[row], dtype=np.float32))
             columns["digests"].append(rows["digest"].iat[row])
+            columns["thumbnails"].append(np.asarray(rows["thumbnail"].iat[row], dtype=np.uint8))
             columns["predicted"].append(index[rows["predicted"].iat[row]])
     width = int(meta.get("feature_dim", 0)) or (len(columns["features"][0]) if columns["features"] else 0)
     return Items(
@@ -168,6 +173,7 @@ def compute(
         labels=np.asarray(columns["labels"], dtype=np.int64),
         features=np.stack(columns["features"]) if columns["features"] else np.zeros((0, width), np.float32),
         digests=np.asarray(columns["digests"], dtype=object),
+        thumbnails=np.stack(columns["thumbnails"]) if columns["thumbnails"] else np.zeros((0, THUMBNAIL), np.uint8),
         predicted=np.asarray(columns["predicted"], dtype=np.int64),
         class_names=list(meta["class_names"]),
         labelled=planned.labelled,

@@ -57,7 +57,16 @@ def audit(config: AuditConfig, on_event: progress.OnEvent | None = None) -> Audi
         )
         suspect_rows = labels.suspects(items.paths[mask], items.labels[mask], probabilities, items.class_names)
     lap("labels")
-    pairs = duplicates.find(items.paths, items.splits, items.features, items.digests, config.duplicate_threshold, where)
+    pairs = duplicates.find(
+        items.paths,
+        items.splits,
+        items.features,
+        items.digests,
+        items.thumbnails,
+        config.duplicate_threshold,
+        config.duplicate_pixel_threshold,
+        where,
+    )
     lap("duplicates")
     far = outliers.find(
         items.paths,

@@ -29,8 +29,9 @@ from tl_ray.inputs import imaging, pipelines, reading
 from tl_ray.inputs.sources import Opener
 
 ERROR_COLUMN = "error"
-# With ``features=True`` (the audit's pass): each item's pooled backbone output and its bytes' SHA-256.
-FEATURE_COLUMNS = ("features", "digest")
+# With ``features=True`` (the audit's pass): each item's pooled backbone output, its bytes' SHA-256 and a thumbnail
+# of what the model saw (``imaging.thumbnail``).
+FEATURE_COLUMNS = ("features", "digest", "thumbnail")
 
 
 def _columns(top_k: int) -> list[str]:
@@ -57,8 +58,8 @@ def _decode_for_inference(
 ) -> dict[str, np.ndarray]:
     """A block of items decoded for the model; an item that cannot be becomes a row that says why: a bad file, or
     one its storage did not deliver (``reading.StorageError``, whose reason begins ``reading.UNREADABLE``: counted
-    apart by ``check_delivered``). ``digests``: each item's bytes' SHA-256 too, from the same read (the audit's
-    exact duplicates)."""
+    apart by ``check_delivered``). ``digests``: each item's bytes' SHA-256 and thumbnail too, from the same read
+    (the audit's exact duplicates, and its pixel check of near ones)."""
     transform = imaging.eval_transform(image_size, resize)
     short_side = resize.short_side
     images, errors, hashes = [], [], []
@@ -85,6 +86,7 @@ def _decode_for_inference(
     }
     if digests:
         decoded["digest"] = np.asarray(hashes, dtype=object)
+        decoded["thumbnail"] = np.stack([imaging.thumbnail(image) for image in images])
     return decoded
 
 
@@ -141,6 +143,7 @@ class _Classifier:
         if pooled is not None:
             output["features"] = pooled.float().cpu().numpy()
             output["digest"] = batch["digest"]
+            output["thumbnail"] = batch["thumbnail"]
         return output
 
 
@@ -190,7 +193,7 @@ def classify_items(
     augmentation, ``class_probabilities``). More than
     ``reading.MAX_UNREADABLE_SHARE`` of the items undelivered by their storage raises ``RunError``
     (``check_delivered``): no report on what an outage left. ``features``: the ``FEATURE_COLUMNS`` too (a
-    float32 array and a hex digest a row; None and "" for an item that could not be read)."""
+    float32 array, a hex digest and a uint8 thumbnail a row; None and "" for an item that could not be read)."""
     columns = _columns(min(top_k, len(meta["class_names"]))) + (list(FEATURE_COLUMNS) if features else [])
     frame = _run_pipeline(
         checkpoint, meta, opener, items, top_k, batch_size, retry_seconds, concurrency, columns, on_event, tta, features

@@ -253,6 +253,17 @@ def eval_transform(image_size: int, resize: Resize | None = None) -> v2.Compose:
     return v2.Compose([resize.transform(), v2.CenterCrop(image_size), v2.PILToTensor()])
 
 
+THUMBNAIL_SIDE = 32
+
+
+def thumbnail(image: np.ndarray) -> np.ndarray:
+    """A decoded image (C, H, W uint8, as the model sees it) as a ``THUMBNAIL_SIDE``-pixel square of grey levels,
+    flattened (uint8): what the audit compares two images' pixels by, 1 KB an image whatever the image size."""
+    grey = torch.as_tensor(image, dtype=torch.float32).mean(0, keepdim=True)[None]
+    small = torch.nn.functional.interpolate(grey, size=(THUMBNAIL_SIDE, THUMBNAIL_SIDE), mode="area")
+    return small.round().clamp(0, 255).to(torch.uint8).flatten().numpy()
+
+
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 NCHW -> normalised float, done on the training device so the pipeline ships 4x fewer bytes."""
     return (images.float().div_(255.0) - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
