@@ -136,20 +136,23 @@ def find(
     first, second, similarity = near_pairs(features, threshold, device, block)
     pixels = pixel_similarity(thumbnails, first, second)
     kept = pixels >= pixel_threshold if pixel_threshold > 0 else np.ones(len(first), dtype=bool)
-    pairs = {(int(i), int(j)): float(s) for i, j, s in zip(first[kept], second[kept], similarity[kept], strict=True)}
-    x = whitened(features, device) if len(features) else None
-    for i, j in exact_pairs(digests):
-        key = (min(i, j), max(i, j))
-        if key not in pairs and x is not None:
-            pairs[key] = float(x[i] @ x[j])
-    keys = np.asarray(list(pairs), dtype=np.int64).reshape(-1, 2)
-    agreement = pixel_similarity(thumbnails, keys[:, 0], keys[:, 1])
+    pairs = {
+        (int(i), int(j)): (float(s), float(agree))
+        for i, j, s, agree in zip(first[kept], second[kept], similarity[kept], pixels[kept], strict=True)
+    }
+    unseen = [(min(i, j), max(i, j)) for i, j in exact_pairs(digests)]
+    unseen = np.asarray([key for key in unseen if key not in pairs], dtype=np.int64).reshape(-1, 2)
+    if len(unseen):
+        x = whitened(features, device)
+        agreement = pixel_similarity(thumbnails, unseen[:, 0], unseen[:, 1])
+        for (i, j), agree in zip(unseen.tolist(), agreement, strict=True):
+            pairs[(i, j)] = (float(x[i] @ x[j]), float(agree))
     rows = []
-    for ((i, j), value), agrees in zip(pairs.items(), agreement, strict=True):
+    for (i, j), (value, agree) in pairs.items():
         if SPLIT_ORDER.get(splits[j], 0) < SPLIT_ORDER.get(splits[i], 0):
             i, j = j, i
         exact = bool(digests[i]) and digests[i] == digests[j]
-        row = (paths[i], paths[j], round(min(value, 1.0), 6), round(float(agrees), 6), kind_of(splits[i], splits[j]))
+        row = (paths[i], paths[j], round(min(value, 1.0), 6), round(agree, 6), kind_of(splits[i], splits[j]))
         rows.append((*row, exact))
     frame = pd.DataFrame(rows, columns=COLUMNS)
     return frame.sort_values(["similarity", "a", "b"], ascending=[False, True, True], ignore_index=True)
