@@ -10,11 +10,14 @@ from tl_ray.inputs.config import InspectConfig, ReadsSource, check_val_fraction
 from tl_ray.options import flag, option, same_option
 
 # Measured (BENCHMARKS.md, "Data audit"): on the digits, resized and re-encoded copies of val images score 0.94-0.99
-# in the whitened space of a resnet18 trained on them; at 0.95 17 of 18 were found, with 2 other pairs. Their
-# thumbnails correlate 0.988 and up on digits and rendered letters; at 0.98 the pixel check kept every copy the
-# features found and dropped the letters' look-alike fonts (32% of the pairs reported to 5%).
+# in the whitened space of a resnet18 trained on them; at 0.95 17 of 18 were found, with 2 other pairs.
 DUPLICATE_THRESHOLD = 0.95
-DUPLICATE_PIXEL_THRESHOLD = 0.98
+# The pixel check is off by default: on high-contrast images (digits, rendered letters) copies' thumbnails correlate
+# 0.988 and up, and at 0.98 the check dropped the letters' look-alike fonts (32% of the pairs reported to 5%, every
+# copy kept); on tl-ray's sample shapes (a small shape on a noisy background) 5 of 40 copies fell below 0.98 (the
+# lowest 0.85: JPEG noise is much of a low-contrast thumbnail's variance). A user whose images are like the first
+# turns it on.
+DUPLICATE_PIXEL_THRESHOLD = 0.0
 
 
 @dataclass
@@ -44,8 +47,9 @@ class AuditConfig(ReadsSource):
     )
     duplicate_pixel_threshold: float = option(
         DUPLICATE_PIXEL_THRESHOLD,
-        "correlation of two near duplicates' 32-pixel grey thumbnails at or above which the pair is reported: tells a"
-        " copy from a look-alike; 0 reports every pair the features find (crops and mirrors included)",
+        "correlation of two near duplicates' 32-pixel grey thumbnails at or above which the pair is reported (0.98"
+        " tells a copy from a look-alike on high-contrast images; low-contrast ones lose copies to it); 0, the"
+        " default, reports every pair the features find",
         between=(0.0, 1.0),
     )
     outlier_z: float = option(

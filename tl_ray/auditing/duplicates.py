@@ -3,12 +3,11 @@ test split reports).
 
 Exact duplicates are items whose bytes have one SHA-256; near duplicates (a resized, re-encoded copy) are pairs
 whose whitened, L2-normalised pooled features (``whitened``) have a cosine similarity at or above the threshold,
-and whose thumbnails (32 px grey, ``imaging.thumbnail``) correlate at or above the pixel threshold. The features
-find the candidates; the pixels tell a copy from a look-alike: a model trained to tell classes apart maps two
-different drawings of one class close together (on rendered letters, half of the pairs the features alone report
-are two fonts, not one image twice), while a copy's pixels agree with its original's (BENCHMARKS.md, "Data
-audit"). A pixel threshold of 0 reports the features' pairs alone (a crop or a mirror of an image: the pixels
-disagree). All pairs are compared, in square blocks of the similarity matrix (``BLOCK`` rows by ``BLOCK`` columns,
+and, given a pixel threshold above 0 (off by default: ``config.DUPLICATE_PIXEL_THRESHOLD``), whose thumbnails
+(32 px grey, ``imaging.thumbnail``) correlate at or above it. The features find the candidates; on high-contrast
+images the pixels tell a copy from a look-alike: a model trained to tell classes apart maps two different drawings
+of one class close together (on rendered letters, half of the pairs the features alone report are two fonts, not
+one image twice), while a copy's pixels agree with its original's (BENCHMARKS.md, "Data audit"). All pairs are compared, in square blocks of the similarity matrix (``BLOCK`` rows by ``BLOCK`` columns,
 upper triangle only) on the device, so memory holds the features and one block: 1M items of 512 features are 2 GB
 and a 4096x4096 block 64 MB, where the whole matrix would be 4 TB.
 """
