@@ -7,9 +7,10 @@ and, given a pixel threshold above 0 (off by default: ``config.DUPLICATE_PIXEL_T
 (32 px grey, ``imaging.thumbnail``) correlate at or above it. The features find the candidates; on high-contrast
 images the pixels tell a copy from a look-alike: a model trained to tell classes apart maps two different drawings
 of one class close together (on rendered letters, half of the pairs the features alone report are two fonts, not
-one image twice), while a copy's pixels agree with its original's (BENCHMARKS.md, "Data audit"). All pairs are compared, in square blocks of the similarity matrix (``BLOCK`` rows by ``BLOCK`` columns,
-upper triangle only) on the device, so memory holds the features and one block: 1M items of 512 features are 2 GB
-and a 4096x4096 block 64 MB, where the whole matrix would be 4 TB.
+one image twice), while a copy's pixels agree with its original's (BENCHMARKS.md, "Data audit"). All pairs are
+compared, in square blocks of the similarity matrix (``BLOCK`` rows by ``BLOCK`` columns, upper triangle only) on
+the device, so memory holds the features and one block: 1M items of 512 features are 2 GB and a 4096x4096 block
+64 MB, where the whole matrix would be 4 TB.
 """
 
 from __future__ import annotations
