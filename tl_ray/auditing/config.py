@@ -12,12 +12,11 @@ from tl_ray.options import flag, option, same_option
 # Measured (BENCHMARKS.md, "Data audit"): on the digits, resized and re-encoded copies of val images score 0.94-0.99
 # in the whitened space of a resnet18 trained on them; at 0.95 17 of 18 were found, with 2 other pairs.
 DUPLICATE_THRESHOLD = 0.95
-# The pixel check is off by default: on high-contrast images (digits, rendered letters) copies' thumbnails correlate
-# 0.988 and up, and at 0.98 the check dropped the letters' look-alike fonts (32% of the pairs reported to 5%, every
-# copy kept); on tl-ray's sample shapes (a small shape on a noisy background) 5 of 40 copies fell below 0.98 (the
-# lowest 0.85: JPEG noise is much of a low-contrast thumbnail's variance). A user whose images are like the first
-# turns it on.
-DUPLICATE_PIXEL_THRESHOLD = 0.0
+# The pixel check (BENCHMARKS.md, "Colour thumbnails"): on rendered letters it drops the look-alike fonts the features
+# report (32% of the pairs to 8%, every one left a font file the data holds twice), every copy kept; 600 re-encoded
+# copies of the sample shapes (a small shape on a noisy ground, the hardest measured) all pass, the lowest at 0.980:
+# a user whose copies are smaller or noisier than that lowers it, and 0 turns it off.
+DUPLICATE_PIXEL_THRESHOLD = 0.98
 
 
 @dataclass
@@ -47,9 +46,9 @@ class AuditConfig(ReadsSource):
     )
     duplicate_pixel_threshold: float = option(
         DUPLICATE_PIXEL_THRESHOLD,
-        "correlation of two near duplicates' 32-pixel grey thumbnails at or above which the pair is reported (0.98"
-        " tells a copy from a look-alike on high-contrast images; low-contrast ones lose copies to it); 0, the"
-        " default, reports every pair the features find",
+        "correlation of two near duplicates' 32-pixel colour thumbnails (slightly blurred) at or above which the"
+        " pair is reported: it tells a copy from a look-alike the features also call near; 0 reports every pair the"
+        " features find",
         between=(0.0, 1.0),
     )
     outlier_z: float = option(

@@ -3,9 +3,9 @@ test split reports).
 
 Exact duplicates are items whose bytes have one SHA-256; near duplicates (a resized, re-encoded copy) are pairs
 whose whitened, L2-normalised pooled features (``whitened``) have a cosine similarity at or above the threshold,
-and, given a pixel threshold above 0 (off by default: ``config.DUPLICATE_PIXEL_THRESHOLD``), whose thumbnails
-(32 px grey, ``imaging.thumbnail``) correlate at or above it. The features find the candidates; on high-contrast
-images the pixels tell a copy from a look-alike: a model trained to tell classes apart maps two different drawings
+and, given a pixel threshold above 0 (``config.DUPLICATE_PIXEL_THRESHOLD``), whose thumbnails (32 px colour,
+``imaging.thumbnail``, ``smoothed``) correlate at or above it. The features find the candidates; the pixels tell a
+copy from a look-alike: a model trained to tell classes apart maps two different drawings
 of one class close together (on rendered letters, half of the pairs the features alone report are two fonts, not
 one image twice), while a copy's pixels agree with its original's (BENCHMARKS.md, "Data audit"). All pairs are
 compared, in square blocks of the similarity matrix (``BLOCK`` rows by ``BLOCK`` columns, upper triangle only) on
@@ -29,6 +29,10 @@ BLOCK = 4096
 # variance). Measured with the threshold (BENCHMARKS.md, "Data audit"): 1e-2 at 0.95 found 94-100% of the copies
 # from 100 items to 1,800; a fixed 1e-3 at 0.9 lost half of them below 300.
 WHITEN_FLOOR = 1e-2
+# The thumbnails' blur before their correlation (``smoothed``), in thumbnail pixels. Measured with the pixel
+# threshold (BENCHMARKS.md, "Colour thumbnails"): at 0.7 and 0.98, 600 re-encoded copies of the sample shapes all
+# pass (unblurred: 3% below) and the rendered letters' look-alike fonts stay out (3 false pairs of 39).
+SMOOTHING_SIGMA = 0.7
 MAX_PAIRS = 1_000_000  # beyond this a threshold finds families, not copies: refused, not written
 SPLIT_ORDER = {"train": 0, "": 0, "val": 1, "test": 2}
 COLUMNS = ["a", "b", "similarity", "pixel_similarity", "kind", "exact"]
@@ -87,14 +91,31 @@ def near_pairs(
     return np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_s)
 
 
+def smoothed(thumbnails: np.ndarray) -> torch.Tensor:
+    """Thumbnails (N, 3 x side x side uint8) as (N, 3, side, side) floats blurred by a Gaussian of
+    ``SMOOTHING_SIGMA`` pixels: a resize and a JPEG re-encoding change an image's finest detail pixel by pixel, which
+    on a small, noisy image is much of what its thumbnail holds; the blur leaves the shapes a copy shares."""
+    x = torch.as_tensor(thumbnails, dtype=torch.float32)
+    side = round((x.shape[1] / 3) ** 0.5)
+    x = x.reshape(-1, 3, side, side)
+    radius = int(np.ceil(3 * SMOOTHING_SIGMA))
+    taps = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32).square() / (2 * SMOOTHING_SIGMA**2))
+    taps = (taps / taps.sum()).repeat(3, 1, 1, 1)  # one filter a channel (groups=3)
+    x = torch.nn.functional.pad(x, (radius, radius, radius, radius), mode="replicate")
+    x = torch.nn.functional.conv2d(x, taps.view(3, 1, 1, -1), groups=3)
+    return torch.nn.functional.conv2d(x, taps.view(3, 1, -1, 1), groups=3)
+
+
 def pixel_similarity(thumbnails: np.ndarray, first: np.ndarray, second: np.ndarray, chunk: int = 65_536) -> np.ndarray:
-    """The correlation of each pair's thumbnails (grey levels centred and scaled to unit length: a change of
-    brightness or contrast keeps it; two different pictures lose it; a flat thumbnail correlates 0 with any). Only
-    the pairs' rows are converted, ``chunk`` pairs at a time: 1M thumbnails are 1 GB as bytes, 4 as floats."""
+    """The correlation of each pair's ``smoothed`` thumbnails (each colour channel centred, the three together
+    scaled to unit length: a change of brightness or contrast keeps it; two different pictures lose it; a flat
+    thumbnail correlates 0 with any). Only the pairs' rows are converted, ``chunk`` pairs at a time: 1M thumbnails
+    are 3 GB as bytes, 12 as floats."""
 
     def unit(rows: np.ndarray) -> torch.Tensor:
-        x = torch.as_tensor(rows, dtype=torch.float32)
-        return torch.nn.functional.normalize(x - x.mean(1, keepdim=True), dim=1)
+        x = smoothed(rows)
+        x = (x - x.mean((2, 3), keepdim=True)).flatten(1)
+        return torch.nn.functional.normalize(x, dim=1)
 
     scores = [
         (unit(thumbnails[first[start : start + chunk]]) * unit(thumbnails[second[start : start + chunk]])).sum(1)

@@ -257,10 +257,12 @@ THUMBNAIL_SIDE = 32
 
 
 def thumbnail(image: np.ndarray) -> np.ndarray:
-    """A decoded image (C, H, W uint8, as the model sees it) as a ``THUMBNAIL_SIDE``-pixel square of grey levels,
-    flattened (uint8): what the audit compares two images' pixels by, 1 KB an image whatever the image size."""
-    grey = torch.as_tensor(image, dtype=torch.float32).mean(0, keepdim=True)[None]
-    small = torch.nn.functional.interpolate(grey, size=(THUMBNAIL_SIDE, THUMBNAIL_SIDE), mode="area")
+    """A decoded image (C, H, W uint8, as the model sees it) as a ``THUMBNAIL_SIDE``-pixel square in colour,
+    flattened (uint8, 3 KB an image whatever its size): what the audit compares two images' pixels by. Colour, not
+    grey: two colours of one brightness (a red shape on a blue ground) are one grey, and on tl-ray's sample shapes
+    grey thumbnails left some images nearly flat, their copies correlating 0.4-0.9 with them (BENCHMARKS.md)."""
+    colour = torch.as_tensor(image, dtype=torch.float32)[None]
+    small = torch.nn.functional.interpolate(colour, size=(THUMBNAIL_SIDE, THUMBNAIL_SIDE), mode="area")
     return small.round().clamp(0, 255).to(torch.uint8).flatten().numpy()
 
 
