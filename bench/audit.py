@@ -20,6 +20,14 @@ projection to 1M (features, labels, outliers: linear in N; the duplicate search:
     python bench/audit.py planted --dataset glyphs --seed 0
     python bench/audit.py scale --images 100000 # ~10 min here; run it on a quiet machine for the time
     python bench/audit.py stages --images 100000 # the stages after the features alone (no Ray)
+    python bench/audit.py pixels                 # the pixel check's thumbnail variants (no Ray; after planted)
+
+``pixels``: which thumbnail tells a copy from a look-alike. Copies of tl-ray's sample shapes (a shape on a noisy
+ground, 48 px, some of one brightness as their ground: the hardest copies measured) made as the suite plants them
+(3/4 size, JPEG quality 80), every source val image and ``SHAPES_TRAIN`` train images; and the pairs the features
+find at the default threshold in the planted runs' saved features (digits and glyphs, seeds 0 and 1). For each
+thumbnail (grey or colour, its side, the blur): the share of sample copies below the default pixel threshold, and
+on each planted run the copies kept and the false pairs reported.
 """
 
 from __future__ import annotations
@@ -299,18 +307,110 @@ def stages_run(args: argparse.Namespace) -> dict:
     return {"stages": row}
 
 
+SHAPES_TRAIN = 400
+THUMBNAILS = (  # (name, colour, side, blur sigma)
+    ("grey 32 px", False, 32, 0.0),
+    ("grey 8 px", False, 8, 0.0),
+    ("colour 32 px", True, 32, 0.0),
+    ("colour 16 px", True, 16, 0.0),
+    ("colour 8 px", True, 8, 0.0),
+    ("colour 32 px, blur 0.7", True, 32, 0.7),
+    ("colour 32 px, blur 1.0", True, 32, 1.0),
+)
+
+
+def pixels_run(args: argparse.Namespace) -> dict:
+    import torch
+
+    from tl_ray.auditing import duplicates
+    from tl_ray.auditing.config import DUPLICATE_PIXEL_THRESHOLD
+    from tl_ray.inputs import imaging
+
+    data = Path(args.data)
+
+    def seen(meta: dict):
+        transform = imaging.eval_transform(meta["image_size"], imaging.Resize.from_meta(meta))
+        return lambda image: transform(image).numpy()
+
+    def copied(path: Path) -> Image.Image:
+        image = Image.open(path).convert("RGB")
+        image = image.resize((image.width * 3 // 4, image.height * 3 // 4), Image.Resampling.BICUBIC)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=80)
+        return Image.open(buffer).convert("RGB")
+
+    sample = data / "pixels-sample"
+    if not sample.exists():
+        tl_ray.write_sample_data(str(sample), per_class=200, seed=0)
+    view = seen({"image_size": 48})
+    shapes = sorted(sample.glob("source/val/*/*.jpg")) + sorted(sample.glob("source/train/*/*.jpg"))[:SHAPES_TRAIN]
+    views = {"shapes": [(view(Image.open(path).convert("RGB")), view(copied(path))) for path in shapes]}
+    planted_pairs = {}
+    for dataset, prefix in (("digits", ""), ("glyphs", "glyphs-")):
+        for seed in (0, 1):
+            saved, marker = data / f"{prefix}features-s{seed}.npz", data / f"{prefix}checkpoint-s{seed}.txt"
+            if not saved.exists() or not marker.exists():
+                print(f"{dataset} seed {seed}: no planted run yet, left out", flush=True)
+                continue
+            features = np.load(saved)
+            view = seen(tl_ray.load_checkpoint(marker.read_text().strip())[1])
+            first, second, _ = duplicates.near_pairs(features["features"], DUPLICATE_THRESHOLD, torch.device("cpu"))
+            paths = features["paths"]
+            copies = {
+                frozenset(pair) for pair in json.loads((data / f"{prefix}planted-s{seed}.json").read_text())["copies"]
+            }
+            key = f"{dataset} s{seed}"
+            views[key] = [
+                (view(Image.open(paths[i]).convert("RGB")), view(Image.open(paths[j]).convert("RGB")))
+                for i, j in zip(first, second, strict=True)
+            ]
+            planted_pairs[key] = np.array(
+                [frozenset((paths[i], paths[j])) in copies for i, j in zip(first, second, strict=True)]
+            )
+
+    def scores(pairs: list, colour: bool, side: int, sigma: float) -> np.ndarray:
+        grey = (
+            (lambda x: x) if colour else (lambda x: np.repeat(x.mean(0, keepdims=True), 3, 0).round().astype(np.uint8))
+        )
+        with contextlib.ExitStack() as stack:
+            stack.callback(setattr, imaging, "THUMBNAIL_SIDE", imaging.THUMBNAIL_SIDE)
+            stack.callback(setattr, duplicates, "SMOOTHING_SIGMA", duplicates.SMOOTHING_SIGMA)
+            imaging.THUMBNAIL_SIDE, duplicates.SMOOTHING_SIGMA = side, max(sigma, 1e-3)
+            thumbnails = np.stack([imaging.thumbnail(grey(x)) for pair in pairs for x in pair])
+            return duplicates.pixel_similarity(
+                thumbnails, np.arange(0, len(thumbnails), 2), np.arange(1, len(thumbnails), 2)
+            )
+
+    rows = []
+    for name, colour, side, sigma in THUMBNAILS:
+        shape_scores = scores(views["shapes"], colour, side, sigma)
+        row = {
+            "thumbnail": name,
+            "shape_copies": len(shape_scores),
+            "shape_copies_below": round(float((shape_scores < DUPLICATE_PIXEL_THRESHOLD).mean()), 4),
+            "shape_copy_lowest": round(float(shape_scores.min()), 4),
+        }
+        for key, is_copy in planted_pairs.items():
+            kept = scores(views[key], colour, side, sigma) >= DUPLICATE_PIXEL_THRESHOLD
+            found, false = int(is_copy[kept].sum()), int((~is_copy[kept]).sum())
+            row[key] = f"{found}/{int(is_copy.sum())} copies, {false}/{int(kept.sum())} false"
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return {"pixel_threshold": DUPLICATE_PIXEL_THRESHOLD, "rows": rows}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("planted", "scale", "stages"))
+    parser.add_argument("what", choices=("planted", "scale", "stages", "pixels"))
     parser.add_argument("--data", default="bench/.data/regimes")
     parser.add_argument("--dataset", choices=("digits", "glyphs"), default="digits", help="planted: which data")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--thresholds", default="", help="comma-separated duplicate thresholds (default: the option's)")
     parser.add_argument("--images", type=int, default=100_000)
     args = parser.parse_args(argv)
-    outcome = {"planted": planted_run, "scale": scale_run, "stages": stages_run}[args.what](args)
+    outcome = {"planted": planted_run, "scale": scale_run, "stages": stages_run, "pixels": pixels_run}[args.what](args)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = f"{args.what}-{args.images}"
+    name = "pixels" if args.what == "pixels" else f"{args.what}-{args.images}"
     if args.what == "planted":
         name = f"planted-s{args.seed}" if args.dataset == "digits" else f"planted-{args.dataset}-s{args.seed}"
     (RESULTS / f"{name}.json").write_text(json.dumps(outcome, indent=2) + "\n")
