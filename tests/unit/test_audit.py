@@ -54,6 +54,30 @@ def test_label_suspects_rank_planted_flips_first(one_thread):
     assert found["score"].is_monotonic_increasing
 
 
+@pytest.mark.slow  # cleanlab's import (scikit-learn) alone takes seconds
+def test_label_suspects_find_flips_spread_over_many_pairs_of_classes(one_thread):
+    """24 flips among 15 classes of 30 (about one a pair of classes, as the benchmark's glyphs have them): cleanlab's
+    default filter (by the pairs' noise rates) flags 14; the suspects, its union with the lowest self-confidence,
+    rank more of them in the top 2x, and keep every item the default flags."""
+    from cleanlab.filter import find_label_issues
+
+    features_, truth = clusters(30, 15, 16, seed=0, spread=1.5)
+    given = truth.copy()
+    rng = np.random.default_rng(10)
+    flipped = rng.choice(len(given), 24, replace=False)
+    given[flipped] = (given[flipped] + rng.integers(1, 15, 24)) % 15
+    probabilities = labels.out_of_sample_probabilities(features_, given, 15, folds=5, seed=0, device=CPU)
+    default = find_label_issues(given, probabilities, n_jobs=1)
+    paths = np.asarray([f"img{i}.png" for i in range(len(given))], dtype=object)
+    found = labels.suspects(paths, given, probabilities, [str(i) for i in range(15)])
+    planted = {f"img{i}.png" for i in flipped}
+    in_top = len(set(found["item"].head(48)) & planted)
+    assert int(default[flipped].sum()) < in_top, (int(default[flipped].sum()), in_top)
+    assert in_top >= 17
+    assert {f"img{i}.png" for i in np.flatnonzero(default)} <= set(found["item"])
+    assert found["score"].is_monotonic_increasing
+
+
 def test_folds_hold_every_class_and_a_class_smaller_than_the_folds():
     assigned = labels.fold_of(np.asarray([0] * 10 + [1] * 2), folds=5, seed=3)
     assert sorted(np.bincount(assigned[:10])) == [2, 2, 2, 2, 2]
