@@ -31,7 +31,7 @@ BLOCK = 4096
 WHITEN_FLOOR = 1e-2
 # The thumbnails' blur before their correlation (``smoothed``), in thumbnail pixels. Measured with the pixel
 # threshold (BENCHMARKS.md, "Colour thumbnails"): at 0.7 and 0.98, 600 re-encoded copies of the sample shapes all
-# pass (unblurred: 3% below) and the rendered letters' look-alike fonts stay out (3 false pairs of 39).
+# pass (unblurred: 1.7% below) and the rendered letters' look-alike fonts stay out (3 false pairs of 39).
 SMOOTHING_SIGMA = 0.7
 MAX_PAIRS = 1_000_000  # beyond this a threshold finds families, not copies: refused, not written
 SPLIT_ORDER = {"train": 0, "": 0, "val": 1, "test": 2}

@@ -12,7 +12,7 @@ items of each pair of classes, as many as the pair's estimated noise) and ``low_
 lowest self-confidence, as many as cleanlab estimates the label issues to number). The default alone fits noise
 concentrated in a few pairs of classes (a user's two breeds confused); spread over many pairs (half an item a pair
 on 15 letters) it left 10-16% of the planted labels unflagged though the heads gave most of them under 0.03. The
-union found 89% and 88% where the default found 81% and 75% (BENCHMARKS.md, "Label suspects: two filters"); alone,
+union found 88% and 89% where the default found 80% and 76% (BENCHMARKS.md, "Label suspects: two filters"); alone,
 ``low_self_confidence`` lost concentrated noise (0.64 where the default found 0.93).
 """
 
