@@ -56,9 +56,9 @@ def test_label_suspects_rank_planted_flips_first(one_thread):
 
 @pytest.mark.slow  # cleanlab's import (scikit-learn) alone takes seconds
 def test_label_suspects_find_flips_spread_over_many_pairs_of_classes(one_thread):
-    """24 flips among 15 classes of 30 (about one a pair of classes, as the benchmark's glyphs have them): cleanlab's
-    default filter (by the pairs' noise rates) flags 14; the suspects, its union with the lowest self-confidence,
-    rank more of them in the top 2x, and keep every item the default flags."""
+    """24 flips among 15 classes of 30, spread over the 210 pairs of classes (the benchmark's glyphs: 112 flips,
+    about half a pair): cleanlab's default filter (by the pairs' noise rates) flags 14; the suspects, its union with
+    the lowest self-confidence, rank more of them in the top 2x, and keep every item the default flags."""
     from cleanlab.filter import find_label_issues
 
     features_, truth = clusters(30, 15, 16, seed=0, spread=1.5)
@@ -370,7 +370,7 @@ def test_refusals_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
 
 def test_the_pixel_check_keeps_re_encoded_copies_of_small_noisy_colour_images(one_thread):
     """The sample shapes' renders (a shape on a cluttered, noisy ground, some of one brightness as their ground),
-    each copied as the benchmark plants copies (3/4 size, JPEG quality 80), through the audit's own view of them
+    each copied as the suite's audit run plants copies (3/4 size, JPEG quality 80), through the audit's own view of them
     (the validation transform at 48 px, the thumbnail): every copy correlates at or above the default, the two
     colours of one grey included; a grey thumbnail loses some of them (BENCHMARKS.md, "Colour thumbnails")."""
     import io
