@@ -21,6 +21,7 @@ projection to 1M (features, labels, outliers: linear in N; the duplicate search:
     python bench/audit.py scale --images 100000 # ~10 min here; run it on a quiet machine for the time
     python bench/audit.py stages --images 100000 # the stages after the features alone (no Ray)
     python bench/audit.py pixels                 # the pixel check's thumbnail variants (no Ray; after planted)
+    python bench/audit.py filters                # cleanlab's filters on the planted runs' features (no Ray)
 
 ``pixels``: which thumbnail tells a copy from a look-alike. Copies of tl-ray's sample shapes (a shape on a noisy
 ground, 48 px, some of one brightness as their ground: the hardest copies measured) made as the suite plants them
@@ -28,6 +29,11 @@ ground, 48 px, some of one brightness as their ground: the hardest copies measur
 find at the default threshold in the planted runs' saved features (digits and glyphs, seeds 0 and 1). For each
 thumbnail (grey or colour, its side, the blur): the share of sample copies below the default pixel threshold, and
 on each planted run the copies kept and the false pairs reported.
+
+``filters``: which of cleanlab's filters flags the label suspects. On each planted run's saved features, the
+out-of-sample probabilities as the audit computes them (``labels.out_of_sample_probabilities``, fold seed = the
+run's seed), then each filter's flags ranked by self-confidence: the share of the relabelled images in the top
+2 x (planted), and how many items are flagged. ``union`` is what ``labels.suspects`` does.
 """
 
 from __future__ import annotations
@@ -399,18 +405,63 @@ def pixels_run(args: argparse.Namespace) -> dict:
     return {"pixel_threshold": DUPLICATE_PIXEL_THRESHOLD, "rows": rows}
 
 
+FILTERS = ("prune_by_noise_rate", "low_self_confidence", "union", "predicted_neq_given", "every item")
+
+
+def filters_run(args: argparse.Namespace) -> dict:
+    import torch
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    from tl_ray.auditing import labels
+
+    data, rows = Path(args.data), []
+    for dataset, prefix in (("digits", ""), ("glyphs", "glyphs-")):
+        for seed in (0, 1):
+            saved = data / f"{prefix}features-s{seed}.npz"
+            if not saved.exists():
+                print(f"{dataset} seed {seed}: no planted run yet, left out", flush=True)
+                continue
+            features = np.load(saved)
+            paths = features["paths"]
+            folders = np.asarray([Path(path).parent.name for path in paths])
+            classes = sorted(set(folders))
+            given = np.searchsorted(classes, folders)
+            relabelled = set(json.loads((data / f"{prefix}planted-s{seed}.json").read_text())["relabelled"])
+            probabilities = labels.out_of_sample_probabilities(
+                features["features"], given, len(classes), 5, seed, torch.device("cpu")
+            )
+            scores = get_label_quality_scores(given, probabilities)
+            flags = {
+                name: find_label_issues(given, probabilities, filter_by=name, n_jobs=1)
+                for name in ("prune_by_noise_rate", "low_self_confidence", "predicted_neq_given")
+            }
+            flags["union"] = flags["prune_by_noise_rate"] | flags["low_self_confidence"]
+            flags["every item"] = np.ones(len(given), dtype=bool)
+            row = {"dataset": dataset, "seed": seed, "relabelled": len(relabelled)}
+            for name in FILTERS:
+                flagged = np.flatnonzero(flags[name])
+                ranked = paths[flagged[np.argsort(scores[flagged], kind="stable")]]
+                top = sum(path in relabelled for path in ranked[: 2 * len(relabelled)])
+                row[name] = {"labels_in_top_2x": round(top / len(relabelled), 4), "flagged": len(flagged)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return {"rows": rows}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("planted", "scale", "stages", "pixels"))
+    parser.add_argument("what", choices=("planted", "scale", "stages", "pixels", "filters"))
     parser.add_argument("--data", default="bench/.data/regimes")
     parser.add_argument("--dataset", choices=("digits", "glyphs"), default="digits", help="planted: which data")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--thresholds", default="", help="comma-separated duplicate thresholds (default: the option's)")
     parser.add_argument("--images", type=int, default=100_000)
     args = parser.parse_args(argv)
-    outcome = {"planted": planted_run, "scale": scale_run, "stages": stages_run, "pixels": pixels_run}[args.what](args)
+    runs = {"planted": planted_run, "scale": scale_run, "stages": stages_run, "pixels": pixels_run}
+    outcome = {**runs, "filters": filters_run}[args.what](args)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "pixels" if args.what == "pixels" else f"{args.what}-{args.images}"
+    name = args.what if args.what in ("pixels", "filters") else f"{args.what}-{args.images}"
     if args.what == "planted":
         name = f"planted-s{args.seed}" if args.dataset == "digits" else f"planted-{args.dataset}-s{args.seed}"
     (RESULTS / f"{name}.json").write_text(json.dumps(outcome, indent=2) + "\n")
