@@ -46,6 +46,8 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -313,6 +315,33 @@ def stages_run(args: argparse.Namespace) -> dict:
     return {"stages": row}
 
 
+@dataclass(frozen=True)
+class SavedRun:
+    """What a ``planted`` run leaves for the offline studies: its audit's features (``features_kept``), the faults
+    it planted and its checkpoint."""
+
+    seed: int
+    paths: np.ndarray
+    features: np.ndarray
+    planted: dict
+    checkpoint: str
+
+
+def saved_runs(data: Path) -> Iterator[tuple[str, SavedRun]]:
+    """The planted runs on disk ("digits s0", ... "glyphs s1"), each with what it saved; a run not made yet is
+    named and left out."""
+    for dataset, prefix in (("digits", ""), ("glyphs", "glyphs-")):  # the digits' files kept their first names
+        for seed in (0, 1):
+            saved, marker = data / f"{prefix}features-s{seed}.npz", data / f"{prefix}checkpoint-s{seed}.txt"
+            if not saved.exists() or not marker.exists():
+                print(f"{dataset} seed {seed}: no planted run yet, left out", flush=True)
+                continue
+            features = np.load(saved)
+            planted = json.loads((data / f"{prefix}planted-s{seed}.json").read_text())
+            run = SavedRun(seed, features["paths"], features["features"], planted, marker.read_text().strip())
+            yield f"{dataset} s{seed}", run
+
+
 SHAPES_TRAIN = 400
 THUMBNAILS = (  # (name, colour, side, blur sigma)
     ("grey 32 px", False, 32, 0.0),
@@ -352,40 +381,27 @@ def pixels_run(args: argparse.Namespace) -> dict:
     shapes = sorted(sample.glob("source/val/*/*.jpg")) + sorted(sample.glob("source/train/*/*.jpg"))[:SHAPES_TRAIN]
     views = {"shapes": [(view(Image.open(path).convert("RGB")), view(copied(path))) for path in shapes]}
     planted_pairs = {}
-    for dataset, prefix in (("digits", ""), ("glyphs", "glyphs-")):
-        for seed in (0, 1):
-            saved, marker = data / f"{prefix}features-s{seed}.npz", data / f"{prefix}checkpoint-s{seed}.txt"
-            if not saved.exists() or not marker.exists():
-                print(f"{dataset} seed {seed}: no planted run yet, left out", flush=True)
-                continue
-            features = np.load(saved)
-            view = seen(tl_ray.load_checkpoint(marker.read_text().strip())[1])
-            first, second, _ = duplicates.near_pairs(features["features"], DUPLICATE_THRESHOLD, torch.device("cpu"))
-            paths = features["paths"]
-            copies = {
-                frozenset(pair) for pair in json.loads((data / f"{prefix}planted-s{seed}.json").read_text())["copies"]
-            }
-            key = f"{dataset} s{seed}"
-            views[key] = [
-                (view(Image.open(paths[i]).convert("RGB")), view(Image.open(paths[j]).convert("RGB")))
-                for i, j in zip(first, second, strict=True)
-            ]
-            planted_pairs[key] = np.array(
-                [frozenset((paths[i], paths[j])) in copies for i, j in zip(first, second, strict=True)]
-            )
+    for key, saved in saved_runs(data):
+        view = seen(tl_ray.load_checkpoint(saved.checkpoint)[1])
+        first, second, _ = duplicates.near_pairs(saved.features, DUPLICATE_THRESHOLD, torch.device("cpu"))
+        copies = {frozenset(pair) for pair in saved.planted["copies"]}
+        paths = saved.paths
+        views[key] = [
+            (view(Image.open(paths[i]).convert("RGB")), view(Image.open(paths[j]).convert("RGB")))
+            for i, j in zip(first, second, strict=True)
+        ]
+        planted_pairs[key] = np.array(
+            [frozenset((paths[i], paths[j])) in copies for i, j in zip(first, second, strict=True)]
+        )
 
     def scores(pairs: list, colour: bool, side: int, sigma: float) -> np.ndarray:
         grey = (
             (lambda x: x) if colour else (lambda x: np.repeat(x.mean(0, keepdims=True), 3, 0).round().astype(np.uint8))
         )
-        with contextlib.ExitStack() as stack:
-            stack.callback(setattr, imaging, "THUMBNAIL_SIDE", imaging.THUMBNAIL_SIDE)
-            stack.callback(setattr, duplicates, "SMOOTHING_SIGMA", duplicates.SMOOTHING_SIGMA)
-            imaging.THUMBNAIL_SIDE, duplicates.SMOOTHING_SIGMA = side, max(sigma, 1e-3)
-            thumbnails = np.stack([imaging.thumbnail(grey(x)) for pair in pairs for x in pair])
-            return duplicates.pixel_similarity(
-                thumbnails, np.arange(0, len(thumbnails), 2), np.arange(1, len(thumbnails), 2)
-            )
+        thumbnails = np.stack([imaging.thumbnail(grey(x), side) for pair in pairs for x in pair])
+        return duplicates.pixel_similarity(
+            thumbnails, np.arange(0, len(thumbnails), 2), np.arange(1, len(thumbnails), 2), sigma=sigma
+        )
 
     rows = []
     for name, colour, side, sigma in THUMBNAILS:
@@ -415,37 +431,31 @@ def filters_run(args: argparse.Namespace) -> dict:
 
     from tl_ray.auditing import labels
 
-    data, rows = Path(args.data), []
-    for dataset, prefix in (("digits", ""), ("glyphs", "glyphs-")):
-        for seed in (0, 1):
-            saved = data / f"{prefix}features-s{seed}.npz"
-            if not saved.exists():
-                print(f"{dataset} seed {seed}: no planted run yet, left out", flush=True)
-                continue
-            features = np.load(saved)
-            paths = features["paths"]
-            folders = np.asarray([Path(path).parent.name for path in paths])
-            classes = sorted(set(folders))
-            given = np.searchsorted(classes, folders)
-            relabelled = set(json.loads((data / f"{prefix}planted-s{seed}.json").read_text())["relabelled"])
-            probabilities = labels.out_of_sample_probabilities(
-                features["features"], given, len(classes), 5, seed, torch.device("cpu")
-            )
-            scores = get_label_quality_scores(given, probabilities)
-            flags = {
-                name: find_label_issues(given, probabilities, filter_by=name, n_jobs=1)
-                for name in ("prune_by_noise_rate", "low_self_confidence", "predicted_neq_given")
-            }
-            flags["union"] = flags["prune_by_noise_rate"] | flags["low_self_confidence"]
-            flags["every item"] = np.ones(len(given), dtype=bool)
-            row = {"dataset": dataset, "seed": seed, "relabelled": len(relabelled)}
-            for name in FILTERS:
-                flagged = np.flatnonzero(flags[name])
-                ranked = paths[flagged[np.argsort(scores[flagged], kind="stable")]]
-                top = sum(path in relabelled for path in ranked[: 2 * len(relabelled)])
-                row[name] = {"labels_in_top_2x": round(top / len(relabelled), 4), "flagged": len(flagged)}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+    rows = []
+    for key, saved in saved_runs(Path(args.data)):
+        paths = saved.paths
+        folders = np.asarray([Path(path).parent.name for path in paths])
+        classes = sorted(set(folders))
+        given = np.searchsorted(classes, folders)
+        relabelled = set(saved.planted["relabelled"])
+        probabilities = labels.out_of_sample_probabilities(
+            saved.features, given, len(classes), 5, saved.seed, torch.device("cpu")
+        )
+        scores = get_label_quality_scores(given, probabilities)
+        flags = {
+            name: find_label_issues(given, probabilities, filter_by=name, n_jobs=1)
+            for name in ("prune_by_noise_rate", "low_self_confidence", "predicted_neq_given")
+        }
+        flags["union"] = flags["prune_by_noise_rate"] | flags["low_self_confidence"]
+        flags["every item"] = np.ones(len(given), dtype=bool)
+        row = {"run": key, "relabelled": len(relabelled)}
+        for name in FILTERS:
+            flagged = np.flatnonzero(flags[name])
+            ranked = paths[flagged[np.argsort(scores[flagged], kind="stable")]]
+            top = sum(path in relabelled for path in ranked[: 2 * len(relabelled)])
+            row[name] = {"labels_in_top_2x": round(top / len(relabelled), 4), "flagged": len(flagged)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     return {"rows": rows}
 
 

@@ -20,6 +20,7 @@ from tl_ray.auditing.config import AuditConfig
 from tl_ray.auditing.result import AuditResult, Finding
 from tl_ray.errors import TlRayError, UsageError
 from tl_ray.inputs.config import SourceOptions
+from tl_ray.inputs.imaging import THUMBNAIL_BYTES
 from tl_ray.inputs.layout import FileOpener
 
 CPU = torch.device("cpu")
@@ -103,7 +104,7 @@ def test_duplicates_name_exact_copies_and_leaks_with_the_earlier_split_first(one
     feats = rng.normal(0, 1, (40, 8)).astype(np.float32)
     feats[35] = feats[1]  # val item 35 copies train item 1 exactly
     feats[3] = feats[0] * 1.01  # two train items alike
-    thumbnails = rng.integers(0, 256, (40, 3072), dtype=np.uint8)
+    thumbnails = rng.integers(0, 256, (40, THUMBNAIL_BYTES), dtype=np.uint8)
     thumbnails[3] = thumbnails[0]
     paths = np.asarray([f"p{i}" for i in range(40)], dtype=object)
     splits = np.asarray(["train"] * 30 + ["val"] * 10, dtype=object)
@@ -193,7 +194,7 @@ def _items(root, names: list[str], splits: list[str], label_ids: list[int]) -> f
         labels=np.asarray(label_ids),
         features=np.zeros((len(names), 4), np.float32),
         digests=np.asarray([""] * len(names), dtype=object),
-        thumbnails=np.zeros((len(names), 3072), np.uint8),
+        thumbnails=np.zeros((len(names), THUMBNAIL_BYTES), np.uint8),
         predicted=np.asarray(label_ids),
         class_names=["cat", "dog"],
         labelled=True,

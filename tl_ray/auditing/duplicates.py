@@ -91,29 +91,37 @@ def near_pairs(
     return np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_s)
 
 
-def smoothed(thumbnails: np.ndarray) -> torch.Tensor:
-    """Thumbnails (N, 3 x side x side uint8) as (N, 3, side, side) floats blurred by a Gaussian of
-    ``SMOOTHING_SIGMA`` pixels: a resize and a JPEG re-encoding change an image's finest detail pixel by pixel, which
-    on a small, noisy image is much of what its thumbnail holds; the blur leaves the shapes a copy shares."""
+def smoothed(thumbnails: np.ndarray, sigma: float = SMOOTHING_SIGMA) -> torch.Tensor:
+    """Thumbnails (N, 3 x side x side uint8) as (N, 3, side, side) floats blurred by a Gaussian of ``sigma`` pixels
+    (0: not blurred): a resize and a JPEG re-encoding change an image's finest detail pixel by pixel, which on a
+    small, noisy image is much of what its thumbnail holds; the blur leaves the shapes a copy shares."""
     x = torch.as_tensor(thumbnails, dtype=torch.float32)
     side = round((x.shape[1] / 3) ** 0.5)
     x = x.reshape(-1, 3, side, side)
-    radius = int(np.ceil(3 * SMOOTHING_SIGMA))
-    taps = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32).square() / (2 * SMOOTHING_SIGMA**2))
+    if sigma <= 0:
+        return x
+    radius = int(np.ceil(3 * sigma))
+    taps = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32).square() / (2 * sigma**2))
     taps = (taps / taps.sum()).repeat(3, 1, 1, 1)  # one filter a channel (groups=3)
     x = torch.nn.functional.pad(x, (radius, radius, radius, radius), mode="replicate")
     x = torch.nn.functional.conv2d(x, taps.view(3, 1, 1, -1), groups=3)
     return torch.nn.functional.conv2d(x, taps.view(3, 1, -1, 1), groups=3)
 
 
-def pixel_similarity(thumbnails: np.ndarray, first: np.ndarray, second: np.ndarray, chunk: int = 65_536) -> np.ndarray:
+def pixel_similarity(
+    thumbnails: np.ndarray,
+    first: np.ndarray,
+    second: np.ndarray,
+    chunk: int = 65_536,
+    sigma: float = SMOOTHING_SIGMA,
+) -> np.ndarray:
     """The correlation of each pair's ``smoothed`` thumbnails (each colour channel centred, the three together
     scaled to unit length: a change of brightness or contrast keeps it; two different pictures lose it; a flat
     thumbnail correlates 0 with any). Only the pairs' rows are converted, ``chunk`` pairs at a time: 1M thumbnails
     are 3 GB as bytes, 12 as floats."""
 
     def unit(rows: np.ndarray) -> torch.Tensor:
-        x = smoothed(rows)
+        x = smoothed(rows, sigma)
         x = (x - x.mean((2, 3), keepdim=True)).flatten(1)
         return torch.nn.functional.normalize(x, dim=1)
 

@@ -16,11 +16,10 @@ from tl_ray.errors import TlRayError
 from tl_ray.inference.classify import ERROR_COLUMN, classify_items
 from tl_ray.inputs import sources
 from tl_ray.inputs.config import SourceOptions
-from tl_ray.inputs.imaging import THUMBNAIL_SIDE
+from tl_ray.inputs.imaging import THUMBNAIL_BYTES
 from tl_ray.inputs.sources import class_folders, listing
 
 NO_LABEL = -1
-THUMBNAIL = THUMBNAIL_SIDE * THUMBNAIL_SIDE
 
 
 @dataclass(frozen=True)
@@ -173,7 +172,9 @@ def compute(
         labels=np.asarray(columns["labels"], dtype=np.int64),
         features=np.stack(columns["features"]) if columns["features"] else np.zeros((0, width), np.float32),
         digests=np.asarray(columns["digests"], dtype=object),
-        thumbnails=np.stack(columns["thumbnails"]) if columns["thumbnails"] else np.zeros((0, THUMBNAIL), np.uint8),
+        thumbnails=np.stack(columns["thumbnails"])
+        if columns["thumbnails"]
+        else np.zeros((0, THUMBNAIL_BYTES), np.uint8),
         predicted=np.asarray(columns["predicted"], dtype=np.int64),
         class_names=list(meta["class_names"]),
         labelled=planned.labelled,

@@ -254,15 +254,17 @@ def eval_transform(image_size: int, resize: Resize | None = None) -> v2.Compose:
 
 
 THUMBNAIL_SIDE = 32
+THUMBNAIL_BYTES = 3 * THUMBNAIL_SIDE * THUMBNAIL_SIDE  # one thumbnail's row: three colour planes
 
 
-def thumbnail(image: np.ndarray) -> np.ndarray:
-    """A decoded image (C, H, W uint8, as the model sees it) as a ``THUMBNAIL_SIDE``-pixel square in colour,
-    flattened (uint8, 3 KB an image whatever its size): what the audit compares two images' pixels by. Colour, not
-    grey: two colours of one brightness (a red shape on a blue ground) are one grey, and on tl-ray's sample shapes
-    grey thumbnails left some images nearly flat, their copies correlating 0.4-0.9 with them (BENCHMARKS.md)."""
+def thumbnail(image: np.ndarray, side: int = THUMBNAIL_SIDE) -> np.ndarray:
+    """A decoded image (C, H, W uint8, as the model sees it) as a ``side``-pixel square in colour, flattened
+    (uint8, ``THUMBNAIL_BYTES``: 3 KB an image whatever its size): what the audit compares two images' pixels by.
+    Colour, not grey: two colours of one brightness (a red shape on a blue ground) are one grey, and on tl-ray's
+    sample shapes grey thumbnails left some images nearly flat, their copies correlating 0.4-0.9 with them
+    (BENCHMARKS.md)."""
     colour = torch.as_tensor(image, dtype=torch.float32)[None]
-    small = torch.nn.functional.interpolate(colour, size=(THUMBNAIL_SIDE, THUMBNAIL_SIDE), mode="area")
+    small = torch.nn.functional.interpolate(colour, size=(side, side), mode="area")
     return small.round().clamp(0, 255).to(torch.uint8).flatten().numpy()
 
 
